@@ -1,0 +1,1 @@
+"""The single-node engine: scheduler, paged KV cache, model runner, sampler."""

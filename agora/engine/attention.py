@@ -1,0 +1,131 @@
+"""Paged attention: the portable PyTorch backend and the per-step metadata it reads.
+
+The KV cache of one layer is a pair of tensors ``[num_blocks, block_size, H_kv, D]``.
+A token at position ``p`` of a request whose block table is ``bt`` lives in
+slot ``bt[p // block_size] * block_size + p % block_size`` of the flattened cache::
+
+    block_size = 4, block table of request r = [7, 2]
+    position :  0  1  2  3 | 4  5  6
+    slot     : 28 29 30 31 | 8  9 10
+
+Per step, the runner groups requests so padding stays small: one group of
+requests computing a single token (decode) and one group of longer chunks
+(prefill). Each group gathers its requests' blocks into a padded batch and runs
+``scaled_dot_product_attention`` once with a causal mask offset per request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionGroup:
+    """A padded batch of ``batch`` requests, each with up to ``max_q`` query tokens."""
+
+    token_index: torch.Tensor | None  # [Tg] rows of the step's flat tokens; None = all, in order
+    pad_index: torch.Tensor | None  # [Tg] rows of the padded [batch * max_q] queries; None = identity
+    block_tables: torch.Tensor  # [batch, max_blocks]
+    mask: torch.Tensor  # [batch, 1, max_q, max_blocks * block_size], True = attend
+    batch: int
+    max_q: int
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot of each new token
+    groups: list[AttentionGroup]
+
+
+def build_group(
+    token_index: list[int] | None,
+    query_lens: list[int],
+    context_starts: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    sliding_window: int | None,
+    device: torch.device,
+) -> AttentionGroup:
+    """Metadata for one group. Request b's queries sit at positions
+    ``context_starts[b] .. context_starts[b] + query_lens[b] - 1``; each attends to
+    every cached position up to and including its own."""
+    batch = len(query_lens)
+    max_q = max(query_lens)
+    max_blocks = max(len(bt) for bt in block_tables)
+    tables = torch.zeros(batch, max_blocks, dtype=torch.long)
+    for b, bt in enumerate(block_tables):
+        tables[b, : len(bt)] = torch.tensor(bt, dtype=torch.long)
+    q_lens = torch.tensor(query_lens)
+    starts = torch.tensor(context_starts)
+    q_ar = torch.arange(max_q)
+    q_pos = starts[:, None] + q_ar[None, :]  # [B, max_q]
+    k_pos = torch.arange(max_blocks * block_size)
+    mask = k_pos[None, None, :] <= q_pos[:, :, None]
+    if sliding_window is not None:
+        mask &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
+    valid = q_ar[None, :] < q_lens[:, None]  # [B, max_q]
+    # Padded query rows attend to key 0 only, so softmax never sees an empty row.
+    mask = torch.where(valid[:, :, None], mask, k_pos[None, None, :] == 0)
+    pad_index = None  # dense already when every request has exactly max_q tokens
+    if any(q != max_q for q in query_lens):
+        pad_index = (torch.arange(batch)[:, None] * max_q + q_ar[None, :])[valid]
+    return AttentionGroup(
+        token_index=None if token_index is None else torch.tensor(token_index, dtype=torch.long, device=device),
+        pad_index=None if pad_index is None else pad_index.to(device),
+        block_tables=tables.to(device),
+        mask=mask.unsqueeze(1).to(device),
+        batch=batch,
+        max_q=max_q,
+    )
+
+
+class TorchPagedAttention:
+    """Portable backend: gather blocks, one SDPA call per group. Works on any device."""
+
+    def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], scale: float) -> None:
+        self.kv_caches = kv_caches
+        self.scale = scale
+        self.metadata: AttentionMetadata | None = None
+
+    def bind(self, metadata: AttentionMetadata) -> TorchPagedAttention:
+        """A view of this backend for one step (the caches are shared, not copied)."""
+        step = TorchPagedAttention(self.kv_caches, self.scale)
+        step.metadata = metadata
+        return step
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        meta = self.metadata
+        assert meta is not None, "bind() the step's metadata first"
+        k_cache, v_cache = self.kv_caches[layer]
+        _, block_size, num_kv_heads, head_dim = k_cache.shape
+        flat_k = k_cache.view(-1, num_kv_heads, head_dim)
+        flat_v = v_cache.view(-1, num_kv_heads, head_dim)
+        flat_k.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+        flat_v.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        if len(meta.groups) == 1 and meta.groups[0].token_index is None:
+            return self._group(meta.groups[0], q, k_cache, v_cache)
+        out = torch.empty_like(q)
+        for group in meta.groups:
+            assert group.token_index is not None
+            out[group.token_index] = self._group(group, q[group.token_index], k_cache, v_cache)
+        return out
+
+    def _group(self, g: AttentionGroup, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        num_heads, head_dim = q.shape[1], q.shape[2]
+        if g.pad_index is not None:
+            padded = q.new_zeros(g.batch * g.max_q, num_heads, head_dim)
+            padded[g.pad_index] = q
+        else:
+            padded = q
+        qb = padded.view(g.batch, g.max_q, num_heads, head_dim).transpose(1, 2)
+        _, block_size, num_kv_heads, _ = k_cache.shape
+        kb = k_cache[g.block_tables].view(g.batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+        vb = v_cache[g.block_tables].view(g.batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            qb, kb.to(q.dtype), vb.to(q.dtype), attn_mask=g.mask, scale=self.scale, enable_gqa=num_kv_heads != num_heads
+        )
+        out = out.transpose(1, 2).reshape(g.batch * g.max_q, num_heads, head_dim)
+        return out if g.pad_index is None else out[g.pad_index]

@@ -1,0 +1,292 @@
+"""The synchronous engine: ``step()`` = schedule -> run the model -> update.
+
+A request with ``n > 1`` fans out into n sequences that share the prompt (and,
+through the prefix cache, its KV blocks); outputs carry the sequence's index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from agora import envs
+from agora.config import EngineConfig
+from agora.engine.kv_cache import KVCacheManager
+from agora.engine.request import Request, RequestStatus
+from agora.engine.runner import ModelRunner, kv_bytes_per_block
+from agora.engine.sampler import TokenLogprobs
+from agora.engine.sampling import SamplingParams
+from agora.engine.scheduler import Scheduler
+from agora.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from agora.models.catalog import resolve_model
+from agora.models.loader import inspect_model, load_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one sequence (deltas, not totals)."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprobs]
+    finished: bool
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+
+
+@dataclass
+class _Sequence:
+    parent_id: str
+    index: int
+    detokenizer: IncrementalDetokenizer | None
+    counted_prompt: bool = False
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # bf16 is emulated on most CPUs (slow); GPUs want it.
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return getattr(torch, name)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        threads = envs.num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        path, default_name = resolve_model(config.model.model)
+        files = inspect_model(path)
+        self.served_model_name = config.model.served_model_name or default_name
+        self.device = pick_device(config.model.device)
+        self.dtype = pick_dtype(config.model.dtype, self.device)
+        torch.manual_seed(config.model.seed)
+        t0 = time.perf_counter()
+        model = load_model(files, self.dtype, self.device)
+        logger.info("loaded %s (%s) on %s in %.1fs", path, files.architecture, self.device, time.perf_counter() - t0)
+        self.tokenizer = Tokenizer(files.tokenizer_dir, files.eos_token_ids) if files.tokenizer_dir else None
+        self.eos_token_ids = (
+            self.tokenizer.eos_token_ids if self.tokenizer is not None else frozenset(files.eos_token_ids)
+        )
+        self.vocab_size = model.config.vocab_size  # type: ignore[union-attr]
+
+        cache = config.cache
+        block_bytes = kv_bytes_per_block(model, cache.block_size, self.dtype)
+        num_blocks = cache.num_blocks or cache.kv_cache_memory_bytes // block_bytes
+        if num_blocks < 1:
+            raise ValueError(f"KV cache budget too small: one block needs {block_bytes} bytes")
+        capacity = num_blocks * cache.block_size
+        model_max = files.max_position_embeddings
+        max_len = config.model.max_model_len or model_max
+        if max_len > model_max:
+            raise ValueError(f"max_model_len {max_len} exceeds the model's context length {model_max}")
+        if max_len > capacity:
+            if config.model.max_model_len:
+                raise ValueError(f"max_model_len {max_len} does not fit the KV cache ({capacity} tokens); raise it")
+            logger.warning("max_model_len lowered from %d to %d to fit the KV cache", max_len, capacity)
+            max_len = capacity
+        self.max_model_len = max_len
+        self.num_blocks = num_blocks
+        logger.info("KV cache: %d blocks x %d tokens (%.0f MiB)", num_blocks, cache.block_size, num_blocks * block_bytes / 2**20)
+
+        self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(dataclasses.replace(config.scheduler, max_model_len=max_len), self.kv)
+        self.runner = ModelRunner(model, num_blocks, cache.block_size, self.device, self.dtype)
+        self.model = model
+        self.sequences: dict[str, _Sequence] = {}
+        self.children: dict[str, list[str]] = {}
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+
+    # -- requests ------------------------------------------------------------
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError (client error) if the request can never run."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is out of the vocabulary (0..{self.vocab_size - 1})")
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {n} tokens, but this model's context length is {self.max_model_len}; "
+                "shorten the prompt"
+            )
+        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but you requested "
+                f"{n + params.max_tokens} tokens ({n} in the prompt and {params.max_tokens} for max_tokens); "
+                "reduce the prompt or max_tokens"
+            )
+        for t in params.stop_token_ids:
+            if not 0 <= t < self.vocab_size:
+                raise ValueError(f"stop_token_ids: {t} is out of the vocabulary")
+        for t in params.logit_bias or {}:
+            if not 0 <= t < self.vocab_size:
+                raise ValueError(f"logit_bias: token id {t} is out of the vocabulary")
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+    ) -> None:
+        self.validate(prompt_token_ids, params)
+        if request_id in self.children:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        ids = []
+        for i in range(params.n):
+            child_params = params
+            if params.n > 1 and params.seed is not None:
+                child_params = dataclasses.replace(params, seed=(params.seed + i) % (2**63))
+            child_id = f"{request_id}#{i}"
+            req = Request(
+                child_id,
+                list(prompt_token_ids),
+                child_params,
+                eos_token_ids=self.eos_token_ids,
+                max_total_tokens=self.max_model_len,
+                cache_salt=cache_salt,
+            )
+            detok = IncrementalDetokenizer(self.tokenizer, child_params) if self.tokenizer else None
+            self.sequences[child_id] = _Sequence(request_id, i, detok)
+            self.scheduler.add_request(req)
+            ids.append(child_id)
+        self.children[request_id] = ids
+        self.prompt_tokens += len(prompt_token_ids)
+
+    def abort_request(self, request_id: str) -> None:
+        ids = self.children.pop(request_id, [])
+        self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+        self._forget(ids)
+
+    def _forget(self, child_ids: list[str]) -> None:
+        for cid in child_ids:
+            seq = self.sequences.pop(cid, None)
+            if seq is not None:
+                siblings = self.children.get(seq.parent_id)
+                if siblings is not None and all(s not in self.sequences for s in siblings):
+                    del self.children[seq.parent_id]
+        self.runner.release(child_ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step ------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched_out = self.scheduler.schedule()
+        if sched_out.is_empty:
+            return []
+        result = self.runner.execute(sched_out)
+        updated = self.scheduler.update(sched_out, result.sampled)
+        outputs = []
+        finished_ids = []
+        for req in updated:
+            seq = self.sequences[req.request_id]
+            token = req.output_token_ids[-1]
+            self.generation_tokens += 1
+            finished = req.is_finished
+            text = ""
+            if seq.detokenizer is not None:
+                delta = seq.detokenizer.step(token, finished)
+                text = delta.text
+                if delta.stop_string is not None:
+                    if not finished:
+                        self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
+                        finished = True
+                    req.status = RequestStatus.FINISHED_STOPPED
+                    req.stop_reason = delta.stop_string
+            lp = result.logprobs.get(req.request_id)
+            outputs.append(
+                RequestOutput(
+                    request_id=seq.parent_id,
+                    index=seq.index,
+                    token_ids=[token],
+                    text=text,
+                    logprobs=[lp] if lp is not None else [],
+                    finished=finished,
+                    finish_reason=req.status.value if finished else None,
+                    stop_reason=req.stop_reason if finished else None,
+                    num_prompt_tokens=req.num_prompt_tokens,
+                    num_output_tokens=req.num_output_tokens,
+                    num_cached_tokens=req.num_cached_tokens,
+                )
+            )
+            if finished:
+                finished_ids.append(req.request_id)
+        self._forget(finished_ids)
+        return outputs
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=self.kv.usage(),
+            prefix_cache_queries=self.kv.stats.queries,
+            prefix_cache_hits=self.kv.stats.hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.generation_tokens,
+        )
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class GenerationResult:
+    """Everything a finished request produced (the offline API's result)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    num_cached_tokens: int = 0
+
+    def absorb(self, out: RequestOutput) -> None:
+        c = self.outputs[out.index]
+        c.text += out.text
+        c.token_ids.extend(out.token_ids)
+        c.logprobs.extend(out.logprobs)
+        if out.finished:
+            c.finish_reason = out.finish_reason
+            c.stop_reason = out.stop_reason
+        self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)

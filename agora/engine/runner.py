@@ -1,0 +1,141 @@
+"""Turns a scheduling decision into tensors, runs the model once, samples.
+
+All requests of a step are flattened into one token axis, so every linear layer
+runs once per step on ``[T, hidden]``::
+
+    scheduled: r0 computes 3 tokens (prefill chunk), r1 and r2 compute 1 (decode)
+    input_ids : [a a a | b | c]        positions : [0 1 2 | 17 | 40]
+    sample rows: last token of each request that reaches its end -> [2, 3, 4]
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from agora.engine.attention import AttentionMetadata, TorchPagedAttention, build_group
+from agora.engine.request import Request
+from agora.engine.sampler import SampleRequest, SamplerOutput, TokenLogprobs, sample
+from agora.engine.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunnerOutput:
+    sampled: dict[str, int]
+    logprobs: dict[str, TokenLogprobs]
+
+
+def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
+    num_kv_heads, head_dim = model.kv_shape  # type: ignore[attr-defined]
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * model.num_layers * block_size * num_kv_heads * head_dim * elem  # type: ignore[attr-defined]
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype):
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.block_size = block_size
+        num_kv_heads, head_dim = model.kv_shape  # type: ignore[attr-defined]
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        # Zeroed, not empty: masked-out keys still pass through the matmul, and 0 * NaN = NaN.
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(model.num_layers)  # type: ignore[attr-defined]
+        ]
+        cfg = model.config  # type: ignore[attr-defined]
+        self.sliding_window: int | None = getattr(cfg, "sliding_window", None)
+        self.attention = TorchPagedAttention(self.kv_caches, scale=head_dim**-0.5)
+        self.generators: dict[str, torch.Generator] = {}
+
+    def release(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self.generators.pop(rid, None)
+
+    def _generator(self, request: Request) -> torch.Generator | None:
+        seed = request.sampling_params.seed
+        if seed is None or request.sampling_params.greedy:
+            return None
+        gen = self.generators.get(request.request_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed)
+            self.generators[request.request_id] = gen
+        return gen
+
+    def _metadata(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        decode: list[int] = []  # indices into out.scheduled
+        prefill: list[int] = []
+        for i, s in enumerate(out.scheduled):
+            req = s.request
+            start = req.num_computed_tokens
+            end = start + s.num_tokens
+            input_ids.extend(req.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            table = s.block_ids
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if s.samples:
+                sample_rows.append(len(input_ids) - 1)
+            (decode if s.num_tokens == 1 else prefill).append(i)
+
+        def group(members: list[int], flat: bool):
+            token_index: list[int] | None = None
+            if not flat:
+                token_index = []
+                offset = 0
+                offsets = []
+                for s in out.scheduled:
+                    offsets.append(offset)
+                    offset += s.num_tokens
+                for i in members:
+                    token_index.extend(range(offsets[i], offsets[i] + out.scheduled[i].num_tokens))
+            return build_group(
+                token_index,
+                [out.scheduled[i].num_tokens for i in members],
+                [out.scheduled[i].request.num_computed_tokens for i in members],
+                [out.scheduled[i].block_ids for i in members],
+                bs,
+                self.sliding_window,
+                self.device,
+            )
+
+        groups = []
+        if decode and prefill:
+            groups = [group(decode, flat=False), group(prefill, flat=False)]
+        else:
+            groups = [group(decode or prefill, flat=True)]
+        dev = self.device
+        meta = AttentionMetadata(torch.tensor(slots, dtype=torch.long, device=dev), groups)
+        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        return ids, pos, meta, sample_rows
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        if out.is_empty:
+            return RunnerOutput({}, {})
+        ids, pos, meta, sample_rows = self._metadata(out)
+        hidden = self.model(ids, pos, self.attention.bind(meta))
+        sampling = [s.request for s in out.scheduled if s.samples]
+        if not sampling:
+            return RunnerOutput({}, {})
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])  # type: ignore[operator]
+        reqs = [
+            SampleRequest(r.sampling_params, r.prompt_token_ids, r.output_token_ids, r.eos_token_ids, self._generator(r))
+            for r in sampling
+        ]
+        result: SamplerOutput = sample(logits, reqs)
+        sampled = {r.request_id: t for r, t in zip(sampling, result.token_ids, strict=True)}
+        logprobs = {r.request_id: lp for r, lp in zip(sampling, result.logprobs, strict=True) if lp is not None}
+        return RunnerOutput(sampled, logprobs)

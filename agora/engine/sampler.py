@@ -1,0 +1,156 @@
+"""Batched sampling with per-request parameters.
+
+One call handles every request that samples this step. Work that no request
+asks for (penalties, truncation, logprobs) is skipped for the whole batch, and
+the only host sync is the final ``.tolist()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from agora.engine.sampling import SamplingParams
+
+
+@dataclass(slots=True)
+class SampleRequest:
+    """What the sampler needs to know about one row of logits."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    eos_token_ids: frozenset[int]
+    generator: torch.Generator | None
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """Logprob of the chosen token and the top alternatives (raw model distribution)."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+def _pad(lists: list[list[int]], fill: int, device: torch.device) -> torch.Tensor:
+    width = max(1, max(len(x) for x in lists))
+    out = torch.full((len(lists), width), fill, dtype=torch.long)
+    for i, x in enumerate(lists):
+        if x:
+            out[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+    return out.to(device)
+
+
+def _apply_penalties(logits: torch.Tensor, reqs: list[SampleRequest]) -> torch.Tensor:
+    rows, vocab = logits.shape
+    device = logits.device
+    # Counts of output tokens (presence/frequency) and a seen-mask over prompt+output
+    # (repetition, as in HF). Column `vocab` absorbs the padding.
+    out_ids = _pad([r.output_token_ids for r in reqs], vocab, device)
+    counts = torch.zeros(rows, vocab + 1, device=device)
+    counts.scatter_add_(1, out_ids, torch.ones_like(out_ids, dtype=counts.dtype))
+    counts = counts[:, :vocab]
+    rep = torch.tensor([r.params.repetition_penalty for r in reqs], device=device)[:, None]
+    if (rep != 1.0).any():
+        prompt_ids = _pad([r.prompt_token_ids for r in reqs], vocab, device)
+        seen = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=device)
+        seen.scatter_(1, prompt_ids, True)
+        seen = seen[:, :vocab] | (counts > 0)
+        penalized = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalized, logits)
+    freq = torch.tensor([r.params.frequency_penalty for r in reqs], device=device)[:, None]
+    pres = torch.tensor([r.params.presence_penalty for r in reqs], device=device)[:, None]
+    return logits - freq * counts - pres * (counts > 0).to(logits.dtype)
+
+
+def _apply_truncation(logits: torch.Tensor, reqs: list[SampleRequest]) -> torch.Tensor:
+    """top_k, then top_p on what remains, then min_p; all in one sort."""
+    vocab = logits.shape[1]
+    device = logits.device
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=device)[None, :]
+    top_k = torch.tensor([r.params.top_k or vocab for r in reqs], device=device)[:, None]
+    sorted_logits = sorted_logits.masked_fill(ranks >= top_k, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    top_p = torch.tensor([r.params.top_p for r in reqs], device=device)[:, None]
+    # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
+    drop = (probs.cumsum(dim=-1) - probs) >= top_p
+    min_p = torch.tensor([r.params.min_p for r in reqs], device=device)[:, None]
+    drop |= probs < min_p * probs[:, :1]
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
+
+
+def sample(logits: torch.Tensor, reqs: list[SampleRequest]) -> SamplerOutput:
+    """Pick one token per row of ``logits`` ([R, vocab], float32)."""
+    rows, vocab = logits.shape
+    device = logits.device
+    want_logprobs = [r.params.logprobs for r in reqs]
+    raw_logprobs = logits.log_softmax(dim=-1) if any(n is not None for n in want_logprobs) else None
+
+    if any(r.params.logit_bias for r in reqs):
+        bias = torch.zeros_like(logits)
+        for i, r in enumerate(reqs):
+            for tok, value in (r.params.logit_bias or {}).items():
+                bias[i, tok] = value
+        logits = logits + bias
+    if any(r.params.uses_penalties for r in reqs):
+        logits = _apply_penalties(logits, reqs)
+    # Before min_tokens is reached, end-of-sequence tokens cannot be picked.
+    blocked = [
+        (i, sorted(r.eos_token_ids | set(r.params.stop_token_ids)))
+        for i, r in enumerate(reqs)
+        if len(r.output_token_ids) < r.params.min_tokens
+    ]
+    if blocked:
+        logits = logits.clone()
+        for i, ids in blocked:
+            if ids:
+                logits[i, torch.tensor(ids, device=device)] = float("-inf")
+
+    greedy = torch.tensor([r.params.greedy for r in reqs], device=device)
+    tokens = logits.argmax(dim=-1)
+    if not bool(greedy.all()):
+        temps = torch.tensor([r.params.temperature if not r.params.greedy else 1.0 for r in reqs], device=device)
+        scaled = logits / temps[:, None]
+        if any(r.params.uses_truncation for r in reqs):
+            scaled = _apply_truncation(scaled, reqs)
+        probs = scaled.softmax(dim=-1)
+        # Exponential race (Gumbel-max in disguise): argmax(p / E) with E ~ Exp(1) is a
+        # sample from p. Seeded requests draw their noise from their own generator, so
+        # their tokens do not depend on what else is in the batch.
+        noise = torch.empty_like(probs)
+        seeded = [i for i, r in enumerate(reqs) if r.generator is not None]
+        if len(seeded) < rows:
+            noise.exponential_()
+        for i in seeded:
+            noise[i].exponential_(generator=reqs[i].generator)
+        sampled = (probs / noise.clamp_(min=1e-30)).argmax(dim=-1)
+        tokens = torch.where(greedy, tokens, sampled)
+
+    token_list = tokens.tolist()
+    logprob_list: list[TokenLogprobs | None] = [None] * rows
+    if raw_logprobs is not None:
+        k = max(n or 0 for n in want_logprobs)
+        chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
+        ranks = (raw_logprobs > chosen[:, None]).sum(dim=-1) + 1
+        top_vals, top_ids = raw_logprobs.topk(k, dim=-1) if k > 0 else (None, None)
+        chosen_l, ranks_l = chosen.tolist(), ranks.tolist()
+        top_vals_l = top_vals.tolist() if top_vals is not None else None
+        top_ids_l = top_ids.tolist() if top_ids is not None else None
+        for i, n in enumerate(want_logprobs):
+            if n is None:
+                continue
+            top = list(zip(top_ids_l[i][:n], top_vals_l[i][:n], strict=True)) if n and top_ids_l else []
+            logprob_list[i] = TokenLogprobs(token_list[i], chosen_l[i], ranks_l[i], top)
+    return SamplerOutput(token_list, logprob_list)

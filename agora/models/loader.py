@@ -1,0 +1,235 @@
+"""Load a model from a Hugging Face folder (config.json + safetensors) or a GGUF file.
+
+Both paths end in the same place: an HF-style config dict, an HF-named state
+dict, a model class from the registry, and a folder of tokenizer files that
+``transformers.AutoTokenizer`` reads. GGUF tensors are dequantized to the working
+dtype; a GGUF's tokenizer is converted once by transformers and cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from agora import envs
+from agora.models.registry import GGUF_ARCHITECTURES, model_class
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelFiles:
+    """Where a model's parts come from, before anything heavy is read."""
+
+    source: Path
+    hf_config: dict[str, Any]
+    architecture: str
+    tokenizer_dir: Path | None
+    eos_token_ids: list[int] = field(default_factory=list)
+    is_gguf: bool = False
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return int(self.hf_config.get("max_position_embeddings") or 2048)
+
+
+# -- Hugging Face folders ---------------------------------------------------------
+
+
+def _hf_files(path: Path) -> ModelFiles:
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{path} is not a model folder: config.json is missing")
+    cfg = json.loads(config_path.read_text())
+    archs = cfg.get("architectures") or []
+    if not archs:
+        raise ValueError(f"{config_path} names no architecture")
+    eos: list[int] = []
+    gen_path = path / "generation_config.json"
+    for source in (json.loads(gen_path.read_text()) if gen_path.is_file() else {}, cfg):
+        value = source.get("eos_token_id")
+        if value is not None:
+            eos = list(value) if isinstance(value, list) else [value]
+            break
+    has_tok = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+    return ModelFiles(path, cfg, archs[0], path if has_tok else None, eos)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path} has no .safetensors files")
+    weights: dict[str, torch.Tensor] = {}
+    for f in tqdm(files, desc="loading safetensors", unit="file", disable=len(files) < 2):
+        weights.update(load_file(str(f)))
+    return weights
+
+
+# -- GGUF -----------------------------------------------------------------------------
+
+_GGUF_TENSOR_NAMES = [
+    (r"^token_embd\.weight$", "model.embed_tokens.weight"),
+    (r"^output_norm\.weight$", "model.norm.weight"),
+    (r"^output\.weight$", "lm_head.weight"),
+    (r"^blk\.(\d+)\.attn_norm\.weight$", r"model.layers.\1.input_layernorm.weight"),
+    (r"^blk\.(\d+)\.ffn_norm\.weight$", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"^blk\.(\d+)\.attn_q\.(weight|bias)$", r"model.layers.\1.self_attn.q_proj.\2"),
+    (r"^blk\.(\d+)\.attn_k\.(weight|bias)$", r"model.layers.\1.self_attn.k_proj.\2"),
+    (r"^blk\.(\d+)\.attn_v\.(weight|bias)$", r"model.layers.\1.self_attn.v_proj.\2"),
+    (r"^blk\.(\d+)\.attn_output\.weight$", r"model.layers.\1.self_attn.o_proj.weight"),
+    (r"^blk\.(\d+)\.ffn_gate\.weight$", r"model.layers.\1.mlp.gate_proj.weight"),
+    (r"^blk\.(\d+)\.ffn_up\.weight$", r"model.layers.\1.mlp.up_proj.weight"),
+    (r"^blk\.(\d+)\.ffn_down\.weight$", r"model.layers.\1.mlp.down_proj.weight"),
+]
+
+
+def gguf_to_hf_name(name: str) -> str:
+    for pattern, repl in _GGUF_TENSOR_NAMES:
+        if re.match(pattern, name):
+            return re.sub(pattern, repl, name)
+    raise ValueError(f"GGUF tensor {name!r} has no known Hugging Face name")
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's reordering of q/k rows (it interleaves the two rotary halves).
+
+    HF rows per head:      [x0 x1 ... x31 | y0 y1 ... y31]   (rotate-half layout)
+    llama.cpp rows per head: [x0 y0 x1 y1 ... x31 y31]     (interleaved pairs)
+    """
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_field(reader: Any, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def _gguf_config(reader: Any) -> tuple[str, dict[str, Any]]:
+    arch = _gguf_field(reader, "general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(
+            f"unsupported GGUF architecture {arch!r}; supported: {', '.join(sorted(GGUF_ARCHITECTURES))}"
+        )
+
+    def meta(key: str, default: Any = None) -> Any:
+        return _gguf_field(reader, f"{arch}.{key}", default)
+
+    heads = meta("attention.head_count")
+    hidden = meta("embedding_length")
+    tensor_names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in tensor_names:
+        raise ValueError("GGUF files with a rope_freqs tensor (Llama 3.1 style RoPE) are not supported yet")
+    vocab = meta("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    cfg: dict[str, Any] = {
+        "architectures": [GGUF_ARCHITECTURES[arch]],
+        "model_type": arch,
+        "vocab_size": int(vocab),
+        "hidden_size": int(hidden),
+        "intermediate_size": int(meta("feed_forward_length")),
+        "num_hidden_layers": int(meta("block_count")),
+        "num_attention_heads": int(heads),
+        "num_key_value_heads": int(meta("attention.head_count_kv", heads)),
+        "head_dim": int(meta("attention.key_length", hidden // heads)),
+        "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(meta("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(meta("context_length", 2048)),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "bos_token_id": _gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _gguf_field(reader, "tokenizer.ggml.eos_token_id"),
+    }
+    scaling_type = meta("rope.scaling.type")
+    if scaling_type == "linear":
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(meta("rope.scaling.factor"))}
+    elif scaling_type not in (None, "none"):
+        raise ValueError(f"unsupported GGUF rope scaling {scaling_type!r}")
+    return arch, cfg
+
+
+def _gguf_tokenizer_dir(path: Path) -> Path:
+    """Convert a GGUF's tokenizer to HF files once (transformers does the conversion,
+    which takes seconds), then reuse the cached folder."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = envs.cache_dir() / "tokenizers" / f"{path.stem}-{key}"
+    if (out / "tokenizer.json").is_file():
+        return out
+    from transformers import AutoTokenizer
+
+    logger.info("converting the tokenizer of %s (once; cached in %s)", path.name, out)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    tok.save_pretrained(str(tmp))
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _gguf_files(path: Path) -> ModelFiles:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    _, cfg = _gguf_config(reader)
+    eos = [cfg["eos_token_id"]] if cfg.get("eos_token_id") is not None else []
+    return ModelFiles(path, cfg, cfg["architectures"][0], None, eos, is_gguf=True)
+
+
+def _read_gguf(path: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(str(path))
+    weights: dict[str, torch.Tensor] = {}
+    for t in tqdm(reader.tensors, desc=f"dequantizing {path.name}", unit="tensor", leave=False):
+        name = gguf_to_hf_name(t.name)
+        arr = dequantize(t.data, t.tensor_type)
+        if name.endswith("q_proj.weight"):
+            arr = unpermute_qk(arr, cfg["num_attention_heads"])
+        elif name.endswith("k_proj.weight"):
+            arr = unpermute_qk(arr, cfg["num_key_value_heads"])
+        weights[name] = torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))  # writable copy
+    return weights
+
+
+# -- entry points -----------------------------------------------------------------
+
+
+def inspect_model(path: str | os.PathLike[str]) -> ModelFiles:
+    """Read config and tokenizer location without loading weights."""
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        files = _gguf_files(p)
+        files.tokenizer_dir = _gguf_tokenizer_dir(p)
+        return files
+    if p.is_dir():
+        return _hf_files(p)
+    raise ValueError(f"{path} is neither a .gguf file nor a Hugging Face model folder")
+
+
+def load_model(files: ModelFiles, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Build the registered model class and load its weights, on ``device`` in ``dtype``."""
+    cls = model_class(files.architecture)
+    config = cls.config_class.from_hf(files.hf_config)  # type: ignore[attr-defined]
+    weights = _read_gguf(files.source, files.hf_config) if files.is_gguf else _read_safetensors(files.source)
+    model = cls(config)
+    model.load_weights(weights)  # type: ignore[operator]
+    del weights
+    return model.to(device=device, dtype=dtype).eval()

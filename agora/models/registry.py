@@ -1,0 +1,31 @@
+"""Hugging Face architecture name -> model class, imported lazily."""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+
+# architecture -> (module, class); a module is imported only when its model is used.
+_MODELS: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("agora.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("agora.models.llama", "LlamaForCausalLM"),
+}
+
+# GGUF general.architecture -> Hugging Face architecture
+GGUF_ARCHITECTURES: dict[str, str] = {
+    "llama": "LlamaForCausalLM",
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_MODELS)
+
+
+def model_class(architecture: str) -> type[nn.Module]:
+    if architecture not in _MODELS:
+        raise ValueError(
+            f"unsupported model architecture {architecture!r}; supported: {', '.join(supported_architectures())}"
+        )
+    module, name = _MODELS[architecture]
+    return getattr(importlib.import_module(module), name)
