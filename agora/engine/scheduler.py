@@ -88,7 +88,7 @@ class Scheduler:
             request = self.requests.pop(rid, None)
             if request is None:
                 continue
-            if request.status == RequestStatus.RUNNING:
+            if request in self.running:
                 self.running.remove(request)
             elif request in self.waiting:
                 self.waiting.remove(request)

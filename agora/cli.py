@@ -1,0 +1,87 @@
+"""The `agora` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from agora import __version__, envs
+from agora.config import CacheConfig, EngineConfig, ModelConfig, ServerConfig, parse_size
+from agora.models.catalog import CATALOG, DEFAULT_MODEL
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over the OpenAI API",
+                       description="Serve a model over an OpenAI-compatible HTTP API.")  # fmt: skip
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"HF model folder, .gguf file, or packaged model ({', '.join(CATALOG)}); "
+                        f"default: {DEFAULT_MODEL}")  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="model id reported by the API")
+    p.add_argument("--api-key", default=None, help="require this bearer token on /v1 endpoints")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: best available)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    p.add_argument("--max-waiting-requests", type=int, default=256, help="beyond this, 429")
+    p.add_argument("--kv-cache-memory", default="2GiB", help="KV cache size, e.g. 512MiB, 4GiB")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--max-body-bytes", default="8MiB", help="largest request body accepted (413 beyond)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--uvicorn-log-level", default="warning")
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from agora.engine.async_engine import AsyncEngine
+    from agora.engine.engine import Engine
+    from agora.engine.scheduler import SchedulerConfig
+    from agora.server.app import build_app
+
+    try:
+        server = ServerConfig(host=args.host, port=args.port, max_body_bytes=parse_size(args.max_body_bytes),
+                              api_key=args.api_key)  # fmt: skip
+        config = EngineConfig(
+            model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
+                              max_model_len=args.max_model_len, served_model_name=args.served_model_name,
+                              seed=args.seed),  # fmt: skip
+            cache=CacheConfig(block_size=args.block_size, kv_cache_memory_bytes=parse_size(args.kv_cache_memory),
+                              enable_prefix_caching=args.enable_prefix_caching),  # fmt: skip
+            scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
+                                      max_num_batched_tokens=args.max_num_batched_tokens),  # fmt: skip
+            max_waiting_requests=args.max_waiting_requests,
+        )
+        engine = Engine(config)
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"agora serve: error: {exc}", file=sys.stderr)
+        return 2
+    app = build_app(AsyncEngine(engine, config.max_waiting_requests), server)
+    logging.getLogger("agora").info(
+        "serving %s on http://%s:%d/v1 (max_model_len=%d)", engine.served_model_name, server.host, server.port,
+        engine.max_model_len,
+    )
+    uvicorn.run(app, host=server.host, port=server.port, log_level=args.uvicorn_log_level,
+                timeout_graceful_shutdown=30)  # fmt: skip
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="agora", description="Agora: the open LLM inference stack.")
+    parser.add_argument("--version", action="version", version=f"agora {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=envs.log_level(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        return serve(args)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Async front of the engine: a background step loop and one stream per request.
+
+The engine runs in its own thread (torch releases the GIL inside its kernels, so
+the event loop stays responsive). The event loop never touches the engine
+directly: it posts commands (add, abort) to an inbox that the engine thread
+drains before each step, and receives outputs through per-request asyncio
+queues, fed with one ``call_soon_threadsafe`` per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from agora.engine.engine import Engine, EngineStats, RequestOutput
+from agora.engine.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFullError(Exception):
+    """The waiting queue is at its bound; the client should retry later."""
+
+
+class EngineDeadError(Exception):
+    """The engine thread failed or was shut down."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    cache_salt: str | None
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, max_waiting_requests: int = 256) -> None:
+        self.engine = engine
+        self.max_waiting_requests = max_waiting_requests
+        self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._pending_adds = 0  # adds posted but not yet taken by the engine thread
+        self._pending_lock = threading.Lock()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stats = engine.stats()
+        self._stopped = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="agora-engine", daemon=True)
+        self._thread.start()
+
+    # -- event-loop side -------------------------------------------------------
+
+    @property
+    def stats(self) -> EngineStats:
+        """Snapshot taken after the last step (cheap, never blocks)."""
+        return self._stats
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._thread.is_alive() and self._error is None
+
+    def submit(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+    ) -> RequestStream:
+        """Queue a request and return its stream; errors are raised here, before any
+        output: ValueError for a request that can never run, QueueFullError when the
+        waiting queue is full, EngineDeadError if the engine stopped."""
+        if not self.is_healthy:
+            raise EngineDeadError("the engine is not running")
+        if request_id in self._streams:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        self.engine.validate(prompt_token_ids, params)
+        with self._pending_lock:
+            if self._stats.num_waiting + self._pending_adds >= self.max_waiting_requests:
+                raise QueueFullError(
+                    f"the server is at capacity ({self.max_waiting_requests} requests waiting); retry later"
+                )
+            self._pending_adds += 1
+        stream = RequestStream(self, request_id, params.n)
+        self._streams[request_id] = (asyncio.get_running_loop(), stream.queue)
+        self._inbox.put(_Add(request_id, prompt_token_ids, params, cache_salt))
+        return stream
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Submit and stream in one call (closing the iterator early aborts)."""
+        stream = self.submit(request_id, prompt_token_ids, params, cache_salt)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            await stream.aclose()
+
+    def _close_stream(self, request_id: str, finished: bool) -> None:
+        self._streams.pop(request_id, None)
+        if not finished:
+            self._inbox.put(_Abort(request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(_Abort(request_id))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopped = True
+        self._inbox.put(None)
+        self._thread.join(timeout)
+
+    # -- engine-thread side --------------------------------------------------------
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        entry = self._streams.get(request_id)
+        if entry is not None:
+            loop, stream = entry
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _drain(self, block: bool) -> None:
+        while True:
+            try:
+                cmd = self._inbox.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return
+            block = False
+            if cmd is None:
+                self._stopped = True
+                return
+            if isinstance(cmd, _Add):
+                with self._pending_lock:
+                    self._pending_adds -= 1
+                if cmd.request_id not in self._streams:
+                    continue  # the client left before the engine saw it
+                try:
+                    self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.cache_salt)
+                except Exception as exc:  # noqa: BLE001 - surfaced to the client
+                    self._deliver(cmd.request_id, exc)
+            else:
+                self.engine.abort_request(cmd.request_id)
+
+    def _run(self) -> None:
+        while not self._stopped:
+            self._drain(block=not self.engine.has_unfinished_requests())
+            if self._stopped:
+                break
+            if not self.engine.has_unfinished_requests():
+                self._stats = self.engine.stats()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # noqa: BLE001
+                logger.exception("engine step failed; failing the requests in flight")
+                for rid in list(self.engine.children):
+                    self.engine.abort_request(rid)
+                    self._deliver(rid, EngineDeadError(f"engine step failed: {exc}"))
+                self._stats = self.engine.stats()
+                continue
+            self._stats = self.engine.stats()
+            by_stream: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+            for out in outputs:
+                entry = self._streams.get(out.request_id)
+                if entry is None:
+                    continue
+                by_stream.setdefault(entry[0], []).append((entry[1], out))
+            for loop, items in by_stream.items():
+                loop.call_soon_threadsafe(_put_all, items)
+        for rid in list(self._streams):
+            self._deliver(rid, EngineDeadError("the engine was shut down"))
+
+
+class RequestStream:
+    """Outputs of one submitted request. ``aclose()`` (always call it) aborts the
+    request in the engine if it has not finished, freeing its KV blocks."""
+
+    def __init__(self, owner: AsyncEngine, request_id: str, n: int) -> None:
+        self.owner = owner
+        self.request_id = request_id
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.remaining = n
+        self.closed = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.remaining == 0 or self.closed:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            self.remaining = 0
+            raise item
+        if item.finished:
+            self.remaining -= 1
+        return item
+
+    async def aclose(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.owner._close_stream(self.request_id, finished=self.remaining == 0)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for stream, out in items:
+        stream.put_nowait(out)

@@ -1,0 +1,82 @@
+"""Prometheus metrics under vLLM's names, so dashboards and routers built for vLLM work.
+
+Engine state (queue sizes, KV usage, token and prefix-cache counters) is read
+from the engine's stats snapshot at scrape time; per-request latencies are
+observed by the server as requests finish.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from agora.engine.engine import EngineStats
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0)
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, stats: Callable[[], EngineStats], model_name: str) -> None:
+        self.stats = stats
+        self.labels = {"model_name": model_name}
+
+    def _family(self, cls: type, name: str, doc: str, value: float) -> GaugeMetricFamily | CounterMetricFamily:
+        fam = cls(name, doc, labels=list(self.labels))
+        fam.add_metric(list(self.labels.values()), value)
+        return fam
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        s = self.stats()
+        g, c = GaugeMetricFamily, CounterMetricFamily
+        yield self._family(g, "vllm:num_requests_running", "Requests in the running batch.", s.num_running)
+        yield self._family(g, "vllm:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting)
+        yield self._family(g, "vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).", s.kv_cache_usage)
+        yield self._family(c, "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries)
+        yield self._family(c, "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)
+        yield self._family(c, "vllm:num_preemptions", "Requests preempted for lack of KV blocks.", s.num_preemptions)
+        yield self._family(c, "vllm:prompt_tokens", "Prompt tokens received.", s.prompt_tokens)
+        yield self._family(c, "vllm:generation_tokens", "Tokens generated.", s.generation_tokens)
+
+
+class ServerMetrics:
+    def __init__(self, stats: Callable[[], EngineStats], model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        self.registry.register(_EngineCollector(stats, model_name))
+        labels = ["model_name"]
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds", "Time to first token.", labels,
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        ).labels(model_name)  # fmt: skip
+        self.itl = Histogram(
+            "vllm:inter_token_latency_seconds", "Time between consecutive output tokens.", labels,
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        ).labels(model_name)  # fmt: skip
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds", "End-to-end request latency.", labels,
+            buckets=_E2E_BUCKETS, registry=self.registry,
+        ).labels(model_name)  # fmt: skip
+        self.prompt_len = Histogram(
+            "vllm:request_prompt_tokens", "Prompt length of finished requests.", labels,
+            buckets=_TOKEN_BUCKETS, registry=self.registry,
+        ).labels(model_name)  # fmt: skip
+        self.gen_len = Histogram(
+            "vllm:request_generation_tokens", "Generated length of finished requests.", labels,
+            buckets=_TOKEN_BUCKETS, registry=self.registry,
+        ).labels(model_name)  # fmt: skip
+        self.success = Counter(
+            "vllm:request_success", "Finished requests by finish reason.", ["model_name", "finished_reason"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.rejected = Counter(
+            "agora:requests_rejected", "Requests refused before reaching the engine, by HTTP status.",
+            ["model_name", "status"], registry=self.registry,
+        )  # fmt: skip
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,122 @@
+"""Scheduler: exact token budgets, chunked prefill, preemption, no model."""
+
+from __future__ import annotations
+
+from agora.engine.kv_cache import KVCacheManager
+from agora.engine.request import Request, RequestStatus
+from agora.engine.sampling import SamplingParams
+from agora.engine.scheduler import Scheduler, SchedulerConfig
+
+EOS = 0
+
+
+def make(num_blocks: int, block_size: int = 4, budget: int = 64, max_seqs: int = 8) -> Scheduler:
+    cfg = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_model_len=1024)
+    return Scheduler(cfg, KVCacheManager(num_blocks, block_size))
+
+
+def req(rid: str, n_prompt: int, start: int = 1, max_tokens: int = 100, **kw) -> Request:
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, **kw)
+    return Request(rid, list(range(start, start + n_prompt)), params, eos_token_ids=frozenset({EOS}))
+
+
+def step(s: Scheduler, token: int = 7) -> dict[str, int]:
+    """One step where every request that reaches its end samples ``token``."""
+    out = s.schedule()
+    s.update(out, {x.request.request_id: token for x in out.scheduled if x.samples})
+    return out.num_scheduled_tokens
+
+
+def test_chunked_prefill_under_a_token_budget():
+    s = make(num_blocks=16, budget=8)
+    s.add_request(req("a", 20))
+    s.add_request(req("b", 6, start=100))
+    assert step(s) == {"a": 8}
+    assert step(s) == {"a": 8}
+    assert step(s) == {"a": 4, "b": 4}  # a finishes its prompt and samples; b starts
+    assert s.requests["a"].output_token_ids == [7]
+    assert s.requests["b"].output_token_ids == []
+    assert step(s) == {"a": 1, "b": 2}
+    assert s.requests["b"].output_token_ids == [7]
+    assert step(s) == {"a": 1, "b": 1}
+    # b took block 5 for its first chunk before a (23 tokens) needed its sixth block.
+    assert s.kv.block_ids("a") == [0, 1, 2, 3, 4, 6]
+    assert s.kv.block_ids("b") == [5, 7]
+
+
+def test_running_requests_come_before_waiting_ones_and_max_num_seqs_holds():
+    s = make(num_blocks=32, budget=100, max_seqs=2)
+    for i in range(3):
+        s.add_request(req(f"r{i}", 5, start=10 * i + 1))
+    assert step(s) == {"r0": 5, "r1": 5}
+    assert step(s) == {"r0": 1, "r1": 1}
+    assert s.num_waiting == 1
+    s.finish_requests(["r0"], RequestStatus.FINISHED_ABORTED)
+    assert step(s) == {"r1": 1, "r2": 5}
+
+
+def test_preemption_frees_the_newest_request_and_recomputes_it_later():
+    s = make(num_blocks=4, budget=64)
+    a, b = req("a", 7), req("b", 7, start=100)
+    s.add_request(a)
+    s.add_request(b)
+    assert step(s) == {"a": 7, "b": 7}  # 2 blocks each: the pool is full
+    assert step(s) == {"a": 1, "b": 1}  # position 7 still fits in each second block
+    out = s.schedule()  # a's position 8 needs a third block: b is preempted
+    assert out.num_scheduled_tokens == {"a": 1}
+    assert out.preempted_ids == ["b"]
+    assert b.status == RequestStatus.PREEMPTED and b.num_computed_tokens == 0
+    assert b.output_token_ids == [7, 7]  # nothing generated is lost
+    assert s.kv.block_ids("a") == [0, 1, 3]  # b's blocks went back tail-first: [3, 2]
+    s.update(out, {"a": 7})
+    # b (9 tokens) finds its first block cached but needs two more: it keeps waiting.
+    assert step(s) == {"a": 1}
+    assert list(s.waiting) == [b]
+    s.finish_requests(["a"], RequestStatus.FINISHED_ABORTED)
+    out = s.schedule()
+    # b is recomputed: 4 of its 9 tokens come from the prefix cache (block 2 survived).
+    assert out.num_scheduled_tokens == {"b": 5}
+    assert b.num_computed_tokens == 4
+    assert s.kv.block_ids("b")[0] == 2
+    s.update(out, {"b": 9})
+    assert b.output_token_ids == [7, 7, 9]
+
+
+def test_a_request_that_cannot_fit_preempts_itself_without_losing_others():
+    s = make(num_blocks=2, budget=64)
+    a = req("a", 4)
+    s.add_request(a)
+    assert step(s) == {"a": 4}
+    assert step(s) == {"a": 1}  # tokens 0..4 in blocks 0, 1
+    for _ in range(3):
+        step(s)  # up to 8 tokens
+    out = s.schedule()  # the 9th token needs a third block: nothing to preempt but itself
+    assert out.num_scheduled_tokens == {}
+    assert out.preempted_ids == ["a"]
+    assert a.status == RequestStatus.PREEMPTED
+
+
+def test_prefix_cache_hit_at_admission_skips_computed_tokens():
+    s = make(num_blocks=16, budget=64)
+    s.add_request(req("a", 10, max_tokens=1))
+    assert step(s) == {"a": 10}
+    assert "a" not in s.requests  # finished by max_tokens, blocks freed but cached
+    s.add_request(req("b", 12))
+    assert step(s) == {"b": 4}  # 8 of 12 tokens are cached (two full blocks)
+    assert s.requests["b"].num_cached_tokens == 8
+
+
+def test_stop_conditions_finish_and_free():
+    s = make(num_blocks=8)
+    s.add_request(req("eos", 3))
+    s.add_request(req("len", 3, start=50, max_tokens=2))
+    s.add_request(req("stopid", 3, start=60, stop_token_ids=[5]))
+    s.add_request(req("min", 3, start=70, min_tokens=2))
+    out = s.schedule()
+    s.update(out, {"eos": EOS, "len": 1, "stopid": 5, "min": EOS})
+    assert set(s.requests) == {"len", "min"}  # min_tokens not reached yet: EOS does not stop
+    out = s.schedule()
+    s.update(out, {"len": 1, "min": EOS})
+    assert set(s.requests) == set()
+    assert s.kv.num_free_blocks == 8
+    s.kv.check_integrity()

@@ -1,0 +1,147 @@
+"""Greedy tokens equal Hugging Face transformers' on the same weights (fp32).
+
+Every engine run submits all prompts at once (continuous batching), with prompts
+that share prefixes (prefix-cache hits), a small token budget (chunked prefill),
+and once more with a KV cache too small for all of them (preemption).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from agora import LLM, SamplingParams
+from tests.conftest import build_tiny_llama
+
+NEW_TOKENS = 64
+
+
+def hf_greedy(model, prompts: list[list[int]], new_tokens: int = NEW_TOKENS) -> list[list[int]]:
+    out = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            gen = model.generate(
+                ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            )  # fmt: skip
+        out.append(gen[0, len(p) :].tolist())
+    return out
+
+
+def engine_greedy(llm: LLM, prompts: list[list[int]], new_tokens: int = NEW_TOKENS) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, min_tokens=new_tokens)
+    return [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
+
+
+def shared_prefix_prompts(vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    system = [rng.randrange(3, vocab) for _ in range(37)]
+    lengths = [5, 23, 61, 97, 140]
+    prompts = []
+    for i, n in enumerate(lengths):
+        tail = [rng.randrange(3, vocab) for _ in range(n)]
+        prompts.append(system + tail if i % 2 else tail)  # every other prompt shares the prefix
+    prompts.append(system + prompts[1][len(system) :][:10])  # and one shares a longer prefix
+    return prompts
+
+
+TINY_VARIANTS = {
+    "gqa": {},
+    "tied-llama3-rope": {
+        "tie_word_embeddings": True,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    },  # fmt: skip
+    "mha-linear-rope": {"num_key_value_heads": 4, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_VARIANTS))
+def tiny(request, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    path = build_tiny_llama(tmp_path_factory.mktemp(request.param), vocab_size=320, **TINY_VARIANTS[request.param])
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    prompts = shared_prefix_prompts(320)
+    return path, prompts, hf_greedy(hf, prompts)
+
+
+def test_tiny_llama_matches_transformers_batched_with_prefix_caching(tiny):
+    path, prompts, expected = tiny
+    llm = LLM(str(path), dtype="float32", block_size=4, num_blocks=512, max_num_batched_tokens=48)
+    assert engine_greedy(llm, prompts) == expected
+    # Again, now that the prompts are in the prefix cache.
+    assert engine_greedy(llm, prompts) == expected
+    stats = llm.engine.stats()
+    assert stats.prefix_cache_hits > 0
+    assert stats.kv_cache_usage == 0.0
+
+
+def test_tiny_llama_matches_transformers_under_preemption(tiny):
+    path, prompts, expected = tiny
+    # 6 sequences of up to 204 tokens need ~250 blocks of 4; give them 60.
+    llm = LLM(str(path), dtype="float32", block_size=4, num_blocks=60, max_num_batched_tokens=64)
+    assert engine_greedy(llm, prompts) == expected
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.kv.usage() == 0.0
+
+
+def test_tiny_llama_without_prefix_caching(tiny):
+    path, prompts, expected = tiny
+    llm = LLM(str(path), dtype="float32", block_size=16, num_blocks=128, enable_prefix_caching=False)
+    assert engine_greedy(llm, prompts) == expected
+    assert llm.engine.stats().prefix_cache_hits == 0
+
+
+# -- the real default model ---------------------------------------------------------
+
+SMOL_SYSTEM = (
+    "You are a meticulous assistant for a logistics company. Answer with short, precise sentences, "
+    "cite the relevant policy number when you can, and never invent shipment data."
+)
+SMOL_CHATS = [
+    [{"role": "user", "content": "Hi!"}],
+    [{"role": "system", "content": SMOL_SYSTEM}, {"role": "user", "content": "Where is parcel 42?"}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+    [{"role": "system", "content": SMOL_SYSTEM},
+     {"role": "user", "content": "Summarize policy 7 on damaged goods and explain who pays for returns, "
+                                 "what evidence a customer must provide, and how long a refund takes."}],
+    [{"role": "user", "content": "List three prime numbers and explain why each is prime. " * 3}],
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def smollm2_reference(smollm2_gguf):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
+    ).eval()
+    from agora.engine.tokenizer import Tokenizer
+    from agora.models.loader import inspect_model
+
+    tok = Tokenizer(inspect_model(smollm2_gguf).tokenizer_dir)
+    prompts = [tok.encode(tok.apply_chat_template(c), add_special_tokens=False) for c in SMOL_CHATS]
+    assert len({len(p) for p in prompts}) == len(prompts)
+    expected = hf_greedy(hf, prompts)
+    del hf
+    return prompts, expected
+
+
+@pytest.mark.slow
+def test_smollm2_matches_transformers(smollm2_gguf, smollm2_reference):
+    prompts, expected = smollm2_reference
+    llm = LLM(str(smollm2_gguf), dtype="float32", num_blocks=256, max_num_batched_tokens=96)
+    assert engine_greedy(llm, prompts) == expected
+    assert llm.engine.stats().prefix_cache_hits > 0  # the shared system prompt
+
+
+@pytest.mark.slow
+def test_smollm2_matches_transformers_under_preemption(smollm2_gguf, smollm2_reference):
+    prompts, expected = smollm2_reference
+    llm = LLM(str(smollm2_gguf), dtype="float32", num_blocks=24, block_size=16, max_num_batched_tokens=256)
+    assert engine_greedy(llm, prompts) == expected
+    assert llm.engine.scheduler.num_preemptions > 0
