@@ -47,13 +47,22 @@ def serve(args: argparse.Namespace) -> int:
         server = ServerConfig(host=args.host, port=args.port, max_body_bytes=parse_size(args.max_body_bytes),
                               api_key=args.api_key)  # fmt: skip
         config = EngineConfig(
-            model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
-                              max_model_len=args.max_model_len, served_model_name=args.served_model_name,
-                              seed=args.seed),  # fmt: skip
-            cache=CacheConfig(block_size=args.block_size, kv_cache_memory_bytes=parse_size(args.kv_cache_memory),
-                              enable_prefix_caching=args.enable_prefix_caching),  # fmt: skip
-            scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
-                                      max_num_batched_tokens=args.max_num_batched_tokens),  # fmt: skip
+            model=ModelConfig(
+                model=args.model,
+                dtype=args.dtype,
+                device=args.device,
+                max_model_len=args.max_model_len,
+                served_model_name=args.served_model_name,
+                seed=args.seed,
+            ),  # fmt: skip
+            cache=CacheConfig(
+                block_size=args.block_size,
+                kv_cache_memory_bytes=parse_size(args.kv_cache_memory),
+                enable_prefix_caching=args.enable_prefix_caching,
+            ),  # fmt: skip
+            scheduler=SchedulerConfig(
+                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
+            ),  # fmt: skip
             max_waiting_requests=args.max_waiting_requests,
         )
         engine = Engine(config)
@@ -62,7 +71,10 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     app = build_app(AsyncEngine(engine, config.max_waiting_requests), server)
     logging.getLogger("agora").info(
-        "serving %s on http://%s:%d/v1 (max_model_len=%d)", engine.served_model_name, server.host, server.port,
+        "serving %s on http://%s:%d/v1 (max_model_len=%d)",
+        engine.served_model_name,
+        server.host,
+        server.port,
         engine.max_model_len,
     )
     uvicorn.run(app, host=server.host, port=server.port, log_level=args.uvicorn_log_level,

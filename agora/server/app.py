@@ -55,6 +55,10 @@ class APIError(Exception):
         self.headers = headers
 
 
+def _is_type_name(part: str) -> bool:
+    return "[" in part or part in ("str", "int", "float", "bool", "list", "dict", "none") or "-" in part
+
+
 def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
@@ -77,27 +81,39 @@ class BodySizeLimit:
         too_big = _error_response(
             APIError(413, f"request body exceeds {self.max_bytes} bytes", code="request_too_large")
         )
+        declared: int | None = None
         for name, value in scope.get("headers", []):
             if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = self.max_bytes + 1
-                if declared > self.max_bytes:
-                    await too_big(scope, receive, send)
-                    return
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
+                declared = int(value) if value.isdigit() else self.max_bytes + 1
+                break
+        if declared is not None:
+            if declared > self.max_bytes:
+                await too_big(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)  # the HTTP server enforces the declared length
+            return
+        # No declared length (chunked upload): read it here, within the limit, then replay it.
+        body = bytearray()
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise APIError(413, f"request body exceeds {self.max_bytes} bytes", code="request_too_large")
-            return message
+            if message["type"] != "http.request":
+                return  # client went away
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                await too_big(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        await self.app(scope, limited_receive, send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 class _Tracker:
@@ -188,7 +204,9 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAP
         errors = exc.errors()
         first = errors[0] if errors else {}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
+        # OpenAI names the top-level parameter; pydantic's union branches ("str", "list[int]") are noise.
+        param = loc[0] if loc else None
+        where = ".".join(x for x in loc if not _is_type_name(x))
         if first.get("type") == "extra_forbidden":
             message = f"Unrecognized request argument supplied: {param}"
         elif first.get("type") == "json_invalid":
@@ -196,7 +214,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAP
         elif first.get("type") == "missing":
             message = f"missing required parameter: {param}"
         else:
-            message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
+            message = f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg", "invalid request")
         return JSONResponse(error_body(message, "invalid_request_error", param), 400)
 
     @app.exception_handler(StarletteHTTPException)
@@ -250,7 +268,9 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAP
                     param = "max_tokens" if "max_tokens" in str(exc) else param
                 raise APIError(400, str(exc), param=param) from None
             if isinstance(exc, QueueFullError):
-                raise APIError(429, str(exc), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+                raise APIError(
+                    429, str(exc), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}
+                ) from None
             if isinstance(exc, EngineDeadError):
                 raise APIError(503, str(exc), "service_unavailable") from None
             raise
@@ -489,7 +509,9 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAP
         params = sampling(req)
         tok = need_tokenizer()
         messages = [m.to_template() for m in req.messages]
-        text = render_chat(tok, messages, req.add_generation_prompt, req.chat_template_kwargs, req.continue_final_message)
+        text = render_chat(
+            tok, messages, req.add_generation_prompt, req.chat_template_kwargs, req.continue_final_message
+        )
         prompt_ids = tok.encode(text, add_special_tokens=False)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         start = time.monotonic()

@@ -15,7 +15,27 @@ from prometheus_client.registry import Collector
 
 from agora.engine.engine import EngineStats
 
-_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0)
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
@@ -35,12 +55,19 @@ class _EngineCollector(Collector):
         g, c = GaugeMetricFamily, CounterMetricFamily
         yield self._family(g, "vllm:num_requests_running", "Requests in the running batch.", s.num_running)
         yield self._family(g, "vllm:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting)
-        yield self._family(g, "vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).", s.kv_cache_usage)
-        yield self._family(c, "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries)
+        yield self._family(
+            g, "vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).", s.kv_cache_usage
+        )
+        yield self._family(
+            c, "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries
+        )
         yield self._family(c, "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)
         yield self._family(c, "vllm:num_preemptions", "Requests preempted for lack of KV blocks.", s.num_preemptions)
         yield self._family(c, "vllm:prompt_tokens", "Prompt tokens received.", s.prompt_tokens)
         yield self._family(c, "vllm:generation_tokens", "Tokens generated.", s.generation_tokens)
+        yield self._family(
+            c, "agora:requests_aborted", "Requests aborted before finishing (e.g. client gone).", s.num_aborted
+        )
 
 
 class ServerMetrics:
@@ -73,10 +100,14 @@ class ServerMetrics:
             "vllm:request_success", "Finished requests by finish reason.", ["model_name", "finished_reason"],
             registry=self.registry,
         )  # fmt: skip
+        for reason in ("stop", "length", "abort"):
+            self.success.labels(model_name, reason)  # export zeros from the start
         self.rejected = Counter(
             "agora:requests_rejected", "Requests refused before reaching the engine, by HTTP status.",
             ["model_name", "status"], registry=self.registry,
         )  # fmt: skip
+        for status in ("413", "429", "503"):
+            self.rejected.labels(model_name, status)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -204,8 +204,10 @@ class ChatCompletionRequest(_SamplingFields):
     def sampling_params(self) -> SamplingParams:
         if self.response_format is not None and self.response_format.type != "text":
             raise Unsupported("response_format", "structured output (json_object / json_schema) is not supported yet")
-        if self.tools and self.tool_choice not in ("none", None):
-            raise Unsupported("tools", "tool calling is not supported yet; send tools with tool_choice 'none' or omit them")
+        if self.tools and self.tool_choice != "none":
+            raise Unsupported(
+                "tools", "tool calling is not supported yet; send tools with tool_choice 'none' or omit them"
+            )
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
             raise Unsupported("tool_choice", "tool_choice needs tools, and only 'none' is supported")
         for name in ("functions", "function_call", "audio", "prediction", "web_search_options"):

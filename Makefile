@@ -1,0 +1,29 @@
+# Two commands on a fresh machine:
+#   make serve   installs what is needed and serves the default model on 127.0.0.1:8000
+#   make test    installs what is needed and runs the whole test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install serve test lint
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	# torch first: 2.13.0 is the local CPU build here; a looser spec would pull CUDA wheels.
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install
+	$(VENV)/bin/agora serve $(ARGS)
+
+# pytest's exit code 5 ("no tests collected", e.g. a -k selection) is not a failure.
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
+
+lint: install
+	$(VENV)/bin/ruff check agora tests && $(VENV)/bin/ruff format --check agora tests

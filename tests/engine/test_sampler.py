@@ -1,0 +1,121 @@
+"""Batched sampler: per-request parameters within one batch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from agora.engine.sampler import SampleRequest, sample
+from agora.engine.sampling import SamplingParams
+
+
+def row(params: SamplingParams, out: list[int] | None = None, prompt: list[int] | None = None, seed_gen=None):
+    gen = None
+    if params.seed is not None:
+        gen = torch.Generator().manual_seed(params.seed)
+    return SampleRequest(params, prompt or [], out or [], frozenset({0}), seed_gen or gen)
+
+
+def logits_of(*rows: list[float]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def test_greedy_and_top_k_1_pick_the_argmax():
+    lg = logits_of([0.1, 2.0, 0.3, 1.9], [3.0, 0.0, 0.0, 0.0])
+    res = sample(lg, [row(SamplingParams(temperature=0)), row(SamplingParams(temperature=1.5, top_k=1))])
+    assert res.token_ids == [1, 0]
+
+
+def test_seeded_rows_do_not_depend_on_the_rest_of_the_batch():
+    lg = torch.randn(1, 50, generator=torch.Generator().manual_seed(1))
+    p = SamplingParams(temperature=1.0, seed=1234)
+
+    def run(batch_extra: int) -> list[int]:
+        gen = torch.Generator().manual_seed(1234)
+        toks = []
+        for _ in range(20):
+            reqs = [row(SamplingParams(temperature=1.0)) for _ in range(batch_extra)] + [row(p, seed_gen=gen)]
+            batch = torch.cat([torch.randn(batch_extra, 50), lg]) if batch_extra else lg
+            toks.append(sample(batch, reqs).token_ids[-1])
+        return toks
+
+    alone, crowded = run(0), run(7)
+    assert alone == crowded
+    assert len(set(alone)) > 1  # it really samples
+
+
+def _frequencies(params: SamplingParams, logits: list[float], n: int = 4000) -> list[float]:
+    lg = logits_of(*([logits] * n))
+    toks = sample(lg, [row(params) for _ in range(n)]).token_ids
+    return [toks.count(i) / n for i in range(len(logits))]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = [math.log(x) for x in (0.5, 0.3, 0.15, 0.05)]
+    freq = _frequencies(SamplingParams(temperature=1.0, top_p=0.7), logits)
+    assert freq[2] == 0 and freq[3] == 0
+    assert freq[0] == pytest.approx(0.5 / 0.8, abs=0.04)
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_best():
+    logits = [math.log(x) for x in (0.6, 0.3, 0.1)]
+    freq = _frequencies(SamplingParams(temperature=1.0, min_p=0.3), logits)
+    assert freq[2] == 0 and freq[1] > 0.2
+
+
+def test_temperature_sharpens():
+    logits = [1.0, 0.0]
+    cold = _frequencies(SamplingParams(temperature=0.25), logits)
+    hot = _frequencies(SamplingParams(temperature=1.0), logits)
+    assert cold[0] > hot[0] + 0.15
+
+
+def test_penalties():
+    lg = logits_of([1.0, 0.9, -1.0], [1.0, 0.9, -1.0], [2.0, 1.9, -1.0])
+    reqs = [
+        row(SamplingParams(temperature=0, presence_penalty=0.2), out=[0]),  # 0.8 < 0.9
+        row(SamplingParams(temperature=0, frequency_penalty=0.04), out=[0, 0, 0]),  # 0.88 < 0.9
+        row(SamplingParams(temperature=0, repetition_penalty=1.1), prompt=[0]),  # 2.0/1.1 < 1.9
+    ]
+    assert sample(lg, reqs).token_ids == [1, 1, 1]
+    # Without penalties the same rows pick token 0.
+    assert sample(lg, [row(SamplingParams(temperature=0), out=[0]) for _ in range(3)]).token_ids == [0, 0, 0]
+
+
+def test_min_tokens_blocks_eos_and_stop_token_ids():
+    lg = logits_of([5.0, 1.0, 4.0], [5.0, 1.0, 4.0])
+    reqs = [
+        row(SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[2]), out=[1]),
+        row(SamplingParams(temperature=0, min_tokens=2), out=[1, 1]),
+    ]
+    assert sample(lg, reqs).token_ids == [1, 0]
+
+
+def test_logit_bias():
+    lg = logits_of([1.0, 0.0, 0.0])
+    assert sample(lg, [row(SamplingParams(temperature=0, logit_bias={2: 5.0}))]).token_ids == [2]
+
+
+def test_logprobs_are_the_raw_distribution():
+    lg = logits_of([2.0, 1.0, 0.5, -1.0], [0.0, 0.0, 3.0, 0.0])
+    reqs = [row(SamplingParams(temperature=0, logprobs=2)), row(SamplingParams(temperature=0))]
+    res = sample(lg, reqs)
+    ref = torch.log_softmax(lg[0], -1)
+    lp = res.logprobs[0]
+    assert lp is not None and res.logprobs[1] is None
+    assert lp.token_id == 0 and lp.rank == 1
+    assert lp.logprob == pytest.approx(ref[0].item())
+    assert [t for t, _ in lp.top] == [0, 1]
+    assert lp.top[1][1] == pytest.approx(ref[1].item())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(n=0), dict(n=17), dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_tokens=0),
+     dict(logprobs=21), dict(min_tokens=5, max_tokens=2), dict(stop=[""]), dict(seed=-1), dict(min_p=1.5)],
+)  # fmt: skip
+def test_invalid_params_raise_value_error(kwargs):
+    with pytest.raises(ValueError):
+        SamplingParams(**kwargs)

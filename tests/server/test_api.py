@@ -1,0 +1,143 @@
+"""The OpenAI API over HTTP: responses, streaming, usage, logprobs, n, stop."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+from tests.server.conftest import MODEL
+
+
+def post(server, path: str, body: dict, **kw) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", json=body, timeout=60, **kw)
+
+
+def sse_events(resp: httpx.Response) -> list[dict | str]:
+    events = []
+    for line in resp.iter_lines():
+        if line.startswith("data: "):
+            data = line[6:]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_models_version_health(server):
+    models = httpx.get(f"{server.url}/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == [MODEL]
+    assert models["data"][0]["max_model_len"] == 512
+    assert httpx.get(f"{server.url}/v1/models/{MODEL}").json()["id"] == MODEL
+    assert "version" in httpx.get(f"{server.url}/version").json()
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_completion_usage_and_length_finish(server):
+    r = post(server, "/v1/completions", {"model": MODEL, "prompt": "Hello world", "max_tokens": 7,
+                                         "temperature": 0, "ignore_eos": True})  # fmt: skip
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion"
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "length"
+    prompt_len = len(post(server, "/tokenize", {"prompt": "Hello world"}).json()["tokens"])
+    assert body["usage"] == {"prompt_tokens": prompt_len, "completion_tokens": 7, "total_tokens": prompt_len + 7,
+                             "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip
+
+
+def test_greedy_is_deterministic_and_token_prompts_equal_text_prompts(server):
+    ids = post(server, "/tokenize", {"prompt": "The quick brown fox"}).json()["tokens"]
+    a = post(server, "/v1/completions", {"prompt": "The quick brown fox", "max_tokens": 12, "temperature": 0})
+    b = post(server, "/v1/completions", {"prompt": ids, "max_tokens": 12, "temperature": 0})
+    assert a.json()["choices"][0]["text"] == b.json()["choices"][0]["text"]
+
+
+def test_streaming_completion_matches_non_streaming(server):
+    body = {"prompt": "Once upon a time", "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    full = post(server, "/v1/completions", body).json()["choices"][0]["text"]
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True,
+                      "stream_options": {"include_usage": True}}, timeout=60) as resp:  # fmt: skip
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(resp)
+    assert events[-1] == "[DONE]"
+    usage = events[-2]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 16
+    chunks = events[:-2]
+    assert "".join(e["choices"][0]["text"] for e in chunks) == full
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_chat_and_streaming_chat(server):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world!"}]
+    r = post(server, "/v1/chat/completions", {"model": MODEL, "messages": messages, "max_tokens": 10,
+                                              "temperature": 0, "ignore_eos": True})  # fmt: skip
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    msg = body["choices"][0]["message"]
+    assert msg["role"] == "assistant"
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={"messages": messages, "max_tokens": 10,
+                      "temperature": 0, "ignore_eos": True, "stream": True}, timeout=60) as resp:  # fmt: skip
+        events = sse_events(resp)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == msg["content"]
+
+
+def test_n_and_seed(server):
+    body = {"prompt": "Hello", "max_tokens": 8, "n": 3, "temperature": 1.0, "seed": 7, "ignore_eos": True}
+    a = post(server, "/v1/completions", body).json()
+    b = post(server, "/v1/completions", body).json()
+    assert [c["index"] for c in a["choices"]] == [0, 1, 2]
+    assert [c["text"] for c in a["choices"]] == [c["text"] for c in b["choices"]]
+    assert len({c["text"] for c in a["choices"]}) > 1
+    assert a["usage"]["completion_tokens"] == 24
+
+
+def test_multiple_prompts(server):
+    r = post(server, "/v1/completions", {"prompt": ["Hello", "The quick"], "max_tokens": 3, "n": 2,
+                                         "temperature": 0, "ignore_eos": True}).json()  # fmt: skip
+    assert [c["index"] for c in r["choices"]] == [0, 1, 2, 3]
+    assert r["choices"][0]["text"] == r["choices"][1]["text"]
+    assert r["usage"]["completion_tokens"] == 12
+
+
+def test_stop_strings_and_stop_reason(server):
+    base = {"prompt": "Hello", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    full = post(server, "/v1/completions", base).json()["choices"][0]["text"]
+    assert len(full) > 6
+    stop = full[3:6]
+    r = post(server, "/v1/completions", {**base, "stop": [stop]}).json()["choices"][0]
+    assert r["finish_reason"] == "stop" and r["stop_reason"] == stop
+    assert r["text"] == full[: full.index(stop)]
+
+
+def test_logprobs(server):
+    r = post(server, "/v1/completions", {"prompt": "Hello", "max_tokens": 4, "temperature": 0, "logprobs": 3}).json()
+    lp = r["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 4
+    assert all(len(t) <= 3 for t in lp["top_logprobs"])
+    assert all(v <= 0 for v in lp["token_logprobs"])
+    c = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+                                              "temperature": 0, "logprobs": True, "top_logprobs": 2}).json()  # fmt: skip
+    content = c["choices"][0]["logprobs"]["content"]
+    assert content and all(len(x["top_logprobs"]) == 2 for x in content)
+    # Greedy: the chosen token is the most likely one.
+    assert all(x["logprob"] >= x["top_logprobs"][0]["logprob"] - 1e-6 for x in content)
+
+
+def test_tokenize_detokenize_roundtrip(server):
+    t = post(server, "/tokenize", {"prompt": "Hello world!"}).json()
+    assert t["count"] == len(t["tokens"]) and t["max_model_len"] == 512
+    assert post(server, "/detokenize", {"tokens": t["tokens"]}).json()["prompt"] == "Hello world!"
+    chat = post(server, "/tokenize", {"messages": [{"role": "user", "content": "Hi"}]}).json()
+    assert chat["count"] > 3
+
+
+def test_prefix_cache_reports_cached_tokens(server):
+    prompt = "The quick brown fox jumps over the lazy dog. " * 6
+    post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 1})
+    r = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 1}).json()
+    assert r["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16

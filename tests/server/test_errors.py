@@ -1,0 +1,112 @@
+"""Bad input gets an OpenAI-style error with the right status, and the server stays up."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.server.conftest import MODEL, start_server, stop_server
+
+CHAT = "/v1/chat/completions"
+COMP = "/v1/completions"
+MSG = [{"role": "user", "content": "hi"}]
+
+CASES = [
+    # (path, body, status, fragment of the message, param)
+    (COMP, {"prompt": "x", "max_tokens": 600}, 400, "maximum context length is 512", "max_tokens"),
+    (COMP, {"prompt": "hello " * 600}, 400, "context length is 512", None),
+    (COMP, {"prompt": ""}, 400, "empty", "prompt"),
+    (COMP, {"prompt": []}, 400, "empty", "prompt"),
+    (COMP, {"prompt": [1, 2, 999999]}, 400, "out of the vocabulary", "prompt"),
+    (COMP, {"prompt": [-1]}, 400, "out of the vocabulary", "prompt"),
+    (COMP, {"prompt": "x", "max_tokens": -5}, 400, "max_tokens", "max_tokens"),
+    (COMP, {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "max_tokens"),
+    (COMP, {"prompt": "x", "n": 1000}, 400, "between 1 and 16", "n"),
+    (COMP, {"prompt": "x", "n": 0}, 400, "between 1 and 16", "n"),
+    (COMP, {"prompt": "x", "logprobs": 50}, 400, "between 0 and 20", "logprobs"),
+    (COMP, {"prompt": "x", "temperature": -1}, 400, "temperature", "temperature"),
+    (COMP, {"prompt": "x", "top_p": 0}, 400, "top_p", "top_p"),
+    (COMP, {"prompt": "x", "stop": [""]}, 400, "stop", None),
+    (COMP, {"prompt": 5}, 400, "prompt", "prompt"),
+    (COMP, {"prompt": "x", "max_tokens": "ten"}, 400, "max_tokens", "max_tokens"),
+    (COMP, {"prompt": "x", "temperature": "hot"}, 400, "temperature", "temperature"),
+    (COMP, {"prompt": "x", "stream": "yes"}, 400, "stream", "stream"),
+    (COMP, {"prompt": "x", "best_of": 3}, 400, "best_of", "best_of"),
+    (COMP, {"prompt": "x", "suffix": "y"}, 400, "suffix", "suffix"),
+    (COMP, {"prompt": "x", "frobnicate": 1}, 400, "Unrecognized request argument supplied: frobnicate", "frobnicate"),
+    (COMP, {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", "stream_options"),
+    (COMP, {}, 400, "missing required parameter: prompt", "prompt"),
+    (COMP, {"prompt": "x", "model": "gpt-4"}, 404, "does not exist", "model"),
+    (CHAT, {"messages": []}, 400, "messages must not be empty", "messages"),
+    (CHAT, {"messages": "hi"}, 400, "messages", "messages"),
+    (CHAT, {"messages": [{"role": "wizard", "content": "x"}]}, 400, "role", None),
+    (CHAT, {"messages": [{"role": "user"}]}, 400, "content", None),
+    (
+        CHAT,
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        400,
+        "messages",
+        None,
+    ),
+    (CHAT, {"messages": MSG, "top_logprobs": 5}, 400, "requires logprobs", "top_logprobs"),
+    (CHAT, {"messages": MSG, "logprobs": True, "top_logprobs": 30}, 400, "between 0 and 20", "top_logprobs"),
+    (CHAT, {"messages": MSG, "response_format": {"type": "json_object"}}, 400, "structured output", "response_format"),
+    (CHAT, {"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tool", "tools"),
+    (CHAT, {"messages": MSG, "max_completion_tokens": 10_000}, 400, "maximum context length", "max_tokens"),
+    (CHAT, {"messages": MSG, "model": "nope"}, 404, "does not exist", "model"),
+    (CHAT, {"messages": MSG, "chat_template_kwargs": {"x": "y" * 5000}}, 400, "too large", "chat_template_kwargs"),
+    ("/detokenize", {"tokens": [10**9]}, 400, "out of the vocabulary", "tokens"),
+    ("/tokenize", {}, 400, "exactly one of prompt or messages", None),
+]
+
+
+@pytest.mark.parametrize("path,body,status,fragment,param", CASES)
+def test_bad_request(server, path, body, status, fragment, param):
+    r = httpx.post(f"{server.url}{path}", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert fragment in err["message"], err
+    assert err["type"] in ("invalid_request_error", "not_found_error")
+    if param is not None:
+        assert err["param"] == param, err
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_invalid_json_and_wrong_content(server):
+    r = httpx.post(f"{server.url}{COMP}", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert "error" in r.json()
+    r = httpx.post(f"{server.url}{COMP}", content=b"\xff\xfe\x00", headers={"content-type": "application/json"})
+    assert r.status_code == 400
+
+
+def test_oversized_body_is_413(server):
+    big = {"prompt": "x" * (2 << 20)}
+    r = httpx.post(f"{server.url}{COMP}", json=big, timeout=30)
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == "request_too_large"
+
+    def chunks():
+        for _ in range(40):
+            yield b"x" * 65536
+
+    r = httpx.post(f"{server.url}{COMP}", content=chunks(), headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_unknown_route_is_404_json(server):
+    r = httpx.get(f"{server.url}/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_api_key(tiny_model_dir):
+    r = start_server(tiny_model_dir, api_key="sekret")
+    try:
+        assert httpx.get(f"{r.url}/v1/models").status_code == 401
+        assert httpx.get(f"{r.url}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        ok = httpx.get(f"{r.url}/v1/models", headers={"Authorization": "Bearer sekret"})
+        assert ok.status_code == 200 and ok.json()["data"][0]["id"] == MODEL
+        assert httpx.get(f"{r.url}/health").status_code == 200  # probes need no key
+    finally:
+        stop_server(r)
