@@ -419,15 +419,16 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAP
             if isinstance(p, str):
                 if not p:
                     raise APIError(400, "prompt must not be empty", param="prompt")
-                prompt_ids.append(need_tokenizer().encode(p))
+                # Off the event loop: a long prompt takes a while to tokenize.
+                prompt_ids.append(await asyncio.to_thread(need_tokenizer().encode, p))
             else:
                 prompt_ids.append(p)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        start = time.monotonic()
+        streams = submit(prompt_ids, params, req.cache_salt, rid)  # validates the token ids
         echo_texts = [""] * len(prompt_ids)
         if req.echo:
             echo_texts = [p if isinstance(p, str) else need_tokenizer().decode(p) for p in raw_prompts]
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        start = time.monotonic()
-        streams = submit(prompt_ids, params, req.cache_salt, rid)
         tracker = _Tracker(metrics, start)
         n = params.n
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -509,10 +510,10 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAP
         params = sampling(req)
         tok = need_tokenizer()
         messages = [m.to_template() for m in req.messages]
-        text = render_chat(
-            tok, messages, req.add_generation_prompt, req.chat_template_kwargs, req.continue_final_message
+        text = await asyncio.to_thread(
+            render_chat, tok, messages, req.add_generation_prompt, req.chat_template_kwargs, req.continue_final_message
         )
-        prompt_ids = tok.encode(text, add_special_tokens=False)
+        prompt_ids = await asyncio.to_thread(tok.encode, text, False)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         start = time.monotonic()
         streams = submit([prompt_ids], params, req.cache_salt, rid)
