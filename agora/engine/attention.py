@@ -29,7 +29,8 @@ class AttentionGroup:
     token_index: torch.Tensor | None  # [Tg] rows of the step's flat tokens; None = all, in order
     pad_index: torch.Tensor | None  # [Tg] rows of the padded [batch * max_q] queries; None = identity
     block_tables: torch.Tensor  # [batch, max_blocks]
-    mask: torch.Tensor  # [batch, 1, max_q, max_blocks * block_size], True = attend
+    # Per sliding window (None = full attention): [batch, 1, max_q, max_blocks * block_size], True = attend
+    masks: dict[int | None, torch.Tensor]
     batch: int
     max_q: int
 
@@ -46,7 +47,7 @@ def build_group(
     context_starts: list[int],
     block_tables: list[list[int]],
     block_size: int,
-    sliding_window: int | None,
+    windows: set[int | None],
     device: torch.device,
 ) -> AttentionGroup:
     """Metadata for one group. Request b's queries sit at positions
@@ -63,12 +64,14 @@ def build_group(
     q_ar = torch.arange(max_q)
     q_pos = starts[:, None] + q_ar[None, :]  # [B, max_q]
     k_pos = torch.arange(max_blocks * block_size)
-    mask = k_pos[None, None, :] <= q_pos[:, :, None]
-    if sliding_window is not None:
-        mask &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
+    causal = k_pos[None, None, :] <= q_pos[:, :, None]
     valid = q_ar[None, :] < q_lens[:, None]  # [B, max_q]
-    # Padded query rows attend to key 0 only, so softmax never sees an empty row.
-    mask = torch.where(valid[:, :, None], mask, k_pos[None, None, :] == 0)
+    masks = {}
+    for window in windows:
+        mask = causal if window is None else causal & (k_pos[None, None, :] > q_pos[:, :, None] - window)
+        # Padded query rows attend to key 0 only, so softmax never sees an empty row.
+        mask = torch.where(valid[:, :, None], mask, k_pos[None, None, :] == 0)
+        masks[window] = mask.unsqueeze(1).to(device)
     pad_index = None  # dense already when every request has exactly max_q tokens
     if any(q != max_q for q in query_lens):
         pad_index = (torch.arange(batch)[:, None] * max_q + q_ar[None, :])[valid]
@@ -76,7 +79,7 @@ def build_group(
         token_index=None if token_index is None else torch.tensor(token_index, dtype=torch.long, device=device),
         pad_index=None if pad_index is None else pad_index.to(device),
         block_tables=tables.to(device),
-        mask=mask.unsqueeze(1).to(device),
+        masks=masks,
         batch=batch,
         max_q=max_q,
     )
@@ -85,14 +88,17 @@ def build_group(
 class TorchPagedAttention:
     """Portable backend: gather blocks, one SDPA call per group. Works on any device."""
 
-    def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], scale: float) -> None:
+    def __init__(
+        self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], scale: float, layer_windows: list[int | None]
+    ) -> None:
         self.kv_caches = kv_caches
         self.scale = scale
+        self.layer_windows = layer_windows
         self.metadata: AttentionMetadata | None = None
 
     def bind(self, metadata: AttentionMetadata) -> TorchPagedAttention:
         """A view of this backend for one step (the caches are shared, not copied)."""
-        step = TorchPagedAttention(self.kv_caches, self.scale)
+        step = TorchPagedAttention(self.kv_caches, self.scale, self.layer_windows)
         step.metadata = metadata
         return step
 
@@ -105,15 +111,18 @@ class TorchPagedAttention:
         flat_v = v_cache.view(-1, num_kv_heads, head_dim)
         flat_k.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
         flat_v.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        window = self.layer_windows[layer]
         if len(meta.groups) == 1 and meta.groups[0].token_index is None:
-            return self._group(meta.groups[0], q, k_cache, v_cache)
+            return self._group(meta.groups[0], q, k_cache, v_cache, window)
         out = torch.empty_like(q)
         for group in meta.groups:
             assert group.token_index is not None
-            out[group.token_index] = self._group(group, q[group.token_index], k_cache, v_cache)
+            out[group.token_index] = self._group(group, q[group.token_index], k_cache, v_cache, window)
         return out
 
-    def _group(self, g: AttentionGroup, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def _group(
+        self, g: AttentionGroup, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, window: int | None
+    ) -> torch.Tensor:
         num_heads, head_dim = q.shape[1], q.shape[2]
         if g.pad_index is not None:
             padded = q.new_zeros(g.batch * g.max_q, num_heads, head_dim)
@@ -125,7 +134,12 @@ class TorchPagedAttention:
         kb = k_cache[g.block_tables].view(g.batch, -1, num_kv_heads, head_dim).transpose(1, 2)
         vb = v_cache[g.block_tables].view(g.batch, -1, num_kv_heads, head_dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(
-            qb, kb.to(q.dtype), vb.to(q.dtype), attn_mask=g.mask, scale=self.scale, enable_gqa=num_kv_heads != num_heads
+            qb,
+            kb.to(q.dtype),
+            vb.to(q.dtype),
+            attn_mask=g.masks[window],
+            scale=self.scale,
+            enable_gqa=num_kv_heads != num_heads,
         )
         out = out.transpose(1, 2).reshape(g.batch * g.max_q, num_heads, head_dim)
         return out if g.pad_index is None else out[g.pad_index]

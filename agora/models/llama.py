@@ -1,4 +1,7 @@
-"""The Llama family (Llama 2/3, SmolLM2, Mistral) as a plain ``nn.Module``.
+"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3) as a plain ``nn.Module``.
+
+The members differ only in switches: q/k/v bias (Qwen2), per-head RMSNorm of q and
+k before RoPE (Qwen3), a sliding attention window (Mistral).
 
 Parameter names match Hugging Face's ``LlamaForCausalLM``, so a safetensors
 state dict loads as it is. Activations are flat: ``[T, hidden]`` for the T
@@ -14,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agora.models.layers import PagedAttention, RMSNorm, RotaryEmbedding
+from agora.models.layers import PagedAttention, RMSNorm, RotaryEmbedding, load_named_weights
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,9 @@ class LlamaConfig:
     rope_scaling: dict[str, Any] | None
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None
     hidden_act: str = "silu"
@@ -44,6 +49,16 @@ class LlamaConfig:
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"unsupported hidden_act {act!r} for the Llama family (only 'silu')")
+        model_type = cfg.get("model_type", "llama")
+        bias = bool(cfg.get("attention_bias", False))
+        qkv_bias, o_bias = bias, bias
+        if model_type == "qwen2":
+            qkv_bias, o_bias = True, False
+        window = cfg.get("sliding_window")
+        if model_type in ("qwen2", "qwen3"):
+            if cfg.get("use_sliding_window"):
+                raise ValueError("Qwen sliding-window attention (use_sliding_window) is not supported")
+            window = None
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -57,9 +72,11 @@ class LlamaConfig:
             rope_scaling=scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            attention_bias=cfg.get("attention_bias", False),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            qk_norm=model_type == "qwen3",
             mlp_bias=cfg.get("mlp_bias", False),
-            sliding_window=cfg.get("sliding_window"),
+            sliding_window=window,
             hidden_act=act,
         )
 
@@ -72,10 +89,12 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         h, d = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(h, self.num_heads * d, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.num_heads * d, h, bias=cfg.attention_bias)
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rotary = rotary
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: PagedAttention) -> torch.Tensor:
@@ -83,6 +102,8 @@ class LlamaAttention(nn.Module):
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         out = attn(self.layer_idx, q, k, v)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
@@ -147,6 +168,15 @@ class LlamaForCausalLM(nn.Module):
         """(num_kv_heads, head_dim) of every layer's KV cache."""
         return self.config.num_key_value_heads, self.config.head_dim
 
+    @property
+    def attention_scale(self) -> float:
+        return self.config.head_dim**-0.5
+
+    @property
+    def layer_sliding_windows(self) -> list[int | None]:
+        """Per layer: how many most recent positions a query sees (None = all)."""
+        return [self.config.sliding_window] * self.config.num_hidden_layers
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: PagedAttention) -> torch.Tensor:
         """Hidden states ``[T, hidden]`` of the T flattened tokens."""
         return self.model(input_ids, positions, attn)
@@ -155,21 +185,4 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Load an HF-named state dict; a missing or unexpected tensor is an error."""
-        params = dict(self.named_parameters())
-        skip = {"lm_head.weight"} if self.config.tie_word_embeddings else set()
-        missing = set(params) - set(weights) - skip
-        if missing:
-            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
-        for name, tensor in weights.items():
-            if name.endswith("rotary_emb.inv_freq"):
-                continue
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
-            param = params.get(name)
-            if param is None:
-                raise ValueError(f"checkpoint has an unexpected tensor {name!r}")
-            if param.shape != tensor.shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}")
-            with torch.no_grad():
-                param.copy_(tensor)
+        load_named_weights(self, weights, self.config.tie_word_embeddings)

@@ -40,6 +40,7 @@ class ModelFiles:
     tokenizer_dir: Path | None
     eos_token_ids: list[int] = field(default_factory=list)
     is_gguf: bool = False
+    gguf_arch: str | None = None
 
     @property
     def max_position_embeddings(self) -> int:
@@ -92,14 +93,37 @@ _GGUF_TENSOR_NAMES = [
     (r"^blk\.(\d+)\.attn_k\.(weight|bias)$", r"model.layers.\1.self_attn.k_proj.\2"),
     (r"^blk\.(\d+)\.attn_v\.(weight|bias)$", r"model.layers.\1.self_attn.v_proj.\2"),
     (r"^blk\.(\d+)\.attn_output\.weight$", r"model.layers.\1.self_attn.o_proj.weight"),
+    (r"^blk\.(\d+)\.attn_q_norm\.weight$", r"model.layers.\1.self_attn.q_norm.weight"),
+    (r"^blk\.(\d+)\.attn_k_norm\.weight$", r"model.layers.\1.self_attn.k_norm.weight"),
     (r"^blk\.(\d+)\.ffn_gate\.weight$", r"model.layers.\1.mlp.gate_proj.weight"),
     (r"^blk\.(\d+)\.ffn_up\.weight$", r"model.layers.\1.mlp.up_proj.weight"),
     (r"^blk\.(\d+)\.ffn_down\.weight$", r"model.layers.\1.mlp.down_proj.weight"),
 ]
+# Gemma has a norm after attention and around the MLP; llama.cpp's "ffn_norm" is its pre-MLP norm.
+_GGUF_GEMMA3_NAMES = [
+    (r"^blk\.(\d+)\.ffn_norm\.weight$", r"model.layers.\1.pre_feedforward_layernorm.weight"),
+    (r"^blk\.(\d+)\.post_attention_norm\.weight$", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"^blk\.(\d+)\.post_ffw_norm\.weight$", r"model.layers.\1.post_feedforward_layernorm.weight"),
+]
+
+# Gemma's chat format, for GGUF files that carry no template (rendered in transformers' sandbox).
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{% set first_user_prefix = messages[0]['content'] + '\n\n' %}{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + message['content'] | trim"
+    " + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
 
 
-def gguf_to_hf_name(name: str) -> str:
-    for pattern, repl in _GGUF_TENSOR_NAMES:
+def gguf_to_hf_name(name: str, arch: str = "llama") -> str:
+    table = (_GGUF_GEMMA3_NAMES + _GGUF_TENSOR_NAMES) if arch == "gemma3" else _GGUF_TENSOR_NAMES
+    for pattern, repl in table:
         if re.match(pattern, name):
             return re.sub(pattern, repl, name)
     raise ValueError(f"GGUF tensor {name!r} has no known Hugging Face name")
@@ -151,6 +175,16 @@ def _gguf_config(reader: Any) -> tuple[str, dict[str, Any]]:
         "bos_token_id": _gguf_field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _gguf_field(reader, "tokenizer.ggml.eos_token_id"),
     }
+    if arch == "gemma3":
+        # What llama.cpp hard-codes for Gemma 3: every 6th layer global, local RoPE base 1e4.
+        cfg.update(
+            model_type="gemma3_text",
+            sliding_window=int(meta("attention.sliding_window", 512)),
+            sliding_window_pattern=6,
+            rope_local_base_freq=10000.0,
+            query_pre_attn_scalar=cfg["head_dim"],
+            hidden_activation="gelu_pytorch_tanh",
+        )
     scaling_type = meta("rope.scaling.type")
     if scaling_type == "linear":
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(meta("rope.scaling.factor"))}
@@ -159,7 +193,7 @@ def _gguf_config(reader: Any) -> tuple[str, dict[str, Any]]:
     return arch, cfg
 
 
-def _gguf_tokenizer_dir(path: Path) -> Path:
+def _gguf_tokenizer_dir(path: Path, arch: str) -> Path:
     """Convert a GGUF's tokenizer to HF files once (transformers does the conversion,
     which takes seconds), then reuse the cached folder."""
     st = path.stat()
@@ -171,6 +205,8 @@ def _gguf_tokenizer_dir(path: Path) -> Path:
 
     logger.info("converting the tokenizer of %s (once; cached in %s)", path.name, out)
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if not getattr(tok, "chat_template", None) and arch == "gemma3":
+        tok.chat_template = GEMMA_CHAT_TEMPLATE
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
     tok.save_pretrained(str(tmp))
@@ -185,9 +221,16 @@ def _gguf_files(path: Path) -> ModelFiles:
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
-    _, cfg = _gguf_config(reader)
+    arch, cfg = _gguf_config(reader)
     eos = [cfg["eos_token_id"]] if cfg.get("eos_token_id") is not None else []
-    return ModelFiles(path, cfg, cfg["architectures"][0], None, eos, is_gguf=True)
+    if arch == "gemma3":
+        # Chat turns end with <end_of_turn>, which the GGUF does not list as EOS.
+        tokens = reader.fields["tokenizer.ggml.tokens"]
+        for i, idx in enumerate(tokens.data[:1024]):
+            if bytes(tokens.parts[idx]) == b"<end_of_turn>":
+                eos.append(i)
+                break
+    return ModelFiles(path, cfg, cfg["architectures"][0], None, eos, is_gguf=True, gguf_arch=arch)
 
 
 def _read_gguf(path: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -195,14 +238,17 @@ def _read_gguf(path: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
     from gguf.quants import dequantize
 
     reader = GGUFReader(str(path))
+    arch = _gguf_field(reader, "general.architecture")
     weights: dict[str, torch.Tensor] = {}
     for t in tqdm(reader.tensors, desc=f"dequantizing {path.name}", unit="tensor", leave=False):
-        name = gguf_to_hf_name(t.name)
+        name = gguf_to_hf_name(t.name, arch)
         arr = dequantize(t.data, t.tensor_type)
-        if name.endswith("q_proj.weight"):
+        if arch == "llama" and name.endswith("q_proj.weight"):
             arr = unpermute_qk(arr, cfg["num_attention_heads"])
-        elif name.endswith("k_proj.weight"):
+        elif arch == "llama" and name.endswith("k_proj.weight"):
             arr = unpermute_qk(arr, cfg["num_key_value_heads"])
+        elif arch == "gemma3" and name.endswith("norm.weight"):
+            arr = arr - 1.0  # llama.cpp stores Gemma's (1 + w) norm scale; HF keeps w
         weights[name] = torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))  # writable copy
     return weights
 
@@ -215,7 +261,7 @@ def inspect_model(path: str | os.PathLike[str]) -> ModelFiles:
     p = Path(path).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         files = _gguf_files(p)
-        files.tokenizer_dir = _gguf_tokenizer_dir(p)
+        files.tokenizer_dir = _gguf_tokenizer_dir(p, files.gguf_arch or "llama")
         return files
     if p.is_dir():
         return _hf_files(p)

@@ -10,11 +10,15 @@ from torch import nn
 _MODELS: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("agora.models.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("agora.models.llama", "LlamaForCausalLM"),
+    "Qwen2ForCausalLM": ("agora.models.llama", "LlamaForCausalLM"),
+    "Qwen3ForCausalLM": ("agora.models.llama", "LlamaForCausalLM"),
+    "Gemma3ForCausalLM": ("agora.models.gemma3", "Gemma3ForCausalLM"),
 }
 
 # GGUF general.architecture -> Hugging Face architecture
 GGUF_ARCHITECTURES: dict[str, str] = {
     "llama": "LlamaForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
 }
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from agora import LLM, SamplingParams
-from tests.conftest import build_tiny_llama
+from tests.conftest import build_tiny_model
 
 NEW_TOKENS = 64
 
@@ -48,27 +48,32 @@ def shared_prefix_prompts(vocab: int, seed: int = 0) -> list[list[int]]:
     return prompts
 
 
+# name -> (HF model_type, config overrides): one per family and per switch that matters.
 TINY_VARIANTS = {
-    "gqa": {},
-    "tied-llama3-rope": {
+    "llama-gqa": ("llama", {}),
+    "llama-tied-llama3-rope": ("llama", {
         "tie_word_embeddings": True,
-        "rope_scaling": {
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64,
-        },
-    },  # fmt: skip
-    "mha-linear-rope": {"num_key_value_heads": 4, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
-}
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    }),
+    "llama-mha-linear-rope": ("llama", {"num_key_value_heads": 4, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    "mistral-sliding-window": ("mistral", {"sliding_window": 24, "head_dim": 16}),
+    "qwen2-qkv-bias": ("qwen2", {"tie_word_embeddings": True, "rope_theta": 1000000.0}),
+    "qwen3-qk-norm": ("qwen3", {"head_dim": 32}),
+    "gemma3-local-global": ("gemma3_text", {
+        "head_dim": 32, "sliding_window": 24, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "num_hidden_layers": 3, "query_pre_attn_scalar": 24, "rope_local_base_freq": 10000.0,
+        "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+    }),
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=sorted(TINY_VARIANTS))
 def tiny(request, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
-    path = build_tiny_llama(tmp_path_factory.mktemp(request.param), vocab_size=320, **TINY_VARIANTS[request.param])
+    model_type, overrides = TINY_VARIANTS[request.param]
+    path = build_tiny_model(tmp_path_factory.mktemp(request.param), 320, model_type, **overrides)
     hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     prompts = shared_prefix_prompts(320)
     return path, prompts, hf_greedy(hf, prompts)
@@ -120,20 +125,21 @@ SMOL_CHATS = [
 
 @pytest.fixture(scope="module")
 def smollm2_reference(smollm2_gguf):
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(
-        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
-    ).eval()
     from agora.engine.tokenizer import Tokenizer
     from agora.models.loader import inspect_model
 
     tok = Tokenizer(inspect_model(smollm2_gguf).tokenizer_dir)
     prompts = [tok.encode(tok.apply_chat_template(c), add_special_tokens=False) for c in SMOL_CHATS]
     assert len({len(p) for p in prompts}) == len(prompts)
-    expected = hf_greedy(hf, prompts)
-    del hf
-    return prompts, expected
+    return prompts, gguf_reference(smollm2_gguf, prompts)
+
+
+def gguf_reference(path, prompts: list[list[int]]) -> list[list[int]]:
+    """transformers' own GGUF loader and generate(): an independent reading of the same file."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    return hf_greedy(hf, prompts)
 
 
 @pytest.mark.slow
@@ -150,3 +156,26 @@ def test_smollm2_matches_transformers_under_preemption(smollm2_gguf, smollm2_ref
     llm = LLM(str(smollm2_gguf), dtype="float32", num_blocks=24, block_size=16, max_num_batched_tokens=256)
     assert engine_greedy(llm, prompts) == expected
     assert llm.engine.scheduler.num_preemptions > 0
+
+
+GEMMA_TEXTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea, there lived",
+    # Longer than the 512-token sliding window of Gemma 3's local layers.
+    "In the history of science, " + "measurement came before theory, and careful records made the difference. " * 52,
+    "Photosynthesis converts light energy into chemical energy. Explain the two stages:",
+]
+
+
+@pytest.mark.slow
+def test_gemma3_270m_matches_transformers(gemma3_gguf):
+    from agora.engine.tokenizer import Tokenizer
+    from agora.models.loader import inspect_model
+
+    tok = Tokenizer(inspect_model(gemma3_gguf).tokenizer_dir)
+    prompts = [tok.encode(t) for t in GEMMA_TEXTS]
+    assert max(len(p) for p in prompts) > 600
+    expected = gguf_reference(gemma3_gguf, prompts)
+    llm = LLM(str(gemma3_gguf), dtype="float32", num_blocks=128, max_num_batched_tokens=256)
+    assert engine_greedy(llm, prompts) == expected
