@@ -27,7 +27,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one batch")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     p.add_argument("--max-waiting-requests", type=int, default=256, help="beyond this, 429")
-    p.add_argument("--kv-cache-memory", default="2GiB", help="KV cache size, e.g. 512MiB, 4GiB")
+    p.add_argument(
+        "--kv-cache-memory",
+        default=None,
+        help="KV cache size, e.g. 512MiB, 4GiB (default: 2GiB on CPU, free memory on a GPU)",
+    )
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="share of GPU memory agora may use, weights and KV cache together")  # fmt: skip
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--max-body-bytes", default="8MiB", help="largest request body accepted (413 beyond)")

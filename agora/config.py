@@ -33,15 +33,18 @@ class ModelConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
-    kv_cache_memory_bytes: int = 2 << 30
+    kv_cache_memory_bytes: int | None = None  # None: 2 GiB on CPU, free memory on an accelerator
+    gpu_memory_utilization: float = 0.9  # share of accelerator memory agora may use in all
     num_blocks: int | None = None  # overrides kv_cache_memory_bytes (tests, exact sizing)
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size > 256:
             raise ValueError("block_size must be between 1 and 256")
-        if self.kv_cache_memory_bytes <= 0:
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
             raise ValueError("kv cache memory must be positive")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError("num_blocks must be >= 1")
 

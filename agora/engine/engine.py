@@ -15,6 +15,7 @@ import torch
 
 from agora import envs
 from agora.config import EngineConfig
+from agora.engine.device import kv_cache_budget, pick_device, pick_dtype
 from agora.engine.kv_cache import KVCacheManager
 from agora.engine.request import Request, RequestStatus
 from agora.engine.runner import ModelRunner, kv_bytes_per_block
@@ -66,19 +67,6 @@ class _Sequence:
     counted_prompt: bool = False
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        # bf16 is emulated on most CPUs (slow); GPUs want it.
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    return getattr(torch, name)
-
-
 class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -102,7 +90,11 @@ class Engine:
 
         cache = config.cache
         block_bytes = kv_bytes_per_block(model, cache.block_size, self.dtype)
-        num_blocks = cache.num_blocks or cache.kv_cache_memory_bytes // block_bytes
+        if cache.num_blocks is None:
+            budget = kv_cache_budget(self.device, cache.kv_cache_memory_bytes, cache.gpu_memory_utilization)
+            num_blocks = budget // block_bytes
+        else:
+            num_blocks = cache.num_blocks
         if num_blocks < 1:
             raise ValueError(f"KV cache budget too small: one block needs {block_bytes} bytes")
         capacity = num_blocks * cache.block_size
