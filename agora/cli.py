@@ -38,6 +38,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--max-body-bytes", default="8MiB", help="largest request body accepted (413 beyond)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
     p.add_argument("--uvicorn-log-level", default="warning")
 
 
@@ -60,10 +61,12 @@ def serve(args: argparse.Namespace) -> int:
                 max_model_len=args.max_model_len,
                 served_model_name=args.served_model_name,
                 seed=args.seed,
+                enforce_eager=args.enforce_eager,
             ),  # fmt: skip
             cache=CacheConfig(
                 block_size=args.block_size,
-                kv_cache_memory_bytes=parse_size(args.kv_cache_memory),
+                kv_cache_memory_bytes=parse_size(args.kv_cache_memory) if args.kv_cache_memory else None,
+                gpu_memory_utilization=args.gpu_memory_utilization,
                 enable_prefix_caching=args.enable_prefix_caching,
             ),  # fmt: skip
             scheduler=SchedulerConfig(

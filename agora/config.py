@@ -22,6 +22,7 @@ class ModelConfig:
     max_model_len: int | None = None  # None: the model's own context length
     served_model_name: str | None = None
     seed: int = 0
+    enforce_eager: bool = False  # no CUDA graphs
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

@@ -115,7 +115,11 @@ class Engine:
 
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(dataclasses.replace(config.scheduler, max_model_len=max_len), self.kv)
-        self.runner = ModelRunner(model, num_blocks, cache.block_size, self.device, self.dtype)
+        self.runner = ModelRunner(
+            model, num_blocks, cache.block_size, self.device, self.dtype,
+            max_num_seqs=config.scheduler.max_num_seqs, max_model_len=max_len,
+            enforce_eager=config.model.enforce_eager,
+        )  # fmt: skip
         self.model = model
         self.sequences: dict[str, _Sequence] = {}
         self.children: dict[str, list[str]] = {}

@@ -37,13 +37,24 @@ def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) ->
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        model: nn.Module,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_num_seqs: int = 64,
+        max_model_len: int = 2048,
+        enforce_eager: bool = False,
+    ) -> None:
         self.model = model
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
         num_kv_heads, head_dim = model.kv_shape  # type: ignore[attr-defined]
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        # One block more than the pool hands out: a scratch block for the padding rows of CUDA graphs.
+        shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
         # Zeroed, not empty: masked-out keys still pass through the matmul, and 0 * NaN = NaN.
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
@@ -53,6 +64,14 @@ class ModelRunner:
         self.windows = set(layer_windows)
         self.attention = TorchPagedAttention(self.kv_caches, model.attention_scale, layer_windows)  # type: ignore[arg-type]
         self.generators: dict[str, torch.Generator] = {}
+        self.graphs = None
+        if device.type == "cuda" and not enforce_eager:
+            from agora.engine.cuda_graphs import CudaGraphDecoder
+
+            self.graphs = CudaGraphDecoder(
+                model, self.attention, block_size, max_num_seqs, -(-max_model_len // block_size),
+                scratch_slot=num_blocks * block_size, device=device,
+            )  # fmt: skip
 
     def release(self, request_ids: list[str]) -> None:
         for rid in request_ids:
@@ -125,12 +144,17 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         if out.is_empty:
             return RunnerOutput({}, {})
-        ids, pos, meta, sample_rows = self._metadata(out)
-        hidden = self.model(ids, pos, self.attention.bind(meta))
-        sampling = [s.request for s in out.scheduled if s.samples]
-        if not sampling:
-            return RunnerOutput({}, {})
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])  # type: ignore[operator]
+        if self.graphs is not None and self.graphs.can_run(out):
+            # Decode-only step: every row samples.
+            logits = self.model.compute_logits(self.graphs.run(out))  # type: ignore[operator]
+            sampling = [s.request for s in out.scheduled]
+        else:
+            ids, pos, meta, sample_rows = self._metadata(out)
+            hidden = self.model(ids, pos, self.attention.bind(meta))
+            sampling = [s.request for s in out.scheduled if s.samples]
+            if not sampling:
+                return RunnerOutput({}, {})
+            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])  # type: ignore[operator]
         reqs = [
             SampleRequest(
                 r.sampling_params, r.prompt_token_ids, r.output_token_ids, r.eos_token_ids, self._generator(r)
