@@ -115,20 +115,21 @@ class CudaGraphDecoder:
         if g is None:
             g = self.graphs[(batch, blocks)] = self._capture(batch, blocks)
         bs = self.block_size
+        # One host->device copy per buffer; plain (pageable) memory: pinning per step costs more than it saves.
         ids = [0] * batch
         pos = [0] * batch
         slots = [self.scratch_slot] * batch
-        tables = torch.zeros(batch, blocks, dtype=torch.long)
+        tables = [0] * (batch * blocks)
         for i, s in enumerate(out.scheduled):
             p = s.request.num_computed_tokens
             ids[i] = s.request.all_token_ids[p]
             pos[i] = p
             slots[i] = s.block_ids[p // bs] * bs + p % bs
-            tables[i, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.long)
-        staged = torch.tensor([ids, pos, slots], dtype=torch.long).pin_memory()
-        g.ids.copy_(staged[0], non_blocking=True)
-        g.positions.copy_(staged[1], non_blocking=True)
-        g.slots.copy_(staged[2], non_blocking=True)
-        g.tables.copy_(tables.pin_memory(), non_blocking=True)
+            tables[i * blocks : i * blocks + len(s.block_ids)] = s.block_ids
+        staged = torch.tensor([ids, pos, slots], dtype=torch.long)
+        g.ids.copy_(staged[0])
+        g.positions.copy_(staged[1])
+        g.slots.copy_(staged[2])
+        g.tables.copy_(torch.tensor(tables, dtype=torch.long).view(batch, blocks))
         g.graph.replay()
         return g.hidden[:n]
