@@ -207,10 +207,13 @@ class RequestStream:
             self.remaining -= 1
         return item
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         if not self.closed:
             self.closed = True
             self.owner._close_stream(self.request_id, finished=self.remaining == 0)
+
+    async def aclose(self) -> None:
+        self.close()
 
 
 def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:

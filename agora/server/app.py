@@ -260,8 +260,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAP
                 streams.append(engine.submit(f"{base_id}-{i}", ids, params, salt))
         except BaseException as exc:
             for s in streams:
-                s.closed = True
-                engine._close_stream(s.request_id, finished=False)
+                s.close()
             if isinstance(exc, ValueError):
                 param = "messages" if base_id.startswith("chatcmpl") else "prompt"
                 if "max_tokens" in str(exc) or "context" in str(exc):
