@@ -96,10 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"agora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
+    from agora.bench.cli import add_parser as add_bench
+
+    add_bench(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=envs.log_level(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         return serve(args)
+    if args.command == "bench":
+        from agora.bench.cli import main as bench_main
+
+        return bench_main(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

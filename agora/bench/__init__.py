@@ -1,0 +1,1 @@
+"""`agora bench`: serving benchmarks against any OpenAI-compatible endpoint (no torch)."""
