@@ -96,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"agora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
+    exp = sub.add_parser("export", help="write a model (GGUF included) as a Hugging Face folder",
+                         description="Write config.json, model.safetensors and tokenizer files, e.g. for vLLM.")  # fmt: skip
+    exp.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="packaged model name, HF folder or .gguf file")
+    exp.add_argument("out_dir", help="folder to write")
+    exp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     from agora.bench.cli import add_parser as add_bench
 
     add_bench(sub)
@@ -103,6 +108,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=envs.log_level(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         return serve(args)
+    if args.command == "export":
+        import torch
+
+        from agora.models.export import export_hf_folder
+
+        try:
+            out = export_hf_folder(args.model, args.out_dir, getattr(torch, args.dtype))
+        except (ValueError, RuntimeError, OSError) as exc:
+            print(f"agora export: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {out}")
+        return 0
     if args.command == "bench":
         from agora.bench.cli import main as bench_main
 
