@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 import time
 from typing import Any
@@ -86,6 +87,7 @@ async def _run(args: argparse.Namespace, cfg: BenchConfig, slos: dict[str, float
 
 
 def main(args: argparse.Namespace) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns the table
     try:
         slos = parse_goodput(args.goodput)
         workloads.parse_range(args.input_len)
