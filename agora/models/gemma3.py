@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agora.models.layers import PagedAttention, RotaryEmbedding, load_named_weights
+from agora.models.layers import PagedAttention, PagedCausalLM, RotaryEmbedding
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -176,24 +176,11 @@ class Gemma3Model(nn.Module):
         return self.norm(x)
 
 
-class Gemma3ForCausalLM(nn.Module):
+class Gemma3ForCausalLM(PagedCausalLM):
     config_class = Gemma3Config
 
     def __init__(self, cfg: Gemma3Config) -> None:
-        super().__init__()
-        self.config = cfg
-        self.model = Gemma3Model(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    @property
-    def num_layers(self) -> int:
-        return self.config.num_hidden_layers
-
-    @property
-    def kv_shape(self) -> tuple[int, int]:
-        return self.config.num_key_value_heads, self.config.head_dim
+        super().__init__(cfg, Gemma3Model(cfg))
 
     @property
     def attention_scale(self) -> float:
@@ -203,13 +190,7 @@ class Gemma3ForCausalLM(nn.Module):
     def layer_sliding_windows(self) -> list[int | None]:
         return [self.config.sliding_window if t == SLIDING else None for t in self.config.layer_types]
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: PagedAttention) -> torch.Tensor:
-        return self.model(input_ids, positions, attn)
-
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()
+        logits = super().compute_logits(hidden)
         cap = self.config.final_logit_softcapping
         return torch.tanh(logits / cap) * cap if cap else logits
-
-    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        load_named_weights(self, weights, self.config.tie_word_embeddings)

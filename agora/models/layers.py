@@ -103,3 +103,38 @@ def load_named_weights(model: nn.Module, weights: dict[str, torch.Tensor], tied_
             raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}")
         with torch.no_grad():
             param.copy_(tensor)
+
+
+class PagedCausalLM(nn.Module):
+    """What every model family shares: HF-named ``model`` + ``lm_head`` (tied when the
+    config says so) and the properties the engine sizes the KV cache and attention by.
+    Families set ``config_class`` and define ``attention_scale`` and ``layer_sliding_windows``."""
+
+    config_class: type
+
+    def __init__(self, cfg: Any, model: nn.Module) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = model
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight  # type: ignore[union-attr]
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def kv_shape(self) -> tuple[int, int]:
+        """(num_kv_heads, head_dim) of every layer's KV cache."""
+        return self.config.num_key_value_heads, self.config.head_dim
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: PagedAttention) -> torch.Tensor:
+        """Hidden states ``[T, hidden]`` of the T flattened tokens."""
+        return self.model(input_ids, positions, attn)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        load_named_weights(self, weights, self.config.tie_word_embeddings)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agora.models.layers import PagedAttention, RMSNorm, RotaryEmbedding, load_named_weights
+from agora.models.layers import PagedAttention, PagedCausalLM, RMSNorm, RotaryEmbedding
 
 
 @dataclass(frozen=True)
@@ -148,25 +148,11 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(PagedCausalLM):
     config_class = LlamaConfig
 
     def __init__(self, cfg: LlamaConfig) -> None:
-        super().__init__()
-        self.config = cfg
-        self.model = LlamaModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    @property
-    def num_layers(self) -> int:
-        return self.config.num_hidden_layers
-
-    @property
-    def kv_shape(self) -> tuple[int, int]:
-        """(num_kv_heads, head_dim) of every layer's KV cache."""
-        return self.config.num_key_value_heads, self.config.head_dim
+        super().__init__(cfg, LlamaModel(cfg))
 
     @property
     def attention_scale(self) -> float:
@@ -176,13 +162,3 @@ class LlamaForCausalLM(nn.Module):
     def layer_sliding_windows(self) -> list[int | None]:
         """Per layer: how many most recent positions a query sees (None = all)."""
         return [self.config.sliding_window] * self.config.num_hidden_layers
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: PagedAttention) -> torch.Tensor:
-        """Hidden states ``[T, hidden]`` of the T flattened tokens."""
-        return self.model(input_ids, positions, attn)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
-
-    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        load_named_weights(self, weights, self.config.tie_word_embeddings)

@@ -10,6 +10,16 @@ import pytest
 
 from tests.server.conftest import start_server, stop_server
 
+
+def assert_one_more_abort(server, before: float) -> None:
+    """The server counts exactly one more aborted request (within 10 s), then goes idle with no KV held."""
+    deadline = time.monotonic() + 10
+    while server.metric("agora:requests_aborted_total") == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.metric("agora:requests_aborted_total") == before + 1
+    server.wait_idle()
+
+
 LONG = {"prompt": "Hello", "max_tokens": 480, "temperature": 0, "ignore_eos": True}
 
 
@@ -19,11 +29,7 @@ def test_streaming_disconnect_aborts_and_frees_kv(server):
         for line in resp.iter_lines():
             if line.startswith("data: "):
                 break  # first token arrived: hang up
-    deadline = time.monotonic() + 10
-    while server.metric("agora:requests_aborted_total") == aborted and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.metric("agora:requests_aborted_total") == aborted + 1
-    server.wait_idle()
+    assert_one_more_abort(server, aborted)
 
 
 def test_non_streaming_disconnect_aborts_and_frees_kv(server):
@@ -31,11 +37,7 @@ def test_non_streaming_disconnect_aborts_and_frees_kv(server):
     body = {**LONG, "n": 4}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.3)
-    deadline = time.monotonic() + 10
-    while server.metric("agora:requests_aborted_total") == aborted and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.metric("agora:requests_aborted_total") == aborted + 1
-    server.wait_idle()
+    assert_one_more_abort(server, aborted)
 
 
 def test_full_waiting_queue_answers_429_fast(tiny_model_dir):
