@@ -102,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("out_dir", help="folder to write")
     exp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     from agora.bench.cli import add_parser as add_bench
+    from agora.router.cli import add_parser as add_route
 
     add_bench(sub)
+    add_route(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=envs.log_level(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
@@ -120,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"wrote {out}")
         return 0
+    if args.command == "route":
+        from agora.router.cli import main as route_main
+
+        return route_main(args)
     if args.command == "bench":
         from agora.bench.cli import main as bench_main
 

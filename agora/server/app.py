@@ -9,7 +9,6 @@ engine is down. A client that disconnects aborts its request.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -22,7 +21,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import agora
 from agora.config import ServerConfig
@@ -30,6 +28,7 @@ from agora.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullErr
 from agora.engine.engine import RequestOutput
 from agora.engine.sampler import TokenLogprobs
 from agora.engine.sampling import SamplingParams
+from agora.server.http import APIError, BodySizeLimit, bearer_token_matches, error_body, error_response
 from agora.server.metrics import ServerMetrics
 from agora.server.protocol import (
     ChatCompletionRequest,
@@ -45,75 +44,8 @@ MAX_PROMPTS_PER_REQUEST = 64
 MAX_CHOICES_PER_REQUEST = 64
 
 
-class APIError(Exception):
-    def __init__(
-        self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-        code: str | None = None, headers: dict[str, str] | None = None,
-    ) -> None:  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-
 def _is_type_name(part: str) -> bool:
     return "[" in part or part in ("str", "int", "float", "bool", "list", "dict", "none") or "-" in part
-
-
-def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def _error_response(exc: APIError) -> JSONResponse:
-    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), exc.status, headers=exc.headers)
-
-
-class BodySizeLimit:
-    """Refuse request bodies over ``max_bytes`` with 413, whether or not they declare a length."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        too_big = _error_response(
-            APIError(413, f"request body exceeds {self.max_bytes} bytes", code="request_too_large")
-        )
-        declared: int | None = None
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                declared = int(value) if value.isdigit() else self.max_bytes + 1
-                break
-        if declared is not None:
-            if declared > self.max_bytes:
-                await too_big(scope, receive, send)
-            else:
-                await self.app(scope, receive, send)  # the HTTP server enforces the declared length
-            return
-        # No declared length (chunked upload): read it here, within the limit, then replay it.
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # client went away
-            body += message.get("body", b"")
-            if len(body) > self.max_bytes:
-                await too_big(scope, receive, send)
-                return
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
 
 
 class _Tracker:
@@ -197,7 +129,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAP
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         if exc.status in (413, 429, 503):
             metrics.rejected.labels(model_name, str(exc.status)).inc()
-        return _error_response(exc)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -232,9 +164,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAP
     def check_auth(request: Request) -> None:
         if config.api_key is None:
             return
-        header = request.headers.get("authorization", "")
-        token = header[7:] if header.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), config.api_key.encode()):
+        if not bearer_token_matches(request.headers.get("authorization", ""), config.api_key):
             raise APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
 
     def check_model(name: str | None) -> None:

@@ -1,0 +1,1 @@
+"""The gateway: routes OpenAI requests across engine endpoints (never imports torch)."""

@@ -1,0 +1,62 @@
+"""`agora route`: run the gateway over endpoints from a YAML config and/or the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from agora.router.config import SHIPPED_PROFILES, ConfigError, EndpointSpec, RouterConfig, load_config, parse_config
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("route", help="run the gateway over OpenAI-compatible endpoints",
+                       description="One OpenAI endpoint in front of many: agora, vLLM or llama.cpp servers, "
+                                   "routed by prefix cache and load.")  # fmt: skip
+    p.add_argument("--config", default=None, help="router YAML (endpoints, gateway, plugins, schedulingProfiles)")
+    p.add_argument("--endpoint", action="append", default=[], metavar="URL",
+                   help="a backend, e.g. http://127.0.0.1:8001/v1 (repeat for more)")  # fmt: skip
+    p.add_argument("--profile", default=None,
+                   help=f"scheduling profile (shipped: {', '.join(SHIPPED_PROFILES)}; default prefix-aware)")  # fmt: skip
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8080)")
+    p.add_argument("--api-key", default=None, help="require this bearer token from clients")
+    p.add_argument("--uvicorn-log-level", default="warning")
+
+
+def build_config(args: argparse.Namespace) -> RouterConfig:
+    """The config file (if any) with the command line's endpoints and overrides applied."""
+    config = load_config(args.config) if args.config else RouterConfig()
+    data = config.model_dump(by_alias=True, exclude_unset=True)
+    data["endpoints"] = [*data.get("endpoints", []), *(EndpointSpec(url=u).model_dump(exclude_unset=True)
+                                                      for u in args.endpoint)]  # fmt: skip
+    gateway = data.setdefault("gateway", {})
+    for key in ("host", "port", "api_key"):
+        if getattr(args, key) is not None:
+            gateway[key] = getattr(args, key)
+    if args.profile is not None:
+        data["profile"] = args.profile
+    config = parse_config(data, args.config or "command line")
+    if not config.endpoints:
+        raise ConfigError("no endpoints: give --endpoint URL (repeatable) or endpoints: in --config")
+    return config
+
+
+def run_gateway(config: RouterConfig, endpoints=None, log_level: str = "warning") -> None:  # noqa: ANN001
+    import uvicorn
+
+    from agora.router.gateway import Gateway
+
+    app = Gateway(config, endpoints)
+    s = config.gateway
+    print(f"agora gateway on http://{s.host}:{s.port}/v1 (profile {config.profile})", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=s.host, port=s.port, log_level=log_level, lifespan="on", timeout_graceful_shutdown=30)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        config = build_config(args)
+    except (ConfigError, ValueError) as exc:
+        print(f"agora route: error: {exc}", file=sys.stderr)
+        return 2
+    run_gateway(config, log_level=args.uvicorn_log_level)
+    return 0

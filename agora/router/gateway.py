@@ -1,0 +1,304 @@
+"""The gateway: one OpenAI endpoint in front of many backend endpoints.
+
+A plain ASGI app (no framework on the hot path). For each POST under ``/v1`` it
+parses the body once, admits (model, health, in-flight limit), runs the scheduling
+profile, and forwards the body untouched. The answer streams back chunk by chunk.
+
+::
+
+    client ──▶ read body (413) ──▶ admit (404/503/429) ──▶ profile ──▶ POST upstream
+                                        ▲                                   │
+                                        └── retry elsewhere: connect error, ┘
+                                            5xx or 429 before the first byte
+
+Nothing is retried once a byte has reached the client. A client that goes away
+cancels the upstream request (its connection is closed, which a server such as
+agora or vLLM treats as an abort). The gateway never imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import aiohttp
+
+import agora
+from agora.router.admission import admit
+from agora.router.config import RouterConfig
+from agora.router.endpoints import Endpoint, EndpointPool
+from agora.router.metrics import GatewayMetrics
+from agora.router.request import RequestInfo
+from agora.server.http import APIError, bearer_token_matches, error_body
+
+logger = logging.getLogger(__name__)
+
+# Client headers passed upstream; everything else (hop-by-hop, the gateway's own key) stays here.
+_FORWARD_REQUEST = (b"content-type", b"accept", b"x-request-id", b"traceparent", b"tracestate")
+_FORWARD_RESPONSE = ("content-type", "x-request-id", "retry-after", "cache-control")
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class Gateway:
+    """The ASGI app. ``endpoints`` may be given directly (``agora serve --replicas``), else from the config."""
+
+    def __init__(self, config: RouterConfig, endpoints: list[Endpoint] | None = None) -> None:
+        self.config = config
+        self.settings = config.gateway
+        self.pool = EndpointPool(endpoints if endpoints is not None else config.build_endpoints(),
+                                 config.gateway.health())  # fmt: skip
+        self.profile = config.build_profile()
+        self.metrics = GatewayMetrics(self.pool, self.profile)
+        self.pool.on_eject.append(self.profile.on_eject)
+        self.pool.on_eject.append(lambda ep: self.metrics.ejections.labels(ep.name).inc())
+        self.session: aiohttp.ClientSession | None = None
+        self._created = int(time.time())
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        await self.pool.start(self.session)
+        names = ", ".join(f"{ep.name}{'' if ep.healthy else ' (not ready)'}" for ep in self.pool)
+        logger.info("gateway profile %s over %d endpoints: %s", self.profile.name, len(self.pool.endpoints), names)
+
+    async def shutdown(self) -> None:
+        await self.pool.stop()
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        try:
+            await self._route(scope, receive, send)
+        except APIError as exc:
+            if exc.status != 401:
+                self.metrics.rejected.labels(str(exc.status)).inc()
+            await _send_json(send, exc.status, error_body(exc.message, exc.type, exc.param, exc.code), exc.headers)
+        except _ClientGone:
+            self.metrics.disconnects.inc()
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:  # noqa: BLE001 - reported to the server, which exits
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- routes ------------------------------------------------------------------------
+
+    async def _route(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        method, path = scope["method"], scope["path"]
+        headers = dict(scope["headers"])  # lower-case byte names; a repeated header keeps its last value
+        if method == "POST" and (path.startswith("/v1/") or path in ("/tokenize", "/detokenize")):
+            self._check_auth(headers)
+            await self._proxy(scope, headers, receive, send)
+        elif method == "GET" and path == "/health":
+            ok = any(ep.available(time.monotonic()) for ep in self.pool)
+            if not ok:
+                raise APIError(503, "no healthy endpoint", "service_unavailable", code="no_healthy_endpoint")
+            await _send_json(send, 200, {"status": "ok"})
+        elif method == "GET" and path == "/metrics":
+            await _send(send, 200, self.metrics.render(), b"text/plain; version=0.0.4; charset=utf-8")
+        elif method == "GET" and path == "/version":
+            await _send_json(send, 200, {"version": agora.__version__})
+        elif method == "GET" and path == "/v1/models":
+            self._check_auth(headers)
+            await _send_json(send, 200, {"object": "list", "data": [self._card(m) for m in self.pool.models()]})
+        elif method == "GET" and path.startswith("/v1/models/"):
+            self._check_auth(headers)
+            model = path.removeprefix("/v1/models/")
+            if model not in self.pool.models():
+                raise APIError(
+                    404, f"the model {model!r} does not exist", "not_found_error", "model", "model_not_found"
+                )
+            await _send_json(send, 200, self._card(model))
+        else:
+            raise APIError(404, f"no route for {method} {path}", "not_found_error")
+
+    def _card(self, model: str) -> dict[str, Any]:
+        return {"id": model, "object": "model", "created": self._created, "owned_by": "agora"}
+
+    def _check_auth(self, headers: dict[bytes, bytes]) -> None:
+        key = self.settings.api_key
+        if key is not None and not bearer_token_matches(headers.get(b"authorization", b"").decode("latin-1"), key):
+            raise APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+
+    # -- proxying ----------------------------------------------------------------------
+
+    async def _read_body(self, headers: dict[bytes, bytes], receive: Any) -> bytes:
+        limit = self.settings.max_body_bytes
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _proxy(self, scope: dict[str, Any], headers: dict[bytes, bytes], receive: Any, send: Any) -> None:
+        body = await self._read_body(headers, receive)
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise APIError(400, "the request body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        if "model" in data and not isinstance(data["model"], str):
+            raise APIError(400, "model must be a string", param="model")
+        session = headers.get(self.settings.session_header.lower().encode())
+        req = RequestInfo.from_body(scope["path"], data, session.decode("latin-1") if session else None)
+        upstream_headers = {k.decode(): v.decode("latin-1") for k, v in headers.items() if k in _FORWARD_REQUEST}
+        if self.settings.api_key is None and b"authorization" in headers:
+            upstream_headers["authorization"] = headers[b"authorization"].decode("latin-1")
+        path = scope["path"] + (f"?{scope['query_string'].decode('latin-1')}" if scope.get("query_string") else "")
+
+        exchange = asyncio.ensure_future(self._exchange(req, path, body, upstream_headers, send))
+        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            await asyncio.wait((exchange, watcher), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            client_gone = watcher.done()
+            watcher.cancel()
+            if not exchange.done():  # the client went away first (or we are shutting down)
+                exchange.cancel()
+        try:
+            await exchange
+        except asyncio.CancelledError:
+            if not client_gone:
+                raise
+            self.metrics.disconnects.inc()
+
+    async def _exchange(self, req: RequestInfo, path: str, body: bytes, headers: dict[str, str], send: Any) -> None:
+        assert self.session is not None
+        s = self.settings
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s, sock_read=s.read_timeout_s)
+        tried: list[str] = []
+        last: tuple[int, bytes, dict[str, str]] | None = None  # the last retriable answer, if we run out
+        for attempt in range(s.retries + 1):
+            t = time.perf_counter()
+            try:
+                candidates = admit(self.pool, req.model, s.max_in_flight_per_endpoint, tried)
+            except APIError:
+                if last is None:
+                    raise
+                break  # nowhere left to retry: give the client the last upstream answer
+            decision = self.profile.pick(req, candidates)
+            self.metrics.pick_seconds.observe(time.perf_counter() - t)
+            ep = decision.endpoint
+            if attempt == 0 and "prefix_blocks" in req.notes:
+                self.metrics.prefix(*req.notes["prefix_blocks"])
+            send_headers = dict(headers)
+            if ep.api_key:
+                send_headers["authorization"] = f"Bearer {ep.api_key}"
+            ep.in_flight += 1
+            try:
+                try:
+                    resp = await self.session.post(ep.url + path, data=body, headers=send_headers, timeout=timeout)
+                except (TimeoutError, aiohttp.ClientError) as exc:
+                    kind = "timeout" if isinstance(exc, TimeoutError) else "connect"
+                    self.metrics.errors.labels(ep.name, kind).inc()
+                    self.pool.record_failure(ep, f"{kind}: {type(exc).__name__}: {exc}")
+                    last = (502, json.dumps(error_body(f"endpoint {ep.name} failed: {kind}", "bad_gateway",
+                                                       code="upstream_error")).encode(), {})  # fmt: skip
+                else:
+                    if resp.status >= 500 or resp.status == 429:
+                        payload = await resp.read()
+                        resp.release()
+                        if resp.status >= 500:
+                            self.metrics.errors.labels(ep.name, "status_5xx").inc()
+                            self.pool.record_failure(ep, f"HTTP {resp.status}")
+                        last = (resp.status, payload, _response_headers(resp))
+                    else:
+                        self.pool.record_success(ep)
+                        await self._relay(resp, ep, send)
+                        return
+            finally:
+                ep.in_flight -= 1
+            tried.append(ep.name)
+            if attempt < s.retries:
+                self.metrics.retries.labels(ep.name).inc()
+        assert last is not None
+        status, payload, extra = last
+        self.metrics.requests.labels(tried[-1], str(status)).inc()
+        await _send(send, status, payload, extra.pop("content-type", "application/json").encode(),
+                    {**extra, "x-agora-endpoint": tried[-1]})  # fmt: skip
+
+    async def _relay(self, resp: aiohttp.ClientResponse, ep: Endpoint, send: Any) -> None:
+        """Stream the upstream answer to the client as it comes; close upstream if we stop early."""
+        headers = _response_headers(resp)
+        content_type = headers.pop("content-type", "application/json").encode()
+        headers["x-agora-endpoint"] = ep.name
+        raw = [(b"content-type", content_type)] + [(k.encode(), v.encode("latin-1")) for k, v in headers.items()]
+        complete = False
+        try:
+            await send({"type": "http.response.start", "status": resp.status, "headers": raw})
+            try:
+                async for chunk in resp.content.iter_any():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                # Bytes already went out: no retry. End the connection without a final chunk so that
+                # the client sees a broken response, not a short one that looks complete.
+                self.metrics.errors.labels(ep.name, "stream").inc()
+                self.pool.record_failure(ep, f"stream broke: {type(exc).__name__}")
+                logger.warning("endpoint %s broke off a response: %s", ep.name, exc)
+                return
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            complete = True
+            self.metrics.requests.labels(ep.name, str(resp.status)).inc()
+        finally:
+            if complete:
+                resp.release()
+            else:
+                resp.close()  # drop the connection: the backend sees the client gone and aborts
+
+
+def _response_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
+    return {k: resp.headers[k] for k in _FORWARD_RESPONSE if k in resp.headers}
+
+
+async def _wait_disconnect(receive: Any) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _send(send: Any, status: int, body: bytes, content_type: bytes,
+                headers: dict[str, str] | None = None) -> None:  # fmt: skip
+    raw = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _send_json(send: Any, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+    await _send(send, status, json.dumps(payload).encode(), b"application/json", headers)

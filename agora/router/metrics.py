@@ -1,0 +1,90 @@
+"""The gateway's own Prometheus metrics.
+
+Counters are updated as requests pass; endpoint state (health, in flight, scraped
+load) and per-plugin time are read from the live objects at scrape time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from agora.router.endpoints import EndpointPool
+from agora.router.profile import SchedulingProfile
+
+_PICK_BUCKETS = (0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05)
+
+
+class _StateCollector(Collector):
+    def __init__(self, pool: EndpointPool, profile: SchedulingProfile, counters: GatewayMetrics) -> None:
+        self.pool, self.profile, self.counters = pool, profile, counters
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        gauges = {
+            "healthy": ("agora_gateway_endpoint_healthy", "1 if the endpoint can be picked (healthy, not ejected)."),
+            "in_flight": ("agora_gateway_endpoint_in_flight", "Requests this gateway has in flight there."),
+            "running": ("agora_gateway_endpoint_running", "Running requests the endpoint reports (vLLM metric)."),
+            "waiting": ("agora_gateway_endpoint_waiting", "Waiting requests the endpoint reports (vLLM metric)."),
+            "kv_usage": ("agora_gateway_endpoint_kv_cache_usage", "KV-cache usage the endpoint reports (0..1)."),
+        }
+        now = time.monotonic()
+        for attr, (name, doc) in gauges.items():
+            fam = GaugeMetricFamily(name, doc, labels=["endpoint"])
+            for ep in self.pool:
+                value = ep.available(now) if attr == "healthy" else getattr(ep, attr)
+                fam.add_metric([ep.name], float(value))
+            yield fam
+        plugin = CounterMetricFamily("agora_gateway_plugin_seconds", "Time spent in each scheduling plugin.",
+                                     labels=["plugin"])  # fmt: skip
+        for name, seconds in self.profile.plugin_seconds.items():
+            plugin.add_metric([name], seconds)
+        yield plugin
+        hit, queried = self.counters.prefix_hit_blocks, self.counters.prefix_queried_blocks
+        yield GaugeMetricFamily(
+            "agora_gateway_prefix_hit_ratio",
+            "Share of prompt blocks already sent to the endpoint picked (prefix affinity), since start.",
+            value=hit / queried if queried else 0.0,
+        )
+
+
+class GatewayMetrics:
+    def __init__(self, pool: EndpointPool, profile: SchedulingProfile) -> None:
+        disable_created_metrics()  # the *_created series double the exposition for nothing a router needs
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("agora_gateway_requests", "Requests answered, by endpoint and HTTP status.",
+                                ["endpoint", "code"], registry=r)  # fmt: skip
+        self.errors = Counter("agora_gateway_endpoint_errors",
+                              "Endpoint failures: connect, timeout, status_5xx, stream (broke after the first byte).",
+                              ["endpoint", "kind"], registry=r)  # fmt: skip
+        self.rejected = Counter("agora_gateway_rejected", "Requests the gateway answered itself, by HTTP status.",
+                                ["code"], registry=r)  # fmt: skip
+        self.retries = Counter("agora_gateway_retries", "Requests retried on another endpoint, by failed endpoint.",
+                               ["endpoint"], registry=r)  # fmt: skip
+        self.ejections = Counter("agora_gateway_ejections", "Times an endpoint was ejected.", ["endpoint"], registry=r)
+        self.disconnects = Counter("agora_gateway_client_disconnects",
+                                   "Clients that went away before the answer ended (upstream cancelled).", registry=r)  # fmt: skip
+        self.pick_seconds = Histogram("agora_gateway_pick_seconds", "Time to pick an endpoint.",
+                                      buckets=_PICK_BUCKETS, registry=r)  # fmt: skip
+        self.prefix_queried = Counter("agora_gateway_prefix_blocks_queried",
+                                      "Prompt blocks looked up by the prefix-cache scorer.", registry=r)  # fmt: skip
+        self.prefix_hit = Counter("agora_gateway_prefix_blocks_hit",
+                                  "Prompt blocks already sent to the endpoint picked.", registry=r)  # fmt: skip
+        self.prefix_hit_blocks = 0
+        self.prefix_queried_blocks = 0
+        r.register(_StateCollector(pool, profile, self))
+        for ep in pool:
+            self.ejections.labels(ep.name)
+            self.retries.labels(ep.name)
+
+    def prefix(self, hit: int, queried: int) -> None:
+        self.prefix_hit_blocks += hit
+        self.prefix_queried_blocks += queried
+        self.prefix_hit.inc(hit)
+        self.prefix_queried.inc(queried)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,151 @@
+"""A small fake OpenAI-compatible server for the gateway's tests and benchmarks.
+
+It answers chat and text completions with its own name as the text (so a test
+sees which endpoint answered), streams ``--tokens`` chunks ``--delay-ms`` apart,
+exports vLLM's load gauges on /metrics, and counts what happened on /stats.
+``POST /admin/mode`` switches it between ``ok``, ``error500`` (every request fails)
+and ``break`` (streams stop after the first chunk by dropping the connection).
+
+    python tests/router/fake_openai.py --port 9001 --model m1 --name a
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from typing import Any
+
+
+class FakeOpenAI:
+    def __init__(self, name: str, models: list[str], tokens: int, delay_ms: float, health: bool, metrics: bool) -> None:
+        self.name, self.models, self.tokens, self.delay = name, models, tokens, delay_ms / 1000
+        self.health, self.with_metrics = health, metrics
+        self.mode = "ok"
+        self.waiting = 0
+        self.running = 0
+        self.stats: dict[str, Any] = {"served": 0, "aborted": 0, "failed": 0, "prompts": []}
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                while (await receive())["type"] != "lifespan.shutdown":
+                    await send({"type": "lifespan.startup.complete"})
+                await send({"type": "lifespan.shutdown.complete"})
+            return
+        method, path = scope["method"], scope["path"]
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        if path == "/health" and method == "GET":
+            await _json(send, 200 if self.health else 404, {})
+        elif path == "/v1/models":
+            await _json(send, 200, {"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]})
+        elif path == "/metrics":
+            if not self.with_metrics:
+                await _json(send, 404, {})
+                return
+            lines = []
+            for m in self.models:
+                lines.append(f'vllm:num_requests_running{{model_name="{m}"}} {self.running}.0')
+                lines.append(f'vllm:num_requests_waiting{{model_name="{m}"}} {self.waiting}.0')
+                lines.append(f'vllm:kv_cache_usage_perc{{model_name="{m}"}} 0.25')
+            await _raw(send, 200, ("\n".join(lines) + "\n").encode(), b"text/plain")
+        elif path == "/stats":
+            await _json(send, 200, {**self.stats, "running": self.running, "mode": self.mode})
+        elif path == "/admin/mode" and method == "POST":
+            data = json.loads(body)
+            self.mode = data.get("mode", self.mode)
+            self.waiting = int(data.get("waiting", self.waiting))
+            await _json(send, 200, {"mode": self.mode})
+        elif path in ("/v1/chat/completions", "/v1/completions") and method == "POST":
+            await self._complete(json.loads(body), receive, send, chat=path.endswith("chat/completions"))
+        else:
+            await _json(send, 404, {"error": {"message": "not found"}})
+
+    async def _complete(self, req: dict[str, Any], receive: Any, send: Any, chat: bool) -> None:
+        if req.get("model") not in self.models:
+            await _json(send, 404, {"error": {"message": f"model {req.get('model')} not here", "type": "not_found"}})
+            return
+        if self.mode == "error500":
+            self.stats["failed"] += 1
+            await _json(send, 500, {"error": {"message": "internal error", "type": "internal_error"}})
+            return
+        self.stats["prompts"].append(req.get("messages", req.get("prompt")))
+        self.running += 1
+        try:
+            if req.get("stream"):
+                await self._stream(req, receive, send, chat)
+            else:
+                if self.delay:
+                    await asyncio.sleep(self.delay * self.tokens)
+                text = self.name
+                choice = {"index": 0, "finish_reason": "stop"}
+                choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+                await _json(send, 200, {"id": "x", "object": "chat.completion" if chat else "text_completion",
+                                        "created": int(time.time()), "model": req["model"], "choices": [choice]})  # fmt: skip
+                self.stats["served"] += 1
+        finally:
+            self.running -= 1
+
+    async def _stream(self, req: dict[str, Any], receive: Any, send: Any, chat: bool) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})  # fmt: skip
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            for i in range(self.tokens):
+                if self.mode == "break" and i == 1:
+                    raise ConnectionAbortedError("fake endpoint breaks the stream")
+                piece = self.name if i == 0 else "."
+                delta = {"delta": {"content": piece}} if chat else {"text": piece}
+                chunk = {"id": "x", "model": req["model"], "choices": [{"index": 0, **delta, "finish_reason": None}]}
+                await send({"type": "http.response.body", "body": f"data: {json.dumps(chunk)}\n\n".encode(),
+                            "more_body": True})  # fmt: skip
+                if self.delay:
+                    await asyncio.wait({gone}, timeout=self.delay)
+                if gone.done():
+                    self.stats["aborted"] += 1
+                    return
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+            self.stats["served"] += 1
+        finally:
+            gone.cancel()
+
+
+async def _disconnected(receive: Any) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _raw(send: Any, status: int, body: bytes, ctype: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]})  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _json(send: Any, status: int, payload: Any) -> None:
+    await _raw(send, status, json.dumps(payload).encode(), b"application/json")
+
+
+def main() -> None:
+    import uvicorn
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--model", action="append", required=True)
+    p.add_argument("--name", default="fake")
+    p.add_argument("--tokens", type=int, default=4)
+    p.add_argument("--delay-ms", type=float, default=0.0)
+    p.add_argument("--no-health", action="store_true", help="answer 404 on /health, like servers without one")
+    p.add_argument("--no-metrics", action="store_true")
+    args = p.parse_args()
+    app = FakeOpenAI(args.name, args.model, args.tokens, args.delay_ms, not args.no_health, not args.no_metrics)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="error", lifespan="off")
+
+
+if __name__ == "__main__":
+    main()
