@@ -40,9 +40,22 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
     p.add_argument("--uvicorn-log-level", default="warning")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="engine processes behind one gateway on --host:--port (default 1: no gateway)")  # fmt: skip
+    p.add_argument("--router-profile", default=None, help="gateway profile with --replicas (default prefix-aware)")
+    p.add_argument("--router-config", default=None, help="gateway YAML with --replicas (its endpoints are ignored)")
 
 
-def serve(args: argparse.Namespace) -> int:
+def serve(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.replicas < 1:
+        print("agora serve: error: --replicas must be at least 1", file=sys.stderr)
+        return 2
+    if args.replicas > 1:
+        from agora.router.replicas import serve_replicas
+
+        return serve_replicas(args.model, argv[argv.index("serve") + 1 :], args.replicas, args.host, args.port,
+                              args.api_key, args.router_profile, args.router_config, args.uvicorn_log_level)  # fmt: skip
+
     import uvicorn
 
     from agora.engine.async_engine import AsyncEngine
@@ -106,10 +119,11 @@ def main(argv: list[str] | None = None) -> int:
 
     add_bench(sub)
     add_route(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=envs.log_level(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
-        return serve(args)
+        return serve(args, argv)
     if args.command == "export":
         import torch
 

@@ -184,7 +184,7 @@ class EndpointPool:
             self._task.cancel()
             try:
                 await self._task
-            except asyncio.CancelledError:
+            except BaseException:  # noqa: BLE001 - cancelled, or whatever it was doing failed: it is over
                 pass
             self._task = None
 
@@ -229,13 +229,13 @@ class EndpointPool:
             why = "health check: not healthy"
         ep.last_check = time.monotonic()
         if ok:
-            if not ep.healthy:
+            if not ep.healthy:  # (back) in: a clean slate. While healthy, only a good request resets failures.
                 logger.info("endpoint %s is %s (models: %s)", ep.name,
                             "back" if was_ejected else "healthy", ", ".join(sorted(ep.models)) or "none")  # fmt: skip
-            ep.healthy = True
-            ep.failures = 0
-            ep.ejected_until = 0.0
-            ep.backoff_s = 0.0
+                ep.healthy = True
+                ep.failures = 0
+                ep.ejected_until = 0.0
+                ep.backoff_s = 0.0
         elif was_ejected:
             self.eject(ep)  # the probe after the back-off failed: out again, for longer
         elif ep.healthy:

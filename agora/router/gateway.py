@@ -70,10 +70,12 @@ class Gateway:
         logger.info("gateway profile %s over %d endpoints: %s", self.profile.name, len(self.pool.endpoints), names)
 
     async def shutdown(self) -> None:
-        await self.pool.stop()
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
+        try:
+            await self.pool.stop()
+        finally:
+            if self.session is not None:
+                await self.session.close()
+                self.session = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":

@@ -21,8 +21,8 @@ class LoadBalanceFilter(Filter):
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)
-        max_imbalance: int = Field(4, ge=0, description="requests above the least loaded endpoint")
-        max_ratio: float = Field(1.5, ge=1.0, description="times the least loaded endpoint's load")
+        max_imbalance: int = Field(2, ge=0, description="requests above the least loaded endpoint")
+        max_ratio: float = Field(1.25, ge=1.0, description="times the least loaded endpoint's load")
 
     def filter(self, req: RequestInfo, endpoints: list[Endpoint]) -> list[Endpoint]:
         if len(endpoints) < 2:

@@ -156,21 +156,20 @@ class SessionAffinityScorer(Scorer):
 
 
 class InFlightScorer(Scorer):
-    """Fewer requests in flight is better: 1 - load / capacity.
+    """Fewer requests in flight is better: 1 - load / the busiest candidate's load.
 
-    Load is the larger of what the gateway has sent and not yet seen finish, and what
-    the endpoint reports running and waiting (other clients may use it directly).
+    Relative, so it ranks endpoints whatever their batch sizes: the least loaded
+    scores most, the busiest 0, all idle endpoints 1. Load is the larger of what the
+    gateway has sent and not yet seen finish, and what the endpoint reports running
+    and waiting (other clients may use it directly).
     """
 
     type_name = "in-flight-scorer"
 
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid", frozen=True)
-        capacity: int = Field(64, ge=1, description="load at which the score reaches 0")
-
     def score(self, req: RequestInfo, endpoints: list[Endpoint]) -> list[float]:
-        cap = self.params.capacity
-        return [1.0 - min(ep.load, cap) / cap for ep in endpoints]
+        loads = [ep.load for ep in endpoints]
+        busiest = max(loads, default=0)
+        return [1.0 - load / busiest if busiest else 1.0 for load in loads]
 
 
 class QueueScorer(Scorer):

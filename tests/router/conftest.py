@@ -1,0 +1,114 @@
+"""Real processes for the gateway's integration tests: fake OpenAI servers and `agora route`."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+FAKE = Path(__file__).with_name("fake_openai.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Proc:
+    url: str
+    proc: subprocess.Popen
+
+    def stats(self) -> dict:
+        return httpx.get(f"{self.url}/stats").json()
+
+    def mode(self, mode: str, **extra: int) -> None:
+        httpx.post(f"{self.url}/admin/mode", json={"mode": mode, **extra}).raise_for_status()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+def wait_http(url: str, timeout: float = 30.0, ok=(200,)) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code in ok:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer")
+
+
+class Procs:
+    """Starts processes and stops every one of them at the end of the test."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.procs: list[subprocess.Popen] = []
+
+    def fake(self, name: str, models: tuple[str, ...] = ("m",), tokens: int = 4, delay_ms: float = 0,
+             flags: tuple[str, ...] = ()) -> Proc:  # fmt: skip
+        port = free_port()
+        cmd = [sys.executable, str(FAKE), "--port", str(port), "--name", name, "--tokens", str(tokens),
+               "--delay-ms", str(delay_ms), *flags]  # fmt: skip
+        for m in models:
+            cmd += ["--model", m]
+        p = subprocess.Popen(cmd)
+        self.procs.append(p)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/v1/models")
+        return Proc(url, p)
+
+    def gateway(self, config: dict, wait: bool = True) -> Proc:
+        port = free_port()
+        config = {**config, "gateway": {"port": port, "scrape_interval_s": 0.1, "seed": 0, **config.get("gateway", {})}}
+        path = self.tmp_path / f"router-{port}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        env = {**os.environ, "AGORA_LOG_LEVEL": "DEBUG"}
+        p = subprocess.Popen([sys.executable, "-m", "agora.cli", "route", "--config", str(path)], env=env)
+        self.procs.append(p)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/health", ok=(200,) if wait else (200, 503))
+        return Proc(url, p)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    p = Procs(tmp_path)
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def metric(url: str, name: str, labels: str = "") -> float:
+    total, found = 0.0, False
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name) and (line[len(name)] in " {") and labels in line:
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    assert found, f"{name} {labels} not exported"
+    return total

@@ -1,0 +1,91 @@
+"""Router config: every mistake is refused with the key it is about."""
+
+from __future__ import annotations
+
+import pytest
+
+from agora.router.config import ConfigError, load_config, parse_config
+
+GOOD = """
+endpoints:
+  - url: http://127.0.0.1:8001/v1
+    models: [m]
+  - url: http://127.0.0.1:8002/
+    name: second
+gateway:
+  port: 9000
+  max_body_bytes: 1MiB
+plugins:
+  - name: long-prefix
+    type: prefix-cache-scorer
+    parameters: {block_chars: 256}
+schedulingProfiles:
+  - name: mine
+    plugins:
+      - {pluginRef: long-prefix, weight: 3}
+      - {pluginRef: in-flight-scorer}
+      - {pluginRef: random-picker}
+profile: mine
+"""
+
+
+def test_good_config(tmp_path) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text(GOOD)
+    config = load_config(path)
+    endpoints = config.build_endpoints()
+    assert [(e.name, e.url, e.declared_models) for e in endpoints] == [
+        ("127.0.0.1:8001", "http://127.0.0.1:8001", frozenset({"m"})),
+        ("second", "http://127.0.0.1:8002", None),
+    ]
+    assert config.gateway.max_body_bytes == 1 << 20
+    profile = config.build_profile()
+    assert [w.scorer.name for w in profile.scorers] == ["long-prefix", "in-flight-scorer"]
+    assert [w.weight for w in profile.scorers] == [3, 1]
+    assert profile.scorers[0].scorer.params.block_chars == 256
+    assert profile.picker.name == "random-picker"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"endpoint": []}, "endpoint: unknown key"),
+        ({"gateway": {"retrys": 2}}, "gateway.retrys: unknown key"),
+        ({"gateway": {"retries": -1}}, "gateway.retries: Input should be greater than or equal to 0"),
+        ({"gateway": {"port": "http"}}, "gateway.port:"),
+        ({"endpoints": [{"url": "localhost:8000"}]}, "endpoints[0].url: Value error, endpoint URL must look like"),
+        ({"endpoints": [{"url": "http://a:1", "name": "x"}, {"url": "http://b:1", "name": "x"}]},
+         "endpoints[1].name: 'x' is used twice"),
+        ({"endpoints": [{"url": "http://a:1", "api_key_env": "AGORA_TEST_UNSET_KEY"}]},
+         "endpoints[0].api_key_env: the variable AGORA_TEST_UNSET_KEY is not set"),
+        ({"plugins": [{"type": "magic-scorer"}]}, "plugins[0].type: unknown plugin type 'magic-scorer'"),
+        ({"plugins": [{"type": "prefix-cache-scorer", "parameters": {"block_chars": 0}}]},
+         "plugins[0].parameters.block_chars: Input should be greater than or equal to 4"),
+        ({"plugins": [{"type": "queue-scorer", "parameters": {"treshold": 3}}]},
+         "plugins[0].parameters.treshold: unknown key"),
+        ({"plugins": [{"type": "queue-scorer"}, {"type": "queue-scorer"}]}, "plugins[1].name: 'queue-scorer' is defined twice"),
+        ({"profile": "fastest"}, "profile: no profile named 'fastest'"),
+        ({"schedulingProfiles": [{"name": "p", "plugins": [{"pluginRef": "nope"}]}], "profile": "p"},
+         "schedulingProfiles[0].plugins[0].pluginRef: no plugin named 'nope'"),
+        ({"schedulingProfiles": [{"name": "p", "plugins": [{"pluginRef": "random-picker"},
+                                                           {"pluginRef": "max-score-picker"}]}], "profile": "p"},
+         "schedulingProfiles[0].plugins: at most one picker"),
+        ({"schedulingProfiles": [{"name": "p", "plugins": [{"pluginRef": "queue-scorer", "weight": -1}]}]},
+         "schedulingProfiles[0].plugins[0].weight: Input should be greater than or equal to 0"),
+        ([1, 2], "the top level must be a mapping"),
+    ],
+)  # fmt: skip
+def test_bad_config_names_the_key(data, message: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse_config(data, "router.yaml")
+    assert str(exc.value).startswith("router.yaml: ")
+    assert message in str(exc.value)
+
+
+def test_bad_yaml_and_missing_file(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("endpoints: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="No such file"):
+        load_config(tmp_path / "missing.yaml")

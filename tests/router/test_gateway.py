@@ -1,0 +1,219 @@
+"""The gateway as users run it: `agora route` in its own process over fake OpenAI servers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.router.conftest import Procs, metric
+
+
+def chat(url: str, content: str, model: str = "m", stream: bool = False, **kw) -> httpx.Response:  # noqa: ANN003
+    body = {"model": model, "messages": [{"role": "user", "content": content}], "stream": stream}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30, **kw)
+
+
+def answered_by(resp: httpx.Response) -> str:
+    assert resp.status_code == 200, resp.text
+    return resp.json()["choices"][0]["message"]["content"]
+
+
+def endpoints(*fakes) -> list[dict]:  # noqa: ANN002
+    return [{"url": f.url + "/v1", "name": name} for name, f in fakes]
+
+
+def test_routes_by_model_and_lists_the_union(procs: Procs) -> None:
+    a, b = procs.fake("a", ("m1",)), procs.fake("b", ("m1", "m2"))
+    gw = procs.gateway({"endpoints": endpoints(("a", a), ("b", b))})
+    models = httpx.get(f"{gw.url}/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["m1", "m2"]
+    assert httpx.get(f"{gw.url}/v1/models/m2").json()["id"] == "m2"
+    assert httpx.get(f"{gw.url}/v1/models/m3").status_code == 404
+    for i in range(6):
+        resp = chat(gw.url, f"question {i}", model="m2")
+        assert answered_by(resp) == "b" and resp.headers["x-agora-endpoint"] == "b"
+    resp = chat(gw.url, "hi", model="m3")
+    assert resp.status_code == 404
+    assert resp.json()["error"]["code"] == "model_not_found" and "m1, m2" in resp.json()["error"]["message"]
+
+
+def test_prefix_aware_sticks_and_round_robin_alternates(procs: Procs) -> None:
+    a, b = procs.fake("a"), procs.fake("b")
+    gw = procs.gateway({"endpoints": endpoints(("a", a), ("b", b))})
+    histories = [f"conversation {i}: " + f"context {i} " * 40 for i in range(6)]
+    first = [answered_by(chat(gw.url, h)) for h in histories]
+    assert set(first) == {"a", "b"}  # new conversations spread out
+    for _ in range(3):  # later turns extend the history and return where it was sent
+        histories = [h + " tool result: ok " * 10 for h in histories]
+        assert [answered_by(chat(gw.url, h)) for h in histories] == first
+    assert metric(gw.url, "agora_gateway_prefix_hit_ratio") > 0.5
+
+    rr = procs.gateway({"endpoints": endpoints(("a", a), ("b", b)), "profile": "round-robin"})
+    assert [answered_by(chat(rr.url, histories[0])) for _ in range(4)] == ["a", "b", "a", "b"]
+
+
+def test_session_header_sticks(procs: Procs) -> None:
+    a, b = procs.fake("a"), procs.fake("b")
+    gw = procs.gateway({"endpoints": endpoints(("a", a), ("b", b))})
+    first = answered_by(chat(gw.url, "start", headers={"x-session-id": "s1"}))
+    for i in range(8):  # different prompts every time: only the session ties them
+        assert answered_by(chat(gw.url, f"unrelated {i}", headers={"x-session-id": "s1"})) == first
+
+
+def test_streams_chunk_by_chunk(procs: Procs) -> None:
+    a = procs.fake("a", tokens=6, delay_ms=150)
+    gw = procs.gateway({"endpoints": endpoints(("a", a))})
+    start = time.monotonic()
+    arrivals = []
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, timeout=30) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                arrivals.append(time.monotonic() - start)
+    assert len(arrivals) == 7  # 6 chunks and [DONE]
+    assert arrivals[0] < 0.5 * arrivals[-1]  # the first chunk was not held back until the end
+
+
+def test_client_disconnect_cancels_upstream(procs: Procs) -> None:
+    a = procs.fake("a", tokens=100, delay_ms=100)
+    gw = procs.gateway({"endpoints": endpoints(("a", a))})
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        next(lines)
+        assert a.stats()["running"] == 1
+    deadline = time.monotonic() + 5
+    while a.stats()["aborted"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert a.stats()["aborted"] == 1 and a.stats()["running"] == 0
+    assert metric(gw.url, "agora_gateway_client_disconnects_total") == 1
+    assert metric(gw.url, "agora_gateway_endpoint_in_flight", 'endpoint="a"') == 0
+
+
+def test_5xx_is_retried_elsewhere_then_ejected_and_probed_back(procs: Procs) -> None:
+    a, b = procs.fake("a"), procs.fake("b")
+    gw = procs.gateway({"endpoints": endpoints(("a", a), ("b", b)), "profile": "round-robin",
+                        "gateway": {"eject_after_failures": 3, "eject_backoff_s": 1.0}})  # fmt: skip
+    a.mode("error500")
+    answers = [answered_by(chat(gw.url, f"q{i}")) for i in range(8)]
+    assert answers == ["b"] * 8  # no client saw a 500
+    assert a.stats()["failed"] == 3  # then it was ejected and no longer tried
+    assert metric(gw.url, "agora_gateway_retries_total", 'endpoint="a"') == 3
+    assert metric(gw.url, "agora_gateway_ejections_total", 'endpoint="a"') == 1
+    assert metric(gw.url, "agora_gateway_endpoint_healthy", 'endpoint="a"') == 0
+    a.mode("ok")
+    deadline = time.monotonic() + 10
+    while metric(gw.url, "agora_gateway_endpoint_healthy", 'endpoint="a"') == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert {answered_by(chat(gw.url, f"r{i}")) for i in range(4)} == {"a", "b"}
+
+
+def test_failover_when_an_endpoint_dies_mid_run(procs: Procs) -> None:
+    a, b = procs.fake("a", delay_ms=20), procs.fake("b", delay_ms=20)
+    gw = procs.gateway({"endpoints": endpoints(("a", a), ("b", b)), "profile": "round-robin"})
+    done = threading.Event()
+    count = {"n": 0}
+
+    def one(i: int) -> int:
+        resp = chat(gw.url, f"q{i}")
+        count["n"] += 1
+        if count["n"] == 10:
+            done.set()
+        return resp.status_code
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(one, i) for i in range(40)]
+        done.wait(30)
+        a.kill()  # requests in flight there had not started answering: they are retried on b
+        codes = [f.result() for f in futures]
+    assert codes == [200] * 40
+    assert metric(gw.url, "agora_gateway_endpoint_healthy", 'endpoint="a"') == 0
+
+
+def test_broken_stream_is_not_retried(procs: Procs) -> None:
+    a = procs.fake("a", tokens=5)
+    b = procs.fake("b", tokens=5)
+    gw = procs.gateway({"endpoints": endpoints(("a", a), ("b", b)), "profile": "round-robin"})
+    a.mode("break")
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(httpx.HTTPError):  # the client sees a broken response, not a short clean one
+        with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, timeout=10) as r:
+            assert r.headers["x-agora-endpoint"] == "a"
+            list(r.iter_lines())
+    assert b.stats()["prompts"] == []  # nothing was sent twice
+    assert metric(gw.url, "agora_gateway_endpoint_errors_total", 'kind="stream"') == 1
+
+
+def test_503_fast_when_nothing_is_healthy(procs: Procs) -> None:
+    from tests.router.conftest import free_port
+
+    gw = procs.gateway({"endpoints": [{"url": f"http://127.0.0.1:{free_port()}", "models": ["m"]}]}, wait=False)
+    t = time.monotonic()
+    resp = chat(gw.url, "hi")
+    assert time.monotonic() - t < 1.0
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "no_healthy_endpoint"
+    assert httpx.get(f"{gw.url}/health").status_code == 503
+
+
+def test_429_when_every_endpoint_is_saturated(procs: Procs) -> None:
+    a = procs.fake("a", tokens=50, delay_ms=100)
+    gw = procs.gateway({"endpoints": endpoints(("a", a)), "gateway": {"max_in_flight_per_endpoint": 1}})
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hold"}]}
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()  # kept referenced: a dropped line iterator closes the response
+        next(lines)
+        t = time.monotonic()
+        resp = chat(gw.url, "one more")
+        assert time.monotonic() - t < 1.0
+        assert resp.status_code == 429 and resp.headers["retry-after"] == "1"
+        assert resp.json()["error"]["type"] == "rate_limit_error"
+    assert metric(gw.url, "agora_gateway_rejected_total", 'code="429"') == 1
+
+
+def test_bad_requests_and_api_key(procs: Procs) -> None:
+    a = procs.fake("a")
+    gw = procs.gateway({"endpoints": endpoints(("a", a)), "gateway": {"api_key": "sekret", "max_body_bytes": 4096}})
+    auth = {"Authorization": "Bearer sekret"}
+    assert chat(gw.url, "hi").status_code == 401
+    assert httpx.get(f"{gw.url}/v1/models").status_code == 401
+    assert answered_by(chat(gw.url, "hi", headers=auth)) == "a"
+    assert a.stats()["prompts"] == [[{"role": "user", "content": "hi"}]]  # the gateway's key is not passed on
+    resp = httpx.post(f"{gw.url}/v1/chat/completions", content=b"{nope", headers=auth)
+    assert resp.status_code == 400 and "not valid JSON" in resp.json()["error"]["message"]
+    resp = httpx.post(f"{gw.url}/v1/chat/completions", json=[1], headers=auth)
+    assert resp.status_code == 400
+    resp = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": 3}, headers=auth)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "model"
+    resp = chat(gw.url, "x" * 5000, headers=auth)
+    assert resp.status_code == 413
+
+    def chunked():  # noqa: ANN202 - no declared length: the limit still holds
+        yield b'{"model": "m", "messages": [{"role": "user", "content": "'
+        yield b"y" * 5000
+        yield b'"}]}'
+
+    resp = httpx.post(f"{gw.url}/v1/chat/completions", content=chunked(), headers=auth)
+    assert resp.status_code == 413
+    assert httpx.get(f"{gw.url}/nowhere").status_code == 404
+
+
+def test_route_cli_errors() -> None:
+    run = [sys.executable, "-m", "agora.cli", "route"]
+    out = subprocess.run(run, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "no endpoints" in out.stderr
+    out = subprocess.run([*run, "--endpoint", "http://127.0.0.1:1", "--profile", "fastest"], capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 2 and "profile: no profile named 'fastest'" in out.stderr
+
+
+def test_gateway_never_imports_torch() -> None:
+    code = ("import sys, agora.cli, agora.router.gateway, agora.router.cli, agora.router.replicas; "
+            "sys.exit('torch' in sys.modules or 'transformers' in sys.modules)")  # fmt: skip
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
