@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workload", choices=["random", "shared-prefix", "agent"], default="random")
     p.add_argument("--num-prompts", type=int, default=64, help="requests per run (random, shared-prefix)")
     p.add_argument("--input-len", default="128:512", help="prompt words: N or MIN:MAX")
-    p.add_argument("--output-len", default="64:128", help="max tokens: N or MIN:MAX")
+    p.add_argument("--output-len", default="64:128", help="max tokens: N or MIN:MAX (agent: drawn per turn)")
     p.add_argument("--num-groups", type=int, default=4, help="shared-prefix: distinct system prompts")
     p.add_argument("--prefix-len", type=int, default=400, help="shared-prefix: words of each system prompt")
     p.add_argument("--turns", type=int, default=6, help="agent: calls per agent")
@@ -69,7 +69,7 @@ async def _run(args: argparse.Namespace, cfg: BenchConfig, slos: dict[str, float
     runs = []
     for level in levels:
         if args.workload == "agent":
-            out_len = workloads.parse_range(args.output_len)[1]
+            out_len = workloads.parse_range(args.output_len)
             sessions = workloads.agent_sessions(level, args.turns, args.system_prompt_len, 40,
                                                 args.tool_result_len, out_len, args.seed)  # fmt: skip
             total = level * args.turns

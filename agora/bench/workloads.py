@@ -42,13 +42,14 @@ class AgentSession:
 
     agent: int
     turns: int
-    output_len: int
+    output_len: int | tuple[int, int]  # a range: each turn draws its own, so agents drift apart as real ones do
     tool_result_len: int
     messages: list[dict[str, str]] = field(default_factory=list)
     rng: random.Random = field(default_factory=random.Random)
 
     def request(self, turn: int) -> RequestSpec:
-        return RequestSpec(self.output_len, messages=list(self.messages), session=self.agent, turn=turn)
+        out = self.output_len if isinstance(self.output_len, int) else self.rng.randint(*self.output_len)
+        return RequestSpec(out, messages=list(self.messages), session=self.agent, turn=turn)
 
     def advance(self, reply: str, turn: int) -> None:
         """Record the reply and the next observation (a tool result or a user message)."""
@@ -90,8 +91,9 @@ def shared_prefix_workload(
 
 
 def agent_sessions(
-    agents: int, turns: int, system_len: int, task_len: int, tool_result_len: int, output_len: int, seed: int
-) -> list[AgentSession]:
+    agents: int, turns: int, system_len: int, task_len: int, tool_result_len: int,
+    output_len: int | tuple[int, int], seed: int,
+) -> list[AgentSession]:  # fmt: skip
     rng = random.Random(seed)
     system = "You are a coding agent. Use the tools, read their results, and reply briefly. " + words(rng, system_len)
     sessions = []

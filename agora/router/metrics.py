@@ -73,6 +73,18 @@ class GatewayMetrics:
                                       "Prompt blocks looked up by the prefix-cache scorer.", registry=r)  # fmt: skip
         self.prefix_hit = Counter("agora_gateway_prefix_blocks_hit",
                                   "Prompt blocks already sent to the endpoint picked.", registry=r)  # fmt: skip
+        self.decisions = Counter("agora_gateway_semantic_decisions", "Requests by semantic decision.",
+                                 ["decision"], registry=r)  # fmt: skip
+        self.blocked = Counter("agora_gateway_semantic_blocked", "Requests refused by the guards (403), by code.",
+                               ["code"], registry=r)  # fmt: skip
+        self.pii_found = Counter("agora_gateway_pii_detected", "Requests with personal data, by type.", ["type"],
+                                 registry=r)  # fmt: skip
+        self.cache = Counter("agora_gateway_semantic_cache", "Semantic cache lookups: hit_exact, hit_semantic, "
+                             "miss, bypass (not cacheable), store.", ["result"], registry=r)  # fmt: skip
+        for result in ("hit_exact", "hit_semantic", "miss", "bypass", "store"):
+            self.cache.labels(result)
+        self.classify_seconds = Histogram("agora_gateway_classify_seconds", "Time to compute the semantic signals.",
+                                          buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0), registry=r)  # fmt: skip
         self.prefix_hit_blocks = 0
         self.prefix_queried_blocks = 0
         r.register(_StateCollector(pool, profile, self))

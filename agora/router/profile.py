@@ -37,7 +37,7 @@ class Decision:
     per_scorer: dict[str, list[float]]
 
     def explain(self) -> str:
-        return ", ".join(f"{name}={score:.3f}" for name, score in self.totals.items())
+        return ",".join(f"{name}={score:.3f}" for name, score in self.totals.items())
 
 
 @dataclass

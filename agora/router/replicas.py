@@ -124,7 +124,7 @@ def serve_replicas(model: str, serve_argv: Sequence[str], replicas: int, host: s
             endpoints.append(Endpoint(name=name, url=f"http://127.0.0.1:{rport}", api_key=internal_key or None))
             print(f"agora serve: {name} on 127.0.0.1:{rport} (pid {proc.pid}, {env['AGORA_NUM_THREADS']} threads)",
                   file=sys.stderr, flush=True)  # fmt: skip
-        run_gateway(config, endpoints, log_level=log_level)
+        run_gateway(config, endpoints, log_level=log_level, config_path=router_config)
     finally:
         stop_all(procs)
     return 0

@@ -72,6 +72,12 @@ def test_agent_sessions_resend_the_growing_history():
     assert second.turn == 1 and second.session == 0
 
 
+def test_agent_output_lengths_drawn_per_turn_from_a_range():
+    [s] = workloads.agent_sessions(1, 40, system_len=5, task_len=5, tool_result_len=3, output_len=(16, 80), seed=0)
+    lens = [s.request(t).max_tokens for t in range(40)]
+    assert min(lens) >= 16 and max(lens) <= 80 and len(set(lens)) > 10
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
     r = start_server(tiny_model_dir)

@@ -84,6 +84,18 @@ class Procs:
         wait_http(f"{url}/health", ok=(200,) if wait else (200, 503))
         return Proc(url, p)
 
+    def gateway_from_file(self, path: Path) -> Proc:
+        """`agora route --config path` as written (the caller sets the port or leaves 8080 free)."""
+        config = yaml.safe_load(path.read_text())
+        port = free_port()
+        config.setdefault("gateway", {}).update({"port": port, "scrape_interval_s": 0.1, "seed": 0})
+        path.write_text(yaml.safe_dump(config))
+        p = subprocess.Popen([sys.executable, "-m", "agora.cli", "route", "--config", str(path)])
+        self.procs.append(p)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/health", timeout=120)
+        return Proc(url, p)
+
     def stop(self) -> None:
         for p in self.procs:
             if p.poll() is None:

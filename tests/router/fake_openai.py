@@ -76,6 +76,7 @@ class FakeOpenAI:
             await _json(send, 500, {"error": {"message": "internal error", "type": "internal_error"}})
             return
         self.stats["prompts"].append(req.get("messages", req.get("prompt")))
+        self.stats["last_body"] = req
         self.running += 1
         try:
             if req.get("stream"):
@@ -102,7 +103,8 @@ class FakeOpenAI:
                     raise ConnectionAbortedError("fake endpoint breaks the stream")
                 piece = self.name if i == 0 else "."
                 delta = {"delta": {"content": piece}} if chat else {"text": piece}
-                chunk = {"id": "x", "model": req["model"], "choices": [{"index": 0, **delta, "finish_reason": None}]}
+                finish = "stop" if i == self.tokens - 1 else None
+                chunk = {"id": "x", "model": req["model"], "choices": [{"index": 0, **delta, "finish_reason": finish}]}
                 await send({"type": "http.response.body", "body": f"data: {json.dumps(chunk)}\n\n".encode(),
                             "more_body": True})  # fmt: skip
                 if self.delay:

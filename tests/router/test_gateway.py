@@ -38,6 +38,7 @@ def test_routes_by_model_and_lists_the_union(procs: Procs) -> None:
     for i in range(6):
         resp = chat(gw.url, f"question {i}", model="m2")
         assert answered_by(resp) == "b" and resp.headers["x-agora-endpoint"] == "b"
+        assert resp.headers["x-agora-scores"].startswith("b=")  # a does not serve m2: not a candidate
     resp = chat(gw.url, "hi", model="m3")
     assert resp.status_code == 404
     assert resp.json()["error"]["code"] == "model_not_found" and "m1, m2" in resp.json()["error"]["message"]

@@ -1,0 +1,1 @@
+"""Semantic routing: signals (intent, PII, jailbreak) -> decisions, plus a semantic cache."""

