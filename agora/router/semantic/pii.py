@@ -30,6 +30,9 @@ _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b")
 _SSN = re.compile(r"(?<![\d-])\d{3}-\d{2}-\d{4}(?![\d-])")
 _IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
 _IPV6 = re.compile(r"(?<![:\w])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![:\w])")
+# Digit runs that could be phone numbers; libphonenumber only looks at these (on a whole
+# megabyte of prose it would take seconds, on the candidates milliseconds).
+_PHONE_CANDIDATE = re.compile(r"\+?\(?\d[\d ().\-/]{5,22}\d")
 _SECRETS = [
     re.compile(r"\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}"),
     re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}"),
@@ -118,8 +121,13 @@ class PIIDetector:
         if "phone" in t:
             import phonenumbers
 
-            for match in phonenumbers.PhoneNumberMatcher(text, self.region, leniency=phonenumbers.Leniency.VALID):
-                found.append(PIISpan("phone", match.start, match.end, match.raw_string))
+            for cand in _PHONE_CANDIDATE.finditer(text):
+                if sum(ch.isdigit() for ch in cand.group()) < 7:
+                    continue
+                for match in phonenumbers.PhoneNumberMatcher(cand.group(), self.region,
+                                                             leniency=phonenumbers.Leniency.VALID):  # fmt: skip
+                    start = cand.start() + match.start
+                    found.append(PIISpan("phone", start, start + len(match.raw_string), match.raw_string))
         return _non_overlapping(found)
 
     def redact(self, text: str, spans: list[PIISpan] | None = None) -> str:
