@@ -270,3 +270,13 @@ def test_reload_keeps_the_old_config_when_the_new_one_is_bad(semantic_gateway) -
     r = httpx.post(f"{gw.url}/admin/reload")
     assert r.status_code == 200 and "small-talk" in r.json()["decisions"]
     assert post(gw.url, chat_body("Hey! How was your weekend?")).headers["x-agora-model"] == STRONG
+
+
+def test_pii_phone_validation_is_bounded_per_text() -> None:
+    """Past the validation budget, 10-digit runs are still flagged (unvalidated), 7-digit ones are not."""
+    d = PIIDetector()
+    prose = "Order 12345 shipped, ref 555 0123, call (415) 555-0132 or 4155550199 later. " * 2000
+    spans = d.find(prose)
+    assert spans[0].text == "(415) 555-0132"
+    assert {s.type for s in spans} == {"phone"} and len(spans) == 4000
+    assert "555 0123" not in {s.text for s in spans}
