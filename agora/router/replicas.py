@@ -9,9 +9,11 @@
 
 The model is fetched and prepared once, before the replicas start, so they never
 race on the cache. Replica output goes to this process's stderr, each line
-prefixed with the replica's name. Ctrl-C (or SIGTERM) stops the gateway, then
-the replicas (SIGTERM, so they drain, then SIGKILL after a grace period). On Linux
-a replica also dies with its parent if the parent is killed outright.
+prefixed with the replica's name. A replica that dies is restarted on its port
+(back-off doubling from 1 s to 30 s); the gateway ejects it meanwhile. Ctrl-C (or
+SIGTERM) stops the gateway, then the replicas (SIGTERM, so they drain, then SIGKILL
+after a grace period). On Linux a replica also dies with its parent if the parent
+is killed outright.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 
 from agora.router.config import ConfigError, RouterConfig, load_config, parse_config
@@ -64,15 +67,56 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
             pass
 
 
-def _pump(name: str, proc: subprocess.Popen) -> None:
-    assert proc.stdout is not None
-    for line in iter(proc.stdout.readline, b""):
-        sys.stderr.write(f"[{name}] {line.decode('utf-8', 'replace')}")
+class Replica:
+    """One engine process, restarted on the same port (with a doubling back-off) if it dies.
+
+    The gateway ejects it while it is down and probes it back in once it answers.
+    """
+
+    def __init__(self, name: str, port: int, cmd: list[str], env: dict[str, str]) -> None:
+        self.name, self.port, self.cmd, self.env = name, port, cmd, env
+        self.stopping = threading.Event()
+        self.restarts = 0
+        self.proc = self._spawn()
+        threading.Thread(target=self._watch, name=f"{name}-watch", daemon=True).start()
+
+    def _spawn(self) -> subprocess.Popen:
+        # Own session: a Ctrl-C in the terminal reaches only the parent, which then stops the replicas
+        # in order (they would otherwise die at once and look like crashes to restart).
+        return subprocess.Popen(self.cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True,
+                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)  # fmt: skip
+
+    def _log(self, text: str) -> None:
+        sys.stderr.write(f"[{self.name}] {text}")
         sys.stderr.flush()
-    code = proc.wait()
-    stopped = code in (0, -signal.SIGTERM, -signal.SIGINT)  # uvicorn re-raises the signal it drained on
-    sys.stderr.write(f"[{name}] {'stopped' if stopped else f'exited with code {code}'}\n")
-    sys.stderr.flush()
+
+    def _watch(self) -> None:
+        backoff = 1.0
+        while True:
+            proc = self.proc
+            assert proc.stdout is not None
+            started = time.monotonic()
+            for line in iter(proc.stdout.readline, b""):
+                self._log(line.decode("utf-8", "replace"))
+            code = proc.wait()
+            if self.stopping.is_set():
+                stopped = code in (0, -signal.SIGTERM, -signal.SIGINT)  # uvicorn re-raises the signal it drained on
+                self._log("stopped\n" if stopped else f"exited with code {code}\n")
+                return
+            if time.monotonic() - started > 60:
+                backoff = 1.0  # it ran fine for a while: this is a new failure, not a crash loop
+            self._log(f"exited with code {code}; restarting in {backoff:.0f} s\n")
+            if self.stopping.wait(backoff):
+                return
+            backoff = min(backoff * 2, 30.0)
+            self.restarts += 1
+            self.proc = self._spawn()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
 
 
 def prepare_model(model: str) -> None:
@@ -109,7 +153,7 @@ def serve_replicas(model: str, serve_argv: Sequence[str], replicas: int, host: s
     env.setdefault("AGORA_NUM_THREADS", str(threads))
     env.setdefault("TQDM_DISABLE", "1")  # N interleaved progress bars are noise; the model was prepared above
     child_args = replica_argv(serve_argv)
-    procs: list[subprocess.Popen] = []
+    replicas_: list[Replica] = []
     endpoints: list[Endpoint] = []
     try:
         for i in range(replicas):
@@ -117,26 +161,25 @@ def serve_replicas(model: str, serve_argv: Sequence[str], replicas: int, host: s
             cmd = [sys.executable, "-m", "agora.cli", "serve", *child_args, "--host", "127.0.0.1", "--port", str(rport)]
             if internal_key:
                 cmd += ["--api-key", internal_key]
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)  # fmt: skip
-            threading.Thread(target=_pump, args=(name, proc), daemon=True).start()
-            procs.append(proc)
+            replica = Replica(name, rport, cmd, env)
+            replicas_.append(replica)
             endpoints.append(Endpoint(name=name, url=f"http://127.0.0.1:{rport}", api_key=internal_key or None))
-            print(f"agora serve: {name} on 127.0.0.1:{rport} (pid {proc.pid}, {env['AGORA_NUM_THREADS']} threads)",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(f"agora serve: {name} on 127.0.0.1:{rport} (pid {replica.proc.pid}, "
+                  f"{env['AGORA_NUM_THREADS']} threads)", file=sys.stderr, flush=True)  # fmt: skip
         run_gateway(config, endpoints, log_level=log_level, config_path=router_config)
     finally:
-        stop_all(procs)
+        stop_all(replicas_)
     return 0
 
 
-def stop_all(procs: list[subprocess.Popen], grace_s: float = 30.0) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
+def stop_all(replicas: list[Replica], grace_s: float = 30.0) -> None:
+    """SIGTERM every replica (they drain), then SIGKILL whatever is left after ``grace_s``."""
+    for r in replicas:
+        r.stop()
+    deadline = time.monotonic() + grace_s
+    for r in replicas:
         try:
-            p.wait(grace_s)
+            r.proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+            r.proc.kill()
+            r.proc.wait()

@@ -73,6 +73,12 @@ def test_two_engine_replicas_behind_the_gateway(tiny_model_dir, tmp_path) -> Non
         children[0].kill()  # a replica dies: the next requests still succeed, on the other one
         for h in histories:
             turn(h)
+        deadline = time.monotonic() + 120  # ... and it is restarted and probed back in
+        while metric(url, "agora_gateway_endpoint_healthy") < 2:
+            assert time.monotonic() < deadline, "the killed replica did not come back"
+            time.sleep(0.2)
+        children = psutil.Process(parent.pid).children()
+        assert len(children) == 2
     finally:
         parent.send_signal(signal.SIGINT)
         try:
