@@ -154,17 +154,25 @@ class Gateway:
             await _send_json(send, 200, {"version": agora.__version__})
         elif method == "GET" and path == "/v1/models":
             self._check_auth(headers)
-            await _send_json(send, 200, {"object": "list", "data": [self._card(m) for m in self.pool.models()]})
+            await _send_json(send, 200, {"object": "list", "data": [self._card(m) for m in self._models()]})
         elif method == "GET" and path.startswith("/v1/models/"):
             self._check_auth(headers)
             model = path.removeprefix("/v1/models/")
-            if model not in self.pool.models():
+            if model not in self._models():
                 raise APIError(
                     404, f"the model {model!r} does not exist", "not_found_error", "model", "model_not_found"
                 )
             await _send_json(send, 200, self._card(model))
         else:
             raise APIError(404, f"no route for {method} {path}", "not_found_error")
+
+    def _models(self) -> list[str]:
+        """The endpoints' models, plus the semantic router's alias (``auto``) when it is configured."""
+        models = self.pool.models()
+        semantic = self.semantic
+        if semantic is not None and semantic.spec.auto_model not in models:
+            models.append(semantic.spec.auto_model)
+        return models
 
     def _card(self, model: str) -> dict[str, Any]:
         return {"id": model, "object": "model", "created": self._created, "owned_by": "agora"}

@@ -251,6 +251,8 @@ def test_gateway_routes_guards_and_caches(semantic_gateway) -> None:
     r = post(gw.url, chat_body("Write a haiku about snow", temperature=0))
     assert r.headers["x-agora-cache"] == "hit-exact" and r.json()["choices"][0]["message"]["content"] == "small..."
 
+    assert [m["id"] for m in httpx.get(f"{gw.url}/v1/models").json()["data"]] == [SMALL, STRONG, "auto"]
+    assert httpx.get(f"{gw.url}/v1/models/auto").status_code == 200
     out = httpx.post(f"{gw.url}/v1/classify", json={"text": "What are the symptoms of the flu?"}).json()
     assert out["category"]["name"] == "health" and out["decision"] == "reasoning"
 
