@@ -282,3 +282,26 @@ def test_pii_phone_validation_is_bounded_per_text() -> None:
     assert spans[0].text == "(415) 555-0132"
     assert {s.type for s in spans} == {"phone"} and len(spans) == 4000
     assert "555 0123" not in {s.text for s in spans}
+
+
+def test_cache_keys_bounds_and_expiry() -> None:
+    from agora.router.semantic.cache import SemanticCache
+    from agora.router.semantic.config import CacheSpec
+
+    cache = SemanticCache(CacheSpec(enabled=True, max_entries=2, ttl_s=60))
+    body = chat_body("q", model="m", temperature=0)
+    assert cache.key("/v1/chat/completions", chat_body("q", model="m"), "t") is None  # temperature 1 by default
+    assert cache.key("/v1/chat/completions", {**body, "n": 2}, "t") is None
+    keys = [cache.key("/v1/chat/completions", chat_body(f"q{i}", model="m", temperature=0), "t") for i in range(3)]
+    assert cache.key("/v1/chat/completions", {**body, "stream": True}, "t") == \
+        cache.key("/v1/chat/completions", body, "t")  # fmt: skip
+    assert cache.key("/v1/chat/completions", body, "other tenant").exact != cache.key("/v1/chat/completions", body, "t").exact
+    done = {"model": "m", "choices": [{"index": 0, "text": "a", "finish_reason": "stop"}], "usage": None}
+    for k in keys:
+        cache.store(k, done, None)
+    assert cache.lookup(keys[0], None) is None  # the least recently used went first
+    assert cache.lookup(keys[2], None) == (done, "exact")
+    short = SemanticCache(CacheSpec(enabled=True, ttl_s=0.01))
+    short.store(keys[0], done, None)
+    time.sleep(0.05)
+    assert short.lookup(keys[0], None) is None and not short.entries

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -64,6 +65,7 @@ class SemanticCache:
     def __init__(self, spec: CacheSpec) -> None:
         self.spec = spec
         self.entries: OrderedDict[str, CacheEntry] = OrderedDict()
+        self._lock = threading.Lock()  # lookups run in worker threads, stores on the event loop
 
     def key(self, path: str, body: dict[str, Any], tenant: str) -> CacheKey | None:
         """The request's cache key, or None when it must not be cached (sampled, n > 1, logprobs...)."""
@@ -82,6 +84,10 @@ class SemanticCache:
 
     def lookup(self, key: CacheKey, embedding: np.ndarray | None) -> tuple[dict[str, Any], str] | None:
         """(completion, "exact" | "semantic") or None."""
+        with self._lock:
+            return self._lookup(key, embedding)
+
+    def _lookup(self, key: CacheKey, embedding: np.ndarray | None) -> tuple[dict[str, Any], str] | None:
         now = time.monotonic()
         entry = self.entries.get(key.exact)
         if entry is not None:
@@ -105,10 +111,12 @@ class SemanticCache:
         return self.entries[best_key].completion, "semantic"
 
     def store(self, key: CacheKey, completion: dict[str, Any], embedding: np.ndarray | None) -> None:
-        self.entries[key.exact] = CacheEntry(completion, key.scope, embedding, time.monotonic() + self.spec.ttl_s)
-        self.entries.move_to_end(key.exact)
-        while len(self.entries) > self.spec.max_entries:
-            self.entries.popitem(last=False)
+        entry = CacheEntry(completion, key.scope, embedding, time.monotonic() + self.spec.ttl_s)
+        with self._lock:
+            self.entries[key.exact] = entry
+            self.entries.move_to_end(key.exact)
+            while len(self.entries) > self.spec.max_entries:
+                self.entries.popitem(last=False)
 
 
 # -- canonical completions: from upstream answers, back to answers ----------------------------
