@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -295,7 +296,10 @@ def test_cache_keys_bounds_and_expiry() -> None:
     keys = [cache.key("/v1/chat/completions", chat_body(f"q{i}", model="m", temperature=0), "t") for i in range(3)]
     assert cache.key("/v1/chat/completions", {**body, "stream": True}, "t") == \
         cache.key("/v1/chat/completions", body, "t")  # fmt: skip
-    assert cache.key("/v1/chat/completions", body, "other tenant").exact != cache.key("/v1/chat/completions", body, "t").exact
+    assert (
+        cache.key("/v1/chat/completions", body, "other tenant").exact
+        != cache.key("/v1/chat/completions", body, "t").exact
+    )
     done = {"model": "m", "choices": [{"index": 0, "text": "a", "finish_reason": "stop"}], "usage": None}
     for k in keys:
         cache.store(k, done, None)
