@@ -213,6 +213,7 @@ class EndpointPool:
     async def check(self, ep: Endpoint) -> None:
         """Health, models and load of one endpoint; a failure counts towards ejection."""
         was_ejected = ep.ejected_until > 0
+        ejection = ep.ejected_until  # to notice an ejection that happens while this check is awaiting
         try:
             status, _ = await self._get(ep, "/health")
             ok = status == 200
@@ -227,6 +228,8 @@ class EndpointPool:
             why = f"health check: {type(exc).__name__}: {exc}"
         else:
             why = "health check: not healthy"
+        if ep.ejected_until != ejection:
+            return  # ejected (by failed requests) while this check ran: its answer predates that
         ep.last_check = time.monotonic()
         if ok:
             if not ep.healthy:  # (back) in: a clean slate. While healthy, only a good request resets failures.

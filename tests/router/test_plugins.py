@@ -247,3 +247,25 @@ vllm:prefix_cache_hits_total{model_name="a b"} 99.0
 """
     assert parse_vllm_metrics(text) == (4, 2, 0.5)
     assert parse_vllm_metrics("process_cpu_seconds_total 3.0\n") is None
+
+
+async def test_a_health_check_in_flight_does_not_undo_an_ejection() -> None:
+    from agora.router.endpoints import EndpointPool
+
+    a = ep("a")
+    pool = EndpointPool([a])
+
+    async def answer_after_ejection(endpoint: Endpoint, path: str) -> tuple[int, bytes]:
+        pool.eject(endpoint)  # failed requests eject it while this check awaits its answer
+        return 200, b""
+
+    pool._get = answer_after_ejection  # type: ignore[method-assign]
+    await pool.check(a)
+    assert not a.healthy and a.ejected_until > 0
+
+    async def healthy(endpoint: Endpoint, path: str) -> tuple[int, bytes]:
+        return 200, b""
+
+    pool._get = healthy  # type: ignore[method-assign]
+    await pool.check(a)  # the probe after the back-off brings it back
+    assert a.healthy and a.ejected_until == 0
