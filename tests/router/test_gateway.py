@@ -101,7 +101,7 @@ def test_client_disconnect_cancels_upstream(procs: Procs) -> None:
 def test_5xx_is_retried_elsewhere_then_ejected_and_probed_back(procs: Procs) -> None:
     a, b = procs.fake("a"), procs.fake("b")
     gw = procs.gateway({"endpoints": endpoints(("a", a), ("b", b)), "profile": "round-robin",
-                        "gateway": {"eject_after_failures": 3, "eject_backoff_s": 1.0}})  # fmt: skip
+                        "gateway": {"eject_after_failures": 3, "eject_backoff_s": 5.0}})  # fmt: skip
     a.mode("error500")
     answers = [answered_by(chat(gw.url, f"q{i}")) for i in range(8)]
     assert answers == ["b"] * 8  # no client saw a 500
@@ -109,8 +109,8 @@ def test_5xx_is_retried_elsewhere_then_ejected_and_probed_back(procs: Procs) -> 
     assert metric(gw.url, "agora_gateway_retries_total", 'endpoint="a"') == 3
     assert metric(gw.url, "agora_gateway_ejections_total", 'endpoint="a"') == 1
     assert metric(gw.url, "agora_gateway_endpoint_healthy", 'endpoint="a"') == 0
-    a.mode("ok")
-    deadline = time.monotonic() + 10
+    a.mode("ok")  # the back-off (5 s, longer than the 8 requests above take even on a busy machine) ends
+    deadline = time.monotonic() + 20
     while metric(gw.url, "agora_gateway_endpoint_healthy", 'endpoint="a"') == 0 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert {answered_by(chat(gw.url, f"r{i}")) for i in range(4)} == {"a", "b"}
