@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,15 +28,11 @@ from pathlib import Path
 
 import aiohttp
 
+from agora.router.replicas import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = [{"role": "system", "content": "You are a helpful coding agent. " * 40},
           {"role": "user", "content": "Fix the failing test in tests/test_api.py, please."}]  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def wait_ready(url: str, timeout: float = 30) -> None:

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,15 +23,11 @@ from pathlib import Path
 
 import httpx
 
+from agora.router.replicas import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 AGORA = os.environ.get("AGORA", str(ROOT / ".venv" / "bin" / "agora"))
 MODEL = "SmolLM2-135M-Instruct"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def healthy_replicas(url: str) -> int:

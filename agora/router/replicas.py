@@ -53,7 +53,8 @@ def replica_argv(serve_argv: Sequence[str]) -> list[str]:
     return out
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -157,7 +158,7 @@ def serve_replicas(model: str, serve_argv: Sequence[str], replicas: int, host: s
     endpoints: list[Endpoint] = []
     try:
         for i in range(replicas):
-            name, rport = f"replica-{i}", _free_port()
+            name, rport = f"replica-{i}", free_port()
             cmd = [sys.executable, "-m", "agora.cli", "serve", *child_args, "--host", "127.0.0.1", "--port", str(rport)]
             if internal_key:
                 cmd += ["--api-key", internal_key]
