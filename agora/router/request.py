@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def _content_text(content: Any) -> str:
-    """Message content as text: a string, or the text parts of a multi-part content list."""
+def content_text(content: Any, sep: str = "") -> str:
+    """Message content as text: a string, or the text parts of a multi-part content list joined by ``sep``."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+        return sep.join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
     return ""
 
 
@@ -31,7 +31,7 @@ def chat_prompt_text(messages: Any) -> str:
     parts = []
     for m in messages:
         if isinstance(m, dict):
-            parts.append(f"<|{m.get('role', '')}|>{_content_text(m.get('content'))}")
+            parts.append(f"<|{m.get('role', '')}|>{content_text(m.get('content'))}")
     return "".join(parts)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from agora.router.request import content_text
 from agora.router.semantic.cache import CacheKey, SemanticCache
 from agora.router.semantic.config import ActionSpec, Condition, SemanticSpec
 from agora.router.semantic.embedder import SentenceEmbedder, default_embedder
@@ -61,24 +62,16 @@ class Outcome:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
-
-
 def request_texts(body: dict[str, Any]) -> tuple[str, str, list[str]]:
     """(intent text, guard text, every text) of a chat or completion request."""
     messages = body.get("messages")
     if isinstance(messages, list):
         msgs = [m for m in messages if isinstance(m, dict)]
         last_user = max((i for i, m in enumerate(msgs) if m.get("role") == "user"), default=None)
-        intent = _text_of(msgs[last_user].get("content")) if last_user is not None else ""
+        intent = content_text(msgs[last_user].get("content"), "\n") if last_user is not None else ""
         tail = msgs[last_user:] if last_user is not None else msgs[-1:]
-        guard = "\n".join(_text_of(m.get("content")) for m in tail)
-        return intent, guard, [_text_of(m.get("content")) for m in msgs]
+        guard = "\n".join(content_text(m.get("content"), "\n") for m in tail)
+        return intent, guard, [content_text(m.get("content"), "\n") for m in msgs]
     prompt = body.get("prompt")
     prompts = [p for p in (prompt if isinstance(prompt, list) else [prompt]) if isinstance(p, str)]
     text = prompts[0] if prompts else ""
