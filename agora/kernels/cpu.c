@@ -1,0 +1,377 @@
+/* CPU kernels for the engine's decode path, called through ctypes (see __init__.py).
+ *
+ * Plain C with OpenMP, no PyTorch headers: it compiles in about a second with the
+ * system gcc, and OpenMP resolves to the libgomp that torch has already loaded, so
+ * both share one thread pool.
+ *
+ *   agora_linear_q4_1 / agora_linear_q8_0
+ *       y[M, N] = x[M, K] @ W^T (+ bias), W kept as GGUF blocks exactly as the file
+ *       stores them (no dequantized copy is read). Each weight block is unpacked
+ *       once per group of up to 4 rows of x and multiplied in fp32, so the result is
+ *       that of fp32 math on the dequantized weights, up to summation order.
+ *
+ *   agora_paged_decode_attention
+ *       one query token per request, reading K/V straight from the paged cache
+ *       (no gather into a padded batch, no mask tensor), grouped-query aware,
+ *       optional sliding window.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define AGORA_AVX2 1
+#else
+#define AGORA_AVX2 0
+#endif
+
+#define QK 32 /* weights per GGUF block for Q4_1 and Q8_0 */
+#define Q4_1_BYTES 20 /* fp16 d, fp16 m, 16 bytes of nibbles */
+#define Q8_0_BYTES 34 /* fp16 d, 32 int8 */
+#define ROWS 8 /* rows of x sharing one unpacked weight block */
+
+int agora_kernels_avx2(void) { return AGORA_AVX2; }
+
+static inline float half_to_float(const uint8_t *p) {
+    uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
+#if AGORA_AVX2
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            exp = 1;
+            while (!(mant & 0x400)) {
+                mant <<= 1;
+                exp--;
+            }
+            bits = sign | ((exp + 112) << 23) | ((mant & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else {
+        bits = sign | ((exp + 112) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+#endif
+}
+
+#if AGORA_AVX2
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Unpack one block into w[0..3] (8 floats each). */
+static inline void unpack_q4_1(const uint8_t *blk, __m256 w[4]) {
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    __m256 d = _mm256_set1_ps(half_to_float(blk)), m = _mm256_set1_ps(half_to_float(blk + 2));
+    __m128i q = _mm_loadu_si128((const __m128i *)(blk + 4));
+    __m128i lo = _mm_and_si128(q, mask), hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), d, m);
+    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), d, m);
+    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), d, m);
+    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), d, m);
+}
+
+static inline void unpack_q8_0(const uint8_t *blk, __m256 w[4]) {
+    __m256 d = _mm256_set1_ps(half_to_float(blk));
+    __m128i a = _mm_loadu_si128((const __m128i *)(blk + 2)), b = _mm_loadu_si128((const __m128i *)(blk + 18));
+    w[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(a)), d);
+    w[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(a, 8))), d);
+    w[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), d);
+    w[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), d);
+}
+
+/* One weight row against R (1..ROWS, a constant after inlining) rows of x. */
+static inline __attribute__((always_inline)) void row_dot(int q8, const uint8_t *wrow, int64_t nb, const float *x,
+                                                          int64_t ldx, int R, float *out, int64_t ldo) {
+    __m256 acc[ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    const int64_t bytes = q8 ? Q8_0_BYTES : Q4_1_BYTES;
+    for (int64_t b = 0; b < nb; b++) {
+        __m256 w[4];
+        if (q8)
+            unpack_q8_0(wrow + b * bytes, w);
+        else
+            unpack_q4_1(wrow + b * bytes, w);
+        const float *xb = x + b * QK;
+        for (int r = 0; r < R; r++) {
+            const float *xr = xb + r * ldx;
+            acc[r] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xr), acc[r]);
+            acc[r] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xr + 8), acc[r]);
+            acc[r] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xr + 16), acc[r]);
+            acc[r] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xr + 24), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r * ldo] = hsum(acc[r]);
+}
+#else
+static inline void unpack_block(int q8, const uint8_t *blk, float w[QK]) {
+    if (q8) {
+        float d = half_to_float(blk);
+        for (int j = 0; j < QK; j++) w[j] = d * (float)(int8_t)blk[2 + j];
+    } else {
+        float d = half_to_float(blk), m = half_to_float(blk + 2);
+        for (int j = 0; j < 16; j++) {
+            w[j] = d * (float)(blk[4 + j] & 0x0f) + m;
+            w[j + 16] = d * (float)(blk[4 + j] >> 4) + m;
+        }
+    }
+}
+
+static inline void row_dot(int q8, const uint8_t *wrow, int64_t nb, const float *x, int64_t ldx, int R, float *out,
+                           int64_t ldo) {
+    float acc[ROWS] = {0};
+    float w[QK];
+    const int64_t bytes = q8 ? Q8_0_BYTES : Q4_1_BYTES;
+    for (int64_t b = 0; b < nb; b++) {
+        unpack_block(q8, wrow + b * bytes, w);
+        for (int r = 0; r < R; r++) {
+            const float *xr = x + r * ldx + b * QK;
+            float s = 0.f;
+            for (int j = 0; j < QK; j++) s += w[j] * xr[j];
+            acc[r] += s;
+        }
+    }
+    for (int r = 0; r < R; r++) out[r * ldo] = acc[r];
+}
+#endif
+
+static void linear_blocks(int q8, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
+                          const float *bias, float *y) {
+    const int64_t nb = K / QK, row_bytes = nb * (q8 ? Q8_0_BYTES : Q4_1_BYTES);
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *wrow = w + n * row_bytes;
+        int64_t m = 0;
+        for (; m + ROWS <= M; m += ROWS) row_dot(q8, wrow, nb, x + m * K, K, ROWS, y + m * N + n, N);
+        switch (M - m) { /* constant R: each case compiles to its own unrolled loop */
+            case 7: row_dot(q8, wrow, nb, x + m * K, K, 7, y + m * N + n, N); break;
+            case 6: row_dot(q8, wrow, nb, x + m * K, K, 6, y + m * N + n, N); break;
+            case 5: row_dot(q8, wrow, nb, x + m * K, K, 5, y + m * N + n, N); break;
+            case 4: row_dot(q8, wrow, nb, x + m * K, K, 4, y + m * N + n, N); break;
+            case 3: row_dot(q8, wrow, nb, x + m * K, K, 3, y + m * N + n, N); break;
+            case 2: row_dot(q8, wrow, nb, x + m * K, K, 2, y + m * N + n, N); break;
+            case 1: row_dot(q8, wrow, nb, x + m * K, K, 1, y + m * N + n, N); break;
+            default: break;
+        }
+        if (bias)
+            for (int64_t r = 0; r < M; r++) y[r * N + n] += bias[n];
+    }
+}
+
+/* x: [M, K] fp32 contiguous; w: [N, K / 32] GGUF blocks; bias: [N] or NULL; y: [M, N]. K % 32 == 0. */
+void agora_linear_q4_1(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
+                       float *y) {
+    linear_blocks(0, x, M, K, w, N, bias, y);
+}
+
+void agora_linear_q8_0(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
+                       float *y) {
+    linear_blocks(1, x, M, K, w, N, bias, y);
+}
+
+#if AGORA_AVX2
+/* exp(x) for x <= 0 (softmax after subtracting the max), ~2 ulp: 2^n * p(r), r = x - n ln2. */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* Sums of 8 vectors, lane j of the result = sum of a[j]. */
+static inline __m256 hsum8(const __m256 a[8]) {
+    __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
+    __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
+    __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+    return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+#endif
+
+/* Scores of G query heads against keys kp[0..n) (pointers to token rows), scaled, into
+ * scores[g * n + i]. Query head g reads the key at kp[i] + (g / group) * D, so one call can
+ * cover several KV heads of a token row (read whole and in order). */
+static void attn_scores(const float *qh, const float **kp, int64_t n, int64_t G, int64_t group, int64_t D,
+                        float scale, float *scores) {
+    int64_t i = 0;
+#if AGORA_AVX2
+    if (D % 8 == 0) {
+        const __m256 vs = _mm256_set1_ps(scale);
+        for (; i + 8 <= n; i += 8) {
+            for (int64_t g = 0; g < G; g++) {
+                const float *qg = qh + g * D;
+                const int64_t off = (g / group) * D;
+                __m256 acc[8];
+                for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+                for (int64_t d = 0; d < D; d += 8) {
+                    __m256 qv = _mm256_loadu_ps(qg + d);
+                    for (int j = 0; j < 8; j++)
+                        acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp[i + j] + off + d), acc[j]);
+                }
+                _mm256_storeu_ps(scores + g * n + i, _mm256_mul_ps(hsum8(acc), vs));
+            }
+        }
+    }
+#endif
+    for (; i < n; i++) {
+        for (int64_t g = 0; g < G; g++) {
+            const float *qg = qh + g * D, *k = kp[i] + (g / group) * D;
+            float s = 0.f;
+            for (int64_t d = 0; d < D; d++) s += qg[d] * k[d];
+            scores[g * n + i] = s * scale;
+        }
+    }
+}
+
+/* In place: each row of scores [G, n] becomes its softmax. */
+static void softmax_rows(float *scores, int64_t n, int64_t G) {
+    for (int64_t g = 0; g < G; g++) {
+        float *sg = scores + g * n, mx = -INFINITY, sum = 0.f;
+        for (int64_t i = 0; i < n; i++) mx = sg[i] > mx ? sg[i] : mx;
+        int64_t i = 0;
+#if AGORA_AVX2
+        __m256 vm = _mm256_set1_ps(mx), vsum = _mm256_setzero_ps();
+        for (; i + 8 <= n; i += 8) {
+            __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sg + i), vm));
+            _mm256_storeu_ps(sg + i, e);
+            vsum = _mm256_add_ps(vsum, e);
+        }
+        sum = hsum(vsum);
+#endif
+        for (; i < n; i++) {
+            sg[i] = expf(sg[i] - mx);
+            sum += sg[i];
+        }
+        const float inv = 1.f / sum;
+        for (i = 0; i < n; i++) sg[i] *= inv;
+    }
+}
+
+/* out[g] = sum_i probs[g * n + i] * (vp[i] + (g / group) * D). Token-major, so each V row is
+ * read once, in order; the accumulators ([G, D], a few KB) stay in L1. */
+static void attn_values(const float *probs, const float **vp, int64_t n, int64_t G, int64_t group, int64_t D,
+                        float *out) {
+    memset(out, 0, sizeof(float) * G * D);
+#if AGORA_AVX2
+    if (D % 64 == 0) {
+        /* Tiles of 64 tokens (their V rows stay in L2 while each head passes over them); per head
+         * and 64-wide slice of D, eight accumulators live in registers. */
+        for (int64_t i0 = 0; i0 < n; i0 += 64) {
+            const int64_t i1 = i0 + 64 < n ? i0 + 64 : n;
+            for (int64_t g = 0; g < G; g++) {
+                const float *pg = probs + g * n;
+                for (int64_t dc = 0; dc < D; dc += 64) {
+                    float *o = out + g * D + dc;
+                    const int64_t off = (g / group) * D + dc;
+                    __m256 a0 = _mm256_loadu_ps(o), a1 = _mm256_loadu_ps(o + 8), a2 = _mm256_loadu_ps(o + 16),
+                           a3 = _mm256_loadu_ps(o + 24), a4 = _mm256_loadu_ps(o + 32), a5 = _mm256_loadu_ps(o + 40),
+                           a6 = _mm256_loadu_ps(o + 48), a7 = _mm256_loadu_ps(o + 56);
+                    for (int64_t i = i0; i < i1; i++) {
+                        const __m256 p = _mm256_set1_ps(pg[i]);
+                        const float *v = vp[i] + off;
+                        a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v), a0);
+                        a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8), a1);
+                        a2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 16), a2);
+                        a3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 24), a3);
+                        a4 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 32), a4);
+                        a5 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 40), a5);
+                        a6 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 48), a6);
+                        a7 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 56), a7);
+                    }
+                    _mm256_storeu_ps(o, a0), _mm256_storeu_ps(o + 8, a1), _mm256_storeu_ps(o + 16, a2);
+                    _mm256_storeu_ps(o + 24, a3), _mm256_storeu_ps(o + 32, a4), _mm256_storeu_ps(o + 40, a5);
+                    _mm256_storeu_ps(o + 48, a6), _mm256_storeu_ps(o + 56, a7);
+                }
+            }
+        }
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < n; i++) {
+        for (int64_t g = 0; g < G; g++) {
+            const float p = probs[g * n + i], *v = vp[i] + (g / group) * D;
+            float *o = out + g * D;
+            int64_t d = 0;
+#if AGORA_AVX2
+            const __m256 vp8 = _mm256_set1_ps(p);
+            for (; d + 8 <= D; d += 8)
+                _mm256_storeu_ps(o + d, _mm256_fmadd_ps(vp8, _mm256_loadu_ps(v + d), _mm256_loadu_ps(o + d)));
+#endif
+            for (; d < D; d++) o[d] += p * v[d];
+        }
+    }
+}
+
+/* Attention of B single-token queries over their paged K/V.
+ *   q:            [B, H, D] contiguous
+ *   k/v caches:   [num_blocks, BS, Hkv, D] contiguous
+ *   block_tables: [B, bt_stride] (row b lists request b's blocks in order)
+ *   seq_lens:     [B] keys per request, the query's own already written to the cache
+ *   window:       > 0 attends to the last `window` keys only
+ *   out:          [B, H, D]
+ * One task per (request, KV head): its G = H / Hkv query heads share every K/V read.
+ */
+void agora_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
+                                  const int64_t *block_tables, int64_t bt_stride, const int64_t *seq_lens, int64_t B,
+                                  int64_t H, int64_t Hkv, int64_t D, int64_t BS, int64_t window, float scale,
+                                  float *out) {
+    const int64_t G = H / Hkv, tok_stride = Hkv * D;
+    /* Enough requests to keep every thread busy: one task reads a request's whole token rows
+     * (all KV heads, contiguous within a block). Otherwise one task per (request, KV head). */
+    const int64_t kv_per_task = B >= 2 * omp_get_max_threads() ? Hkv : 1, tasks = B * (Hkv / kv_per_task);
+    const int64_t GG = G * kv_per_task; /* query heads per task */
+#pragma omp parallel
+    {
+        float *buf = NULL;
+        const float **ptrs = NULL;
+        int64_t cap = 0;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < tasks; task++) {
+            const int64_t b = task / (Hkv / kv_per_task), h0 = (task % (Hkv / kv_per_task)) * kv_per_task;
+            const int64_t len = seq_lens[b];
+            const int64_t start = (window > 0 && len > window) ? len - window : 0;
+            const int64_t n = len - start;
+            if (n > cap) {
+                free(buf);
+                free(ptrs);
+                cap = n + 1024;
+                buf = (float *)malloc(sizeof(float) * GG * cap);
+                ptrs = (const float **)malloc(sizeof(float *) * 2 * cap);
+            }
+            const float **kp = ptrs, **vp = ptrs + cap;
+            const int64_t *table = block_tables + b * bt_stride;
+            for (int64_t i = 0; i < n; i++) {
+                const int64_t t = start + i, off = (table[t / BS] * BS + t % BS) * tok_stride + h0 * D;
+                kp[i] = k_cache + off;
+                vp[i] = v_cache + off;
+            }
+            const float *qh = q + (b * H + h0 * G) * D;
+            attn_scores(qh, kp, n, GG, G, D, scale, buf);
+            softmax_rows(buf, n, GG);
+            attn_values(buf, vp, n, GG, G, D, out + (b * H + h0 * G) * D);
+        }
+        free(buf);
+        free(ptrs);
+    }
+}

@@ -1,0 +1,115 @@
+"""The native CPU kernels against the PyTorch math they replace (exact up to summation order)."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf.quants import dequantize, quantize
+
+from agora import kernels
+from agora.engine.attention import TorchPagedAttention, build_group
+from agora.models.quant import GGUFLinear, attach_gguf_blocks
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler: CPU kernels unavailable")
+CPU = torch.device("cpu")
+
+
+def quantized(n: int, k: int, qtype: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(GGUF block rows, their dequantized fp32 weight) for a random [n, k] weight."""
+    w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) * 0.05
+    t = getattr(gguf.GGMLQuantizationType, qtype)
+    blocks = quantize(w, t)
+    return torch.from_numpy(blocks), torch.from_numpy(dequantize(blocks, t).astype(np.float32))
+
+
+@pytest.mark.parametrize("qtype", kernels.QTYPES)
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 16, 23])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_matches_fp32_on_dequantized_weights(qtype: str, m: int, with_bias: bool) -> None:
+    blocks, w = quantized(96, 160, qtype, seed=m)
+    assert blocks.shape == (96, 160 // 32 * kernels.BLOCK_BYTES[qtype])
+    x = torch.randn(m, 160)
+    bias = torch.randn(96) if with_bias else None
+    got = kernels.linear(x, blocks, qtype, bias)
+    torch.testing.assert_close(got, F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_keeps_leading_dims() -> None:
+    blocks, w = quantized(64, 64, "Q4_1")
+    x = torch.randn(2, 3, 64)
+    torch.testing.assert_close(kernels.linear(x, blocks, "Q4_1", None), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_gguf_linear_uses_blocks_for_small_batches_and_fp32_for_large() -> None:
+    blocks, w = quantized(64, 128, "Q4_1")
+    base = torch.nn.Linear(128, 64, bias=False)
+    with torch.no_grad():
+        base.weight.copy_(w)
+    layer = GGUFLinear(base, blocks, "Q4_1")
+    assert layer.weight is base.weight
+    with torch.no_grad():
+        blocks.zero_()  # zeroed blocks dequantize to 0: proves which path ran
+        assert layer(torch.randn(4, 128)).abs().max() == 0
+        assert layer(torch.randn(200, 128)).abs().max() > 0
+
+
+def test_attach_swaps_linears_and_ties_lm_head_to_embedding_blocks() -> None:
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed_tokens = torch.nn.Embedding(50, 64)
+            self.proj = torch.nn.Linear(64, 64, bias=False)
+            self.lm_head = torch.nn.Linear(64, 50, bias=False)
+            self.lm_head.weight = self.embed_tokens.weight
+
+    model = Tiny()
+    q, _ = quantized(64, 64, "Q4_1")
+    e, _ = quantized(50, 64, "Q8_0")
+    blocks = {"proj.weight": ("Q4_1", q), "model.embed_tokens.weight": ("Q8_0", e)}
+    model.model = torch.nn.Module()  # HF naming: the embedding lives under model.
+    assert attach_gguf_blocks(model, blocks, tied=True) == 2
+    assert isinstance(model.proj, GGUFLinear) and model.proj.qtype == "Q4_1"
+    assert isinstance(model.lm_head, GGUFLinear) and model.lm_head.qtype == "Q8_0"
+    assert model.lm_head.weight is model.embed_tokens.weight
+
+
+def _paged_case(seed: int, batch: int, heads: int, kv_heads: int, head_dim: int, lens: list[int], block_size: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    per_req = [-(-n // block_size) for n in lens]
+    num_blocks = sum(per_req) + 3
+    k = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
+    v = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    tables, at = [], 0
+    for n in per_req:
+        tables.append(order[at : at + n])
+        at += n
+    q = torch.randn(batch, heads, head_dim, generator=g)
+    return q, k, v, tables
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 32), (8, 2, 128), (4, 1, 24), (6, 3, 8)]
+)
+@pytest.mark.parametrize("window", [None, 5, 40])
+@pytest.mark.parametrize("batch", [1, 3, 6])
+def test_paged_decode_attention_matches_sdpa_path(heads: int, kv_heads: int, head_dim: int, window, batch: int) -> None:
+    lens = [1, 7, 8, 9, 100, 203][:batch] if batch > 1 else [77]
+    q, k, v, tables = _paged_case(batch * 10 + heads, batch, heads, kv_heads, head_dim, lens)
+    starts = [n - 1 for n in lens]
+    ref_group = build_group(None, [1] * batch, starts, tables, 16, {window}, CPU)
+    reference = TorchPagedAttention([(k, v)], 0.3, [window])
+    reference.paged_decode = False
+    expected = reference._group(ref_group, q, k, v, window)
+    group = build_group(None, [1] * batch, starts, tables, 16, {window}, CPU, paged_decode=True)
+    assert group.seq_lens is not None and group.seq_lens.tolist() == lens
+    got = kernels.paged_decode_attention(q, k, v, group.block_tables, group.seq_lens, window, 0.3)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_groups_keep_the_sdpa_path() -> None:
+    group = build_group(None, [3, 1], [0, 5], [[0], [1]], 16, {None}, CPU, paged_decode=True)
+    assert group.seq_lens is None and None in group.masks
