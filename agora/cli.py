@@ -87,11 +87,13 @@ def serve(args: argparse.Namespace, argv: list[str]) -> int:
             ),  # fmt: skip
             max_waiting_requests=args.max_waiting_requests,
         )
-        engine = Engine(config)
+        # Built in the engine thread: it must be the only thread that runs OpenMP work (async_engine.py).
+        async_engine = AsyncEngine(lambda: Engine(config), config.max_waiting_requests)
+        engine = async_engine.engine
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"agora serve: error: {exc}", file=sys.stderr)
         return 2
-    app = build_app(AsyncEngine(engine, config.max_waiting_requests), server)
+    app = build_app(async_engine, server)
     logging.getLogger("agora").info(
         "serving %s on http://%s:%d/v1 (max_model_len=%d)",
         engine.served_model_name,

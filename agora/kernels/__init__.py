@@ -36,9 +36,9 @@ _tried = False
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "agora_kernels_avx2": ([], ctypes.c_int),
-    "agora_linear_q4_1": ([_P, _I, _I, _P, _I, _P, _P], None),
-    "agora_linear_q8_0": ([_P, _I, _I, _P, _I, _P, _P], None),
-    "agora_paged_decode_attention": ([_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _F, _P], None),
+    "agora_linear_q4_1": ([_P, _I, _I, _P, _I, _P, _P, _I], None),
+    "agora_linear_q8_0": ([_P, _I, _I, _P, _I, _P, _P, _I], None),
+    "agora_paged_decode_attention": ([_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I], None),
 }
 
 
@@ -120,7 +120,8 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, qtype: str, bias: torch.Tenso
     n = qweight.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
     fn = k.agora_linear_q4_1 if qtype == "Q4_1" else k.agora_linear_q8_0
-    fn(x2.data_ptr(), m, kdim, qweight.data_ptr(), n, None if bias is None else bias.data_ptr(), y.data_ptr())
+    bias_ptr = None if bias is None else bias.data_ptr()
+    fn(x2.data_ptr(), m, kdim, qweight.data_ptr(), n, bias_ptr, y.data_ptr(), torch.get_num_threads())
     return y.view(*shape[:-1], n)
 
 
@@ -142,6 +143,6 @@ def paged_decode_attention(
     out = torch.empty_like(q)
     k.agora_paged_decode_attention(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
-        seq_lens.data_ptr(), b, h, hkv, d, block_size, window or 0, scale, out.data_ptr(),
+        seq_lens.data_ptr(), b, h, hkv, d, block_size, window or 0, scale, out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return out

@@ -16,7 +16,6 @@
  *       optional sliding window.
  */
 #include <math.h>
-#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -148,9 +147,9 @@ static inline void row_dot(int q8, const uint8_t *wrow, int64_t nb, const float 
 #endif
 
 static void linear_blocks(int q8, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
-                          const float *bias, float *y) {
+                          const float *bias, float *y, int64_t nthreads) {
     const int64_t nb = K / QK, row_bytes = nb * (q8 ? Q8_0_BYTES : Q4_1_BYTES);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *wrow = w + n * row_bytes;
         int64_t m = 0;
@@ -172,13 +171,13 @@ static void linear_blocks(int q8, const float *x, int64_t M, int64_t K, const ui
 
 /* x: [M, K] fp32 contiguous; w: [N, K / 32] GGUF blocks; bias: [N] or NULL; y: [M, N]. K % 32 == 0. */
 void agora_linear_q4_1(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
-                       float *y) {
-    linear_blocks(0, x, M, K, w, N, bias, y);
+                       float *y, int64_t nthreads) {
+    linear_blocks(0, x, M, K, w, N, bias, y, nthreads);
 }
 
 void agora_linear_q8_0(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
-                       float *y) {
-    linear_blocks(1, x, M, K, w, N, bias, y);
+                       float *y, int64_t nthreads) {
+    linear_blocks(1, x, M, K, w, N, bias, y, nthreads);
 }
 
 #if AGORA_AVX2
@@ -330,18 +329,19 @@ static void attn_values(const float *probs, const float **vp, int64_t n, int64_t
  *   seq_lens:     [B] keys per request, the query's own already written to the cache
  *   window:       > 0 attends to the last `window` keys only
  *   out:          [B, H, D]
+ *   nthreads:     the caller's torch.get_num_threads() (an OpenMP thread's own default may differ)
  * One task per (request, KV head): its G = H / Hkv query heads share every K/V read.
  */
 void agora_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
                                   const int64_t *block_tables, int64_t bt_stride, const int64_t *seq_lens, int64_t B,
                                   int64_t H, int64_t Hkv, int64_t D, int64_t BS, int64_t window, float scale,
-                                  float *out) {
+                                  float *out, int64_t nthreads) {
     const int64_t G = H / Hkv, tok_stride = Hkv * D;
     /* Enough requests to keep every thread busy: one task reads a request's whole token rows
      * (all KV heads, contiguous within a block). Otherwise one task per (request, KV head). */
-    const int64_t kv_per_task = B >= 2 * omp_get_max_threads() ? Hkv : 1, tasks = B * (Hkv / kv_per_task);
+    const int64_t kv_per_task = B >= 2 * nthreads ? Hkv : 1, tasks = B * (Hkv / kv_per_task);
     const int64_t GG = G * kv_per_task; /* query heads per task */
-#pragma omp parallel
+#pragma omp parallel num_threads(nthreads)
     {
         float *buf = NULL;
         const float **ptrs = NULL;
