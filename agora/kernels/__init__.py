@@ -38,6 +38,7 @@ _SIGNATURES = {
     "agora_kernels_avx2": ([], ctypes.c_int),
     "agora_linear_q4_1": ([_P, _I, _I, _P, _I, _P, _P, _I], None),
     "agora_linear_q8_0": ([_P, _I, _I, _P, _I, _P, _P, _I], None),
+    "agora_rope": ([_P, _I, _I, _P, _I, _I, _P, _P, _P, _I, _I, _I], None),
     "agora_paged_decode_attention": ([_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I], None),
 }
 
@@ -146,3 +147,16 @@ def paged_decode_attention(
         seq_lens.data_ptr(), b, h, hkv, d, block_size, window or 0, scale, out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return out
+
+
+def rope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate ``q [T, Hq, D]`` and ``k [T, Hk, D]`` in place (rotate-half layout); the last two
+    dims of each must be contiguous, the token stride may be anything (views of a fused QKV)."""
+    k_lib = lib()
+    assert k_lib is not None, "CPU kernels are not available"
+    t, hq, d = q.shape
+    assert q.stride()[1:] == (d, 1) and k.stride()[1:] == (d, 1) and cos.is_contiguous() and sin.is_contiguous()
+    k_lib.agora_rope(
+        q.data_ptr(), q.stride(0), hq, k.data_ptr(), k.stride(0), k.shape[1], positions.data_ptr(),
+        cos.data_ptr(), sin.data_ptr(), t, d, torch.get_num_threads(),
+    )  # fmt: skip

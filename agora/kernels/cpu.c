@@ -375,3 +375,23 @@ void agora_paged_decode_attention(const float *q, const float *k_cache, const fl
         free(ptrs);
     }
 }
+
+/* Rotary embedding in place, "rotate half" layout (HF Llama): for i < D/2,
+ *   x[i] <- x[i] cos[i] - x[i + D/2] sin[i],   x[i + D/2] <- x[i + D/2] cos[i] + x[i] sin[i]
+ * q: T tokens of Hq heads (row stride q_stride floats), k likewise; cos/sin: [max_pos, D]. */
+void agora_rope(float *q, int64_t q_stride, int64_t Hq, float *k, int64_t k_stride, int64_t Hk, const int64_t *pos,
+                const float *cos_t, const float *sin_t, int64_t T, int64_t D, int64_t nthreads) {
+    const int64_t half = D / 2;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (T > 16)
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos_t + pos[t] * D, *s = sin_t + pos[t] * D;
+        for (int64_t h = 0; h < Hq + Hk; h++) {
+            float *x = h < Hq ? q + t * q_stride + h * D : k + t * k_stride + (h - Hq) * D;
+            for (int64_t i = 0; i < half; i++) {
+                const float a = x[i], b = x[i + half];
+                x[i] = a * c[i] - b * s[i];
+                x[i + half] = b * c[i + half] + a * s[i + half];
+            }
+        }
+    }
+}

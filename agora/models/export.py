@@ -21,7 +21,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 def export_hf_folder(model: str, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     path, _ = resolve_model(model)
     files = inspect_model(path)
-    net = load_model(files, dtype, torch.device("cpu"))
+    net = load_model(files, dtype, torch.device("cpu"), cpu_kernels=False)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in net.state_dict().items()}

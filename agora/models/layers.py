@@ -8,6 +8,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from agora import kernels
+
 
 class PagedAttention(Protocol):
     """What a model's attention layer calls; implemented by the engine's backend.
@@ -27,6 +29,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op; the cast below is HF's rule for half types
+            return torch.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -76,6 +80,16 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [T, H, D], k: [T, Hkv, D]
+        if (
+            q.dtype == k.dtype == torch.float32
+            and q.device.type == "cpu"
+            and q.stride()[1:] == (q.shape[2], 1)
+            and k.stride()[1:] == (k.shape[2], 1)
+            and not torch.is_grad_enabled()
+            and kernels.available()
+        ):
+            kernels.rope_(q, k, positions, self.cos, self.sin)  # in place: q and k are this step's own
+            return q, k
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

@@ -278,15 +278,18 @@ def inspect_model(path: str | os.PathLike[str]) -> ModelFiles:
     raise ValueError(f"{path} is neither a .gguf file nor a Hugging Face model folder")
 
 
-def load_model(files: ModelFiles, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """Build the registered model class and load its weights, on ``device`` in ``dtype``."""
+def load_model(files: ModelFiles, dtype: torch.dtype, device: torch.device, cpu_kernels: bool = True) -> nn.Module:
+    """Build the registered model class and load its weights, on ``device`` in ``dtype``.
+    ``cpu_kernels=False`` keeps plain ``nn.Linear`` layers (for exporting the weights)."""
     cls = model_class(files.architecture)
     config = cls.config_class.from_hf(files.hf_config)  # type: ignore[attr-defined]
     from agora import kernels
-    from agora.models.quant import attach_gguf_blocks
+    from agora.models.quant import attach_gguf_blocks, fuse_projections
 
     # Decode on CPU in fp32 reads the GGUF blocks directly (agora/kernels); elsewhere fp32 weights only.
-    keep_blocks = files.is_gguf and device.type == "cpu" and dtype == torch.float32 and kernels.available()
+    keep_blocks = (
+        cpu_kernels and files.is_gguf and device.type == "cpu" and dtype == torch.float32 and kernels.available()
+    )
     blocks: dict[str, tuple[str, torch.Tensor]] = {}
     if files.is_gguf:
         weights, blocks = _read_gguf(files.source, files.hf_config, keep_blocks)
@@ -298,4 +301,5 @@ def load_model(files: ModelFiles, dtype: torch.dtype, device: torch.device) -> n
     model = model.to(device=device, dtype=dtype).eval()
     if blocks:
         attach_gguf_blocks(model, blocks, bool(files.hf_config.get("tie_word_embeddings")))
+        fuse_projections(model)
     return model

@@ -113,3 +113,44 @@ def test_paged_decode_attention_matches_sdpa_path(heads: int, kv_heads: int, hea
 def test_prefill_groups_keep_the_sdpa_path() -> None:
     group = build_group(None, [3, 1], [0, 5], [[0], [1]], 16, {None}, CPU, paged_decode=True)
     assert group.seq_lens is None and None in group.masks
+
+
+def test_rope_in_place_matches_rotate_half_on_strided_views() -> None:
+    from agora.models.layers import RotaryEmbedding
+
+    rotary = RotaryEmbedding(64, 256, 10000.0, None)
+    fused = torch.randn(5, 9 * 64 + 3 * 64)  # a fused QKV row without v: q and k are strided views
+    q, k = fused[:, : 9 * 64].view(5, 9, 64), fused[:, 9 * 64 :].view(5, 3, 64)
+    positions = torch.tensor([0, 3, 17, 200, 255])
+    cos, sin = rotary.cos[positions].unsqueeze(1), rotary.sin[positions].unsqueeze(1)
+
+    def rotate_half(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([-x[..., 32:], x[..., :32]], dim=-1)
+
+    expected_q, expected_k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    with torch.no_grad():
+        got_q, got_k = rotary(positions, q, k)
+    assert got_q.data_ptr() == q.data_ptr()  # in place
+    torch.testing.assert_close(got_q, expected_q, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_k, expected_k, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_projections_equal_the_separate_layers() -> None:
+    from agora.models.llama import LlamaConfig, LlamaMLP
+    from agora.models.quant import fuse_projections
+
+    cfg = LlamaConfig(100, 64, 96, 1, 4, 2, 16, 1e-6, 10000.0, None, 128, False)
+    mlp = LlamaMLP(cfg)
+    for name, (n, k) in {"gate_proj": (96, 64), "up_proj": (96, 64)}.items():
+        blocks, w = quantized(n, k, "Q4_1", seed=len(name))
+        layer = getattr(mlp, name)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+        setattr(mlp, name, GGUFLinear(layer, blocks, "Q4_1"))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        separate = mlp(x)
+        assert fuse_projections(mlp) == 1 and isinstance(mlp.gate_up_proj, GGUFLinear)
+        assert mlp.gate_proj.weight.data_ptr() == mlp.gate_up_proj.weight.data_ptr()  # views, not copies
+        torch.testing.assert_close(mlp(x), separate, rtol=1e-5, atol=1e-5)
+        assert mlp(torch.randn(100, 64)).shape == (100, 64)  # the fp32 path of the fused layer
