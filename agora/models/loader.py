@@ -3,7 +3,8 @@
 Both paths end in the same place: an HF-style config dict, an HF-named state
 dict, a model class from the registry, and a folder of tokenizer files that
 ``transformers.AutoTokenizer`` reads. GGUF tensors are dequantized to the working
-dtype; a GGUF's tokenizer is converted once by transformers and cached.
+dtype; on CPU in fp32 the Q4_1/Q8_0 blocks are kept too, for the decode kernels
+(``models.quant``). A GGUF's tokenizer is converted once by transformers and cached.
 """
 
 from __future__ import annotations

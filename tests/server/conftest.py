@@ -55,11 +55,12 @@ def start_server(model_dir, max_waiting: int = 64, max_num_seqs: int = 16, max_b
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=512),
         max_waiting_requests=max_waiting,
     )
-    engine = Engine(config)
+    async_engine = AsyncEngine(lambda: Engine(config), max_waiting)  # built in its thread, as `agora serve` does
+    engine = async_engine.engine
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = build_app(AsyncEngine(engine, max_waiting), ServerConfig(port=port, max_body_bytes=max_body, api_key=api_key))
+    app = build_app(async_engine, ServerConfig(port=port, max_body_bytes=max_body, api_key=api_key))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
