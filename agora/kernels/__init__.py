@@ -39,6 +39,8 @@ _SIGNATURES = {
     "agora_linear_q4_1": ([_P, _I, _I, _P, _I, _P, _P, _I], None),
     "agora_linear_q8_0": ([_P, _I, _I, _P, _I, _P, _P, _I], None),
     "agora_rope": ([_P, _I, _I, _P, _I, _I, _P, _P, _P, _I, _I, _I], None),
+    "agora_silu_mul": ([_P, _I, _I, _P, _I], None),
+    "agora_rms_norm": ([_P, _I, _I, _P, _F, _P, _I], None),
     "agora_paged_decode_attention": ([_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I], None),
 }
 
@@ -160,3 +162,25 @@ def rope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.
         q.data_ptr(), q.stride(0), hq, k.data_ptr(), k.stride(0), k.shape[1], positions.data_ptr(),
         cos.data_ptr(), sin.data_ptr(), t, d, torch.get_num_threads(),
     )  # fmt: skip
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / sqrt(mean(x ** 2, -1) + eps) * weight`` for fp32 ``x [..., H]``."""
+    k = lib()
+    assert k is not None, "CPU kernels are not available"
+    x = x.contiguous()
+    h = x.shape[-1]
+    y = torch.empty_like(x)
+    k.agora_rms_norm(x.data_ptr(), x.numel() // h, h, weight.data_ptr(), eps, y.data_ptr(), torch.get_num_threads())
+    return y
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` where ``gate_up [..., 2I]`` holds gate then up (a fused projection)."""
+    k = lib()
+    assert k is not None, "CPU kernels are not available"
+    gate_up = gate_up.contiguous()
+    i = gate_up.shape[-1] // 2
+    y = gate_up.new_empty(*gate_up.shape[:-1], i)
+    k.agora_silu_mul(gate_up.data_ptr(), gate_up.numel() // (2 * i), i, y.data_ptr(), torch.get_num_threads())
+    return y

@@ -7,7 +7,7 @@
  *   agora_linear_q4_1 / agora_linear_q8_0
  *       y[M, N] = x[M, K] @ W^T (+ bias), W kept as GGUF blocks exactly as the file
  *       stores them (no dequantized copy is read). Each weight block is unpacked
- *       once per group of up to 4 rows of x and multiplied in fp32, so the result is
+ *       once per group of up to 8 rows of x and multiplied in fp32, so the result is
  *       that of fp32 math on the dequantized weights, up to summation order.
  *
  *   agora_paged_decode_attention
@@ -91,11 +91,16 @@ static inline void unpack_q8_0(const uint8_t *blk, __m256 w[4]) {
     w[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), d);
 }
 
-/* One weight row against R (1..ROWS, a constant after inlining) rows of x. */
+/* One weight row against R (1..ROWS, a constant after inlining) rows of x. Each row keeps
+ * A = 4 / 2 / 1 independent accumulators for R <= 2 / <= 4 / more: an FMA waits ~5 cycles
+ * for the previous one on the same register, so a single chain per row would leave a
+ * one- or two-row product (single-stream decode) latency-bound instead of bandwidth-bound. */
 static inline __attribute__((always_inline)) void row_dot(int q8, const uint8_t *wrow, int64_t nb, const float *x,
                                                           int64_t ldx, int R, float *out, int64_t ldo) {
-    __m256 acc[ROWS];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    const int A = R <= 2 ? 4 : R <= 4 ? 2 : 1;
+    __m256 acc[ROWS][4];
+    for (int r = 0; r < R; r++)
+        for (int a = 0; a < A; a++) acc[r][a] = _mm256_setzero_ps();
     const int64_t bytes = q8 ? Q8_0_BYTES : Q4_1_BYTES;
     for (int64_t b = 0; b < nb; b++) {
         __m256 w[4];
@@ -106,13 +111,15 @@ static inline __attribute__((always_inline)) void row_dot(int q8, const uint8_t 
         const float *xb = x + b * QK;
         for (int r = 0; r < R; r++) {
             const float *xr = xb + r * ldx;
-            acc[r] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xr), acc[r]);
-            acc[r] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xr + 8), acc[r]);
-            acc[r] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xr + 16), acc[r]);
-            acc[r] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xr + 24), acc[r]);
+            for (int j = 0; j < 4; j++)
+                acc[r][j % A] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xr + 8 * j), acc[r][j % A]);
         }
     }
-    for (int r = 0; r < R; r++) out[r * ldo] = hsum(acc[r]);
+    for (int r = 0; r < R; r++) {
+        __m256 s = acc[r][0];
+        for (int a = 1; a < A; a++) s = _mm256_add_ps(s, acc[r][a]);
+        out[r * ldo] = hsum(s);
+    }
 }
 #else
 static inline void unpack_block(int q8, const uint8_t *blk, float w[QK]) {
@@ -393,5 +400,56 @@ void agora_rope(float *q, int64_t q_stride, int64_t Hq, float *k, int64_t k_stri
                 x[i + half] = b * c[i + half] + a * s[i + half];
             }
         }
+    }
+}
+
+/* y[t, :] = x[t, :] / sqrt(mean(x[t, :]^2) + eps) * w, for T contiguous rows of H floats. */
+void agora_rms_norm(const float *x, int64_t T, int64_t H, const float *w, float eps, float *y, int64_t nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (T * H >= 32768)
+    for (int64_t t = 0; t < T; t++) {
+        const float *xr = x + t * H;
+        float *yr = y + t * H;
+        int64_t i = 0;
+        float ss = 0.f;
+#if AGORA_AVX2
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (; i + 16 <= H; i += 16) {
+            __m256 u = _mm256_loadu_ps(xr + i), v = _mm256_loadu_ps(xr + i + 8);
+            a0 = _mm256_fmadd_ps(u, u, a0);
+            a1 = _mm256_fmadd_ps(v, v, a1);
+        }
+        ss = hsum(_mm256_add_ps(a0, a1));
+#endif
+        for (; i < H; i++) ss += xr[i] * xr[i];
+        const float scale = 1.f / sqrtf(ss / (float)H + eps);
+        i = 0;
+#if AGORA_AVX2
+        const __m256 s = _mm256_set1_ps(scale);
+        for (; i + 8 <= H; i += 8)
+            _mm256_storeu_ps(yr + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), s), _mm256_loadu_ps(w + i)));
+#endif
+        for (; i < H; i++) yr[i] = xr[i] * scale * w[i];
+    }
+}
+
+/* y[t, :] = silu(gu[t, :I]) * gu[t, I:], for T rows of a fused gate/up projection [T, 2I]. */
+void agora_silu_mul(const float *gu, int64_t T, int64_t I, float *y, int64_t nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (T * I >= 32768)
+    for (int64_t t = 0; t < T; t++) {
+        const float *g = gu + t * 2 * I, *u = g + I;
+        float *yr = y + t * I;
+        int64_t i = 0;
+#if AGORA_AVX2
+        const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+        for (; i + 8 <= I; i += 8) {
+            const __m256 x = _mm256_loadu_ps(g + i);
+            /* exp256 wants x <= 0: e = exp(-|x|); sigmoid(x) = x >= 0 ? 1 / (1 + e) : e / (1 + e) */
+            const __m256 e = exp256(_mm256_sub_ps(zero, _mm256_andnot_ps(_mm256_set1_ps(-0.f), x)));
+            const __m256 r = _mm256_div_ps(one, _mm256_add_ps(one, e));
+            const __m256 sig = _mm256_blendv_ps(_mm256_mul_ps(e, r), r, _mm256_cmp_ps(x, zero, _CMP_GE_OQ));
+            _mm256_storeu_ps(yr + i, _mm256_mul_ps(_mm256_mul_ps(x, sig), _mm256_loadu_ps(u + i)));
+        }
+#endif
+        for (; i < I; i++) yr[i] = g[i] / (1.f + expf(-g[i])) * u[i];
     }
 }

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from agora import kernels
 from agora.models.layers import PagedAttention, PagedCausalLM, RMSNorm, RotaryEmbedding
 
 
@@ -127,7 +128,10 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, -1)
+            gate_up = self.gate_up_proj(x)
+            if gate_up.dtype == torch.float32 and gate_up.device.type == "cpu" and not torch.is_grad_enabled():
+                return self.down_proj(kernels.silu_mul(gate_up))  # fused: set only where the kernels load
+            gate, up = gate_up.chunk(2, -1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 

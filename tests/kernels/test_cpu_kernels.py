@@ -154,3 +154,25 @@ def test_fused_projections_equal_the_separate_layers() -> None:
         assert mlp.gate_proj.weight.data_ptr() == mlp.gate_up_proj.weight.data_ptr()  # views, not copies
         torch.testing.assert_close(mlp(x), separate, rtol=1e-5, atol=1e-5)
         assert mlp(torch.randn(100, 64)).shape == (100, 64)  # the fp32 path of the fused layer
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (5, 3, 64), (300, 200), (2, 7)])
+def test_rms_norm_matches_torch(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    x, w = torch.randn(*shape) * 3, torch.randn(shape[-1])
+    ref = torch.rms_norm(x, (shape[-1],), w, 1e-5)
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5), ref, rtol=1e-5, atol=1e-5)
+    # strided input (a view) is made contiguous first, not read wrongly
+    wide = torch.randn(4, 2 * shape[-1])
+    view = wide[:, : shape[-1]]
+    torch.testing.assert_close(kernels.rms_norm(view, w, 1e-6), torch.rms_norm(view, (shape[-1],), w, 1e-6))
+
+
+@pytest.mark.parametrize("rows,inter", [(1, 1536), (33, 100), (3, 5)])
+def test_silu_mul_matches_torch_including_extremes(rows: int, inter: int) -> None:
+    torch.manual_seed(1)
+    gate_up = torch.randn(rows, 2 * inter) * 6
+    gate_up[0, :4] = torch.tensor([-200.0, 200.0, 0.0, -88.0])
+    gate, up = gate_up.chunk(2, -1)
+    ref = F.silu(gate) * up
+    torch.testing.assert_close(kernels.silu_mul(gate_up), ref, rtol=2e-6, atol=1e-6)
