@@ -35,6 +35,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="share of GPU memory agora may use, weights and KV cache together")  # fmt: skip
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="KV cache element type (auto: the model's dtype; float16 halves its memory and the "
+                   "bytes a long-context decode step reads, at fp16 rounding of K/V)")  # fmt: skip
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--max-body-bytes", default="8MiB", help="largest request body accepted (413 beyond)")
     p.add_argument("--seed", type=int, default=0)
@@ -81,6 +84,7 @@ def serve(args: argparse.Namespace, argv: list[str]) -> int:
                 kv_cache_memory_bytes=parse_size(args.kv_cache_memory) if args.kv_cache_memory else None,
                 gpu_memory_utilization=args.gpu_memory_utilization,
                 enable_prefix_caching=args.enable_prefix_caching,
+                kv_cache_dtype=args.kv_cache_dtype,
             ),  # fmt: skip
             scheduler=SchedulerConfig(
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens

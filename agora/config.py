@@ -38,6 +38,9 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9  # share of accelerator memory agora may use in all
     num_blocks: int | None = None  # overrides kv_cache_memory_bytes (tests, exact sizing)
     enable_prefix_caching: bool = True
+    # auto: the model's dtype. float16 halves the cache's memory and the bytes a long-context
+    # decode step reads (agora's CPU attention kernel reads fp16 directly), at fp16 rounding of K/V.
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size > 256:
@@ -46,6 +49,8 @@ class CacheConfig:
             raise ValueError("kv cache memory must be positive")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.kv_cache_dtype not in _DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError("num_blocks must be >= 1")
 

@@ -13,7 +13,7 @@ requests computing a single token (decode) and one group of longer chunks
 (prefill). Each group gathers its requests' blocks into a padded batch and runs
 ``scaled_dot_product_attention`` once with a causal mask offset per request.
 
-On CPU with fp32 caches, a decode group skips all of that: the native kernel
+On CPU with fp32 or fp16 caches, a decode group skips all of that: the native kernel
 (``agora.kernels``) reads each request's blocks in place, so a step's attention
 reads every cached K/V once instead of copying it into a padded batch first.
 """
@@ -111,7 +111,10 @@ class TorchPagedAttention:
         self.metadata: AttentionMetadata | None = None
         cache = kv_caches[0][0] if kv_caches else None
         self.paged_decode = bool(
-            cache is not None and cache.device.type == "cpu" and cache.dtype == torch.float32 and kernels.available()
+            cache is not None
+            and cache.device.type == "cpu"
+            and cache.dtype in kernels.KV_DTYPES
+            and kernels.available()
         )
 
     def bind(self, metadata: AttentionMetadata) -> TorchPagedAttention:
@@ -142,7 +145,10 @@ class TorchPagedAttention:
         self, g: AttentionGroup, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, window: int | None
     ) -> torch.Tensor:
         if g.seq_lens is not None:
-            return kernels.paged_decode_attention(q, k_cache, v_cache, g.block_tables, g.seq_lens, window, self.scale)
+            out = kernels.paged_decode_attention(
+                q.float(), k_cache, v_cache, g.block_tables, g.seq_lens, window, self.scale
+            )  # the kernel computes in fp32 whatever the model's dtype
+            return out.to(q.dtype)
         num_heads, head_dim = q.shape[1], q.shape[2]
         if g.pad_index is not None:
             padded = q.new_zeros(g.batch * g.max_q, num_heads, head_dim)

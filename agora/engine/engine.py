@@ -89,7 +89,8 @@ class Engine:
         self.vocab_size = model.config.vocab_size  # type: ignore[union-attr]
 
         cache = config.cache
-        block_bytes = kv_bytes_per_block(model, cache.block_size, self.dtype)
+        self.kv_dtype = self.dtype if cache.kv_cache_dtype == "auto" else getattr(torch, cache.kv_cache_dtype)
+        block_bytes = kv_bytes_per_block(model, cache.block_size, self.kv_dtype)
         if cache.num_blocks is None:
             budget = kv_cache_budget(self.device, cache.kv_cache_memory_bytes, cache.gpu_memory_utilization)
             num_blocks = budget // block_bytes
@@ -110,15 +111,16 @@ class Engine:
         self.max_model_len = max_len
         self.num_blocks = num_blocks
         logger.info(
-            "KV cache: %d blocks x %d tokens (%.0f MiB)", num_blocks, cache.block_size, num_blocks * block_bytes / 2**20
-        )
+            "KV cache: %d blocks x %d tokens, %s (%.0f MiB)",
+            num_blocks, cache.block_size, str(self.kv_dtype).removeprefix("torch."), num_blocks * block_bytes / 2**20,
+        )  # fmt: skip
 
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(dataclasses.replace(config.scheduler, max_model_len=max_len), self.kv)
         self.runner = ModelRunner(
             model, num_blocks, cache.block_size, self.device, self.dtype,
             max_num_seqs=config.scheduler.max_num_seqs, max_model_len=max_len,
-            enforce_eager=config.model.enforce_eager,
+            enforce_eager=config.model.enforce_eager, kv_dtype=self.kv_dtype,
         )  # fmt: skip
         self.model = model
         self.sequences: dict[str, _Sequence] = {}

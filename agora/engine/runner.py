@@ -47,17 +47,19 @@ class ModelRunner:
         max_num_seqs: int = 64,
         max_model_len: int = 2048,
         enforce_eager: bool = False,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
         num_kv_heads, head_dim = model.kv_shape  # type: ignore[attr-defined]
+        kv_dtype = kv_dtype or dtype
         # One block more than the pool hands out: a scratch block for the padding rows of CUDA graphs.
         shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
         # Zeroed, not empty: masked-out keys still pass through the matmul, and 0 * NaN = NaN.
         self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            (torch.zeros(shape, dtype=kv_dtype, device=device), torch.zeros(shape, dtype=kv_dtype, device=device))
             for _ in range(model.num_layers)  # type: ignore[attr-defined]
         ]
         layer_windows: list[int | None] = model.layer_sliding_windows  # type: ignore[attr-defined]

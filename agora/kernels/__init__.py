@@ -28,6 +28,7 @@ SOURCE = Path(__file__).with_name("cpu.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-fno-math-errno"]
 QTYPES = ("Q4_1", "Q8_0")  # GGUF block formats the linear kernel reads as they are
 BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # per 32 weights
+KV_DTYPES = (torch.float32, torch.float16)  # KV cache element types the decode attention kernel reads
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -42,6 +43,7 @@ _SIGNATURES = {
     "agora_silu_mul": ([_P, _I, _I, _P, _I], None),
     "agora_rms_norm": ([_P, _I, _I, _P, _F, _P, _I], None),
     "agora_paged_decode_attention": ([_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I], None),
+    "agora_paged_decode_attention_f16": ([_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I], None),
 }
 
 
@@ -137,14 +139,16 @@ def paged_decode_attention(
     window: int | None,
     scale: float,
 ) -> torch.Tensor:
-    """One query per request: ``q [B, H, D]`` over ``seq_lens[b]`` keys of the paged fp32 cache."""
+    """One query per request: ``q [B, H, D]`` (fp32) over ``seq_lens[b]`` keys of the paged
+    cache (fp32 or fp16, see ``KV_DTYPES``)."""
     k = lib()
     assert k is not None, "CPU kernels are not available"
     q = q.contiguous()
     b, h, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     out = torch.empty_like(q)
-    k.agora_paged_decode_attention(
+    fn = k.agora_paged_decode_attention_f16 if k_cache.dtype == torch.float16 else k.agora_paged_decode_attention
+    fn(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
         seq_lens.data_ptr(), b, h, hkv, d, block_size, window or 0, scale, out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip

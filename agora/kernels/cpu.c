@@ -215,11 +215,28 @@ static inline __m256 hsum8(const __m256 a[8]) {
 }
 #endif
 
+/* K/V elements are fp32 or fp16 (F16C converts 8 at a time); `half` is a constant in each
+ * specialisation below, so the branch costs nothing. Offsets count elements, not bytes. */
+static inline __attribute__((always_inline)) const void *kv_at(const void *p, int64_t i, int half) {
+    return (const char *)p + i * (half ? 2 : 4);
+}
+
+static inline __attribute__((always_inline)) float kv_load1(const void *p, int half) {
+    return half ? half_to_float((const uint8_t *)p) : *(const float *)p;
+}
+
+#if AGORA_AVX2
+static inline __attribute__((always_inline)) __m256 kv_load8(const void *p, int half) {
+    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)) : _mm256_loadu_ps((const float *)p);
+}
+#endif
+
 /* Scores of G query heads against keys kp[0..n) (pointers to token rows), scaled, into
  * scores[g * n + i]. Query head g reads the key at kp[i] + (g / group) * D, so one call can
  * cover several KV heads of a token row (read whole and in order). */
-static void attn_scores(const float *qh, const float **kp, int64_t n, int64_t G, int64_t group, int64_t D,
-                        float scale, float *scores) {
+static inline __attribute__((always_inline)) void attn_scores(const float *qh, const void **kp, int64_t n, int64_t G,
+                                                              int64_t group, int64_t D, float scale, float *scores,
+                                                              int half) {
     int64_t i = 0;
 #if AGORA_AVX2
     if (D % 8 == 0) {
@@ -233,7 +250,7 @@ static void attn_scores(const float *qh, const float **kp, int64_t n, int64_t G,
                 for (int64_t d = 0; d < D; d += 8) {
                     __m256 qv = _mm256_loadu_ps(qg + d);
                     for (int j = 0; j < 8; j++)
-                        acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp[i + j] + off + d), acc[j]);
+                        acc[j] = _mm256_fmadd_ps(qv, kv_load8(kv_at(kp[i + j], off + d, half), half), acc[j]);
                 }
                 _mm256_storeu_ps(scores + g * n + i, _mm256_mul_ps(hsum8(acc), vs));
             }
@@ -242,9 +259,10 @@ static void attn_scores(const float *qh, const float **kp, int64_t n, int64_t G,
 #endif
     for (; i < n; i++) {
         for (int64_t g = 0; g < G; g++) {
-            const float *qg = qh + g * D, *k = kp[i] + (g / group) * D;
+            const float *qg = qh + g * D;
+            const void *k = kv_at(kp[i], (g / group) * D, half);
             float s = 0.f;
-            for (int64_t d = 0; d < D; d++) s += qg[d] * k[d];
+            for (int64_t d = 0; d < D; d++) s += qg[d] * kv_load1(kv_at(k, d, half), half);
             scores[g * n + i] = s * scale;
         }
     }
@@ -276,8 +294,9 @@ static void softmax_rows(float *scores, int64_t n, int64_t G) {
 
 /* out[g] = sum_i probs[g * n + i] * (vp[i] + (g / group) * D). Token-major, so each V row is
  * read once, in order; the accumulators ([G, D], a few KB) stay in L1. */
-static void attn_values(const float *probs, const float **vp, int64_t n, int64_t G, int64_t group, int64_t D,
-                        float *out) {
+static inline __attribute__((always_inline)) void attn_values(const float *probs, const void **vp, int64_t n,
+                                                              int64_t G, int64_t group, int64_t D, float *out,
+                                                              int half) {
     memset(out, 0, sizeof(float) * G * D);
 #if AGORA_AVX2
     if (D % 64 == 0) {
@@ -295,15 +314,15 @@ static void attn_values(const float *probs, const float **vp, int64_t n, int64_t
                            a6 = _mm256_loadu_ps(o + 48), a7 = _mm256_loadu_ps(o + 56);
                     for (int64_t i = i0; i < i1; i++) {
                         const __m256 p = _mm256_set1_ps(pg[i]);
-                        const float *v = vp[i] + off;
-                        a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v), a0);
-                        a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8), a1);
-                        a2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 16), a2);
-                        a3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 24), a3);
-                        a4 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 32), a4);
-                        a5 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 40), a5);
-                        a6 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 48), a6);
-                        a7 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 56), a7);
+                        const void *v = kv_at(vp[i], off, half);
+                        a0 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 0, half), half), a0);
+                        a1 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 8, half), half), a1);
+                        a2 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 16, half), half), a2);
+                        a3 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 24, half), half), a3);
+                        a4 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 32, half), half), a4);
+                        a5 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 40, half), half), a5);
+                        a6 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 48, half), half), a6);
+                        a7 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 56, half), half), a7);
                     }
                     _mm256_storeu_ps(o, a0), _mm256_storeu_ps(o + 8, a1), _mm256_storeu_ps(o + 16, a2);
                     _mm256_storeu_ps(o + 24, a3), _mm256_storeu_ps(o + 32, a4), _mm256_storeu_ps(o + 40, a5);
@@ -316,22 +335,24 @@ static void attn_values(const float *probs, const float **vp, int64_t n, int64_t
 #endif
     for (int64_t i = 0; i < n; i++) {
         for (int64_t g = 0; g < G; g++) {
-            const float p = probs[g * n + i], *v = vp[i] + (g / group) * D;
+            const float p = probs[g * n + i];
+            const void *v = kv_at(vp[i], (g / group) * D, half);
             float *o = out + g * D;
             int64_t d = 0;
 #if AGORA_AVX2
             const __m256 vp8 = _mm256_set1_ps(p);
             for (; d + 8 <= D; d += 8)
-                _mm256_storeu_ps(o + d, _mm256_fmadd_ps(vp8, _mm256_loadu_ps(v + d), _mm256_loadu_ps(o + d)));
+                _mm256_storeu_ps(o + d, _mm256_fmadd_ps(vp8, kv_load8(kv_at(v, d, half), half), _mm256_loadu_ps(o + d)));
 #endif
-            for (; d < D; d++) o[d] += p * v[d];
+            for (; d < D; d++) o[d] += p * kv_load1(kv_at(v, d, half), half);
         }
     }
 }
 
 /* Attention of B single-token queries over their paged K/V.
  *   q:            [B, H, D] contiguous
- *   k/v caches:   [num_blocks, BS, Hkv, D] contiguous
+ *   k/v caches:   [num_blocks, BS, Hkv, D] contiguous, fp32 (agora_paged_decode_attention)
+ *                 or fp16 (agora_paged_decode_attention_f16)
  *   block_tables: [B, bt_stride] (row b lists request b's blocks in order)
  *   seq_lens:     [B] keys per request, the query's own already written to the cache
  *   window:       > 0 attends to the last `window` keys only
@@ -339,10 +360,12 @@ static void attn_values(const float *probs, const float **vp, int64_t n, int64_t
  *   nthreads:     the caller's torch.get_num_threads() (an OpenMP thread's own default may differ)
  * One task per (request, KV head): its G = H / Hkv query heads share every K/V read.
  */
-void agora_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
-                                  const int64_t *block_tables, int64_t bt_stride, const int64_t *seq_lens, int64_t B,
-                                  int64_t H, int64_t Hkv, int64_t D, int64_t BS, int64_t window, float scale,
-                                  float *out, int64_t nthreads) {
+static inline __attribute__((always_inline)) void paged_decode(const float *q, const void *k_cache,
+                                                                const void *v_cache, const int64_t *block_tables,
+                                                                int64_t bt_stride, const int64_t *seq_lens, int64_t B,
+                                                                int64_t H, int64_t Hkv, int64_t D, int64_t BS,
+                                                                int64_t window, float scale, float *out,
+                                                                int64_t nthreads, int half) {
     const int64_t G = H / Hkv, tok_stride = Hkv * D;
     /* Enough requests to keep every thread busy: one task reads a request's whole token rows
      * (all KV heads, contiguous within a block). Otherwise one task per (request, KV head). */
@@ -351,7 +374,7 @@ void agora_paged_decode_attention(const float *q, const float *k_cache, const fl
 #pragma omp parallel num_threads(nthreads)
     {
         float *buf = NULL;
-        const float **ptrs = NULL;
+        const void **ptrs = NULL;
         int64_t cap = 0;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < tasks; task++) {
@@ -364,23 +387,39 @@ void agora_paged_decode_attention(const float *q, const float *k_cache, const fl
                 free(ptrs);
                 cap = n + 1024;
                 buf = (float *)malloc(sizeof(float) * GG * cap);
-                ptrs = (const float **)malloc(sizeof(float *) * 2 * cap);
+                ptrs = (const void **)malloc(sizeof(void *) * 2 * cap);
             }
-            const float **kp = ptrs, **vp = ptrs + cap;
+            const void **kp = ptrs, **vp = ptrs + cap;
             const int64_t *table = block_tables + b * bt_stride;
             for (int64_t i = 0; i < n; i++) {
                 const int64_t t = start + i, off = (table[t / BS] * BS + t % BS) * tok_stride + h0 * D;
-                kp[i] = k_cache + off;
-                vp[i] = v_cache + off;
+                kp[i] = kv_at(k_cache, off, half);
+                vp[i] = kv_at(v_cache, off, half);
             }
             const float *qh = q + (b * H + h0 * G) * D;
-            attn_scores(qh, kp, n, GG, G, D, scale, buf);
+            attn_scores(qh, kp, n, GG, G, D, scale, buf, half);
             softmax_rows(buf, n, GG);
-            attn_values(buf, vp, n, GG, G, D, out + (b * H + h0 * G) * D);
+            attn_values(buf, vp, n, GG, G, D, out + (b * H + h0 * G) * D, half);
         }
         free(buf);
         free(ptrs);
     }
+}
+
+void agora_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
+                                  const int64_t *block_tables, int64_t bt_stride, const int64_t *seq_lens, int64_t B,
+                                  int64_t H, int64_t Hkv, int64_t D, int64_t BS, int64_t window, float scale,
+                                  float *out, int64_t nthreads) {
+    paged_decode(q, k_cache, v_cache, block_tables, bt_stride, seq_lens, B, H, Hkv, D, BS, window, scale, out,
+                 nthreads, 0);
+}
+
+void agora_paged_decode_attention_f16(const float *q, const uint16_t *k_cache, const uint16_t *v_cache,
+                                      const int64_t *block_tables, int64_t bt_stride, const int64_t *seq_lens,
+                                      int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t BS, int64_t window,
+                                      float scale, float *out, int64_t nthreads) {
+    paged_decode(q, k_cache, v_cache, block_tables, bt_stride, seq_lens, B, H, Hkv, D, BS, window, scale, out,
+                 nthreads, 1);
 }
 
 /* Rotary embedding in place, "rotate half" layout (HF Llama): for i < D/2,

