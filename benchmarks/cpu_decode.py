@@ -3,15 +3,17 @@
     python benchmarks/cpu_decode.py --batches 1,16,32 --context 600 \
         --out benchmarks/results/cpu_decode.json
 
-Speed: each path runs in its own process (``AGORA_CPU_KERNELS=1`` / ``0``), alternating
-(A B A B ...), on the default model (SmolLM2-135M-Instruct, Q4_1 GGUF). Each process starts
-``batch`` requests of ``context`` prompt tokens, lets them prefill, then times decode steps;
-the figure is the median step over every repeat.
+Speed: each path (kernels; kernels with ``--kv-cache-dtype float16``; PyTorch, i.e.
+``AGORA_CPU_KERNELS=0``) runs in its own process, alternating (A B C A B C ...), on the
+default model (SmolLM2-135M-Instruct, Q4_1 GGUF). Each process starts ``batch`` requests
+of ``context`` prompt tokens, lets them prefill, then times decode steps; the figure is
+the median step over every repeat.
 
 Accuracy: the same fixed text is fed one token at a time through the decode path (batch 1,
-so every linear goes through the block kernel and attention through the paged kernel) and
-through the fp32 PyTorch path on the same weights. Reported: top-1 agreement of the next-token
-predictions, the perplexity of the text under each, and the largest logit difference.
+so every linear goes through the block kernel and attention through the paged kernel),
+with an fp32 and with an fp16 KV cache, and through the fp32 PyTorch path on the same
+weights. Reported: top-1 agreement of the next-token predictions, the perplexity of the
+text under each, and the largest logit difference.
 """
 
 from __future__ import annotations
@@ -35,12 +37,12 @@ TEXT = (
 )
 
 
-def speed_worker(batches: list[int], context: int, steps: int) -> dict[str, float]:
+def speed_worker(batches: list[int], context: int, steps: int, kv_dtype: str) -> dict[str, float]:
     import torch
 
     from agora import LLM, SamplingParams
 
-    llm = LLM(max_num_seqs=max(batches), max_model_len=4096)
+    llm = LLM(max_num_seqs=max(batches), max_model_len=4096, kv_cache_dtype=kv_dtype)
     engine = llm.engine
     out = {}
     for batch in batches:
@@ -74,13 +76,18 @@ def accuracy_worker() -> dict[str, float]:
     ids = Tokenizer(files.tokenizer_dir).encode(TEXT)
     cpu = torch.device("cpu")
     logits = {}
-    for name, kernels_on in (("kernels", True), ("pytorch", False)):
+    for name, kernels_on, kv_dtype in (
+        ("kernels", True, torch.float32),
+        ("kernels_fp16_kv", True, torch.float16),
+        ("pytorch", False, torch.float32),
+    ):
         model = load_model(files, torch.float32, cpu, cpu_kernels=kernels_on)
         assert any(isinstance(m, GGUFLinear) for m in model.modules()) == kernels_on
         hkv, d = model.kv_shape
         blocks = -(-len(ids) // 16)
         caches = [
-            (torch.zeros(blocks + 1, 16, hkv, d), torch.zeros(blocks + 1, 16, hkv, d)) for _ in range(model.num_layers)
+            (torch.zeros(blocks + 1, 16, hkv, d, dtype=kv_dtype), torch.zeros(blocks + 1, 16, hkv, d, dtype=kv_dtype))
+            for _ in range(model.num_layers)
         ]
         attention = TorchPagedAttention(caches, model.attention_scale, model.layer_sliding_windows)
         attention.paged_decode = attention.paged_decode and kernels_on
@@ -99,20 +106,25 @@ def accuracy_worker() -> dict[str, float]:
     def perplexity(x: torch.Tensor) -> float:
         return float(torch.nn.functional.cross_entropy(x, target).exp())
 
-    a, b = logits["kernels"], logits["pytorch"]
-    return {
-        "tokens": len(ids) - 1,
-        "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
-        "perplexity_kernels": perplexity(a),
-        "perplexity_pytorch": perplexity(b),
-        "max_abs_logit_diff": float((a - b).abs().max()),
-    }
+    ref = logits["pytorch"]
+    out: dict[str, float] = {"tokens": len(ids) - 1, "perplexity_pytorch": perplexity(ref)}
+    for name in ("kernels", "kernels_fp16_kv"):
+        a = logits[name]
+        out[f"top1_agreement_{name}"] = float((a.argmax(-1) == ref.argmax(-1)).float().mean())
+        out[f"perplexity_{name}"] = perplexity(a)
+        out[f"max_abs_logit_diff_{name}"] = float((a - ref).abs().max())
+    return out
 
 
-def run_worker(kind: str, kernels: bool, args: argparse.Namespace) -> dict:
-    env = {**os.environ, "AGORA_CPU_KERNELS": "1" if kernels else "0", "AGORA_LOG_LEVEL": "WARNING"}
+# path name -> (AGORA_CPU_KERNELS, --kv-cache-dtype)
+PATHS = {"kernels": ("1", "auto"), "kernels_fp16_kv": ("1", "float16"), "pytorch": ("0", "auto")}
+
+
+def run_worker(kind: str, path: str, args: argparse.Namespace) -> dict:
+    kernels, kv_dtype = PATHS[path]
+    env = {**os.environ, "AGORA_CPU_KERNELS": kernels, "AGORA_LOG_LEVEL": "WARNING"}
     cmd = [sys.executable, __file__, "--worker", kind, "--batches", args.batches, "--context", str(args.context),
-           "--steps", str(args.steps)]  # fmt: skip
+           "--steps", str(args.steps), "--kv-dtype", kv_dtype]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -125,31 +137,39 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", choices=["speed", "accuracy"], help=argparse.SUPPRESS)
+    ap.add_argument("--kv-dtype", default="auto", help=argparse.SUPPRESS)
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     if args.worker == "speed":
-        print(json.dumps(speed_worker([int(b) for b in args.batches.split(",")], args.context, args.steps)))
+        print(
+            json.dumps(speed_worker([int(b) for b in args.batches.split(",")], args.context, args.steps, args.kv_dtype))
+        )
         return
     if args.worker == "accuracy":
         print(json.dumps(accuracy_worker()))
         return
-    runs: dict[str, list[dict]] = {"kernels": [], "pytorch": []}
+    runs: dict[str, list[dict]] = {name: [] for name in PATHS}
     for _ in range(args.repeats):
         for name in runs:
-            runs[name].append(run_worker("speed", name == "kernels", args))
+            runs[name].append(run_worker("speed", name, args))
     batches = args.batches.split(",")
     table = {}
     print(f"decode step, median ms (context {args.context}, {args.repeats} alternating runs per path)")
-    print(f"{'batch':>5} {'kernels':>9} {'pytorch':>9} {'speed-up':>9} {'tok/s':>7}")
+    print(f"{'batch':>5} {'kernels':>9} {'+fp16 kv':>9} {'pytorch':>9} {'speed-up':>9} {'+fp16 kv':>9}")
     for b in batches:
-        k = statistics.median(r[b] for r in runs["kernels"])
-        p = statistics.median(r[b] for r in runs["pytorch"])
-        table[b] = {"kernels_ms": k, "pytorch_ms": p, "speedup": p / k, "kernels_tok_s": int(b) * 1000 / k}
-        print(f"{b:>5} {k:>9.1f} {p:>9.1f} {p / k:>8.2f}x {int(b) * 1000 / k:>7.1f}")
-    accuracy = run_worker("accuracy", True, args)
-    print(f"accuracy over {accuracy['tokens']} tokens: top-1 agreement {accuracy['top1_agreement']:.1%}, "
-          f"perplexity {accuracy['perplexity_kernels']:.3f} (kernels) vs {accuracy['perplexity_pytorch']:.3f} "
-          f"(pytorch), max |logit diff| {accuracy['max_abs_logit_diff']:.2e}")  # fmt: skip
+        k, h, p = (statistics.median(r[b] for r in runs[name]) for name in PATHS)
+        table[b] = {"kernels_ms": k, "kernels_fp16_kv_ms": h, "pytorch_ms": p, "speedup": p / k,
+                    "speedup_fp16_kv": p / h, "kernels_tok_s": int(b) * 1000 / k,
+                    "kernels_fp16_kv_tok_s": int(b) * 1000 / h}  # fmt: skip
+        print(f"{b:>5} {k:>9.1f} {h:>9.1f} {p:>9.1f} {p / k:>8.2f}x {p / h:>8.2f}x")
+    accuracy = run_worker("accuracy", "kernels", args)
+    print(
+        f"accuracy over {accuracy['tokens']} tokens against the fp32 PyTorch path "
+        f"(perplexity {accuracy['perplexity_pytorch']:.3f}):"
+    )
+    for name in ("kernels", "kernels_fp16_kv"):
+        print(f"  {name}: top-1 agreement {accuracy[f'top1_agreement_{name}']:.1%}, perplexity "
+              f"{accuracy[f'perplexity_{name}']:.3f}, max |logit diff| {accuracy[f'max_abs_logit_diff_{name}']:.2e}")  # fmt: skip
     if args.out:
         result = {"command": " ".join(["python", *sys.argv]), "context": args.context, "decode": table,
                   "accuracy": accuracy, "runs": runs}  # fmt: skip
