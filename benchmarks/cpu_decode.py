@@ -98,7 +98,7 @@ def accuracy_worker(kv_dtype: str, logits_file: str) -> dict[str, int]:
     rows = []
     with torch.inference_mode():
         for pos in range(len(ids) - 1):
-            group = build_group(None, [1], [pos], [table], 16, windows, cpu, paged_decode=attention.paged_decode)
+            group = build_group(None, [1], [pos], [table], 16, windows, cpu, paged_kernels=attention.paged_kernels)
             meta = AttentionMetadata(torch.tensor([pos]), [group])
             hidden = model(torch.tensor([ids[pos]]), torch.tensor([pos]), attention.bind(meta))
             rows.append(model.compute_logits(hidden)[0])

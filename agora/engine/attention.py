@@ -13,9 +13,11 @@ requests computing a single token (decode) and one group of longer chunks
 (prefill). Each group gathers its requests' blocks into a padded batch and runs
 ``scaled_dot_product_attention`` once with a causal mask offset per request.
 
-On CPU with fp32 or fp16 caches, a decode group skips all of that: the native kernel
-(``agora.kernels``) reads each request's blocks in place, so a step's attention
-reads every cached K/V once instead of copying it into a padded batch first.
+On CPU with fp32 or fp16 caches, both groups skip all of that: native kernels
+(``agora.kernels``) read each request's blocks in place, so a step's attention reads
+every cached K/V once instead of copying it into a padded batch first, and a prefill
+chunk computes only the causal half of its scores (flash style: no mask, no
+``[queries, keys]`` matrix).
 """
 
 from __future__ import annotations
@@ -40,7 +42,12 @@ class AttentionGroup:
     masks: dict[int | None, torch.Tensor]
     batch: int
     max_q: int
-    seq_lens: torch.Tensor | None = None  # [batch] keys per request (CPU int64); set for decode groups
+    # Set for the CPU kernels' groups (CPU int64): decode groups have seq_lens ([batch] keys per
+    # request), prefill groups query_offsets ([batch + 1] cumulative query rows) and
+    # context_starts ([batch] position of each request's first query).
+    seq_lens: torch.Tensor | None = None
+    query_offsets: torch.Tensor | None = None
+    context_starts: torch.Tensor | None = None
 
 
 @dataclass
@@ -57,22 +64,27 @@ def build_group(
     block_size: int,
     windows: set[int | None],
     device: torch.device,
-    paged_decode: bool = False,
+    paged_kernels: bool = False,
 ) -> AttentionGroup:
     """Metadata for one group. Request b's queries sit at positions
     ``context_starts[b] .. context_starts[b] + query_lens[b] - 1``; each attends to
-    every cached position up to and including its own. ``paged_decode`` (one query per
-    request, read by the CPU kernel) needs only the block tables and lengths, no masks."""
+    every cached position up to and including its own. ``paged_kernels`` (the CPU
+    kernels read the group) needs only the block tables and positions, no masks."""
     batch = len(query_lens)
     max_q = max(query_lens)
     max_blocks = max(len(bt) for bt in block_tables)
     tables = torch.zeros(batch, max_blocks, dtype=torch.long)
     for b, bt in enumerate(block_tables):
         tables[b, : len(bt)] = torch.tensor(bt, dtype=torch.long)
-    if paged_decode and max_q == 1:
+    if paged_kernels:
         token_tensor = None if token_index is None else torch.tensor(token_index, dtype=torch.long, device=device)
-        seq_lens = torch.tensor([s + 1 for s in context_starts], dtype=torch.long)
-        return AttentionGroup(token_tensor, None, tables, {}, batch, 1, seq_lens)
+        if max_q == 1:
+            seq_lens = torch.tensor([s + 1 for s in context_starts], dtype=torch.long)
+            return AttentionGroup(token_tensor, None, tables, {}, batch, 1, seq_lens)
+        offsets = torch.zeros(batch + 1, dtype=torch.long)
+        torch.cumsum(torch.tensor(query_lens, dtype=torch.long), 0, out=offsets[1:])
+        starts_t = torch.tensor(context_starts, dtype=torch.long)
+        return AttentionGroup(token_tensor, None, tables, {}, batch, max_q, None, offsets, starts_t)
     q_lens = torch.tensor(query_lens)
     starts = torch.tensor(context_starts)
     q_ar = torch.arange(max_q)
@@ -110,7 +122,7 @@ class TorchPagedAttention:
         self.layer_windows = layer_windows
         self.metadata: AttentionMetadata | None = None
         cache = kv_caches[0][0] if kv_caches else None
-        self.paged_decode = bool(
+        self.paged_kernels = bool(
             cache is not None
             and cache.device.type == "cpu"
             and cache.dtype in kernels.KV_DTYPES
@@ -148,6 +160,11 @@ class TorchPagedAttention:
             out = kernels.paged_decode_attention(
                 q.float(), k_cache, v_cache, g.block_tables, g.seq_lens, window, self.scale
             )  # the kernel computes in fp32 whatever the model's dtype
+            return out.to(q.dtype)
+        if g.query_offsets is not None and g.context_starts is not None:
+            out = kernels.paged_prefill_attention(
+                q.float(), k_cache, v_cache, g.block_tables, g.query_offsets, g.context_starts, window, self.scale
+            )
             return out.to(q.dtype)
         num_heads, head_dim = q.shape[1], q.shape[2]
         if g.pad_index is not None:

@@ -129,7 +129,7 @@ class ModelRunner:
                 bs,
                 self.windows,
                 self.device,
-                paged_decode=self.attention.paged_decode,
+                paged_kernels=self.attention.paged_kernels,
             )
 
         groups = []

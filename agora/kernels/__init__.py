@@ -44,6 +44,8 @@ _SIGNATURES = {
     "agora_rms_norm": ([_P, _I, _I, _P, _F, _P, _I], None),
     "agora_paged_decode_attention": ([_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I], None),
     "agora_paged_decode_attention_f16": ([_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I], None),
+    "agora_paged_prefill_attention": ([_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I], None),
+    "agora_paged_prefill_attention_f16": ([_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I], None),
 }
 
 
@@ -151,6 +153,34 @@ def paged_decode_attention(
     fn(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
         seq_lens.data_ptr(), b, h, hkv, d, block_size, window or 0, scale, out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_offsets: torch.Tensor,
+    context_starts: torch.Tensor,
+    window: int | None,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of each request's new tokens: request ``b`` owns rows
+    ``query_offsets[b]:query_offsets[b + 1]`` of ``q [T, H, D]`` (fp32), at positions from
+    ``context_starts[b]`` on, and attends to every cached key up to its own position."""
+    k = lib()
+    assert k is not None, "CPU kernels are not available"
+    q = q.contiguous()
+    _, h, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    out = torch.empty_like(q)
+    fn = k.agora_paged_prefill_attention_f16 if k_cache.dtype == torch.float16 else k.agora_paged_prefill_attention
+    fn(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
+        query_offsets.data_ptr(), context_starts.data_ptr(), context_starts.shape[0], h, hkv, d, block_size,
+        window or 0, scale, out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return out
 

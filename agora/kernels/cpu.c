@@ -14,6 +14,11 @@
  *       one query token per request, reading K/V straight from the paged cache
  *       (no gather into a padded batch, no mask tensor), grouped-query aware,
  *       optional sliding window.
+ *
+ *   agora_paged_prefill_attention
+ *       causal attention of each request's chunk of new tokens over its paged K/V,
+ *       flash style (key tiles, running max and sum): no mask, no padding, and a
+ *       query never computes a score for a key after its own position.
  */
 #include <math.h>
 #include <stdint.h>
@@ -420,6 +425,222 @@ void agora_paged_decode_attention_f16(const float *q, const uint16_t *k_cache, c
                                       float scale, float *out, int64_t nthreads) {
     paged_decode(q, k_cache, v_cache, block_tables, bt_stride, seq_lens, B, H, Hkv, D, BS, window, scale, out,
                  nthreads, 1);
+}
+
+/* Causal attention of chunks of new tokens (prefill, or a prompt's uncached tail) over their
+ * paged K/V, flash style: keys are visited in tiles of KT, with a running max and sum per
+ * query row, so no [queries, keys] matrix is ever built and no key past a query's own
+ * position is touched.
+ *   q:           [T, H, D] fp32, the group's query tokens, request after request
+ *   q_offsets:   [B + 1] first row of each request's queries in q (cumulative)
+ *   ctx_starts:  [B] position of each request's first query (its tokens before are cached)
+ *   block_tables, caches, window, scale, nthreads: as for paged decode
+ *   out:         [T, H, D]
+ * One task per (request, KV head, tile of QT queries): the tile's QT * G query rows share
+ * every K/V tile, which is unpacked once (transposed for QK^T, fp16 widened) into L1/L2. */
+#define QT 16
+#define KT 64
+
+#if AGORA_AVX2
+/* In place: r[i] lane j <- r[j] lane i. */
+static inline __attribute__((always_inline)) void transpose8(__m256 r[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+#endif
+
+static inline __attribute__((always_inline)) void paged_prefill(const float *q, const void *k_cache,
+                                                                 const void *v_cache, const int64_t *block_tables,
+                                                                 int64_t bt_stride, const int64_t *q_offsets,
+                                                                 const int64_t *ctx_starts, int64_t B, int64_t H,
+                                                                 int64_t Hkv, int64_t D, int64_t BS, int64_t window,
+                                                                 float scale, float *out, int64_t nthreads, int half) {
+    const int64_t G = H / Hkv, tok_stride = Hkv * D, R = QT * G;
+    /* Tasks, numbered request by request: (b, kv head, query tile). */
+    int64_t tasks = 0;
+    for (int64_t b = 0; b < B; b++) tasks += Hkv * ((q_offsets[b + 1] - q_offsets[b] + QT - 1) / QT);
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *qt = (float *)malloc(sizeof(float) * (size_t)(R * D + R * D + D * KT + KT * D + R * KT + 2 * R));
+        float *o = qt + R * D, *kt = o + R * D, *vt = kt + D * KT, *s = vt + KT * D, *mx = s + R * KT, *sum = mx + R;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < tasks; task++) {
+            int64_t b = 0, t = task;
+            for (;; b++) {
+                const int64_t n = Hkv * ((q_offsets[b + 1] - q_offsets[b] + QT - 1) / QT);
+                if (t < n) break;
+                t -= n;
+            }
+            const int64_t nq_all = q_offsets[b + 1] - q_offsets[b], h = t % Hkv, tile = t / Hkv;
+            const int64_t q0 = tile * QT, nq = nq_all - q0 < QT ? nq_all - q0 : QT, rows = nq * G;
+            const int64_t p0 = ctx_starts[b] + q0, plast = p0 + nq - 1; /* positions of the tile's queries */
+            const int64_t *table = block_tables + b * bt_stride;
+            /* Row r = i * G + g: query i of the tile, head h * G + g; pre-scaled. */
+            for (int64_t i = 0; i < nq; i++)
+                for (int64_t g = 0; g < G; g++) {
+                    const float *src = q + ((q_offsets[b] + q0 + i) * H + h * G + g) * D;
+                    float *dst = qt + (i * G + g) * D;
+                    for (int64_t d = 0; d < D; d++) dst[d] = src[d] * scale;
+                }
+            memset(o, 0, sizeof(float) * rows * D);
+            for (int64_t r = 0; r < rows; r++) mx[r] = -INFINITY, sum[r] = 0.f;
+            int64_t kmin = window > 0 ? p0 - window + 1 : 0;
+            if (kmin < 0) kmin = 0;
+            for (int64_t k0 = kmin; k0 <= plast; k0 += KT) {
+                const int64_t nk = plast + 1 - k0 < KT ? plast + 1 - k0 : KT;
+                /* Unpack the key tile transposed (kt[d * KT + j]) and the value tile (vt[j * D + d]). */
+                int64_t j = 0;
+#if AGORA_AVX2
+                if (D % 8 == 0) /* 8 keys x 8 dims at a time, transposed in registers */
+                    for (; j + 8 <= nk; j += 8) {
+                        const void *kr[8];
+                        for (int u = 0; u < 8; u++) {
+                            const int64_t pos = k0 + j + u, off = (table[pos / BS] * BS + pos % BS) * tok_stride + h * D;
+                            kr[u] = kv_at(k_cache, off, half);
+                            const void *vr = kv_at(v_cache, off, half);
+                            for (int64_t d = 0; d < D; d += 8)
+                                _mm256_storeu_ps(vt + (j + u) * D + d, kv_load8(kv_at(vr, d, half), half));
+                        }
+                        for (int64_t d = 0; d < D; d += 8) {
+                            __m256 r[8];
+                            for (int u = 0; u < 8; u++) r[u] = kv_load8(kv_at(kr[u], d, half), half);
+                            transpose8(r);
+                            for (int u = 0; u < 8; u++) _mm256_storeu_ps(kt + (d + u) * KT + j, r[u]);
+                        }
+                    }
+#endif
+                for (; j < nk; j++) {
+                    const int64_t pos = k0 + j, off = (table[pos / BS] * BS + pos % BS) * tok_stride + h * D;
+                    const void *kr = kv_at(k_cache, off, half), *vr = kv_at(v_cache, off, half);
+                    for (int64_t d = 0; d < D; d++) {
+                        kt[d * KT + j] = kv_load1(kv_at(kr, d, half), half);
+                        vt[j * D + d] = kv_load1(kv_at(vr, d, half), half);
+                    }
+                }
+                for (int64_t j = nk; j < KT; j++)
+                    for (int64_t d = 0; d < D; d++) kt[d * KT + j] = 0.f;
+                /* Scores: s[r, :] = qt[r] . kt (a row of KT keys per FMA sweep, vectorised over keys). */
+                for (int64_t r = 0; r < rows; r++) {
+                    float acc[KT] __attribute__((aligned(32))) = {0};
+                    const float *qr = qt + r * D;
+                    for (int64_t d = 0; d < D; d++) {
+                        const float qv = qr[d];
+                        const float *kd = kt + d * KT;
+                        for (int j = 0; j < KT; j++) acc[j] += qv * kd[j];
+                    }
+                    memcpy(s + r * KT, acc, sizeof acc);
+                }
+                /* Mask, online softmax, accumulate P V. */
+                for (int64_t r = 0; r < rows; r++) {
+                    const int64_t p = p0 + r / G;
+                    int64_t lo = window > 0 ? p - window + 1 - k0 : 0, hi = p - k0 + 1; /* valid keys [lo, hi) */
+                    if (lo < 0) lo = 0;
+                    if (hi > nk) hi = nk;
+                    if (lo >= hi) continue;
+                    float *sr = s + r * KT, m = mx[r];
+                    int64_t j = lo;
+#if AGORA_AVX2
+                    if (hi - lo >= 8) {
+                        __m256 vmax = _mm256_set1_ps(m);
+                        for (; j + 8 <= hi; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(sr + j));
+                        __m128 h4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+                        h4 = _mm_max_ps(h4, _mm_movehl_ps(h4, h4));
+                        h4 = _mm_max_ss(h4, _mm_movehdup_ps(h4));
+                        m = _mm_cvtss_f32(h4);
+                    }
+#endif
+                    for (; j < hi; j++) m = sr[j] > m ? sr[j] : m;
+                    const float alpha = expf(mx[r] - m); /* 0 on the first tile (mx = -inf) */
+                    mx[r] = m;
+                    j = lo;
+                    float tot = 0.f;
+#if AGORA_AVX2
+                    const __m256 vm = _mm256_set1_ps(m);
+                    __m256 vt8 = _mm256_setzero_ps();
+                    for (; j + 8 <= hi; j += 8) {
+                        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + j), vm));
+                        _mm256_storeu_ps(sr + j, e);
+                        vt8 = _mm256_add_ps(vt8, e);
+                    }
+                    tot = hsum(vt8);
+#endif
+                    for (; j < hi; j++) {
+                        sr[j] = expf(sr[j] - m);
+                        tot += sr[j];
+                    }
+                    sum[r] = sum[r] * alpha + tot;
+                    /* o[r] = o[r] * alpha + sum_j p_j v_j, 64 columns at a time held in registers. */
+                    for (int64_t dc = 0; dc < D; dc += 64) {
+                        float *orow = o + r * D + dc;
+                        if (D - dc >= 64) {
+#if AGORA_AVX2
+                            const __m256 va = _mm256_set1_ps(alpha);
+                            __m256 a[8];
+                            for (int u = 0; u < 8; u++) a[u] = _mm256_mul_ps(_mm256_loadu_ps(orow + 8 * u), va);
+                            for (int64_t jj = lo; jj < hi; jj++) {
+                                const __m256 pj = _mm256_set1_ps(sr[jj]);
+                                const float *vj = vt + jj * D + dc;
+                                for (int u = 0; u < 8; u++) a[u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * u), a[u]);
+                            }
+                            for (int u = 0; u < 8; u++) _mm256_storeu_ps(orow + 8 * u, a[u]);
+#else
+                            float acc[64];
+                            for (int d = 0; d < 64; d++) acc[d] = orow[d] * alpha;
+                            for (int64_t jj = lo; jj < hi; jj++) {
+                                const float pj = sr[jj];
+                                const float *vj = vt + jj * D + dc;
+                                for (int d = 0; d < 64; d++) acc[d] += pj * vj[d];
+                            }
+                            memcpy(orow, acc, sizeof acc);
+#endif
+                        } else {
+                            const int64_t w = D - dc;
+                            for (int64_t d = 0; d < w; d++) orow[d] *= alpha;
+                            for (int64_t jj = lo; jj < hi; jj++)
+                                for (int64_t d = 0; d < w; d++) orow[d] += sr[jj] * vt[jj * D + dc + d];
+                        }
+                    }
+                }
+            }
+            for (int64_t i = 0; i < nq; i++)
+                for (int64_t g = 0; g < G; g++) {
+                    const int64_t r = i * G + g;
+                    const float inv = 1.f / sum[r];
+                    float *dst = out + ((q_offsets[b] + q0 + i) * H + h * G + g) * D;
+                    for (int64_t d = 0; d < D; d++) dst[d] = o[r * D + d] * inv;
+                }
+        }
+        free(qt);
+    }
+}
+
+void agora_paged_prefill_attention(const float *q, const float *k_cache, const float *v_cache,
+                                   const int64_t *block_tables, int64_t bt_stride, const int64_t *q_offsets,
+                                   const int64_t *ctx_starts, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                                   int64_t BS, int64_t window, float scale, float *out, int64_t nthreads) {
+    paged_prefill(q, k_cache, v_cache, block_tables, bt_stride, q_offsets, ctx_starts, B, H, Hkv, D, BS, window,
+                  scale, out, nthreads, 0);
+}
+
+void agora_paged_prefill_attention_f16(const float *q, const uint16_t *k_cache, const uint16_t *v_cache,
+                                       const int64_t *block_tables, int64_t bt_stride, const int64_t *q_offsets,
+                                       const int64_t *ctx_starts, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                                       int64_t BS, int64_t window, float scale, float *out, int64_t nthreads) {
+    paged_prefill(q, k_cache, v_cache, block_tables, bt_stride, q_offsets, ctx_starts, B, H, Hkv, D, BS, window,
+                  scale, out, nthreads, 1);
 }
 
 /* Rotary embedding in place, "rotate half" layout (HF Llama): for i < D/2,

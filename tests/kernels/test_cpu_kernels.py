@@ -106,17 +106,69 @@ def test_paged_decode_attention_matches_sdpa_path(
     starts = [n - 1 for n in lens]
     ref_group = build_group(None, [1] * batch, starts, tables, 16, {window}, CPU)
     reference = TorchPagedAttention([(k, v)], 0.3, [window])
-    reference.paged_decode = False
+    reference.paged_kernels = False
     expected = reference._group(ref_group, q, k, v, window)
-    group = build_group(None, [1] * batch, starts, tables, 16, {window}, CPU, paged_decode=True)
+    group = build_group(None, [1] * batch, starts, tables, 16, {window}, CPU, paged_kernels=True)
     assert group.seq_lens is not None and group.seq_lens.tolist() == lens
     got = kernels.paged_decode_attention(q, k, v, group.block_tables, group.seq_lens, window, 0.3)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_prefill_groups_keep_the_sdpa_path() -> None:
-    group = build_group(None, [3, 1], [0, 5], [[0], [1]], 16, {None}, CPU, paged_decode=True)
-    assert group.seq_lens is None and None in group.masks
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 40), (8, 2, 128), (4, 1, 24), (2, 1, 256)]
+)
+@pytest.mark.parametrize("window", [None, 5, 40])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_paged_prefill_attention_matches_sdpa_path(
+    heads: int, kv_heads: int, head_dim: int, window, kv_dtype: torch.dtype
+) -> None:
+    """Chunks of several lengths (a whole prompt, a tail after a cached prefix, chunks that
+    are not multiples of the 16-query or 64-key tiles) in one group, against masked SDPA."""
+    query_lens, starts = [1, 17, 150, 64, 3], [0, 0, 70, 129, 200]
+    lens = [s + n for s, n in zip(starts, query_lens, strict=True)]
+    _, k, v, tables = _paged_case(heads + head_dim, len(lens), heads, kv_heads, head_dim, lens)
+    k, v = k.to(kv_dtype), v.to(kv_dtype)
+    q = torch.randn(sum(query_lens), heads, head_dim, generator=torch.Generator().manual_seed(7))
+    reference = TorchPagedAttention([(k, v)], 0.3, [window])
+    reference.paged_kernels = False
+    expected = reference._group(build_group(None, query_lens, starts, tables, 16, {window}, CPU), q, k, v, window)
+    group = build_group(None, query_lens, starts, tables, 16, {window}, CPU, paged_kernels=True)
+    assert not group.masks and group.seq_lens is None  # no mask is built for the kernel
+    assert group.query_offsets is not None and group.query_offsets.tolist() == [0, 1, 18, 168, 232, 235]
+    got = TorchPagedAttention([(k, v)], 0.3, [window])._group(group, q, k, v, window)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=3e-5)  # fp32, another summation order
+
+
+def test_mixed_step_routes_each_group_to_its_kernel() -> None:
+    """A step with decode and prefill requests interleaved: each group's rows come back in place."""
+    from agora.engine.attention import AttentionMetadata
+
+    heads, kv_heads, dim = 9, 3, 64
+    query_lens, starts = [1, 20, 1, 5], [40, 0, 9, 30]
+    lens = [s + n for s, n in zip(starts, query_lens, strict=True)]
+    _, k, v, tables = _paged_case(3, 4, heads, kv_heads, dim, lens)
+    q = torch.randn(sum(query_lens), heads, dim)
+    slots = torch.cat(
+        [
+            torch.tensor([tables[b][p // 16] * 16 + p % 16 for p in range(s, s + n)])
+            for b, (s, n) in enumerate(zip(starts, query_lens, strict=True))
+        ]
+    )
+    new_k, new_v = torch.randn(len(slots), kv_heads, dim), torch.randn(len(slots), kv_heads, dim)
+    offsets = [0, 1, 21, 22]
+    rows = lambda members: [r for b in members for r in range(offsets[b], offsets[b] + query_lens[b])]  # noqa: E731
+
+    def run(kernels_on: bool) -> torch.Tensor:
+        backend = TorchPagedAttention([(k.clone(), v.clone())], 0.125, [None])
+        backend.paged_kernels = kernels_on
+        groups = [
+            build_group(rows(m), [query_lens[b] for b in m], [starts[b] for b in m], [tables[b] for b in m], 16,
+                        {None}, CPU, paged_kernels=kernels_on)
+            for m in ([0, 2], [1, 3])
+        ]  # fmt: skip
+        return backend.bind(AttentionMetadata(slots, groups))(0, q, new_k, new_v)
+
+    torch.testing.assert_close(run(True), run(False), rtol=1e-5, atol=1e-5)
 
 
 def test_rope_in_place_matches_rotate_half_on_strided_views() -> None:
@@ -187,8 +239,8 @@ def test_fp16_cache_engine_decodes_through_the_kernel() -> None:
     the cache upcast to fp32 gives the same output (the kernel reads fp16 exactly)."""
     q, k, v, tables = _paged_case(5, 2, 9, 3, 64, [30, 50])
     backend = TorchPagedAttention([(k.half(), v.half())], 0.125, [None])
-    assert backend.paged_decode
-    group = build_group(None, [1, 1], [29, 49], tables, 16, {None}, CPU, paged_decode=True)
+    assert backend.paged_kernels
+    group = build_group(None, [1, 1], [29, 49], tables, 16, {None}, CPU, paged_kernels=True)
     got = kernels.paged_decode_attention(q, k.half(), v.half(), group.block_tables, group.seq_lens, None, 0.125)
     ref = kernels.paged_decode_attention(
         q, k.half().float(), v.half().float(), group.block_tables, group.seq_lens, None, 0.125
