@@ -37,6 +37,11 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def pick_kv_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's element type; ``auto`` keeps the model's, so attention sees what it computed."""
+    return model_dtype if name == "auto" else getattr(torch, name)
+
+
 def kv_cache_budget(device: torch.device, requested: int | None, utilization: float) -> int:
     """Bytes for the KV cache: what was asked for, else a share of the device's free memory.
 

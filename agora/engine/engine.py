@@ -15,7 +15,7 @@ import torch
 
 from agora import envs
 from agora.config import EngineConfig
-from agora.engine.device import kv_cache_budget, pick_device, pick_dtype
+from agora.engine.device import kv_cache_budget, pick_device, pick_dtype, pick_kv_dtype
 from agora.engine.kv_cache import KVCacheManager
 from agora.engine.request import Request, RequestStatus
 from agora.engine.runner import ModelRunner, kv_bytes_per_block
@@ -89,7 +89,7 @@ class Engine:
         self.vocab_size = model.config.vocab_size  # type: ignore[union-attr]
 
         cache = config.cache
-        self.kv_dtype = self.dtype if cache.kv_cache_dtype == "auto" else getattr(torch, cache.kv_cache_dtype)
+        self.kv_dtype = pick_kv_dtype(cache.kv_cache_dtype, self.dtype)
         block_bytes = kv_bytes_per_block(model, cache.block_size, self.kv_dtype)
         if cache.num_blocks is None:
             budget = kv_cache_budget(self.device, cache.kv_cache_memory_bytes, cache.gpu_memory_utilization)
