@@ -26,10 +26,26 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 AGORA = os.environ.get("AGORA", str(ROOT / ".venv" / "bin" / "agora"))
 MODEL = "SmolLM2-135M-Instruct"
-# Single-stream decode bound from memory bandwidth on this machine (23.7 GB/s measured with a 2-thread
-# sum over 256 MB), by the bytes of weights one token reads: fp32 (540 MB), or the GGUF file's own
-# blocks as agora's CPU kernels and llama.cpp read them (Q4_1 layers 66 MB + Q8_0 lm_head 30 MB).
-PHYSICAL_LIMIT_TOK_S = {"fp32": 43.0, "gguf": 245.0}
+# Bytes of weights one decoded token reads: the GGUF file's own blocks, as agora's CPU kernels
+# and llama.cpp read them (Q4_1 layers 66 MB + Q8_0 lm_head 30 MB); divided into the memory
+# bandwidth measured on the host, the single-stream decode bound.
+GGUF_BYTES_PER_TOKEN = 96e6
+
+
+def memory_bandwidth() -> float:
+    """Bytes/s a sum over 256 MB reads with all threads (median of 10), on this host."""
+    import statistics
+
+    import torch
+
+    x = torch.ones(64 << 20)
+    x.sum()
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - start)
+    return x.numel() * 4 / statistics.median(times)
 
 
 def server_command(system: str, port: int, slots: int) -> list[str]:
@@ -94,7 +110,26 @@ def run_system(system: str, args: argparse.Namespace, out: Path) -> Path | None:
         log.close()
 
 
-def comparison(results: dict[str, dict]) -> tuple[list[dict], str]:
+def host_summary() -> str:
+    """CPU model, cores and the vector extensions the peers' kernels key on: ratios between
+    servers depend on them (oneDNN uses AVX-512 where it exists; agora's kernels are AVX2)."""
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        return "unknown host"
+    flags = set(info.get("flags", "").split())
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+    return (
+        f"{info.get('model name', 'unknown CPU')} (family {info.get('cpu family', '?')}, model "
+        f"{info.get('model', '?')}), {os.cpu_count()} cores; {' '.join(x for x in wanted if x in flags) or 'no AVX2'}"
+    )
+
+
+def comparison(results: dict[str, dict], bandwidth: float | None = None) -> tuple[list[dict], str]:
     rows = []
     for system, data in results.items():
         for run in data["runs"]:
@@ -115,11 +150,11 @@ def comparison(results: dict[str, dict]) -> tuple[list[dict], str]:
         lines.append(f"| {r['system']} | {r['concurrency']} | {r['output_tok_s']:.1f} | {ratio} | "
                      f"{r['ttft_p50_ms']:.0f} | {r['ttft_p90_ms']:.0f} | {later} | {r['failed']} |")  # fmt: skip
     single = agora.get(1)
-    if single:
-        limit = PHYSICAL_LIMIT_TOK_S["gguf"]
+    if single and bandwidth:
+        limit = bandwidth / GGUF_BYTES_PER_TOKEN
         lines.append(f"\nagora, 1 agent: {single['output_tok_s']:.1f} output tok/s (TTFT included) = "
                      f"{single['output_tok_s'] / limit:.0%} of the bandwidth limit for the GGUF's blocks "
-                     f"({limit:.0f} tok/s).")  # fmt: skip
+                     f"({limit:.0f} tok/s at the {bandwidth / 1e9:.1f} GB/s measured here).")  # fmt: skip
     lines.append("\n'vs agora' is agora's output throughput divided by the row's, at the same number of agents.")
     return rows, "\n".join(lines)
 
@@ -136,17 +171,43 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8100)
     ap.add_argument("--start-timeout", type=float, default=900)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "peers"))
+    ap.add_argument("--table-only", action="store_true",
+                    help="run nothing: rebuild comparison.md/json from the systems' JSON files already in --out")  # fmt: skip
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
-    for system in args.systems.split(","):
-        path = run_system(system.strip(), args, out)
-        if path is not None:
-            results[system.strip()] = json.loads(path.read_text())
-    rows, table = comparison(results)
-    (out / "comparison.json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2))
-    (out / "comparison.md").write_text(f"Command: {' '.join(sys.argv)}\n\n{table}\n")
+    for system in (s.strip() for s in args.systems.split(",")):
+        path = out / f"{system}.json" if args.table_only else run_system(system, args, out)
+        if path is not None and path.is_file():
+            results[system] = json.loads(path.read_text())
+    bandwidth = memory_bandwidth()
+    rows, table = comparison(results, bandwidth)
+    host = f"{host_summary()}; {bandwidth / 1e9:.1f} GB/s memory read"
+    command = " ".join(sys.argv)
+    if args.table_only:
+        previous = out / "comparison.json"
+        settings = json.loads(previous.read_text()).get("settings", {}) if previous.is_file() else {}
+        command = settings.get("command") or (  # results from before the command was recorded
+            "benchmarks/peers/compare.py "
+            + " ".join(
+                f"--{k.replace('_', '-')} {settings[k]}"
+                for k in (
+                    "systems",
+                    "concurrency",
+                    "turns",
+                    "output_len",
+                    "system_prompt_len",
+                    "tool_result_len",
+                    "seed",
+                )
+                if k in settings
+            )
+        )
+    (out / "comparison.json").write_text(
+        json.dumps({"settings": {**vars(args), "command": command}, "host": host, "rows": rows}, indent=2)
+    )
+    (out / "comparison.md").write_text(f"Command: {command}\n\nHost: {host}\n\n{table}\n")
     print(table)
 
 
