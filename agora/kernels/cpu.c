@@ -101,7 +101,7 @@ static inline void unpack_q8_0(const uint8_t *blk, __m256 w[4]) {
  * for the previous one on the same register, so a single chain per row would leave a
  * one- or two-row product (single-stream decode) latency-bound instead of bandwidth-bound. */
 static inline __attribute__((always_inline)) void row_dot(int q8, const uint8_t *wrow, int64_t nb, const float *x,
-                                                          int64_t ldx, int R, float *out, int64_t ldo) {
+                                                          int64_t ldx, int R, float *out, int64_t ldo, int add) {
     const int A = R <= 2 ? 4 : R <= 4 ? 2 : 1;
     __m256 acc[ROWS][4];
     for (int r = 0; r < R; r++)
@@ -123,7 +123,7 @@ static inline __attribute__((always_inline)) void row_dot(int q8, const uint8_t 
     for (int r = 0; r < R; r++) {
         __m256 s = acc[r][0];
         for (int a = 1; a < A; a++) s = _mm256_add_ps(s, acc[r][a]);
-        out[r * ldo] = hsum(s);
+        out[r * ldo] = add ? out[r * ldo] + hsum(s) : hsum(s);
     }
 }
 #else
@@ -141,7 +141,7 @@ static inline void unpack_block(int q8, const uint8_t *blk, float w[QK]) {
 }
 
 static inline void row_dot(int q8, const uint8_t *wrow, int64_t nb, const float *x, int64_t ldx, int R, float *out,
-                           int64_t ldo) {
+                           int64_t ldo, int add) {
     float acc[ROWS] = {0};
     float w[QK];
     const int64_t bytes = q8 ? Q8_0_BYTES : Q4_1_BYTES;
@@ -154,30 +154,54 @@ static inline void row_dot(int q8, const uint8_t *wrow, int64_t nb, const float 
             acc[r] += s;
         }
     }
-    for (int r = 0; r < R; r++) out[r * ldo] = acc[r];
+    for (int r = 0; r < R; r++) out[r * ldo] = add ? out[r * ldo] + acc[r] : acc[r];
 }
 #endif
 
+/* One weight row against R (1..ROWS) rows of x, R a constant in each case (unrolled apart). */
+static inline __attribute__((always_inline)) void rows_dot(int q8, const uint8_t *wrow, int64_t nb, const float *x,
+                                                           int64_t ldx, int64_t R, float *out, int64_t ldo, int add) {
+    switch (R) {
+        case 8: row_dot(q8, wrow, nb, x, ldx, 8, out, ldo, add); break;
+        case 7: row_dot(q8, wrow, nb, x, ldx, 7, out, ldo, add); break;
+        case 6: row_dot(q8, wrow, nb, x, ldx, 6, out, ldo, add); break;
+        case 5: row_dot(q8, wrow, nb, x, ldx, 5, out, ldo, add); break;
+        case 4: row_dot(q8, wrow, nb, x, ldx, 4, out, ldo, add); break;
+        case 3: row_dot(q8, wrow, nb, x, ldx, 3, out, ldo, add); break;
+        case 2: row_dot(q8, wrow, nb, x, ldx, 2, out, ldo, add); break;
+        case 1: row_dot(q8, wrow, nb, x, ldx, 1, out, ldo, add); break;
+        default: break;
+    }
+}
+
+/* Cache blocking. Each thread takes whole blocks of about NBLK weight rows (the same number of
+ * blocks per thread), and within a block goes tile by tile over x (ROWS rows), so one tile of
+ * x stays in L1 while the block's weight rows (tens of KB) come from L2. Long rows (K > 768)
+ * are also cut into chunks of about 512 columns, keeping the tile of x at 16 KB. Measured on
+ * 2 Zen 4 cores, batch 16-64: 100-110 -> 150-157 GFLOP/s for K = 576, 95 -> 120 for K = 1536. */
+#define NBLK 64
+
 static void linear_blocks(int q8, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
                           const float *bias, float *y, int64_t nthreads) {
-    const int64_t nb = K / QK, row_bytes = nb * (q8 ? Q8_0_BYTES : Q4_1_BYTES);
+    const int64_t nb = K / QK, bytes = q8 ? Q8_0_BYTES : Q4_1_BYTES, row_bytes = nb * bytes;
+    const int64_t nblocks_target = nthreads * ((N + nthreads * NBLK - 1) / (nthreads * NBLK));
+    const int64_t NB = (N + nblocks_target - 1) / nblocks_target, nblocks = (N + NB - 1) / NB;
+    const int64_t chunks = K > 768 ? (K + 511) / 512 : 1, cb = (nb + chunks - 1) / chunks; /* blocks per chunk */
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *wrow = w + n * row_bytes;
-        int64_t m = 0;
-        for (; m + ROWS <= M; m += ROWS) row_dot(q8, wrow, nb, x + m * K, K, ROWS, y + m * N + n, N);
-        switch (M - m) { /* constant R: each case compiles to its own unrolled loop */
-            case 7: row_dot(q8, wrow, nb, x + m * K, K, 7, y + m * N + n, N); break;
-            case 6: row_dot(q8, wrow, nb, x + m * K, K, 6, y + m * N + n, N); break;
-            case 5: row_dot(q8, wrow, nb, x + m * K, K, 5, y + m * N + n, N); break;
-            case 4: row_dot(q8, wrow, nb, x + m * K, K, 4, y + m * N + n, N); break;
-            case 3: row_dot(q8, wrow, nb, x + m * K, K, 3, y + m * N + n, N); break;
-            case 2: row_dot(q8, wrow, nb, x + m * K, K, 2, y + m * N + n, N); break;
-            case 1: row_dot(q8, wrow, nb, x + m * K, K, 1, y + m * N + n, N); break;
-            default: break;
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        const int64_t n0 = blk * NB, n1 = n0 + NB < N ? n0 + NB : N;
+        for (int64_t m = 0; m < M; m += ROWS) {
+            const int64_t R = M - m < ROWS ? M - m : ROWS;
+            for (int64_t kb = 0; kb < nb; kb += cb) {
+                const int64_t cnb = nb - kb < cb ? nb - kb : cb;
+                for (int64_t n = n0; n < n1; n++)
+                    rows_dot(q8, w + n * row_bytes + kb * bytes, cnb, x + m * K + kb * QK, K, R, y + m * N + n, N,
+                             kb > 0);
+            }
         }
         if (bias)
-            for (int64_t r = 0; r < M; r++) y[r * N + n] += bias[n];
+            for (int64_t r = 0; r < M; r++)
+                for (int64_t n = n0; n < n1; n++) y[r * N + n] += bias[n];
     }
 }
 

@@ -28,13 +28,15 @@ def quantized(n: int, k: int, qtype: str, seed: int = 0) -> tuple[torch.Tensor, 
 @pytest.mark.parametrize("qtype", kernels.QTYPES)
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 16, 23])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_matches_fp32_on_dequantized_weights(qtype: str, m: int, with_bias: bool) -> None:
-    blocks, w = quantized(96, 160, qtype, seed=m)
-    assert blocks.shape == (96, 160 // 32 * kernels.BLOCK_BYTES[qtype])
-    x = torch.randn(m, 160)
-    bias = torch.randn(96) if with_bias else None
+# (N, K): one block of weight rows per thread; many uneven blocks; long rows cut into K chunks
+@pytest.mark.parametrize(("n", "k"), [(96, 160), (333, 96), (200, 1600)])
+def test_linear_matches_fp32_on_dequantized_weights(qtype: str, m: int, with_bias: bool, n: int, k: int) -> None:
+    blocks, w = quantized(n, k, qtype, seed=m)
+    assert blocks.shape == (n, k // 32 * kernels.BLOCK_BYTES[qtype])
+    x = torch.randn(m, k)
+    bias = torch.randn(n) if with_bias else None
     got = kernels.linear(x, blocks, qtype, bias)
-    torch.testing.assert_close(got, F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, F.linear(x, w, bias), rtol=1e-5, atol=2e-5)
 
 
 def test_linear_keeps_leading_dims() -> None:
