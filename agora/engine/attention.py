@@ -76,8 +76,8 @@ def build_group(
     tables = torch.zeros(batch, max_blocks, dtype=torch.long)
     for b, bt in enumerate(block_tables):
         tables[b, : len(bt)] = torch.tensor(bt, dtype=torch.long)
+    token_tensor = None if token_index is None else torch.tensor(token_index, dtype=torch.long, device=device)
     if paged_kernels:
-        token_tensor = None if token_index is None else torch.tensor(token_index, dtype=torch.long, device=device)
         if max_q == 1:
             seq_lens = torch.tensor([s + 1 for s in context_starts], dtype=torch.long)
             return AttentionGroup(token_tensor, None, tables, {}, batch, 1, seq_lens)
@@ -102,7 +102,7 @@ def build_group(
     if any(q != max_q for q in query_lens):
         pad_index = (torch.arange(batch)[:, None] * max_q + q_ar[None, :])[valid]
     return AttentionGroup(
-        token_index=None if token_index is None else torch.tensor(token_index, dtype=torch.long, device=device),
+        token_index=token_tensor,
         pad_index=None if pad_index is None else pad_index.to(device),
         block_tables=tables.to(device),
         masks=masks,

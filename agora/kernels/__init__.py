@@ -132,6 +132,26 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, qtype: str, bias: torch.Tenso
     return y.view(*shape[:-1], n)
 
 
+def _paged_attention(
+    name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    per_request: tuple[int, ...], window: int | None, scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """Call ``name`` (or its fp16-cache twin ``name_f16``): both attention kernels take
+    (q, caches, block tables, *per_request, H, Hkv, D, block size, window, scale, out, threads)."""
+    k = lib()
+    assert k is not None, "CPU kernels are not available"
+    q = q.contiguous()
+    h, d = q.shape[1], q.shape[2]
+    _, block_size, hkv, _ = k_cache.shape
+    out = torch.empty_like(q)
+    fn = getattr(k, f"{name}_f16" if k_cache.dtype == torch.float16 else name)
+    fn(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
+        *per_request, h, hkv, d, block_size, window or 0, scale, out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -143,18 +163,10 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """One query per request: ``q [B, H, D]`` (fp32) over ``seq_lens[b]`` keys of the paged
     cache (fp32 or fp16, see ``KV_DTYPES``)."""
-    k = lib()
-    assert k is not None, "CPU kernels are not available"
-    q = q.contiguous()
-    b, h, d = q.shape
-    _, block_size, hkv, _ = k_cache.shape
-    out = torch.empty_like(q)
-    fn = k.agora_paged_decode_attention_f16 if k_cache.dtype == torch.float16 else k.agora_paged_decode_attention
-    fn(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
-        seq_lens.data_ptr(), b, h, hkv, d, block_size, window or 0, scale, out.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
-    return out
+    per_request = (seq_lens.data_ptr(), q.shape[0])
+    return _paged_attention(
+        "agora_paged_decode_attention", q, k_cache, v_cache, block_tables, per_request, window, scale
+    )
 
 
 def paged_prefill_attention(
@@ -170,19 +182,10 @@ def paged_prefill_attention(
     """Causal attention of each request's new tokens: request ``b`` owns rows
     ``query_offsets[b]:query_offsets[b + 1]`` of ``q [T, H, D]`` (fp32), at positions from
     ``context_starts[b]`` on, and attends to every cached key up to its own position."""
-    k = lib()
-    assert k is not None, "CPU kernels are not available"
-    q = q.contiguous()
-    _, h, d = q.shape
-    _, block_size, hkv, _ = k_cache.shape
-    out = torch.empty_like(q)
-    fn = k.agora_paged_prefill_attention_f16 if k_cache.dtype == torch.float16 else k.agora_paged_prefill_attention
-    fn(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
-        query_offsets.data_ptr(), context_starts.data_ptr(), context_starts.shape[0], h, hkv, d, block_size,
-        window or 0, scale, out.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
-    return out
+    per_request = (query_offsets.data_ptr(), context_starts.data_ptr(), context_starts.shape[0])
+    return _paged_attention(
+        "agora_paged_prefill_attention", q, k_cache, v_cache, block_tables, per_request, window, scale
+    )
 
 
 def rope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:

@@ -189,7 +189,8 @@ static void linear_blocks(int q8, const float *x, int64_t M, int64_t K, const ui
     const int64_t nblocks_target = nthreads * ((N + nthreads * NBLK - 1) / (nthreads * NBLK));
     const int64_t NB = (N + nblocks_target - 1) / nblocks_target, nblocks = (N + NB - 1) / NB;
     const int64_t tile_bytes = (M < ROWS ? M : ROWS) * K * (int64_t)sizeof(float);
-    const int64_t chunks = tile_bytes > 24576 ? (K + 511) / 512 : 1, cb = (nb + chunks - 1) / chunks; /* blocks per chunk */
+    const int64_t chunks = tile_bytes > 24576 ? (K + 511) / 512 : 1;
+    const int64_t cb = (nb + chunks - 1) / chunks; /* blocks per chunk */
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t blk = 0; blk < nblocks; blk++) {
         const int64_t n0 = blk * NB, n1 = n0 + NB < N ? n0 + NB : N;
@@ -263,6 +264,11 @@ static inline __attribute__((always_inline)) __m256 kv_load8(const void *p, int 
 }
 #endif
 
+/* Element offset of position pos's token row in a paged cache [blocks, BS, Hkv, D]. */
+static inline int64_t token_row(const int64_t *table, int64_t pos, int64_t BS, int64_t tok_stride) {
+    return (table[pos / BS] * BS + pos % BS) * tok_stride;
+}
+
 /* Scores of G query heads against keys kp[0..n) (pointers to token rows), scaled, into
  * scores[g * n + i]. Query head g reads the key at kp[i] + (g / group) * D, so one call can
  * cover several KV heads of a token row (read whole and in order). */
@@ -300,27 +306,50 @@ static inline __attribute__((always_inline)) void attn_scores(const float *qh, c
     }
 }
 
+/* max(m, s[0..n)). */
+static inline float row_max(const float *s, int64_t n, float m) {
+    int64_t i = 0;
+#if AGORA_AVX2
+    if (n >= 8) {
+        __m256 vmax = _mm256_set1_ps(m);
+        for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + i));
+        __m128 h4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+        h4 = _mm_max_ps(h4, _mm_movehl_ps(h4, h4));
+        h4 = _mm_max_ss(h4, _mm_movehdup_ps(h4));
+        m = _mm_cvtss_f32(h4);
+    }
+#endif
+    for (; i < n; i++) m = s[i] > m ? s[i] : m;
+    return m;
+}
+
+/* In place s[i] <- exp(s[i] - m) for i < n (m >= every s[i]); returns their sum. */
+static inline float exp_sum(float *s, int64_t n, float m) {
+    int64_t i = 0;
+    float sum = 0.f;
+#if AGORA_AVX2
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 vsum = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + i), vm));
+        _mm256_storeu_ps(s + i, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    sum = hsum(vsum);
+#endif
+    for (; i < n; i++) {
+        s[i] = expf(s[i] - m);
+        sum += s[i];
+    }
+    return sum;
+}
+
 /* In place: each row of scores [G, n] becomes its softmax. */
 static void softmax_rows(float *scores, int64_t n, int64_t G) {
     for (int64_t g = 0; g < G; g++) {
-        float *sg = scores + g * n, mx = -INFINITY, sum = 0.f;
-        for (int64_t i = 0; i < n; i++) mx = sg[i] > mx ? sg[i] : mx;
-        int64_t i = 0;
-#if AGORA_AVX2
-        __m256 vm = _mm256_set1_ps(mx), vsum = _mm256_setzero_ps();
-        for (; i + 8 <= n; i += 8) {
-            __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sg + i), vm));
-            _mm256_storeu_ps(sg + i, e);
-            vsum = _mm256_add_ps(vsum, e);
-        }
-        sum = hsum(vsum);
-#endif
-        for (; i < n; i++) {
-            sg[i] = expf(sg[i] - mx);
-            sum += sg[i];
-        }
-        const float inv = 1.f / sum;
-        for (i = 0; i < n; i++) sg[i] *= inv;
+        float *sg = scores + g * n;
+        const float inv = 1.f / exp_sum(sg, n, row_max(sg, n, -INFINITY));
+        for (int64_t i = 0; i < n; i++) sg[i] *= inv;
     }
 }
 
@@ -424,7 +453,7 @@ static inline __attribute__((always_inline)) void paged_decode(const float *q, c
             const void **kp = ptrs, **vp = ptrs + cap;
             const int64_t *table = block_tables + b * bt_stride;
             for (int64_t i = 0; i < n; i++) {
-                const int64_t t = start + i, off = (table[t / BS] * BS + t % BS) * tok_stride + h0 * D;
+                const int64_t off = token_row(table, start + i, BS, tok_stride) + h0 * D;
                 kp[i] = kv_at(k_cache, off, half);
                 vp[i] = kv_at(v_cache, off, half);
             }
@@ -468,6 +497,11 @@ void agora_paged_decode_attention_f16(const float *q, const uint16_t *k_cache, c
 #define QT 16
 #define KT 64
 
+/* Tiles of QT queries of request b. */
+static inline int64_t q_tiles(const int64_t *q_offsets, int64_t b) {
+    return (q_offsets[b + 1] - q_offsets[b] + QT - 1) / QT;
+}
+
 #if AGORA_AVX2
 /* In place: r[i] lane j <- r[j] lane i. */
 static inline __attribute__((always_inline)) void transpose8(__m256 r[8]) {
@@ -498,7 +532,7 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
     const int64_t G = H / Hkv, tok_stride = Hkv * D, R = QT * G;
     /* Tasks, numbered request by request: (b, kv head, query tile). */
     int64_t tasks = 0;
-    for (int64_t b = 0; b < B; b++) tasks += Hkv * ((q_offsets[b + 1] - q_offsets[b] + QT - 1) / QT);
+    for (int64_t b = 0; b < B; b++) tasks += Hkv * q_tiles(q_offsets, b);
 #pragma omp parallel num_threads(nthreads)
     {
         float *qt = (float *)malloc(sizeof(float) * (size_t)(R * D + R * D + D * KT + KT * D + R * KT + 2 * R));
@@ -507,7 +541,7 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
         for (int64_t task = 0; task < tasks; task++) {
             int64_t b = 0, t = task;
             for (;; b++) {
-                const int64_t n = Hkv * ((q_offsets[b + 1] - q_offsets[b] + QT - 1) / QT);
+                const int64_t n = Hkv * q_tiles(q_offsets, b);
                 if (t < n) break;
                 t -= n;
             }
@@ -535,7 +569,7 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
                     for (; j + 8 <= nk; j += 8) {
                         const void *kr[8];
                         for (int u = 0; u < 8; u++) {
-                            const int64_t pos = k0 + j + u, off = (table[pos / BS] * BS + pos % BS) * tok_stride + h * D;
+                            const int64_t off = token_row(table, k0 + j + u, BS, tok_stride) + h * D;
                             kr[u] = kv_at(k_cache, off, half);
                             const void *vr = kv_at(v_cache, off, half);
                             for (int64_t d = 0; d < D; d += 8)
@@ -550,7 +584,7 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
                     }
 #endif
                 for (; j < nk; j++) {
-                    const int64_t pos = k0 + j, off = (table[pos / BS] * BS + pos % BS) * tok_stride + h * D;
+                    const int64_t off = token_row(table, k0 + j, BS, tok_stride) + h * D;
                     const void *kr = kv_at(k_cache, off, half), *vr = kv_at(v_cache, off, half);
                     for (int64_t d = 0; d < D; d++) {
                         kt[d * KT + j] = kv_load1(kv_at(kr, d, half), half);
@@ -577,38 +611,11 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
                     if (lo < 0) lo = 0;
                     if (hi > nk) hi = nk;
                     if (lo >= hi) continue;
-                    float *sr = s + r * KT, m = mx[r];
-                    int64_t j = lo;
-#if AGORA_AVX2
-                    if (hi - lo >= 8) {
-                        __m256 vmax = _mm256_set1_ps(m);
-                        for (; j + 8 <= hi; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(sr + j));
-                        __m128 h4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
-                        h4 = _mm_max_ps(h4, _mm_movehl_ps(h4, h4));
-                        h4 = _mm_max_ss(h4, _mm_movehdup_ps(h4));
-                        m = _mm_cvtss_f32(h4);
-                    }
-#endif
-                    for (; j < hi; j++) m = sr[j] > m ? sr[j] : m;
+                    float *sr = s + r * KT;
+                    const float m = row_max(sr + lo, hi - lo, mx[r]);
                     const float alpha = expf(mx[r] - m); /* 0 on the first tile (mx = -inf) */
                     mx[r] = m;
-                    j = lo;
-                    float tot = 0.f;
-#if AGORA_AVX2
-                    const __m256 vm = _mm256_set1_ps(m);
-                    __m256 vt8 = _mm256_setzero_ps();
-                    for (; j + 8 <= hi; j += 8) {
-                        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + j), vm));
-                        _mm256_storeu_ps(sr + j, e);
-                        vt8 = _mm256_add_ps(vt8, e);
-                    }
-                    tot = hsum(vt8);
-#endif
-                    for (; j < hi; j++) {
-                        sr[j] = expf(sr[j] - m);
-                        tot += sr[j];
-                    }
-                    sum[r] = sum[r] * alpha + tot;
+                    sum[r] = sum[r] * alpha + exp_sum(sr + lo, hi - lo, m);
                     /* o[r] = o[r] * alpha + sum_j p_j v_j, 64 columns at a time held in registers. */
                     for (int64_t dc = 0; dc < D; dc += 64) {
                         float *orow = o + r * D + dc;
@@ -620,7 +627,8 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
                             for (int64_t jj = lo; jj < hi; jj++) {
                                 const __m256 pj = _mm256_set1_ps(sr[jj]);
                                 const float *vj = vt + jj * D + dc;
-                                for (int u = 0; u < 8; u++) a[u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * u), a[u]);
+                                for (int u = 0; u < 8; u++)
+                                    a[u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * u), a[u]);
                             }
                             for (int u = 0; u < 8; u++) _mm256_storeu_ps(orow + 8 * u, a[u]);
 #else

@@ -129,7 +129,7 @@ def host_summary() -> str:
     )
 
 
-def comparison(results: dict[str, dict], bandwidth: float | None = None) -> tuple[list[dict], str]:
+def comparison(results: dict[str, dict], bandwidth: float) -> tuple[list[dict], str]:
     rows = []
     for system, data in results.items():
         for run in data["runs"]:
@@ -150,7 +150,7 @@ def comparison(results: dict[str, dict], bandwidth: float | None = None) -> tupl
         lines.append(f"| {r['system']} | {r['concurrency']} | {r['output_tok_s']:.1f} | {ratio} | "
                      f"{r['ttft_p50_ms']:.0f} | {r['ttft_p90_ms']:.0f} | {later} | {r['failed']} |")  # fmt: skip
     single = agora.get(1)
-    if single and bandwidth:
+    if single:
         limit = bandwidth / GGUF_BYTES_PER_TOKEN
         lines.append(f"\nagora, 1 agent: {single['output_tok_s']:.1f} output tok/s (TTFT included) = "
                      f"{single['output_tok_s'] / limit:.0%} of the bandwidth limit for the GGUF's blocks "
@@ -188,22 +188,7 @@ def main() -> None:
     if args.table_only:
         previous = out / "comparison.json"
         settings = json.loads(previous.read_text()).get("settings", {}) if previous.is_file() else {}
-        command = settings.get("command") or (  # results from before the command was recorded
-            "benchmarks/peers/compare.py "
-            + " ".join(
-                f"--{k.replace('_', '-')} {settings[k]}"
-                for k in (
-                    "systems",
-                    "concurrency",
-                    "turns",
-                    "output_len",
-                    "system_prompt_len",
-                    "tool_result_len",
-                    "seed",
-                )
-                if k in settings
-            )
-        )
+        command = settings.get("command", command)
     (out / "comparison.json").write_text(
         json.dumps({"settings": {**vars(args), "command": command}, "host": host, "rows": rows}, indent=2)
     )

@@ -36,7 +36,7 @@ def test_linear_matches_fp32_on_dequantized_weights(qtype: str, m: int, with_bia
     x = torch.randn(m, k)
     bias = torch.randn(n) if with_bias else None
     got = kernels.linear(x, blocks, qtype, bias)
-    torch.testing.assert_close(got, F.linear(x, w, bias), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(got, F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
 
 
 def test_linear_keeps_leading_dims() -> None:
