@@ -1,0 +1,123 @@
+"""CPU decode attention: the paged kernel with and without its software prefetch, side by side.
+
+    python benchmarks/cpu_decode_attention.py --out benchmarks/results/cpu_decode_attention.json
+
+Decode attention reads every cached K/V row of every request once per step, so it should run
+at memory bandwidth. The kernel source is built twice, as the engine builds it and with
+``-DAGORA_NO_PREFETCH``; both run alternately in one process over the same caches:
+SmolLM2-135M's shape (9 query heads, 3 KV heads, head_dim 64, 16-token blocks in random
+order), one cache per layer for all 30 layers so that every step reads cold memory. The
+figure is the median of ``--repeats`` steps; GB/s counts the K and V bytes a step must read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from agora import kernels
+
+# (requests, context tokens per request, KV cache dtype)
+CASES = [
+    (32, 1000, torch.float32),  # 32 agents mid-session
+    (32, 1000, torch.float16),
+    (4, 4000, torch.float32),
+    (1, 8000, torch.float32),  # one long-context agent
+]
+LAYERS, HEADS, KV_HEADS, DIM, BLOCK = 30, 9, 3, 64, 16
+
+
+def build(out_dir: str, defines: list[str]) -> ctypes.CDLL:
+    cc = kernels._compiler()
+    if cc is None:
+        raise SystemExit("no C compiler: the kernels cannot be built here")
+    so = Path(out_dir) / f"kernels{'-'.join(defines)}.so"
+    cmd = [cc, *kernels.FLAGS, *(f"-D{d}" for d in defines), str(kernels.SOURCE), "-o", str(so), "-lm"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    lib = ctypes.CDLL(str(so))
+    for name in ("agora_paged_decode_attention", "agora_paged_decode_attention_f16"):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = kernels._SIGNATURES[name]
+    return lib
+
+
+def measure(libs: dict[str, ctypes.CDLL], batch: int, context: int, dtype: torch.dtype, repeats: int) -> dict:
+    per_req = -(-context // BLOCK)
+    caches = [
+        (torch.randn(batch * per_req + 1, BLOCK, KV_HEADS, DIM).to(dtype), torch.randn(batch * per_req + 1, BLOCK, KV_HEADS, DIM).to(dtype))
+        for _ in range(LAYERS)
+    ]  # fmt: skip
+    tables = torch.randperm(batch * per_req).view(batch, per_req).contiguous()
+    seq_lens = torch.full((batch,), context, dtype=torch.int64)
+    q = torch.randn(batch, HEADS, DIM)
+    name = "agora_paged_decode_attention" + ("_f16" if dtype == torch.float16 else "")
+    threads = torch.get_num_threads()
+    times: dict[str, list[float]] = {n: [] for n in libs}
+    outs = {}
+    for _ in range(repeats + 1):
+        for label, lib in libs.items():
+            out = torch.empty_like(q)
+            fn = getattr(lib, name)
+            start = time.perf_counter()
+            for k, v in caches:
+                fn(
+                    q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.data_ptr(), per_req, seq_lens.data_ptr(),
+                    batch, HEADS, KV_HEADS, DIM, BLOCK, 0, DIM**-0.5, out.data_ptr(), threads,
+                )  # fmt: skip
+            times[label].append(time.perf_counter() - start)
+            outs[label] = out
+    step_bytes = LAYERS * batch * context * KV_HEADS * DIM * 2 * caches[0][0].element_size()
+    result: dict = {"requests": batch, "context": context, "kv_dtype": str(dtype).removeprefix("torch.")}
+    for label in libs:
+        ms = statistics.median(times[label][1:]) * 1000
+        result[label] = {"step_ms": round(ms, 2), "GB_per_s": round(step_bytes / ms / 1e6, 1)}
+    result["speedup"] = round(result["no_prefetch"]["step_ms"] / result["prefetch"]["step_ms"], 2)
+    result["max_abs_diff"] = (outs["prefetch"] - outs["no_prefetch"]).abs().max().item()
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.peers.compare import host_summary, memory_bandwidth
+
+    bandwidth = memory_bandwidth()
+    print(f"{host_summary()}; a bare read of 256 MB runs at {bandwidth / 1e9:.1f} GB/s here")
+    with tempfile.TemporaryDirectory() as tmp:
+        libs = {"prefetch": build(tmp, []), "no_prefetch": build(tmp, ["AGORA_NO_PREFETCH"])}
+        results = []
+        for batch, context, dtype in CASES:
+            r = measure(libs, batch, context, dtype, args.repeats)
+            results.append(r)
+            print(
+                f"{batch:3d} requests x {context:5d} tokens, {r['kv_dtype']:8s}: "
+                f"{r['prefetch']['step_ms']:7.1f} ms ({r['prefetch']['GB_per_s']:5.1f} GB/s) with prefetch, "
+                f"{r['no_prefetch']['step_ms']:7.1f} ms ({r['no_prefetch']['GB_per_s']:5.1f} GB/s) without: "
+                f"{r['speedup']:.2f}x"
+            )
+    if args.out:
+        report = {
+            "command": f"python benchmarks/cpu_decode_attention.py --repeats {args.repeats} --out {args.out}",
+            "host": host_summary(),
+            "read_bandwidth_GB_per_s": round(bandwidth / 1e9, 1),
+            "threads": torch.get_num_threads(),
+            "layers": LAYERS,
+            "cases": results,
+        }
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
