@@ -366,15 +366,6 @@ static inline float exp_sum(float *s, int64_t n, float m) {
     return sum;
 }
 
-/* In place: each row of scores [G, n] becomes its softmax. */
-static void softmax_rows(float *scores, int64_t n, int64_t G) {
-    for (int64_t g = 0; g < G; g++) {
-        float *sg = scores + g * n;
-        const float inv = 1.f / exp_sum(sg, n, row_max(sg, n, -INFINITY));
-        for (int64_t i = 0; i < n; i++) sg[i] *= inv;
-    }
-}
-
 /* out[g] = sum_i probs[g * n + i] * (vp[i] + (g / group) * D). Token-major, so each V row is
  * read once, in order; the accumulators ([G, D], a few KB) stay in L1. */
 static inline __attribute__((always_inline)) void attn_values(const float *probs, const void **vp, int64_t n,
@@ -444,8 +435,13 @@ static inline __attribute__((always_inline)) void attn_values(const float *probs
  *   window:       > 0 attends to the last `window` keys only
  *   out:          [B, H, D]
  *   nthreads:     the caller's torch.get_num_threads() (an OpenMP thread's own default may differ)
- * One task per (request, KV head): its G = H / Hkv query heads share every K/V read.
+ * One task per (request, KV head): its G = H / Hkv query heads share every K/V read. With few
+ * requests (single-stream decode) that leaves threads idle (3 KV heads on 2 threads: one waits
+ * half the step), so each request's keys are also cut into `split` chunks of at least MIN_SPLIT
+ * keys, flash-decoding style: a chunk keeps its own max, sum and unnormalised output, and a
+ * second pass merges them.
  */
+#define MIN_SPLIT 256
 static inline __attribute__((always_inline)) void paged_decode(const float *q, const void *k_cache,
                                                                 const void *v_cache, const int64_t *block_tables,
                                                                 int64_t bt_stride, const int64_t *seq_lens, int64_t B,
@@ -455,8 +451,21 @@ static inline __attribute__((always_inline)) void paged_decode(const float *q, c
     const int64_t G = H / Hkv, tok_stride = Hkv * D;
     /* Enough requests to keep every thread busy: one task reads a request's whole token rows
      * (all KV heads, contiguous within a block). Otherwise one task per (request, KV head). */
-    const int64_t kv_per_task = B >= 2 * nthreads ? Hkv : 1, tasks = B * (Hkv / kv_per_task);
+    const int64_t kv_per_task = B >= 2 * nthreads ? Hkv : 1, head_tasks = B * (Hkv / kv_per_task);
     const int64_t GG = G * kv_per_task; /* query heads per task */
+    int64_t split = 1;
+    if (head_tasks < 4 * nthreads) {
+        int64_t longest = 0;
+        for (int64_t b = 0; b < B; b++) {
+            const int64_t n = window > 0 && seq_lens[b] > window ? window : seq_lens[b];
+            longest = n > longest ? n : longest;
+        }
+        split = (8 * nthreads + head_tasks - 1) / head_tasks;
+        if (split > longest / MIN_SPLIT) split = longest / MIN_SPLIT;
+        if (split < 1) split = 1;
+    }
+    const int64_t tasks = head_tasks * split, part_size = GG * (D + 2); /* outputs, maxes, sums */
+    float *parts = split > 1 ? (float *)malloc(sizeof(float) * tasks * part_size) : NULL;
 #pragma omp parallel num_threads(nthreads)
     {
         float *buf = NULL;
@@ -464,10 +473,11 @@ static inline __attribute__((always_inline)) void paged_decode(const float *q, c
         int64_t cap = 0;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < tasks; task++) {
-            const int64_t b = task / (Hkv / kv_per_task), h0 = (task % (Hkv / kv_per_task)) * kv_per_task;
+            const int64_t ht = task / split, c = task % split;
+            const int64_t b = ht / (Hkv / kv_per_task), h0 = (ht % (Hkv / kv_per_task)) * kv_per_task;
             const int64_t len = seq_lens[b];
             const int64_t start = (window > 0 && len > window) ? len - window : 0;
-            const int64_t n = len - start;
+            const int64_t c0 = start + (len - start) * c / split, n = start + (len - start) * (c + 1) / split - c0;
             if (n > cap) {
                 free(buf);
                 free(ptrs);
@@ -478,18 +488,55 @@ static inline __attribute__((always_inline)) void paged_decode(const float *q, c
             const void **kp = ptrs, **vp = ptrs + cap;
             const int64_t *table = block_tables + b * bt_stride;
             for (int64_t i = 0; i < n; i++) {
-                const int64_t off = token_row(table, start + i, BS, tok_stride) + h0 * D;
+                const int64_t off = token_row(table, c0 + i, BS, tok_stride) + h0 * D;
                 kp[i] = kv_at(k_cache, off, half);
                 vp[i] = kv_at(v_cache, off, half);
             }
-            const float *qh = q + (b * H + h0 * G) * D;
-            attn_scores(qh, kp, n, GG, G, D, scale, buf, half);
-            softmax_rows(buf, n, GG);
-            attn_values(buf, vp, n, GG, G, D, out + (b * H + h0 * G) * D, half);
+            float *o = split > 1 ? parts + task * part_size : out + (b * H + h0 * G) * D;
+            attn_scores(q + (b * H + h0 * G) * D, kp, n, GG, G, D, scale, buf, half);
+            float mx[GG], sum[GG];
+            for (int64_t g = 0; g < GG; g++) {
+                mx[g] = row_max(buf + g * n, n, -INFINITY);
+                sum[g] = n ? exp_sum(buf + g * n, n, mx[g]) : 0.f;
+            }
+            attn_values(buf, vp, n, GG, G, D, o, half);
+            if (split > 1) {
+                memcpy(o + GG * D, mx, sizeof mx);
+                memcpy(o + GG * D + GG, sum, sizeof sum);
+            } else {
+                for (int64_t g = 0; g < GG; g++)
+                    for (int64_t d = 0; d < D; d++) o[g * D + d] /= sum[g];
+            }
         }
         free(buf);
         free(ptrs);
+        if (split > 1) {
+            /* Merge each query head's chunks: out = sum_c o_c e^(m_c - m) / sum_c l_c e^(m_c - m). */
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < head_tasks * GG; r++) {
+                const int64_t ht = r / GG, g = r % GG;
+                const int64_t b = ht / (Hkv / kv_per_task), h0 = (ht % (Hkv / kv_per_task)) * kv_per_task;
+                const float *part = parts + ht * split * part_size;
+                float m = -INFINITY, total = 0.f, w[split];
+                for (int64_t c = 0; c < split; c++) {
+                    const float mc = part[c * part_size + GG * D + g];
+                    m = mc > m ? mc : m;
+                }
+                for (int64_t c = 0; c < split; c++) {
+                    const float *pc = part + c * part_size;
+                    w[c] = pc[GG * D + g] == -INFINITY ? 0.f : expf(pc[GG * D + g] - m);
+                    total += w[c] * pc[GG * D + GG + g];
+                }
+                float *dst = out + (b * H + h0 * G + g) * D;
+                for (int64_t d = 0; d < D; d++) {
+                    float acc = 0.f;
+                    for (int64_t c = 0; c < split; c++) acc += w[c] * part[c * part_size + g * D + d];
+                    dst[d] = acc / total;
+                }
+            }
+        }
     }
+    free(parts);
 }
 
 void agora_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,

@@ -116,6 +116,32 @@ def test_paged_decode_attention_matches_sdpa_path(
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("lens", [[1300], [700, 3], [2000, 257, 1], [600]])
+@pytest.mark.parametrize("window", [None, 300])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_paged_decode_attention_splits_long_keys_across_threads(
+    threads: int, lens: list[int], window, kv_dtype: torch.dtype
+) -> None:
+    """Few requests with long contexts: each request's keys are cut into chunks that are merged
+    after (flash-decoding); chunk counts depend on the thread count, so each is tried."""
+    batch = len(lens)
+    q, k, v, tables = _paged_case(sum(lens), batch, 9, 3, 64, lens)
+    k, v = k.to(kv_dtype), v.to(kv_dtype)
+    starts = [n - 1 for n in lens]
+    reference = TorchPagedAttention([(k, v)], 0.125, [window])
+    reference.paged_kernels = False
+    expected = reference._group(build_group(None, [1] * batch, starts, tables, 16, {window}, CPU), q, k, v, window)
+    group = build_group(None, [1] * batch, starts, tables, 16, {window}, CPU, paged_kernels=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = kernels.paged_decode_attention(q, k, v, group.block_tables, group.seq_lens, window, 0.125)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 40), (8, 2, 128), (4, 1, 24), (2, 1, 256)]
 )
