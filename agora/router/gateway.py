@@ -337,6 +337,10 @@ class Gateway:
         headers["x-agora-scores"] = why  # total score per candidate endpoint
         raw = [(b"content-type", content_type)] + [(k.encode(), v.encode("latin-1")) for k, v in headers.items()]
         complete = False
+        # OpenAI's clients stop reading at an event stream's `data: [DONE]` and close at once, while
+        # the backend may end its body a moment later: the answer is whole at [DONE], so the relay
+        # ends there instead of waiting for the body's end and seeing a client that went away.
+        sse, tail = content_type.startswith(b"text/event-stream"), b""
         try:
             await send({"type": "http.response.start", "status": resp.status, "headers": raw})
             try:
@@ -347,6 +351,10 @@ class Gateway:
                         keep = keep if kept <= _MAX_CACHED_BYTES else None
                         if keep is not None:
                             keep.append(chunk)
+                    if sse:
+                        tail = (tail + chunk)[-32:]
+                        if tail.rstrip(b"\r\n").endswith(b"data: [DONE]"):
+                            break
             except (TimeoutError, aiohttp.ClientError) as exc:
                 # Bytes already went out: no retry. End the connection without a final chunk so that
                 # the client sees a broken response, not a short one that looks complete.

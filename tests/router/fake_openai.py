@@ -5,6 +5,8 @@ sees which endpoint answered), streams ``--tokens`` chunks ``--delay-ms`` apart,
 exports vLLM's load gauges on /metrics, and counts what happened on /stats.
 ``POST /admin/mode`` switches it between ``ok``, ``error500`` (every request fails)
 and ``break`` (streams stop after the first chunk by dropping the connection).
+``--done-linger-ms`` holds the end of a stream's body that long after ``data: [DONE]``,
+as a server that closes its response lazily does.
 
     python tests/router/fake_openai.py --port 9001 --model m1 --name a
 """
@@ -19,8 +21,10 @@ from typing import Any
 
 
 class FakeOpenAI:
-    def __init__(self, name: str, models: list[str], tokens: int, delay_ms: float, health: bool, metrics: bool) -> None:
+    def __init__(self, name: str, models: list[str], tokens: int, delay_ms: float, health: bool, metrics: bool,
+                 done_linger_ms: float = 0.0) -> None:  # fmt: skip
         self.name, self.models, self.tokens, self.delay = name, models, tokens, delay_ms / 1000
+        self.done_linger = done_linger_ms / 1000
         self.health, self.with_metrics = health, metrics
         self.mode = "ok"
         self.waiting = 0
@@ -112,8 +116,13 @@ class FakeOpenAI:
                 if gone.done():
                     self.stats["aborted"] += 1
                     return
-            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
             self.stats["served"] += 1
+            if self.done_linger:
+                await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
+                await asyncio.wait({gone}, timeout=self.done_linger)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            else:
+                await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
         finally:
             gone.cancel()
 
@@ -144,8 +153,10 @@ def main() -> None:
     p.add_argument("--delay-ms", type=float, default=0.0)
     p.add_argument("--no-health", action="store_true", help="answer 404 on /health, like servers without one")
     p.add_argument("--no-metrics", action="store_true")
+    p.add_argument("--done-linger-ms", type=float, default=0.0)
     args = p.parse_args()
-    app = FakeOpenAI(args.name, args.model, args.tokens, args.delay_ms, not args.no_health, not args.no_metrics)
+    app = FakeOpenAI(args.name, args.model, args.tokens, args.delay_ms, not args.no_health, not args.no_metrics,
+                     args.done_linger_ms)  # fmt: skip
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="error", lifespan="off")
 
 

@@ -82,6 +82,23 @@ def test_streams_chunk_by_chunk(procs: Procs) -> None:
     assert arrivals[0] < 0.5 * arrivals[-1]  # the first chunk was not held back until the end
 
 
+def test_client_closing_after_done_is_a_complete_request(procs: Procs) -> None:
+    """OpenAI's clients stop reading at `data: [DONE]` and close; a backend may end its body
+    later. The answer was whole: it counts as served, not as a disconnect."""
+    a = procs.fake("a", tokens=3, flags=("--done-linger-ms", "2000"))
+    gw = procs.gateway({"endpoints": endpoints(("a", a))})
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    for _ in range(2):
+        with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                if line == "data: [DONE]":
+                    break
+    time.sleep(0.3)
+    assert metric(gw.url, "agora_gateway_requests_total", 'code="200",endpoint="a"') == 2
+    assert metric(gw.url, "agora_gateway_client_disconnects_total") == 0
+    assert metric(gw.url, "agora_gateway_endpoint_in_flight", 'endpoint="a"') == 0
+
+
 def test_client_disconnect_cancels_upstream(procs: Procs) -> None:
     a = procs.fake("a", tokens=100, delay_ms=100)
     gw = procs.gateway({"endpoints": endpoints(("a", a))})
