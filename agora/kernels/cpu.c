@@ -269,8 +269,8 @@ static inline int64_t token_row(const int64_t *table, int64_t pos, int64_t BS, i
     return (table[pos / BS] * BS + pos % BS) * tok_stride;
 }
 
-/* Software prefetch of the `bytes` of a K or V row at p into L2, `ahead` tokens before the
- * loops below reach it. Decode attention reads each cached row once, and its FMAs leave the
+/* Software prefetch of the `bytes` of a K or V row at p into L2, KEY_PREFETCH / VALUE_PREFETCH
+ * tokens before the loops below reach it. Decode attention reads each cached row once, and its FMAs leave the
  * out-of-order window too short to overlap the misses: without this, compute and memory time
  * added up (2 Zen 4 cores, 32 requests x 1,000 tokens x 30 layers, cold: 110-125 ms per step,
  * 13 GB/s; with it 82-90 ms, 18 GB/s, which is what a bare read of the same scattered 12 KB
@@ -289,6 +289,11 @@ static inline __attribute__((always_inline)) void prefetch_row(const void *p, in
 }
 #endif
 
+/* Bytes of a token row that G query heads (`group` per KV head) read: their KV heads' slices. */
+static inline int64_t kv_row_bytes(int64_t G, int64_t group, int64_t D, int half) {
+    return (G + group - 1) / group * D * (half ? 2 : 4);
+}
+
 /* Scores of G query heads against keys kp[0..n) (pointers to token rows), scaled, into
  * scores[g * n + i]. Query head g reads the key at kp[i] + (g / group) * D, so one call can
  * cover several KV heads of a token row (read whole and in order). */
@@ -299,7 +304,7 @@ static inline __attribute__((always_inline)) void attn_scores(const float *qh, c
 #if AGORA_AVX2
     if (D % 8 == 0) {
         const __m256 vs = _mm256_set1_ps(scale);
-        const int64_t row_bytes = (G + group - 1) / group * D * (half ? 2 : 4);
+        const int64_t row_bytes = kv_row_bytes(G, group, D, half);
         for (; i + 8 <= n; i += 8) {
             for (int64_t j = i + KEY_PREFETCH; j < i + KEY_PREFETCH + 8 && j < n; j++) prefetch_row(kp[j], row_bytes);
             for (int64_t g = 0; g < G; g++) {
@@ -377,7 +382,7 @@ static inline __attribute__((always_inline)) void attn_values(const float *probs
         /* Tiles of 64 tokens (their V rows stay in L2 while each head passes over them); per head
          * and 64-wide slice of D, eight accumulators live in registers. The first pass over a
          * tile prefetches the rows VALUE_PREFETCH tokens on. */
-        const int64_t row_bytes = (G + group - 1) / group * D * (half ? 2 : 4);
+        const int64_t row_bytes = kv_row_bytes(G, group, D, half);
         for (int64_t i0 = 0; i0 < n; i0 += 64) {
             const int64_t i1 = i0 + 64 < n ? i0 + 64 : n;
             for (int64_t g = 0; g < G; g++) {
