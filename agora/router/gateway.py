@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 _FORWARD_REQUEST = (b"content-type", b"accept", b"x-request-id", b"traceparent", b"tracestate")
 _FORWARD_RESPONSE = ("content-type", "x-request-id", "retry-after", "cache-control")
 _MAX_CACHED_BYTES = 4 << 20  # answers larger than this are passed on but not cached
+_SSE_DONE = (b"data: [DONE]\n\n", b"data: [DONE]\r\n\r\n")  # the end of an OpenAI event stream
 
 
 class _ClientGone(Exception):
@@ -353,7 +354,7 @@ class Gateway:
                             keep.append(chunk)
                     if sse:
                         tail = (tail + chunk)[-32:]
-                        if tail.rstrip(b"\r\n").endswith(b"data: [DONE]"):
+                        if tail.endswith(_SSE_DONE):  # the whole event, blank line included
                             break
             except (TimeoutError, aiohttp.ClientError) as exc:
                 # Bytes already went out: no retry. End the connection without a final chunk so that

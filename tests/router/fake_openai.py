@@ -5,8 +5,8 @@ sees which endpoint answered), streams ``--tokens`` chunks ``--delay-ms`` apart,
 exports vLLM's load gauges on /metrics, and counts what happened on /stats.
 ``POST /admin/mode`` switches it between ``ok``, ``error500`` (every request fails)
 and ``break`` (streams stop after the first chunk by dropping the connection).
-``--done-linger-ms`` holds the end of a stream's body that long after ``data: [DONE]``,
-as a server that closes its response lazily does.
+``--done-linger-ms`` sends ``data: [DONE]`` and its blank line in two pieces and then holds
+the end of the body that long, as a server that closes its response lazily does.
 
     python tests/router/fake_openai.py --port 9001 --model m1 --name a
 """
@@ -117,8 +117,10 @@ class FakeOpenAI:
                     self.stats["aborted"] += 1
                     return
             self.stats["served"] += 1
-            if self.done_linger:
-                await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
+            if self.done_linger:  # [DONE] and its blank line in two pieces, the body's end later still
+                await send({"type": "http.response.body", "body": b"data: [DONE]", "more_body": True})
+                await asyncio.wait({gone}, timeout=0.2)
+                await send({"type": "http.response.body", "body": b"\n\n", "more_body": True})
                 await asyncio.wait({gone}, timeout=self.done_linger)
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             else:

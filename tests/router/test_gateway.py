@@ -90,9 +90,12 @@ def test_client_closing_after_done_is_a_complete_request(procs: Procs) -> None:
     body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     for _ in range(2):
         with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, timeout=30) as r:
-            for line in r.iter_lines():
-                if line == "data: [DONE]":
-                    break
+            received = b""
+            for piece in r.iter_raw():
+                received += piece
+                if received.endswith(b"data: [DONE]\n\n"):
+                    break  # the event is whole only with its blank line, even when it came in two pieces
+            assert received.endswith(b"data: [DONE]\n\n")
     time.sleep(0.3)
     assert metric(gw.url, "agora_gateway_requests_total", 'code="200",endpoint="a"') == 2
     assert metric(gw.url, "agora_gateway_client_disconnects_total") == 0
