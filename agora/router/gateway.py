@@ -353,7 +353,7 @@ class Gateway:
                         if keep is not None:
                             keep.append(chunk)
                     if sse:
-                        tail = (tail + chunk)[-32:]
+                        tail = (tail + chunk[-32:])[-32:]  # no copy of a large chunk
                         if tail.endswith(_SSE_DONE):  # the whole event, blank line included
                             break
             except (TimeoutError, aiohttp.ClientError) as exc:
