@@ -70,15 +70,21 @@ def test_two_engine_replicas_behind_the_gateway(tiny_model_dir, tmp_path) -> Non
         for p in replica_ports:
             assert httpx.get(f"http://127.0.0.1:{p}/v1/models", headers=auth).status_code == 401
 
-        children[0].kill()  # a replica dies: the next requests still succeed, on the other one
+        killed = children[0]
+        killed.kill()  # a replica dies: the next requests still succeed, on the other one
         for h in histories:
             turn(h)
-        deadline = time.monotonic() + 120  # ... and it is restarted and probed back in
-        while metric(url, "agora_gateway_endpoint_healthy") < 2:
-            assert time.monotonic() < deadline, "the killed replica did not come back"
+        # ... and it is restarted, ejected while it loads, and probed back in. Until the gateway has ejected it the
+        # healthy gauge still counts it, so the gauge alone would let this loop end before the restart.
+        deadline = time.monotonic() + 120
+        while True:
+            children = psutil.Process(parent.pid).children()
+            restarted = len(children) == 2 and killed.pid not in {c.pid for c in children}
+            ejected = metric(url, "agora_gateway_ejections_total") >= 1
+            if restarted and ejected and metric(url, "agora_gateway_endpoint_healthy") == 2:
+                break
+            assert time.monotonic() < deadline, f"the killed replica did not come back ({restarted=}, {ejected=})"
             time.sleep(0.2)
-        children = psutil.Process(parent.pid).children()
-        assert len(children) == 2
     finally:
         parent.send_signal(signal.SIGINT)
         try:
