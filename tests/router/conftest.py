@@ -119,3 +119,12 @@ def metric(url: str, name: str, labels: str = "") -> float:
             found = True
     assert found, f"{name} {labels} not exported"
     return total
+
+
+def metric_when(url: str, name: str, labels: str = "", want: float = 0.0, timeout: float = 10.0) -> float:
+    """The metric once it equals `want`, or its last value after `timeout`: the gateway records a
+    request when its relay ends, which may be a moment after the client has its last byte."""
+    deadline = time.monotonic() + timeout
+    while (value := metric(url, name, labels)) != want and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
