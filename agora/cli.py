@@ -20,7 +20,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="model id reported by the API")
-    p.add_argument("--api-key", default=None, help="require this bearer token on /v1 endpoints")
+    p.add_argument("--api-key", default=envs.api_key(),
+                   help="require this bearer token on /v1 endpoints (default: $AGORA_API_KEY)")  # fmt: skip
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: best available)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")

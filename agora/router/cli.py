@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from agora import envs
 from agora.router.config import SHIPPED_PROFILES, ConfigError, EndpointSpec, RouterConfig, load_config, parse_config
 
 
@@ -19,7 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"scheduling profile (shipped: {', '.join(SHIPPED_PROFILES)}; default prefix-aware)")  # fmt: skip
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 8080)")
-    p.add_argument("--api-key", default=None, help="require this bearer token from clients")
+    p.add_argument("--api-key", default=envs.api_key(),
+                   help="require this bearer token from clients (default: $AGORA_API_KEY)")  # fmt: skip
     p.add_argument("--uvicorn-log-level", default="warning")
 
 

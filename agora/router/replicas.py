@@ -152,6 +152,9 @@ def serve_replicas(model: str, serve_argv: Sequence[str], replicas: int, host: s
     threads = max(1, (os.cpu_count() or 1) // replicas)
     env = {**os.environ}
     env.setdefault("AGORA_NUM_THREADS", str(threads))
+    env.pop("AGORA_API_KEY", None)
+    if internal_key:  # in the environment, not argv: out of `ps`, and a key that starts with "-" is no option
+        env["AGORA_API_KEY"] = internal_key
     env.setdefault("TQDM_DISABLE", "1")  # N interleaved progress bars are noise; the model was prepared above
     child_args = replica_argv(serve_argv)
     replicas_: list[Replica] = []
@@ -160,8 +163,6 @@ def serve_replicas(model: str, serve_argv: Sequence[str], replicas: int, host: s
         for i in range(replicas):
             name, rport = f"replica-{i}", free_port()
             cmd = [sys.executable, "-m", "agora.cli", "serve", *child_args, "--host", "127.0.0.1", "--port", str(rport)]
-            if internal_key:
-                cmd += ["--api-key", internal_key]
             replica = Replica(name, rport, cmd, env)
             replicas_.append(replica)
             endpoints.append(Endpoint(name=name, url=f"http://127.0.0.1:{rport}", api_key=internal_key or None))

@@ -28,11 +28,11 @@ def test_two_engine_replicas_behind_the_gateway(tiny_model_dir, tmp_path) -> Non
     router = tmp_path / "router.yaml"
     router.write_text("gateway:\n  seed: 0\n  scrape_interval_s: 0.1\n")  # seeded tie-breaks: a fixed spread
     cmd = [sys.executable, "-m", "agora.cli", "serve", str(tiny_model_dir), "--replicas", "2", "--port", str(port),
-           "--served-model-name", "tiny", "--kv-cache-memory", "32MiB", "--api-key", "k1",
-           "--router-config", str(router)]  # fmt: skip
-    parent = subprocess.Popen(cmd, env={**os.environ, "AGORA_LOG_LEVEL": "INFO"})
+           "--served-model-name", "tiny", "--kv-cache-memory", "32MiB", "--router-config", str(router)]  # fmt: skip
+    # the key from the environment, starting with "-" as secrets.token_urlsafe's keys sometimes do
+    parent = subprocess.Popen(cmd, env={**os.environ, "AGORA_LOG_LEVEL": "INFO", "AGORA_API_KEY": "-k1"})
     url = f"http://127.0.0.1:{port}"
-    auth = {"Authorization": "Bearer k1"}
+    auth = {"Authorization": "Bearer -k1"}
     try:
         wait_http(f"{url}/health", timeout=180)
         deadline = time.monotonic() + 120
@@ -41,6 +41,8 @@ def test_two_engine_replicas_behind_the_gateway(tiny_model_dir, tmp_path) -> Non
             time.sleep(0.1)
         children = psutil.Process(parent.pid).children()
         assert len(children) == 2
+        assert not any("--api-key" in c.cmdline() for c in children)  # the internal key is not in `ps`
+        assert httpx.get(f"{url}/v1/models").status_code == 401
         assert httpx.get(f"{url}/v1/models", headers=auth).json()["data"][0]["id"] == "tiny"
 
         def turn(history: list[dict]) -> httpx.Response:
