@@ -20,8 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"scheduling profile (shipped: {', '.join(SHIPPED_PROFILES)}; default prefix-aware)")  # fmt: skip
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 8080)")
-    p.add_argument("--api-key", default=envs.api_key(),
-                   help="require this bearer token from clients (default: $AGORA_API_KEY)")  # fmt: skip
+    p.add_argument("--api-key", default=None,
+                   help="require this bearer token from clients (default: the config's, else $AGORA_API_KEY)")  # fmt: skip
     p.add_argument("--uvicorn-log-level", default="warning")
 
 
@@ -35,6 +35,8 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
     for key in ("host", "port", "api_key"):
         if getattr(args, key) is not None:
             gateway[key] = getattr(args, key)
+    if gateway.get("api_key") is None and envs.api_key():
+        gateway["api_key"] = envs.api_key()
     if args.profile is not None:
         data["profile"] = args.profile
     config = parse_config(data, args.config or "command line")

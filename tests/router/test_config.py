@@ -89,3 +89,25 @@ def test_bad_yaml_and_missing_file(tmp_path) -> None:
         load_config(bad)
     with pytest.raises(ConfigError, match="No such file"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_gateway_key_comes_from_the_flag_then_the_config_then_the_environment(tmp_path, monkeypatch) -> None:
+    import argparse
+
+    from agora.router.cli import add_parser, build_config
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    with_key = tmp_path / "with_key.yaml"
+    with_key.write_text("endpoints: [{url: 'http://127.0.0.1:8001/v1'}]\ngateway: {api_key: from-config}\n")
+    plain = ["route", "--endpoint", "http://127.0.0.1:8001/v1"]
+
+    def key(*argv: str) -> str | None:
+        return build_config(parser.parse_args(list(argv))).gateway.api_key
+
+    monkeypatch.delenv("AGORA_API_KEY", raising=False)
+    assert key(*plain) is None
+    monkeypatch.setenv("AGORA_API_KEY", "-from-env")
+    assert key(*plain) == "-from-env"
+    assert key("route", "--config", str(with_key)) == "from-config"
+    assert key("route", "--config", str(with_key), "--api-key", "from-flag") == "from-flag"
