@@ -35,7 +35,7 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
     for key in ("host", "port", "api_key"):
         if getattr(args, key) is not None:
             gateway[key] = getattr(args, key)
-    if gateway.get("api_key") is None and envs.api_key():
+    if gateway.get("api_key") is None:
         gateway["api_key"] = envs.api_key()
     if args.profile is not None:
         data["profile"] = args.profile
