@@ -7,8 +7,8 @@ import logging
 import sys
 
 from agora import __version__, envs
-from agora.config import CacheConfig, EngineConfig, ModelConfig, ServerConfig, parse_size
-from agora.models.catalog import CATALOG, DEFAULT_MODEL
+from agora.config import DEFAULT_MODEL, CacheConfig, EngineConfig, ModelConfig, ServerConfig, parse_size
+from agora.models.catalog import CATALOG
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:

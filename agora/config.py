@@ -1,15 +1,16 @@
 """Configuration: one small frozen dataclass per part, composed at the top.
 
 Each constructor receives only its own part. Validation happens here, at
-construction, so a bad flag fails at start with a message naming it.
+construction, so a bad flag fails at start with a message naming it. This module
+imports no part it configures (the gateway reads it without pulling in torch).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from agora.engine.scheduler import SchedulerConfig
-from agora.models.catalog import DEFAULT_MODEL
+# The packaged model `agora serve` and `LLM()` load when none is named (agora.models.catalog lists it).
+DEFAULT_MODEL = "smollm2-135m-instruct"
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -53,6 +54,21 @@ class CacheConfig:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError("num_blocks must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.max_model_len < 2:
+            raise ValueError("max_model_len must be >= 2")
 
 
 @dataclass(frozen=True)

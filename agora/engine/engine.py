@@ -20,7 +20,7 @@ from agora.engine.kv_cache import KVCacheManager
 from agora.engine.request import Request, RequestStatus
 from agora.engine.runner import ModelRunner, kv_bytes_per_block
 from agora.engine.sampler import TokenLogprobs
-from agora.engine.sampling import SamplingParams
+from agora.engine.sampling import ParamError, SamplingParams
 from agora.engine.scheduler import Scheduler
 from agora.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from agora.models.catalog import resolve_model
@@ -132,30 +132,30 @@ class Engine:
     # -- requests ------------------------------------------------------------
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError (client error) if the request can never run."""
+        """Raise ParamError (a client error naming the parameter) if the request can never run."""
         n = len(prompt_token_ids)
         if n == 0:
-            raise ValueError("the prompt is empty")
+            raise ParamError("prompt", "the prompt is empty")
         bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
-            raise ValueError(f"token id {bad} is out of the vocabulary (0..{self.vocab_size - 1})")
+            raise ParamError("prompt", f"token id {bad} is out of the vocabulary (0..{self.vocab_size - 1})")
         if n >= self.max_model_len:
-            raise ValueError(
+            raise ParamError("prompt",
                 f"the prompt has {n} tokens, but this model's context length is {self.max_model_len}; "
                 "shorten the prompt"
-            )
+            )  # fmt: skip
         if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
-            raise ValueError(
+            raise ParamError("max_tokens",
                 f"this model's maximum context length is {self.max_model_len} tokens, but you requested "
                 f"{n + params.max_tokens} tokens ({n} in the prompt and {params.max_tokens} for max_tokens); "
                 "reduce the prompt or max_tokens"
-            )
+            )  # fmt: skip
         for t in params.stop_token_ids:
             if not 0 <= t < self.vocab_size:
-                raise ValueError(f"stop_token_ids: {t} is out of the vocabulary")
+                raise ParamError("stop_token_ids", f"stop_token_ids: {t} is out of the vocabulary")
         for t in params.logit_bias or {}:
             if not 0 <= t < self.vocab_size:
-                raise ValueError(f"logit_bias: token id {t} is out of the vocabulary")
+                raise ParamError("logit_bias", f"logit_bias: token id {t} is out of the vocabulary")
 
     def add_request(
         self,

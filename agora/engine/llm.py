@@ -8,11 +8,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from agora.config import CacheConfig, EngineConfig, ModelConfig
+from agora.config import DEFAULT_MODEL, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from agora.engine.engine import CompletionOutput, Engine, GenerationResult
 from agora.engine.sampling import SamplingParams
-from agora.engine.scheduler import SchedulerConfig
-from agora.models.catalog import DEFAULT_MODEL
 
 Prompt = str | list[int]
 Messages = list[dict[str, Any]]

@@ -12,12 +12,21 @@ MAX_STOP_STRING_LEN = 256
 MAX_SEED = 2**63 - 1
 
 
+class ParamError(ValueError):
+    """A request parameter with a value that can never work; ``param`` names it (vLLM's name)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """How to pick tokens for one request. ``temperature == 0`` means greedy.
 
     ``max_tokens=None`` means "up to the context length". Validated on creation:
-    a bad value raises ``ValueError`` with a message fit for the client.
+    a bad value raises :class:`ParamError` naming the parameter, with a message fit
+    for the client.
     """
 
     n: int = 1
@@ -49,46 +58,46 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
-        def bad(msg: str) -> None:
-            raise ValueError(msg)
+        def bad(param: str, msg: str) -> None:
+            raise ParamError(param, msg)
 
         if not 1 <= self.n <= MAX_N:
-            bad(f"n must be between 1 and {MAX_N}, got {self.n}")
+            bad("n", f"n must be between 1 and {MAX_N}, got {self.n}")
         if not 0.0 <= self.temperature <= 2.0:
-            bad(f"temperature must be between 0 and 2, got {self.temperature}")
+            bad("temperature", f"temperature must be between 0 and 2, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
-            bad(f"top_p must be in (0, 1], got {self.top_p}")
+            bad("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            bad(f"top_k must be -1 (disabled) or >= 0, got {self.top_k}")
+            bad("top_k", f"top_k must be -1 (disabled) or >= 0, got {self.top_k}")
         if not 0.0 <= self.min_p <= 1.0:
-            bad(f"min_p must be in [0, 1], got {self.min_p}")
+            bad("min_p", f"min_p must be in [0, 1], got {self.min_p}")
         if not 0.0 < self.repetition_penalty <= 2.0:
-            bad(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+            bad("repetition_penalty", f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
         if not -2.0 <= self.presence_penalty <= 2.0:
-            bad(f"presence_penalty must be between -2 and 2, got {self.presence_penalty}")
+            bad("presence_penalty", f"presence_penalty must be between -2 and 2, got {self.presence_penalty}")
         if not -2.0 <= self.frequency_penalty <= 2.0:
-            bad(f"frequency_penalty must be between -2 and 2, got {self.frequency_penalty}")
+            bad("frequency_penalty", f"frequency_penalty must be between -2 and 2, got {self.frequency_penalty}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            bad(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
+            bad("seed", f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
         if self.max_tokens is not None and self.max_tokens < 1:
-            bad(f"max_tokens must be at least 1, got {self.max_tokens}")
+            bad("max_tokens", f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.min_tokens < 0:
-            bad(f"min_tokens must be >= 0, got {self.min_tokens}")
+            bad("min_tokens", f"min_tokens must be >= 0, got {self.min_tokens}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            bad(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+            bad("min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            bad(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
+            bad("logprobs", f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
         if len(self.stop) > MAX_STOP_SEQUENCES:
-            bad(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(self.stop)}")
+            bad("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(self.stop)}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                bad("stop sequences must be non-empty strings")
+                bad("stop", "stop sequences must be non-empty strings")
             if len(s) > MAX_STOP_STRING_LEN:
-                bad(f"stop sequences must be at most {MAX_STOP_STRING_LEN} characters")
+                bad("stop", f"stop sequences must be at most {MAX_STOP_STRING_LEN} characters")
         if len(self.stop_token_ids) > 1024:
-            bad("at most 1024 stop_token_ids are allowed")
+            bad("stop_token_ids", "at most 1024 stop_token_ids are allowed")
         if self.logit_bias is not None and len(self.logit_bias) > 1024:
-            bad("logit_bias may hold at most 1024 entries")
+            bad("logit_bias", "logit_bias may hold at most 1024 entries")
 
     @property
     def greedy(self) -> bool:

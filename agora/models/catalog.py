@@ -62,7 +62,6 @@ CATALOG: dict[str, PackagedModel] = {
         ),
     ]
 }
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 # The sentence encoder of the semantic router (a folder, not a servable model).
 MINILM = PackagedModel(

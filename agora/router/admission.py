@@ -14,8 +14,8 @@ from __future__ import annotations
 import time
 from collections.abc import Collection, Iterable
 
+from agora.openai.errors import APIError
 from agora.router.endpoints import Endpoint
-from agora.server.http import APIError
 
 
 def admit(endpoints: Iterable[Endpoint], model: str | None, max_in_flight: int,

@@ -29,21 +29,22 @@ from typing import Any
 import aiohttp
 
 import agora
+from agora.openai.errors import APIError, bearer_token_matches, error_body
 from agora.router.admission import admit
 from agora.router.config import ConfigError, RouterConfig, load_config
 from agora.router.endpoints import Endpoint, EndpointPool
 from agora.router.metrics import GatewayMetrics
 from agora.router.request import RequestInfo
 from agora.router.semantic.cache import (
+    Answer,
     CacheKey,
     SemanticCache,
-    as_json,
-    as_sse,
-    completion_from_json,
-    completion_from_sse,
+    answer_from_json,
+    answer_from_sse,
+    replay_json,
+    replay_sse,
 )
 from agora.router.semantic.router import SemanticRouter
-from agora.server.http import APIError, bearer_token_matches, error_body
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ _FORWARD_REQUEST = (b"content-type", b"accept", b"x-request-id", b"traceparent",
 _FORWARD_RESPONSE = ("content-type", "x-request-id", "retry-after", "cache-control")
 _MAX_CACHED_BYTES = 4 << 20  # answers larger than this are passed on but not cached
 _SSE_DONE = (b"data: [DONE]\n\n", b"data: [DONE]\r\n\r\n")  # the end of an OpenAI event stream
+_CACHEABLE_FINISH = ("stop", "length", "tool_calls")  # answers that ran to a natural end
 
 
 class _ClientGone(Exception):
@@ -234,10 +236,9 @@ class Gateway:
                 if outcome.cache_key is None:
                     self.metrics.cache.labels("bypass").inc()
                 elif outcome.cached is not None:
-                    completion, kind = outcome.cached
+                    answer, kind = outcome.cached
                     self.metrics.cache.labels(f"hit_{kind}").inc()
-                    await _send_cached(send, completion, chat, data.get("stream") is True,
-                                       {**extra, "x-agora-cache": f"hit-{kind}"})  # fmt: skip
+                    await _send_cached(send, answer, data, {**extra, "x-agora-cache": f"hit-{kind}"})
                     return
                 else:
                     self.metrics.cache.labels("miss").inc()
@@ -377,11 +378,11 @@ class Gateway:
     def _store(self, cache: tuple, payload: bytes, content_type: str) -> None:
         store, key, embedding, chat = cache
         if content_type.startswith("text/event-stream"):
-            completion = completion_from_sse(payload, chat)
+            answer = answer_from_sse(payload, chat)
         else:
-            completion = completion_from_json(payload, chat)
-        if completion is not None and all(c["finish_reason"] in ("stop", "length") for c in completion["choices"]):
-            store.store(key, completion, embedding)
+            answer = answer_from_json(payload, chat)
+        if answer is not None and all(c.finish_reason in _CACHEABLE_FINISH for c in answer.choices):
+            store.store(key, answer, embedding)
             self.metrics.cache.labels("store").inc()
 
     # -- semantic routing: classify, reload -----------------------------------------------
@@ -431,14 +432,16 @@ class Gateway:
                     pass  # logged; the old config stays
 
 
-async def _send_cached(send: Any, completion: dict[str, Any], chat: bool, stream: bool,
-                       headers: dict[str, str]) -> None:  # fmt: skip
-    if not stream:
-        await _send(send, 200, as_json(completion, chat), b"application/json", headers)
+async def _send_cached(send: Any, answer: Answer, body: dict[str, Any], headers: dict[str, str]) -> None:
+    """A cache hit as the client asked for it: one JSON body, or a replayed stream (with usage if asked)."""
+    if body.get("stream") is not True:
+        await _send(send, 200, replay_json(answer), b"application/json", headers)
         return
+    options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+    include_usage = bool(options.get("include_usage") or options.get("continuous_usage_stats"))
     raw = [(b"content-type", b"text/event-stream")] + [(k.encode(), v.encode("latin-1")) for k, v in headers.items()]
     await send({"type": "http.response.start", "status": 200, "headers": raw})
-    for chunk in as_sse(completion, chat):
+    for chunk in replay_sse(answer, include_usage):
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 

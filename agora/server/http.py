@@ -1,33 +1,15 @@
-"""HTTP pieces shared by the engine server and the gateway (no torch here).
-
-Errors leave as OpenAI-style bodies ``{"error": {"message", "type", "param", "code"}}``.
-"""
+"""HTTP pieces of the engine server: the OpenAI error response and the body-size limit."""
 
 from __future__ import annotations
-
-import hmac
-from typing import Any
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-
-class APIError(Exception):
-    def __init__(
-        self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-        code: str | None = None, headers: dict[str, str] | None = None,
-    ) -> None:  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-
-def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+from agora.openai.errors import APIError
 
 
 def error_response(exc: APIError) -> JSONResponse:
-    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), exc.status, headers=exc.headers)
+    return JSONResponse(exc.body(), exc.status, headers=exc.headers)
 
 
 class BodySizeLimit:
@@ -77,9 +59,3 @@ class BodySizeLimit:
             return await receive()
 
         await self.app(scope, replay, send)
-
-
-def bearer_token_matches(authorization: str, api_key: str) -> bool:
-    """Constant-time check of an ``Authorization: Bearer ...`` header against ``api_key``."""
-    token = authorization[7:] if authorization.lower().startswith("bearer ") else ""
-    return hmac.compare_digest(token.encode(), api_key.encode())

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import yaml
 
+from agora.openai.chat import AssistantMessage, ChatChoice, ChatCompletion
+from agora.openai.completions import Completion, CompletionChoice
 from agora.router.config import ConfigError, parse_config
-from agora.router.semantic.cache import as_sse, completion_from_sse
+from agora.router.semantic.cache import answer_from_sse, replay_sse
 from agora.router.semantic.pii import PIIDetector
 from agora.router.semantic.router import SemanticRouter
 from tests.router.conftest import Procs, metric
@@ -183,11 +185,19 @@ def test_semantic_config_errors(semantic: dict, message: str) -> None:
     assert message in str(exc.value)
 
 
+def _same(a, b) -> bool:  # a replay has a fresh id and timestamp
+    return a.model_dump(exclude={"id", "created"}) == b.model_dump(exclude={"id", "created"})
+
+
 def test_sse_roundtrip() -> None:
-    completion = {"model": "m", "choices": [{"index": 0, "text": "héllo", "finish_reason": "stop"}], "usage": None}
-    assert completion_from_sse(b"".join(as_sse(completion, chat=True)), chat=True) == completion
-    assert completion_from_sse(b"".join(as_sse(completion, chat=False)), chat=False) == completion
-    assert completion_from_sse(b'data: {"choices": []}\n\n', chat=True) is None  # no [DONE]: incomplete
+    chat = ChatCompletion(id="c", created=1, model="m", choices=[
+        ChatChoice(index=0, message=AssistantMessage(content="héllo"), finish_reason="stop")])  # fmt: skip
+    text = Completion(
+        id="t", created=1, model="m", choices=[CompletionChoice(index=0, text="héllo", finish_reason="stop")]
+    )
+    assert _same(answer_from_sse(b"".join(replay_sse(chat, False)), chat=True), chat)
+    assert _same(answer_from_sse(b"".join(replay_sse(text, False)), chat=False), text)
+    assert answer_from_sse(b'data: {"choices": []}\n\n', chat=True) is None  # no [DONE]: incomplete
 
 
 # -- through the gateway ------------------------------------------------------------------------------
@@ -237,7 +247,7 @@ def test_gateway_routes_guards_and_caches(semantic_gateway) -> None:
         assert r.status_code == 200 and r.headers["x-agora-cache"] == kind, (text, r.headers)
         if stream:
             assert r.headers["content-type"].startswith("text/event-stream")
-            assert completion_from_sse(r.content, chat=True)["choices"][0]["text"] == "strong"
+            assert answer_from_sse(r.content, chat=True).choices[0].message.content == "strong"
         else:
             assert r.json()["choices"][0]["message"]["content"] == "strong"
     assert strong.stats()["served"] == served
@@ -300,7 +310,7 @@ def test_cache_keys_bounds_and_expiry() -> None:
         cache.key("/v1/chat/completions", body, "other tenant").exact
         != cache.key("/v1/chat/completions", body, "t").exact
     )
-    done = {"model": "m", "choices": [{"index": 0, "text": "a", "finish_reason": "stop"}], "usage": None}
+    done = Completion(id="t", created=1, model="m", choices=[CompletionChoice(index=0, text="a", finish_reason="stop")])
     for k in keys:
         cache.store(k, done, None)
     assert cache.lookup(keys[0], None) is None  # the least recently used went first

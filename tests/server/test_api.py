@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 
 from tests.server.conftest import MODEL
 
@@ -141,3 +142,53 @@ def test_prefix_cache_reports_cached_tokens(server):
     post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 1})
     r = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 1}).json()
     assert r["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16
+
+
+def _fold_chat(events: list) -> dict:
+    """A chat stream folded by hand: per choice the content, finish_reason and logprobs."""
+    out: dict[int, dict] = {}
+    for e in events:
+        if e == "[DONE]":
+            continue
+        for c in e["choices"]:
+            o = out.setdefault(c["index"], {"content": "", "finish_reason": None, "logprobs": []})
+            o["content"] += c["delta"].get("content") or ""
+            o["finish_reason"] = c["finish_reason"] or o["finish_reason"]
+            o["logprobs"] += (c.get("logprobs") or {}).get("content") or []
+    return out
+
+
+def test_streamed_and_whole_answers_agree(server):
+    """One accumulator makes both answers: n > 1, logprobs and several prompts give the same choices."""
+    chat = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 9, "n": 3, "temperature": 0.8,
+            "seed": 11, "logprobs": True, "top_logprobs": 2, "ignore_eos": True}  # fmt: skip
+    whole = post(server, "/v1/chat/completions", chat).json()
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**chat, "stream": True}, timeout=60) as r:
+        folded = _fold_chat(sse_events(r))
+    for c in whole["choices"]:
+        f = folded[c["index"]]
+        assert f["content"] == c["message"]["content"] and f["finish_reason"] == c["finish_reason"] == "length"
+        # the same tokens; logprobs to float noise (the second request reads its prompt from the prefix cache)
+        assert [x["token"] for x in f["logprobs"]] == [x["token"] for x in c["logprobs"]["content"]]
+        assert [x["logprob"] for x in f["logprobs"]] == pytest.approx([x["logprob"] for x in c["logprobs"]["content"]],
+                                                                      abs=1e-4)  # fmt: skip
+    comp = {"prompt": ["Hello", "Once upon"], "max_tokens": 6, "n": 2, "temperature": 0.8, "seed": 3, "logprobs": 1,
+            "ignore_eos": True}  # fmt: skip
+    whole = post(server, "/v1/completions", comp).json()
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={**comp, "stream": True}, timeout=60) as r:
+        events = [e for e in sse_events(r) if e != "[DONE]"]
+    for c in whole["choices"]:
+        mine = [e["choices"][0] for e in events if e["choices"][0]["index"] == c["index"]]
+        assert "".join(m["text"] for m in mine) == c["text"]
+        assert sum((m["logprobs"]["tokens"] for m in mine if m["logprobs"]), []) == c["logprobs"]["tokens"]
+        assert sum((m["logprobs"]["text_offset"] for m in mine if m["logprobs"]), []) == c["logprobs"]["text_offset"]
+
+
+def test_continuous_usage_stats(server):
+    body = {"prompt": "Hello", "max_tokens": 5, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"continuous_usage_stats": True}}  # fmt: skip
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+        events = [e for e in sse_events(r) if e != "[DONE]"]
+    counts = [e["usage"]["completion_tokens"] for e in events]
+    assert counts == sorted(counts) and counts[-1] == 5 and len(events) >= 5
+    assert all(e["usage"]["prompt_tokens"] == events[0]["usage"]["prompt_tokens"] > 0 for e in events)

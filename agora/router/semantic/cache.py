@@ -1,5 +1,10 @@
 """The semantic cache: answers remembered per (endpoint path, model, tenant, parameters).
 
+Every field but ``stream``, ``stream_options`` and ``user`` is part of the key, so an
+answer is never replayed to a request with other ``tools``, ``tool_choice`` or
+``response_format``. Answers are kept as agora.openai's response models (tool calls
+included) and replayed as JSON or as the chunks of a stream.
+
 Lookup is an exact match on the whole request first, then, for single-turn
 requests, embedding similarity of the user's message within the same scope
 (same path, model, tenant, system prompt and parameters) above ``similarity``.
@@ -20,9 +25,21 @@ from typing import Any
 
 import numpy as np
 
+from agora.openai.chat import ChatCompletion, ChatCompletionChunk
+from agora.openai.completions import Completion
+from agora.openai.stream import (
+    SSE_DONE,
+    chat_chunks,
+    completion_chunks,
+    merge_chat_chunks,
+    merge_completion_chunks,
+    sse,
+    sse_data,
+)
 from agora.router.semantic.config import CacheSpec
 
 _VOLATILE = ("stream", "stream_options", "user")  # do not change the answer
+Answer = ChatCompletion | Completion
 
 
 @dataclass(frozen=True)
@@ -35,7 +52,7 @@ class CacheKey:
 
 @dataclass
 class CacheEntry:
-    completion: dict[str, Any]  # canonical: {"model", "choices": [{"index", "text", "finish_reason"}], "usage"}
+    answer: ChatCompletion | Completion
     scope: str
     embedding: np.ndarray | None
     expires: float
@@ -82,18 +99,18 @@ class SemanticCache:
         scope = _digest([path, tenant, rest, head])
         return CacheKey(exact, scope, text, chat)
 
-    def lookup(self, key: CacheKey, embedding: np.ndarray | None) -> tuple[dict[str, Any], str] | None:
-        """(completion, "exact" | "semantic") or None."""
+    def lookup(self, key: CacheKey, embedding: np.ndarray | None) -> tuple[Answer, str] | None:
+        """(answer, "exact" | "semantic") or None."""
         with self._lock:
             return self._lookup(key, embedding)
 
-    def _lookup(self, key: CacheKey, embedding: np.ndarray | None) -> tuple[dict[str, Any], str] | None:
+    def _lookup(self, key: CacheKey, embedding: np.ndarray | None) -> tuple[Answer, str] | None:
         now = time.monotonic()
         entry = self.entries.get(key.exact)
         if entry is not None:
             if entry.expires > now:
                 self.entries.move_to_end(key.exact)
-                return entry.completion, "exact"
+                return entry.answer, "exact"
             del self.entries[key.exact]
         if embedding is None:
             return None
@@ -108,10 +125,10 @@ class SemanticCache:
         if best_key is None:
             return None
         self.entries.move_to_end(best_key)
-        return self.entries[best_key].completion, "semantic"
+        return self.entries[best_key].answer, "semantic"
 
-    def store(self, key: CacheKey, completion: dict[str, Any], embedding: np.ndarray | None) -> None:
-        entry = CacheEntry(completion, key.scope, embedding, time.monotonic() + self.spec.ttl_s)
+    def store(self, key: CacheKey, answer: Answer, embedding: np.ndarray | None) -> None:
+        entry = CacheEntry(answer, key.scope, embedding, time.monotonic() + self.spec.ttl_s)
         with self._lock:
             self.entries[key.exact] = entry
             self.entries.move_to_end(key.exact)
@@ -119,88 +136,46 @@ class SemanticCache:
                 self.entries.popitem(last=False)
 
 
-# -- canonical completions: from upstream answers, back to answers ----------------------------
+# -- answers: read from upstream bodies, replayed as either ------------------------------------
 
 
-def completion_from_json(payload: bytes, chat: bool) -> dict[str, Any] | None:
+def answer_from_json(payload: bytes, chat: bool) -> Answer | None:
+    """A whole upstream answer (``chat.completion`` or ``text_completion``), or None if it is not one."""
     try:
-        data = json.loads(payload)
-        choices = []
-        for c in data["choices"]:
-            text = c["message"].get("content") if chat else c["text"]
-            if not isinstance(text, str) or (chat and c["message"].get("tool_calls")):
-                return None
-            choices.append({"index": c.get("index", 0), "text": text, "finish_reason": c.get("finish_reason")})
-        return {"model": data.get("model"), "choices": choices, "usage": data.get("usage")}
-    except (ValueError, KeyError, TypeError, AttributeError):
+        return (ChatCompletion if chat else Completion).model_validate_json(payload)
+    except ValueError:
         return None
 
 
-def completion_from_sse(payload: bytes, chat: bool) -> dict[str, Any] | None:
-    texts: dict[int, list[str]] = {}
-    reasons: dict[int, str | None] = {}
-    model, usage, done = None, None, False
+def answer_from_sse(payload: bytes, chat: bool) -> Answer | None:
+    """A relayed event stream folded into the whole answer; None unless it ran to ``[DONE]``."""
+    chunk_type = ChatCompletionChunk if chat else Completion
+    chunks, done = [], False
     try:
-        for line in payload.decode("utf-8").splitlines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
+        for data in sse_data(payload.decode("utf-8")):
             if data == "[DONE]":
                 done = True
-                continue
-            chunk = json.loads(data)
-            model = chunk.get("model", model)
-            usage = chunk.get("usage") or usage
-            for c in chunk.get("choices") or []:
-                i = c.get("index", 0)
-                piece = (c.get("delta") or {}).get("content") if chat else c.get("text")
-                texts.setdefault(i, []).append(piece or "")
-                if c.get("finish_reason"):
-                    reasons[i] = c["finish_reason"]
-    except (ValueError, UnicodeDecodeError, AttributeError):
+            else:
+                chunks.append(chunk_type.model_validate_json(data))
+        if not done or not chunks:
+            return None
+        return merge_chat_chunks(chunks) if chat else merge_completion_chunks(chunks)
+    except ValueError:  # UnicodeDecodeError and pydantic's ValidationError are ValueErrors
         return None
-    if not done or not texts:
-        return None
-    choices = [{"index": i, "text": "".join(t), "finish_reason": reasons.get(i)} for i, t in sorted(texts.items())]
-    return {"model": model, "choices": choices, "usage": usage}
 
 
-def as_json(completion: dict[str, Any], chat: bool) -> bytes:
-    created = int(time.time())
-    if chat:
-        choices = [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
-                    "logprobs": None, "finish_reason": c["finish_reason"]} for c in completion["choices"]]  # fmt: skip
-        obj = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": created,
-               "model": completion["model"], "choices": choices}  # fmt: skip
-    else:
-        choices = [{"index": c["index"], "text": c["text"], "logprobs": None, "finish_reason": c["finish_reason"]}
-                   for c in completion["choices"]]  # fmt: skip
-        obj = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": created,
-               "model": completion["model"], "choices": choices}  # fmt: skip
-    if completion.get("usage"):
-        obj["usage"] = completion["usage"]
-    return json.dumps(obj, ensure_ascii=False).encode()
+def _fresh(answer: Answer) -> Answer:
+    prefix = "chatcmpl" if isinstance(answer, ChatCompletion) else "cmpl"
+    return answer.model_copy(update={"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time())})
 
 
-def as_sse(completion: dict[str, Any], chat: bool) -> list[bytes]:
-    """The answer as the chunks a streaming server would send: role, text, finish, [DONE]."""
-    created, model = int(time.time()), completion["model"]
-    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    obj = "chat.completion.chunk" if chat else "text_completion"
+def replay_json(answer: Answer) -> bytes:
+    return _fresh(answer).model_dump_json().encode()
 
-    def chunk(choices: list[dict[str, Any]]) -> bytes:
-        data = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
-        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
-    out = []
-    for c in completion["choices"]:
-        i = c["index"]
-        if chat:
-            out.append(chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]))
-            out.append(chunk([{"index": i, "delta": {"content": c["text"]}, "finish_reason": None}]))
-            out.append(chunk([{"index": i, "delta": {}, "finish_reason": c["finish_reason"]}]))
-        else:
-            out.append(chunk([{"index": i, "text": c["text"], "finish_reason": None}]))
-            out.append(chunk([{"index": i, "text": "", "finish_reason": c["finish_reason"]}]))
-    out.append(b"data: [DONE]\n\n")
-    return out
+def replay_sse(answer: Answer, include_usage: bool) -> list[bytes]:
+    """The answer as the events a streaming server would send, ``[DONE]`` last."""
+    fresh = _fresh(answer)
+    chunks = chat_chunks(fresh, include_usage) if isinstance(fresh, ChatCompletion) else \
+        completion_chunks(fresh, include_usage)  # fmt: skip
+    return [sse(c).encode() for c in chunks] + [SSE_DONE.encode()]

@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 
+from agora.openai.errors import APIError
 from agora.router.request import content_text
-from agora.router.semantic.cache import CacheKey, SemanticCache
+from agora.router.semantic.cache import Answer, CacheKey, SemanticCache
 from agora.router.semantic.config import ActionSpec, Condition, SemanticSpec
 from agora.router.semantic.embedder import SentenceEmbedder, default_embedder
 from agora.router.semantic.pii import PIIDetector, PIISpan
 from agora.router.semantic.signals import Category, IntentClassifier, IntentResult, JailbreakDetector, JailbreakResult
-from agora.server.http import APIError
 
 MAX_CLASSIFY_CHARS = 4000  # the encoder reads 256 tokens; more text only costs time
 
@@ -57,7 +57,7 @@ class Outcome:
     headers: dict[str, str]
     error: APIError | None = None
     cache_key: CacheKey | None = None
-    cached: tuple[dict[str, Any], str] | None = None  # (completion, "exact" | "semantic")
+    cached: tuple[Answer, str] | None = None  # (answer, "exact" | "semantic")
     embedding: np.ndarray | None = None
     notes: dict[str, Any] = field(default_factory=dict)
 

@@ -1,0 +1,198 @@
+"""One accumulator per API: engine outputs in, protocol chunks out.
+
+The server feeds every output of a request through its accumulator and either sends
+the chunks as they come (``stream: true``) or folds them with ``merge_*_chunks`` into
+the whole answer. Both answers come from the same chunks, so they cannot disagree.
+
+An engine output is anything shaped like ``agora.engine.RequestOutput`` (see
+:class:`EngineOutput`): this package stays free of the engine and of torch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from agora.openai.chat import ChatChunkChoice, ChatCompletionChunk, ChatDelta, FunctionCallDelta, ToolCallDelta
+from agora.openai.common import ChoiceLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob, Usage
+from agora.openai.completions import Completion, CompletionChoice
+from agora.openai.tool_parsers.base import ToolParser
+
+MIN_LOGPROB = -9999.0  # OpenAI clamps -inf
+
+
+class TokenLogprobs(Protocol):
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+class EngineOutput(Protocol):
+    """What one engine step produced for one sequence (a delta)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: Sequence[TokenLogprobs]
+    finished: bool
+    finish_reason: str | None
+    stop_reason: int | str | None
+    num_cached_tokens: int
+
+
+class _Counts:
+    def __init__(self, prompt_tokens: int) -> None:
+        self.prompt, self.completion, self.cached = prompt_tokens, 0, 0
+
+    def add(self, out: EngineOutput) -> None:
+        self.completion += len(out.token_ids)
+        self.cached = max(self.cached, out.num_cached_tokens)
+
+    def usage(self) -> Usage:
+        return Usage.of(self.prompt, self.completion, self.cached)
+
+
+class ChatStream:
+    """Outputs of the ``n`` sequences of one chat request -> ``chat.completion.chunk`` objects.
+
+    With a tool parser, each choice's text goes through its own parser: tool-call markup
+    never reaches ``content``; calls leave as ``delta.tool_calls`` (id, type and name in
+    a call's first delta, then argument fragments), and a choice that called tools ends
+    with ``finish_reason: "tool_calls"``.
+    """
+
+    def __init__(self, request_id: str, model: str, n: int, prompt_tokens: int, *, logprobs: bool,
+                 token_text: Callable[[int], str], tool_parser: Callable[[], ToolParser] | None = None,
+                 usage_every_chunk: bool = False) -> None:  # fmt: skip
+        self.id, self.model, self.n = request_id, model, n
+        self.created = int(time.time())
+        self.logprobs = logprobs
+        self.token_text = token_text
+        self.parsers = [tool_parser() for _ in range(n)] if tool_parser is not None else None
+        self.usage_every_chunk = usage_every_chunk
+        self.counts = _Counts(prompt_tokens)
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+        if usage is None and self.usage_every_chunk:
+            usage = self.counts.usage()
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+    def start(self) -> list[ChatCompletionChunk]:
+        """The role chunk of every choice."""
+        return [self._chunk([ChatChunkChoice(index=j, delta=ChatDelta(role="assistant", content=""))])
+                for j in range(self.n)]  # fmt: skip
+
+    def feed(self, prompt_index: int, out: EngineOutput) -> list[ChatCompletionChunk]:
+        """``prompt_index`` is always 0: a chat request has one prompt (the same signature as text completions)."""
+        self.counts.add(out)
+        content, calls = out.text, []
+        parser = self.parsers[out.index] if self.parsers is not None else None
+        if parser is not None:
+            parsed = parser.feed(out.text)
+            if out.finished:
+                parsed = parsed.then(parser.finish())
+            content, calls = parsed.content, parsed.calls
+        chunks = []
+        lps = _chat_logprobs(out.logprobs, self.token_text) if self.logprobs and out.logprobs else None
+        if content or calls or lps is not None:
+            deltas = [
+                ToolCallDelta(
+                    index=c.index,
+                    id=c.id,
+                    type="function" if c.id else None,
+                    function=FunctionCallDelta(name=c.name, arguments=c.arguments),
+                )  # fmt: skip
+                for c in calls
+            ]
+            delta = ChatDelta(content=content if content or not deltas else None, tool_calls=deltas or None)
+            chunks.append(self._chunk([ChatChunkChoice(index=out.index, delta=delta, logprobs=lps)]))
+        if out.finished:
+            reason = out.finish_reason
+            if reason == "stop" and parser is not None and parser.has_calls:
+                reason = "tool_calls"
+            chunks.append(self._chunk([ChatChunkChoice(index=out.index, delta=ChatDelta(), finish_reason=reason,
+                                                       stop_reason=out.stop_reason)]))  # fmt: skip
+        return chunks
+
+    def usage(self) -> Usage:
+        return self.counts.usage()
+
+    def usage_chunk(self) -> ChatCompletionChunk:
+        return self._chunk([], self.counts.usage())
+
+
+class CompletionStream:
+    """Outputs of one text-completion request (``prompts x n`` choices) -> ``text_completion`` chunks.
+
+    Choice ``i * n + j`` is sequence ``j`` of prompt ``i``; with ``echo`` each choice
+    starts with its prompt's text.
+    """
+
+    def __init__(self, request_id: str, model: str, n: int, prompt_tokens: int, echo_texts: list[str], *,
+                 logprobs: bool, token_text: Callable[[int], str], usage_every_chunk: bool = False) -> None:  # fmt: skip
+        self.id, self.model, self.n = request_id, model, n
+        self.created = int(time.time())
+        self.echo_texts = echo_texts
+        self.logprobs = logprobs
+        self.token_text = token_text
+        self.usage_every_chunk = usage_every_chunk
+        self.counts = _Counts(prompt_tokens)
+        self.offsets = [len(echo_texts[i]) for i in range(len(echo_texts)) for _ in range(n)]
+
+    def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> Completion:
+        if usage is None and self.usage_every_chunk:
+            usage = self.counts.usage()
+        return Completion(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+    def start(self) -> list[Completion]:
+        """With echo, the prompt text of every choice (the whole prompt, never an empty chunk)."""
+        return [
+            self._chunk([CompletionChoice(index=i * self.n + j, text=text)])
+            for i, text in enumerate(self.echo_texts) if text for j in range(self.n)
+        ]  # fmt: skip
+
+    def feed(self, prompt_index: int, out: EngineOutput) -> list[Completion]:
+        self.counts.add(out)
+        if not out.text and not out.finished and not out.logprobs:
+            return []
+        index = prompt_index * self.n + out.index
+        lps = None
+        if self.logprobs and out.logprobs:
+            lps = _completion_logprobs(out.logprobs, self.token_text, self.offsets[index])
+        self.offsets[index] += len(out.text)
+        choice = CompletionChoice(index=index, text=out.text, logprobs=lps, finish_reason=out.finish_reason,
+                                  stop_reason=out.stop_reason)  # fmt: skip
+        return [self._chunk([choice])]
+
+    def usage(self) -> Usage:
+        return self.counts.usage()
+
+    def usage_chunk(self) -> Completion:
+        return self._chunk([], self.counts.usage())
+
+
+def _entry(token_text: Callable[[int], str], token: int, logprob: float) -> dict[str, Any]:
+    text = token_text(token)
+    return {"token": text, "logprob": max(logprob, MIN_LOGPROB), "bytes": list(text.encode())}
+
+
+def _chat_logprobs(items: Sequence[TokenLogprobs], token_text: Callable[[int], str]) -> ChoiceLogprobs:
+    return ChoiceLogprobs(content=[
+        TokenLogprob(**_entry(token_text, x.token_id, x.logprob),
+                     top_logprobs=[TopLogprob(**_entry(token_text, t, v)) for t, v in x.top])
+        for x in items
+    ])  # fmt: skip
+
+
+def _completion_logprobs(items: Sequence[TokenLogprobs], token_text: Callable[[int], str],
+                         offset: int) -> CompletionLogprobs:  # fmt: skip
+    out = CompletionLogprobs()
+    for x in items:
+        text = token_text(x.token_id)
+        out.tokens.append(text)
+        out.token_logprobs.append(max(x.logprob, MIN_LOGPROB))
+        out.top_logprobs.append({token_text(t): max(v, MIN_LOGPROB) for t, v in x.top} if x.top else None)
+        out.text_offset.append(offset)
+        offset += len(text)
+    return out

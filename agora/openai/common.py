@@ -1,0 +1,247 @@
+"""Pieces every OpenAI-style request and response shares.
+
+Requests refuse unknown fields (as OpenAI does); responses keep extra fields, so the
+gateway can parse another server's answer (vLLM adds its own) and replay it whole.
+Optional response fields marked with :func:`omitted` leave the JSON when they are None.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+
+from agora.openai.errors import bad_request
+
+# Bounds on what a client controls in the structured-output fields (bytes of JSON or text).
+MAX_SCHEMA_BYTES = 64 << 10
+MAX_REGEX_CHARS = 4096
+MAX_GRAMMAR_BYTES = 64 << 10
+MAX_CHOICES = 1024
+MAX_CHOICE_CHARS = 1024
+
+
+def _is_none(value: Any) -> bool:
+    return value is None
+
+
+def omitted(default: Any = None) -> Any:
+    """A response field left out of the JSON while it is None."""
+    return Field(default=default, exclude_if=_is_none)
+
+
+class StrictModel(BaseModel):
+    """A request body (or part of one): unknown fields are a 400."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class OpenModel(BaseModel):
+    """A response (or part of one): extra fields are kept, so other servers' answers round-trip."""
+
+    model_config = ConfigDict(extra="allow")
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+
+Number = Annotated[float, Field(allow_inf_nan=False)]
+
+
+# -- usage and logprobs (responses) ------------------------------------------------------
+
+
+class PromptTokensDetails(OpenModel):
+    cached_tokens: int = 0
+
+
+class Usage(OpenModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = omitted()
+
+    @classmethod
+    def of(cls, prompt: int, completion: int, cached: int) -> Usage:
+        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))  # fmt: skip
+
+
+class TopLogprob(OpenModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(OpenModel):
+    content: list[TokenLogprob] | None = None
+
+
+class CompletionLogprobs(OpenModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+# -- request fields shared by chat and completions ------------------------------------------
+
+
+class StreamOptions(StrictModel):
+    include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False  # vLLM: usage so far on every chunk
+
+
+class JSONSchemaSpec(StrictModel):
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(StrictModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required when type is 'json_schema'")
+        return self
+
+
+class StructuredOutputs(StrictModel):
+    """vLLM's ``structured_outputs`` field: exactly one constraint."""
+
+    json_: dict[str, Any] | bool | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: StrictBool | None = None
+    structural_tag: str | dict[str, Any] | None = None
+
+    @field_validator("json_", mode="before")
+    @classmethod
+    def _json_text(cls, value: Any) -> Any:
+        if isinstance(value, str):  # vLLM also takes the schema as a JSON string
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError("structured_outputs.json must be a JSON schema (an object or its JSON text)") from None
+        return value
+
+
+def check_structured_outputs(spec: StructuredOutputs, param: str) -> None:
+    """Sizes and shapes a compiler must never see; raises the 400 that names ``param``."""
+    given = [k for k in ("json_", "regex", "choice", "grammar", "structural_tag") if getattr(spec, k) is not None]
+    if spec.json_object:
+        given.append("json_object")
+    if len(given) != 1:
+        names = ", ".join(k.rstrip("_") for k in given) or "none"
+        raise bad_request(param, f"{param} takes exactly one of json, regex, choice, grammar, json_object, "
+                                 f"structural_tag (got {names})")  # fmt: skip
+    if spec.json_ is not None and len(json.dumps(spec.json_)) > MAX_SCHEMA_BYTES:
+        raise bad_request(param, f"{param}: the JSON schema is larger than {MAX_SCHEMA_BYTES} bytes")
+    if spec.regex is not None and not 0 < len(spec.regex) <= MAX_REGEX_CHARS:
+        raise bad_request(param, f"{param}: regex must have 1 to {MAX_REGEX_CHARS} characters")
+    if spec.grammar is not None and not 0 < len(spec.grammar.encode()) <= MAX_GRAMMAR_BYTES:
+        raise bad_request(param, f"{param}: grammar must have 1 to {MAX_GRAMMAR_BYTES} bytes")
+    if spec.choice is not None:
+        if not spec.choice:
+            raise bad_request(param, f"{param}: choice must not be empty")
+        if len(spec.choice) > MAX_CHOICES or any(not c or len(c) > MAX_CHOICE_CHARS for c in spec.choice):
+            raise bad_request(param, f"{param}: choice takes 1 to {MAX_CHOICES} non-empty strings of at most "
+                                     f"{MAX_CHOICE_CHARS} characters")  # fmt: skip
+    if spec.structural_tag is not None and len(json.dumps(spec.structural_tag)) > MAX_SCHEMA_BYTES:
+        raise bad_request(param, f"{param}: structural_tag is larger than {MAX_SCHEMA_BYTES} bytes")
+
+
+class SamplingFields(StrictModel):
+    """Fields of both chat and text completions (OpenAI's, then vLLM's extras)."""
+
+    model: str | None = None
+    frequency_penalty: Number = 0.0
+    presence_penalty: Number = 0.0
+    logit_bias: dict[str, Number] | None = None
+    n: StrictInt = 1
+    seed: StrictInt | None = None
+    stop: str | list[str] | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
+    user: str | None = Field(default=None, max_length=256)
+    response_format: ResponseFormat | None = None
+    # vLLM's extra sampling parameters
+    top_k: StrictInt | None = None
+    min_p: Number | None = None
+    repetition_penalty: Number | None = None
+    min_tokens: StrictInt = 0
+    ignore_eos: StrictBool = False
+    stop_token_ids: list[StrictInt] | None = None
+    include_stop_str_in_output: StrictBool = False
+    skip_special_tokens: StrictBool = True
+    cache_salt: str | None = Field(default=None, max_length=256)
+    structured_outputs: StructuredOutputs | None = None
+    # vLLM's older spelling of structured_outputs, still sent by many clients
+    guided_json: dict[str, Any] | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+
+    def stream_usage(self) -> tuple[bool, bool]:
+        """(usage chunk at the end, usage on every chunk)."""
+        opts = self.stream_options
+        if opts is None:
+            return False, False
+        return opts.include_usage or opts.continuous_usage_stats, opts.continuous_usage_stats
+
+    def check_common(self) -> None:
+        """The 400s that do not depend on the engine's limits."""
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("stream_options", "stream_options is only allowed when stream is true")
+        if self.guided_decoding_backend not in (None, "auto", "xgrammar"):
+            raise bad_request("guided_decoding_backend", "guided_decoding_backend: only 'xgrammar' is available")
+
+    def constraint(self) -> tuple[StructuredOutputs, str] | None:
+        """The output constraint the request asks for, and the parameter it came from (None: free text)."""
+        guided = {
+            "json": self.guided_json,
+            "regex": self.guided_regex,
+            "choice": self.guided_choice,
+            "grammar": self.guided_grammar,
+        }
+        guided = {k: v for k, v in guided.items() if v is not None}
+        sources: list[tuple[StructuredOutputs, str]] = []
+        if self.structured_outputs is not None:
+            sources.append((self.structured_outputs, "structured_outputs"))
+        if guided:
+            if len(guided) > 1:
+                raise bad_request(next(iter(guided)), "give only one of guided_json, guided_regex, guided_choice, "
+                                                      "guided_grammar")  # fmt: skip
+            ((kind, value),) = guided.items()
+            try:
+                sources.append((StructuredOutputs.model_validate({kind: value}), f"guided_{kind}"))
+            except ValueError as exc:
+                raise bad_request(f"guided_{kind}", f"guided_{kind}: {exc}") from None
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            sources.append((StructuredOutputs(json_object=True), "response_format"))
+        elif fmt is not None and fmt.type == "json_schema":
+            assert fmt.json_schema is not None
+            schema = fmt.json_schema.schema_
+            spec = StructuredOutputs(json_object=True) if schema is None else StructuredOutputs(json=schema)
+            sources.append((spec, "response_format"))
+        if len(sources) > 1:
+            raise bad_request(sources[1][1], f"{sources[0][1]} and {sources[1][1]} both constrain the output; "
+                                             "give one")  # fmt: skip
+        if not sources:
+            return None
+        check_structured_outputs(*sources[0])
+        return sources[0]

@@ -1,0 +1,55 @@
+"""``POST /v1/completions``: parse, check, tokenize, submit, answer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from agora.openai.accumulate import CompletionStream
+from agora.openai.completions import CompletionRequest
+from agora.openai.errors import bad_request
+from agora.openai.stream import merge_completion_chunks
+from agora.server.params import sampling_params
+from agora.server.serving import Serving
+
+MAX_PROMPTS_PER_REQUEST = 64
+MAX_CHOICES_PER_REQUEST = 64
+
+
+def add_routes(app: FastAPI, serving: Serving) -> None:
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request) -> Response:
+        serving.check_auth(request)
+        serving.check_model(req.model)
+        req.check()
+        params = sampling_params(req, req.max_tokens, req.logprobs)
+        raw_prompts = req.prompts()
+        if len(raw_prompts) > MAX_PROMPTS_PER_REQUEST:
+            raise bad_request("prompt", f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request")
+        if len(raw_prompts) * params.n > MAX_CHOICES_PER_REQUEST:
+            raise bad_request("n", f"prompts x n must be at most {MAX_CHOICES_PER_REQUEST}")
+        prompt_ids: list[list[int]] = []
+        for p in raw_prompts:
+            if isinstance(p, str):
+                if not p:
+                    raise bad_request("prompt", "prompt must not be empty")
+                # Off the event loop: a long prompt takes a while to tokenize.
+                prompt_ids.append(await asyncio.to_thread(serving.need_tokenizer().encode, p))
+            else:
+                prompt_ids.append(p)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        start = time.monotonic()
+        streams = serving.submit(prompt_ids, params, req.cache_salt, rid)  # validates the token ids
+        echo_texts = [""] * len(prompt_ids)
+        if req.echo:
+            echo_texts = [p if isinstance(p, str) else serving.need_tokenizer().decode(p) for p in raw_prompts]
+        at_end, every_chunk = req.stream_usage()
+        acc = CompletionStream(rid, serving.model_name, params.n, sum(len(p) for p in prompt_ids), echo_texts,
+                               logprobs=params.logprobs is not None, token_text=serving.token_text,
+                               usage_every_chunk=every_chunk)  # fmt: skip
+        return await serving.answer(request, streams, acc, stream=req.stream, include_usage=at_end,
+                                    merge=merge_completion_chunks, start=start)  # fmt: skip
