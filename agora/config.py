@@ -71,11 +71,29 @@ class SchedulerConfig:
             raise ValueError("max_model_len must be >= 2")
 
 
+@dataclass(frozen=True, slots=True)
+class StructuredOutputsConfig:
+    """Grammar compilation (xgrammar) for structured outputs and tool calls."""
+
+    cache_size: int = 256  # compiled grammars kept, least recently used dropped first
+    compile_timeout_s: float = 10.0  # a request whose grammar takes longer gets a 400
+    compile_threads: int = 2  # worker threads; compiles never run on the engine's step loop
+
+    def __post_init__(self) -> None:
+        if self.cache_size < 1:
+            raise ValueError("structured outputs cache_size must be >= 1")
+        if self.compile_timeout_s <= 0:
+            raise ValueError("structured outputs compile_timeout_s must be > 0")
+        if self.compile_threads < 1:
+            raise ValueError("structured outputs compile_threads must be >= 1")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    structured: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     max_waiting_requests: int = 256  # beyond this, new requests are refused (HTTP 429)
 
     def __post_init__(self) -> None:

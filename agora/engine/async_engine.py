@@ -25,7 +25,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from agora.engine.engine import Engine, EngineStats, RequestOutput
-from agora.engine.sampling import SamplingParams
+from agora.engine.sampling import ParamError, SamplingParams
+from agora.engine.structured import Constraint, GrammarError
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class _Add:
     prompt_token_ids: list[int]
     params: SamplingParams
     cache_salt: str | None
+    constraint: Constraint | None
 
 
 @dataclass
@@ -91,16 +93,39 @@ class AsyncEngine:
     def is_healthy(self) -> bool:
         return self._thread.is_alive() and self._error is None
 
+    async def compile(self, params: SamplingParams, timeout: float | None = None) -> Constraint | None:
+        """The compiled ``params.structured_outputs`` (None without one), from the cache or a worker
+        thread: the step loop never waits for it. ParamError for a constraint that cannot work or
+        that takes longer than ``timeout`` (default: the engine's ``compile_timeout_s``) to compile."""
+        spec = params.structured_outputs
+        if spec is None:
+            return None
+        grammars = self.engine.grammars
+        if grammars is None:
+            raise ParamError("structured_outputs", "structured outputs need a tokenizer, and this model has none")
+        limit = grammars.config.compile_timeout_s if timeout is None else timeout
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(grammars.compile(spec)), limit)
+        except GrammarError as exc:
+            raise ParamError("structured_outputs", str(exc)) from None
+        except TimeoutError:
+            raise ParamError("structured_outputs", f"the constraint took longer than {limit:g} s to compile; "
+                                                   "simplify it") from None  # fmt: skip
+
     def submit(
         self,
         request_id: str,
         prompt_token_ids: list[int],
         params: SamplingParams,
         cache_salt: str | None = None,
+        constraint: Constraint | None = None,
     ) -> RequestStream:
         """Queue a request and return its stream; errors are raised here, before any
         output: ValueError for a request that can never run, QueueFullError when the
-        waiting queue is full, EngineDeadError if the engine stopped."""
+        waiting queue is full, EngineDeadError if the engine stopped. A request with
+        ``structured_outputs`` needs its ``constraint`` (from :meth:`compile`)."""
+        if params.structured_outputs is not None and constraint is None:
+            raise ValueError("compile the request's structured_outputs first (AsyncEngine.compile)")
         if not self.is_healthy:
             raise EngineDeadError("the engine is not running")
         if request_id in self._streams:
@@ -114,7 +139,7 @@ class AsyncEngine:
             self._pending_adds += 1
         stream = RequestStream(self, request_id, params.n)
         self._streams[request_id] = (asyncio.get_running_loop(), stream.queue)
-        self._inbox.put(_Add(request_id, prompt_token_ids, params, cache_salt))
+        self._inbox.put(_Add(request_id, prompt_token_ids, params, cache_salt, constraint))
         return stream
 
     async def generate(
@@ -124,8 +149,9 @@ class AsyncEngine:
         params: SamplingParams,
         cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Submit and stream in one call (closing the iterator early aborts)."""
-        stream = self.submit(request_id, prompt_token_ids, params, cache_salt)
+        """Compile, submit and stream in one call (closing the iterator early aborts)."""
+        constraint = await self.compile(params)
+        stream = self.submit(request_id, prompt_token_ids, params, cache_salt, constraint)
         try:
             async for out in stream:
                 yield out
@@ -144,6 +170,8 @@ class AsyncEngine:
         self._stopped = True
         self._inbox.put(None)
         self._thread.join(timeout)
+        if self.engine.grammars is not None:
+            self.engine.grammars.shutdown()
 
     # -- engine-thread side --------------------------------------------------------
 
@@ -169,7 +197,8 @@ class AsyncEngine:
                 if cmd.request_id not in self._streams:
                     continue  # the client left before the engine saw it
                 try:
-                    self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.cache_salt)
+                    self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.cache_salt,
+                                            cmd.constraint)  # fmt: skip
                 except Exception as exc:  # noqa: BLE001 - surfaced to the client
                     self._deliver(cmd.request_id, exc)
             else:

@@ -22,6 +22,7 @@ from agora.engine.runner import ModelRunner, kv_bytes_per_block
 from agora.engine.sampler import TokenLogprobs
 from agora.engine.sampling import ParamError, SamplingParams
 from agora.engine.scheduler import Scheduler
+from agora.engine.structured import Constraint, GrammarCompiler, GrammarError, GrammarState
 from agora.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from agora.models.catalog import resolve_model
 from agora.models.loader import inspect_model, load_model
@@ -123,6 +124,11 @@ class Engine:
             enforce_eager=config.model.enforce_eager, kv_dtype=self.kv_dtype,
         )  # fmt: skip
         self.model = model
+        # Structured outputs: the vocabulary is read in a worker thread while the engine starts.
+        self.grammars = (
+            GrammarCompiler(self.tokenizer.hf, self.vocab_size, sorted(self.eos_token_ids), config.structured)
+            if self.tokenizer is not None else None
+        )  # fmt: skip
         self.sequences: dict[str, _Sequence] = {}
         self.children: dict[str, list[str]] = {}
         self.prompt_tokens = 0
@@ -156,6 +162,17 @@ class Engine:
         for t in params.logit_bias or {}:
             if not 0 <= t < self.vocab_size:
                 raise ParamError("logit_bias", f"logit_bias: token id {t} is out of the vocabulary")
+        if params.structured_outputs is not None and self.grammars is None:
+            raise ParamError("structured_outputs", "structured outputs need a tokenizer, and this model has none")
+
+    def compile_grammar(self, params: SamplingParams) -> Constraint:
+        """Compile a request's constraint here and now (the offline API; the server compiles off the
+        step loop through ``grammars.compile``). Raises ParamError for a constraint that cannot work."""
+        assert self.grammars is not None and params.structured_outputs is not None
+        try:
+            return self.grammars.compile(params.structured_outputs).result()
+        except GrammarError as exc:
+            raise ParamError("structured_outputs", str(exc)) from None
 
     def add_request(
         self,
@@ -163,10 +180,15 @@ class Engine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         cache_salt: str | None = None,
+        constraint: Constraint | None = None,
     ) -> None:
+        """``constraint``: the compiled ``params.structured_outputs`` (compiled here if not given)."""
         self.validate(prompt_token_ids, params)
         if request_id in self.children:
             raise ValueError(f"duplicate request id {request_id!r}")
+        if params.structured_outputs is not None and constraint is None:
+            constraint = self.compile_grammar(params)
+        stop_ids = sorted(self.eos_token_ids | set(params.stop_token_ids))
         ids = []
         for i in range(params.n):
             child_params = params
@@ -181,6 +203,8 @@ class Engine:
                 max_total_tokens=self.max_model_len,
                 cache_salt=cache_salt,
             )
+            if constraint is not None:
+                req.grammar = GrammarState(constraint, stop_ids)  # one matcher per sequence
             detok = IncrementalDetokenizer(self.tokenizer, child_params) if self.tokenizer else None
             self.sequences[child_id] = _Sequence(request_id, i, detok)
             self.scheduler.add_request(req)
@@ -222,7 +246,10 @@ class Engine:
             self.generation_tokens += 1
             finished = req.is_finished
             text = ""
-            if seq.detokenizer is not None:
+            stopped_at_eos = req.status == RequestStatus.FINISHED_STOPPED and req.stop_reason is None
+            if seq.detokenizer is not None and stopped_at_eos and token in self.eos_token_ids:
+                text = seq.detokenizer.flush()  # the end-of-sequence token itself is not output text
+            elif seq.detokenizer is not None:
                 delta = seq.detokenizer.step(token, finished)
                 text = delta.text
                 if delta.stop_string is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from agora.engine.kv_cache import BlockHash
 from agora.engine.sampling import SamplingParams
@@ -36,6 +37,9 @@ class Request:
     max_total_tokens: int = 2**31  # context length cap: prompt + output
     cache_salt: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    # structured.GrammarState of a constrained sequence. It advances only with sampled tokens, so it
+    # needs nothing on chunked prefill, prefix-cache hits or preemption (outputs are kept and recomputed).
+    grammar: Any = None
 
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(init=False)
@@ -65,6 +69,14 @@ class Request:
     def is_finished(self) -> bool:
         return self.status.finished
 
+    @property
+    def budget(self) -> int:
+        """Tokens this sequence may still produce (max_tokens and the context length both count)."""
+        left = self.max_total_tokens - self.num_tokens
+        if self.sampling_params.max_tokens is not None:
+            left = min(left, self.sampling_params.max_tokens - self.num_output_tokens)
+        return left
+
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
@@ -74,6 +86,10 @@ class Request:
         detokenizer). Sets ``status``/``stop_reason`` and returns the new status."""
         params = self.sampling_params
         last = self.output_token_ids[-1]
+        if self.grammar is not None and self.grammar.is_terminated:  # the grammar took a stop token
+            self.status = RequestStatus.FINISHED_STOPPED
+            self.stop_reason = None if last in self.eos_token_ids else last
+            return self.status
         if self.num_output_tokens >= params.min_tokens:
             if not params.ignore_eos and last in self.eos_token_ids:
                 self.status = RequestStatus.FINISHED_STOPPED
@@ -86,6 +102,8 @@ class Request:
         if (params.max_tokens is not None and self.num_output_tokens >= params.max_tokens) or (
             self.num_tokens >= self.max_total_tokens
         ):
-            self.status = RequestStatus.FINISHED_LENGTH
+            # A constrained output that is whole when the budget ends stopped, it was not cut off.
+            whole = self.grammar is not None and self.grammar.is_completed
+            self.status = RequestStatus.FINISHED_STOPPED if whole else RequestStatus.FINISHED_LENGTH
             return self.status
         return None

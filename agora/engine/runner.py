@@ -160,7 +160,13 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])  # type: ignore[operator]
         reqs = [
             SampleRequest(
-                r.sampling_params, r.prompt_token_ids, r.output_token_ids, r.eos_token_ids, self._generator(r)
+                r.sampling_params,
+                r.prompt_token_ids,
+                r.output_token_ids,
+                r.eos_token_ids,
+                self._generator(r),
+                r.grammar,
+                r.budget,
             )
             for r in sampling
         ]

@@ -1,17 +1,30 @@
 """Batched sampling with per-request parameters.
 
-One call handles every request that samples this step. Work that no request
-asks for (penalties, truncation, logprobs) is skipped for the whole batch, and
-the only host sync is the final ``.tolist()``.
+One call handles every request that samples this step::
+
+    logits ─▶ logits processors, in chain order, each over the whole batch:
+              bias ─▶ penalties ─▶ min_tokens ─▶ grammar masks
+           ─▶ pick: greedy, or temperature + top-k/top-p/min-p + an exponential race
+           ─▶ grammars take the picked tokens (and may swap one to keep a valid ending in budget)
+           ─▶ logprobs of the raw distribution
+
+A processor that no request of the batch needs is skipped, and without grammars the
+only host sync is the final ``.tolist()``. A grammar is one more link in the chain,
+not a special case: its token bitmasks are filled per row and applied batched, rows
+with and without grammars in one step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from agora.engine.sampling import SamplingParams
+
+UNBOUNDED = 1 << 30
 
 
 @dataclass(slots=True)
@@ -23,6 +36,8 @@ class SampleRequest:
     output_token_ids: list[int]
     eos_token_ids: frozenset[int]
     generator: torch.Generator | None
+    grammar: Any = None  # structured.GrammarState, or None
+    budget: int = UNBOUNDED  # tokens this sequence may still produce, this one included
 
 
 @dataclass(slots=True)
@@ -50,26 +65,99 @@ def _pad(lists: list[list[int]], fill: int, device: torch.device) -> torch.Tenso
     return out.to(device)
 
 
-def _apply_penalties(logits: torch.Tensor, reqs: list[SampleRequest]) -> torch.Tensor:
-    rows, vocab = logits.shape
-    device = logits.device
-    # Counts of output tokens (presence/frequency) and a seen-mask over prompt+output
-    # (repetition, as in HF). Column `vocab` absorbs the padding.
-    out_ids = _pad([r.output_token_ids for r in reqs], vocab, device)
-    counts = torch.zeros(rows, vocab + 1, device=device)
-    counts.scatter_add_(1, out_ids, torch.ones_like(out_ids, dtype=counts.dtype))
-    counts = counts[:, :vocab]
-    rep = torch.tensor([r.params.repetition_penalty for r in reqs], device=device)[:, None]
-    if (rep != 1.0).any():
-        prompt_ids = _pad([r.prompt_token_ids for r in reqs], vocab, device)
-        seen = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=device)
-        seen.scatter_(1, prompt_ids, True)
-        seen = seen[:, :vocab] | (counts > 0)
-        penalized = torch.where(logits > 0, logits / rep, logits * rep)
-        logits = torch.where(seen, penalized, logits)
-    freq = torch.tensor([r.params.frequency_penalty for r in reqs], device=device)[:, None]
-    pres = torch.tensor([r.params.presence_penalty for r in reqs], device=device)[:, None]
-    return logits - freq * counts - pres * (counts > 0).to(logits.dtype)
+class LogitsProcessor(Protocol):
+    """One link of the chain: changes the logits of the rows that ask for it."""
+
+    def wanted(self, reqs: Sequence[SampleRequest]) -> bool: ...
+
+    def __call__(self, logits: torch.Tensor, reqs: Sequence[SampleRequest]) -> torch.Tensor: ...
+
+
+class LogitBias:
+    def wanted(self, reqs: Sequence[SampleRequest]) -> bool:
+        return any(r.params.logit_bias for r in reqs)
+
+    def __call__(self, logits: torch.Tensor, reqs: Sequence[SampleRequest]) -> torch.Tensor:
+        bias = torch.zeros_like(logits)
+        for i, r in enumerate(reqs):
+            for tok, value in (r.params.logit_bias or {}).items():
+                bias[i, tok] = value
+        return logits + bias
+
+
+class Penalties:
+    """Repetition (over prompt and output, as HF), presence and frequency (over the output)."""
+
+    def wanted(self, reqs: Sequence[SampleRequest]) -> bool:
+        return any(r.params.uses_penalties for r in reqs)
+
+    def __call__(self, logits: torch.Tensor, reqs: Sequence[SampleRequest]) -> torch.Tensor:
+        rows, vocab = logits.shape
+        device = logits.device
+        # Counts of output tokens (presence/frequency) and a seen-mask over prompt+output
+        # (repetition, as in HF). Column `vocab` absorbs the padding.
+        out_ids = _pad([r.output_token_ids for r in reqs], vocab, device)
+        counts = torch.zeros(rows, vocab + 1, device=device)
+        counts.scatter_add_(1, out_ids, torch.ones_like(out_ids, dtype=counts.dtype))
+        counts = counts[:, :vocab]
+        rep = torch.tensor([r.params.repetition_penalty for r in reqs], device=device)[:, None]
+        if (rep != 1.0).any():
+            prompt_ids = _pad([r.prompt_token_ids for r in reqs], vocab, device)
+            seen = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=device)
+            seen.scatter_(1, prompt_ids, True)
+            seen = seen[:, :vocab] | (counts > 0)
+            penalized = torch.where(logits > 0, logits / rep, logits * rep)
+            logits = torch.where(seen, penalized, logits)
+        freq = torch.tensor([r.params.frequency_penalty for r in reqs], device=device)[:, None]
+        pres = torch.tensor([r.params.presence_penalty for r in reqs], device=device)[:, None]
+        return logits - freq * counts - pres * (counts > 0).to(logits.dtype)
+
+
+class MinTokens:
+    """Before ``min_tokens`` are out, end-of-sequence tokens cannot be picked (unless a
+    grammar is whole: then it decides, and it may allow nothing but the end)."""
+
+    @staticmethod
+    def _blocked(reqs: Sequence[SampleRequest]) -> list[tuple[int, list[int]]]:
+        return [
+            (i, sorted(r.eos_token_ids | set(r.params.stop_token_ids)))
+            for i, r in enumerate(reqs)
+            if len(r.output_token_ids) < r.params.min_tokens and not (r.grammar is not None and r.grammar.is_completed)
+        ]
+
+    def wanted(self, reqs: Sequence[SampleRequest]) -> bool:
+        return any(len(r.output_token_ids) < r.params.min_tokens for r in reqs)
+
+    def __call__(self, logits: torch.Tensor, reqs: Sequence[SampleRequest]) -> torch.Tensor:
+        blocked = self._blocked(reqs)
+        if not blocked:
+            return logits
+        logits = logits.clone()
+        for i, ids in blocked:
+            if ids:
+                logits[i, torch.tensor(ids, device=logits.device)] = float("-inf")
+        return logits
+
+
+class GrammarMask:
+    """Structured outputs: each grammar row keeps only the tokens its grammar allows."""
+
+    def wanted(self, reqs: Sequence[SampleRequest]) -> bool:
+        return any(r.grammar is not None for r in reqs)
+
+    def __call__(self, logits: torch.Tensor, reqs: Sequence[SampleRequest]) -> torch.Tensor:
+        import xgrammar as xgr
+
+        rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
+        bitmask = xgr.allocate_token_bitmask(len(reqs), logits.shape[1])
+        for i in rows:
+            reqs[i].grammar.mask(bitmask, i, reqs[i].budget)
+        logits = logits.contiguous()
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+        return logits
+
+
+CHAIN: tuple[LogitsProcessor, ...] = (LogitBias(), Penalties(), MinTokens(), GrammarMask())
 
 
 def _apply_truncation(logits: torch.Tensor, reqs: list[SampleRequest]) -> torch.Tensor:
@@ -91,32 +179,16 @@ def _apply_truncation(logits: torch.Tensor, reqs: list[SampleRequest]) -> torch.
     return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
 
 
-def sample(logits: torch.Tensor, reqs: list[SampleRequest]) -> SamplerOutput:
+def sample(logits: torch.Tensor, reqs: list[SampleRequest],
+           chain: Sequence[LogitsProcessor] = CHAIN) -> SamplerOutput:  # fmt: skip
     """Pick one token per row of ``logits`` ([R, vocab], float32)."""
-    rows, vocab = logits.shape
+    rows = logits.shape[0]
     device = logits.device
     want_logprobs = [r.params.logprobs for r in reqs]
     raw_logprobs = logits.log_softmax(dim=-1) if any(n is not None for n in want_logprobs) else None
-
-    if any(r.params.logit_bias for r in reqs):
-        bias = torch.zeros_like(logits)
-        for i, r in enumerate(reqs):
-            for tok, value in (r.params.logit_bias or {}).items():
-                bias[i, tok] = value
-        logits = logits + bias
-    if any(r.params.uses_penalties for r in reqs):
-        logits = _apply_penalties(logits, reqs)
-    # Before min_tokens is reached, end-of-sequence tokens cannot be picked.
-    blocked = [
-        (i, sorted(r.eos_token_ids | set(r.params.stop_token_ids)))
-        for i, r in enumerate(reqs)
-        if len(r.output_token_ids) < r.params.min_tokens
-    ]
-    if blocked:
-        logits = logits.clone()
-        for i, ids in blocked:
-            if ids:
-                logits[i, torch.tensor(ids, device=device)] = float("-inf")
+    for processor in chain:
+        if processor.wanted(reqs):
+            logits = processor(logits, reqs)
 
     greedy = torch.tensor([r.params.greedy for r in reqs], device=device)
     tokens = logits.argmax(dim=-1)
@@ -139,6 +211,14 @@ def sample(logits: torch.Tensor, reqs: list[SampleRequest]) -> SamplerOutput:
         tokens = torch.where(greedy, tokens, sampled)
 
     token_list = tokens.tolist()
+    swapped = False
+    for i, r in enumerate(reqs):
+        if r.grammar is not None:
+            kept = r.grammar.accept(token_list[i], r.budget)
+            swapped |= kept != token_list[i]
+            token_list[i] = kept
+    if swapped:
+        tokens = torch.tensor(token_list, device=device)
     logprob_list: list[TokenLogprobs | None] = [None] * rows
     if raw_logprobs is not None:
         k = max(n or 0 for n in want_logprobs)

@@ -20,6 +20,38 @@ class ParamError(ValueError):
         self.param = param
 
 
+@dataclass(frozen=True, slots=True)
+class StructuredOutputsParams:
+    """One constraint on the output (vLLM's names); exactly one field is set.
+
+    ``json`` is a JSON schema as JSON text, ``json_object`` any JSON object, ``regex`` a
+    regular expression, ``choice`` a list of allowed outputs, ``grammar`` an EBNF grammar
+    (xgrammar's dialect), ``structural_tag`` xgrammar's structural-tag JSON (the server
+    builds one for tool calls). ``strict`` (JSON schemas): properties the schema does not
+    list are refused unless ``additionalProperties`` allows them.
+    """
+
+    json: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    structural_tag: str | None = None
+    strict: bool = True
+
+    def __post_init__(self) -> None:
+        given = [self.json, self.regex, self.choice, self.grammar, self.structural_tag]
+        if sum(x is not None for x in given) + self.json_object != 1:
+            raise ParamError("structured_outputs", "structured_outputs takes exactly one constraint")
+
+    @property
+    def kind(self) -> str:
+        for name in ("json", "regex", "choice", "grammar", "structural_tag"):
+            if getattr(self, name) is not None:
+                return name
+        return "json_object"
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """How to pick tokens for one request. ``temperature == 0`` means greedy.
@@ -47,6 +79,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per token; 0 = just the chosen one
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

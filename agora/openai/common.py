@@ -223,8 +223,8 @@ class SamplingFields(StrictModel):
             sources.append((self.structured_outputs, "structured_outputs"))
         if guided:
             if len(guided) > 1:
-                raise bad_request(next(iter(guided)), "give only one of guided_json, guided_regex, guided_choice, "
-                                                      "guided_grammar")  # fmt: skip
+                raise bad_request(f"guided_{next(iter(guided))}", "give only one of guided_json, guided_regex, "
+                                                                  "guided_choice, guided_grammar")  # fmt: skip
             ((kind, value),) = guided.items()
             try:
                 sources.append((StructuredOutputs.model_validate({kind: value}), f"guided_{kind}"))

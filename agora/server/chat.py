@@ -14,7 +14,7 @@ from agora.openai.accumulate import ChatStream
 from agora.openai.chat import ChatCompletionRequest, ChatMessage
 from agora.openai.errors import APIError, bad_request
 from agora.openai.stream import merge_chat_chunks
-from agora.server.params import sampling_params
+from agora.server.params import sampling_params, strict_schema, structured_params
 from agora.server.serving import Serving
 
 # Chat has no "prompt": engine errors about it are about the messages; logprobs are top_logprobs here.
@@ -48,20 +48,21 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
         serving.check_auth(request)
         serving.check_model(req.model)
         req.check()
-        if req.constraint() is not None:
-            raise bad_request("response_format", "structured output (json_object / json_schema) is not supported yet")
+        found = req.constraint()
+        structured = structured_params(found[0], strict_schema(req)) if found is not None else None
         if req.tool_use().active:
             raise bad_request("tools", "tool calling is not supported yet; send tools with tool_choice 'none' "
                                        "or omit them")  # fmt: skip
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = sampling_params(req, req.max_output_tokens(), logprobs, RENAME)
+        params = sampling_params(req, req.max_output_tokens(), logprobs, RENAME, structured)
         tok = serving.need_tokenizer()
         text = await asyncio.to_thread(render_chat, tok, [template_message(m) for m in req.messages], req.add_generation_prompt,
                                        req.chat_template_kwargs, req.continue_final_message)  # fmt: skip
         prompt_ids = await asyncio.to_thread(tok.encode, text, False)
+        constraint = await serving.compile(params, found[1]) if found is not None else None
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         start = time.monotonic()
-        streams = serving.submit([prompt_ids], params, req.cache_salt, rid, RENAME)
+        streams = serving.submit([prompt_ids], params, req.cache_salt, rid, RENAME, constraint)
         at_end, every_chunk = req.stream_usage()
         acc = ChatStream(rid, serving.model_name, params.n, len(prompt_ids), logprobs=params.logprobs is not None,
                          token_text=serving.token_text, usage_every_chunk=every_chunk)  # fmt: skip

@@ -13,7 +13,7 @@ from agora.openai.accumulate import CompletionStream
 from agora.openai.completions import CompletionRequest
 from agora.openai.errors import bad_request
 from agora.openai.stream import merge_completion_chunks
-from agora.server.params import sampling_params
+from agora.server.params import sampling_params, strict_schema, structured_params
 from agora.server.serving import Serving
 
 MAX_PROMPTS_PER_REQUEST = 64
@@ -26,7 +26,9 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
         serving.check_auth(request)
         serving.check_model(req.model)
         req.check()
-        params = sampling_params(req, req.max_tokens, req.logprobs)
+        found = req.constraint()
+        structured = structured_params(found[0], strict_schema(req)) if found is not None else None
+        params = sampling_params(req, req.max_tokens, req.logprobs, structured=structured)
         raw_prompts = req.prompts()
         if len(raw_prompts) > MAX_PROMPTS_PER_REQUEST:
             raise bad_request("prompt", f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request")
@@ -41,9 +43,10 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
                 prompt_ids.append(await asyncio.to_thread(serving.need_tokenizer().encode, p))
             else:
                 prompt_ids.append(p)
+        constraint = await serving.compile(params, found[1]) if found is not None else None
         rid = f"cmpl-{uuid.uuid4().hex}"
         start = time.monotonic()
-        streams = serving.submit(prompt_ids, params, req.cache_salt, rid)  # validates the token ids
+        streams = serving.submit(prompt_ids, params, req.cache_salt, rid, constraint=constraint)  # checks token ids
         echo_texts = [""] * len(prompt_ids)
         if req.echo:
             echo_texts = [p if isinstance(p, str) else serving.need_tokenizer().decode(p) for p in raw_prompts]

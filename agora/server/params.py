@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
-from agora.engine.sampling import ParamError, SamplingParams
-from agora.openai.common import SamplingFields
+import json
+
+from agora.engine.sampling import ParamError, SamplingParams, StructuredOutputsParams
+from agora.openai.common import SamplingFields, StructuredOutputs
 from agora.openai.errors import APIError, bad_request
 
 
+def structured_params(spec: StructuredOutputs, strict: bool = True) -> StructuredOutputsParams:
+    """The protocol's constraint as the engine's (a JSON schema keeps its key order: it is the output's)."""
+    tag = spec.structural_tag
+    return StructuredOutputsParams(
+        json=json.dumps(spec.json_, ensure_ascii=False) if spec.json_ is not None else None,
+        json_object=bool(spec.json_object),
+        regex=spec.regex,
+        choice=tuple(spec.choice) if spec.choice is not None else None,
+        grammar=spec.grammar,
+        structural_tag=json.dumps(tag, ensure_ascii=False) if isinstance(tag, dict) else tag,
+        strict=strict,
+    )
+
+
+def strict_schema(req: SamplingFields) -> bool:
+    """json_schema's ``strict: false`` admits properties the schema does not list (JSON Schema's default)."""
+    fmt = req.response_format
+    return not (fmt is not None and fmt.json_schema is not None and fmt.json_schema.strict is False)
+
+
 def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None,
-                    rename: dict[str, str] | None = None) -> SamplingParams:  # fmt: skip
+                    rename: dict[str, str] | None = None,
+                    structured: StructuredOutputsParams | None = None) -> SamplingParams:  # fmt: skip
     """``rename`` maps an engine parameter name to the one this API calls it (chat: logprobs -> top_logprobs)."""
     bias = None
     if req.logit_bias:
@@ -36,6 +59,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
             logprobs=logprobs,
             skip_special_tokens=req.skip_special_tokens,
             logit_bias=bias,
+            structured_outputs=structured,
         )
     except ParamError as exc:
         raise param_error(exc, rename) from None

@@ -24,8 +24,9 @@ from agora.config import ServerConfig
 from agora.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream
 from agora.engine.engine import RequestOutput
 from agora.engine.sampling import ParamError, SamplingParams
+from agora.engine.structured import Constraint
 from agora.openai.common import Usage
-from agora.openai.errors import APIError, bearer_token_matches, error_body
+from agora.openai.errors import APIError, bad_request, bearer_token_matches, error_body
 from agora.openai.stream import SSE_DONE, sse
 from agora.server.metrics import ServerMetrics
 from agora.server.params import param_error
@@ -128,13 +129,20 @@ class Serving:
 
     # -- submit and answer ----------------------------------------------------------------
 
+    async def compile(self, params: SamplingParams, param: str) -> Constraint | None:
+        """The request's compiled constraint; a constraint that cannot work is a 400 naming ``param``."""
+        try:
+            return await self.engine.compile(params)
+        except ParamError as exc:
+            raise bad_request(param, f"{param}: {exc}") from None
+
     def submit(self, prompts: list[list[int]], params: SamplingParams, salt: str | None, base_id: str,
-               rename: dict[str, str] | None = None) -> list[RequestStream]:  # fmt: skip
+               rename: dict[str, str] | None = None, constraint: Constraint | None = None) -> list[RequestStream]:  # fmt: skip
         """One engine request per prompt; ``rename`` maps engine parameter names to this API's."""
         streams: list[RequestStream] = []
         try:
             for i, ids in enumerate(prompts):
-                streams.append(self.engine.submit(f"{base_id}-{i}", ids, params, salt))
+                streams.append(self.engine.submit(f"{base_id}-{i}", ids, params, salt, constraint))
         except BaseException as exc:
             for s in streams:
                 s.close()

@@ -21,6 +21,8 @@ def test_the_factory_runs_in_the_engine_thread() -> None:
     seen: list[str] = []
 
     class Stub:
+        grammars = None
+
         def stats(self):  # noqa: ANN202
             seen.append(threading.current_thread().name)
             return None

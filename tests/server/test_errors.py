@@ -11,6 +11,14 @@ CHAT = "/v1/chat/completions"
 COMP = "/v1/completions"
 MSG = [{"role": "user", "content": "hi"}]
 
+
+def _deep(levels: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"x": schema}}
+    return schema
+
+
 CASES = [
     # (path, body, status, fragment of the message, param)
     (COMP, {"prompt": "x", "max_tokens": 600}, 400, "maximum context length is 512", "max_tokens"),
@@ -50,7 +58,131 @@ CASES = [
     ),
     (CHAT, {"messages": MSG, "top_logprobs": 5}, 400, "requires logprobs", "top_logprobs"),
     (CHAT, {"messages": MSG, "logprobs": True, "top_logprobs": 30}, 400, "between 0 and 20", "top_logprobs"),
-    (CHAT, {"messages": MSG, "response_format": {"type": "json_object"}}, 400, "structured output", "response_format"),
+    (
+        CHAT,
+        {"messages": MSG, "response_format": {"type": "json_schema"}},
+        400,
+        "json_schema is required",
+        "response_format",
+    ),
+    (
+        CHAT,
+        {
+            "messages": MSG,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frob"}}},
+        },
+        400,
+        "not a valid JSON Schema",
+        "response_format",
+    ),
+    (
+        CHAT,
+        {
+            "messages": MSG,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "x",
+                    "schema": {"type": "object", "required": ["a"], "properties": {}, "additionalProperties": False},
+                },
+            },
+        },
+        400,
+        "no output can satisfy",
+        "response_format",
+    ),
+    (
+        COMP,
+        {"prompt": "x", "structured_outputs": {"regex": "(a"}},
+        400,
+        "parenthesis is not closed",
+        "structured_outputs",
+    ),
+    (
+        COMP,
+        {"prompt": "x", "structured_outputs": {"choice": []}},
+        400,
+        "choice must not be empty",
+        "structured_outputs",
+    ),
+    (
+        COMP,
+        {"prompt": "x", "structured_outputs": {"regex": "a", "choice": ["b"]}},
+        400,
+        "exactly one",
+        "structured_outputs",
+    ),
+    (COMP, {"prompt": "x", "structured_outputs": {}}, 400, "exactly one", "structured_outputs"),
+    (
+        COMP,
+        {"prompt": "x", "structured_outputs": {"grammar": "root ::= b"}},
+        400,
+        "structured_outputs:",
+        "structured_outputs",
+    ),
+    (
+        COMP,
+        {"prompt": "x", "structured_outputs": {"whitespace_pattern": " "}},
+        400,
+        "Unrecognized",
+        "structured_outputs",
+    ),
+    (
+        COMP,
+        {"prompt": "x", "guided_json": {"type": "string", "minLength": 5, "maxLength": 2}},
+        400,
+        "minLength",
+        "guided_json",
+    ),
+    (COMP, {"prompt": "x", "guided_json": "{not json"}, 400, "JSON schema", "guided_json"),
+    (COMP, {"prompt": "x", "guided_regex": "a", "guided_choice": ["b"]}, 400, "only one", "guided_regex"),
+    (
+        COMP,
+        {"prompt": "x", "guided_regex": "a", "guided_decoding_backend": "outlines"},
+        400,
+        "xgrammar",
+        "guided_decoding_backend",
+    ),
+    (
+        COMP,
+        {"prompt": "x", "guided_regex": "a", "response_format": {"type": "json_object"}},
+        400,
+        "both constrain",
+        "response_format",
+    ),
+    (COMP, {"prompt": "x", "echo": True, "guided_regex": "a"}, 400, "echo", "echo"),
+    (
+        COMP,
+        {
+            "prompt": "x",
+            "structured_outputs": {
+                "json": {
+                    "type": "object",
+                    "properties": {"a": {"type": "object", "properties": {"b": {"$ref": "#/nowhere"}}}},
+                }
+            },
+        },
+        400,
+        "structured_outputs",
+        "structured_outputs",
+    ),
+    (COMP, {"prompt": "x", "structured_outputs": {"json": _deep(40)}}, 400, "nested deeper", "structured_outputs"),
+    (COMP, {"prompt": "x", "structured_outputs": {"regex": "a" * 5000}}, 400, "4096", "structured_outputs"),
+    (
+        COMP,
+        {
+            "prompt": "x",
+            "structured_outputs": {
+                "json": {
+                    "type": "object",
+                    "properties": {f"p{i}": {"type": "string", "description": "x" * 100} for i in range(700)},
+                }
+            },
+        },
+        400,
+        "larger than",
+        "structured_outputs",
+    ),
     (CHAT, {"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tool", "tools"),
     (CHAT, {"messages": MSG, "max_completion_tokens": 10_000}, 400, "maximum context length", "max_tokens"),
     (CHAT, {"messages": MSG, "model": "nope"}, 404, "does not exist", "model"),
