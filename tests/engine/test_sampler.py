@@ -119,3 +119,61 @@ def test_logprobs_are_the_raw_distribution():
 def test_invalid_params_raise_value_error(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+# -- the logits-processor chain: grammar masks as one more link ----------------------------------
+
+
+class FakeGrammar:
+    """Allows only ``allowed``; ``swap`` replaces a sampled token (as budget steering does)."""
+
+    def __init__(self, allowed: set[int], swap: dict[int, int] | None = None, completed: bool = False) -> None:
+        self.allowed, self.swap, self.is_completed = allowed, swap or {}, completed
+        self.seen: list[tuple[int, int]] = []
+
+    def mask(self, bitmask, row: int, budget: int) -> None:
+        bitmask[row].zero_()
+        for t in self.allowed:
+            word, bit = divmod(t, 32)
+            value = 1 << bit
+            bitmask[row, word] |= value - (1 << 32) if value >= 1 << 31 else value
+
+    def accept(self, token: int, budget: int) -> int:
+        self.seen.append((token, budget))
+        return self.swap.get(token, token)
+
+
+def grammar_row(params: SamplingParams, grammar: FakeGrammar, budget: int = 10, out: list[int] | None = None):
+    return SampleRequest(params, [], out or [], frozenset({0}), None, grammar, budget)
+
+
+def test_grammar_rows_and_free_rows_in_one_batch():
+    pytest.importorskip("xgrammar")
+    lg = torch.arange(40, dtype=torch.float32).repeat(3, 1)  # argmax 39 everywhere
+    g1, g2 = FakeGrammar({3, 7}), FakeGrammar({33, 35})
+    reqs = [grammar_row(SamplingParams(temperature=0), g1, budget=5), row(SamplingParams(temperature=0)),
+            grammar_row(SamplingParams(temperature=1.0, seed=1), g2)]  # fmt: skip
+    res = sample(lg, reqs)
+    assert res.token_ids[0] == 7 and res.token_ids[1] == 39 and res.token_ids[2] in (33, 35)
+    assert g1.seen == [(7, 5)]  # the grammar took the token, with the budget left
+
+
+def test_bias_cannot_escape_a_grammar_and_a_swapped_token_gets_its_logprob():
+    pytest.importorskip("xgrammar")
+    lg = torch.zeros(1, 40)
+    lg[0, 5], lg[0, 9] = 3.0, 1.0
+    g = FakeGrammar({5, 9}, swap={5: 9})
+    res = sample(lg, [grammar_row(SamplingParams(temperature=0, logit_bias={20: 100.0}, logprobs=1), g)])
+    assert res.token_ids == [9]
+    assert res.logprobs[0].token_id == 9
+    assert res.logprobs[0].logprob == pytest.approx(torch.log_softmax(lg[0], -1)[9].item())
+
+
+def test_min_tokens_yields_to_a_whole_grammar():
+    pytest.importorskip("xgrammar")
+    lg = torch.zeros(2, 8)
+    lg[:, 0] = 5.0  # token 0 is end-of-sequence
+    params = SamplingParams(temperature=0, min_tokens=4)
+    whole, partial = FakeGrammar({0, 3}, completed=True), FakeGrammar({0, 3})
+    res = sample(lg, [grammar_row(params, whole), grammar_row(params, partial)])
+    assert res.token_ids == [0, 3]  # the whole grammar may end; the other must go on

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import uvicorn
 
-from agora.config import CacheConfig, EngineConfig, ModelConfig, ServerConfig
+from agora.config import CacheConfig, EngineConfig, ModelConfig, ServerConfig, StructuredOutputsConfig
 from agora.engine.async_engine import AsyncEngine
 from agora.engine.engine import Engine
 from agora.engine.scheduler import SchedulerConfig
@@ -48,12 +48,14 @@ class Running:
 
 
 def start_server(model_dir, max_waiting: int = 64, max_num_seqs: int = 16, max_body: int = 1 << 20,
-                 api_key: str | None = None) -> Running:  # fmt: skip
+                 api_key: str | None = None, structured: StructuredOutputsConfig | None = None,
+                 served_model_name: str = MODEL) -> Running:  # fmt: skip
     config = EngineConfig(
-        model=ModelConfig(model=str(model_dir), served_model_name=MODEL, dtype="float32"),
+        model=ModelConfig(model=str(model_dir), served_model_name=served_model_name, dtype="float32"),
         cache=CacheConfig(block_size=16, num_blocks=256),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=512),
         max_waiting_requests=max_waiting,
+        structured=structured or StructuredOutputsConfig(),
     )
     async_engine = AsyncEngine(lambda: Engine(config), max_waiting)  # built in its thread, as `agora serve` does
     engine = async_engine.engine

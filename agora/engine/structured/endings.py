@@ -56,17 +56,27 @@ Outcome = int | Tail  # a full parse ending at this index, or the text ended ins
 LeafSolver = Callable[[dict[str, Any], str], str | None]  # (leaf schema, partial JSON text) -> completion
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(ITEM_SEP, KEY_SEP), ensure_ascii=False)
+def _dumps(value: Any, compact: bool = False) -> str:
+    seps = (",", ":") if compact else (ITEM_SEP, KEY_SEP)
+    return json.dumps(value, separators=seps, ensure_ascii=False)
 
 
 class JsonSchemaEnding:
-    """Shortest completions of partial JSON text under a JSON schema (xgrammar's reading of it)."""
+    """Shortest completions of partial JSON text under a JSON schema (xgrammar's reading of it).
 
-    def __init__(self, schema: dict[str, Any] | bool, strict: bool = True, leaf: LeafSolver | None = None) -> None:
+    ``compact``: the grammar lets whitespace between tokens be left out (xgrammar's structural
+    tags), so endings use bare ``,`` and ``:``; otherwise the layout is xgrammar's fixed
+    ``", "`` and ``": "``, where a text that ends right after ``,`` still owes the space.
+    """
+
+    def __init__(self, schema: dict[str, Any] | bool, strict: bool = True, leaf: LeafSolver | None = None,
+                 compact: bool = False) -> None:  # fmt: skip
         self.root = schema
         self.strict = strict  # unlisted properties are refused unless additionalProperties allows them
         self.leaf = leaf
+        self.compact = compact
+        self.item_sep, self.key_sep = (",", ":") if compact else (ITEM_SEP, KEY_SEP)
+        self.pad = "" if compact else " "  # what a bare "," or ":" is still owed
 
     # -- schema helpers ------------------------------------------------------------------
 
@@ -170,7 +180,7 @@ class JsonSchemaEnding:
             return "0"
         if k == "enum":
             values = s["enum"] if "enum" in s else [s["const"]]
-            return min((_dumps(v) for v in values), key=len)
+            return min((_dumps(v, self.compact) for v in values), key=len)
         if k == "null":
             return "null"
         if k == "boolean":
@@ -190,16 +200,19 @@ class JsonSchemaEnding:
                 if rest is False:
                     raise Unsupported("minItems beyond prefixItems")
                 items.append(self.min_value(rest, depth + 1))
-            return "[" + ITEM_SEP.join(items) + "]"
+            return "[" + self.item_sep.join(items) + "]"
         props, required, extra = self._props(s)
-        parts = [f"{_dumps(p)}{KEY_SEP}{self.min_value(s['properties'][p], depth + 1)}" for p in props if p in required]
+        parts = [self._member(p, self.min_value(s["properties"][p], depth + 1)) for p in props if p in required]
         for p in [p for p in s.get("required") or [] if p not in props]:
             if extra is False:
                 raise Unsatisfiable(f"property {p!r} is required but may not appear")
-            parts.append(f"{_dumps(p)}{KEY_SEP}{self.min_value(True if extra is True else extra, depth + 1)}")
+            parts.append(self._member(p, self.min_value(True if extra is True else extra, depth + 1)))
         if len(parts) < int(s.get("minProperties", 0)):
             raise Unsupported("minProperties")
-        return "{" + ITEM_SEP.join(parts) + "}"
+        return "{" + self.item_sep.join(parts) + "}"
+
+    def _member(self, key: str, value: str) -> str:
+        return _dumps(key) + self.key_sep + value
 
     @staticmethod
     def _min_number(s: dict[str, Any], integer: bool) -> str:
@@ -248,7 +261,7 @@ class JsonSchemaEnding:
         c = text[i]
         if k == "enum":
             for value in s["enum"] if "enum" in s else [s["const"]]:
-                yield from _const(_dumps(value), text, i)
+                yield from _const(_dumps(value, self.compact), text, i)
             return
         if k == "any":
             yield from self._parse_any(text, i, depth)
@@ -340,23 +353,21 @@ class JsonSchemaEnding:
 
         def closing(count: int) -> str:
             extra = [self.min_value(item_schema(k)) for k in range(count, max(count, min_items))]
-            return "".join(ITEM_SEP + v for v in extra) + "]" if count else (ITEM_SEP.join(extra) + "]")
+            sep = self.item_sep
+            return "".join(sep + v for v in extra) + "]" if count else (sep.join(extra) + "]")
 
         def after_item(j: int, count: int) -> Iterator[Outcome]:
+            j = _skip_ws(text, j)
             if j >= len(text):
                 yield Tail(closing(count))
-                return
-            if text[j] == "]":
+            elif text[j] == "]":
                 yield j + 1
-                return
-            for lit in (ITEM_SEP, ","):
-                if text.startswith(lit, j) or lit.startswith(text[j:]):
-                    k = j + len(lit)
-                    if k > len(text):  # inside the separator
-                        yield Tail(ITEM_SEP[len(text) - j :] + self.min_value(item_schema(count)) + closing(count + 1))
-                        return
+            elif text[j] == ",":
+                k = j + 1
+                if k >= len(text):  # right after the comma
+                    yield Tail(self.pad + self.min_value(item_schema(count)) + closing(count + 1))
+                else:
                     yield from item(_skip_ws(text, k), count)
-                    return
 
         def item(j: int, count: int) -> Iterator[Outcome]:
             for out in self.parse(item_schema(count), text, j, depth + 1):
@@ -380,10 +391,10 @@ class JsonSchemaEnding:
         def closing(seen: list[str], first: bool) -> str:
             start = props.index(seen[-1]) + 1 if seen and seen[-1] in props else 0
             missing = [p for p in props[start:] if p in required and p not in seen]
-            parts = [f"{_dumps(p)}{KEY_SEP}{self.min_value(s['properties'][p])}" for p in missing]
+            parts = [self._member(p, self.min_value(s["properties"][p])) for p in missing]
             if first:
-                return ITEM_SEP.join(parts) + "}"
-            return "".join(ITEM_SEP + p for p in parts) + "}"
+                return self.item_sep.join(parts) + "}"
+            return "".join(self.item_sep + p for p in parts) + "}"
 
         def key_candidates(seen: list[str]) -> list[str]:
             start = props.index(seen[-1]) + 1 if seen and seen[-1] in props else 0
@@ -397,20 +408,17 @@ class JsonSchemaEnding:
             return out
 
         def after_value(j: int, seen: list[str]) -> Iterator[Outcome]:
+            j = _skip_ws(text, j)
             if j >= len(text):
                 yield Tail(closing(seen, False))
-                return
-            if text[j] == "}":
+            elif text[j] == "}":
                 yield j + 1
-                return
-            for lit in (ITEM_SEP, ","):
-                if text.startswith(lit, j) or lit.startswith(text[j:]):
-                    k = j + len(lit)
-                    if k > len(text):
-                        yield from member(len(text), seen, ITEM_SEP[len(text) - j :])
-                        return
+            elif text[j] == ",":
+                k = j + 1
+                if k >= len(text):  # right after the comma
+                    yield from member(len(text), seen, self.pad)
+                else:
                     yield from member(_skip_ws(text, k), seen, "")
-                    return
 
         def member(j: int, seen: list[str], lead: str) -> Iterator[Outcome]:
             """A property at ``j`` (``lead``: the rest of the separator still to write before it)."""
@@ -429,27 +437,27 @@ class JsonSchemaEnding:
                 options = []
                 for p in names:
                     value = self.min_value(s["properties"][p])
-                    options.append(p[len(key) :] + '"' + KEY_SEP + value + closing([*seen, p], False))
+                    options.append(p[len(key) :] + '"' + self.key_sep + value + closing([*seen, p], False))
                 if extra is not False and key not in props:
                     value = self.min_value(self._prop_schema(s, key) if s else True)
-                    options.append('"' + KEY_SEP + value + closing([*seen, key], False))
+                    options.append('"' + self.key_sep + value + closing([*seen, key], False))
                 if options:
                     yield Tail(min(options, key=len))
                 return
-            k = m.end()
             sub = self._prop_schema(s, key) if s else True
-            for lit in (KEY_SEP, ":"):
-                if text.startswith(lit, k) or lit.startswith(text[k:]):
-                    v = k + len(lit)
-                    if v > len(text):
-                        yield Tail(KEY_SEP[len(text) - k :] + self.min_value(sub) + closing([*seen, key], False))
-                        return
-                    for out in self.parse(sub, text, _skip_ws(text, v), depth + 1):
-                        if isinstance(out, Tail):
-                            yield Tail(out.suffix + closing([*seen, key], False))
-                        else:
-                            yield from after_value(out, [*seen, key])
+            k = _skip_ws(text, m.end())
+            if k >= len(text):  # after the key
+                yield Tail(self.key_sep + self.min_value(sub) + closing([*seen, key], False))
+            elif text[k] == ":":
+                v = k + 1
+                if v >= len(text):  # right after the colon
+                    yield Tail(self.pad + self.min_value(sub) + closing([*seen, key], False))
                     return
+                for out in self.parse(sub, text, _skip_ws(text, v), depth + 1):
+                    if isinstance(out, Tail):
+                        yield Tail(out.suffix + closing([*seen, key], False))
+                    else:
+                        yield from after_value(out, [*seen, key])
 
         j = _skip_ws(text, i)
         if j >= len(text):
@@ -464,10 +472,10 @@ class JsonSchemaEnding:
         """After a separator at the end of the text: the cheapest property to write and close with."""
         options = []
         for p in names:
-            options.append(_dumps(p) + KEY_SEP + self.min_value(s["properties"][p]) + closing([*seen, p], False))
+            options.append(self._member(p, self.min_value(s["properties"][p])) + closing([*seen, p], False))
         if extra is not False and not names:
             options.append(
-                '""' + KEY_SEP + self.min_value(self._prop_schema(s, "") if s else True) + closing(seen, False)
+                '""' + self.key_sep + self.min_value(self._prop_schema(s, "") if s else True) + closing(seen, False)
             )
         return min(options, key=len) if options else None
 
@@ -542,7 +550,8 @@ class FormatEnding:
     def _schema(self, node: dict[str, Any]) -> JsonSchemaEnding:
         key = id(node)
         if key not in self._json:
-            self._json[key] = JsonSchemaEnding(node["json_schema"], strict=True, leaf=self.leaf)
+            # a structural tag's JSON lets whitespace be left out: its endings are compact
+            self._json[key] = JsonSchemaEnding(node["json_schema"], strict=True, leaf=self.leaf, compact=True)
         return self._json[key]
 
     def min_text(self, node: dict[str, Any]) -> str:
