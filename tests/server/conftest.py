@@ -49,10 +49,10 @@ class Running:
 
 def start_server(model_dir, max_waiting: int = 64, max_num_seqs: int = 16, max_body: int = 1 << 20,
                  api_key: str | None = None, structured: StructuredOutputsConfig | None = None,
-                 served_model_name: str = MODEL) -> Running:  # fmt: skip
+                 served_model_name: str = MODEL, tool_call_parser: str | None = None) -> Running:  # fmt: skip
     config = EngineConfig(
         model=ModelConfig(model=str(model_dir), served_model_name=served_model_name, dtype="float32"),
-        cache=CacheConfig(block_size=16, num_blocks=256),
+        cache=CacheConfig(block_size=16, num_blocks=512),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=512),
         max_waiting_requests=max_waiting,
         structured=structured or StructuredOutputsConfig(),
@@ -62,7 +62,8 @@ def start_server(model_dir, max_waiting: int = 64, max_num_seqs: int = 16, max_b
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = build_app(async_engine, ServerConfig(port=port, max_body_bytes=max_body, api_key=api_key))
+    app = build_app(async_engine, ServerConfig(port=port, max_body_bytes=max_body, api_key=api_key,
+                                               tool_call_parser=tool_call_parser))  # fmt: skip
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

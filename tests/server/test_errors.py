@@ -183,7 +183,6 @@ CASES = [
         "larger than",
         "structured_outputs",
     ),
-    (CHAT, {"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tool", "tools"),
     (CHAT, {"messages": MSG, "max_completion_tokens": 10_000}, 400, "maximum context length", "max_tokens"),
     (CHAT, {"messages": MSG, "model": "nope"}, 404, "does not exist", "model"),
     (CHAT, {"messages": MSG, "chat_template_kwargs": {"x": "y" * 5000}}, 400, "too large", "chat_template_kwargs"),

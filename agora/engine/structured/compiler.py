@@ -30,6 +30,7 @@ from agora.engine.structured.endings import (
     ChoiceEnding,
     FormatEnding,
     JsonSchemaEnding,
+    TooLong,
     Unsatisfiable,
     Unsupported,
     grammar_alphabet,
@@ -51,6 +52,7 @@ class Vocab:
 
     token_bytes: list[bytes]
     byte_tokens: dict[int, int]  # a single byte -> a token that is exactly that byte
+    special: frozenset[int]  # special tokens: a grammar never accepts them as text
     encode: Any  # str -> list[int], no special tokens
 
 
@@ -151,7 +153,7 @@ class GrammarCompiler:
             return hf_tokenizer.encode(text, add_special_tokens=False)
 
         logger.info("structured outputs ready (vocabulary read in %.1fs)", time.perf_counter() - t0)
-        return compiler, Vocab(token_bytes, byte_tokens, encode)
+        return compiler, Vocab(token_bytes, byte_tokens, frozenset(special), encode)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -269,7 +271,10 @@ def _check_satisfiable(c: Constraint) -> None:
 
     matcher = xgr.GrammarMatcher(c.grammar)
     if c.ending is not None:
-        first = c.ending.ending("")
+        try:
+            first = c.ending.ending("")
+        except TooLong:
+            return  # its smallest output is huge, but it has one
         check = matcher.fork()
         if first is not None and check.accept_string(first) and check.is_completed():
             return

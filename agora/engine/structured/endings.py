@@ -34,11 +34,16 @@ from typing import Any
 
 ITEM_SEP, KEY_SEP = ", ", ": "  # xgrammar's JSON layout without free whitespace
 _MAX_DEPTH = 32  # $ref recursion while building smallest values
+MAX_ENDING_CHARS = 16 << 10  # longer endings are not modelled (a schema can ask for millions of items)
 _WS = " \t\n\r"
 
 
 class Unsupported(Exception):
     """A schema feature this module does not model."""
+
+
+class TooLong(Unsupported):
+    """The ending would pass ``MAX_ENDING_CHARS``."""
 
 
 class Unsatisfiable(Unsupported):
@@ -77,6 +82,7 @@ class JsonSchemaEnding:
         self.compact = compact
         self.item_sep, self.key_sep = (",", ":") if compact else (ITEM_SEP, KEY_SEP)
         self.pad = "" if compact else " "  # what a bare "," or ":" is still owed
+        self._smallest: dict[int, tuple[Any, str]] = {}  # id(schema) -> (schema, its smallest value)
 
     # -- schema helpers ------------------------------------------------------------------
 
@@ -163,6 +169,9 @@ class JsonSchemaEnding:
     # -- smallest values ---------------------------------------------------------------------
 
     def min_value(self, schema: Any, depth: int = 0) -> str:
+        known = self._smallest.get(id(schema))
+        if known is not None and known[0] is schema:  # the schema is kept with its value: the id stays its own
+            return known[1]
         if depth > _MAX_DEPTH:
             raise Unsupported("recursion")
         best: str | None = None
@@ -170,8 +179,11 @@ class JsonSchemaEnding:
             v = self._min_one(b, depth)
             if best is None or len(v) < len(best):
                 best = v
+        if best is not None and len(best) > MAX_ENDING_CHARS:
+            raise TooLong("the smallest value")
         if best is None:
             raise Unsatisfiable("no value satisfies the schema")
+        self._smallest[id(schema)] = (schema, best)
         return best
 
     def _min_one(self, s: Any, depth: int) -> str:
@@ -190,16 +202,20 @@ class JsonSchemaEnding:
         if k == "string":
             if "pattern" in s or "format" in s:
                 return self._leaf(s, "")
+            if int(s.get("minLength", 0)) > MAX_ENDING_CHARS:
+                raise TooLong("minLength")
             return '"' + "a" * int(s.get("minLength", 0)) + '"'
         if k == "array":
             prefix = s.get("prefixItems") or []
             count = max(int(s.get("minItems", 0)), 0)
+            if count > MAX_ENDING_CHARS // 2:
+                raise TooLong("minItems")
             items = [self.min_value(p, depth + 1) for p in prefix[:count]]
             rest = s.get("items", True)
-            while len(items) < count:
+            if len(items) < count:
                 if rest is False:
                     raise Unsupported("minItems beyond prefixItems")
-                items.append(self.min_value(rest, depth + 1))
+                items += [self.min_value(rest, depth + 1)] * (count - len(items))
             return "[" + self.item_sep.join(items) + "]"
         props, required, extra = self._props(s)
         parts = [self._member(p, self.min_value(s["properties"][p], depth + 1)) for p in props if p in required]
@@ -352,7 +368,15 @@ class JsonSchemaEnding:
             return prefix[k] if k < len(prefix) else rest
 
         def closing(count: int) -> str:
-            extra = [self.min_value(item_schema(k)) for k in range(count, max(count, min_items))]
+            missing = range(count, max(count, min_items))
+            if len(missing) > MAX_ENDING_CHARS // 2:
+                raise TooLong("minItems")
+            extra = [self.min_value(item_schema(k)) for k in missing if k < len(prefix)]
+            if len(extra) < len(missing):
+                value = self.min_value(rest)
+                if (len(value) + len(self.item_sep)) * (len(missing) - len(extra)) > MAX_ENDING_CHARS:
+                    raise TooLong("minItems")
+                extra += [value] * (len(missing) - len(extra))
             sep = self.item_sep
             return "".join(sep + v for v in extra) + "]" if count else (sep.join(extra) + "]")
 
@@ -480,9 +504,12 @@ class JsonSchemaEnding:
         return min(options, key=len) if options else None
 
     def ending(self, text: str) -> str | None:
-        """The shortest suffix that makes ``text`` one complete value, or None where that is not modelled."""
+        """The shortest suffix that makes ``text`` one complete value, or None where that is not modelled.
+        Raises TooLong when it is longer than ``MAX_ENDING_CHARS`` (searching the grammar is then no use)."""
         try:
             return _shortest(self.parse(self.root, text, _skip_ws(text, 0)), len(text))
+        except TooLong:
+            raise
         except (Unsupported, RecursionError, KeyError, TypeError, ValueError, IndexError):
             return None
 
@@ -532,6 +559,8 @@ def _shortest(outcomes: Iterator[Outcome], end: int) -> str | None:
         suffix = out.suffix if isinstance(out, Tail) else ("" if out == end else None)
         if suffix is not None and (best is None or len(suffix) < len(best)):
             best = suffix
+    if best is not None and len(best) > MAX_ENDING_CHARS:
+        raise TooLong("the ending")
     return best
 
 
@@ -540,7 +569,8 @@ def _shortest(outcomes: Iterator[Outcome], end: int) -> str | None:
 
 class FormatEnding:
     """Shortest completions under an xgrammar structural-tag format tree (the subset agora builds:
-    const_string, json_schema, sequence, or, optional, tag, tags_with_separator, triggered_tags)."""
+    const_string, json_schema, sequence, or, optional, tag, tags_with_separator, triggered_tags,
+    any_text)."""
 
     def __init__(self, fmt: dict[str, Any], leaf: LeafSolver | None = None) -> None:
         self.fmt = fmt
@@ -572,6 +602,8 @@ class FormatEnding:
             if not node.get("at_least_one"):
                 return ""
             return min((self.min_text(tag) for tag in node["tags"]), key=len)
+        if t == "any_text":
+            return ""
         raise Unsupported(f"format {t!r}")
 
     def parse(self, node: dict[str, Any], text: str, i: int) -> Iterator[Outcome]:
@@ -597,6 +629,8 @@ class FormatEnding:
             yield from self._tags(node, text, i, 0)
         elif t == "triggered_tags":
             yield from self._triggered(node, text, i, 0)
+        elif t == "any_text" and not node.get("excludes") and node.get("max_chars") is None:
+            yield Tail("")  # any text may stop anywhere
         else:
             raise Unsupported(f"format {t!r}")
 
@@ -663,6 +697,8 @@ class FormatEnding:
     def ending(self, text: str) -> str | None:
         try:
             return _shortest(self.parse(self.fmt, text, 0), len(text))
+        except TooLong:
+            raise
         except (Unsupported, RecursionError, KeyError, TypeError, ValueError, IndexError):
             return None
 
@@ -670,6 +706,8 @@ class FormatEnding:
 def _lit(value: Any) -> str:
     if isinstance(value, str):
         return value
+    if isinstance(value, dict) and value.get("type") == "token" and isinstance(value.get("token"), str):
+        return value["token"]  # a special token: its text is in the output's bytes
     raise Unsupported("token-level tag")
 
 

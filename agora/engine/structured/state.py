@@ -24,7 +24,7 @@ import logging
 from dataclasses import dataclass
 
 from agora.engine.structured.compiler import Constraint
-from agora.engine.structured.endings import search_ending
+from agora.engine.structured.endings import TooLong, search_ending
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +34,9 @@ REFRESH = 16  # tokens: before that, recompute the plan this often
 
 @dataclass(slots=True)
 class Plan:
-    text: str
-    tokens: list[int]
-    at: int  # len(GrammarState.text) when it was made
+    data: bytes  # the ending
+    tokens: list[int]  # the same bytes, in tokens
+    at: int  # len(GrammarState.text) when it was last known to end the output
 
 
 class GrammarState:
@@ -116,9 +116,8 @@ class GrammarState:
         if token not in self.stop_token_ids:
             self.text += self.vocab.token_bytes[token]
         plan = self.plan
-        if plan is not None and plan.tokens and plan.tokens[0] == token:
-            piece = self.vocab.token_bytes[token].decode("utf-8", "ignore")
-            self.plan = Plan(plan.text[len(piece) :], plan.tokens[1:], len(self.text))
+        if plan is not None and plan.tokens and plan.tokens[0] == token:  # the model wrote the plan's next token
+            self.plan = Plan(plan.data[len(self.vocab.token_bytes[token]) :], plan.tokens[1:], len(self.text))
 
     def _rollback(self, token: int) -> None:
         self.matcher.rollback(1)
@@ -154,8 +153,7 @@ class GrammarState:
         return plan
 
     def _still_valid(self, plan: Plan) -> bool:
-        check = self.matcher.fork()
-        ok = all(check.accept_token(t) for t in plan.tokens) and check.is_completed()
+        ok = self._accepts(plan.data)
         if ok:
             plan.at = len(self.text)
         return ok
@@ -165,7 +163,10 @@ class GrammarState:
         pad = _finish_utf8(raw)  # the text may end inside a multi-byte character
         text = (raw + pad).decode("utf-8", "replace")
         c = self.constraint
-        ending = c.ending.ending(text) if c.ending is not None else None
+        try:
+            ending = c.ending.ending(text) if c.ending is not None else None
+        except TooLong:
+            return None  # no ending this long fits any budget worth planning for
         if ending is None or not self._accepts(pad + ending.encode()):
             after_pad = self.matcher.fork()
             if pad and not after_pad.accept_string(pad):
@@ -173,28 +174,28 @@ class GrammarState:
             ending = search_ending(after_pad, c.alphabet)
             if ending is None:
                 return None
+        data = pad + ending.encode()
         tokens = self._spell(pad, ending)
-        return Plan(ending, tokens, len(self.text)) if tokens is not None else None
+        return Plan(data, tokens, len(self.text)) if tokens is not None else None
 
     def _accepts(self, ending: bytes) -> bool:
         check = self.matcher.fork()
         return (not ending or check.accept_string(ending)) and check.is_completed()
 
     def _spell(self, pad: bytes, ending: str) -> list[int] | None:
-        """``pad`` + ``ending`` in tokens the grammar accepts: the tokenizer's spelling, else byte by byte."""
-        if not pad and not ending:
-            return []
+        """``pad`` + ``ending`` (bytes the grammar accepts) in tokens: the tokenizer's spelling where it spells
+        exactly those bytes with ordinary tokens, else byte by byte."""
         head = self._bytes_of(pad)
         if head is None:
             return None
-        for tail in (self.vocab.encode(ending) if ending else [], self._bytes_of(ending.encode())):
-            if tail is None:
-                continue
-            tokens = head + tail
-            check = self.matcher.fork()
-            if all(check.accept_token(t) for t in tokens) and check.is_completed():
-                return tokens
-        return None
+        if ending:
+            tokens = self.vocab.encode(ending)
+            if b"".join(self.vocab.token_bytes[t] for t in tokens) == ending.encode() and not (
+                self.vocab.special & set(tokens)
+            ):
+                return head + tokens
+        tail = self._bytes_of(ending.encode())
+        return None if tail is None else head + tail
 
     def _bytes_of(self, data: bytes) -> list[int] | None:
         out = []
