@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +21,7 @@ from agora.openai.chat import ChatCompletionRequest, ChatMessage, ToolUse
 from agora.openai.common import StructuredOutputs
 from agora.openai.errors import bad_request
 from agora.openai.tool_parsers import Tool, ToolParser, choose_parser, template_knows_tools
+from agora.openai.tool_parsers.base import parse_arguments
 
 
 @dataclass
@@ -47,10 +47,7 @@ def template_message(m: ChatMessage, knows_tools: bool) -> dict[str, Any]:
         for tc in m.tool_calls:
             arguments: Any = tc.function.arguments
             if knows_tools:  # templates write the arguments themselves (most with tojson): give them the object
-                try:
-                    arguments = json.loads(arguments)
-                except ValueError:
-                    pass
+                arguments = parse_arguments(arguments)
             calls.append({"id": tc.id, "type": "function", "function": {"name": tc.function.name,
                                                                            "arguments": arguments}})  # fmt: skip
         msg["tool_calls"] = calls

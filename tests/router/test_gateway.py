@@ -236,7 +236,7 @@ def test_route_cli_errors() -> None:
 
 def test_gateway_never_imports_torch_the_engine_or_the_server() -> None:
     code = ("import sys, agora.cli, agora.router.gateway, agora.router.cli, agora.router.replicas, agora.openai.stream, "
-            "agora.openai.accumulate; bad = [m for m in sys.modules if m in ('torch', 'transformers') or "
+            "agora.openai.accumulate, agora.openai.tool_parsers; bad = [m for m in sys.modules if m in ('torch', 'transformers') or "
             "m.startswith(('agora.engine', 'agora.server', 'agora.models.')) and m != 'agora.models.catalog']; "
             "print(bad); sys.exit(bool(bad))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], timeout=60, capture_output=True, text=True)

@@ -122,6 +122,20 @@ def arguments_format(tool: Tool) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": tool.schema, "max_whitespace_cnt": MAX_ARG_WHITESPACE}
 
 
+def parse_arguments(arguments: str) -> Any:
+    """A call's arguments JSON text as a value (the text itself where a client sent something that is not JSON)."""
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
+
+
+def arguments_json(arguments: str) -> str:
+    """A call's arguments as JSON text: as given, or as a JSON string where it is not JSON."""
+    value = parse_arguments(arguments)
+    return arguments if value is not arguments else json.dumps(arguments)
+
+
 def tools_json(tools: list[Tool]) -> str:
     """The tools as the OpenAI function objects, one JSON line each."""
     lines = []

@@ -13,6 +13,7 @@ from agora.openai.tool_parsers.base import (
     Tool,
     ToolParser,
     arguments_format,
+    arguments_json,
     held_back,
     tools_json,
 )
@@ -124,15 +125,6 @@ class HermesParser(MarkedCallParser):
     def render_calls(cls, calls: list[tuple[str, str]]) -> str:
         parts = []
         for name, arguments in calls:
-            args = _as_json(arguments)
+            args = arguments_json(arguments)
             parts.append(f'{START}\n{{"name": {json.dumps(name)}, "arguments": {args}}}\n{END}')
         return "\n".join(parts)
-
-
-def _as_json(arguments: str) -> str:
-    """Arguments JSON text as given, or as a JSON string where a client sent something that is not JSON."""
-    try:
-        json.loads(arguments)
-        return arguments
-    except ValueError:
-        return json.dumps(arguments)

@@ -13,6 +13,7 @@ from agora.openai.tool_parsers.base import (
     Tool,
     ToolParser,
     arguments_format,
+    arguments_json,
     json_end,
     tools_json,
 )
@@ -109,16 +110,8 @@ class Llama3JsonParser(ToolParser):
 
     @classmethod
     def render_calls(cls, calls: list[tuple[str, str]]) -> str:
-        return "; ".join(f'{{"name": {json.dumps(n)}, "parameters": {_json_or_string(a)}}}' for n, a in calls)
+        return "; ".join(f'{{"name": {json.dumps(n)}, "parameters": {arguments_json(a)}}}' for n, a in calls)
 
     @classmethod
     def render_result(cls, content: str) -> str:
         return content
-
-
-def _json_or_string(arguments: str) -> str:
-    try:
-        json.loads(arguments)
-        return arguments
-    except ValueError:
-        return json.dumps(arguments)

@@ -16,6 +16,7 @@ from agora.openai.tool_parsers.base import (
     ToolParser,
     held_back,
     json_end,
+    parse_arguments,
     tools_json,
 )
 
@@ -147,13 +148,7 @@ class MistralParser(ToolParser):
 
     @classmethod
     def render_calls(cls, calls: list[tuple[str, str]]) -> str:
-        items = []
-        for name, arguments in calls:
-            try:
-                args = json.loads(arguments)
-            except ValueError:
-                args = arguments
-            items.append({"name": name, "arguments": args})
+        items = [{"name": name, "arguments": parse_arguments(arguments)} for name, arguments in calls]
         return MARK + json.dumps(items, ensure_ascii=False)
 
     @classmethod

@@ -7,7 +7,7 @@ import ast
 import json
 from typing import Any
 
-from agora.openai.tool_parsers.base import CallDelta, Parsed, Tool, ToolParser, tools_json
+from agora.openai.tool_parsers.base import CallDelta, Parsed, Tool, ToolParser, parse_arguments, tools_json
 
 _LITERALS = {"true": True, "false": False, "null": None}
 
@@ -94,11 +94,9 @@ class PythonicParser(ToolParser):
     def render_calls(cls, calls: list[tuple[str, str]]) -> str:
         parts = []
         for name, arguments in calls:
-            try:
-                args = json.loads(arguments)
-            except ValueError:
-                args = {}
-            kwargs = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in (args or {}).items())
+            args = parse_arguments(arguments)
+            items = args.items() if isinstance(args, dict) else []
+            kwargs = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in items)
             parts.append(f"{name}({kwargs})")
         return "[" + ", ".join(parts) + "]"
 
