@@ -109,3 +109,34 @@ def test_compile_cache_and_errors(llm) -> None:
         llm.generate(["x"], SamplingParams(structured_outputs=StructuredOutputsParams(regex="(a")))
     with pytest.raises(ParamError, match="exactly one"):
         StructuredOutputsParams(regex="a", grammar='root ::= "a"')
+
+
+def test_each_matcher_accepted_exactly_its_sequence(tiny_model_dir) -> None:
+    """Under preemption and chunked prefill, every sequence's matcher took exactly the tokens it output."""
+    llm = LLM(str(tiny_model_dir), num_blocks=40, max_num_batched_tokens=32)
+    engine = llm.engine
+    p = SamplingParams(n=2, max_tokens=80, temperature=1.0, seed=3, structured_outputs=JSON)
+    for i in range(4):
+        engine.add_request(f"r{i}", engine.tokenizer.encode(f"The quick brown fox {i} " * 12), p)
+    requests = list(engine.scheduler.requests.values())
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.scheduler.num_preemptions > 0
+    for req in requests:
+        g = req.grammar
+        assert g.num_accepted == len(req.output_token_ids)
+        text = bytes(g.text).decode()
+        assert json.loads(text) is not None and text == engine.tokenizer.decode(
+            [t for t in req.output_token_ids if t not in engine.eos_token_ids]
+        )
+
+
+def test_end_of_sequence_only_where_the_grammar_may_end(llm) -> None:
+    eos = sorted(llm.engine.eos_token_ids)[0]
+    flag = StructuredOutputsParams(json=json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}},
+                                                    "required": ["ok"]}))  # fmt: skip
+    p = SamplingParams(max_tokens=80, temperature=0, logit_bias={eos: 100.0}, structured_outputs=flag)
+    out = llm.generate(["Hi"], p)[0].outputs[0]
+    # masked inside the object however strongly the model wants it, taken the moment the object is whole
+    assert out.finish_reason == "stop" and out.token_ids[-1] == eos and out.token_ids.count(eos) == 1
+    assert json.loads(out.text) in ({"ok": True}, {"ok": False}) and len(out.token_ids) < 20

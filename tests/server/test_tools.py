@@ -187,3 +187,51 @@ def test_a_parser_named_at_start(tiny_long_model_dir) -> None:
         jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
     finally:
         stop_server(r)
+
+
+HERMES_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n# Tools\n<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools>"
+    "<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)  # a Qwen-style template: it renders tools and calls itself
+
+
+def _request(**body):
+    from agora.openai.chat import ChatCompletionRequest
+
+    history = MSG + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+            {"id": "c2", "type": "function", "function": {"name": "web_search", "arguments": '{"query": "rain"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "18C"},
+        {"role": "tool", "tool_call_id": "c2", "content": "no rain"},
+    ]  # fmt: skip
+    return ChatCompletionRequest.model_validate({"messages": history, "tools": TOOLS, **body})
+
+
+def test_a_template_that_knows_tools_renders_them_itself() -> None:
+    from agora.server.tools import chat_tools
+
+    tools = chat_tools(_request(), HERMES_TEMPLATE, None)
+    assert tools.parser.name == "hermes" and [t["function"]["name"] for t in tools.template_tools] == [
+        "get_weather", "web_search"]  # fmt: skip
+    call = tools.messages[1]["tool_calls"][0]["function"]
+    assert call["arguments"] == {"city": "Paris"}  # an object: the template writes it with tojson
+    assert [m["role"] for m in tools.messages] == ["user", "assistant", "tool", "tool"]
+
+
+def test_a_template_that_knows_no_tools_gets_them_written_in() -> None:
+    from agora.server.tools import chat_tools
+
+    tools = chat_tools(_request(), "{% for m in messages %}{{ m.content }}{% endfor %}", None)
+    roles = [m["role"] for m in tools.messages]
+    assert roles == ["system", "user", "assistant", "user"]  # both results in one user turn: roles alternate
+    assert "<tools>" in tools.messages[0]["content"] and "get_weather" in tools.messages[0]["content"]
+    assert tools.messages[2]["content"].count("<tool_call>") == 2
+    assert (
+        tools.messages[3]["content"]
+        == "<tool_response>\n18C\n</tool_response>\n<tool_response>\nno rain\n</tool_response>"
+    )
+    none = chat_tools(_request(tool_choice="none"), "{{ messages }}", None)
+    assert none.parser is None and none.messages[0]["role"] == "user"  # history still written, no tool prompt

@@ -89,7 +89,8 @@ class GrammarState:
             self._advance(token)
             return token
         before = self.plan if self._plan_is_current() else None
-        self._advance(token)
+        if not self._advance(token):
+            return token
         if budget - 1 <= 0 or self.is_terminated or before is None or not self._near(budget - 1):
             return token
         after = self._plan_for(budget - 1)
@@ -108,16 +109,17 @@ class GrammarState:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _advance(self, token: int) -> None:
+    def _advance(self, token: int) -> bool:
         if not self.matcher.accept_token(token):
             logger.warning("grammar refused token %d; the output may not parse", token)
-            return
+            return False
         self.num_accepted += 1
         if token not in self.stop_token_ids:
             self.text += self.vocab.token_bytes[token]
         plan = self.plan
         if plan is not None and plan.tokens and plan.tokens[0] == token:  # the model wrote the plan's next token
             self.plan = Plan(plan.data[len(self.vocab.token_bytes[token]) :], plan.tokens[1:], len(self.text))
+        return True
 
     def _rollback(self, token: int) -> None:
         self.matcher.rollback(1)
