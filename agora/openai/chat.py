@@ -21,6 +21,7 @@ from agora.openai.common import (
     omitted,
 )
 from agora.openai.errors import bad_request
+from agora.schemas import schema_problem
 
 MAX_TOOLS = 128
 MAX_TOOL_SCHEMA_BYTES = 64 << 10
@@ -202,9 +203,14 @@ class ChatCompletionRequest(SamplingFields):
         if len(set(names)) != len(names):
             raise bad_request("tools", "tool names must be unique")
         for t in tools:
-            if t.parameters is not None and len(json.dumps(t.parameters)) > MAX_TOOL_SCHEMA_BYTES:
+            if t.parameters is None:
+                continue
+            if len(json.dumps(t.parameters)) > MAX_TOOL_SCHEMA_BYTES:
                 raise bad_request("tools", f"the parameters of tool {t.name!r} are larger than "
                                            f"{MAX_TOOL_SCHEMA_BYTES} bytes")  # fmt: skip
+            problem = schema_problem(t.parameters)
+            if problem is not None:
+                raise bad_request("tools", f"the parameters of tool {t.name!r}: {problem}")
         parallel = self.parallel_tool_calls is not False
         choice = self.tool_choice
         if choice is None:

@@ -153,6 +153,8 @@ def test_tools_with_response_format_answer_either_way(client) -> None:
      "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "frob"}}}],
       "tool_choice": "required"}, "not a valid JSON Schema", "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "required": 3}}}]},
+     "not a valid JSON Schema", "tools"),  # checked even where nothing is compiled (tool_choice auto)
     ({"functions": [{"name": "f"}]}, "use tools", "functions"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "tool_call_id", "messages"),
     ({"tools": TOOLS, "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [

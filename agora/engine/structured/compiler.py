@@ -36,10 +36,9 @@ from agora.engine.structured.endings import (
     grammar_alphabet,
     search_ending,
 )
+from agora.schemas import MAX_SCHEMA_DEPTH, nesting_depth, schema_problem
 
 logger = logging.getLogger(__name__)
-
-MAX_SCHEMA_DEPTH = 32  # nesting of objects and arrays in a schema (or a structural tag)
 
 
 class GrammarError(ValueError):
@@ -72,22 +71,6 @@ def _clean(exc: BaseException) -> str:
     text = str(exc).strip()
     text = re.sub(r"^\[[0-9:]+\]\s*\S+:\d+:\s*", "", text)
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _depth(node: Any, limit: int) -> int:
-    depth, level = 0, [node]
-    while level:
-        depth += 1
-        if depth > limit:
-            return depth
-        nxt: list[Any] = []
-        for x in level:
-            if isinstance(x, dict):
-                nxt.extend(v for v in x.values() if isinstance(v, (dict, list)))
-            elif isinstance(x, list):
-                nxt.extend(v for v in x if isinstance(v, (dict, list)))
-        level = nxt
-    return depth
 
 
 def _leaf_schemas(node: Any, out: dict[str, dict[str, Any]]) -> None:
@@ -207,7 +190,7 @@ class GrammarCompiler:
             else:
                 assert spec.structural_tag is not None
                 tag = json.loads(spec.structural_tag)
-                if _depth(tag, MAX_SCHEMA_DEPTH * 2) > MAX_SCHEMA_DEPTH * 2:
+                if nesting_depth(tag, MAX_SCHEMA_DEPTH * 2) > MAX_SCHEMA_DEPTH * 2:
                     raise GrammarError("the structural tag is nested too deeply")
                 for node in _schemas_in(tag):
                     _check_schema(node)
@@ -248,17 +231,9 @@ def _schemas_in(tag: Any) -> list[Any]:
 
 def _check_schema(schema: Any) -> None:
     """A valid JSON Schema, not nested too deeply."""
-    import jsonschema
-
-    if not isinstance(schema, (dict, bool)):
-        raise GrammarError("a JSON schema must be an object (or true / false)")
-    if _depth(schema, MAX_SCHEMA_DEPTH) > MAX_SCHEMA_DEPTH:
-        raise GrammarError(f"the JSON schema is nested deeper than {MAX_SCHEMA_DEPTH} levels")
-    try:
-        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        where = "/".join(str(p) for p in exc.path)
-        raise GrammarError(f"not a valid JSON Schema: {exc.message}" + (f" (at {where})" if where else "")) from None
+    problem = schema_problem(schema)
+    if problem is not None:
+        raise GrammarError(problem)
 
 
 def _choice_ebnf(options: tuple[str, ...]) -> str:
