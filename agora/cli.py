@@ -14,6 +14,7 @@ from agora.config import (
     ModelConfig,
     SchedulerConfig,
     ServerConfig,
+    parse_aliases,
     parse_size,
 )
 from agora.models.catalog import CATALOG
@@ -34,7 +35,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--host", default=server.host, help=f"bind address (default: {server.host}, this machine only)")
     p.add_argument("--port", type=int, default=server.port)
-    p.add_argument("--served-model-name", default=None, help="model id reported by the API")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="model id(s) the API answers to; the first is the one it reports")  # fmt: skip
+    p.add_argument("--model-alias", action="append", default=[], metavar="PATTERN=NAME",
+                   help="also answer to model names matching PATTERN (a name or a glob such as 'claude-*'); "
+                        "repeatable")  # fmt: skip
     p.add_argument("--api-key", default=envs.api_key(),
                    help="require this bearer token on /v1 endpoints (default: $AGORA_API_KEY)")  # fmt: skip
     p.add_argument("--dtype", default=model.dtype, choices=["auto", "float32", "bfloat16", "float16"])
@@ -96,15 +101,17 @@ def serve(args: argparse.Namespace, argv: list[str]) -> int:
     from agora.server.app import build_app
 
     try:
+        names = args.served_model_name or []
         server = ServerConfig(host=args.host, port=args.port, max_body_bytes=parse_size(args.max_body_bytes),
-                              api_key=args.api_key, tool_call_parser=args.tool_call_parser)  # fmt: skip
+                              api_key=args.api_key, tool_call_parser=args.tool_call_parser,
+                              served_model_aliases=tuple(names[1:]), model_aliases=parse_aliases(args.model_alias))  # fmt: skip
         config = EngineConfig(
             model=ModelConfig(
                 model=args.model,
                 dtype=args.dtype,
                 device=args.device,
                 max_model_len=args.max_model_len,
-                served_model_name=args.served_model_name,
+                served_model_name=names[0] if names else None,
                 seed=args.seed,
                 enforce_eager=args.enforce_eager,
             ),  # fmt: skip

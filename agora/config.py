@@ -108,10 +108,17 @@ class ServerConfig:
     max_body_bytes: int = 8 << 20
     api_key: str | None = None
     tool_call_parser: str | None = None  # None: the one the chat template's format calls for
+    served_model_aliases: tuple[str, ...] = ()  # more names the model answers to (agents send their own)
+    model_aliases: tuple[tuple[str, str], ...] = ()  # (name or glob, served name), e.g. ("claude-*", ...)
+    responses_store: str | None = None  # SQLite file of stored responses; None: responses.sqlite3 in the cache
+    responses_ttl_s: float = 30 * 86400.0
+    responses_max: int = 100_000
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be between 0 and 65535, got {self.port}")
+        if self.responses_ttl_s <= 0 or self.responses_max < 1:
+            raise ValueError("responses_ttl_s must be > 0 and responses_max >= 1")
 
 
 def parse_size(text: str) -> int:
@@ -122,3 +129,14 @@ def parse_size(text: str) -> int:
         if s.endswith(suffix):
             return int(float(s[: -len(suffix)]) * units[suffix])
     return int(float(s))
+
+
+def parse_aliases(items: list[str]) -> tuple[tuple[str, str], ...]:
+    """['claude-*=SmolLM2', ...] -> (('claude-*', 'SmolLM2'), ...); ValueError names a malformed one."""
+    out = []
+    for item in items:
+        pattern, sep, name = item.partition("=")
+        if not sep or not pattern.strip() or not name.strip():
+            raise ValueError(f"model alias {item!r}: give PATTERN=NAME, e.g. 'claude-*=SmolLM2-135M-Instruct'")
+        out.append((pattern.strip(), name.strip()))
+    return tuple(out)

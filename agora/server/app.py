@@ -23,14 +23,17 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import agora
+from agora import envs
 from agora.config import ServerConfig
 from agora.engine.async_engine import AsyncEngine
-from agora.openai.errors import APIError, bad_request, error_body
+from agora.openai.errors import APIError, bad_request
+from agora.openai.messages import anthropic_error
 from agora.openai.tokenize import DetokenizeRequest, TokenizeRequest
-from agora.server import chat, completions
-from agora.server.http import BodySizeLimit, error_response
+from agora.server import chat, completions, messages, responses
+from agora.server.http import APIKeyGuard, BodySizeLimit, error_response
 from agora.server.metrics import ServerMetrics
 from agora.server.serving import Serving
+from agora.server.store import ResponseStore
 from agora.server.tools import template_message
 
 logger = logging.getLogger(__name__)
@@ -40,8 +43,20 @@ def _is_type_name(part: str) -> bool:
     return "[" in part or part in ("str", "int", "float", "bool", "list", "dict", "none") or "-" in part
 
 
-def validation_error(exc: RequestValidationError) -> JSONResponse:
-    """pydantic's first error as OpenAI's 400: the top-level parameter in ``param``."""
+def anthropic_path(request: Request) -> bool:
+    return request.url.path.startswith("/v1/messages")
+
+
+def api_error_response(request: Request, exc: APIError) -> JSONResponse:
+    """The error in the shape of the API the request spoke (Anthropic's on /v1/messages, else OpenAI's)."""
+    if anthropic_path(request):
+        status, body = anthropic_error(exc)
+        return JSONResponse(body, status, headers=exc.headers)
+    return error_response(exc)
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    """pydantic's first error as a 400 naming the top-level parameter in ``param``."""
     errors = exc.errors()
     first = errors[0] if errors else {}
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
@@ -56,7 +71,7 @@ def validation_error(exc: RequestValidationError) -> JSONResponse:
         message = f"missing required parameter: {where or param}"
     else:
         message = f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg", "invalid request")
-    return JSONResponse(error_body(message, "invalid_request_error", param), 400)
+    return APIError(400, message, "invalid_request_error", param)
 
 
 def build_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAPI:
@@ -78,24 +93,24 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAP
     # -- errors --------------------------------------------------------------------
 
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         if exc.status in (413, 429, 503):
             metrics.rejected.labels(serving.model_name, str(exc.status)).inc()
-        return error_response(exc)
+        return api_error_response(request, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(exc)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return api_error_response(request, validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc.detail), kind), exc.status_code)
+        return api_error_response(request, APIError(exc.status_code, str(exc.detail), kind))
 
     @app.exception_handler(Exception)
-    async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error")
-        return JSONResponse(error_body("internal server error", "internal_error"), 500)
+        return api_error_response(request, APIError(500, "internal server error", "internal_error"))
 
     # -- routes ----------------------------------------------------------------------
 
@@ -113,24 +128,22 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAP
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    def model_card() -> dict[str, Any]:
-        return {"id": serving.model_name, "object": "model", "created": created, "owned_by": "agora",
-                "root": serving.model_name, "max_model_len": core.max_model_len}  # fmt: skip
+    def model_card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": created, "owned_by": "agora", "root": serving.model_name,
+                "max_model_len": core.max_model_len}  # fmt: skip
 
     @app.get("/v1/models")
-    async def list_models(request: Request) -> dict[str, Any]:
-        serving.check_auth(request)
-        return {"object": "list", "data": [model_card()]}
+    async def list_models() -> dict[str, Any]:
+        extra = sorted(serving.model_names - {serving.model_name})
+        return {"object": "list", "data": [model_card(n) for n in [serving.model_name, *extra]]}
 
     @app.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str, request: Request) -> dict[str, Any]:
-        serving.check_auth(request)
+    async def get_model(model_id: str) -> dict[str, Any]:
         serving.check_model(model_id)
-        return model_card()
+        return model_card(model_id)
 
     @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest, request: Request) -> dict[str, Any]:
-        serving.check_auth(request)
+    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
         serving.check_model(req.model)
         tok = serving.need_tokenizer()
         if req.messages is not None:
@@ -142,8 +155,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAP
         return {"count": len(ids), "max_model_len": core.max_model_len, "tokens": ids}
 
     @app.post("/detokenize")
-    async def detokenize(req: DetokenizeRequest, request: Request) -> dict[str, Any]:
-        serving.check_auth(request)
+    async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
         serving.check_model(req.model)
         tok = serving.need_tokenizer()
         bad = next((t for t in req.tokens if not 0 <= t < core.vocab_size), None)
@@ -153,5 +165,11 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAP
 
     completions.add_routes(app, serving)
     chat.add_routes(app, serving)
+    messages.add_routes(app, serving)
+    store = ResponseStore(config.responses_store or envs.cache_dir() / "responses.sqlite3", config.responses_ttl_s,
+                          config.responses_max)  # fmt: skip
+    app.state.responses = store
+    responses.add_routes(app, serving, store)
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(APIKeyGuard, api_key=config.api_key)  # added last: runs first, before any body is read
     return app

@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from agora.engine.async_engine import RequestStream
 from agora.openai.accumulate import ChatStream
 from agora.openai.chat import ChatCompletionRequest
 from agora.openai.errors import APIError
 from agora.openai.stream import merge_chat_chunks
 from agora.server.params import sampling_params, strict_schema, structured_params
-from agora.server.serving import Serving
-from agora.server.tools import chat_tools
+from agora.server.serving import OpenAIAnswer, Serving
+from agora.server.tools import ChatTools, chat_tools
 
 # Chat has no "prompt": engine errors about it are about the messages; logprobs are top_logprobs here.
 RENAME = {"prompt": "messages", "logprobs": "top_logprobs"}
@@ -31,30 +33,51 @@ def render_chat(tok: Any, messages: list[dict[str, Any]], add_generation_prompt:
         raise APIError(400, f"chat template error: {exc}", param="messages") from None
 
 
+@dataclass
+class ChatRun:
+    """A chat request on its way: its engine streams and the accumulator its outputs go through."""
+
+    streams: list[RequestStream]
+    acc: ChatStream
+    start: float
+    prompt_tokens: int
+    prompt_text: str
+
+
+async def render_prompt(serving: Serving, req: ChatCompletionRequest) -> tuple[str, list[int], ChatTools]:
+    """The request's prompt (chat template, tools included) as text and token ids."""
+    req.check()
+    tok = serving.need_tokenizer()
+    tools = chat_tools(req, tok.chat_template_text(tools=bool(req.tools)), serving.config.tool_call_parser)
+    text = await asyncio.to_thread(render_chat, tok, tools.messages, req.add_generation_prompt,
+                                   req.chat_template_kwargs, req.continue_final_message, tools.template_tools)  # fmt: skip
+    return text, await asyncio.to_thread(tok.encode, text, False), tools
+
+
+async def start_chat(serving: Serving, req: ChatCompletionRequest, prefix: str = "chatcmpl") -> ChatRun:
+    """Check, render (tools included), compile the constraint, submit. The Responses and Messages APIs
+    come through here too, as the chat requests they translate into."""
+    text, prompt_ids, tools = await render_prompt(serving, req)
+    found = (tools.constraint, "tools") if tools.constraint is not None else req.constraint()
+    structured = structured_params(found[0], strict_schema(req)) if found is not None else None
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    params = sampling_params(req, req.max_output_tokens(), logprobs, RENAME, structured)
+    if tools.parser is not None and tools.parser.needs_special_tokens:
+        params.skip_special_tokens = False  # the format's markers are special tokens
+    constraint = await serving.compile(params, found[1]) if found is not None else None
+    rid = f"{prefix}-{uuid.uuid4().hex}"
+    start = time.monotonic()
+    streams = serving.submit([prompt_ids], params, req.cache_salt, rid, RENAME, constraint)
+    _, every_chunk = req.stream_usage()
+    acc = ChatStream(rid, serving.model_name, params.n, len(prompt_ids), logprobs=params.logprobs is not None,
+                     token_text=serving.token_text, tool_parser=tools.parser, usage_every_chunk=every_chunk)  # fmt: skip
+    return ChatRun(streams, acc, start, len(prompt_ids), text)
+
+
 def add_routes(app: FastAPI, serving: Serving) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
-        serving.check_auth(request)
         serving.check_model(req.model)
-        req.check()
-        tok = serving.need_tokenizer()
-        tools = chat_tools(req, tok.chat_template_text(tools=bool(req.tools)), serving.config.tool_call_parser)
-        found = (tools.constraint, "tools") if tools.constraint is not None else req.constraint()
-        structured = structured_params(found[0], strict_schema(req)) if found is not None else None
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = sampling_params(req, req.max_output_tokens(), logprobs, RENAME, structured)
-        if tools.parser is not None and tools.parser.needs_special_tokens:
-            params.skip_special_tokens = False  # the format's markers are special tokens
-        text = await asyncio.to_thread(render_chat, tok, tools.messages, req.add_generation_prompt,
-                                       req.chat_template_kwargs, req.continue_final_message, tools.template_tools)  # fmt: skip
-        prompt_ids = await asyncio.to_thread(tok.encode, text, False)
-        constraint = await serving.compile(params, found[1]) if found is not None else None
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        start = time.monotonic()
-        streams = serving.submit([prompt_ids], params, req.cache_salt, rid, RENAME, constraint)
-        at_end, every_chunk = req.stream_usage()
-        acc = ChatStream(rid, serving.model_name, params.n, len(prompt_ids), logprobs=params.logprobs is not None,
-                         token_text=serving.token_text, tool_parser=tools.parser,
-                         usage_every_chunk=every_chunk)  # fmt: skip
-        return await serving.answer(request, streams, acc, stream=req.stream, include_usage=at_end,
-                                    merge=merge_chat_chunks, start=start)  # fmt: skip
+        run = await start_chat(serving, req)
+        answer = OpenAIAnswer(run.acc, merge_chat_chunks, req.stream_usage()[0])
+        return await serving.answer(request, run.streams, answer, stream=req.stream, start=run.start)

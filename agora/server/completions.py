@@ -14,7 +14,7 @@ from agora.openai.completions import CompletionRequest
 from agora.openai.errors import bad_request
 from agora.openai.stream import merge_completion_chunks
 from agora.server.params import sampling_params, strict_schema, structured_params
-from agora.server.serving import Serving
+from agora.server.serving import OpenAIAnswer, Serving
 
 MAX_PROMPTS_PER_REQUEST = 64
 MAX_CHOICES_PER_REQUEST = 64
@@ -23,7 +23,6 @@ MAX_CHOICES_PER_REQUEST = 64
 def add_routes(app: FastAPI, serving: Serving) -> None:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:
-        serving.check_auth(request)
         serving.check_model(req.model)
         req.check()
         found = req.constraint()
@@ -54,5 +53,5 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
         acc = CompletionStream(rid, serving.model_name, params.n, sum(len(p) for p in prompt_ids), echo_texts,
                                logprobs=params.logprobs is not None, token_text=serving.token_text,
                                usage_every_chunk=every_chunk)  # fmt: skip
-        return await serving.answer(request, streams, acc, stream=req.stream, include_usage=at_end,
-                                    merge=merge_completion_chunks, start=start)  # fmt: skip
+        answer = OpenAIAnswer(acc, merge_completion_chunks, at_end)
+        return await serving.answer(request, streams, answer, stream=req.stream, start=start)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agora.openai.errors import APIError
+from agora.openai.errors import APIError, bearer_token_matches
+from agora.openai.messages import anthropic_error
 
 
 def error_response(exc: APIError) -> JSONResponse:
@@ -23,9 +24,12 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_big = error_response(
-            APIError(413, f"request body exceeds {self.max_bytes} bytes", code="request_too_large")
-        )
+        error = APIError(413, f"request body exceeds {self.max_bytes} bytes", code="request_too_large")
+        if scope.get("path", "").startswith("/v1/messages"):  # Anthropic's API, Anthropic's error shape
+            status, body = anthropic_error(error)
+            too_big = JSONResponse(body, status)
+        else:
+            too_big = error_response(error)
         declared: int | None = None
         for name, value in scope.get("headers", []):
             if name == b"content-length":
@@ -59,3 +63,32 @@ class BodySizeLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+PROTECTED = ("/v1/", "/tokenize", "/detokenize")  # /health, /metrics and /version stay open for probes
+
+
+class APIKeyGuard:
+    """With a key configured, every API path needs it before anything else is read: ``Authorization:
+    Bearer KEY`` or Anthropic's ``x-api-key: KEY``; else 401 in the API's own shape."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.api_key is None or scope["type"] != "http" or not scope.get("path", "").startswith(PROTECTED):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers", []))
+        given = headers.get(b"authorization", b"").decode("latin-1")
+        if not given and b"x-api-key" in headers:
+            given = "Bearer " + headers[b"x-api-key"].decode("latin-1")
+        if bearer_token_matches(given, self.api_key):
+            await self.app(scope, receive, send)
+            return
+        error = APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+        if scope["path"].startswith("/v1/messages"):
+            status, body = anthropic_error(error)
+            await JSONResponse(body, status)(scope, receive, send)
+        else:
+            await error_response(error)(scope, receive, send)

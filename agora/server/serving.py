@@ -4,14 +4,19 @@ path from engine outputs to an answer (streamed as SSE, or folded into one JSON 
 ::
 
     route: parse (pydantic, 400) -> check -> prompt ids -> Serving.submit
-           -> Serving.answer(streams, accumulator): every output -> accumulator.feed -> chunks
-                stream: true  -> each chunk as an SSE event, then [DONE]
-                stream: false -> merge(chunks) -> one JSON body
+           -> Serving.answer(streams, answer): every output -> answer.feed -> SSE events
+                stream: true  -> the events as they come (answer.start first, answer.end last)
+                stream: false -> the same calls, then answer.whole(): one JSON body
+
+An ``Answer`` is the API's encoding over an accumulator: ``OpenAIAnswer`` (chat and text
+completions: chunks, ``data: [DONE]``), the Responses API's events, Anthropic's events.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fnmatch
+import hashlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
@@ -25,8 +30,9 @@ from agora.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullErr
 from agora.engine.engine import RequestOutput
 from agora.engine.sampling import ParamError, SamplingParams
 from agora.engine.structured import Constraint
+from agora.models.catalog import CATALOG
 from agora.openai.common import Usage
-from agora.openai.errors import APIError, bad_request, bearer_token_matches, error_body
+from agora.openai.errors import APIError, bad_request, error_body
 from agora.openai.stream import SSE_DONE, sse
 from agora.server.metrics import ServerMetrics
 from agora.server.params import param_error
@@ -37,6 +43,44 @@ class Accumulator(Protocol):
     def feed(self, prompt_index: int, out: RequestOutput) -> Sequence[BaseModel]: ...
     def usage(self) -> Usage: ...
     def usage_chunk(self) -> BaseModel: ...
+
+
+class Answer(Protocol):
+    """One request's answer in its API's encoding."""
+
+    def start(self) -> list[str]: ...  # SSE text before any output
+    def feed(self, prompt_index: int, out: RequestOutput) -> list[str]: ...
+    def end(self) -> list[str]: ...  # SSE text after the last output
+    def failed(self, message: str) -> list[str]: ...  # SSE text when the engine fails mid-stream
+    def whole(self) -> Any: ...  # the JSON body of the non-streamed answer (after end())
+
+
+class OpenAIAnswer:
+    """Chat and text completions: chunks as ``data:`` events and ``data: [DONE]``; the whole answer is
+    the merge of the same chunks."""
+
+    def __init__(self, acc: Accumulator, merge: Callable[..., BaseModel], include_usage: bool) -> None:
+        self.acc, self.merge, self.include_usage = acc, merge, include_usage
+        self.chunks: list[BaseModel] = []
+
+    def _keep(self, chunks: Sequence[BaseModel]) -> list[str]:
+        self.chunks.extend(chunks)
+        return [sse(c) for c in chunks]
+
+    def start(self) -> list[str]:
+        return self._keep(self.acc.start())
+
+    def feed(self, prompt_index: int, out: RequestOutput) -> list[str]:
+        return self._keep(self.acc.feed(prompt_index, out))
+
+    def end(self) -> list[str]:
+        return ([sse(self.acc.usage_chunk())] if self.include_usage else []) + [SSE_DONE]
+
+    def failed(self, message: str) -> list[str]:
+        return [sse(error_body(message, "service_unavailable"))]
+
+    def whole(self) -> Any:
+        return self.merge(self.chunks, self.acc.usage()).model_dump(mode="json")
 
 
 class _Tracker:
@@ -106,18 +150,32 @@ class Serving:
         self.core = core
         self.tokenizer = core.tokenizer
         self.model_name = core.served_model_name
+        # Names agents may send for this model: its served name, extra names, the packaged name, aliases.
+        self.model_names = {self.model_name, *config.served_model_aliases}
+        if core.config.model.model in CATALOG:
+            self.model_names.add(core.config.model.model)
+        self.aliases = config.model_aliases
 
     # -- checks -------------------------------------------------------------------------
 
-    def check_auth(self, request: Request) -> None:
-        key = self.config.api_key
-        if key is not None and not bearer_token_matches(request.headers.get("authorization", ""), key):
-            raise APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+    def serves(self, name: str) -> bool:
+        return name in self.model_names or any(fnmatch.fnmatchcase(name, pattern) for pattern, _ in self.aliases)
 
     def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
+        if name is not None and not self.serves(name):
             raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
                            "not_found_error", "model", "model_not_found")  # fmt: skip
+
+    def owner(self, request: Request) -> str:
+        """Whose stored responses a request may see: a hash of its API key (the gateway's tenant, when the
+        gateway authenticated with this server's key), or "" where no key is configured."""
+        if self.config.api_key is None:
+            return ""
+        tenant = request.headers.get("x-agora-tenant")
+        if tenant:
+            return tenant  # check_auth passed, so the gateway sent it: the client's own key, hashed there
+        given = request.headers.get("authorization") or f"Bearer {request.headers.get('x-api-key', '')}"
+        return hashlib.sha256(given.encode()).hexdigest()
 
     def need_tokenizer(self) -> Any:
         if self.tokenizer is None:
@@ -157,35 +215,42 @@ class Serving:
             raise
         return streams
 
-    async def answer(self, request: Request, streams: list[RequestStream], acc: Accumulator, *, stream: bool,
-                     include_usage: bool, merge: Callable[..., BaseModel], start: float) -> Response:  # fmt: skip
+    async def answer(self, request: Request, streams: list[RequestStream], answer: Answer, *, stream: bool,
+                     start: float, on_done: Callable[[], Any] | None = None) -> Response:  # fmt: skip
+        """Stream or fold the outputs through ``answer``; ``on_done`` runs once the answer is whole."""
         tracker = _Tracker(self.metrics, start)
         if stream:
-            return StreamingResponse(self._events(streams, acc, tracker, include_usage), media_type="text/event-stream",
+            return StreamingResponse(self._events(streams, answer, tracker, on_done), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})  # fmt: skip
-        chunks: list[BaseModel] = list(acc.start())
+        answer.start()
 
         def on_output(i: int, out: RequestOutput) -> None:
             tracker.observe((i, out.index), out)
-            chunks.extend(acc.feed(i, out))
+            answer.feed(i, out)
 
         await self._collect(request, streams, on_output)
-        return JSONResponse(merge(chunks, acc.usage()).model_dump(mode="json"))
+        answer.end()
+        if on_done is not None:
+            await on_done()
+        return JSONResponse(answer.whole())
 
-    async def _events(self, streams: list[RequestStream], acc: Accumulator, tracker: _Tracker,
-                      include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
+    async def _events(self, streams: list[RequestStream], answer: Answer, tracker: _Tracker,
+                      on_done: Callable[[], Any] | None) -> AsyncIterator[str]:  # fmt: skip
         try:
-            for chunk in acc.start():
-                yield sse(chunk)
+            for piece in answer.start():
+                yield piece
             async for i, out in _merge(streams):
                 tracker.observe((i, out.index), out)
-                for chunk in acc.feed(i, out):
-                    yield sse(chunk)
-            if include_usage:
-                yield sse(acc.usage_chunk())
-            yield SSE_DONE
+                for piece in answer.feed(i, out):
+                    yield piece
+            tail = answer.end()
+            if on_done is not None:
+                await on_done()
+            for piece in tail:
+                yield piece
         except EngineDeadError as exc:
-            yield sse(error_body(str(exc), "service_unavailable"))
+            for piece in answer.failed(str(exc)):
+                yield piece
         finally:
             for s in streams:
                 await s.aclose()

@@ -49,7 +49,8 @@ class Running:
 
 def start_server(model_dir, max_waiting: int = 64, max_num_seqs: int = 16, max_body: int = 1 << 20,
                  api_key: str | None = None, structured: StructuredOutputsConfig | None = None,
-                 served_model_name: str = MODEL, tool_call_parser: str | None = None) -> Running:  # fmt: skip
+                 served_model_name: str = MODEL, tool_call_parser: str | None = None,
+                 responses_store: str | None = None, model_aliases: tuple = ()) -> Running:  # fmt: skip
     config = EngineConfig(
         model=ModelConfig(model=str(model_dir), served_model_name=served_model_name, dtype="float32"),
         cache=CacheConfig(block_size=16, num_blocks=512),
@@ -63,7 +64,8 @@ def start_server(model_dir, max_waiting: int = 64, max_num_seqs: int = 16, max_b
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     app = build_app(async_engine, ServerConfig(port=port, max_body_bytes=max_body, api_key=api_key,
-                                               tool_call_parser=tool_call_parser))  # fmt: skip
+                                               tool_call_parser=tool_call_parser, responses_store=responses_store,
+                                               model_aliases=model_aliases))  # fmt: skip
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

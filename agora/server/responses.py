@@ -1,0 +1,136 @@
+"""``/v1/responses``: the OpenAI Responses API over the chat path, with stored responses.
+
+::
+
+    POST   /v1/responses                  previous_response_id → the stored chain as input items →
+                                          to_chat() → start_chat → ResponseEvents → store (store: true)
+    GET    /v1/responses/{id}             the stored response (404 for another key's)
+    DELETE /v1/responses/{id}
+    GET    /v1/responses/{id}/input_items
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import contextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from agora.engine.engine import RequestOutput
+from agora.openai.accumulate import ChatStream
+from agora.openai.errors import APIError
+from agora.openai.responses import (
+    RENAME,
+    ResponseEvents,
+    ResponsesRequest,
+    input_items,
+    new_id,
+    new_response,
+    sse_event,
+)
+from agora.server.chat import start_chat
+from agora.server.serving import Serving
+from agora.server.store import ResponseStore
+
+
+@contextmanager
+def renamed(rename: dict[str, str]):  # noqa: ANN201
+    """Errors of the chat path, with the parameter named as this API names it."""
+    try:
+        yield
+    except APIError as exc:
+        exc.param = rename.get(exc.param or "", exc.param)
+        raise
+
+
+class ResponsesAnswer:
+    """Chat chunks -> Responses events (``event:`` + ``data:``); the whole answer is the final response."""
+
+    def __init__(self, acc: ChatStream, events: ResponseEvents) -> None:
+        self.acc, self.events = acc, events
+
+    def start(self) -> list[str]:
+        self.acc.start()  # the role chunk: nothing to say in this API
+        return [sse_event(e) for e in self.events.start()]
+
+    def feed(self, prompt_index: int, out: RequestOutput) -> list[str]:
+        return [sse_event(e) for chunk in self.acc.feed(prompt_index, out) for e in self.events.feed(chunk)]
+
+    def end(self) -> list[str]:
+        return [sse_event(e) for e in self.events.finish(self.acc.usage())]
+
+    def failed(self, message: str) -> list[str]:
+        return [sse_event(e) for e in self.events.failed(message)]
+
+    def whole(self) -> Any:
+        return self.events.response.model_dump(mode="json")
+
+
+def _with_ids(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Input items as stored: each with an id (as input_items lists them)."""
+    out = []
+    for item in items:
+        prefix = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}.get(
+            item.get("type", ""), "item"
+        )
+        out.append({"id": new_id(prefix), **item} if not item.get("id") else item)
+    return out
+
+
+def add_routes(app: FastAPI, serving: Serving, store: ResponseStore) -> None:
+    def missing(response_id: str, param: str | None = None) -> APIError:
+        return APIError(404, f"No response with id {response_id!r} found.", "not_found_error", param)
+
+    @app.post("/v1/responses")
+    async def create(req: ResponsesRequest, request: Request) -> Response:
+        serving.check_model(req.model)
+        req.check()
+        owner = serving.owner(request)
+        history: list[dict[str, Any]] = []
+        if req.previous_response_id is not None:
+            chain = await asyncio.to_thread(store.chain, req.previous_response_id, owner)
+            if chain is None:
+                raise missing(req.previous_response_id, "previous_response_id")
+            history = chain
+        with renamed(RENAME):
+            run = await start_chat(serving, req.to_chat(history), prefix="resp")
+        events = ResponseEvents(new_response(req, serving.model_name))
+        answer = ResponsesAnswer(run.acc, events)
+        own_input = _with_ids(input_items(req))
+
+        async def keep() -> None:
+            if req.store and events.response.status in ("completed", "incomplete"):
+                await asyncio.to_thread(store.put, events.response.model_dump(mode="json"), own_input, owner)
+
+        return await serving.answer(request, run.streams, answer, stream=req.stream, start=run.start, on_done=keep)
+
+    @app.get("/v1/responses/{response_id}")
+    async def get(response_id: str, request: Request) -> JSONResponse:
+        found = await asyncio.to_thread(store.get, response_id, serving.owner(request))
+        if found is None:
+            raise missing(response_id)
+        return JSONResponse(found[0])
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete(response_id: str, request: Request) -> JSONResponse:
+        if not await asyncio.to_thread(store.delete, response_id, serving.owner(request)):
+            raise missing(response_id)
+        return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def input_list(response_id: str, request: Request, order: str = "desc", limit: int = 20,
+                         after: str | None = None) -> JSONResponse:  # fmt: skip
+        found = await asyncio.to_thread(store.get, response_id, serving.owner(request))
+        if found is None:
+            raise missing(response_id)
+        if order not in ("asc", "desc") or not 1 <= limit <= 100:
+            raise APIError(400, "order is asc or desc, limit between 1 and 100", param="order")
+        items = found[1] if order == "asc" else list(reversed(found[1]))
+        if after is not None:
+            ids = [i.get("id") for i in items]
+            items = items[ids.index(after) + 1 :] if after in ids else []
+        page = items[:limit]
+        return JSONResponse({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                             "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit})  # fmt: skip

@@ -1,0 +1,137 @@
+"""The OpenAI Responses API, checked with the official openai client (create, stream, function tools,
+previous_response_id, stored responses) and the OpenAI Agents SDK's default Responses model."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.server.conftest import MODEL, start_server, stop_server
+
+pytest.importorskip("xgrammar")
+
+TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server(tiny_long_model_dir, tmp_path_factory):
+    r = start_server(tiny_long_model_dir, api_key="k1", responses_store=str(tmp_path_factory.mktemp("store") / "r.db"))
+    yield r
+    stop_server(r)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="k1", max_retries=0)
+
+
+def test_create_and_stream_agree(client) -> None:
+    kw = dict(model=MODEL, input="Hello there", max_output_tokens=4, temperature=0)
+    whole = client.responses.create(**kw)
+    assert whole.object == "response" and whole.status == "incomplete"
+    assert whole.incomplete_details.reason == "max_output_tokens" and whole.usage.output_tokens == 4
+    with client.responses.stream(**kw) as stream:
+        events = list(stream)
+    final = events[-1].response  # an incomplete response ends with response.incomplete (as OpenAI's do)
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]  # fmt: skip
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.incomplete"]  # fmt: skip
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert final.output_text == whole.output_text and final.output_text
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == whole.output_text
+
+
+def test_function_calls_round_trip_through_previous_response_id(client) -> None:
+    first = client.responses.create(model=MODEL, input="Weather in Paris?", tools=TOOLS, tool_choice="required",
+                                    max_output_tokens=300, temperature=0)  # fmt: skip
+    calls = [o for o in first.output if o.type == "function_call"]
+    assert first.status == "completed" and calls and calls[0].name == "get_weather"
+    assert "city" in json.loads(calls[0].arguments) and calls[0].call_id
+    with client.responses.stream(model=MODEL, input="Weather in Paris?", tools=TOOLS, tool_choice="required",
+                                 max_output_tokens=300, temperature=0) as stream:  # fmt: skip
+        events = list(stream)
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert done[0].arguments == calls[0].arguments  # streamed and whole: the same call
+    second = client.responses.create(model=MODEL, previous_response_id=first.id, tools=TOOLS, max_output_tokens=8,
+                                     input=[{"type": "function_call_output", "call_id": calls[0].call_id,
+                                             "output": "sunny"}], temperature=0)  # fmt: skip
+    assert second.previous_response_id == first.id
+    # the whole chain is the prompt, and its start comes from the prefix cache
+    assert second.usage.input_tokens > first.usage.input_tokens
+    assert second.usage.input_tokens_details.cached_tokens > 0
+    assert client.responses.retrieve(first.id).output[0].call_id == calls[0].call_id
+    items = client.responses.input_items.list(second.id)
+    assert [i.type for i in items.data] == ["function_call_output"]
+    client.responses.delete(second.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(second.id)
+
+
+def test_structured_text_format(client) -> None:
+    fmt = {"format": {"type": "json_schema", "name": "city", "schema": {"type": "object", "properties": {
+        "name": {"type": "string"}}, "required": ["name"]}}}  # fmt: skip
+    out = client.responses.create(model=MODEL, input="A city?", text=fmt, max_output_tokens=60, temperature=0)
+    assert out.status == "completed" and set(json.loads(out.output_text)) == {"name"}
+
+
+def test_another_key_cannot_see_a_stored_response(server, tiny_long_model_dir) -> None:
+    # one server key, two tenants behind a gateway: the gateway names the tenant, the store keeps them apart
+    headers = {"authorization": "Bearer k1", "x-agora-tenant": "alice"}
+    r = httpx.post(f"{server.url}/v1/responses", json={"model": MODEL, "input": "hi", "max_output_tokens": 2},
+                   headers=headers, timeout=60)  # fmt: skip
+    rid = r.json()["id"]
+    assert httpx.get(f"{server.url}/v1/responses/{rid}", headers=headers).status_code == 200
+    other = {"authorization": "Bearer k1", "x-agora-tenant": "bob"}
+    assert httpx.get(f"{server.url}/v1/responses/{rid}", headers=other).status_code == 404
+    follow = httpx.post(f"{server.url}/v1/responses", json={"model": MODEL, "input": "more",
+                        "previous_response_id": rid}, headers=other, timeout=60)  # fmt: skip
+    assert follow.status_code == 404 and follow.json()["error"]["param"] == "previous_response_id"
+    assert httpx.get(f"{server.url}/v1/responses/{rid}").status_code == 401
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"input": "x", "previous_response_id": "resp_nope"}, 404, "previous_response_id"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, 400, "tools"),
+    ({"input": "x", "include": ["reasoning.encrypted_content"]}, 400, "include"),
+    ({"input": "x", "background": True}, 400, "background"),
+    ({"input": "x", "reasoning": {"effort": "high"}}, 400, "reasoning"),
+    ({"input": [{"type": "function_call_output", "call_id": "c9", "output": "x"}]}, 400, "input"),
+    ({"input": [{"type": "input_image", "image_url": "x"}]}, 400, "input"),
+    ({"input": "x", "max_output_tokens": 0}, 400, "max_output_tokens"),
+    ({"input": "x", "frobnicate": 1}, 400, "frobnicate"),
+    ({"input": "x" * 100_000}, 400, "input"),
+])  # fmt: skip
+def test_bad_requests(server, body, status, param) -> None:
+    r = httpx.post(f"{server.url}/v1/responses", json={"model": MODEL, **body}, headers={"authorization": "Bearer k1"},
+                   timeout=60)  # fmt: skip
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param, r.text
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+async def test_agents_sdk_default_responses_model(server) -> None:
+    agents = pytest.importorskip("agents")
+
+    seen: list[str] = []
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """Weather in a city."""
+        seen.append(city)
+        return f"sunny in {city}"
+
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="k1", max_retries=0)
+    agents.set_default_openai_client(client, use_for_tracing=False)
+    agents.set_default_openai_api("responses")
+    agents.set_tracing_disabled(True)
+    agent = agents.Agent(name="weather", instructions="Answer about the weather.", tools=[get_weather], model=MODEL,
+                         model_settings=agents.ModelSettings(tool_choice="required", max_tokens=200))  # fmt: skip
+    result = await agents.Runner.run(agent, "Weather in Paris?", max_turns=4)
+    assert seen and isinstance(result.final_output, str)
+    await client.close()
