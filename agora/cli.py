@@ -73,6 +73,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tool-call-parser", default=server.tool_call_parser, choices=sorted(PARSERS),
                    help="the tool-call format to read and enforce (default: from the chat template; hermes for "
                         "templates that know no tools)")  # fmt: skip
+    p.add_argument("--responses-store", default=server.responses_store, metavar="PATH",
+                   help="SQLite file of stored Responses (default: responses.sqlite3 in the cache folder; the "
+                        "replicas of one machine share it)")  # fmt: skip
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted for vLLM compatibility: tool_choice auto is always available")  # fmt: skip
     p.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
@@ -104,7 +107,8 @@ def serve(args: argparse.Namespace, argv: list[str]) -> int:
         names = args.served_model_name or []
         server = ServerConfig(host=args.host, port=args.port, max_body_bytes=parse_size(args.max_body_bytes),
                               api_key=args.api_key, tool_call_parser=args.tool_call_parser,
-                              served_model_aliases=tuple(names[1:]), model_aliases=parse_aliases(args.model_alias))  # fmt: skip
+                              served_model_aliases=tuple(names[1:]), model_aliases=parse_aliases(args.model_alias),
+                              responses_store=args.responses_store)  # fmt: skip
         config = EngineConfig(
             model=ModelConfig(
                 model=args.model,

@@ -37,3 +37,8 @@ def pip_index_args() -> list[str]:
 def cpu_kernels() -> bool:
     """Native CPU kernels (agora/kernels) on unless AGORA_CPU_KERNELS is 0/false/off."""
     return os.environ.get("AGORA_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def variable(name: str) -> str | None:
+    """A variable the configuration names (the gateway's ``api_key_env``)."""
+    return os.environ.get(name)

@@ -438,3 +438,66 @@ class MessageEvents:
 
 def sse_event(name: str, data: dict[str, Any]) -> str:
     return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+# -- whole replies and their events (the gateway's cache reads relayed answers and replays them) -----
+
+
+def reply_from_sse(payload: str) -> Reply | None:
+    """A relayed Messages stream folded into the whole reply; None unless it ran to message_stop."""
+    from agora.openai.stream import sse_data
+
+    reply: Reply | None = None
+    args: dict[int, str] = {}
+    for data in sse_data(payload):
+        event = json.loads(data)
+        kind = event.get("type")
+        if kind == "message_start":
+            reply = Reply.model_validate(event["message"])
+        elif reply is None:
+            return None
+        elif kind == "content_block_start":
+            reply.content.append(dict(event["content_block"]))
+        elif kind == "content_block_delta":
+            block, delta = reply.content[event["index"]], event["delta"]
+            if delta.get("type") == "text_delta":
+                block["text"] = block.get("text", "") + delta["text"]
+            elif delta.get("type") == "thinking_delta":
+                block["thinking"] = block.get("thinking", "") + delta["thinking"]
+            elif delta.get("type") == "input_json_delta":
+                args[event["index"]] = args.get(event["index"], "") + delta["partial_json"]
+        elif kind == "content_block_stop" and event["index"] in args:
+            reply.content[event["index"]]["input"] = json.loads(args[event["index"]] or "{}")
+        elif kind == "message_delta":
+            reply.stop_reason = event["delta"].get("stop_reason")
+            reply.stop_sequence = event["delta"].get("stop_sequence")
+            reply.usage.output_tokens = event.get("usage", {}).get("output_tokens", reply.usage.output_tokens)
+        elif kind == "message_stop":
+            return reply
+    return None
+
+
+def reply_events(reply: Reply) -> list[tuple[str, dict[str, Any]]]:
+    """A whole reply as the events a streaming server sends."""
+    head = reply.model_dump(mode="json")
+    head.update(content=[], stop_reason=None, stop_sequence=None)
+    head["usage"] = {**head["usage"], "output_tokens": 0}
+    events: list[tuple[str, dict[str, Any]]] = [("message_start", {"type": "message_start", "message": head}),
+                                                ("ping", {"type": "ping"})]  # fmt: skip
+    for i, block in enumerate(reply.content):
+        kind = block.get("type")
+        start = {**block, "input": {}} if kind == "tool_use" else {**block, kind: ""} if kind in ("text", "thinking") \
+            else block  # fmt: skip
+        events.append(("content_block_start", {"type": "content_block_start", "index": i, "content_block": start}))
+        if kind == "text":
+            delta = {"type": "text_delta", "text": block.get("text", "")}
+        elif kind == "thinking":
+            delta = {"type": "thinking_delta", "thinking": block.get("thinking", "")}
+        else:
+            delta = {"type": "input_json_delta", "partial_json": json.dumps(block.get("input", {}), ensure_ascii=False)}
+        events.append(("content_block_delta", {"type": "content_block_delta", "index": i, "delta": delta}))
+        events.append(("content_block_stop", {"type": "content_block_stop", "index": i}))
+    events.append(("message_delta", {"type": "message_delta", "delta": {"stop_reason": reply.stop_reason,
+                   "stop_sequence": reply.stop_sequence}, "usage": {"output_tokens": reply.usage.output_tokens}}))  # fmt: skip
+    events.append(("message_stop", {"type": "message_stop"}))
+    return events

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from agora import envs
+from agora.config import parse_aliases
 from agora.router.config import SHIPPED_PROFILES, ConfigError, EndpointSpec, RouterConfig, load_config, parse_config
 
 
@@ -22,6 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=None, help="port (default 8080)")
     p.add_argument("--api-key", default=None,
                    help="require this bearer token from clients (default: the config's, else $AGORA_API_KEY)")  # fmt: skip
+    p.add_argument("--model-alias", action="append", default=[], metavar="PATTERN=NAME",
+                   help="route requests for model names matching PATTERN (a name or a glob such as 'claude-*') "
+                        "to the model NAME; repeatable")  # fmt: skip
     p.add_argument("--uvicorn-log-level", default="warning")
 
 
@@ -39,6 +43,8 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
         gateway["api_key"] = envs.api_key()
     if args.profile is not None:
         data["profile"] = args.profile
+    if args.model_alias:
+        data["model_aliases"] = {**data.get("model_aliases", {}), **dict(parse_aliases(args.model_alias))}
     config = parse_config(data, args.config or "command line")
     if not config.endpoints:
         raise ConfigError("no endpoints: give --endpoint URL (repeatable) or endpoints: in --config")

@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agora import envs
 from agora.config import parse_size
 from agora.router.endpoints import Endpoint, HealthSettings, base_url, endpoint_names
 from agora.router.plugins import PLUGIN_TYPES, Filter, Picker, Plugin, Scorer
@@ -140,6 +141,8 @@ class RouterConfig(_Strict):
     scheduling_profiles: list[ProfileSpec] = Field(default_factory=list, alias="schedulingProfiles")
     profile: str = DEFAULT_PROFILE
     semantic: SemanticSpec | None = None
+    # model names agents send -> a model the endpoints serve (a name or a glob: "claude-*")
+    model_aliases: dict[str, str] = Field(default_factory=dict)
 
     # -- building -----------------------------------------------------------------
 
@@ -149,7 +152,7 @@ class RouterConfig(_Strict):
         for i, (spec, default_name) in enumerate(zip(self.endpoints, names, strict=True)):
             key = spec.api_key
             if spec.api_key_env:
-                key = os.environ.get(spec.api_key_env)
+                key = envs.variable(spec.api_key_env)
                 if key is None:
                     raise ConfigError(f"endpoints[{i}].api_key_env: the variable {spec.api_key_env} is not set")
             models = frozenset(spec.models) if spec.models is not None else None

@@ -19,10 +19,13 @@ agora or vLLM treats as an abort). The gateway never imports torch.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import hashlib
 import json
 import logging
 import time
+import uuid
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ import aiohttp
 
 import agora
 from agora.openai.errors import APIError, bearer_token_matches, error_body
+from agora.openai.messages import Reply, anthropic_error
 from agora.router.admission import admit
 from agora.router.config import ConfigError, RouterConfig, load_config
 from agora.router.endpoints import Endpoint, EndpointPool
@@ -49,11 +53,14 @@ from agora.router.semantic.router import SemanticRouter
 logger = logging.getLogger(__name__)
 
 # Client headers passed upstream; everything else (hop-by-hop, the gateway's own key) stays here.
-_FORWARD_REQUEST = (b"content-type", b"accept", b"x-request-id", b"traceparent", b"tracestate")
-_FORWARD_RESPONSE = ("content-type", "x-request-id", "retry-after", "cache-control")
+_FORWARD_REQUEST = (b"content-type", b"accept", b"x-request-id", b"traceparent", b"tracestate",
+                    b"anthropic-version", b"anthropic-beta")  # fmt: skip
+_FORWARD_RESPONSE = ("content-type", "x-request-id", "retry-after", "cache-control", "x-agora-response-id")
 _MAX_CACHED_BYTES = 4 << 20  # answers larger than this are passed on but not cached
 _SSE_DONE = (b"data: [DONE]\n\n", b"data: [DONE]\r\n\r\n")  # the end of an OpenAI event stream
 _CACHEABLE_FINISH = ("stop", "length", "tool_calls")  # answers that ran to a natural end
+_SEMANTIC_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
+_MAX_CHAINS = 100_000  # response ids remembered for previous_response_id affinity
 
 
 class _ClientGone(Exception):
@@ -77,6 +84,7 @@ class Gateway:
         self.session: aiohttp.ClientSession | None = None
         self._created = int(time.time())
         self.semantic: SemanticRouter | None = None  # built at startup: loading the encoder takes seconds
+        self.chains: OrderedDict[str, tuple[str, str]] = OrderedDict()  # response id -> (session, endpoint)
         self._watch: asyncio.Task | None = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -113,7 +121,11 @@ class Gateway:
         except APIError as exc:
             if exc.status != 401:
                 self.metrics.rejected.labels(str(exc.status)).inc()
-            await _send_json(send, exc.status, error_body(exc.message, exc.type, exc.param, exc.code), exc.headers)
+            if scope["path"].startswith("/v1/messages"):  # Anthropic's API: Anthropic's error shape
+                status, body = anthropic_error(exc)
+                await _send_json(send, status, body, exc.headers)
+            else:
+                await _send_json(send, exc.status, exc.body(), exc.headers)
         except _ClientGone:
             self.metrics.disconnects.inc()
 
@@ -146,6 +158,9 @@ class Gateway:
         elif method == "POST" and (path.startswith("/v1/") or path in ("/tokenize", "/detokenize")):
             self._check_auth(headers)
             await self._proxy(scope, headers, receive, send)
+        elif method in ("GET", "DELETE") and path.startswith("/v1/responses/"):
+            self._check_auth(headers)
+            await self._stored(scope, headers, send)
         elif method == "GET" and path == "/health":
             ok = any(ep.available(time.monotonic()) for ep in self.pool)
             if not ok:
@@ -181,9 +196,28 @@ class Gateway:
         return {"id": model, "object": "model", "created": self._created, "owned_by": "agora"}
 
     def _check_auth(self, headers: dict[bytes, bytes]) -> None:
+        """``Authorization: Bearer KEY``, or Anthropic's ``x-api-key: KEY``."""
         key = self.settings.api_key
-        if key is not None and not bearer_token_matches(headers.get(b"authorization", b"").decode("latin-1"), key):
+        if key is not None and not bearer_token_matches(_credential(headers), key):
             raise APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+
+    def _alias(self, model: str) -> str:
+        """The served model an alias (a name or a glob) stands for; the name itself otherwise."""
+        aliases = self.config.model_aliases
+        if model in aliases:
+            return aliases[model]
+        return next((target for pattern, target in aliases.items() if fnmatch.fnmatchcase(model, pattern)), model)
+
+    def _upstream_headers(self, headers: dict[bytes, bytes]) -> dict[str, str]:
+        """What reaches the endpoints: a few client headers, the client's key (where the gateway has none
+        of its own), and the tenant (a hash of the client's key), which endpoints trust from the gateway."""
+        out = {k.decode(): v.decode("latin-1") for k, v in headers.items() if k in _FORWARD_REQUEST}
+        if self.settings.api_key is None:
+            for name in (b"authorization", b"x-api-key"):
+                if name in headers:
+                    out[name.decode()] = headers[name].decode("latin-1")
+        out["x-agora-tenant"] = _tenant(headers)
+        return out
 
     # -- proxying ----------------------------------------------------------------------
 
@@ -215,11 +249,14 @@ class Gateway:
             raise APIError(400, "the request body must be a JSON object")
         if "model" in data and not isinstance(data["model"], str):
             raise APIError(400, "model must be a string", param="model")
+        if isinstance(data.get("model"), str) and self._alias(data["model"]) != data["model"]:
+            data["model"] = self._alias(data["model"])
+            body = json.dumps(data, ensure_ascii=False).encode()
         extra: dict[str, str] = {}
-        cache: tuple[SemanticCache, CacheKey, Any, bool] | None = None
+        cache: tuple[SemanticCache, CacheKey, Any] | None = None
         semantic = self.semantic
-        if semantic is not None and scope["path"] in ("/v1/chat/completions", "/v1/completions"):
-            tenant = hashlib.sha256(headers.get(b"authorization", b"")).hexdigest()
+        if semantic is not None and scope["path"] in _SEMANTIC_PATHS:
+            tenant = _tenant(headers)
             t = time.perf_counter()
             outcome = await asyncio.to_thread(semantic.process, scope["path"], data, tenant)
             self.metrics.classify_seconds.observe(time.perf_counter() - t)
@@ -231,7 +268,6 @@ class Gateway:
                     self.metrics.blocked.labels(outcome.error.code or "blocked").inc()
                 raise outcome.error
             extra = outcome.headers
-            chat = scope["path"] == "/v1/chat/completions"
             if semantic.cache is not None:
                 if outcome.cache_key is None:
                     self.metrics.cache.labels("bypass").inc()
@@ -242,15 +278,19 @@ class Gateway:
                     return
                 else:
                     self.metrics.cache.labels("miss").inc()
-                    cache = (semantic.cache, outcome.cache_key, outcome.embedding, chat)
+                    cache = (semantic.cache, outcome.cache_key, outcome.embedding)
             if outcome.body is not data:
                 data = outcome.body
                 body = json.dumps(data, ensure_ascii=False).encode()
-        session = headers.get(self.settings.session_header.lower().encode())
-        req = RequestInfo.from_body(scope["path"], data, session.decode("latin-1") if session else None)
-        upstream_headers = {k.decode(): v.decode("latin-1") for k, v in headers.items() if k in _FORWARD_REQUEST}
-        if self.settings.api_key is None and b"authorization" in headers:
-            upstream_headers["authorization"] = headers[b"authorization"].decode("latin-1")
+        header = headers.get(self.settings.session_header.lower().encode())
+        session = header.decode("latin-1") if header else None
+        if session is None and scope["path"] == "/v1/responses":
+            # A Responses chain is one session: its turns stay on the replica that holds its prefix.
+            previous = data.get("previous_response_id")
+            known = self.chains.get(previous) if isinstance(previous, str) else None
+            session = known[0] if known is not None else f"chain-{uuid.uuid4().hex}"
+        req = RequestInfo.from_body(scope["path"], data, session)
+        upstream_headers = self._upstream_headers(headers)
         path = scope["path"] + (f"?{scope['query_string'].decode('latin-1')}" if scope.get("query_string") else "")
 
         exchange = asyncio.ensure_future(self._exchange(req, path, body, upstream_headers, send, extra, cache))
@@ -312,7 +352,7 @@ class Gateway:
                         last = (resp.status, payload, _response_headers(resp))
                     else:
                         self.pool.record_success(ep)
-                        await self._relay(resp, ep, decision.explain(), send, extra, cache)
+                        await self._relay(resp, ep, decision.explain(), send, extra, cache, req.session)
                         return
             finally:
                 ep.in_flight -= 1
@@ -326,12 +366,17 @@ class Gateway:
                     {**extra, **last_extra, "x-agora-endpoint": tried[-1]})  # fmt: skip
 
     async def _relay(self, resp: aiohttp.ClientResponse, ep: Endpoint, why: str, send: Any,
-                     extra: dict[str, str], cache: tuple | None) -> None:  # fmt: skip
+                     extra: dict[str, str], cache: tuple | None, session: str | None = None) -> None:  # fmt: skip
         """Stream the upstream answer to the client as it comes; close upstream if we stop early.
 
         With a cache key, the answer is also kept (up to ``_MAX_CACHED_BYTES``) and stored once complete.
         """
         headers = {**extra, **_response_headers(resp)}
+        response_id = resp.headers.get("x-agora-response-id")
+        if response_id:  # the next turn of this chain (previous_response_id) goes where its prefix is
+            self.chains[response_id] = (session or response_id, ep.name)
+            while len(self.chains) > _MAX_CHAINS:
+                self.chains.popitem(last=False)
         keep: list[bytes] | None = [] if cache is not None and resp.status == 200 else None
         kept = 0
         content_type = headers.pop("content-type", "application/json").encode()
@@ -376,14 +421,45 @@ class Gateway:
                 resp.close()  # drop the connection: the backend sees the client gone and aborts
 
     def _store(self, cache: tuple, payload: bytes, content_type: str) -> None:
-        store, key, embedding, chat = cache
+        store, key, embedding = cache
         if content_type.startswith("text/event-stream"):
-            answer = answer_from_sse(payload, chat)
+            answer = answer_from_sse(payload, key.kind)
         else:
-            answer = answer_from_json(payload, chat)
-        if answer is not None and all(c.finish_reason in _CACHEABLE_FINISH for c in answer.choices):
+            answer = answer_from_json(payload, key.kind)
+        if answer is not None and _ran_to_an_end(answer):
             store.store(key, answer, embedding)
             self.metrics.cache.labels("store").inc()
+
+    async def _stored(self, scope: dict[str, Any], headers: dict[bytes, bytes], send: Any) -> None:
+        """GET / DELETE of a stored response: first where the chain was last served, then elsewhere
+        (the replicas of one machine share one store; separate machines each hold their own)."""
+        assert self.session is not None
+        rid = scope["path"].removeprefix("/v1/responses/").split("/", 1)[0]
+        known = self.chains.get(rid)
+        now = time.monotonic()
+        candidates = sorted((ep for ep in self.pool if ep.available(now)), key=lambda ep: known is None or
+                            ep.name != known[1])  # fmt: skip
+        if not candidates:
+            raise APIError(503, "no healthy endpoint", "service_unavailable", code="no_healthy_endpoint")
+        upstream = self._upstream_headers(headers)
+        query = f"?{scope['query_string'].decode('latin-1')}" if scope.get("query_string") else ""
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.settings.connect_timeout_s,
+                                        sock_read=self.settings.read_timeout_s)  # fmt: skip
+        last: tuple[int, bytes, dict[str, str]] | None = None
+        for ep in candidates:
+            send_headers = {**upstream, **({"authorization": f"Bearer {ep.api_key}"} if ep.api_key else {})}
+            try:
+                async with self.session.request(scope["method"], ep.url + scope["path"] + query,
+                                                headers=send_headers, timeout=timeout) as resp:  # fmt: skip
+                    last = (resp.status, await resp.read(), _response_headers(resp))
+            except (TimeoutError, aiohttp.ClientError):
+                continue
+            if last[0] != 404:
+                break
+        if last is None:
+            raise APIError(502, "no endpoint answered", "bad_gateway", code="upstream_error")
+        status, payload, extra = last
+        await _send(send, status, payload, extra.pop("content-type", "application/json").encode(), extra)
 
     # -- semantic routing: classify, reload -----------------------------------------------
 
@@ -444,6 +520,25 @@ async def _send_cached(send: Any, answer: Answer, body: dict[str, Any], headers:
     for chunk in replay_sse(answer, include_usage):
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
     await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _ran_to_an_end(answer: Answer) -> bool:
+    if isinstance(answer, Reply):
+        return answer.stop_reason in ("end_turn", "max_tokens", "stop_sequence", "tool_use")
+    return all(c.finish_reason in _CACHEABLE_FINISH for c in answer.choices)
+
+
+def _credential(headers: dict[bytes, bytes]) -> str:
+    """The client's key as an ``Authorization`` value (Anthropic clients send ``x-api-key``)."""
+    given = headers.get(b"authorization", b"").decode("latin-1")
+    if not given and b"x-api-key" in headers:
+        given = "Bearer " + headers[b"x-api-key"].decode("latin-1")
+    return given
+
+
+def _tenant(headers: dict[bytes, bytes]) -> str:
+    """Who is asking, without their key: a hash of it (the cache's scope, the store's owner)."""
+    return hashlib.sha256(_credential(headers).encode("latin-1")).hexdigest()
 
 
 def _response_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:

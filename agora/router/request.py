@@ -3,6 +3,10 @@
 The gateway parses the JSON body once and keeps only what picking needs: the
 model, the session key and the prompt (as text for chat and text completions, or
 as token ids when a client sends them). The body itself is forwarded untouched.
+
+The four APIs' conversations read alike here (``conversation``): chat ``messages``,
+Anthropic's ``system`` + ``messages`` with blocks, the Responses API's ``instructions``
++ ``input`` items. So prefix affinity, sessions and the semantic guards treat them the same.
 """
 
 from __future__ import annotations
@@ -12,12 +16,48 @@ from typing import Any
 
 
 def content_text(content: Any, sep: str = "") -> str:
-    """Message content as text: a string, or the text parts of a multi-part content list joined by ``sep``."""
+    """Message content as text: a string, or the text of a content list's parts joined by ``sep``
+    (text parts, and the text inside Anthropic's tool_result blocks)."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return sep.join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+        parts = []
+        for p in content:
+            if isinstance(p, dict) and isinstance(p.get("text"), str):
+                parts.append(p["text"])
+            elif isinstance(p, dict) and p.get("type") == "tool_result":
+                parts.append(content_text(p.get("content"), sep))
+        return sep.join(parts)
     return ""
+
+
+def conversation(path: str, body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The request's turns as ``{"role", "content"}`` dicts, whatever the API; None for a text completion."""
+    if path.endswith("/responses"):
+        turns: list[dict[str, Any]] = []
+        if isinstance(body.get("instructions"), str):
+            turns.append({"role": "system", "content": body["instructions"]})
+        items = body.get("input")
+        if isinstance(items, str):
+            return [*turns, {"role": "user", "content": items}]
+        for item in items if isinstance(items, list) else []:
+            if not isinstance(item, dict):
+                continue
+            kind = item.get("type", "message")
+            if kind == "message":
+                turns.append({"role": item.get("role", "user"), "content": item.get("content")})
+            elif kind == "function_call_output":
+                turns.append({"role": "tool", "content": item.get("output")})
+            elif kind == "function_call":
+                turns.append({"role": "assistant", "content": f"{item.get('name')}({item.get('arguments')})"})
+        return turns
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return None
+    turns = [m for m in messages if isinstance(m, dict)]
+    if path.endswith("/messages") and body.get("system") is not None:  # Anthropic's system prompt
+        return [{"role": "system", "content": body["system"]}, *turns]
+    return turns
 
 
 def chat_prompt_text(messages: Any) -> str:
@@ -51,11 +91,14 @@ class RequestInfo:
     @classmethod
     def from_body(cls, path: str, body: dict[str, Any], session_header: str | None) -> RequestInfo:
         model = body.get("model")
-        session = session_header or (body.get("user") if isinstance(body.get("user"), str) else None)
+        metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+        named = (body.get("user"), metadata.get("user_id"), body.get("prompt_cache_key"))
+        session = session_header or next((s for s in named if isinstance(s, str) and s), None)
         info = cls(path=path, model=model if isinstance(model, str) else None,
                    stream=body.get("stream") is True, session=session or None)  # fmt: skip
-        if "messages" in body:
-            info.prompt_text = chat_prompt_text(body["messages"])
+        turns = conversation(path, body)
+        if turns is not None:
+            info.prompt_text = chat_prompt_text(turns)
         else:
             prompt = body.get("prompt", body.get("input"))
             if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):

@@ -104,7 +104,10 @@ def add_routes(app: FastAPI, serving: Serving, store: ResponseStore) -> None:
             if req.store and events.response.status in ("completed", "incomplete"):
                 await asyncio.to_thread(store.put, events.response.model_dump(mode="json"), own_input, owner)
 
-        return await serving.answer(request, run.streams, answer, stream=req.stream, start=run.start, on_done=keep)
+        # the gateway reads the id from this header: it keeps a chain's turns on the replica holding its prefix
+        headers = {"x-agora-response-id": events.response.id}
+        return await serving.answer(request, run.streams, answer, stream=req.stream, start=run.start, on_done=keep,
+                                    headers=headers)  # fmt: skip
 
     @app.get("/v1/responses/{response_id}")
     async def get(response_id: str, request: Request) -> JSONResponse:

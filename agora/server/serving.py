@@ -216,12 +216,13 @@ class Serving:
         return streams
 
     async def answer(self, request: Request, streams: list[RequestStream], answer: Answer, *, stream: bool,
-                     start: float, on_done: Callable[[], Any] | None = None) -> Response:  # fmt: skip
+                     start: float, on_done: Callable[[], Any] | None = None,
+                     headers: dict[str, str] | None = None) -> Response:  # fmt: skip
         """Stream or fold the outputs through ``answer``; ``on_done`` runs once the answer is whole."""
         tracker = _Tracker(self.metrics, start)
         if stream:
             return StreamingResponse(self._events(streams, answer, tracker, on_done), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})  # fmt: skip
+                                     headers={"Cache-Control": "no-cache", **(headers or {})})  # fmt: skip
         answer.start()
 
         def on_output(i: int, out: RequestOutput) -> None:
@@ -232,7 +233,7 @@ class Serving:
         answer.end()
         if on_done is not None:
             await on_done()
-        return JSONResponse(answer.whole())
+        return JSONResponse(answer.whole(), headers=headers)
 
     async def _events(self, streams: list[RequestStream], answer: Answer, tracker: _Tracker,
                       on_done: Callable[[], Any] | None) -> AsyncIterator[str]:  # fmt: skip

@@ -195,9 +195,9 @@ def test_sse_roundtrip() -> None:
     text = Completion(
         id="t", created=1, model="m", choices=[CompletionChoice(index=0, text="héllo", finish_reason="stop")]
     )
-    assert _same(answer_from_sse(b"".join(replay_sse(chat, False)), chat=True), chat)
-    assert _same(answer_from_sse(b"".join(replay_sse(text, False)), chat=False), text)
-    assert answer_from_sse(b'data: {"choices": []}\n\n', chat=True) is None  # no [DONE]: incomplete
+    assert _same(answer_from_sse(b"".join(replay_sse(chat, False)), "chat"), chat)
+    assert _same(answer_from_sse(b"".join(replay_sse(text, False)), "completion"), text)
+    assert answer_from_sse(b'data: {"choices": []}\n\n', "chat") is None  # no [DONE]: incomplete
 
 
 # -- through the gateway ------------------------------------------------------------------------------
@@ -247,7 +247,7 @@ def test_gateway_routes_guards_and_caches(semantic_gateway) -> None:
         assert r.status_code == 200 and r.headers["x-agora-cache"] == kind, (text, r.headers)
         if stream:
             assert r.headers["content-type"].startswith("text/event-stream")
-            assert answer_from_sse(r.content, chat=True).choices[0].message.content == "strong"
+            assert answer_from_sse(r.content, "chat").choices[0].message.content == "strong"
         else:
             assert r.json()["choices"][0]["message"]["content"] == "strong"
     assert strong.stats()["served"] == served

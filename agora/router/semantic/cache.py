@@ -27,6 +27,8 @@ import numpy as np
 
 from agora.openai.chat import ChatCompletion, ChatCompletionChunk
 from agora.openai.completions import Completion
+from agora.openai.messages import Reply, reply_events, reply_from_sse
+from agora.openai.messages import sse_event as messages_sse_event
 from agora.openai.stream import (
     SSE_DONE,
     chat_chunks,
@@ -39,7 +41,19 @@ from agora.openai.stream import (
 from agora.router.semantic.config import CacheSpec
 
 _VOLATILE = ("stream", "stream_options", "user")  # do not change the answer
-Answer = ChatCompletion | Completion
+Answer = ChatCompletion | Completion | Reply
+
+
+def api_kind(path: str) -> str | None:
+    """Which cacheable API a path speaks: chat, completion, messages (Anthropic); None for the others
+    (the Responses API stores its answers and chains them: replaying one would break the chain)."""
+    if path.endswith("/chat/completions"):
+        return "chat"
+    if path.endswith("/v1/completions"):
+        return "completion"
+    if path.endswith("/v1/messages"):
+        return "messages"
+    return None
 
 
 @dataclass(frozen=True)
@@ -47,7 +61,7 @@ class CacheKey:
     exact: str
     scope: str
     text: str | None  # the single user message (semantic matching), or None: exact only
-    chat: bool
+    kind: str  # the API: chat, completion, messages
 
 
 @dataclass
@@ -91,13 +105,16 @@ class SemanticCache:
         temperature = body.get("temperature", 1.0)  # OpenAI's default is 1
         if not isinstance(temperature, (int, float)) or (temperature > 0 and not self.spec.include_sampled):
             return None
-        chat = path.endswith("/chat/completions")
+        kind = api_kind(path)
+        if kind is None:
+            return None
+        chat = kind != "completion"
         stable = {k: v for k, v in body.items() if k not in _VOLATILE}
         exact = _digest([path, tenant, stable])
         text, head = _single_turn_text(body, chat)
         rest = {k: v for k, v in stable.items() if k not in ("messages", "prompt")}
         scope = _digest([path, tenant, rest, head])
-        return CacheKey(exact, scope, text, chat)
+        return CacheKey(exact, scope, text, kind)
 
     def lookup(self, key: CacheKey, embedding: np.ndarray | None) -> tuple[Answer, str] | None:
         """(answer, "exact" | "semantic") or None."""
@@ -139,32 +156,37 @@ class SemanticCache:
 # -- answers: read from upstream bodies, replayed as either ------------------------------------
 
 
-def answer_from_json(payload: bytes, chat: bool) -> Answer | None:
-    """A whole upstream answer (``chat.completion`` or ``text_completion``), or None if it is not one."""
+def answer_from_json(payload: bytes, kind: str) -> Answer | None:
+    """A whole upstream answer of the API ``kind``, or None if it is not one."""
     try:
-        return (ChatCompletion if chat else Completion).model_validate_json(payload)
+        return {"chat": ChatCompletion, "completion": Completion, "messages": Reply}[kind].model_validate_json(payload)
     except ValueError:
         return None
 
 
-def answer_from_sse(payload: bytes, chat: bool) -> Answer | None:
-    """A relayed event stream folded into the whole answer; None unless it ran to ``[DONE]``."""
-    chunk_type = ChatCompletionChunk if chat else Completion
-    chunks, done = [], False
+def answer_from_sse(payload: bytes, kind: str) -> Answer | None:
+    """A relayed event stream folded into the whole answer; None unless it ran to its end."""
     try:
-        for data in sse_data(payload.decode("utf-8")):
+        text = payload.decode("utf-8")
+        if kind == "messages":
+            return reply_from_sse(text)
+        chunk_type = ChatCompletionChunk if kind == "chat" else Completion
+        chunks, done = [], False
+        for data in sse_data(text):
             if data == "[DONE]":
                 done = True
             else:
                 chunks.append(chunk_type.model_validate_json(data))
         if not done or not chunks:
             return None
-        return merge_chat_chunks(chunks) if chat else merge_completion_chunks(chunks)
-    except ValueError:  # UnicodeDecodeError and pydantic's ValidationError are ValueErrors
+        return merge_chat_chunks(chunks) if kind == "chat" else merge_completion_chunks(chunks)
+    except (ValueError, KeyError, IndexError, TypeError):  # UnicodeDecodeError and ValidationError are ValueErrors
         return None
 
 
 def _fresh(answer: Answer) -> Answer:
+    if isinstance(answer, Reply):
+        return answer.model_copy(update={"id": f"msg_{uuid.uuid4().hex[:24]}"})
     prefix = "chatcmpl" if isinstance(answer, ChatCompletion) else "cmpl"
     return answer.model_copy(update={"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time())})
 
@@ -174,8 +196,10 @@ def replay_json(answer: Answer) -> bytes:
 
 
 def replay_sse(answer: Answer, include_usage: bool) -> list[bytes]:
-    """The answer as the events a streaming server would send, ``[DONE]`` last."""
+    """The answer as the events a streaming server would send (``[DONE]`` last for OpenAI's APIs)."""
     fresh = _fresh(answer)
+    if isinstance(fresh, Reply):
+        return [messages_sse_event(*e).encode() for e in reply_events(fresh)]
     chunks = chat_chunks(fresh, include_usage) if isinstance(fresh, ChatCompletion) else \
         completion_chunks(fresh, include_usage)  # fmt: skip
     return [sse(c).encode() for c in chunks] + [SSE_DONE.encode()]

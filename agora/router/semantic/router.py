@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from agora.openai.errors import APIError
-from agora.router.request import content_text
+from agora.router.request import content_text, conversation
 from agora.router.semantic.cache import Answer, CacheKey, SemanticCache
 from agora.router.semantic.config import ActionSpec, Condition, SemanticSpec
 from agora.router.semantic.embedder import SentenceEmbedder, default_embedder
@@ -62,11 +62,11 @@ class Outcome:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-def request_texts(body: dict[str, Any]) -> tuple[str, str, list[str]]:
-    """(intent text, guard text, every text) of a chat or completion request."""
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        msgs = [m for m in messages if isinstance(m, dict)]
+def request_texts(body: dict[str, Any], path: str = "/v1/chat/completions") -> tuple[str, str, list[str]]:
+    """(intent text, guard text, every text) of a request of any of the APIs."""
+    messages = conversation(path, body)
+    if messages is not None:
+        msgs = messages
         last_user = max((i for i, m in enumerate(msgs) if m.get("role") == "user"), default=None)
         intent = content_text(msgs[last_user].get("content"), "\n") if last_user is not None else ""
         tail = msgs[last_user:] if last_user is not None else msgs[-1:]
@@ -148,7 +148,7 @@ class SemanticRouter:
     # -- the whole pass ------------------------------------------------------------------
 
     def process(self, path: str, body: dict[str, Any], tenant: str) -> Outcome:
-        intent_text, guard, texts = request_texts(body)
+        intent_text, guard, texts = request_texts(body, path)
         sig, embedding = self.signals(intent_text, guard, texts)
         name, action = self.decide(sig)
         default = self.spec.default
@@ -180,19 +180,13 @@ class SemanticRouter:
                 return out
             new = new or copy.deepcopy(body)
             new["model"] = model
-            chat = isinstance(new.get("messages"), list)
             reasoning = action.reasoning if action.reasoning is not None else default.reasoning
-            if chat and reasoning is not None:
+            if path.endswith("/chat/completions") and reasoning is not None:  # the chat template's switch
                 kwargs = new.get("chat_template_kwargs") if isinstance(new.get("chat_template_kwargs"), dict) else {}
                 new["chat_template_kwargs"] = {**kwargs, "enable_thinking": reasoning}
             prompt = action.system_prompt or default.system_prompt
-            if chat and prompt:
-                msgs = new["messages"]
-                if msgs and isinstance(msgs[0], dict) and msgs[0].get("role") == "system" \
-                        and isinstance(msgs[0].get("content"), str):  # fmt: skip
-                    msgs[0] = {**msgs[0], "content": f"{prompt}\n\n{msgs[0]['content']}"}
-                else:
-                    msgs.insert(0, {"role": "system", "content": prompt})
+            if prompt:
+                _add_system_prompt(path, new, prompt)
         if new is not None:
             out.body = new
         headers["x-agora-model"] = str(out.body.get("model"))
@@ -206,20 +200,63 @@ class SemanticRouter:
         return out
 
     def _redact(self, body: dict[str, Any]) -> None:
+        """Personal data out of every text of the request, whichever API's shape it has."""
         assert self.pii is not None
-        messages = body.get("messages")
-        if isinstance(messages, list):
-            for m in messages:
-                if not isinstance(m, dict):
-                    continue
-                if isinstance(m.get("content"), str):
-                    m["content"] = self.pii.redact(m["content"])
-                elif isinstance(m.get("content"), list):
-                    for part in m["content"]:
-                        if isinstance(part, dict) and isinstance(part.get("text"), str):
-                            part["text"] = self.pii.redact(part["text"])
+        redact = self.pii.redact
+
+        def parts(content: Any) -> Any:
+            if isinstance(content, str):
+                return redact(content)
+            if isinstance(content, list):
+                for part in content:
+                    if isinstance(part, dict) and isinstance(part.get("text"), str):
+                        part["text"] = redact(part["text"])
+                    elif isinstance(part, dict) and "content" in part:  # Anthropic's tool_result blocks
+                        part["content"] = parts(part["content"])
+            return content
+
+        for m in body.get("messages") if isinstance(body.get("messages"), list) else []:
+            if isinstance(m, dict) and "content" in m:
+                m["content"] = parts(m["content"])
+        for key in ("system", "instructions"):
+            if key in body:
+                body[key] = parts(body[key])
+        items = body.get("input")
+        if isinstance(items, str):
+            body["input"] = redact(items)
+        for item in items if isinstance(items, list) else []:
+            if isinstance(item, dict):
+                for key in ("content", "output"):
+                    if key in item:
+                        item[key] = parts(item[key])
         prompt = body.get("prompt")
         if isinstance(prompt, str):
-            body["prompt"] = self.pii.redact(prompt)
+            body["prompt"] = redact(prompt)
         elif isinstance(prompt, list):
-            body["prompt"] = [self.pii.redact(p) if isinstance(p, str) else p for p in prompt]
+            body["prompt"] = [redact(p) if isinstance(p, str) else p for p in prompt]
+
+
+def _add_system_prompt(path: str, body: dict[str, Any], prompt: str) -> None:
+    """The decision's system prompt, first, where each API keeps its system prompt."""
+    if path.endswith("/responses"):
+        body["instructions"] = f"{prompt}\n\n{body['instructions']}" if body.get("instructions") else prompt
+        return
+    if path.endswith("/v1/messages"):
+        system = body.get("system")
+        if isinstance(system, list):
+            body["system"] = [{"type": "text", "text": prompt}, *system]
+        else:
+            body["system"] = f"{prompt}\n\n{system}" if system else prompt
+        return
+    msgs = body.get("messages")
+    if not isinstance(msgs, list):
+        return
+    if (
+        msgs
+        and isinstance(msgs[0], dict)
+        and msgs[0].get("role") == "system"
+        and isinstance(msgs[0].get("content"), str)
+    ):
+        msgs[0] = {**msgs[0], "content": f"{prompt}\n\n{msgs[0]['content']}"}
+    else:
+        msgs.insert(0, {"role": "system", "content": prompt})
