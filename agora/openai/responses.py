@@ -164,8 +164,10 @@ class ResponsesRequest(StrictModel):
             raise bad_request("background", "background responses are not supported")
         if self.truncation == "auto":
             raise bad_request("truncation", "truncation 'auto' is not supported: the input must fit the context")
-        if self.include:
-            raise bad_request("include", f"include {self.include[0]!r} is not supported")
+        # Agents ask for the encrypted reasoning of reasoning models; with no reasoning items there is none to add.
+        unsupported = [i for i in self.include or [] if i != "reasoning.encrypted_content"]
+        if unsupported:
+            raise bad_request("include", f"include {unsupported[0]!r} is not supported")
         if self.reasoning and any(v is not None for v in self.reasoning.values()):
             raise bad_request("reasoning", "reasoning is not supported by this model")
         if self.service_tier not in (None, "auto", "default"):

@@ -98,7 +98,7 @@ def test_another_key_cannot_see_a_stored_response(server, tiny_long_model_dir) -
 @pytest.mark.parametrize("body,status,param", [
     ({"input": "x", "previous_response_id": "resp_nope"}, 404, "previous_response_id"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, 400, "tools"),
-    ({"input": "x", "include": ["reasoning.encrypted_content"]}, 400, "include"),
+    ({"input": "x", "include": ["message.output_text.logprobs"]}, 400, "include"),
     ({"input": "x", "background": True}, 400, "background"),
     ({"input": "x", "reasoning": {"effort": "high"}}, 400, "reasoning"),
     ({"input": [{"type": "function_call_output", "call_id": "c9", "output": "x"}]}, 400, "input"),

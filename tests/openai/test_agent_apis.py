@@ -1,0 +1,70 @@
+"""The Responses and Messages encodings without a server: chat chunks in, each API's events out,
+thinking split from answers, and the gateway cache's read-and-replay of Anthropic replies."""
+
+from __future__ import annotations
+
+from agora.openai.chat import ChatChunkChoice, ChatCompletionChunk, ChatDelta, FunctionCallDelta, ToolCallDelta
+from agora.openai.common import Usage
+from agora.openai.messages import MessageEvents, Reply, ThinkSplitter, reply_events, reply_from_sse, sse_event
+from agora.openai.responses import ResponseEvents, ResponsesRequest, new_response
+
+
+def chunk(content: str | None = None, call: tuple | None = None, finish: str | None = None) -> ChatCompletionChunk:
+    calls = None
+    if call is not None:
+        index, cid, name, args = call
+        calls = [ToolCallDelta(index=index, id=cid, type="function" if cid else None,
+                               function=FunctionCallDelta(name=name, arguments=args))]  # fmt: skip
+    delta = ChatDelta(content=content, tool_calls=calls)
+    return ChatCompletionChunk(choices=[ChatChunkChoice(index=0, delta=delta, finish_reason=finish)])
+
+
+CHUNKS = [chunk("Let me "), chunk("check."), chunk(call=(0, "call_1", "get_weather", '{"city": ')),
+          chunk(call=(0, None, None, '"Oslo"}')), chunk(finish="tool_calls")]  # fmt: skip
+
+
+def test_response_events_in_order_with_one_item_per_run() -> None:
+    events = ResponseEvents(new_response(ResponsesRequest(input="x"), "m"))
+    out = events.start() + [e for c in CHUNKS for e in events.feed(c)] + events.finish(Usage.of(10, 5, 4))
+    kinds = [e["type"] for e in out]
+    assert kinds == ["response.created", "response.in_progress",
+                     "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+                     "response.output_text.delta", "response.output_text.done", "response.content_part.done",
+                     "response.output_item.done", "response.output_item.added",
+                     "response.function_call_arguments.delta", "response.function_call_arguments.delta",
+                     "response.function_call_arguments.done", "response.output_item.done", "response.completed"]  # fmt: skip
+    assert [e["sequence_number"] for e in out] == list(range(len(out)))
+    final = out[-1]["response"]
+    assert [i["type"] for i in final["output"]] == ["message", "function_call"]
+    assert final["output"][0]["content"][0]["text"] == "Let me check."
+    assert final["output"][1]["arguments"] == '{"city": "Oslo"}' and final["output"][1]["call_id"] == "call_1"
+    assert final["usage"]["input_tokens_details"]["cached_tokens"] == 4
+
+
+def test_message_events_and_the_cache_round_trip() -> None:
+    events = MessageEvents(Reply(id="msg_1", model="m"), prompt_tokens=10)
+    out = events.start() + [e for c in CHUNKS for e in events.feed(c)] + events.finish(Usage.of(10, 5, 4))
+    names = [n for n, _ in out]
+    assert names == ["message_start", "ping", "content_block_start", "content_block_delta", "content_block_delta",
+                     "content_block_stop", "content_block_start", "content_block_delta", "content_block_delta",
+                     "content_block_stop", "message_delta", "message_stop"]  # fmt: skip
+    reply = events.reply
+    assert reply.stop_reason == "tool_use" and reply.content[1]["input"] == {"city": "Oslo"}
+    assert reply.usage.cache_read_input_tokens == 4 and reply.usage.input_tokens == 6
+    replayed = reply_from_sse("".join(sse_event(*e) for e in reply_events(reply)))
+    assert replayed is not None and replayed.model_dump() == reply.model_dump()
+
+
+def test_thinking_is_split_out_wherever_the_tags_fall() -> None:
+    text = "<think>\nweigh it</think>\n\nThe answer."
+    for step in (1, 2, 3, len(text)):
+        splitter, pieces = ThinkSplitter(starts_thinking=False), []
+        for i in range(0, len(text), step):
+            pieces += splitter.feed(text[i : i + step])
+        pieces += splitter.feed("", final=True)
+        joined: dict[str, str] = {}
+        for kind, piece in pieces:
+            joined[kind] = joined.get(kind, "") + piece
+        assert joined == {"thinking": "\nweigh it", "text": "\n\nThe answer."}, step
+    opened = ThinkSplitter(starts_thinking=True)  # the template opened the tag in the prompt
+    assert opened.feed("hmm</think>ok", final=True) == [("thinking", "hmm"), ("text", "ok")]
