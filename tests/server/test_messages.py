@@ -114,3 +114,29 @@ def test_the_key_comes_first(server) -> None:
     big = httpx.post(f"{server.url}/v1/messages", content=b"x" * (2 << 20), headers={"x-api-key": "k1",
                      "content-type": "application/json"})  # fmt: skip
     assert big.status_code == 413 and big.json()["error"]["type"] == "request_too_large"
+
+
+THINKING_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}"
+    "<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)  # Qwen3's switch: with thinking off, an empty <think> block is written into the prompt
+
+
+def test_thinking_where_the_template_has_a_thinking_mode(tiny_long_model_dir, tmp_path) -> None:
+    import shutil
+
+    model = tmp_path / "thinking-model"
+    shutil.copytree(tiny_long_model_dir, model)
+    (model / "chat_template.jinja").write_text(THINKING_TEMPLATE)
+    r = start_server(model)
+    try:
+        c = anthropic.Anthropic(base_url=r.url, api_key="unused", max_retries=0)
+        on = c.messages.count_tokens(model=MODEL, messages=ASK, thinking={"type": "enabled", "budget_tokens": 1024})
+        off = c.messages.count_tokens(model=MODEL, messages=ASK, thinking={"type": "disabled"})
+        assert off.input_tokens > on.input_tokens  # the switch reached the template
+        out = c.messages.create(model=MODEL, max_tokens=8, messages=ASK, thinking={"type": "enabled",
+                                "budget_tokens": 1024})  # fmt: skip
+        assert out.stop_reason in ("max_tokens", "end_turn") and out.content
+    finally:
+        stop_server(r)

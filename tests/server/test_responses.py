@@ -113,6 +113,7 @@ def test_bad_requests(server, body, status, param) -> None:
     assert r.status_code == status, r.text
     assert r.json()["error"]["param"] == param, r.text
     assert httpx.get(f"{server.url}/health").status_code == 200
+    assert server.metric("vllm:num_requests_running") == 0  # a refused request leaves nothing running
 
 
 async def test_agents_sdk_default_responses_model(server) -> None:
