@@ -93,8 +93,14 @@ def serve(args: argparse.Namespace, argv: list[str]) -> int:
     if args.replicas > 1:
         from agora.router.replicas import serve_replicas
 
+        try:
+            aliases = parse_aliases(args.model_alias)
+        except ValueError as exc:
+            print(f"agora serve: error: {exc}", file=sys.stderr)
+            return 2
         return serve_replicas(args.model, argv[argv.index("serve") + 1 :], args.replicas, args.host, args.port,
-                              args.api_key, args.router_profile, args.router_config, args.uvicorn_log_level)  # fmt: skip
+                              args.api_key, args.router_profile, args.router_config, args.uvicorn_log_level,
+                              aliases)  # fmt: skip
 
     import uvicorn
 

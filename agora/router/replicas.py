@@ -131,7 +131,7 @@ def prepare_model(model: str) -> None:
 
 def serve_replicas(model: str, serve_argv: Sequence[str], replicas: int, host: str, port: int,
                    api_key: str | None, profile: str | None, router_config: str | None,
-                   log_level: str = "warning") -> int:  # fmt: skip
+                   log_level: str = "warning", model_aliases: Sequence[tuple[str, str]] = ()) -> int:  # fmt: skip
     """Start the replicas and the gateway; return when the gateway stops (all replicas stopped too)."""
     from agora.router.cli import run_gateway
 
@@ -141,6 +141,8 @@ def serve_replicas(model: str, serve_argv: Sequence[str], replicas: int, host: s
         data.setdefault("gateway", {}).update({"host": host, "port": port, "api_key": api_key})
         if profile is not None:
             data["profile"] = profile
+        if model_aliases:  # --model-alias: the gateway maps the names before admission (the replicas too)
+            data["model_aliases"] = {**data.get("model_aliases", {}), **dict(model_aliases)}
         data["endpoints"] = []  # the replicas are the endpoints
         config = parse_config(data, router_config or "command line")
         prepare_model(model)

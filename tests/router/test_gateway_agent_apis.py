@@ -29,10 +29,10 @@ TOOLS = [{"type": "function", "name": "get_weather", "parameters": {
 def test_responses_chain_and_messages_across_replicas(tiny_long_model_dir, tmp_path) -> None:
     port = free_port()
     router = tmp_path / "router.yaml"
-    router.write_text("gateway:\n  seed: 0\n  scrape_interval_s: 0.1\nmodel_aliases:\n  'claude-*': tiny\n")
+    router.write_text("gateway:\n  seed: 0\n  scrape_interval_s: 0.1\nmodel_aliases:\n  'claude-haiku-*': tiny\n")
     cmd = [sys.executable, "-m", "agora.cli", "serve", str(tiny_long_model_dir), "--replicas", "2", "--port",
            str(port), "--served-model-name", "tiny", "--kv-cache-memory", "64MiB", "--router-config", str(router),
-           "--responses-store", str(tmp_path / "responses.db")]  # fmt: skip
+           "--responses-store", str(tmp_path / "responses.db"), "--model-alias", "claude-*=tiny"]  # fmt: skip
     parent = subprocess.Popen(cmd, env={**os.environ, "AGORA_API_KEY": "k1"})
     url = f"http://127.0.0.1:{port}"
     try:

@@ -215,20 +215,19 @@ class SemanticRouter:
                         part["content"] = parts(part["content"])
             return content
 
+        def fields(obj: Any, keys: tuple[str, ...]) -> None:
+            for key in keys if isinstance(obj, dict) else ():
+                if key in obj:
+                    obj[key] = parts(obj[key])
+
+        fields(body, ("system", "instructions"))  # Anthropic's system prompt; the Responses API's
         for m in body.get("messages") if isinstance(body.get("messages"), list) else []:
-            if isinstance(m, dict) and "content" in m:
-                m["content"] = parts(m["content"])
-        for key in ("system", "instructions"):
-            if key in body:
-                body[key] = parts(body[key])
+            fields(m, ("content",))
         items = body.get("input")
         if isinstance(items, str):
             body["input"] = redact(items)
         for item in items if isinstance(items, list) else []:
-            if isinstance(item, dict):
-                for key in ("content", "output"):
-                    if key in item:
-                        item[key] = parts(item[key])
+            fields(item, ("content", "output"))
         prompt = body.get("prompt")
         if isinstance(prompt, str):
             body["prompt"] = redact(prompt)
