@@ -164,12 +164,18 @@ class MessagesRequest(StrictModel):
     inference_geo: str | None = None
     diagnostics: Any = None
     mcp_servers: Any = None
+    context_management: dict[str, Any] | None = None
 
     def check(self) -> None:
         """What agora does not do, named (a 400 in Anthropic's shape)."""
         for name in ("container", "inference_geo", "diagnostics", "mcp_servers"):
             if getattr(self, name) is not None:
                 raise bad_request(name, f"{name} is not supported")
+        for edit in (self.context_management or {}).get("edits") or []:
+            # thinking from earlier turns never reaches the model here (templates drop it), so clearing it holds
+            if not (isinstance(edit, dict) and str(edit.get("type", "")).startswith("clear_thinking")):
+                kind = edit.get("type") if isinstance(edit, dict) else edit
+                raise bad_request("context_management", f"context_management edit {kind!r} is not supported")
         if self.speed == "fast":
             raise bad_request("speed", "speed 'fast' is not available")
         if self.output_config is not None and self.output_config.effort is not None:
@@ -203,7 +209,7 @@ class MessagesRequest(StrictModel):
         thinking = self.thinking is not None and self.thinking.type == "enabled"
         if thinking and not reasoning:
             raise bad_request("thinking", "thinking is not supported by this model (its chat template has no "
-                                          "thinking mode)")  # fmt: skip
+                                          "thinking mode); Claude Code: set MAX_THINKING_TOKENS=0")  # fmt: skip
         thinking = thinking or (reasoning and self.thinking is not None and self.thinking.type == "adaptive")
         messages: list[dict[str, Any]] = []
         if self.system:

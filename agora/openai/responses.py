@@ -147,6 +147,7 @@ class ResponsesRequest(StrictModel):
     top_logprobs: StrictInt | None = None
     context_management: Any = None
     prompt_cache_retention: Any = None
+    client_metadata: dict[str, str] | None = None  # the client's own labels (Codex: thread and turn ids)
 
     @field_validator("input")
     @classmethod
@@ -168,8 +169,10 @@ class ResponsesRequest(StrictModel):
         unsupported = [i for i in self.include or [] if i != "reasoning.encrypted_content"]
         if unsupported:
             raise bad_request("include", f"include {unsupported[0]!r} is not supported")
-        if self.reasoning and any(v is not None for v in self.reasoning.values()):
-            raise bad_request("reasoning", "reasoning is not supported by this model")
+        # a summary of reasoning that does not happen is empty (Codex asks for one); an effort cannot be honoured
+        effort = (self.reasoning or {}).get("effort")
+        if effort not in (None, "none") or set(self.reasoning or {}) - {"effort", "summary", "generate_summary"}:
+            raise bad_request("reasoning", "reasoning effort is not supported by this model")
         if self.service_tier not in (None, "auto", "default"):
             raise bad_request("service_tier", "service_tier: only 'auto' and 'default' are available")
         if self.max_tool_calls is not None:

@@ -54,14 +54,20 @@ async def render_prompt(serving: Serving, req: ChatCompletionRequest) -> tuple[s
     return text, await asyncio.to_thread(tok.encode, text, False), tools
 
 
-async def start_chat(serving: Serving, req: ChatCompletionRequest, prefix: str = "chatcmpl") -> ChatRun:
+async def start_chat(serving: Serving, req: ChatCompletionRequest, prefix: str = "chatcmpl",
+                     ceiling: bool = False) -> ChatRun:  # fmt: skip
     """Check, render (tools included), compile the constraint, submit. The Responses and Messages APIs
-    come through here too, as the chat requests they translate into."""
+    come through here too, as the chat requests they translate into. ``ceiling``: their maximum output
+    is an upper bound, so it shrinks to the context left (chat refuses what does not fit, as vLLM does)."""
     text, prompt_ids, tools = await render_prompt(serving, req)
     found = (tools.constraint, "tools") if tools.constraint is not None else req.constraint()
     structured = structured_params(found[0], strict_schema(req)) if found is not None else None
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(req, req.max_output_tokens(), logprobs, RENAME, structured)
+    max_tokens = req.max_output_tokens()
+    room = serving.core.max_model_len - len(prompt_ids)
+    if ceiling and max_tokens is not None and 1 <= room < max_tokens:
+        max_tokens = room
+    params = sampling_params(req, max_tokens, logprobs, RENAME, structured)
     if tools.parser is not None and tools.parser.needs_special_tokens:
         params.skip_special_tokens = False  # the format's markers are special tokens
     constraint = await serving.compile(params, found[1]) if found is not None else None

@@ -59,7 +59,7 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
         serving.check_model(req.model)
         reasoning = _has_thinking_mode(serving)
         with renamed(RENAME):
-            run = await start_chat(serving, req.to_chat(reasoning), prefix="msg")
+            run = await start_chat(serving, req.to_chat(reasoning), prefix="msg", ceiling=True)
         thinking = reasoning and req.thinking is not None and req.thinking.type in ("enabled", "adaptive")
         think = ThinkSplitter(run.prompt_text.rstrip().endswith(ThinkSplitter.OPEN)) if thinking else None
         events = MessageEvents(Reply(id=new_id("msg"), model=serving.model_name), run.prompt_tokens, think)

@@ -95,7 +95,7 @@ def add_routes(app: FastAPI, serving: Serving, store: ResponseStore) -> None:
                 raise missing(req.previous_response_id, "previous_response_id")
             history = chain
         with renamed(RENAME):
-            run = await start_chat(serving, req.to_chat(history), prefix="resp")
+            run = await start_chat(serving, req.to_chat(history), prefix="resp", ceiling=True)
         events = ResponseEvents(new_response(req, serving.model_name))
         answer = ResponsesAnswer(run.acc, events)
         own_input = _with_ids(input_items(req))

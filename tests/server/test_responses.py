@@ -101,6 +101,7 @@ def test_another_key_cannot_see_a_stored_response(server, tiny_long_model_dir) -
     ({"input": "x", "include": ["message.output_text.logprobs"]}, 400, "include"),
     ({"input": "x", "background": True}, 400, "background"),
     ({"input": "x", "reasoning": {"effort": "high"}}, 400, "reasoning"),
+    ({"input": "x", "tools": [{"type": "namespace", "name": "multi_agent_v1"}]}, 400, "tools"),
     ({"input": [{"type": "function_call_output", "call_id": "c9", "output": "x"}]}, 400, "input"),
     ({"input": [{"type": "input_image", "image_url": "x"}]}, 400, "input"),
     ({"input": "x", "max_output_tokens": 0}, 400, "max_output_tokens"),

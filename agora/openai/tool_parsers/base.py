@@ -144,7 +144,8 @@ def tools_json(tools: list[Tool]) -> str:
         if t.description:
             fn["description"] = t.description
         fn["parameters"] = t.schema
-        lines.append(json.dumps({"type": "function", "function": fn}, ensure_ascii=False))
+        # compact: agents send dozens of large schemas (Claude Code: 24 tools), and the prompt has to fit
+        lines.append(json.dumps({"type": "function", "function": fn}, ensure_ascii=False, separators=(",", ":")))
     return "\n".join(lines)
 
 
