@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import Field, StrictBool, StrictInt, field_validator, model_validator
+from pydantic import Field, PrivateAttr, StrictBool, StrictInt, field_validator, model_validator
 
 from agora.openai.common import (
     ChoiceLogprobs,
@@ -195,7 +195,15 @@ class ChatCompletionRequest(SamplingFields):
     def max_output_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    _tool_use: ToolUse | None = PrivateAttr(default=None)
+
     def tool_use(self) -> ToolUse:
+        """The tools and how they are to be used, resolved and checked once per request."""
+        if self._tool_use is None:
+            self._tool_use = self._resolve_tools()
+        return self._tool_use
+
+    def _resolve_tools(self) -> ToolUse:
         tools = [t.function for t in self.tools or []]
         if len(tools) > MAX_TOOLS:
             raise bad_request("tools", f"at most {MAX_TOOLS} tools per request")

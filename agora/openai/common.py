@@ -8,9 +8,10 @@ Optional response fields marked with :func:`omitted` leave the JSON when they ar
 from __future__ import annotations
 
 import json
+import secrets
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, field_validator, model_validator
 
 from agora.openai.errors import bad_request
 
@@ -20,6 +21,22 @@ MAX_REGEX_CHARS = 4096
 MAX_GRAMMAR_BYTES = 64 << 10
 MAX_CHOICES = 1024
 MAX_CHOICE_CHARS = 1024
+
+
+def new_id(prefix: str, nbytes: int = 24) -> str:
+    """A random object id in the API's style: ``resp_…``, ``msg_…``, ``toolu_…``."""
+    return f"{prefix}_{secrets.token_hex(nbytes)}"
+
+
+def first_error(exc: Exception) -> str:
+    """pydantic's first complaint, with where it is (``messages.0.content: ...``)."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        found = errors()
+        first = found[0] if found else {}
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        return f"{where}: {first.get('msg', exc)}" if where else str(first.get("msg", exc))
+    return str(exc)
 
 
 def _is_none(value: Any) -> bool:
@@ -209,8 +226,17 @@ class SamplingFields(StrictModel):
         if self.guided_decoding_backend not in (None, "auto", "xgrammar"):
             raise bad_request("guided_decoding_backend", "guided_decoding_backend: only 'xgrammar' is available")
 
+    _constraint: Any = PrivateAttr(default=None)
+    _constraint_known: bool = PrivateAttr(default=False)  # None is a valid answer: remember having asked
+
     def constraint(self) -> tuple[StructuredOutputs, str] | None:
-        """The output constraint the request asks for, and the parameter it came from (None: free text)."""
+        """The output constraint the request asks for, and the parameter it came from (None: free text).
+        Worked out (and size-checked) once per request, however many layers ask."""
+        if not self._constraint_known:
+            self._constraint, self._constraint_known = self._find_constraint(), True
+        return self._constraint
+
+    def _find_constraint(self) -> tuple[StructuredOutputs, str] | None:
         guided = {
             "json": self.guided_json,
             "regex": self.guided_regex,

@@ -12,13 +12,12 @@ the reply, the stream of events, and Anthropic's error shape.
 from __future__ import annotations
 
 import json
-import secrets
 from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, StrictBool, StrictInt, Tag
 
 from agora.openai.chat import ChatCompletionChunk, ChatCompletionRequest
-from agora.openai.common import Number, OpenModel, StrictModel, Usage
+from agora.openai.common import Number, OpenModel, StrictModel, Usage, first_error, new_id
 from agora.openai.errors import APIError, bad_request
 
 MAX_STOP_SEQUENCES = 16
@@ -34,10 +33,6 @@ def anthropic_error(exc: APIError) -> tuple[int, dict[str, Any]]:
     kind = _ERROR_TYPES.get(exc.status, "api_error" if exc.status >= 500 else "invalid_request_error")
     status = 529 if exc.status == 503 else exc.status
     return status, {"type": "error", "error": {"type": kind, "message": exc.message}}
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(12)}"
 
 
 # -- request --------------------------------------------------------------------------------------
@@ -194,7 +189,7 @@ class MessagesRequest(StrictModel):
             try:
                 out.append(Tool.model_validate(t))
             except ValueError as exc:
-                raise bad_request("tools", f"tools: {exc}") from None
+                raise bad_request("tools", f"tools: {first_error(exc)}") from None
         return out
 
     def to_chat(self, reasoning: bool) -> ChatCompletionRequest:
@@ -275,7 +270,7 @@ class MessagesRequest(StrictModel):
         try:
             return ChatCompletionRequest.model_validate(body)
         except ValueError as exc:
-            raise bad_request("messages", f"messages: {exc}") from None
+            raise bad_request("messages", f"messages: {first_error(exc)}") from None
 
 
 class CountTokensRequest(MessagesRequest):
@@ -360,12 +355,12 @@ class MessageEvents:
         self.calls: dict[int, int] = {}  # chat call index -> block index
         self.args: dict[int, str] = {}  # block index -> the arguments' JSON so far
 
-    def start(self) -> list[tuple[str, dict[str, Any]]]:
+    def start(self) -> list[dict[str, Any]]:
         head = self.reply.model_dump(mode="json")
         head["usage"] = {**head["usage"], "input_tokens": self.prompt_tokens, "output_tokens": 0}
-        return [("message_start", {"type": "message_start", "message": head}), ("ping", {"type": "ping"})]
+        return [{"type": "message_start", "message": head}, {"type": "ping"}]
 
-    def _close(self) -> list[tuple[str, dict[str, Any]]]:
+    def _close(self) -> list[dict[str, Any]]:
         if self.open is None:
             return []
         index = len(self.reply.content) - 1
@@ -376,9 +371,9 @@ class MessageEvents:
                 block["input"] = json.loads(self.args.get(index) or "{}")
             except ValueError:
                 block["input"] = {}
-        return [("content_block_stop", {"type": "content_block_stop", "index": index})]
+        return [{"type": "content_block_stop", "index": index}]
 
-    def _text(self, kind: str, text: str) -> list[tuple[str, dict[str, Any]]]:
+    def _text(self, kind: str, text: str) -> list[dict[str, Any]]:
         events = []
         if self.open != kind:
             events += self._close()
@@ -387,18 +382,18 @@ class MessageEvents:
                 block["signature"] = ""
             self.reply.content.append(block)
             self.open = kind
-            events.append(("content_block_start", {"type": "content_block_start", "index": len(self.reply.content) - 1,
-                                                   "content_block": dict(block)}))  # fmt: skip
+            events.append({"type": "content_block_start", "index": len(self.reply.content) - 1,
+                           "content_block": dict(block)})  # fmt: skip
         index = len(self.reply.content) - 1
         self.reply.content[index][kind if kind == "thinking" else "text"] += text
         delta = (
             {"type": "thinking_delta", "thinking": text} if kind == "thinking" else {"type": "text_delta", "text": text}
         )
-        events.append(("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}))
+        events.append({"type": "content_block_delta", "index": index, "delta": delta})
         return events
 
-    def feed(self, chunk: ChatCompletionChunk) -> list[tuple[str, dict[str, Any]]]:
-        events: list[tuple[str, dict[str, Any]]] = []
+    def feed(self, chunk: ChatCompletionChunk) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
         for choice in chunk.choices:
             delta = choice.delta
             if delta.content:
@@ -409,18 +404,18 @@ class MessageEvents:
                 if tc.index not in self.calls:
                     events += self._close()
                     name = tc.function.name if tc.function is not None else ""
-                    block = {"type": "tool_use", "id": tc.id or new_id("toolu"), "name": name or "", "input": {}}
+                    block = {"type": "tool_use", "id": tc.id or new_id("toolu", 12), "name": name or "", "input": {}}
                     self.reply.content.append(block)
                     self.calls[tc.index] = len(self.reply.content) - 1
                     self.open = "tool_use"
-                    events.append(("content_block_start", {"type": "content_block_start",
-                                                           "index": self.calls[tc.index], "content_block": dict(block)}))  # fmt: skip
+                    events.append({"type": "content_block_start", "index": self.calls[tc.index],
+                                   "content_block": dict(block)})  # fmt: skip
                 piece = tc.function.arguments if tc.function is not None else None
                 if piece:
                     index = self.calls[tc.index]
                     self.args[index] = self.args.get(index, "") + piece
-                    events.append(("content_block_delta", {"type": "content_block_delta", "index": index,
-                                                           "delta": {"type": "input_json_delta", "partial_json": piece}}))  # fmt: skip
+                    events.append({"type": "content_block_delta", "index": index,
+                                   "delta": {"type": "input_json_delta", "partial_json": piece}})  # fmt: skip
             if choice.finish_reason is not None:
                 if self.think is not None:
                     for kind, text in self.think.feed("", final=True):
@@ -431,19 +426,21 @@ class MessageEvents:
                 self.reply.stop_sequence = stop if self.reply.stop_reason == "stop_sequence" else None
         return events
 
-    def finish(self, usage: Usage) -> list[tuple[str, dict[str, Any]]]:
+    def finish(self, usage: Usage) -> list[dict[str, Any]]:
         events = self._close()
         self.reply.usage = MessageUsage.of(usage)
         delta = {"stop_reason": self.reply.stop_reason or "end_turn", "stop_sequence": self.reply.stop_sequence}
         return events + [
-            ("message_delta", {"type": "message_delta", "delta": delta,
-                               "usage": {"output_tokens": usage.completion_tokens}}),
-            ("message_stop", {"type": "message_stop"}),
-        ]  # fmt: skip
+            {"type": "message_delta", "delta": delta, "usage": {"output_tokens": usage.completion_tokens}},
+            {"type": "message_stop"},
+        ]
 
+    def failed(self, message: str) -> list[dict[str, Any]]:
+        return [{"type": "error", "error": {"type": "overloaded_error", "message": message}}]
 
-def sse_event(name: str, data: dict[str, Any]) -> str:
-    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+    @property
+    def result(self) -> Reply:
+        return self.reply
 
 
 # -- whole replies and their events (the gateway's cache reads relayed answers and replays them) -----
@@ -483,27 +480,26 @@ def reply_from_sse(payload: str) -> Reply | None:
     return None
 
 
-def reply_events(reply: Reply) -> list[tuple[str, dict[str, Any]]]:
+def reply_events(reply: Reply) -> list[dict[str, Any]]:
     """A whole reply as the events a streaming server sends."""
     head = reply.model_dump(mode="json")
     head.update(content=[], stop_reason=None, stop_sequence=None)
     head["usage"] = {**head["usage"], "output_tokens": 0}
-    events: list[tuple[str, dict[str, Any]]] = [("message_start", {"type": "message_start", "message": head}),
-                                                ("ping", {"type": "ping"})]  # fmt: skip
+    events: list[dict[str, Any]] = [{"type": "message_start", "message": head}, {"type": "ping"}]
     for i, block in enumerate(reply.content):
         kind = block.get("type")
         start = {**block, "input": {}} if kind == "tool_use" else {**block, kind: ""} if kind in ("text", "thinking") \
             else block  # fmt: skip
-        events.append(("content_block_start", {"type": "content_block_start", "index": i, "content_block": start}))
+        events.append({"type": "content_block_start", "index": i, "content_block": start})
         if kind == "text":
             delta = {"type": "text_delta", "text": block.get("text", "")}
         elif kind == "thinking":
             delta = {"type": "thinking_delta", "thinking": block.get("thinking", "")}
         else:
             delta = {"type": "input_json_delta", "partial_json": json.dumps(block.get("input", {}), ensure_ascii=False)}
-        events.append(("content_block_delta", {"type": "content_block_delta", "index": i, "delta": delta}))
-        events.append(("content_block_stop", {"type": "content_block_stop", "index": i}))
-    events.append(("message_delta", {"type": "message_delta", "delta": {"stop_reason": reply.stop_reason,
-                   "stop_sequence": reply.stop_sequence}, "usage": {"output_tokens": reply.usage.output_tokens}}))  # fmt: skip
-    events.append(("message_stop", {"type": "message_stop"}))
+        events.append({"type": "content_block_delta", "index": i, "delta": delta})
+        events.append({"type": "content_block_stop", "index": i})
+    events.append({"type": "message_delta", "delta": {"stop_reason": reply.stop_reason,
+                   "stop_sequence": reply.stop_sequence}, "usage": {"output_tokens": reply.usage.output_tokens}})  # fmt: skip
+    events.append({"type": "message_stop"})
     return events

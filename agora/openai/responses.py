@@ -15,15 +15,13 @@ whole one cannot differ: the whole one is the last event's ``response``.
 
 from __future__ import annotations
 
-import json
-import secrets
 import time
 from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, StrictBool, StrictInt, Tag, field_validator
 
 from agora.openai.chat import ChatCompletionChunk, ChatCompletionRequest
-from agora.openai.common import Number, OpenModel, StrictModel, Usage
+from agora.openai.common import Number, OpenModel, StrictModel, Usage, first_error, new_id
 from agora.openai.errors import bad_request
 
 MAX_INPUT_ITEMS = 4096
@@ -31,10 +29,6 @@ MAX_METADATA = 16
 HOSTED_TOOLS = ("web_search", "web_search_preview", "file_search", "computer_use_preview", "computer",
                 "code_interpreter", "image_generation", "mcp", "local_shell", "shell", "apply_patch", "custom",
                 "tool_search", "namespace", "programmatic_tool_calling")  # fmt: skip
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(24)}"
 
 
 # -- request --------------------------------------------------------------------------------------
@@ -198,7 +192,7 @@ class ResponsesRequest(StrictModel):
             try:
                 out.append(FunctionTool.model_validate(t))
             except ValueError as exc:
-                raise bad_request("tools", f"tools: {_first_error(exc)}") from None
+                raise bad_request("tools", f"tools: {first_error(exc)}") from None
         return out
 
     def chat_tool_choice(self) -> Any:
@@ -266,7 +260,7 @@ class ResponsesRequest(StrictModel):
         try:
             return ChatCompletionRequest.model_validate(body)
         except ValueError as exc:
-            raise bad_request("input", f"input: {_first_error(exc)}") from None
+            raise bad_request("input", f"input: {first_error(exc)}") from None
 
 
 def input_items(req: ResponsesRequest) -> list[dict[str, Any]]:
@@ -274,15 +268,6 @@ def input_items(req: ResponsesRequest) -> list[dict[str, Any]]:
     if isinstance(req.input, str):
         return [{"type": "message", "role": "user", "content": req.input}]
     return [item.model_dump(exclude_none=True) for item in req.input]
-
-
-def _first_error(exc: Exception) -> str:
-    errors = getattr(exc, "errors", None)
-    if callable(errors):
-        first = errors()[0] if errors() else {}
-        where = ".".join(str(x) for x in first.get("loc", ()))
-        return f"{where}: {first.get('msg', exc)}" if where else str(first.get("msg", exc))
-    return str(exc)
 
 
 # Chat parameter names as this API calls them (for the engine's and the chat layer's 400s).
@@ -500,12 +485,11 @@ class ResponseEvents:
         kind = "response.incomplete" if self.response.status == "incomplete" else "response.completed"
         return events + [self._event(kind, response=self._snapshot())]
 
+    @property
+    def result(self) -> Response:
+        return self.response
+
     def failed(self, message: str) -> list[dict[str, Any]]:
         self.response.status = "failed"
         self.response.error = {"code": "server_error", "message": message}
         return [self._event("response.failed", response=self._snapshot())]
-
-
-def sse_event(event: dict[str, Any]) -> str:
-    """One Responses event, named as OpenAI names it (``event:`` line, then the JSON)."""
-    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"

@@ -38,6 +38,11 @@ def sse(event: BaseModel | dict[str, Any]) -> str:
     return f"data: {data}\n\n"
 
 
+def sse_named(event: dict[str, Any]) -> str:
+    """One event named by its ``type`` (``event:`` line, then the JSON): the Responses and Messages APIs' framing."""
+    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+
 def sse_data(payload: str) -> Iterator[str]:
     """The data of each event in an SSE body (``[DONE]`` included), multi-line data joined."""
     lines: list[str] = []

@@ -12,60 +12,23 @@
 from __future__ import annotations
 
 import asyncio
-from contextlib import contextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from agora.engine.engine import RequestOutput
-from agora.openai.accumulate import ChatStream
+from agora.openai.common import new_id
 from agora.openai.errors import APIError
 from agora.openai.responses import (
     RENAME,
     ResponseEvents,
     ResponsesRequest,
     input_items,
-    new_id,
     new_response,
-    sse_event,
 )
 from agora.server.chat import start_chat
-from agora.server.serving import Serving
+from agora.server.serving import EventsAnswer, Serving, renamed
 from agora.server.store import ResponseStore
-
-
-@contextmanager
-def renamed(rename: dict[str, str]):  # noqa: ANN201
-    """Errors of the chat path, with the parameter named as this API names it."""
-    try:
-        yield
-    except APIError as exc:
-        exc.param = rename.get(exc.param or "", exc.param)
-        raise
-
-
-class ResponsesAnswer:
-    """Chat chunks -> Responses events (``event:`` + ``data:``); the whole answer is the final response."""
-
-    def __init__(self, acc: ChatStream, events: ResponseEvents) -> None:
-        self.acc, self.events = acc, events
-
-    def start(self) -> list[str]:
-        self.acc.start()  # the role chunk: nothing to say in this API
-        return [sse_event(e) for e in self.events.start()]
-
-    def feed(self, prompt_index: int, out: RequestOutput) -> list[str]:
-        return [sse_event(e) for chunk in self.acc.feed(prompt_index, out) for e in self.events.feed(chunk)]
-
-    def end(self) -> list[str]:
-        return [sse_event(e) for e in self.events.finish(self.acc.usage())]
-
-    def failed(self, message: str) -> list[str]:
-        return [sse_event(e) for e in self.events.failed(message)]
-
-    def whole(self) -> Any:
-        return self.events.response.model_dump(mode="json")
 
 
 def _with_ids(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -97,7 +60,7 @@ def add_routes(app: FastAPI, serving: Serving, store: ResponseStore) -> None:
         with renamed(RENAME):
             run = await start_chat(serving, req.to_chat(history), prefix="resp", ceiling=True)
         events = ResponseEvents(new_response(req, serving.model_name))
-        answer = ResponsesAnswer(run.acc, events)
+        answer = EventsAnswer(run.acc, events)
         own_input = _with_ids(input_items(req))
 
         async def keep() -> None:

@@ -18,7 +18,8 @@ import asyncio
 import fnmatch
 import hashlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from fastapi import Request
@@ -33,7 +34,7 @@ from agora.engine.structured import Constraint
 from agora.models.catalog import CATALOG
 from agora.openai.common import Usage
 from agora.openai.errors import APIError, bad_request, error_body
-from agora.openai.stream import SSE_DONE, sse
+from agora.openai.stream import SSE_DONE, sse, sse_named
 from agora.server.metrics import ServerMetrics
 from agora.server.params import param_error
 
@@ -53,6 +54,52 @@ class Answer(Protocol):
     def end(self) -> list[str]: ...  # SSE text after the last output
     def failed(self, message: str) -> list[str]: ...  # SSE text when the engine fails mid-stream
     def whole(self) -> Any: ...  # the JSON body of the non-streamed answer (after end())
+
+
+class Events(Protocol):
+    """An API's events over chat chunks (``ResponseEvents``, ``MessageEvents``): typed dicts, and the
+    object they build."""
+
+    def start(self) -> list[dict[str, Any]]: ...
+    def feed(self, chunk: Any) -> list[dict[str, Any]]: ...
+    def finish(self, usage: Usage) -> list[dict[str, Any]]: ...
+    def failed(self, message: str) -> list[dict[str, Any]]: ...
+    @property
+    def result(self) -> BaseModel: ...
+
+
+class EventsAnswer:
+    """The Responses and Messages APIs: the chat accumulator's chunks re-encoded as the API's named
+    events (``event:`` + ``data:``); the whole answer is the object the events built."""
+
+    def __init__(self, acc: Any, events: Events) -> None:
+        self.acc, self.events = acc, events
+
+    def start(self) -> list[str]:
+        self.acc.start()  # the role chunks: these APIs have nothing to say for them
+        return [sse_named(e) for e in self.events.start()]
+
+    def feed(self, prompt_index: int, out: RequestOutput) -> list[str]:
+        return [sse_named(e) for chunk in self.acc.feed(prompt_index, out) for e in self.events.feed(chunk)]
+
+    def end(self) -> list[str]:
+        return [sse_named(e) for e in self.events.finish(self.acc.usage())]
+
+    def failed(self, message: str) -> list[str]:
+        return [sse_named(e) for e in self.events.failed(message)]
+
+    def whole(self) -> Any:
+        return self.events.result.model_dump(mode="json")
+
+
+@contextmanager
+def renamed(rename: dict[str, str]) -> Iterator[None]:
+    """Errors of the chat path, with the parameter named as another API names it."""
+    try:
+        yield
+    except APIError as exc:
+        exc.param = rename.get(exc.param or "", exc.param)
+        raise
 
 
 class OpenAIAnswer:

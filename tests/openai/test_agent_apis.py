@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from agora.openai.chat import ChatChunkChoice, ChatCompletionChunk, ChatDelta, FunctionCallDelta, ToolCallDelta
 from agora.openai.common import Usage
-from agora.openai.messages import MessageEvents, Reply, ThinkSplitter, reply_events, reply_from_sse, sse_event
+from agora.openai.messages import MessageEvents, Reply, ThinkSplitter, reply_events, reply_from_sse
 from agora.openai.responses import ResponseEvents, ResponsesRequest, new_response
+from agora.openai.stream import sse_named
 
 
 def chunk(content: str | None = None, call: tuple | None = None, finish: str | None = None) -> ChatCompletionChunk:
@@ -44,14 +45,14 @@ def test_response_events_in_order_with_one_item_per_run() -> None:
 def test_message_events_and_the_cache_round_trip() -> None:
     events = MessageEvents(Reply(id="msg_1", model="m"), prompt_tokens=10)
     out = events.start() + [e for c in CHUNKS for e in events.feed(c)] + events.finish(Usage.of(10, 5, 4))
-    names = [n for n, _ in out]
+    names = [e["type"] for e in out]
     assert names == ["message_start", "ping", "content_block_start", "content_block_delta", "content_block_delta",
                      "content_block_stop", "content_block_start", "content_block_delta", "content_block_delta",
                      "content_block_stop", "message_delta", "message_stop"]  # fmt: skip
     reply = events.reply
     assert reply.stop_reason == "tool_use" and reply.content[1]["input"] == {"city": "Oslo"}
     assert reply.usage.cache_read_input_tokens == 4 and reply.usage.input_tokens == 6
-    replayed = reply_from_sse("".join(sse_event(*e) for e in reply_events(reply)))
+    replayed = reply_from_sse("".join(sse_named(e) for e in reply_events(reply)))
     assert replayed is not None and replayed.model_dump() == reply.model_dump()
 
 

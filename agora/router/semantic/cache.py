@@ -28,7 +28,6 @@ import numpy as np
 from agora.openai.chat import ChatCompletion, ChatCompletionChunk
 from agora.openai.completions import Completion
 from agora.openai.messages import Reply, reply_events, reply_from_sse
-from agora.openai.messages import sse_event as messages_sse_event
 from agora.openai.stream import (
     SSE_DONE,
     chat_chunks,
@@ -37,6 +36,7 @@ from agora.openai.stream import (
     merge_completion_chunks,
     sse,
     sse_data,
+    sse_named,
 )
 from agora.router.semantic.config import CacheSpec
 
@@ -199,7 +199,7 @@ def replay_sse(answer: Answer, include_usage: bool) -> list[bytes]:
     """The answer as the events a streaming server would send (``[DONE]`` last for OpenAI's APIs)."""
     fresh = _fresh(answer)
     if isinstance(fresh, Reply):
-        return [messages_sse_event(*e).encode() for e in reply_events(fresh)]
+        return [sse_named(e).encode() for e in reply_events(fresh)]
     chunks = chat_chunks(fresh, include_usage) if isinstance(fresh, ChatCompletion) else \
         completion_chunks(fresh, include_usage)  # fmt: skip
     return [sse(c).encode() for c in chunks] + [SSE_DONE.encode()]
