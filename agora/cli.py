@@ -84,13 +84,16 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="engine processes behind one gateway on --host:--port (default 1: no gateway)")  # fmt: skip
     p.add_argument("--router-profile", default=None, help="gateway profile with --replicas (default prefix-aware)")
     p.add_argument("--router-config", default=None, help="gateway YAML with --replicas (its endpoints are ignored)")
+    p.add_argument("--db", default=None,
+                   help="governance store (virtual keys, budgets, audit: see `agora keys`): sqlite:///path or "
+                        "postgresql://...; puts the gateway in front even with one replica")  # fmt: skip
 
 
 def serve(args: argparse.Namespace, argv: list[str]) -> int:
     if args.replicas < 1:
         print("agora serve: error: --replicas must be at least 1", file=sys.stderr)
         return 2
-    if args.replicas > 1:
+    if args.replicas > 1 or args.db is not None:
         from agora.router.replicas import serve_replicas
 
         try:
@@ -100,7 +103,7 @@ def serve(args: argparse.Namespace, argv: list[str]) -> int:
             return 2
         return serve_replicas(args.model, argv[argv.index("serve") + 1 :], args.replicas, args.host, args.port,
                               args.api_key, args.router_profile, args.router_config, args.uvicorn_log_level,
-                              aliases)  # fmt: skip
+                              aliases, args.db)  # fmt: skip
 
     import uvicorn
 
@@ -168,9 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     from agora.bench.cli import add_parser as add_bench
     from agora.router.cli import add_parser as add_route
+    from agora.router.governance.cli import add_parsers as add_governance
 
     add_bench(sub)
     add_route(sub)
+    add_governance(sub)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=envs.log_level(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -192,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         from agora.router.cli import main as route_main
 
         return route_main(args)
+    if args.command in ("keys", "tenants", "usage", "audit"):
+        from agora.router.governance.cli import main as governance_main
+
+        return governance_main(args)
     if args.command == "bench":
         from agora.bench.cli import main as bench_main
 

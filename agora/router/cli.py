@@ -26,6 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-alias", action="append", default=[], metavar="PATTERN=NAME",
                    help="route requests for model names matching PATTERN (a name or a glob such as 'claude-*') "
                         "to the model NAME; repeatable")  # fmt: skip
+    p.add_argument("--db", default=None, help="governance store (keys, budgets, audit): sqlite:///path or "
+                   "postgresql://...; default: governance.db in the agora cache folder")  # fmt: skip
     p.add_argument("--uvicorn-log-level", default="warning")
 
 
@@ -43,6 +45,8 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
         gateway["api_key"] = envs.api_key()
     if args.profile is not None:
         data["profile"] = args.profile
+    if getattr(args, "db", None) is not None:
+        data["db"] = args.db
     if args.model_alias:
         data["model_aliases"] = {**data.get("model_aliases", {}), **dict(parse_aliases(args.model_alias))}
     config = parse_config(data, args.config or "command line")

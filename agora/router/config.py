@@ -100,6 +100,7 @@ class GatewaySettings(_Strict):
     eject_backoff_s: float = Field(1.0, gt=0)
     eject_backoff_max_s: float = Field(30.0, gt=0)
     session_header: str = "x-session-id"
+    max_header_bytes: int = Field(32 << 10, ge=1024, description="all request headers together; beyond: 431")
     seed: int | None = None
 
     @field_validator("max_body_bytes", mode="before")
@@ -116,6 +117,32 @@ class GatewaySettings(_Strict):
             eject_backoff_s=self.eject_backoff_s,
             eject_backoff_max_s=self.eject_backoff_max_s,
         )
+
+
+class GovernanceSettings(_Strict):
+    """Keys, limits and the store (see agora.router.governance)."""
+
+    sync_interval_s: float = Field(0.5, gt=0, le=60, description="store sync: revocations, budgets, audit flush")
+    default_reserve_tokens: int = Field(1024, ge=1, description="reserved for a request that names no max_tokens")
+    auth_failures_per_minute: int = Field(20, ge=1, description="wrong keys from one client before it is slowed")
+    session_max_requests: int | None = Field(None, ge=1, description="per x-session-id, unless the key says")
+    session_max_tokens: int | None = Field(None, ge=1)
+    metrics_max_tenants: int = Field(50, ge=1, description="tenants with their own metric labels; others: other")
+
+
+class FairnessSettings(_Strict):
+    """Queue at the gateway when the endpoints are saturated, and dispatch fairly."""
+
+    enabled: bool = False
+    slots_per_endpoint: int = Field(8, ge=1, description="requests in flight per endpoint before queueing")
+    max_queue: int = Field(1024, ge=0, description="requests waiting at most; beyond: 429")
+    max_wait_s: float = Field(60.0, gt=0, description="longest wait in the queue; then 503")
+    interactive_reserve: int = Field(0, ge=0, description="slots per endpoint only the interactive band may use")
+
+
+class AuditSettings(_Strict):
+    enabled: bool = True
+    include_content: bool = Field(False, description="keep prompt and completion text in the records")
 
 
 class PluginSpec(_Strict):
@@ -143,6 +170,11 @@ class RouterConfig(_Strict):
     semantic: SemanticSpec | None = None
     # model names agents send -> a model the endpoints serve (a name or a glob: "claude-*")
     model_aliases: dict[str, str] = Field(default_factory=dict)
+    # the governance store: sqlite:///path (default: under the cache folder) or postgresql://...
+    db: str | None = None
+    governance: GovernanceSettings = Field(default_factory=GovernanceSettings)
+    fairness: FairnessSettings = Field(default_factory=FairnessSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
 
     # -- building -----------------------------------------------------------------
 

@@ -1,12 +1,15 @@
 """The gateway: one OpenAI endpoint in front of many backend endpoints.
 
-A plain ASGI app (no framework on the hot path). For each POST under ``/v1`` it
-parses the body once, admits (model, health, in-flight limit), runs the scheduling
-profile, and forwards the body untouched. The answer streams back chunk by chunk.
+A plain ASGI app (no framework on the hot path). Every POST under ``/v1`` runs the
+request pipeline (``pipeline.py``, stages in ``stages.py``): identify the caller, admit
+the body and model, take limits, semantic guards, cache lookup, fair queue, then pick
+an endpoint and forward the body. The answer streams back chunk by chunk, and the
+stages see it on the way out (usage settled, audit written, cache stored).
 
 ::
 
-    client ──▶ read body (413) ──▶ admit (404/503/429) ──▶ profile ──▶ POST upstream
+    client ──▶ identify (401) ──▶ admit (413/400/403) ──▶ limits (429) ──▶ semantic (403) ──▶ cache
+           ──▶ queue (fair, by band and tenant) ──▶ pick (404/503/429) ──▶ POST upstream
                                         ▲                                   │
                                         └── retry elsewhere: connect error, ┘
                                             5xx or 429 before the first byte
@@ -20,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
-import hashlib
 import json
 import logging
 import time
@@ -32,23 +34,28 @@ from typing import Any
 import aiohttp
 
 import agora
-from agora.openai.errors import APIError, bearer_token_matches, error_body
+from agora.openai.errors import APIError, error_body
 from agora.openai.messages import Reply, anthropic_error
+from agora.router import admin
 from agora.router.admission import admit
 from agora.router.config import ConfigError, RouterConfig, load_config
 from agora.router.endpoints import Endpoint, EndpointPool
+from agora.router.governance.fairness import FairQueue
+from agora.router.governance.meter import EventSplitter, api_of
+from agora.router.governance.runtime import Governance, Identity
+from agora.router.governance.store import Limits
 from agora.router.metrics import GatewayMetrics
+from agora.router.pipeline import Pipeline, RequestContext
 from agora.router.request import RequestInfo
 from agora.router.semantic.cache import (
     Answer,
-    CacheKey,
-    SemanticCache,
     answer_from_json,
     answer_from_sse,
     replay_json,
     replay_sse,
 )
 from agora.router.semantic.router import SemanticRouter
+from agora.router.stages import pipeline_stages
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +66,8 @@ _FORWARD_RESPONSE = ("content-type", "x-request-id", "retry-after", "cache-contr
 _MAX_CACHED_BYTES = 4 << 20  # answers larger than this are passed on but not cached
 _SSE_DONE = (b"data: [DONE]\n\n", b"data: [DONE]\r\n\r\n")  # the end of an OpenAI event stream
 _CACHEABLE_FINISH = ("stop", "length", "tool_calls")  # answers that ran to a natural end
-_SEMANTIC_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
+_MAX_METERED_BYTES = 8 << 20  # a JSON answer larger than this is counted from its deltas' estimate only
+_MAX_TARPITS = 256  # clients held back at once for sending wrong keys
 _MAX_CHAINS = 100_000  # response ids remembered for previous_response_id affinity
 
 
@@ -78,7 +86,7 @@ class Gateway:
         self.pool = EndpointPool(endpoints if endpoints is not None else config.build_endpoints(),
                                  config.gateway.health())  # fmt: skip
         self.profile = config.build_profile()
-        self.metrics = GatewayMetrics(self.pool, self.profile)
+        self.metrics = GatewayMetrics(self.pool, self.profile, config.governance.metrics_max_tenants)
         self.pool.on_eject.append(self.profile.on_eject)
         self.pool.on_eject.append(lambda ep: self.metrics.ejections.labels(ep.name).inc())
         self.session: aiohttp.ClientSession | None = None
@@ -86,12 +94,22 @@ class Gateway:
         self.semantic: SemanticRouter | None = None  # built at startup: loading the encoder takes seconds
         self.chains: OrderedDict[str, tuple[str, str]] = OrderedDict()  # response id -> (session, endpoint)
         self._watch: asyncio.Task | None = None
+        g = config.governance
+        self.governance = Governance(config.db, self.settings.api_key, g.sync_interval_s, g.auth_failures_per_minute,
+                                     Limits(session_requests=g.session_max_requests,
+                                            session_tokens=g.session_max_tokens))  # fmt: skip
+        f = config.fairness
+        self.queue = FairQueue(self._capacity, f.slots_per_endpoint, f.max_queue, f.max_wait_s, f.interactive_reserve,
+                               self.governance.weight) if f.enabled else None  # fmt: skip
+        self.pipeline = Pipeline(pipeline_stages(self), self._forward)
+        self._tarpits = 0
 
     # -- lifecycle -------------------------------------------------------------------
 
     async def startup(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        await self.governance.start()
         await self.pool.start(self.session)
         if self.config.semantic is not None:
             self.semantic = await asyncio.to_thread(SemanticRouter, self.config.semantic)
@@ -105,6 +123,7 @@ class Gateway:
             self._watch.cancel()
         try:
             await self.pool.stop()
+            await self.governance.stop()
         finally:
             if self.session is not None:
                 await self.session.close()
@@ -117,6 +136,10 @@ class Gateway:
         if scope["type"] != "http":
             return
         try:
+            size = sum(len(k) + len(v) for k, v in scope["headers"])
+            if size > self.settings.max_header_bytes:
+                raise APIError(431, f"the request headers take {size} bytes; the limit is "
+                                    f"{self.settings.max_header_bytes}", code="request_header_fields_too_large")  # fmt: skip
             await self._route(scope, receive, send)
         except APIError as exc:
             if exc.status != 401:
@@ -149,18 +172,28 @@ class Gateway:
     async def _route(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         method, path = scope["method"], scope["path"]
         headers = dict(scope["headers"])  # lower-case byte names; a repeated header keeps its last value
-        if method == "POST" and path == "/v1/classify":
-            self._check_auth(headers)
-            await self._classify(headers, receive, send)
-        elif method == "POST" and path == "/admin/reload":
-            self._check_auth(headers)
-            await _send_json(send, 200, await self.reload())
-        elif method == "POST" and (path.startswith("/v1/") or path in ("/tokenize", "/detokenize")):
-            self._check_auth(headers)
+        client = _client(scope)
+        if method == "POST" and (path.startswith("/v1/") or path in ("/tokenize", "/detokenize")) and \
+                path != "/v1/classify":  # fmt: skip
             await self._proxy(scope, headers, receive, send)
+        elif path.startswith("/admin/"):
+            identity = await self.identify(headers, client)
+            if identity.role != "admin" or (self.governance.open and not _loopback(client)):
+                raise APIError(403, "the admin API needs an admin key" + (
+                    " (or, with no keys configured, a client on this machine)" if self.governance.open else ""),
+                    "permission_error", code="admin_only")  # fmt: skip
+            if method == "POST" and path == "/admin/reload":
+                await _send_json(send, 200, await self.reload())
+                return
+            body = await self.read_body(headers, receive) if method in ("POST", "PUT", "PATCH") else b""
+            status, payload, extra = await admin.handle(self, method, path, scope.get("query_string", b""), body)
+            await _send_json(send, status, payload, extra)
+        elif method == "POST" and path == "/v1/classify":
+            await self.identify(headers, client)
+            await self._classify(headers, receive, send)
         elif method in ("GET", "DELETE") and path.startswith("/v1/responses/"):
-            self._check_auth(headers)
-            await self._stored(scope, headers, send)
+            identity = await self.identify(headers, client)
+            await self._stored(scope, headers, identity, send)
         elif method == "GET" and path == "/health":
             ok = any(ep.available(time.monotonic()) for ep in self.pool)
             if not ok:
@@ -171,12 +204,13 @@ class Gateway:
         elif method == "GET" and path == "/version":
             await _send_json(send, 200, {"version": agora.__version__})
         elif method == "GET" and path == "/v1/models":
-            self._check_auth(headers)
-            await _send_json(send, 200, {"object": "list", "data": [self._card(m) for m in self._models()]})
+            identity = await self.identify(headers, client)
+            models = [m for m in self._models() if identity.may_use(m)]
+            await _send_json(send, 200, {"object": "list", "data": [self._card(m) for m in models]})
         elif method == "GET" and path.startswith("/v1/models/"):
-            self._check_auth(headers)
+            identity = await self.identify(headers, client)
             model = path.removeprefix("/v1/models/")
-            if model not in self._models():
+            if model not in self._models() or not identity.may_use(model):
                 raise APIError(
                     404, f"the model {model!r} does not exist", "not_found_error", "model", "model_not_found"
                 )
@@ -195,33 +229,58 @@ class Gateway:
     def _card(self, model: str) -> dict[str, Any]:
         return {"id": model, "object": "model", "created": self._created, "owned_by": "agora"}
 
-    def _check_auth(self, headers: dict[bytes, bytes]) -> None:
-        """``Authorization: Bearer KEY``, or Anthropic's ``x-api-key: KEY``."""
-        key = self.settings.api_key
-        if key is not None and not bearer_token_matches(_credential(headers), key):
-            raise APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+    async def identify(self, headers: dict[bytes, bytes], client: str, ctx: RequestContext | None = None) -> Identity:
+        """The caller (``Authorization: Bearer KEY`` or Anthropic's ``x-api-key: KEY``), or a 401. A client
+        that keeps sending wrong keys is held back a second and refused with a 429; valid keys never wait."""
+        try:
+            return self.governance.identify(_credential(headers), client)
+        except APIError as exc:
+            if exc.status != 401:
+                raise
+            refusal = self.governance.throttled(client)  # this client's wrong keys so far
+            self.governance.failed(client)
+            if refusal is None:
+                raise
+            if ctx is not None:
+                ctx.reason = "auth_throttled"
+            self.metrics.auth_throttled.inc()
+            if self._tarpits < _MAX_TARPITS:
+                self._tarpits += 1
+                try:
+                    await asyncio.sleep(1.0)
+                finally:
+                    self._tarpits -= 1
+            raise refusal from None
 
-    def _alias(self, model: str) -> str:
+    def alias(self, model: str) -> str:
         """The served model an alias (a name or a glob) stands for; the name itself otherwise."""
         aliases = self.config.model_aliases
         if model in aliases:
             return aliases[model]
         return next((target for pattern, target in aliases.items() if fnmatch.fnmatchcase(model, pattern)), model)
 
-    def _upstream_headers(self, headers: dict[bytes, bytes]) -> dict[str, str]:
-        """What reaches the endpoints: a few client headers, the client's key (where the gateway has none
-        of its own), and the tenant (a hash of the client's key), which endpoints trust from the gateway."""
+    def _capacity(self, model: str | None) -> int:
+        """Endpoints that serve ``model`` and can be picked now (the fair queue's slots)."""
+        now = time.monotonic()
+        return sum(1 for ep in self.pool if ep.serves(model) and ep.available(now))
+
+    def _upstream_headers(self, headers: dict[bytes, bytes], identity: Identity | None) -> dict[str, str]:
+        """What reaches the endpoints: a few client headers, the client's key (only on an open gateway), the
+        tenant (its cache scope, the engines' prefix-cache salt) and the owner of stored responses (the key),
+        which endpoints trust from the gateway."""
         out = {k.decode(): v.decode("latin-1") for k, v in headers.items() if k in _FORWARD_REQUEST}
-        if self.settings.api_key is None:
+        if self.governance.open:
             for name in (b"authorization", b"x-api-key"):
                 if name in headers:
                     out[name.decode()] = headers[name].decode("latin-1")
-        out["x-agora-tenant"] = _tenant(headers)
+        if identity is not None:
+            out["x-agora-tenant"] = identity.scope
+            out["x-agora-owner"] = identity.owner
         return out
 
     # -- proxying ----------------------------------------------------------------------
 
-    async def _read_body(self, headers: dict[bytes, bytes], receive: Any) -> bytes:
+    async def read_body(self, headers: dict[bytes, bytes], receive: Any) -> bytes:
         limit = self.settings.max_body_bytes
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
@@ -240,93 +299,53 @@ class Gateway:
                 return b"".join(chunks)
 
     async def _proxy(self, scope: dict[str, Any], headers: dict[bytes, bytes], receive: Any, send: Any) -> None:
-        body = await self._read_body(headers, receive)
+        path = scope["path"]
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or f"gw-{uuid.uuid4().hex}"
+        ctx = RequestContext(scope, headers, receive, send, path, api_of(path), _client(scope), rid)
         try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise APIError(400, "the request body is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise APIError(400, "the request body must be a JSON object")
-        if "model" in data and not isinstance(data["model"], str):
-            raise APIError(400, "model must be a string", param="model")
-        if isinstance(data.get("model"), str) and self._alias(data["model"]) != data["model"]:
-            data["model"] = self._alias(data["model"])
-            body = json.dumps(data, ensure_ascii=False).encode()
-        extra: dict[str, str] = {}
-        cache: tuple[SemanticCache, CacheKey, Any] | None = None
-        semantic = self.semantic
-        if semantic is not None and scope["path"] in _SEMANTIC_PATHS:
-            tenant = _tenant(headers)
-            t = time.perf_counter()
-            outcome = await asyncio.to_thread(semantic.process, scope["path"], data, tenant)
-            self.metrics.classify_seconds.observe(time.perf_counter() - t)
-            self.metrics.decisions.labels(outcome.decision).inc()
-            for kind in {s.type for s in outcome.signals.pii}:
-                self.metrics.pii_found.labels(kind).inc()
-            if outcome.error is not None:
-                if outcome.error.status == 403:
-                    self.metrics.blocked.labels(outcome.error.code or "blocked").inc()
-                raise outcome.error
-            extra = outcome.headers
-            if semantic.cache is not None:
-                if outcome.cache_key is None:
-                    self.metrics.cache.labels("bypass").inc()
-                elif outcome.cached is not None:
-                    answer, kind = outcome.cached
-                    self.metrics.cache.labels(f"hit_{kind}").inc()
-                    await _send_cached(send, answer, data, {**extra, "x-agora-cache": f"hit-{kind}"})
-                    return
-                else:
-                    self.metrics.cache.labels("miss").inc()
-                    cache = (semantic.cache, outcome.cache_key, outcome.embedding)
-            if outcome.body is not data:
-                data = outcome.body
-                body = json.dumps(data, ensure_ascii=False).encode()
-        header = headers.get(self.settings.session_header.lower().encode())
-        session = header.decode("latin-1") if header else None
-        if session is None and scope["path"] == "/v1/responses":
+            await self.pipeline.run(ctx)
+        except asyncio.CancelledError:
+            if not ctx.client_gone:
+                raise
+            self.metrics.disconnects.inc()
+        finally:
+            if ctx.watcher is not None:
+                ctx.watcher.cancel()
+
+    async def _forward(self, ctx: RequestContext) -> None:
+        """The pipeline's last step: pick an endpoint and relay its answer (retrying before the first byte)."""
+        data = ctx.data
+        session = ctx.session
+        if session is None and ctx.path == "/v1/responses":
             # A Responses chain is one session: its turns stay on the replica that holds its prefix.
             previous = data.get("previous_response_id")
             known = self.chains.get(previous) if isinstance(previous, str) else None
             session = known[0] if known is not None else f"chain-{uuid.uuid4().hex}"
-        req = RequestInfo.from_body(scope["path"], data, session)
-        upstream_headers = self._upstream_headers(headers)
-        path = scope["path"] + (f"?{scope['query_string'].decode('latin-1')}" if scope.get("query_string") else "")
+        ctx.info = req = RequestInfo.from_body(ctx.path, data, session)
+        upstream_headers = self._upstream_headers(ctx.headers, ctx.identity)
+        query = ctx.scope.get("query_string")
+        path = ctx.path + (f"?{query.decode('latin-1')}" if query else "")
+        await self._exchange(ctx, req, path, upstream_headers)
 
-        exchange = asyncio.ensure_future(self._exchange(req, path, body, upstream_headers, send, extra, cache))
-        watcher = asyncio.ensure_future(_wait_disconnect(receive))
-        try:
-            await asyncio.wait((exchange, watcher), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            client_gone = watcher.done()
-            watcher.cancel()
-            if not exchange.done():  # the client went away first (or we are shutting down)
-                exchange.cancel()
-        try:
-            await exchange
-        except asyncio.CancelledError:
-            if not client_gone:
-                raise
-            self.metrics.disconnects.inc()
-
-    async def _exchange(self, req: RequestInfo, path: str, body: bytes, headers: dict[str, str], send: Any,
-                        extra: dict[str, str], cache: tuple | None) -> None:  # fmt: skip
+    async def _exchange(self, ctx: RequestContext, req: RequestInfo, path: str, headers: dict[str, str]) -> None:
         assert self.session is not None
         s = self.settings
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s, sock_read=s.read_timeout_s)
+        limit = s.max_in_flight_per_endpoint if self.queue is None else self.config.fairness.slots_per_endpoint
         tried: list[str] = []
         last: tuple[int, bytes, dict[str, str]] | None = None  # the last retriable answer, if we run out
         for attempt in range(s.retries + 1):
             t = time.perf_counter()
             try:
-                candidates = admit(self.pool, req.model, s.max_in_flight_per_endpoint, tried)
+                candidates = admit(self.pool, req.model, limit, tried)
             except APIError:
                 if last is None:
                     raise
                 break  # nowhere left to retry: give the client the last upstream answer
             decision = self.profile.pick(req, candidates)
             self.metrics.pick_seconds.observe(time.perf_counter() - t)
-            ep = decision.endpoint
+            ep = ctx.endpoint = decision.endpoint
+            ctx.decision = decision
             if attempt == 0 and "prefix_blocks" in req.notes:
                 self.metrics.prefix(*req.notes["prefix_blocks"])
             send_headers = dict(headers)
@@ -335,7 +354,8 @@ class Gateway:
             ep.in_flight += 1
             try:
                 try:
-                    resp = await self.session.post(ep.url + path, data=body, headers=send_headers, timeout=timeout)
+                    resp = await self.session.post(ep.url + path, data=ctx.body, headers=send_headers,
+                                                   timeout=timeout)  # fmt: skip
                 except (TimeoutError, aiohttp.ClientError) as exc:
                     kind = "timeout" if isinstance(exc, TimeoutError) else "connect"
                     self.metrics.errors.labels(ep.name, kind).inc()
@@ -352,7 +372,7 @@ class Gateway:
                         last = (resp.status, payload, _response_headers(resp))
                     else:
                         self.pool.record_success(ep)
-                        await self._relay(resp, ep, decision.explain(), send, extra, cache, req.session)
+                        await self._relay(resp, ep, ctx, req.session)
                         return
             finally:
                 ep.in_flight -= 1
@@ -361,67 +381,98 @@ class Gateway:
                 self.metrics.retries.labels(ep.name).inc()
         assert last is not None
         status, payload, last_extra = last
+        ctx.status, ctx.reason = status, "upstream_error"
         self.metrics.requests.labels(tried[-1], str(status)).inc()
-        await _send(send, status, payload, last_extra.pop("content-type", "application/json").encode(),
-                    {**extra, **last_extra, "x-agora-endpoint": tried[-1]})  # fmt: skip
+        await _send(ctx.send, status, payload, last_extra.pop("content-type", "application/json").encode(),
+                    {**ctx.to_client, **last_extra, "x-agora-endpoint": tried[-1]})  # fmt: skip
+        ctx.complete = True
 
-    async def _relay(self, resp: aiohttp.ClientResponse, ep: Endpoint, why: str, send: Any,
-                     extra: dict[str, str], cache: tuple | None, session: str | None = None) -> None:  # fmt: skip
+    async def _relay(self, resp: aiohttp.ClientResponse, ep: Endpoint, ctx: RequestContext,
+                     session: str | None = None) -> None:  # fmt: skip
         """Stream the upstream answer to the client as it comes; close upstream if we stop early.
 
-        With a cache key, the answer is also kept (up to ``_MAX_CACHED_BYTES``) and stored once complete.
+        An event stream is passed on event by event through the usage meter (which may hold back the
+        usage chunk the gateway asked for); with a cache ticket the answer is also kept (up to
+        ``_MAX_CACHED_BYTES``) for the cache stage to store once complete.
         """
-        headers = {**extra, **_response_headers(resp)}
+        send, meter = ctx.send, ctx.meter
+        ctx.status = resp.status
+        ctx.prompt_tokens_header = resp.headers.get("x-agora-prompt-tokens")
+        headers = {**ctx.to_client, **_response_headers(resp)}
         response_id = resp.headers.get("x-agora-response-id")
         if response_id:  # the next turn of this chain (previous_response_id) goes where its prefix is
             self.chains[response_id] = (session or response_id, ep.name)
             while len(self.chains) > _MAX_CHAINS:
                 self.chains.popitem(last=False)
-        keep: list[bytes] | None = [] if cache is not None and resp.status == 200 else None
+        keep: list[bytes] | None = [] if ctx.cache_ticket is not None and resp.status == 200 else None
         kept = 0
-        content_type = headers.pop("content-type", "application/json").encode()
+        content_type = headers.pop("content-type", "application/json")
+        ctx.content_type = content_type
         headers["x-agora-endpoint"] = ep.name
-        headers["x-agora-scores"] = why  # total score per candidate endpoint
-        raw = [(b"content-type", content_type)] + [(k.encode(), v.encode("latin-1")) for k, v in headers.items()]
+        headers["x-agora-scores"] = ctx.decision.explain() if ctx.decision is not None else ""
+        raw = [(b"content-type", content_type.encode("latin-1"))]
+        raw += [(k.encode(), v.encode("latin-1")) for k, v in headers.items()]
         complete = False
         # OpenAI's clients stop reading at an event stream's `data: [DONE]` and close at once, while
         # the backend may end its body a moment later: the answer is whole at [DONE], so the relay
         # ends there instead of waiting for the body's end and seeing a client that went away.
-        sse, tail = content_type.startswith(b"text/event-stream"), b""
+        splitter = EventSplitter() if content_type.startswith("text/event-stream") else None
+        whole: list[bytes] | None = [] if splitter is None and meter is not None else None
+        whole_size = 0
         try:
             await send({"type": "http.response.start", "status": resp.status, "headers": raw})
             try:
                 async for chunk in resp.content.iter_any():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    if keep is not None:
-                        kept += len(chunk)
+                    if ctx.first_byte is None:
+                        ctx.first_byte = time.perf_counter()
+                    done = False
+                    if splitter is not None:
+                        events = splitter.feed(chunk)
+                        out = b"".join(e for e in events if meter is None or meter.event(e))
+                        done = bool(events) and events[-1].strip() == b"data: [DONE]"
+                        raw_part = b"".join(events)
+                    else:
+                        out = raw_part = chunk
+                        if whole is not None:
+                            whole_size += len(chunk)
+                            whole = whole if whole_size <= _MAX_METERED_BYTES else None
+                            if whole is not None:
+                                whole.append(chunk)
+                    if out:
+                        await send({"type": "http.response.body", "body": out, "more_body": True})
+                    if keep is not None and raw_part:
+                        kept += len(raw_part)
                         keep = keep if kept <= _MAX_CACHED_BYTES else None
                         if keep is not None:
-                            keep.append(chunk)
-                    if sse:
-                        tail = (tail + chunk[-32:])[-32:]  # no copy of a large chunk
-                        if tail.endswith(_SSE_DONE):  # the whole event, blank line included
-                            break
+                            keep.append(raw_part)
+                    if done:
+                        break
+                if splitter is not None and (rest := splitter.rest()):
+                    await send({"type": "http.response.body", "body": rest, "more_body": True})
             except (TimeoutError, aiohttp.ClientError) as exc:
                 # Bytes already went out: no retry. End the connection without a final chunk so that
                 # the client sees a broken response, not a short one that looks complete.
                 self.metrics.errors.labels(ep.name, "stream").inc()
                 self.pool.record_failure(ep, f"stream broke: {type(exc).__name__}")
                 logger.warning("endpoint %s broke off a response: %s", ep.name, exc)
+                ctx.reason = "upstream_broke"
                 return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-            complete = True
+            complete = ctx.complete = True
+            if whole is not None and meter is not None:
+                meter.body(b"".join(whole))
             self.metrics.requests.labels(ep.name, str(resp.status)).inc()
-            if keep is not None and cache is not None:
-                self._store(cache, b"".join(keep), content_type.decode("latin-1"))
+            if keep is not None:
+                ctx.kept = b"".join(keep)
         finally:
+            ctx.finished = time.perf_counter()
             if complete:
                 resp.release()
             else:
                 resp.close()  # drop the connection: the backend sees the client gone and aborts
 
-    def _store(self, cache: tuple, payload: bytes, content_type: str) -> None:
-        store, key, embedding = cache
+    def store_answer(self, ticket: tuple, payload: bytes, content_type: str) -> None:
+        store, key, embedding = ticket
         if content_type.startswith("text/event-stream"):
             answer = answer_from_sse(payload, key.kind)
         else:
@@ -430,7 +481,11 @@ class Gateway:
             store.store(key, answer, embedding)
             self.metrics.cache.labels("store").inc()
 
-    async def _stored(self, scope: dict[str, Any], headers: dict[bytes, bytes], send: Any) -> None:
+    async def send_cached(self, ctx: RequestContext, answer: Answer, headers: dict[str, str]) -> None:
+        await _send_cached(ctx.send, answer, ctx.data, headers)
+
+    async def _stored(self, scope: dict[str, Any], headers: dict[bytes, bytes], identity: Identity,
+                      send: Any) -> None:  # fmt: skip
         """GET / DELETE of a stored response: first where the chain was last served, then elsewhere
         (the replicas of one machine share one store; separate machines each hold their own)."""
         assert self.session is not None
@@ -441,7 +496,7 @@ class Gateway:
                             ep.name != known[1])  # fmt: skip
         if not candidates:
             raise APIError(503, "no healthy endpoint", "service_unavailable", code="no_healthy_endpoint")
-        upstream = self._upstream_headers(headers)
+        upstream = self._upstream_headers(headers, identity)
         query = f"?{scope['query_string'].decode('latin-1')}" if scope.get("query_string") else ""
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.settings.connect_timeout_s,
                                         sock_read=self.settings.read_timeout_s)  # fmt: skip
@@ -467,7 +522,7 @@ class Gateway:
         if self.semantic is None:
             raise APIError(404, "semantic routing is not configured (no semantic: section)", "not_found_error")
         try:
-            data = json.loads(await self._read_body(headers, receive))
+            data = json.loads(await self.read_body(headers, receive))
         except (ValueError, UnicodeDecodeError):
             raise APIError(400, "the request body is not valid JSON") from None
         if not isinstance(data, dict):
@@ -528,6 +583,15 @@ def _ran_to_an_end(answer: Answer) -> bool:
     return all(c.finish_reason in _CACHEABLE_FINISH for c in answer.choices)
 
 
+def _client(scope: dict[str, Any]) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+def _loopback(client: str) -> bool:
+    return client in ("127.0.0.1", "::1", "localhost") or client.startswith("127.")
+
+
 def _credential(headers: dict[bytes, bytes]) -> str:
     """The client's key as an ``Authorization`` value (Anthropic clients send ``x-api-key``)."""
     given = headers.get(b"authorization", b"").decode("latin-1")
@@ -536,20 +600,8 @@ def _credential(headers: dict[bytes, bytes]) -> str:
     return given
 
 
-def _tenant(headers: dict[bytes, bytes]) -> str:
-    """Who is asking, without their key: a hash of it (the cache's scope, the store's owner)."""
-    return hashlib.sha256(_credential(headers).encode("latin-1")).hexdigest()
-
-
 def _response_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
     return {k: resp.headers[k] for k in _FORWARD_RESPONSE if k in resp.headers}
-
-
-async def _wait_disconnect(receive: Any) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
 
 
 async def _send(send: Any, status: int, body: bytes, content_type: bytes,

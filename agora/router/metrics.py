@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -52,7 +53,7 @@ class _StateCollector(Collector):
 
 
 class GatewayMetrics:
-    def __init__(self, pool: EndpointPool, profile: SchedulingProfile) -> None:
+    def __init__(self, pool: EndpointPool, profile: SchedulingProfile, max_tenants: int = 50) -> None:
         disable_created_metrics()  # the *_created series double the exposition for nothing a router needs
         r = self.registry = CollectorRegistry()
         self.requests = Counter("agora_gateway_requests", "Requests answered, by endpoint and HTTP status.",
@@ -85,6 +86,21 @@ class GatewayMetrics:
             self.cache.labels(result)
         self.classify_seconds = Histogram("agora_gateway_classify_seconds", "Time to compute the semantic signals.",
                                           buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0), registry=r)  # fmt: skip
+        self.tenant_requests = Counter("agora_gateway_tenant_requests", "Requests per tenant and HTTP status "
+                                       "(tenants beyond the label bound count as other).", ["tenant", "code"],
+                                       registry=r)  # fmt: skip
+        self.tenant_tokens = Counter("agora_gateway_tenant_tokens", "Tokens per tenant, in (prompt) and out.",
+                                     ["tenant", "direction"], registry=r)  # fmt: skip
+        self.tenant_blocked = Counter("agora_gateway_tenant_blocked", "Requests refused per tenant, by reason "
+                                      "(a limit, a guard, a permission).", ["tenant", "reason"], registry=r)  # fmt: skip
+        self.tenant_queue = Counter("agora_gateway_tenant_queue_seconds", "Seconds spent in the fair queue per "
+                                    "tenant.", ["tenant"], registry=r)  # fmt: skip
+        self.queue_seconds = Histogram("agora_gateway_queue_seconds", "Time a request waited in the fair queue.",
+                                       buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)  # fmt: skip
+        self.auth_throttled = Counter("agora_gateway_auth_throttled", "Requests refused because their client "
+                                      "sent too many invalid keys.", registry=r)  # fmt: skip
+        self.max_tenants = max_tenants
+        self._tenant_labels: set[str] = set()
         self.prefix_hit_blocks = 0
         self.prefix_queried_blocks = 0
         r.register(_StateCollector(pool, profile, self))
@@ -97,6 +113,30 @@ class GatewayMetrics:
         self.prefix_queried_blocks += queried
         self.prefix_hit.inc(hit)
         self.prefix_queried.inc(queried)
+
+    def tenant_label(self, tenant: str | None) -> str:
+        """A bounded label set: the first ``max_tenants`` tenants by name, then ``other``."""
+        if tenant is None:
+            return "anonymous"
+        if tenant in self._tenant_labels:
+            return tenant
+        if len(self._tenant_labels) < self.max_tenants:
+            self._tenant_labels.add(tenant)
+            return tenant
+        return "other"
+
+    def tenant(self, tenant: str | None, ctx: Any, tokens_in: int, tokens_out: int) -> None:
+        """One request's outcome in the per-tenant series (``ctx`` is its pipeline context)."""
+        label = self.tenant_label(tenant)
+        self.tenant_requests.labels(label, str(ctx.status)).inc()
+        if tokens_in:
+            self.tenant_tokens.labels(label, "in").inc(tokens_in)
+        if tokens_out:
+            self.tenant_tokens.labels(label, "out").inc(tokens_out)
+        if ctx.reason and ctx.status is not None and ctx.status in (401, 403, 429, 503) and not ctx.complete:
+            self.tenant_blocked.labels(label, ctx.reason).inc()
+        if ctx.slot is not None and ctx.slot.waited:
+            self.tenant_queue.labels(label).inc(ctx.slot.waited)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

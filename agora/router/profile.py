@@ -84,6 +84,10 @@ class SchedulingProfile:
                          {k: [round(x, 3) for x in v] for k, v in per_scorer.items()})  # fmt: skip
         return decision
 
+    def on_done(self, req: RequestInfo, endpoint: Endpoint, status: int) -> None:
+        for plugin in self.plugins:
+            plugin.on_done(req, endpoint, status)
+
     def on_eject(self, endpoint: Endpoint) -> None:
         for plugin in self.plugins:
             plugin.on_eject(endpoint)

@@ -34,7 +34,7 @@ from agora.router.endpoints import Endpoint
 
 # Options of `agora serve` that belong to the gateway, not to the replicas: (flag, takes a value).
 _GATEWAY_OPTIONS = {"--replicas": True, "--host": True, "--port": True, "--api-key": True,
-                    "--router-profile": True, "--router-config": True}  # fmt: skip
+                    "--router-profile": True, "--router-config": True, "--db": True}  # fmt: skip
 
 
 def replica_argv(serve_argv: Sequence[str]) -> list[str]:
@@ -131,7 +131,8 @@ def prepare_model(model: str) -> None:
 
 def serve_replicas(model: str, serve_argv: Sequence[str], replicas: int, host: str, port: int,
                    api_key: str | None, profile: str | None, router_config: str | None,
-                   log_level: str = "warning", model_aliases: Sequence[tuple[str, str]] = ()) -> int:  # fmt: skip
+                   log_level: str = "warning", model_aliases: Sequence[tuple[str, str]] = (),
+                   db: str | None = None) -> int:  # fmt: skip
     """Start the replicas and the gateway; return when the gateway stops (all replicas stopped too)."""
     from agora.router.cli import run_gateway
 
@@ -143,6 +144,8 @@ def serve_replicas(model: str, serve_argv: Sequence[str], replicas: int, host: s
             data["profile"] = profile
         if model_aliases:  # --model-alias: the gateway maps the names before admission (the replicas too)
             data["model_aliases"] = {**data.get("model_aliases", {}), **dict(model_aliases)}
+        if db is not None:
+            data["db"] = db
         data["endpoints"] = []  # the replicas are the endpoints
         config = parse_config(data, router_config or "command line")
         prepare_model(model)
@@ -150,13 +153,13 @@ def serve_replicas(model: str, serve_argv: Sequence[str], replicas: int, host: s
         print(f"agora serve: error: {exc}", file=sys.stderr)
         return 2
 
-    internal_key = api_key and secrets.token_urlsafe(24)  # replicas refuse anyone who bypasses the gateway
+    # Replicas refuse anyone who bypasses the gateway, and so trust the tenant and owner headers it sends.
+    internal_key = secrets.token_urlsafe(24)
     threads = max(1, (os.cpu_count() or 1) // replicas)
     env = {**os.environ}
     env.setdefault("AGORA_NUM_THREADS", str(threads))
     env.pop("AGORA_API_KEY", None)
-    if internal_key:  # in the environment, not argv: out of `ps`, and a key that starts with "-" is no option
-        env["AGORA_API_KEY"] = internal_key
+    env["AGORA_API_KEY"] = internal_key  # in the environment, not argv: out of `ps`, and never taken for an option
     env.setdefault("TQDM_DISABLE", "1")  # N interleaved progress bars are noise; the model was prepared above
     child_args = replica_argv(serve_argv)
     replicas_: list[Replica] = []
@@ -167,7 +170,7 @@ def serve_replicas(model: str, serve_argv: Sequence[str], replicas: int, host: s
             cmd = [sys.executable, "-m", "agora.cli", "serve", *child_args, "--host", "127.0.0.1", "--port", str(rport)]
             replica = Replica(name, rport, cmd, env)
             replicas_.append(replica)
-            endpoints.append(Endpoint(name=name, url=f"http://127.0.0.1:{rport}", api_key=internal_key or None))
+            endpoints.append(Endpoint(name=name, url=f"http://127.0.0.1:{rport}", api_key=internal_key))
             print(f"agora serve: {name} on 127.0.0.1:{rport} (pid {replica.proc.pid}, "
                   f"{env['AGORA_NUM_THREADS']} threads)", file=sys.stderr, flush=True)  # fmt: skip
         run_gateway(config, endpoints, log_level=log_level, config_path=router_config)

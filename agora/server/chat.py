@@ -17,7 +17,7 @@ from agora.openai.chat import ChatCompletionRequest
 from agora.openai.errors import APIError
 from agora.openai.stream import merge_chat_chunks
 from agora.server.params import sampling_params, strict_schema, structured_params
-from agora.server.serving import OpenAIAnswer, Serving
+from agora.server.serving import OpenAIAnswer, Serving, prompt_header
 from agora.server.tools import ChatTools, chat_tools
 
 # Chat has no "prompt": engine errors about it are about the messages; logprobs are top_logprobs here.
@@ -55,10 +55,11 @@ async def render_prompt(serving: Serving, req: ChatCompletionRequest) -> tuple[s
 
 
 async def start_chat(serving: Serving, req: ChatCompletionRequest, prefix: str = "chatcmpl",
-                     ceiling: bool = False) -> ChatRun:  # fmt: skip
+                     ceiling: bool = False, tenant: str | None = None) -> ChatRun:  # fmt: skip
     """Check, render (tools included), compile the constraint, submit. The Responses and Messages APIs
     come through here too, as the chat requests they translate into. ``ceiling``: their maximum output
-    is an upper bound, so it shrinks to the context left (chat refuses what does not fit, as vLLM does)."""
+    is an upper bound, so it shrinks to the context left (chat refuses what does not fit, as vLLM does).
+    ``tenant`` (from the gateway) salts the prefix cache, so no tenant's prompts are cached for another."""
     text, prompt_ids, tools = await render_prompt(serving, req)
     found = (tools.constraint, "tools") if tools.constraint is not None else req.constraint()
     structured = structured_params(found[0], strict_schema(req)) if found is not None else None
@@ -73,7 +74,7 @@ async def start_chat(serving: Serving, req: ChatCompletionRequest, prefix: str =
     constraint = await serving.compile(params, found[1]) if found is not None else None
     rid = f"{prefix}-{uuid.uuid4().hex}"
     start = time.monotonic()
-    streams = serving.submit([prompt_ids], params, req.cache_salt, rid, RENAME, constraint)
+    streams = serving.submit([prompt_ids], params, serving.salt(tenant, req.cache_salt), rid, RENAME, constraint)
     _, every_chunk = req.stream_usage()
     acc = ChatStream(rid, serving.model_name, params.n, len(prompt_ids), logprobs=params.logprobs is not None,
                      token_text=serving.token_text, tool_parser=tools.parser, usage_every_chunk=every_chunk)  # fmt: skip
@@ -84,6 +85,7 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
         serving.check_model(req.model)
-        run = await start_chat(serving, req)
+        run = await start_chat(serving, req, tenant=serving.tenant(request))
         answer = OpenAIAnswer(run.acc, merge_chat_chunks, req.stream_usage()[0])
-        return await serving.answer(request, run.streams, answer, stream=req.stream, start=run.start)
+        return await serving.answer(request, run.streams, answer, stream=req.stream, start=run.start,
+                                    headers=prompt_header(run.prompt_tokens))  # fmt: skip

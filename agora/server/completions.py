@@ -14,7 +14,7 @@ from agora.openai.completions import CompletionRequest
 from agora.openai.errors import bad_request
 from agora.openai.stream import merge_completion_chunks
 from agora.server.params import sampling_params, strict_schema, structured_params
-from agora.server.serving import OpenAIAnswer, Serving
+from agora.server.serving import OpenAIAnswer, Serving, prompt_header
 
 MAX_PROMPTS_PER_REQUEST = 64
 MAX_CHOICES_PER_REQUEST = 64
@@ -45,7 +45,8 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
         constraint = await serving.compile(params, found[1]) if found is not None else None
         rid = f"cmpl-{uuid.uuid4().hex}"
         start = time.monotonic()
-        streams = serving.submit(prompt_ids, params, req.cache_salt, rid, constraint=constraint)  # checks token ids
+        salt = serving.salt(serving.tenant(request), req.cache_salt)
+        streams = serving.submit(prompt_ids, params, salt, rid, constraint=constraint)  # checks token ids
         echo_texts = [""] * len(prompt_ids)
         if req.echo:
             echo_texts = [p if isinstance(p, str) else serving.need_tokenizer().decode(p) for p in raw_prompts]
@@ -54,4 +55,5 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
                                logprobs=params.logprobs is not None, token_text=serving.token_text,
                                usage_every_chunk=every_chunk)  # fmt: skip
         answer = OpenAIAnswer(acc, merge_completion_chunks, at_end)
-        return await serving.answer(request, streams, answer, stream=req.stream, start=start)
+        return await serving.answer(request, streams, answer, stream=req.stream, start=start,
+                                    headers=prompt_header(sum(len(p) for p in prompt_ids)))  # fmt: skip

@@ -16,7 +16,7 @@ from agora.openai.messages import (
     ThinkSplitter,
 )
 from agora.server.chat import render_prompt, start_chat
-from agora.server.serving import EventsAnswer, Serving, renamed
+from agora.server.serving import EventsAnswer, Serving, prompt_header, renamed
 
 
 def _has_thinking_mode(serving: Serving) -> bool:
@@ -30,12 +30,13 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
         serving.check_model(req.model)
         reasoning = _has_thinking_mode(serving)
         with renamed(RENAME):
-            run = await start_chat(serving, req.to_chat(reasoning), prefix="msg", ceiling=True)
+            run = await start_chat(serving, req.to_chat(reasoning), prefix="msg", ceiling=True,
+                                   tenant=serving.tenant(request))  # fmt: skip
         thinking = reasoning and req.thinking is not None and req.thinking.type in ("enabled", "adaptive")
         think = ThinkSplitter(run.prompt_text.rstrip().endswith(ThinkSplitter.OPEN)) if thinking else None
         events = MessageEvents(Reply(id=new_id("msg", 12), model=serving.model_name), run.prompt_tokens, think)
         return await serving.answer(request, run.streams, EventsAnswer(run.acc, events), stream=req.stream,
-                                    start=run.start)  # fmt: skip
+                                    start=run.start, headers=prompt_header(run.prompt_tokens))  # fmt: skip
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(req: CountTokensRequest) -> dict[str, int]:

@@ -27,7 +27,7 @@ from agora.openai.responses import (
     new_response,
 )
 from agora.server.chat import start_chat
-from agora.server.serving import EventsAnswer, Serving, renamed
+from agora.server.serving import EventsAnswer, Serving, prompt_header, renamed
 from agora.server.store import ResponseStore
 
 
@@ -58,7 +58,8 @@ def add_routes(app: FastAPI, serving: Serving, store: ResponseStore) -> None:
                 raise missing(req.previous_response_id, "previous_response_id")
             history = chain
         with renamed(RENAME):
-            run = await start_chat(serving, req.to_chat(history), prefix="resp", ceiling=True)
+            run = await start_chat(serving, req.to_chat(history), prefix="resp", ceiling=True,
+                                   tenant=serving.tenant(request))  # fmt: skip
         events = ResponseEvents(new_response(req, serving.model_name))
         answer = EventsAnswer(run.acc, events)
         own_input = _with_ids(input_items(req))
@@ -68,7 +69,7 @@ def add_routes(app: FastAPI, serving: Serving, store: ResponseStore) -> None:
                 await asyncio.to_thread(store.put, events.response.model_dump(mode="json"), own_input, owner)
 
         # the gateway reads the id from this header: it keeps a chain's turns on the replica holding its prefix
-        headers = {"x-agora-response-id": events.response.id}
+        headers = {"x-agora-response-id": events.response.id, **prompt_header(run.prompt_tokens)}
         return await serving.answer(request, run.streams, answer, stream=req.stream, start=run.start, on_done=keep,
                                     headers=headers)  # fmt: skip
 

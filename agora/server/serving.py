@@ -214,15 +214,28 @@ class Serving:
                            "not_found_error", "model", "model_not_found")  # fmt: skip
 
     def owner(self, request: Request) -> str:
-        """Whose stored responses a request may see: a hash of its API key (the gateway's tenant, when the
+        """Whose stored responses a request may see: a hash of its API key (the gateway's owner, when the
         gateway authenticated with this server's key), or "" where no key is configured."""
         if self.config.api_key is None:
             return ""
-        tenant = request.headers.get("x-agora-tenant")
-        if tenant:
-            return tenant  # check_auth passed, so the gateway sent it: the client's own key, hashed there
+        owner = request.headers.get("x-agora-owner") or request.headers.get("x-agora-tenant")
+        if owner:
+            return owner  # check_auth passed, so the gateway sent it: the client's own key, hashed there
         given = request.headers.get("authorization") or f"Bearer {request.headers.get('x-api-key', '')}"
         return hashlib.sha256(given.encode()).hexdigest()
+
+    def tenant(self, request: Request) -> str | None:
+        """The gateway's tenant (a hash), trusted only where the gateway authenticated with this server's key."""
+        if self.config.api_key is None:
+            return None
+        return request.headers.get("x-agora-tenant") or None
+
+    @staticmethod
+    def salt(tenant: str | None, cache_salt: str | None) -> str | None:
+        """The prefix-cache salt: the tenant's, and the request's own ``cache_salt`` within it."""
+        if tenant is None:
+            return cache_salt
+        return f"{tenant}:{cache_salt}" if cache_salt else tenant
 
     def need_tokenizer(self) -> Any:
         if self.tokenizer is None:
@@ -334,3 +347,8 @@ class Serving:
                 task.cancel()
             for s in streams:
                 await s.aclose()
+
+
+def prompt_header(tokens: int) -> dict[str, str]:
+    """The prompt's token count, for the gateway's accounting of a stream the client abandons."""
+    return {"x-agora-prompt-tokens": str(tokens)}

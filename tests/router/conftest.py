@@ -69,7 +69,8 @@ class Procs:
 
     def gateway(self, config: dict, wait: bool = True) -> Proc:
         port = free_port()
-        config = {**config, "gateway": {"port": port, "scrape_interval_s": 0.1, "seed": 0, **config.get("gateway", {})}}
+        config = {"db": f"sqlite:///{self.tmp_path / f'governance-{port}.db'}", **config,
+                  "gateway": {"port": port, "scrape_interval_s": 0.1, "seed": 0, **config.get("gateway", {})}}  # fmt: skip
         path = self.tmp_path / f"router-{port}.yaml"
         path.write_text(yaml.safe_dump(config))
         env = {**os.environ, "AGORA_LOG_LEVEL": "DEBUG"}
@@ -84,6 +85,7 @@ class Procs:
         config = yaml.safe_load(path.read_text())
         port = free_port()
         config.setdefault("gateway", {}).update({"port": port, "scrape_interval_s": 0.1, "seed": 0})
+        config.setdefault("db", f"sqlite:///{self.tmp_path / f'governance-{port}.db'}")
         path.write_text(yaml.safe_dump(config))
         p = subprocess.Popen([sys.executable, "-m", "agora.cli", "route", "--config", str(path)])
         self.procs.append(p)

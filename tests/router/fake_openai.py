@@ -5,7 +5,8 @@ sees which endpoint answered), streams ``--tokens`` chunks ``--delay-ms`` apart,
 exports vLLM's load gauges on /metrics, and counts what happened on /stats.
 ``POST /admin/mode`` switches it between ``ok``, ``error500`` (every request fails)
 and ``break`` (streams stop after the first chunk by dropping the connection).
-``--done-linger-ms`` sends ``data: [DONE]`` and its blank line in two pieces and then holds
+Usage: one prompt token per word, ``--tokens`` completion tokens; a stream ends with a usage
+chunk when ``stream_options.include_usage`` asks for one. ``--done-linger-ms`` sends ``data: [DONE]`` and its blank line in two pieces and then holds
 the end of the body that long, as a server that closes its response lazily does.
 
     python tests/router/fake_openai.py --port 9001 --model m1 --name a
@@ -92,7 +93,8 @@ class FakeOpenAI:
                 choice = {"index": 0, "finish_reason": "stop"}
                 choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
                 await _json(send, 200, {"id": "x", "object": "chat.completion" if chat else "text_completion",
-                                        "created": int(time.time()), "model": req["model"], "choices": [choice]})  # fmt: skip
+                                        "created": int(time.time()), "model": req["model"], "choices": [choice],
+                                        "usage": _usage(req, self.tokens)})  # fmt: skip
                 self.stats["served"] += 1
         finally:
             self.running -= 1
@@ -117,6 +119,10 @@ class FakeOpenAI:
                     self.stats["aborted"] += 1
                     return
             self.stats["served"] += 1
+            if (req.get("stream_options") or {}).get("include_usage"):
+                chunk = {"id": "x", "model": req["model"], "choices": [], "usage": _usage(req, self.tokens)}
+                await send({"type": "http.response.body", "body": f"data: {json.dumps(chunk)}\n\n".encode(),
+                            "more_body": True})  # fmt: skip
             if self.done_linger:  # [DONE] and its blank line in two pieces, the body's end later still
                 await send({"type": "http.response.body", "body": b"data: [DONE]", "more_body": True})
                 await asyncio.wait({gone}, timeout=0.2)
@@ -127,6 +133,14 @@ class FakeOpenAI:
                 await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
         finally:
             gone.cancel()
+
+
+def _usage(req: dict[str, Any], tokens: int) -> dict[str, int]:
+    """Prompt tokens: one per word of the prompt (a fake tokenizer), so tests can predict them."""
+    prompt = req.get("messages", req.get("prompt"))
+    text = " ".join(str(m.get("content", "")) for m in prompt) if isinstance(prompt, list) else str(prompt or "")
+    words = len(text.split())
+    return {"prompt_tokens": words, "completion_tokens": tokens, "total_tokens": words + tokens}
 
 
 async def _disconnected(receive: Any) -> None:

@@ -32,6 +32,9 @@ class Plugin:
     def on_pick(self, req: RequestInfo, endpoint: Endpoint) -> None:
         """Called once the request is sent to ``endpoint`` (e.g. to remember its prefix there)."""
 
+    def on_done(self, req: RequestInfo, endpoint: Endpoint, status: int) -> None:
+        """Called once the answer from ``endpoint`` has ended (``status`` its HTTP status, 499 if the client left)."""
+
     def on_eject(self, endpoint: Endpoint) -> None:
         """Called when ``endpoint`` is ejected: whatever was remembered about it may be gone."""
 

@@ -48,6 +48,11 @@ class PrefixIndex:
     def forget(self, endpoint: str) -> None:
         self._sets.pop(endpoint, None)
 
+    def remove(self, endpoint: str, hashes: list[int]) -> None:
+        seen = self._sets.get(endpoint)
+        for h in hashes if seen is not None else ():
+            seen.pop(h, None)
+
     def size(self, endpoint: str) -> int:
         return len(self._sets.get(endpoint, ()))
 
@@ -114,8 +119,17 @@ class PrefixCacheScorer(Scorer):
     def on_pick(self, req: RequestInfo, endpoint: Endpoint) -> None:
         hashes = self.block_hashes(req)
         if hashes:
-            req.notes["prefix_blocks"] = (self.index.match(endpoint.name, hashes), len(hashes))
+            matched = self.index.match(endpoint.name, hashes)
+            req.notes["prefix_blocks"] = (matched, len(hashes))
+            req.notes["prefix_new"] = (endpoint.name, hashes[matched:])
             self.index.insert(endpoint.name, hashes)
+
+    def on_done(self, req: RequestInfo, endpoint: Endpoint, status: int) -> None:
+        # Refused by the endpoint (a 4xx of its own): the prompt never reached its cache, so the blocks
+        # this request added there are forgotten, and the next one is not sent there for them.
+        new = req.notes.get("prefix_new")
+        if new is not None and new[0] == endpoint.name and 400 <= status < 500 and status != 499:
+            self.index.remove(endpoint.name, new[1])
 
     def on_eject(self, endpoint: Endpoint) -> None:
         self.index.forget(endpoint.name)  # it may come back restarted, with an empty cache
