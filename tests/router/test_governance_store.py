@@ -17,7 +17,7 @@ from agora.openai.errors import APIError
 from agora.router.governance import audit, service
 from agora.router.governance.fairness import FairQueue
 from agora.router.governance.keys import create_key, hash_key
-from agora.router.governance.limits import LimitError, Limiter, Subject, Window
+from agora.router.governance.limits import Limiter, LimitError, Subject, Window
 from agora.router.governance.store import SCHEMA_VERSION, Limits, Store, StoreError
 from tests.router.postgres import Postgres, Unavailable
 
