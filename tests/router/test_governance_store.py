@@ -167,7 +167,10 @@ def test_cli_keys_usage_and_audit(tmp_path) -> None:
     assert key["id"] in listed.stdout and key["key"] not in listed.stdout
     assert agora("keys", "revoke", key["id"]).returncode == 0
     assert agora("keys", "revoke", key["id"]).returncode == 1
-    assert agora("tenants", "set", "acme", "--weight", "3", "--budget-tokens", "50", "--budget-window", "1h").returncode == 0
+    assert (
+        agora("tenants", "set", "acme", "--weight", "3", "--budget-tokens", "50", "--budget-window", "1h").returncode
+        == 0
+    )
     usage = json.loads(agora("usage", "--json").stdout)
     assert usage[0]["tenant"] == "acme" and usage[0]["budget_left"] == 50
     assert "acme" in agora("usage").stdout

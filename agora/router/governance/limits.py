@@ -193,8 +193,10 @@ class Limiter:
         for s in subjects:
             self._check(s, tokens_in, now)
         sess = None
-        if session is not None and session_limits is not None and (
-            session_limits.session_requests is not None or session_limits.session_tokens is not None
+        if (
+            session is not None
+            and session_limits is not None
+            and (session_limits.session_requests is not None or session_limits.session_tokens is not None)
         ):
             sess = self.sessions.get(session)
             if sess is None:
