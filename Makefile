@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint
+.PHONY: install serve test lint system-deps
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,8 +21,17 @@ install: $(VENV)/.installed
 serve: install
 	$(VENV)/bin/agora serve $(ARGS)
 
+# The governance tests start a throwaway PostgreSQL server: Debian's package, installed here if missing
+# (as root or with passwordless sudo); where it cannot be, those tests skip and say why.
+system-deps:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+	  echo "installing Debian's postgresql for the governance tests"; \
+	  ( $$SUDO apt-get install -y -q postgresql || ( $$SUDO apt-get update -q && $$SUDO apt-get install -y -q postgresql ) ) \
+	    >/dev/null 2>&1 || echo "could not install postgresql: the PostgreSQL tests will skip"; }
+
 # pytest's exit code 5 ("no tests collected", e.g. a -k selection) is not a failure.
-test: install
+test: install system-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
 lint: install
