@@ -330,17 +330,9 @@ class Store:
     def audit_page(self, after: int = 0, limit: int = 100, since: float | None = None, until: float | None = None,
                    tenant: str | None = None) -> list[tuple[int, str, str, str]]:  # fmt: skip
         """(seq, record JSON, prev_hash, hash) in order, after ``after``."""
-        sql, params = "SELECT seq, record, prev_hash, hash FROM audit WHERE seq > ?", [after]
-        if since is not None:
-            sql += " AND ts >= ?"
-            params.append(since)
-        if until is not None:
-            sql += " AND ts < ?"
-            params.append(until)
-        if tenant is not None:
-            sql += " AND tenant = ?"
-            params.append(tenant)
-        return [(int(s), r, p, h) for s, r, p, h in self.query(sql + " ORDER BY seq LIMIT ?", [*params, limit])]
+        where, params = _audit_filter(since, until, tenant)
+        sql = f"SELECT seq, record, prev_hash, hash FROM audit WHERE seq > ?{where} ORDER BY seq LIMIT ?"
+        return [(int(s), r, p, h) for s, r, p, h in self.query(sql, [after, *params, limit])]
 
     def audit_head(self) -> tuple[int, str]:
         seq, digest = self.query("SELECT seq, hash FROM audit_head WHERE id = 1")[0]
@@ -350,16 +342,17 @@ class Store:
         """Per tenant: requests, tokens in and out, blocked (from the audit records)."""
         sql = ("SELECT tenant, COUNT(*), COALESCE(SUM(tokens_in), 0), COALESCE(SUM(tokens_out), 0), "
                "COALESCE(SUM(blocked), 0) FROM audit WHERE tenant IS NOT NULL")  # fmt: skip
-        params: list[Any] = []
-        if tenant is not None:
-            sql += " AND tenant = ?"
-            params.append(tenant)
-        if since is not None:
-            sql += " AND ts >= ?"
-            params.append(since)
-        rows = self.query(sql + " GROUP BY tenant ORDER BY tenant", params)
+        where, params = _audit_filter(since, None, tenant)
+        rows = self.query(sql + where + " GROUP BY tenant ORDER BY tenant", params)
         return [{"tenant": t, "requests": int(n), "tokens_in": int(i), "tokens_out": int(o), "blocked": int(b)}
                 for t, n, i, o, b in rows]  # fmt: skip
+
+
+def _audit_filter(since: float | None, until: float | None, tenant: str | None) -> tuple[str, list[Any]]:
+    """`` AND ...`` conditions on the audit table (placeholders only: values never enter the SQL)."""
+    parts = [(" AND ts >= ?", since), (" AND ts < ?", until), (" AND tenant = ?", tenant)]
+    kept = [(sql, value) for sql, value in parts if value is not None]
+    return "".join(sql for sql, _ in kept), [value for _, value in kept]
 
 
 class _Cursor:
