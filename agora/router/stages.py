@@ -69,7 +69,6 @@ class IdentifyStage(Stage):
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
-        self.tarpits = 0
 
     async def before(self, ctx: RequestContext) -> None:
         ctx.identity = await self.gw.identify(ctx.headers, ctx.client, ctx)
