@@ -18,7 +18,7 @@ from tests.router.conftest import free_port, metric, wait_http
 
 def test_replica_argv_drops_gateway_options() -> None:
     argv = ["m", "--replicas", "2", "--port=8000", "--host", "0.0.0.0", "--max-num-seqs", "8",
-            "--api-key", "k", "--router-profile", "round-robin", "--no-enable-prefix-caching"]  # fmt: skip
+            "--api-key", "k", "--router-profile", "round-robin", "--db", "sqlite:///g.db", "--no-enable-prefix-caching"]  # fmt: skip
     assert replica_argv(argv) == ["m", "--max-num-seqs", "8", "--no-enable-prefix-caching"]
 
 
