@@ -289,3 +289,31 @@ async def test_fair_queue_bounds_waits_and_forgets_cancelled_clients() -> None:
     assert late.value.status == 503 and late.value.code == "queue_timeout"
     held.release()
     (await q.acquire("m", "e", "interactive")).release()
+
+
+async def test_a_gateway_that_starts_knows_an_exhausted_budget_at_its_first_request(tmp_path) -> None:
+    from agora.router.governance.limits import key_subject, window_of
+    from agora.router.governance.runtime import Governance
+
+    url = f"sqlite:///{tmp_path / 'gov.db'}"
+    store = Store(url)
+    key, record = create_key(store, "acme", limits=Limits(budget_tokens=100, budget_window_s=3600))
+    window = window_of(record.limits, key_subject(record.id), time.time())
+    store.add_usage({window: 100})  # spent through another gateway
+    store.close()
+    gov = Governance(url, None)
+    await gov.start()
+    try:
+        ident = gov.identify(f"Bearer {key}", "c")
+        with pytest.raises(LimitError) as exc:
+            gov.limiter.admit(ident.subjects(), 10)
+        assert exc.value.limit == "budget"
+        # settled tokens still count while they are being flushed, and after
+        gov.limiter.budgets.pending[window] = 5
+        flushing = gov.limiter.budgets.take_pending()
+        assert flushing == {window: 5} and gov.limiter.budgets.used(window) == 105
+        gov.limiter.budgets.flush_failed()
+        await gov.sync()
+        assert gov.limiter.budgets.used(window) == 105 and gov.limiter.budgets.pending == {}
+    finally:
+        await gov.stop()

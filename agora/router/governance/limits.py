@@ -99,34 +99,40 @@ class Subject:
 
 
 class Budgets:
-    """Token counts per (subject, window start): the store's count plus what this process settled
-    and has not flushed yet."""
+    """Token counts per (subject, window start): the store's count, plus what this process settled
+    and has not flushed yet (``pending``), is flushing right now, or has reserved for requests in flight."""
 
     def __init__(self) -> None:
         self.stored: dict[tuple[str, int], int] = {}
         self.pending: dict[tuple[str, int], int] = {}
+        self.flushing: dict[tuple[str, int], int] = {}
         self.reserved: dict[tuple[str, int], int] = {}
 
     def used(self, window: tuple[str, int]) -> int:
-        return self.stored.get(window, 0) + self.pending.get(window, 0) + self.reserved.get(window, 0)
+        return (self.stored.get(window, 0) + self.pending.get(window, 0) + self.flushing.get(window, 0) +
+                self.reserved.get(window, 0))  # fmt: skip
 
     def take_pending(self) -> dict[tuple[str, int], int]:
-        pending, self.pending = self.pending, {}
-        return pending
+        """The settled counts to flush; they still count here until the store's counts are read back."""
+        self.flushing, self.pending = self.pending, {}
+        return self.flushing
 
-    def windows(self) -> list[tuple[str, int]]:
-        """The windows worth reading back: those in use now (older ones are dropped)."""
-        keep = set(self.reserved) | set(self.pending) | set(self.stored)
-        return sorted(keep)
+    def flush_failed(self) -> None:
+        for window, tokens in self.flushing.items():
+            self.pending[window] = self.pending.get(window, 0) + tokens
+        self.flushing = {}
 
-    def refreshed(self, counts: dict[tuple[str, int], int], asked: list[tuple[str, int]], now: float) -> None:
-        for window in asked:
-            self.stored[window] = counts.get(window, 0)
-        # windows that ended are forgotten unless something is still reserved or unflushed in them
-        for window in [w for w in self.stored if w not in self.reserved and w not in self.pending]:
-            subject, start = window
-            if window not in counts and start < now - 31 * 86400:
-                del self.stored[window]
+    def refreshed(self, counts: dict[tuple[str, int], int]) -> None:
+        """The store's counts of every window in use, read after the flush (so they include it)."""
+        self.stored, self.flushing = counts, {}
+
+
+def key_subject(key_id: str) -> str:
+    return f"key:{key_id}"
+
+
+def tenant_subject(name: str) -> str:
+    return f"tenant:{name}"
 
 
 def window_of(limits: Limits, subject: str, now: float) -> tuple[str, int] | None:

@@ -21,7 +21,7 @@ from typing import Any
 from agora.openai.errors import APIError, bearer_token_matches
 from agora.router.governance.audit import chain_hash
 from agora.router.governance.keys import hash_key
-from agora.router.governance.limits import Limiter, Subject
+from agora.router.governance.limits import Limiter, Subject, key_subject, tenant_subject, window_of
 from agora.router.governance.store import BANDS, KeyRecord, Limits, Store, Tenant
 
 logger = logging.getLogger(__name__)
@@ -45,10 +45,10 @@ class Identity:
     def subjects(self) -> list[Subject]:
         out = []
         if self.key is not None and self.key.limits != Limits():
-            out.append(Subject(f"key:{self.key.id}", f"key {self.key.id}", self.key.limits))
+            out.append(Subject(key_subject(self.key.id), f"key {self.key.id}", self.key.limits))
         t = self.tenant_record
         if t is not None and t.limits != Limits():
-            out.append(Subject(f"tenant:{t.name}", f"tenant {t.name!r}", t.limits))
+            out.append(Subject(tenant_subject(t.name), f"tenant {t.name!r}", t.limits))
         return out
 
     def session_limits(self, defaults: Limits) -> Limits:
@@ -125,32 +125,41 @@ class Governance:
             records, self.audit_queue = self.audit_queue, []
             budgets = self.limiter.budgets
             pending = budgets.take_pending()
+            known = (list(self.by_hash.values()), list(self.tenants.values()), list(budgets.reserved))
             try:
-                version, keys, tenants, counts, asked = await asyncio.to_thread(self._sync_io, records, pending)
+                version, keys, tenants, counts = await asyncio.to_thread(self._sync_io, records, pending, *known)
             except BaseException:
                 self.audit_queue[:0] = records  # put them back: nothing is lost on a failed pass
-                for window, tokens in pending.items():
-                    budgets.pending[window] = budgets.pending.get(window, 0) + tokens
+                budgets.flush_failed()
                 raise
             if keys is not None:
                 self.by_hash = {k.key_hash: k for k in keys if k.revoked is None}
                 self.tenants = {t.name: t for t in tenants}
                 self.version = version
-            budgets.refreshed(counts, asked, time.time())
+            budgets.refreshed(counts)
 
-    def _sync_io(self, records: list[dict[str, Any]], pending: dict) -> tuple:
+    def _sync_io(self, records: list[dict[str, Any]], pending: dict, keys: list[KeyRecord], tenants: list[Tenant],
+                 reserved: list[tuple[str, int]]) -> tuple:  # fmt: skip
         store = self.store
         assert store is not None
         for i in range(0, len(records), _AUDIT_BATCH):
             store.append_audit(records[i : i + _AUDIT_BATCH], chain_hash)
         store.add_usage(pending)
         version = store.keys_version()
-        keys = tenants = None
+        fresh = fresh_tenants = None
         if version != self.version:
-            keys, tenants = store.keys(include_revoked=False), store.tenants()
-        asked = self.limiter.budgets.windows()
-        counts = store.usage_of(asked) if asked else {}
-        return version, keys, tenants, counts, asked
+            fresh, fresh_tenants = store.keys(include_revoked=False), store.tenants()
+        # The current window of every budget, read before any request needs it (a gateway that just
+        # started knows an exhausted budget from its first request), and any window still reserved.
+        now = time.time()
+        asked = set(reserved)
+        for k in fresh if fresh is not None else keys:
+            asked.add(window_of(k.limits, key_subject(k.id), now))
+        for t in fresh_tenants if fresh_tenants is not None else tenants:
+            asked.add(window_of(t.limits, tenant_subject(t.name), now))
+        asked.discard(None)
+        counts = store.usage_of(sorted(asked)) if asked else {}  # type: ignore[arg-type]
+        return version, fresh, fresh_tenants, counts
 
     # -- identity ------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agora.router.governance.keys import check_tenant, create_key, parse_duration
-from agora.router.governance.limits import window_of
+from agora.router.governance.limits import key_subject, tenant_subject, window_of
 from agora.router.governance.store import LIMIT_FIELDS, Limits, Store
 
 KEY_FIELDS = ("tenant", "role", "rpm", "tpm", "max_parallel", "budget_tokens", "budget_window", "models", "expires",
@@ -82,13 +82,13 @@ def usage(store: Store, tenant: str | None = None) -> list[dict[str, Any]]:
         row = rows.get(name) or {"tenant": name, "requests": 0, "tokens_in": 0, "tokens_out": 0, "blocked": 0}
         t = tenants.get(name)
         left = None
-        window = window_of(t.limits, f"tenant:{name}", now) if t is not None else None
+        window = window_of(t.limits, tenant_subject(name), now) if t is not None else None
         if window is not None and t is not None and t.limits.budget_tokens is not None:
             used = store.usage_of([window]).get(window, 0)
             left = max(0, t.limits.budget_tokens - used)
         keys_left = []
         for k in store.keys(name, include_revoked=False):
-            w = window_of(k.limits, f"key:{k.id}", now)
+            w = window_of(k.limits, key_subject(k.id), now)
             if w is not None and k.limits.budget_tokens is not None:
                 keys_left.append({"id": k.id, "budget_left": max(0, k.limits.budget_tokens -
                                                                  store.usage_of([w]).get(w, 0))})  # fmt: skip
