@@ -64,7 +64,6 @@ _FORWARD_REQUEST = (b"content-type", b"accept", b"x-request-id", b"traceparent",
                     b"anthropic-version", b"anthropic-beta")  # fmt: skip
 _FORWARD_RESPONSE = ("content-type", "x-request-id", "retry-after", "cache-control", "x-agora-response-id")
 _MAX_CACHED_BYTES = 4 << 20  # answers larger than this are passed on but not cached
-_SSE_DONE = (b"data: [DONE]\n\n", b"data: [DONE]\r\n\r\n")  # the end of an OpenAI event stream
 _CACHEABLE_FINISH = ("stop", "length", "tool_calls")  # answers that ran to a natural end
 _MAX_METERED_BYTES = 8 << 20  # a JSON answer larger than this is counted from its deltas' estimate only
 _MAX_TARPITS = 256  # clients held back at once for sending wrong keys
@@ -332,6 +331,7 @@ class Gateway:
         s = self.settings
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s, sock_read=s.read_timeout_s)
         limit = s.max_in_flight_per_endpoint if self.queue is None else self.config.fairness.slots_per_endpoint
+        body = ctx.encoded()
         tried: list[str] = []
         last: tuple[int, bytes, dict[str, str]] | None = None  # the last retriable answer, if we run out
         for attempt in range(s.retries + 1):
@@ -354,7 +354,7 @@ class Gateway:
             ep.in_flight += 1
             try:
                 try:
-                    resp = await self.session.post(ep.url + path, data=ctx.body, headers=send_headers,
+                    resp = await self.session.post(ep.url + path, data=body, headers=send_headers,
                                                    timeout=timeout)  # fmt: skip
                 except (TimeoutError, aiohttp.ClientError) as exc:
                     kind = "timeout" if isinstance(exc, TimeoutError) else "connect"
@@ -404,8 +404,6 @@ class Gateway:
             self.chains[response_id] = (session or response_id, ep.name)
             while len(self.chains) > _MAX_CHAINS:
                 self.chains.popitem(last=False)
-        keep: list[bytes] | None = [] if ctx.cache_ticket is not None and resp.status == 200 else None
-        kept = 0
         content_type = headers.pop("content-type", "application/json")
         ctx.content_type = content_type
         headers["x-agora-endpoint"] = ep.name
@@ -417,8 +415,10 @@ class Gateway:
         # the backend may end its body a moment later: the answer is whole at [DONE], so the relay
         # ends there instead of waiting for the body's end and seeing a client that went away.
         splitter = EventSplitter() if content_type.startswith("text/event-stream") else None
-        whole: list[bytes] | None = [] if splitter is None and meter is not None else None
-        whole_size = 0
+        # What is kept of the answer: a stream's events for the cache; a JSON body for the meter and the cache.
+        cache = ctx.cache_ticket is not None and resp.status == 200
+        limit = _MAX_CACHED_BYTES if splitter is not None or meter is None else _MAX_METERED_BYTES
+        kept = _Bounded(limit) if cache or (splitter is None and meter is not None) else None
         try:
             await send({"type": "http.response.start", "status": resp.status, "headers": raw})
             try:
@@ -430,21 +430,14 @@ class Gateway:
                         events = splitter.feed(chunk)
                         out = b"".join(e for e in events if meter is None or meter.event(e))
                         done = bool(events) and events[-1].strip() == b"data: [DONE]"
-                        raw_part = b"".join(events)
+                        if kept is not None:
+                            kept.add(b"".join(events))  # as the endpoint sent them: the cache wants the usage
                     else:
-                        out = raw_part = chunk
-                        if whole is not None:
-                            whole_size += len(chunk)
-                            whole = whole if whole_size <= _MAX_METERED_BYTES else None
-                            if whole is not None:
-                                whole.append(chunk)
+                        out = chunk
+                        if kept is not None:
+                            kept.add(chunk)
                     if out:
                         await send({"type": "http.response.body", "body": out, "more_body": True})
-                    if keep is not None and raw_part:
-                        kept += len(raw_part)
-                        keep = keep if kept <= _MAX_CACHED_BYTES else None
-                        if keep is not None:
-                            keep.append(raw_part)
                     if done:
                         break
                 if splitter is not None and (rest := splitter.rest()):
@@ -459,11 +452,12 @@ class Gateway:
                 return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             complete = ctx.complete = True
-            if whole is not None and meter is not None:
-                meter.body(b"".join(whole))
             self.metrics.requests.labels(ep.name, str(resp.status)).inc()
-            if keep is not None:
-                ctx.kept = b"".join(keep)
+            answer = kept.value() if kept is not None else None
+            if answer is not None and splitter is None and meter is not None:
+                meter.body(answer)
+            if answer is not None and cache and len(answer) <= _MAX_CACHED_BYTES:
+                ctx.kept = answer
         finally:
             ctx.finished = time.perf_counter()
             if complete:
@@ -561,6 +555,26 @@ class Gateway:
                     await self.reload()
                 except APIError:
                     pass  # logged; the old config stays
+
+
+class _Bounded:
+    """Bytes kept up to ``limit``; past it nothing is (a part of an answer is no answer)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.size = limit, 0
+        self.parts: list[bytes] | None = []
+
+    def add(self, data: bytes) -> None:
+        if self.parts is None or not data:
+            return
+        self.size += len(data)
+        if self.size > self.limit:
+            self.parts = None
+        else:
+            self.parts.append(data)
+
+    def value(self) -> bytes | None:
+        return b"".join(self.parts) if self.parts is not None else None
 
 
 async def _send_cached(send: Any, answer: Answer, body: dict[str, Any], headers: dict[str, str]) -> None:

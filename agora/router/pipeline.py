@@ -18,6 +18,7 @@ request, and nothing is threaded through the forwarding code.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -54,8 +55,9 @@ class RequestContext:
     time: float = field(default_factory=time.time)
     # admission
     identity: Identity | None = None
-    body: bytes = b""
+    body: bytes = b""  # as the client sent it, until a stage changes ``data``
     data: dict[str, Any] = field(default_factory=dict)
+    body_stale: bool = False
     model_requested: str | None = None
     session: str | None = None
     band: str = "interactive"
@@ -93,6 +95,15 @@ class RequestContext:
         if self.meter is None or self.endpoint is None or (self.status is not None and 400 <= self.status != 499):
             return 0, 0
         return self.meter.result(self.prompt_tokens_header, self.estimate_in)
+
+    def changed(self) -> None:
+        """A stage changed ``data``: the body is encoded again once, when it is forwarded."""
+        self.body_stale = True
+
+    def encoded(self) -> bytes:
+        if self.body_stale:
+            self.body, self.body_stale = json.dumps(self.data, ensure_ascii=False).encode(), False
+        return self.body
 
     def watch_disconnect(self) -> None:
         """Once the body is read: a client that leaves cancels the rest of the pipeline."""

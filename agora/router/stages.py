@@ -98,7 +98,7 @@ class AdmitStage(Stage):
         ctx.model_requested = model
         if isinstance(model, str) and gw.alias(model) != model:
             data["model"] = gw.alias(model)
-            ctx.body = json.dumps(data, ensure_ascii=False).encode()
+            ctx.changed()
         ctx.data = data
         ident = ctx.identity
         if ident is not None and not (ident.may_use(model) or ident.may_use(data.get("model"))):
@@ -146,7 +146,7 @@ class LimitsStage(Stage):
         if isinstance(options, dict) and options.get("include_usage") is True:
             return
         ctx.data["stream_options"] = {**(options or {}), "include_usage": True}
-        ctx.body = json.dumps(ctx.data, ensure_ascii=False).encode()
+        ctx.changed()
         ctx.hide_usage = True
 
     def after(self, ctx: RequestContext) -> None:
@@ -184,7 +184,7 @@ class SemanticStage(Stage):
         ctx.to_client.update(outcome.headers)
         if outcome.body is not ctx.data:
             ctx.data = outcome.body
-            ctx.body = json.dumps(ctx.data, ensure_ascii=False).encode()
+            ctx.changed()
             routed = ctx.data.get("model")
             if ctx.identity is not None and isinstance(routed, str) and not ctx.identity.may_use(routed):
                 raise _not_allowed(routed)

@@ -80,10 +80,8 @@ class FairQueue:
         return sum(len(b) for g in self.gates.values() for b in g.bands.values())
 
     def _limit(self, model: str | None, band: str) -> int:
-        total = self.capacity(model) * self.slots
-        if band != "interactive":
-            total -= self.capacity(model) * min(self.reserve, self.slots - 1)
-        return max(0, total)
+        per_endpoint = self.slots if band == "interactive" else self.slots - min(self.reserve, self.slots - 1)
+        return self.capacity(model) * per_endpoint
 
     def _free(self, gate: _Gate, model: str | None, band: str) -> bool:
         return sum(gate.active.values()) < self._limit(model, band)
