@@ -317,3 +317,14 @@ async def test_a_gateway_that_starts_knows_an_exhausted_budget_at_its_first_requ
         assert gov.limiter.budgets.used(window) == 105 and gov.limiter.budgets.pending == {}
     finally:
         await gov.stop()
+
+
+def test_a_failed_flush_writes_neither_records_nor_usage(db_url) -> None:
+    store = Store(db_url)
+    broken = [*_records(2), {"status": 200}]  # the third has no time: the insert fails halfway
+    with pytest.raises(KeyError):
+        store.flush(broken, {("key:k", 0): 9}, audit.chain_hash)
+    assert store.audit_head() == (0, "") and store.usage_of([("key:k", 0)]) == {}
+    store.flush(_records(2), {("key:k", 0): 9}, audit.chain_hash)  # the retry, whole
+    assert audit.verify(store).records == 2 and store.usage_of([("key:k", 0)]) == {("key:k", 0): 9}
+    store.close()

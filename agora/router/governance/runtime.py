@@ -27,7 +27,6 @@ from agora.router.governance.store import BANDS, KeyRecord, Limits, Store, Tenan
 logger = logging.getLogger(__name__)
 
 _MAX_CLIENTS = 10_000  # client addresses tracked for failed keys
-_AUDIT_BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -142,9 +141,7 @@ class Governance:
                  reserved: list[tuple[str, int]]) -> tuple:  # fmt: skip
         store = self.store
         assert store is not None
-        for i in range(0, len(records), _AUDIT_BATCH):
-            store.append_audit(records[i : i + _AUDIT_BATCH], chain_hash)
-        store.add_usage(pending)
+        store.flush(records, pending, chain_hash)  # both or neither: a failed pass is retried whole
         version = store.keys_version()
         fresh = fresh_tenants = None
         if version != self.version:

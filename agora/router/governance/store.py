@@ -284,9 +284,16 @@ class Store:
 
     def add_usage(self, amounts: dict[tuple[str, int], int]) -> None:
         """Add tokens to (subject, window start) counters, all in one transaction."""
-        if not amounts:
+        self.flush([], amounts, None)
+
+    def flush(self, records: Sequence[dict[str, Any]], amounts: dict[tuple[str, int], int], chain: Any) -> None:
+        """Audit records and usage counts in one transaction: a failed flush leaves neither, so
+        the caller may retry it whole without writing a record twice."""
+        if not records and not amounts:
             return
         with self.tx() as cur:
+            if records:
+                self._append_audit(cur, records, chain)
             for (subject, start), tokens in sorted(amounts.items()):
                 cur.execute("INSERT INTO usage_windows (subject, window_start, tokens) VALUES (?, ?, ?) "
                             "ON CONFLICT (subject, window_start) DO UPDATE SET tokens = usage_windows.tokens + "
@@ -307,25 +314,25 @@ class Store:
     # -- audit ---------------------------------------------------------------------------
 
     def append_audit(self, records: Sequence[dict[str, Any]], chain: Any) -> None:
-        """Append records to the hash chain (``chain(prev_hash, seq, record) -> hash``), atomically."""
-        if not records:
-            return
-        with self.tx() as cur:
-            cur.execute("SELECT seq, hash FROM audit_head WHERE id = 1" + (" FOR UPDATE" if self.kind ==
-                        "postgresql" else ""))  # fmt: skip
-            seq, prev = cur.fetchone()
-            seq = int(seq)
-            for record in records:
-                seq += 1
-                record = {**record, "seq": seq}
-                digest = chain(prev, record)
-                cur.execute("INSERT INTO audit (seq, ts, tenant, key_id, status, tokens_in, tokens_out, blocked, "
-                            "record, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            (seq, record["time"], record.get("tenant"), record.get("key_id"), record["status"],
-                             record.get("tokens_in", 0), record.get("tokens_out", 0),
-                             1 if record.get("reason") else 0, canonical(record), prev, digest))  # fmt: skip
-                prev = digest
-            cur.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (seq, prev))
+        """Append records to the hash chain (``chain(prev_hash, record) -> hash``), atomically."""
+        self.flush(records, {}, chain)
+
+    def _append_audit(self, cur: Any, records: Sequence[dict[str, Any]], chain: Any) -> None:
+        cur.execute("SELECT seq, hash FROM audit_head WHERE id = 1" + (" FOR UPDATE" if self.kind ==
+                    "postgresql" else ""))  # fmt: skip
+        seq, prev = cur.fetchone()
+        seq = int(seq)
+        for record in records:
+            seq += 1
+            record = {**record, "seq": seq}
+            digest = chain(prev, record)
+            cur.execute("INSERT INTO audit (seq, ts, tenant, key_id, status, tokens_in, tokens_out, blocked, "
+                        "record, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (seq, record["time"], record.get("tenant"), record.get("key_id"), record["status"],
+                         record.get("tokens_in", 0), record.get("tokens_out", 0),
+                         1 if record.get("reason") else 0, canonical(record), prev, digest))  # fmt: skip
+            prev = digest
+        cur.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (seq, prev))
 
     def audit_page(self, after: int = 0, limit: int = 100, since: float | None = None, until: float | None = None,
                    tenant: str | None = None) -> list[tuple[int, str, str, str]]:  # fmt: skip
