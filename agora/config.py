@@ -3,45 +3,91 @@
 Each constructor receives only its own part. Validation happens here, at
 construction, so a bad flag fails at start with a message naming it. This module
 imports no part it configures (the gateway reads it without pulling in torch).
+
+Defaults live here and only here: a field declared with ``option(...)`` is also a
+command-line flag (`add_arguments` derives it, `from_arguments` reads it back), and a
+whole config travels as JSON (`to_dict` / `from_dict`), which is how `agora serve
+--replicas` and `--ray` start their replicas.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
+import typing
 from dataclasses import dataclass, field
+from typing import Any
 
 # The packaged model `agora serve` and `LLM()` load when none is named (agora.models.catalog lists it).
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def option(default: Any, help: str, *, flag: str | None = None, parse: Any = None, choices: Any = None,
+           action: Any = None, metavar: str | None = None, shown: str | None = None) -> Any:  # fmt: skip
+    """A config field that is also a flag of the command line (``--field-name`` unless ``flag`` says)."""
+    meta = {"help": help, "flag": flag, "parse": parse, "choices": choices, "action": action, "metavar": metavar,
+            "shown": shown}  # fmt: skip
+    return field(default=default, metadata=meta)
+
+
+def parse_size(text: str | int) -> int:
+    """'2GiB', '512M', '1e9' -> bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
+    s = text.strip().lower().removesuffix("b")
+    for suffix in sorted(units, key=len, reverse=True):
+        if s.endswith(suffix):
+            return int(float(s[: -len(suffix)]) * units[suffix])
+    return int(float(s))
+
+
+def parse_aliases(items: list[str]) -> tuple[tuple[str, str], ...]:
+    """['claude-*=SmolLM2', ...] -> (('claude-*', 'SmolLM2'), ...); ValueError names a malformed one."""
+    out = []
+    for item in items:
+        pattern, sep, name = item.partition("=")
+        if not sep or not pattern.strip() or not name.strip():
+            raise ValueError(f"model alias {item!r}: give PATTERN=NAME, e.g. 'claude-*=SmolLM2-135M-Instruct'")
+        out.append((pattern.strip(), name.strip()))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str = DEFAULT_MODEL  # packaged model name, HF folder or .gguf file
-    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
-    device: str = "auto"  # auto: cuda if available, else cpu
-    max_model_len: int | None = None  # None: the model's own context length
-    served_model_name: str | None = None
-    seed: int = 0
-    enforce_eager: bool = False  # no CUDA graphs
+    model: str = DEFAULT_MODEL  # packaged model name, HF folder or .gguf file (the positional argument)
+    dtype: str = option("auto", "weights and activations (auto: float32 on CPU, bfloat16 on CUDA)", choices=DTYPES)
+    device: str = option("auto", "cpu, cuda, cuda:1, ... (default: best available)")
+    max_model_len: int | None = option(None, "context length (default: the model's)")
+    served_model_name: str | None = None  # set from --served-model-name's first name
+    seed: int = option(0, "seed of sampling and of random weights")
+    enforce_eager: bool = option(False, "never use CUDA graphs", action="store_true")
 
     def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be >= 2")
 
 
 @dataclass(frozen=True)
 class CacheConfig:
-    block_size: int = 16
-    kv_cache_memory_bytes: int | None = None  # None: 2 GiB on CPU, free memory on an accelerator
-    gpu_memory_utilization: float = 0.9  # share of accelerator memory agora may use in all
+    block_size: int = option(16, "tokens per KV block")
+    kv_cache_memory_bytes: int | None = option(
+        None, "KV cache size, e.g. 512MiB, 4GiB (default: 2GiB on CPU, free memory on a GPU)",
+        flag="--kv-cache-memory", parse=parse_size, metavar="SIZE")  # fmt: skip
+    gpu_memory_utilization: float = option(0.9, "share of GPU memory agora may use, weights and KV cache together")
     num_blocks: int | None = None  # overrides kv_cache_memory_bytes (tests, exact sizing)
-    enable_prefix_caching: bool = True
-    # auto: the model's dtype. float16 halves the cache's memory and the bytes a long-context
-    # decode step reads (agora's CPU attention kernel reads fp16 directly), at fp16 rounding of K/V.
-    kv_cache_dtype: str = "auto"
+    enable_prefix_caching: bool = option(True, "reuse the KV blocks of earlier prompts' shared prefixes",
+                                         action=argparse.BooleanOptionalAction)  # fmt: skip
+    # auto: the model's dtype. float16 halves the cache's memory and the bytes a long-context decode step reads
+    # (agora's CPU attention kernel reads fp16 directly), at fp16 rounding of K/V.
+    kv_cache_dtype: str = option("auto", "KV cache element type (auto: the model's dtype; float16 halves its memory "
+                                 "and the bytes a long-context decode step reads, at fp16 rounding of K/V)",
+                                 choices=DTYPES)  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size > 256:
@@ -50,25 +96,25 @@ class CacheConfig:
             raise ValueError("kv cache memory must be positive")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
-        if self.kv_cache_dtype not in _DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {', '.join(_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype not in DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError("num_blocks must be >= 1")
 
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int = 2048
+    """The scheduler's own limits. The context length is the model's (``ModelConfig.max_model_len``, resolved
+    against the model and the KV cache by the engine), handed to the scheduler as an argument."""
+
+    max_num_seqs: int = option(64, "most requests in one batch")
+    max_num_batched_tokens: int = option(2048, "token budget of one step")
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
-        if self.max_model_len < 2:
-            raise ValueError("max_model_len must be >= 2")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +140,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     structured: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
-    max_waiting_requests: int = 256  # beyond this, new requests are refused (HTTP 429)
+    max_waiting_requests: int = option(256, "requests waiting beyond the batch; more are refused with a 429")
 
     def __post_init__(self) -> None:
         if self.max_waiting_requests < 1:
@@ -103,14 +149,19 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_body_bytes: int = 8 << 20
-    api_key: str | None = None
-    tool_call_parser: str | None = None  # None: the one the chat template's format calls for
+    host: str = option("127.0.0.1", "bind address (default: 127.0.0.1, this machine only)")
+    port: int = option(8000, "port")
+    max_body_bytes: int = option(8 << 20, "largest request body accepted (413 beyond)", parse=parse_size,
+                                 metavar="SIZE", shown="8MiB")  # fmt: skip
+    api_key: str | None = None  # --api-key, default $AGORA_API_KEY (read by the CLI through agora.envs)
+    tool_call_parser: str | None = option(
+        None, "the tool-call format to read and enforce (default: from the chat template; hermes for templates "
+        "that know no tools)")  # fmt: skip
     served_model_aliases: tuple[str, ...] = ()  # more names the model answers to (agents send their own)
     model_aliases: tuple[tuple[str, str], ...] = ()  # (name or glob, served name), e.g. ("claude-*", ...)
-    responses_store: str | None = None  # SQLite file of stored responses; None: responses.sqlite3 in the cache
+    responses_store: str | None = option(
+        None, "SQLite file of stored Responses (default: responses.sqlite3 in the cache folder; the replicas of "
+        "one machine share it)", metavar="PATH")  # fmt: skip
     responses_ttl_s: float = 30 * 86400.0
     responses_max: int = 100_000
 
@@ -121,22 +172,139 @@ class ServerConfig:
             raise ValueError("responses_ttl_s must be > 0 and responses_max >= 1")
 
 
-def parse_size(text: str) -> int:
-    """'2GiB', '512M', '1e9' -> bytes."""
-    units = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
-    s = text.strip().lower().removesuffix("b")
-    for suffix in sorted(units, key=len, reverse=True):
-        if s.endswith(suffix):
-            return int(float(s[: -len(suffix)]) * units[suffix])
-    return int(float(s))
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything one engine server needs: what `agora serve` builds from its flags, and what a replica is
+    started from (as JSON)."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    def to_json(self) -> str:
+        return json.dumps(to_dict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ServeConfig:
+        return from_dict(cls, json.loads(text))
 
 
-def parse_aliases(items: list[str]) -> tuple[tuple[str, str], ...]:
-    """['claude-*=SmolLM2', ...] -> (('claude-*', 'SmolLM2'), ...); ValueError names a malformed one."""
-    out = []
-    for item in items:
-        pattern, sep, name = item.partition("=")
-        if not sep or not pattern.strip() or not name.strip():
-            raise ValueError(f"model alias {item!r}: give PATTERN=NAME, e.g. 'claude-*=SmolLM2-135M-Instruct'")
-        out.append((pattern.strip(), name.strip()))
-    return tuple(out)
+@dataclass(frozen=True)
+class ClusterConfig:
+    """`agora serve --ray`: engine replicas as Ray Serve deployments (agora.cluster)."""
+
+    address: str | None = option(None, "Ray cluster to join (auto, or HOST:PORT of its head); default: start a "
+                                 "local Ray instance", flag="--address")  # fmt: skip
+    min_replicas: int | None = option(None, "autoscaling: fewest replicas (with --max-replicas)")
+    max_replicas: int | None = option(None, "autoscaling: most replicas (with --min-replicas)")
+    num_cpus_per_replica: float = option(1.0, "CPUs Ray reserves for each replica (its engine uses that many threads)")
+    num_gpus_per_replica: float = option(0.0, "GPUs Ray reserves for each replica")
+    target_ongoing_requests: float = option(
+        4.0, "autoscaling: requests (running + waiting in the engine) each replica should carry")  # fmt: skip
+    upscale_delay_s: float = option(5.0, "autoscaling: how long the load must stay above target before adding")
+    downscale_delay_s: float = option(30.0, "autoscaling: how long the load must stay below target before removing")
+    app_name: str = option("agora", "the Ray Serve application's name", flag="--ray-app-name")
+
+    def __post_init__(self) -> None:
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise ValueError("give --min-replicas and --max-replicas together")
+        if self.min_replicas is not None and not 0 < self.min_replicas <= self.max_replicas:  # type: ignore[operator]
+            raise ValueError("need 0 < --min-replicas <= --max-replicas")
+        if self.num_cpus_per_replica < 0 or self.num_gpus_per_replica < 0:
+            raise ValueError("--num-cpus-per-replica and --num-gpus-per-replica must be >= 0")
+        if self.target_ongoing_requests <= 0:
+            raise ValueError("--target-ongoing-requests must be > 0")
+
+
+# -- flags and JSON from the fields --------------------------------------------------------
+
+
+def _flag_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+def _value_type(cls: type, f: dataclasses.Field) -> Any:
+    hint = typing.get_type_hints(cls)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type,
+                  overrides: dict[str, dict[str, Any]] | None = None) -> None:  # fmt: skip
+    """One flag per ``option`` field of ``cls``; its default, help and check are the field's own."""
+    for f in _flag_fields(cls):
+        m = {**f.metadata, **(overrides or {}).get(f.name, {})}
+        flag = m["flag"] or "--" + f.name.replace("_", "-")
+        shown = m["shown"] if m["shown"] is not None else f.default
+        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default}
+        if m["action"] is not None:
+            kwargs["action"] = m["action"]
+            kwargs["help"] = m["help"]
+        else:
+            kwargs["type"] = m["parse"] or _value_type(cls, f)
+            kwargs["help"] = m["help"] if shown is None or "default" in m["help"] else f"{m['help']} (default: {shown})"
+            if m["choices"] is not None:
+                kwargs["choices"] = m["choices"]
+            if m["metavar"] is not None:
+                kwargs["metavar"] = m["metavar"]
+        parser.add_argument(flag, **kwargs)
+
+
+def from_arguments(cls: type, args: argparse.Namespace, **fixed: Any) -> Any:
+    """``cls`` from the flags `add_arguments` made (plus ``fixed`` fields); ValueError names a bad value."""
+    values = {f.name: getattr(args, f.name) for f in _flag_fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **fixed})
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A config as plain JSON values (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """The config ``cls`` from `to_dict`'s output; unknown keys are an error naming them."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}: expected an object, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value)  # type: ignore[arg-type]
+        elif typing.get_origin(hint) is tuple and isinstance(value, list):
+            kwargs[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def with_options(config: ServeConfig, options: dict[str, Any], where: str = "options") -> ServeConfig:
+    """``config`` with fields set by their names, in whichever part owns them (``max_num_seqs: 32``,
+    ``kv_cache_memory_bytes: 512MiB``, ``served_model_name: smol``): how a YAML deployment overrides the
+    command line. ValueError names an unknown or bad key."""
+    engine, server = config.engine, config.server
+    parts: dict[str, Any] = {"model": engine.model, "cache": engine.cache, "scheduler": engine.scheduler,
+                             "structured": engine.structured, "server": server}  # fmt: skip
+    top: dict[str, Any] = {}
+    for key, value in options.items():
+        owner = next((p for p, c in parts.items() if key in {f.name for f in dataclasses.fields(c)}), None)
+        if owner is None and key == "max_waiting_requests":
+            top[key] = value
+            continue
+        if owner is None or key == "api_key":
+            raise ValueError(f"{where}.{key}: not an engine or server option")
+        f = next(f for f in dataclasses.fields(parts[owner]) if f.name == key)
+        parse = f.metadata.get("parse")
+        if parse is not None and isinstance(value, str):
+            value = parse(value)
+        if isinstance(value, list):
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        try:
+            parts[owner] = dataclasses.replace(parts[owner], **{key: value})
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}.{key}: {exc}") from None
+    server = parts.pop("server")
+    return ServeConfig(engine=dataclasses.replace(engine, **{k: parts[k] for k in parts}, **top), server=server)

@@ -24,6 +24,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from agora.engine.client import ModelInfo
 from agora.engine.engine import Engine, EngineStats, RequestOutput
 from agora.engine.sampling import ParamError, SamplingParams
 from agora.engine.structured import Constraint, GrammarError
@@ -54,6 +55,8 @@ class _Abort:
 
 
 class AsyncEngine:
+    """The in-process `EngineClient` (agora.engine.client)."""
+
     def __init__(self, engine: Engine | Callable[[], Engine], max_waiting_requests: int = 256) -> None:
         self.max_waiting_requests = max_waiting_requests
         self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
@@ -83,6 +86,11 @@ class AsyncEngine:
             raise failure[0]
 
     # -- event-loop side -------------------------------------------------------
+
+    @property
+    def model_info(self) -> ModelInfo:
+        e = self.engine
+        return ModelInfo(e.served_model_name, e.config.model.model, e.max_model_len, e.vocab_size, e.tokenizer)
 
     @property
     def stats(self) -> EngineStats:

@@ -117,7 +117,7 @@ class Engine:
         )  # fmt: skip
 
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
-        self.scheduler = Scheduler(dataclasses.replace(config.scheduler, max_model_len=max_len), self.kv)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
         self.runner = ModelRunner(
             model, num_blocks, cache.block_size, self.device, self.dtype,
             max_num_seqs=config.scheduler.max_num_seqs, max_model_len=max_len,

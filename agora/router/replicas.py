@@ -3,8 +3,8 @@
 ::
 
     agora serve MODEL --replicas 2 --port 8000
-      ├─ replica-0: agora serve MODEL --host 127.0.0.1 --port <free>   (AGORA_NUM_THREADS = cores / N)
-      ├─ replica-1: agora serve MODEL --host 127.0.0.1 --port <free>
+      ├─ replica-0: agora serve --serve-config <JSON: the same ServeConfig on 127.0.0.1:<free>>
+      ├─ replica-1: (AGORA_NUM_THREADS = cores / N, an internal key in AGORA_API_KEY)
       └─ gateway on --host:--port, prefix-aware by default, 503 until a replica is ready
 
 The model is fetched and prepared once, before the replicas start, so they never
@@ -19,6 +19,7 @@ is killed outright.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import secrets
 import signal
@@ -27,30 +28,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
 
+from agora.config import ServeConfig
 from agora.router.config import ConfigError, RouterConfig, load_config, parse_config
 from agora.router.endpoints import Endpoint
-
-# Options of `agora serve` that belong to the gateway, not to the replicas: (flag, takes a value).
-_GATEWAY_OPTIONS = {"--replicas": True, "--host": True, "--port": True, "--api-key": True,
-                    "--router-profile": True, "--router-config": True, "--db": True}  # fmt: skip
-
-
-def replica_argv(serve_argv: Sequence[str]) -> list[str]:
-    """`agora serve` arguments minus the gateway's own options (both `--opt v` and `--opt=v`)."""
-    out: list[str] = []
-    skip = False
-    for arg in serve_argv:
-        if skip:
-            skip = False
-            continue
-        flag = arg.split("=", 1)[0]
-        if flag in _GATEWAY_OPTIONS:
-            skip = "=" not in arg and _GATEWAY_OPTIONS[flag]
-            continue
-        out.append(arg)
-    return out
 
 
 def free_port() -> int:
@@ -129,26 +110,40 @@ def prepare_model(model: str) -> None:
     inspect_model(path)
 
 
-def serve_replicas(model: str, serve_argv: Sequence[str], replicas: int, host: str, port: int,
-                   api_key: str | None, profile: str | None, router_config: str | None,
-                   log_level: str = "warning", model_aliases: Sequence[tuple[str, str]] = (),
-                   db: str | None = None) -> int:  # fmt: skip
+def gateway_config(serve: ServeConfig, profile: str | None, router_config: str | None,
+                   db: str | None) -> RouterConfig:  # fmt: skip
+    """The gateway in front of replicas: the YAML (if any) with the serve command's address, key, aliases,
+    profile and store; its endpoints are the replicas, so any it lists are dropped."""
+    base = load_config(router_config) if router_config else RouterConfig()
+    data = base.model_dump(by_alias=True, exclude_unset=True)
+    s = serve.server
+    data.setdefault("gateway", {}).update({"host": s.host, "port": s.port, "api_key": s.api_key})
+    if profile is not None:
+        data["profile"] = profile
+    if s.model_aliases:  # --model-alias: the gateway maps the names before admission (the replicas too)
+        data["model_aliases"] = {**data.get("model_aliases", {}), **dict(s.model_aliases)}
+    if db is not None:
+        data["db"] = db
+    data["endpoints"] = []
+    data.pop("deployments", None)
+    return parse_config(data, router_config or "command line")
+
+
+def replica_config(serve: ServeConfig, port: int) -> ServeConfig:
+    """A replica's config: the serve command's, on 127.0.0.1:``port``, with no key in it (the replica's own
+    internal key travels in its environment, never in argv)."""
+    server = dataclasses.replace(serve.server, host="127.0.0.1", port=port, api_key=None)
+    return dataclasses.replace(serve, server=server)
+
+
+def serve_replicas(serve: ServeConfig, replicas: int, profile: str | None, router_config: str | None,
+                   log_level: str = "warning", db: str | None = None) -> int:  # fmt: skip
     """Start the replicas and the gateway; return when the gateway stops (all replicas stopped too)."""
     from agora.router.cli import run_gateway
 
     try:
-        base = load_config(router_config) if router_config else RouterConfig()
-        data = base.model_dump(by_alias=True, exclude_unset=True)
-        data.setdefault("gateway", {}).update({"host": host, "port": port, "api_key": api_key})
-        if profile is not None:
-            data["profile"] = profile
-        if model_aliases:  # --model-alias: the gateway maps the names before admission (the replicas too)
-            data["model_aliases"] = {**data.get("model_aliases", {}), **dict(model_aliases)}
-        if db is not None:
-            data["db"] = db
-        data["endpoints"] = []  # the replicas are the endpoints
-        config = parse_config(data, router_config or "command line")
-        prepare_model(model)
+        config = gateway_config(serve, profile, router_config, db)
+        prepare_model(serve.engine.model.model)
     except (ConfigError, ValueError, OSError) as exc:
         print(f"agora serve: error: {exc}", file=sys.stderr)
         return 2
@@ -161,13 +156,12 @@ def serve_replicas(model: str, serve_argv: Sequence[str], replicas: int, host: s
     env.pop("AGORA_API_KEY", None)
     env["AGORA_API_KEY"] = internal_key  # in the environment, not argv: out of `ps`, and never taken for an option
     env.setdefault("TQDM_DISABLE", "1")  # N interleaved progress bars are noise; the model was prepared above
-    child_args = replica_argv(serve_argv)
     replicas_: list[Replica] = []
     endpoints: list[Endpoint] = []
     try:
         for i in range(replicas):
             name, rport = f"replica-{i}", free_port()
-            cmd = [sys.executable, "-m", "agora.cli", "serve", *child_args, "--host", "127.0.0.1", "--port", str(rport)]
+            cmd = [sys.executable, "-m", "agora.cli", "serve", "--serve-config", replica_config(serve, rport).to_json()]
             replica = Replica(name, rport, cmd, env)
             replicas_.append(replica)
             endpoints.append(Endpoint(name=name, url=f"http://127.0.0.1:{rport}", api_key=internal_key))

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import agora
 from agora import envs
 from agora.config import ServerConfig
-from agora.engine.async_engine import AsyncEngine
+from agora.engine.client import EngineClient
 from agora.openai.errors import APIError, bad_request
 from agora.openai.messages import anthropic_error
 from agora.openai.tokenize import DetokenizeRequest, TokenizeRequest
@@ -74,9 +74,9 @@ def validation_error(exc: RequestValidationError) -> APIError:
     return APIError(400, message, "invalid_request_error", param)
 
 
-def build_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAPI:
+def build_app(engine: EngineClient, config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
-    core = engine.engine
+    core = engine.model_info
     metrics = ServerMetrics(lambda: engine.stats, core.served_model_name)
     serving = Serving(engine, config, metrics)
     created = int(time.time())

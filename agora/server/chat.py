@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from agora.engine.async_engine import RequestStream
+from agora.engine.client import OutputStream
 from agora.openai.accumulate import ChatStream
 from agora.openai.chat import ChatCompletionRequest
 from agora.openai.errors import APIError
@@ -37,7 +37,7 @@ def render_chat(tok: Any, messages: list[dict[str, Any]], add_generation_prompt:
 class ChatRun:
     """A chat request on its way: its engine streams and the accumulator its outputs go through."""
 
-    streams: list[RequestStream]
+    streams: list[OutputStream]
     acc: ChatStream
     start: float
     prompt_tokens: int
@@ -65,7 +65,7 @@ async def start_chat(serving: Serving, req: ChatCompletionRequest, prefix: str =
     structured = structured_params(found[0], strict_schema(req)) if found is not None else None
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     max_tokens = req.max_output_tokens()
-    room = serving.core.max_model_len - len(prompt_ids)
+    room = serving.info.max_model_len - len(prompt_ids)
     if ceiling and max_tokens is not None and 1 <= room < max_tokens:
         max_tokens = room
     params = sampling_params(req, max_tokens, logprobs, RENAME, structured)

@@ -27,7 +27,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from agora.config import ServerConfig
-from agora.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream
+from agora.engine.async_engine import EngineDeadError, QueueFullError
+from agora.engine.client import EngineClient, OutputStream
 from agora.engine.engine import RequestOutput
 from agora.engine.sampling import ParamError, SamplingParams
 from agora.engine.structured import Constraint
@@ -155,7 +156,7 @@ class _Tracker:
                 self.metrics.prompt_len.observe(out.num_prompt_tokens)
 
 
-async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def _merge(streams: list[OutputStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Interleave several request streams as (prompt index, output)."""
     if len(streams) == 1:
         async for out in streams[0]:
@@ -163,7 +164,7 @@ async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
         return
     merged: asyncio.Queue = asyncio.Queue()
 
-    async def pump(i: int, s: RequestStream) -> None:
+    async def pump(i: int, s: OutputStream) -> None:
         try:
             async for out in s:
                 await merged.put((i, out))
@@ -189,18 +190,17 @@ async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
 
 
 class Serving:
-    def __init__(self, engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics) -> None:
+    def __init__(self, engine: EngineClient, config: ServerConfig, metrics: ServerMetrics) -> None:
         self.engine = engine
         self.config = config
         self.metrics = metrics
-        core = engine.engine
-        self.core = core
-        self.tokenizer = core.tokenizer
-        self.model_name = core.served_model_name
+        self.info = info = engine.model_info
+        self.tokenizer = info.tokenizer
+        self.model_name = info.served_model_name
         # Names agents may send for this model: its served name, extra names, the packaged name, aliases.
         self.model_names = {self.model_name, *config.served_model_aliases}
-        if core.config.model.model in CATALOG:
-            self.model_names.add(core.config.model.model)
+        if info.model in CATALOG:
+            self.model_names.add(info.model)
         self.aliases = config.model_aliases
 
     # -- checks -------------------------------------------------------------------------
@@ -255,9 +255,9 @@ class Serving:
             raise bad_request(param, f"{param}: {exc}") from None
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, salt: str | None, base_id: str,
-               rename: dict[str, str] | None = None, constraint: Constraint | None = None) -> list[RequestStream]:  # fmt: skip
+               rename: dict[str, str] | None = None, constraint: Constraint | None = None) -> list[OutputStream]:  # fmt: skip
         """One engine request per prompt; ``rename`` maps engine parameter names to this API's."""
-        streams: list[RequestStream] = []
+        streams: list[OutputStream] = []
         try:
             for i, ids in enumerate(prompts):
                 streams.append(self.engine.submit(f"{base_id}-{i}", ids, params, salt, constraint))
@@ -275,7 +275,7 @@ class Serving:
             raise
         return streams
 
-    async def answer(self, request: Request, streams: list[RequestStream], answer: Answer, *, stream: bool,
+    async def answer(self, request: Request, streams: list[OutputStream], answer: Answer, *, stream: bool,
                      start: float, on_done: Callable[[], Any] | None = None,
                      headers: dict[str, str] | None = None) -> Response:  # fmt: skip
         """Stream or fold the outputs through ``answer``; ``on_done`` runs once the answer is whole."""
@@ -295,7 +295,7 @@ class Serving:
             await on_done()
         return JSONResponse(answer.whole(), headers=headers)
 
-    async def _events(self, streams: list[RequestStream], answer: Answer, tracker: _Tracker,
+    async def _events(self, streams: list[OutputStream], answer: Answer, tracker: _Tracker,
                       on_done: Callable[[], Any] | None) -> AsyncIterator[str]:  # fmt: skip
         try:
             for piece in answer.start():
@@ -316,7 +316,7 @@ class Serving:
             for s in streams:
                 await s.aclose()
 
-    async def _collect(self, request: Request, streams: list[RequestStream],
+    async def _collect(self, request: Request, streams: list[OutputStream],
                        on_output: Callable[[int, RequestOutput], None]) -> None:  # fmt: skip
         """Consume every stream; abort all of them the moment the client goes away."""
 

@@ -11,7 +11,7 @@ EOS = 0
 
 
 def make(num_blocks: int, block_size: int = 4, budget: int = 64, max_seqs: int = 8) -> Scheduler:
-    cfg = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_model_len=1024)
+    cfg = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget)
     return Scheduler(cfg, KVCacheManager(num_blocks, block_size))
 
 

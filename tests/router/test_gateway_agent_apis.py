@@ -16,6 +16,7 @@ import openai
 import psutil
 import pytest
 
+from agora.config import ServeConfig
 from tests.router.conftest import Procs, free_port, metric, wait_http
 from tests.server.conftest import MODEL, start_server, stop_server
 
@@ -54,7 +55,7 @@ def test_responses_chain_and_messages_across_replicas(tiny_long_model_dir, tmp_p
 
         # the replica holding the chain dies: the next turn is served by the other one, from the shared store
         def served(child: psutil.Process) -> float:  # the replica's own /metrics (open, as for any probe)
-            port = child.cmdline()[child.cmdline().index("--port") + 1]
+            port = ServeConfig.from_json(child.cmdline()[child.cmdline().index("--serve-config") + 1]).server.port
             return metric(f"http://127.0.0.1:{port}", "vllm:request_success_total")
 
         children = psutil.Process(parent.pid).children()

@@ -12,14 +12,39 @@ import httpx
 import psutil
 import pytest
 
-from agora.router.replicas import replica_argv
+from agora.cli import serve_config
+from agora.router.replicas import gateway_config, replica_config
 from tests.router.conftest import free_port, metric, wait_http
 
 
-def test_replica_argv_drops_gateway_options() -> None:
-    argv = ["m", "--replicas", "2", "--port=8000", "--host", "0.0.0.0", "--max-num-seqs", "8",
-            "--api-key", "k", "--router-profile", "round-robin", "--db", "sqlite:///g.db", "--no-enable-prefix-caching"]  # fmt: skip
-    assert replica_argv(argv) == ["m", "--max-num-seqs", "8", "--no-enable-prefix-caching"]
+def test_replicas_start_from_the_serve_config_without_its_key() -> None:
+    from agora.cli import main  # noqa: F401 - the parser below is the real one
+    from agora.config import ServeConfig
+
+    args = _serve_args(["m", "--replicas", "2", "--port=8000", "--host", "0.0.0.0", "--max-num-seqs", "8",
+                        "--api-key", "k", "--router-profile", "round-robin", "--db", "sqlite:///g.db",
+                        "--no-enable-prefix-caching", "--model-alias", "claude-*=m"])  # fmt: skip
+    serve = serve_config(args)
+    child = ServeConfig.from_json(replica_config(serve, 9001).to_json())
+    assert child.server.host == "127.0.0.1" and child.server.port == 9001 and child.server.api_key is None
+    assert child.engine == serve.engine and child.engine.scheduler.max_num_seqs == 8
+    assert not child.engine.cache.enable_prefix_caching and child.server.model_aliases == (("claude-*", "m"),)
+    gateway = gateway_config(serve, args.router_profile, None, args.db)
+    assert (gateway.gateway.host, gateway.gateway.port, gateway.gateway.api_key) == ("0.0.0.0", 8000, "k")
+    assert gateway.profile == "round-robin" and gateway.db == "sqlite:///g.db"
+    # a replica reads the JSON back, and takes its key from the environment (argv is visible in `ps`)
+    again = serve_config(_serve_args(["--serve-config", child.to_json(), "--api-key", "internal"]))
+    assert again.engine == serve.engine and again.server.api_key == "internal" and again.server.port == 9001
+
+
+def _serve_args(argv: list[str]):  # noqa: ANN202
+    import argparse
+
+    from agora.cli import _add_serve
+
+    parser = argparse.ArgumentParser()
+    _add_serve(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["serve", *argv])
 
 
 @pytest.mark.timeout(300)
