@@ -43,6 +43,18 @@ def sse_named(event: dict[str, Any]) -> str:
     return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
 
 
+def stream_error(api: str, message: str) -> str:
+    """The event that ends a stream which cannot go on, in each API's own shape: chat and completions
+    (an ``error`` object, which the openai SDK raises), Responses (an ``error`` event), Messages (Anthropic's
+    ``error`` event, which the anthropic SDK raises)."""
+    if api == "messages":
+        return sse_named({"type": "error", "error": {"type": "api_error", "message": message}})
+    if api == "responses":
+        return sse_named({"type": "error", "code": "server_error", "message": message, "param": None,
+                          "sequence_number": 0})  # fmt: skip
+    return sse({"error": {"message": message, "type": "server_error", "param": None, "code": "upstream_error"}})
+
+
 def sse_data(payload: str) -> Iterator[str]:
     """The data of each event in an SSE body (``[DONE]`` included), multi-line data joined."""
     lines: list[str] = []

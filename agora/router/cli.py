@@ -56,12 +56,13 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
 
 
 def run_gateway(config: RouterConfig, endpoints=None, log_level: str = "warning",  # noqa: ANN001
-                config_path: str | None = None) -> None:  # fmt: skip
+                config_path: str | None = None, discover=None) -> None:  # noqa: ANN001  # fmt: skip
+    """Serve the gateway until Ctrl-C; ``discover`` (agora.cluster) keeps its endpoint set current."""
     import uvicorn
 
     from agora.router.gateway import Gateway
 
-    app = Gateway(config, endpoints, config_path)
+    app = Gateway(config, endpoints, config_path, discover)
     s = config.gateway
     print(f"agora gateway on http://{s.host}:{s.port}/v1 (profile {config.profile})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=s.host, port=s.port, log_level=log_level, lifespan="on", timeout_graceful_shutdown=30)

@@ -140,6 +140,7 @@ class EndpointPool:
     settings: HealthSettings = field(default_factory=HealthSettings)
     on_eject: list[Callable[[Endpoint], None]] = field(default_factory=list)
     on_state: list[Callable[[Endpoint], None]] = field(default_factory=list)
+    on_leave: list[Callable[[Endpoint], None]] = field(default_factory=list)
     _session: aiohttp.ClientSession | None = None
     _task: asyncio.Task | None = None
     _last_models: dict[str, float] = field(default_factory=dict)
@@ -149,6 +150,25 @@ class EndpointPool:
 
     def models(self) -> list[str]:
         return sorted({m for ep in self.endpoints for m in ep.models})
+
+    def update(self, found: list[Endpoint]) -> tuple[list[Endpoint], list[Endpoint]]:
+        """Make the set ``found`` (by name): new endpoints join (not healthy until their first check passes),
+        missing ones leave (requests already on them finish). Returns (joined, left)."""
+        names = {ep.name for ep in found}
+        have = {ep.name for ep in self.endpoints}
+        joined = [ep for ep in found if ep.name not in have]
+        left = [ep for ep in self.endpoints if ep.name not in names]
+        if joined or left:
+            self.endpoints = [ep for ep in self.endpoints if ep.name in names] + joined
+            for ep in left:
+                ep.healthy = False  # a request still holding it will not count it as a candidate again
+                self._last_models.pop(ep.name, None)
+                logger.info("endpoint %s left", ep.name)
+                for fn in self.on_leave:
+                    fn(ep)
+            for ep in joined:
+                logger.info("endpoint %s joined at %s", ep.name, ep.url)
+        return joined, left
 
     # -- passive signals from proxied requests ----------------------------------
 

@@ -28,6 +28,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ import aiohttp
 import agora
 from agora.openai.errors import APIError, error_body
 from agora.openai.messages import Reply, anthropic_error
+from agora.openai.stream import stream_error
 from agora.router import admin
 from agora.router.admission import admit
 from agora.router.config import ConfigError, RouterConfig, load_config
@@ -63,6 +65,9 @@ logger = logging.getLogger(__name__)
 _FORWARD_REQUEST = (b"content-type", b"accept", b"x-request-id", b"traceparent", b"tracestate",
                     b"anthropic-version", b"anthropic-beta")  # fmt: skip
 _FORWARD_RESPONSE = ("content-type", "x-request-id", "retry-after", "cache-control", "x-agora-response-id")
+# Where a gateway over a changing replica set (agora.cluster) learns the current endpoints.
+Discover = Callable[[], Awaitable[list[Endpoint]]]
+
 _MAX_CACHED_BYTES = 4 << 20  # answers larger than this are passed on but not cached
 _CACHEABLE_FINISH = ("stop", "length", "tool_calls")  # answers that ran to a natural end
 _MAX_METERED_BYTES = 8 << 20  # a JSON answer larger than this is counted from its deltas' estimate only
@@ -78,7 +83,7 @@ class Gateway:
     """The ASGI app. ``endpoints`` may be given directly (``agora serve --replicas``), else from the config."""
 
     def __init__(self, config: RouterConfig, endpoints: list[Endpoint] | None = None,
-                 config_path: str | None = None) -> None:  # fmt: skip
+                 config_path: str | None = None, discover: Discover | None = None) -> None:  # fmt: skip
         self.config = config
         self.config_path = config_path  # for POST /admin/reload and the file watch
         self.settings = config.gateway
@@ -93,6 +98,9 @@ class Gateway:
         self.semantic: SemanticRouter | None = None  # built at startup: loading the encoder takes seconds
         self.chains: OrderedDict[str, tuple[str, str]] = OrderedDict()  # response id -> (session, endpoint)
         self._watch: asyncio.Task | None = None
+        self.discover = discover
+        self._discovery: asyncio.Task | None = None
+        self.pool.on_leave.append(self.profile.on_eject)  # a replica gone for good: forget its cached prefixes
         g = config.governance
         self.governance = Governance(config.db, self.settings.api_key, g.sync_interval_s, g.auth_failures_per_minute,
                                      Limits(session_requests=g.session_max_requests,
@@ -109,6 +117,9 @@ class Gateway:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         await self.governance.start()
+        if self.discover is not None:
+            await self._discover_once()
+            self._discovery = asyncio.create_task(self._discover_loop())
         await self.pool.start(self.session)
         if self.config.semantic is not None:
             self.semantic = await asyncio.to_thread(SemanticRouter, self.config.semantic)
@@ -117,7 +128,25 @@ class Gateway:
         names = ", ".join(f"{ep.name}{'' if ep.healthy else ' (not ready)'}" for ep in self.pool)
         logger.info("gateway profile %s over %d endpoints: %s", self.profile.name, len(self.pool.endpoints), names)
 
+    async def _discover_once(self) -> None:
+        assert self.discover is not None
+        try:
+            found = await self.discover()
+        except Exception as exc:  # noqa: BLE001 - keep routing over what we know; the next pass may work
+            logger.warning("endpoint discovery failed, keeping %d endpoints: %s", len(self.pool.endpoints), exc)
+            return
+        joined, _ = self.pool.update(found)
+        if joined and self.session is not None and self.pool._session is not None:
+            await asyncio.gather(*(self.pool.check(ep) for ep in joined))  # in rotation at once, not next scrape
+
+    async def _discover_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.scrape_interval_s)
+            await self._discover_once()
+
     async def shutdown(self) -> None:
+        if self._discovery is not None:
+            self._discovery.cancel()
         if self._watch is not None:
             self._watch.cancel()
         try:
@@ -443,12 +472,17 @@ class Gateway:
                 if splitter is not None and (rest := splitter.rest()):
                     await send({"type": "http.response.body", "body": rest, "more_body": True})
             except (TimeoutError, aiohttp.ClientError) as exc:
-                # Bytes already went out: no retry. End the connection without a final chunk so that
-                # the client sees a broken response, not a short one that looks complete.
+                # Bytes already went out: no retry. An event stream ends with an error event in its API's
+                # shape (the SDKs raise it); any other body ends without a final chunk, so that the client
+                # sees a broken response, not a short one that looks complete.
                 self.metrics.errors.labels(ep.name, "stream").inc()
                 self.pool.record_failure(ep, f"stream broke: {type(exc).__name__}")
                 logger.warning("endpoint %s broke off a response: %s", ep.name, exc)
                 ctx.reason = "upstream_broke"
+                if splitter is not None:
+                    event = stream_error(api_of(ctx.path), f"the model server {ep.name} stopped mid-answer; "
+                                                           "retry the request")  # fmt: skip
+                    await send({"type": "http.response.body", "body": event.encode(), "more_body": False})
                 return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             complete = ctx.complete = True

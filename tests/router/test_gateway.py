@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -158,18 +159,27 @@ def test_failover_when_an_endpoint_dies_mid_run(procs: Procs) -> None:
     assert metric(gw.url, "agora_gateway_endpoint_healthy", 'endpoint="a"') == 0
 
 
-def test_broken_stream_is_not_retried(procs: Procs) -> None:
+def test_broken_stream_is_not_retried_and_ends_with_an_error_event(procs: Procs) -> None:
+    import openai
+
     a = procs.fake("a", tokens=5)
     b = procs.fake("b", tokens=5)
     gw = procs.gateway({"endpoints": endpoints(("a", a), ("b", b)), "profile": "round-robin"})
     a.mode("break")
     body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
-    with pytest.raises(httpx.HTTPError):  # the client sees a broken response, not a short clean one
-        with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, timeout=10) as r:
-            assert r.headers["x-agora-endpoint"] == "a"
-            list(r.iter_lines())
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, timeout=10) as r:
+        assert r.headers["x-agora-endpoint"] == "a"
+        lines = [line for line in r.iter_lines() if line]
+    last = json.loads(lines[-1].removeprefix("data: "))
+    assert last["error"]["code"] == "upstream_error" and "stopped mid-answer" in last["error"]["message"]
+    assert "data: [DONE]" not in lines  # it does not look like a complete answer
     assert b.stats()["prompts"] == []  # nothing was sent twice
     assert metric(gw.url, "agora_gateway_endpoint_errors_total", 'kind="stream"') == 1
+    b.mode("break")  # wherever the next one goes
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.APIError, match="stopped mid-answer"):  # the SDK raises it: a clean error
+        for _ in client.chat.completions.create(model="m", messages=body["messages"], stream=True):
+            pass
 
 
 def test_503_fast_when_nothing_is_healthy(procs: Procs) -> None:
@@ -235,8 +245,9 @@ def test_route_cli_errors() -> None:
 
 
 def test_gateway_never_imports_torch_the_engine_or_the_server() -> None:
-    code = ("import sys, agora.cli, agora.router.gateway, agora.router.cli, agora.router.replicas, agora.openai.stream, "
-            "agora.openai.accumulate, agora.openai.tool_parsers; bad = [m for m in sys.modules if m in ('torch', 'transformers') or "
+    code = ("import sys, agora.cli, agora.config, agora.router.gateway, agora.router.cli, agora.router.replicas, "
+            "agora.openai.stream, agora.cluster.serve, agora.cluster.discovery, "
+            "agora.openai.accumulate, agora.openai.tool_parsers; bad = [m for m in sys.modules if m in ('torch', 'transformers', 'ray') or "
             "m.startswith(('agora.engine', 'agora.server', 'agora.models.')) and m != 'agora.models.catalog']; "
             "print(bad); sys.exit(bool(bad))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], timeout=60, capture_output=True, text=True)
