@@ -128,7 +128,8 @@ def run_server(config: ServeConfig, log_level: str = "warning") -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every `agora` command (deploy/'s manifests are checked against it)."""
     parser = argparse.ArgumentParser(prog="agora", description="Agora: the open LLM inference stack.")
     parser.add_argument("--version", action="version", version=f"agora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     add_route(sub)
     add_governance(sub)
     add_status(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=envs.log_level(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from agora.cluster import loopback_only
+
+loopback_only()  # any Ray a test starts listens on 127.0.0.1 only (set before anything imports ray)
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

@@ -30,6 +30,36 @@ from agora.models.loader import inspect_model, load_model
 logger = logging.getLogger(__name__)
 
 
+def check_request(vocab_size: int, max_model_len: int, has_grammars: bool, prompt_token_ids: list[int],
+                  params: SamplingParams) -> None:  # fmt: skip
+    """ParamError if a request can never run on a model of this vocabulary and context length: the engine's
+    check, and a remote engine's client's (agora.cluster.client), which must refuse before submitting."""
+    n = len(prompt_token_ids)
+    if n == 0:
+        raise ParamError("prompt", "the prompt is empty")
+    bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ParamError("prompt", f"token id {bad} is out of the vocabulary (0..{vocab_size - 1})")
+    if n >= max_model_len:
+        raise ParamError("prompt",
+            f"the prompt has {n} tokens, but this model's context length is {max_model_len}; shorten the prompt"
+        )  # fmt: skip
+    if params.max_tokens is not None and n + params.max_tokens > max_model_len:
+        raise ParamError("max_tokens",
+            f"this model's maximum context length is {max_model_len} tokens, but you requested "
+            f"{n + params.max_tokens} tokens ({n} in the prompt and {params.max_tokens} for max_tokens); "
+            "reduce the prompt or max_tokens"
+        )  # fmt: skip
+    for t in params.stop_token_ids:
+        if not 0 <= t < vocab_size:
+            raise ParamError("stop_token_ids", f"stop_token_ids: {t} is out of the vocabulary")
+    for t in params.logit_bias or {}:
+        if not 0 <= t < vocab_size:
+            raise ParamError("logit_bias", f"logit_bias: token id {t} is out of the vocabulary")
+    if params.structured_outputs is not None and not has_grammars:
+        raise ParamError("structured_outputs", "structured outputs need a tokenizer, and this model has none")
+
+
 @dataclass
 class RequestOutput:
     """What one step produced for one sequence (deltas, not totals)."""
@@ -139,31 +169,7 @@ class Engine:
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ParamError (a client error naming the parameter) if the request can never run."""
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise ParamError("prompt", "the prompt is empty")
-        bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise ParamError("prompt", f"token id {bad} is out of the vocabulary (0..{self.vocab_size - 1})")
-        if n >= self.max_model_len:
-            raise ParamError("prompt",
-                f"the prompt has {n} tokens, but this model's context length is {self.max_model_len}; "
-                "shorten the prompt"
-            )  # fmt: skip
-        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
-            raise ParamError("max_tokens",
-                f"this model's maximum context length is {self.max_model_len} tokens, but you requested "
-                f"{n + params.max_tokens} tokens ({n} in the prompt and {params.max_tokens} for max_tokens); "
-                "reduce the prompt or max_tokens"
-            )  # fmt: skip
-        for t in params.stop_token_ids:
-            if not 0 <= t < self.vocab_size:
-                raise ParamError("stop_token_ids", f"stop_token_ids: {t} is out of the vocabulary")
-        for t in params.logit_bias or {}:
-            if not 0 <= t < self.vocab_size:
-                raise ParamError("logit_bias", f"logit_bias: token id {t} is out of the vocabulary")
-        if params.structured_outputs is not None and self.grammars is None:
-            raise ParamError("structured_outputs", "structured outputs need a tokenizer, and this model has none")
+        check_request(self.vocab_size, self.max_model_len, self.grammars is not None, prompt_token_ids, params)
 
     def compile_grammar(self, params: SamplingParams) -> Constraint:
         """Compile a request's constraint here and now (the offline API; the server compiles off the

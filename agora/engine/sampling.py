@@ -19,6 +19,9 @@ class ParamError(ValueError):
         super().__init__(message)
         self.param = param
 
+    def __reduce__(self) -> tuple:  # picklable with both arguments (a remote engine raises it across Ray)
+        return (ParamError, (self.param, str(self)))
+
 
 @dataclass(frozen=True, slots=True)
 class StructuredOutputsParams:

@@ -29,14 +29,14 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agora import envs
 from agora.config import parse_size
-from agora.router.endpoints import Endpoint, HealthSettings, base_url, endpoint_names
+from agora.router.endpoints import Endpoint, HealthSettings, base_url, endpoint_names, resolve_endpoints
 from agora.router.plugins import PLUGIN_TYPES, Filter, Picker, Plugin, Scorer
 from agora.router.profile import SchedulingProfile, WeightedScorer
 from agora.router.semantic.config import SemanticSpec
@@ -77,11 +77,39 @@ class EndpointSpec(_Strict):
     models: list[str] | None = None
     api_key: str | None = None
     api_key_env: str | None = Field(None, description="read the endpoint's API key from this variable")
+    # dns: the URL's host names a set of servers (a Kubernetes headless Service): one endpoint per address it
+    # resolves to, re-resolved while the gateway runs, so pods that come and go join and leave the pool
+    discover: Literal["dns"] | None = None
 
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
         return base_url(v)
+
+
+class DeploymentSpec(_Strict):
+    """One model of `agora serve --ray` (the ``deployments:`` section): Ray Serve replicas of an engine."""
+
+    model: str = Field(description="packaged model name, HF folder or .gguf file (on every node)")
+    name: str | None = Field(None, description="the Serve deployment's name (default: from the model)")
+    replicas: int | None = Field(None, ge=1, description="a fixed count (default: --replicas)")
+    min_replicas: int | None = Field(None, ge=1, description="autoscaling, with max_replicas")
+    max_replicas: int | None = Field(None, ge=1)
+    num_cpus_per_replica: float | None = Field(None, ge=0)
+    num_gpus_per_replica: float | None = Field(None, ge=0)
+    # engine and server fields by name (agora.config), e.g. max_num_seqs: 32, served_model_name: smol
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> DeploymentSpec:
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise ValueError("give min_replicas and max_replicas together")
+        if self.min_replicas is not None:
+            if self.replicas is not None:
+                raise ValueError("give replicas or min_replicas/max_replicas, not both")
+            if self.min_replicas > self.max_replicas:  # type: ignore[operator]
+                raise ValueError("min_replicas is above max_replicas")
+        return self
 
 
 class GatewaySettings(_Strict):
@@ -175,26 +203,52 @@ class RouterConfig(_Strict):
     governance: GovernanceSettings = Field(default_factory=GovernanceSettings)
     fairness: FairnessSettings = Field(default_factory=FairnessSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    # `agora serve --ray`: the models of the app (ignored by `agora route`)
+    deployments: list[DeploymentSpec] = Field(default_factory=list)
 
     # -- building -----------------------------------------------------------------
 
+    def _key(self, i: int, spec: EndpointSpec) -> str | None:
+        if spec.api_key_env:
+            key = envs.variable(spec.api_key_env)
+            if key is None:
+                raise ConfigError(f"endpoints[{i}].api_key_env: the variable {spec.api_key_env} is not set")
+            return key
+        return spec.api_key
+
     def build_endpoints(self) -> list[Endpoint]:
+        """The fixed endpoints (``discover: dns`` ones are found by `build_discovery`)."""
         names = endpoint_names([e.url for e in self.endpoints])
         out = []
         for i, (spec, default_name) in enumerate(zip(self.endpoints, names, strict=True)):
-            key = spec.api_key
-            if spec.api_key_env:
-                key = envs.variable(spec.api_key_env)
-                if key is None:
-                    raise ConfigError(f"endpoints[{i}].api_key_env: the variable {spec.api_key_env} is not set")
+            if spec.discover is not None:
+                continue
             models = frozenset(spec.models) if spec.models is not None else None
-            out.append(Endpoint(name=spec.name or default_name, url=spec.url, api_key=key, declared_models=models))
+            out.append(Endpoint(name=spec.name or default_name, url=spec.url, api_key=self._key(i, spec),
+                                declared_models=models))  # fmt: skip
         seen: set[str] = set()
         for i, ep in enumerate(out):
             if ep.name in seen:
                 raise ConfigError(f"endpoints[{i}].name: {ep.name!r} is used twice")
             seen.add(ep.name)
         return out
+
+    def build_discovery(self) -> Any:
+        """The gateway's ``discover`` callable for ``discover: dns`` endpoints (None without any): the fixed
+        endpoints plus one per address each name resolves to now."""
+        dns = [(i, spec) for i, spec in enumerate(self.endpoints) if spec.discover == "dns"]
+        if not dns:
+            return None
+        resolved = [(spec, self._key(i, spec)) for i, spec in dns]
+        fixed = self.build_endpoints()
+
+        async def discover() -> list[Endpoint]:
+            found = [Endpoint(ep.name, ep.url, ep.api_key, ep.declared_models) for ep in fixed]
+            for spec, key in resolved:
+                found += await resolve_endpoints(spec.url, spec.name, key, spec.models)
+            return found
+
+        return discover
 
     def build_profile(self) -> SchedulingProfile:
         instances: dict[str, Plugin] = {}

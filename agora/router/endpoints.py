@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -293,6 +294,20 @@ class EndpointPool:
         ep.has_metrics = parsed is not None
         if parsed is not None:
             ep.running, ep.waiting, ep.kv_usage = parsed
+
+
+async def resolve_endpoints(url: str, name: str | None, api_key: str | None,
+                            models: list[str] | None) -> list[Endpoint]:  # fmt: skip
+    """One endpoint per address ``url``'s host resolves to (IPv4 and IPv6), named ``name-or-host@address``."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    out: list[Endpoint] = []
+    for addr in sorted({info[4][0] for info in infos}):
+        netloc = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+        out.append(Endpoint(name=f"{name or host}@{addr}", url=f"{parts.scheme}://{netloc}{parts.path}",
+                            api_key=api_key, declared_models=frozenset(models) if models is not None else None))  # fmt: skip
+    return out
 
 
 def endpoint_names(urls: Iterable[str]) -> list[str]:

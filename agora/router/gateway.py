@@ -98,7 +98,7 @@ class Gateway:
         self.semantic: SemanticRouter | None = None  # built at startup: loading the encoder takes seconds
         self.chains: OrderedDict[str, tuple[str, str]] = OrderedDict()  # response id -> (session, endpoint)
         self._watch: asyncio.Task | None = None
-        self.discover = discover
+        self.discover = discover or config.build_discovery()  # replicas on Ray, or names in DNS
         self._discovery: asyncio.Task | None = None
         self.pool.on_leave.append(self.profile.on_eject)  # a replica gone for good: forget its cached prefixes
         g = config.governance

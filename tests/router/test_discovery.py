@@ -55,3 +55,20 @@ async def test_endpoints_join_and_leave_while_serving(procs: Procs) -> None:
             assert [ep.name for ep in gw.pool] == ["b"]
     finally:
         await gw.shutdown()
+
+
+def test_dns_endpoints_are_one_per_address(procs: Procs) -> None:
+    import asyncio as aio
+
+    from agora.router.endpoints import resolve_endpoints
+
+    a = procs.fake("a", tokens=2)
+    port = a.url.rsplit(":", 1)[1]
+    found = aio.run(resolve_endpoints(f"http://localhost:{port}/v1", "engines", "k", ["m"]))
+    assert "engines@127.0.0.1" in {ep.name for ep in found}
+    assert all(ep.url.endswith(f":{port}/v1") and ep.api_key == "k" and ep.models == {"m"} for ep in found)
+    # a gateway over a name: what a Kubernetes headless Service gives (deploy/k8s)
+    gw = procs.gateway({"endpoints": [{"url": f"http://localhost:{port}", "discover": "dns"}]})
+    r = httpx.post(f"{gw.url}/v1/chat/completions", timeout=10,
+                   json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+    assert r.status_code == 200 and r.headers["x-agora-endpoint"] == "localhost@127.0.0.1"

@@ -50,7 +50,9 @@ class Running:
 def start_server(model_dir, max_waiting: int = 64, max_num_seqs: int = 16, max_body: int = 1 << 20,
                  api_key: str | None = None, structured: StructuredOutputsConfig | None = None,
                  served_model_name: str = MODEL, tool_call_parser: str | None = None,
-                 responses_store: str | None = None, model_aliases: tuple = ()) -> Running:  # fmt: skip
+                 responses_store: str | None = None, model_aliases: tuple = (),
+                 engine_client=None) -> Running:  # noqa: ANN001  # fmt: skip
+    """A real server over the model; ``engine_client(config)`` gives it another EngineClient than AsyncEngine."""
     config = EngineConfig(
         model=ModelConfig(model=str(model_dir), served_model_name=served_model_name, dtype="float32"),
         cache=CacheConfig(block_size=16, num_blocks=512),
@@ -58,8 +60,11 @@ def start_server(model_dir, max_waiting: int = 64, max_num_seqs: int = 16, max_b
         max_waiting_requests=max_waiting,
         structured=structured or StructuredOutputsConfig(),
     )
-    async_engine = AsyncEngine(lambda: Engine(config), max_waiting)  # built in its thread, as `agora serve` does
-    engine = async_engine.engine
+    if engine_client is not None:
+        async_engine = engine_client(config)
+    else:
+        async_engine = AsyncEngine(lambda: Engine(config), max_waiting)  # built in its thread, as `agora serve` does
+    engine = getattr(async_engine, "engine", None)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
