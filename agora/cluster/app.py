@@ -26,6 +26,9 @@ from agora.config import ClusterConfig, ServeConfig, with_options
 logger = logging.getLogger("agora.cluster")
 
 POLICY = "agora.cluster.autoscale:engine_load_policy"
+# Serve's replicas report their request metrics every 100 ms by default; agora's requests never pass
+# through Serve, so those metrics are empty, and the loop is CPU the engines do not get on a small machine.
+QUIET = {"RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "2000"}
 
 
 @dataclass(frozen=True)
@@ -139,11 +142,12 @@ def build(deployments: list[ModelDeployment], cluster: ClusterConfig, key: str,
           gateway_json: str | None = None, gateway_resource: str | None = None) -> Any:  # fmt: skip
     """The application. With ``gateway_resource`` the ingress (and so the gateway) is placed on the node that
     offers that custom resource (under KubeRay: the head pod, where the gateway's Service points)."""
-    registry = Registry.bind()
+    quiet = {"num_cpus": 0, "runtime_env": {"env_vars": QUIET}}
+    registry = Registry.options(ray_actor_options=quiet).bind()
     engines = [_engine(d, cluster, key, registry) for d in deployments]
-    ingress = AgoraApp
+    ingress = AgoraApp.options(ray_actor_options=quiet)
     if gateway_resource is not None:
-        ingress = AgoraApp.options(ray_actor_options={"num_cpus": 0, "resources": {gateway_resource: 0.01}})
+        ingress = AgoraApp.options(ray_actor_options={**quiet, "resources": {gateway_resource: 0.01}})
     return ingress.bind(registry, engines, key, gateway_json)
 
 

@@ -9,8 +9,10 @@ it serves.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
+from agora.cluster import DISCOVERY_S
 from agora.router.endpoints import Endpoint
 
 
@@ -19,14 +21,23 @@ def endpoint_name(entry: dict) -> str:
 
 
 class RegistryDiscovery:
+    """``handle``: the `Registry` deployment's handle (``method`` list). The gateway calls it every
+    scrape interval; the registry is asked at most every `DISCOVERY_S` (each ask costs both sides CPU)."""
+
     def __init__(self, handle: Any, key: str, method: str = "list", timeout_s: float = 5.0) -> None:
         self.handle, self.key, self.method, self.timeout_s = handle, key, method, timeout_s
+        self._last: tuple[float, list[Endpoint]] | None = None
 
     def entries(self) -> list[dict]:
         return getattr(self.handle, self.method).remote().result(timeout_s=self.timeout_s)
 
     async def __call__(self) -> list[Endpoint]:
+        now = time.monotonic()
+        if self._last is not None and now - self._last[0] < DISCOVERY_S:
+            return self._last[1]
         entries = await asyncio.to_thread(self.entries)
         # models from each replica's /v1/models, as for any endpoint (its served name and extra names)
-        return [Endpoint(name=endpoint_name(e), url=e["url"], api_key=self.key)
-                for e in entries if e["state"] == "running"]  # fmt: skip
+        found = [Endpoint(name=endpoint_name(e), url=e["url"], api_key=self.key)
+                 for e in entries if e["state"] == "running"]  # fmt: skip
+        self._last = (time.monotonic(), found)
+        return found

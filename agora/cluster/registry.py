@@ -13,8 +13,7 @@ from dataclasses import asdict, dataclass
 
 from ray import serve
 
-HEARTBEAT_S = 0.5  # how often a replica re-registers with its load
-TTL_S = 3.0  # an entry older than this is gone
+from agora.cluster import TTL_S
 
 
 @dataclass

@@ -21,14 +21,15 @@ from typing import Any
 import ray
 from ray import serve
 
-from agora.cluster.registry import HEARTBEAT_S, ReplicaEntry
+from agora.cluster import DISCOVERY_S, HEARTBEAT_S
+from agora.cluster.registry import ReplicaEntry
 from agora.config import ServeConfig
 
 logger = logging.getLogger("agora.cluster")
 
 # How long a draining replica keeps answering after leaving the registry, so that every
-# gateway's next poll (every HEARTBEAT_S) has dropped it before it stops taking requests.
-_LEAVE_S = 3 * HEARTBEAT_S
+# gateway's next poll (every DISCOVERY_S) has dropped it before it stops taking requests.
+_LEAVE_S = 2.5 * DISCOVERY_S
 _REGISTRY_TIMEOUT_S = 2.0
 
 
@@ -59,7 +60,7 @@ class _Counting:
             self.active -= 1
 
 
-@serve.deployment(name="EngineReplica", graceful_shutdown_timeout_s=60, health_check_period_s=2,
+@serve.deployment(name="EngineReplica", graceful_shutdown_timeout_s=60, health_check_period_s=5,
                   health_check_timeout_s=30, max_ongoing_requests=1000)  # fmt: skip
 class EngineReplica:
     async def __init__(self, config_json: str, api_key: str, registry: Any) -> None:

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from agora.cluster import loopback_only, require_ray
+from agora.cluster import light_local_ray, loopback_only, require_ray
 from agora.config import ClusterConfig, ServeConfig
 
 logger = logging.getLogger("agora.cluster")
@@ -39,6 +39,7 @@ def connect(address: str | None) -> None:
 
 def serve_ray(config: ServeConfig, cluster: ClusterConfig, replicas: int, profile: str | None,
               router_config: str | None, log_level: str = "warning", db: str | None = None) -> int:  # fmt: skip
+    from agora.router.cli import bind_gateway
     from agora.router.config import ConfigError, load_config
     from agora.router.replicas import gateway_config, prepare_model
 
@@ -46,11 +47,13 @@ def serve_ray(config: ServeConfig, cluster: ClusterConfig, replicas: int, profil
         require_ray()
         if cluster.address is None:
             loopback_only()  # a local instance: Ray's ports stay on 127.0.0.1
+            light_local_ray()
         from agora.cluster.app import build, model_deployments
 
         gateway = gateway_config(config, profile, router_config, db)
         specs = load_config(router_config).deployments if router_config else []
         deployments = model_deployments(config, cluster, replicas, specs)
+        sock = bind_gateway(gateway)  # taken now: a busy port fails before anything is deployed
         for d in deployments:  # fetched and converted once here; other nodes do it on their first replica
             prepare_model(d.serve.engine.model.model)
     except (ImportError, ConfigError, ValueError, OSError) as exc:
@@ -63,23 +66,31 @@ def serve_ray(config: ServeConfig, cluster: ClusterConfig, replicas: int, profil
 
     connect(cluster.address)
     serve.start(proxy_location="Disabled")  # agora's gateway is the ingress; Serve's HTTP proxy is not needed
+    if cluster.app_name in serve.status().applications:  # serve.run would replace it under its gateway
+        print(f"agora serve: error: an app named {cluster.app_name!r} already runs on this Ray cluster; stop it "
+              "(serve shutdown, or Ctrl-C its agora serve) or pick another --ray-app-name", file=sys.stderr)  # fmt: skip
+        return 2
     key = secrets.token_urlsafe(24)  # the replicas refuse anyone without it
     counts = ", ".join(f"{d.name} x {d.replicas or f'{d.min_replicas}..{d.max_replicas}'}" for d in deployments)
     print(f"agora serve: deploying {counts} on Ray (app {cluster.app_name!r})", file=sys.stderr, flush=True)
     t0 = time.monotonic()
-    handle = serve.run(
-        build(deployments, cluster, key),
-        name=cluster.app_name,
-        route_prefix=None,
-        logging_config={"enable_access_log": False},
-    )  # a line per registry call is noise
-    for e in _wait_listed(handle, sum(d.replicas or d.min_replicas or 1 for d in deployments)):
-        print(f"agora serve: {e['deployment']} replica {e['replica_id']} on {e['node_ip']} ({e['url']})",
-              file=sys.stderr, flush=True)  # fmt: skip
-    print(f"agora serve: ready in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
     try:
-        run_gateway(gateway, [], log_level=log_level, config_path=router_config,
-                    discover=RegistryDiscovery(handle, key, "replicas"))  # fmt: skip
+        try:
+            handle = serve.run(
+                build(deployments, cluster, key),
+                name=cluster.app_name,
+                route_prefix=None,
+                logging_config={"enable_access_log": False},
+            )  # a line per registry call is noise
+        except Exception as exc:  # noqa: BLE001 - a replica that cannot start (bad model, no resources...)
+            print(f"agora serve: error: the app did not start: {exc}", file=sys.stderr)
+            return 2
+        for e in _wait_listed(handle, sum(d.replicas or d.min_replicas or 1 for d in deployments)):
+            print(f"agora serve: {e['deployment']} replica {e['replica_id']} on {e['node_ip']} ({e['url']})",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        print(f"agora serve: ready in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+        run_gateway(gateway, [], log_level=log_level, config_path=router_config, sock=sock,
+                    discover=RegistryDiscovery(serve.get_deployment_handle("Registry", cluster.app_name), key))  # fmt: skip
     finally:
         serve.delete(cluster.app_name)
         import ray

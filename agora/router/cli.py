@@ -56,8 +56,9 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
 
 
 def run_gateway(config: RouterConfig, endpoints=None, log_level: str = "warning",  # noqa: ANN001
-                config_path: str | None = None, discover=None) -> None:  # noqa: ANN001  # fmt: skip
-    """Serve the gateway until Ctrl-C; ``discover`` (agora.cluster) keeps its endpoint set current."""
+                config_path: str | None = None, discover=None, sock=None) -> None:  # noqa: ANN001  # fmt: skip
+    """Serve the gateway until Ctrl-C; ``discover`` (agora.cluster) keeps its endpoint set current. ``sock``:
+    a socket already bound to the gateway's address (held while replicas start, so nothing takes the port)."""
     import uvicorn
 
     from agora.router.gateway import Gateway
@@ -65,7 +66,25 @@ def run_gateway(config: RouterConfig, endpoints=None, log_level: str = "warning"
     app = Gateway(config, endpoints, config_path, discover)
     s = config.gateway
     print(f"agora gateway on http://{s.host}:{s.port}/v1 (profile {config.profile})", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=s.host, port=s.port, log_level=log_level, lifespan="on", timeout_graceful_shutdown=30)
+    where = {"fd": sock.fileno()} if sock is not None else {"host": s.host, "port": s.port}
+    uvicorn.run(app, **where, log_level=log_level, lifespan="on", timeout_graceful_shutdown=30)
+
+
+def bind_gateway(config: RouterConfig):  # noqa: ANN201
+    """The gateway's listening socket, bound now: OSError at once if the address is taken."""
+    import socket
+
+    s = config.gateway
+    family = socket.AF_INET6 if ":" in s.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((s.host, s.port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {s.host}:{s.port}: {exc.strerror}") from None
+    sock.listen(2048)
+    return sock
 
 
 def main(args: argparse.Namespace) -> int:
