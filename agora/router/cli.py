@@ -66,8 +66,13 @@ def run_gateway(config: RouterConfig, endpoints=None, log_level: str = "warning"
     app = Gateway(config, endpoints, config_path, discover)
     s = config.gateway
     print(f"agora gateway on http://{s.host}:{s.port}/v1 (profile {config.profile})", file=sys.stderr, flush=True)
-    where = {"fd": sock.fileno()} if sock is not None else {"host": s.host, "port": s.port}
-    uvicorn.run(app, **where, log_level=log_level, lifespan="on", timeout_graceful_shutdown=30)
+    if sock is None:
+        uvicorn.run(app, host=s.host, port=s.port, log_level=log_level, lifespan="on", timeout_graceful_shutdown=30)
+        return
+    # The socket itself, not its fd: uvicorn takes an fd for a Unix socket, and asyncio then leaves Nagle's
+    # algorithm on for the accepted TCP connections (40 ms stalls per request).
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=30))
+    server.run(sockets=[sock])
 
 
 def bind_gateway(config: RouterConfig):  # noqa: ANN201

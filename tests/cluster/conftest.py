@@ -50,9 +50,6 @@ class RayCluster:
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[RayCluster]:
-    from agora.router.replicas import prepare_model
-
-    prepare_model(MODEL)  # fetched once, before any replica starts
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False})  # fmt: skip
     worker = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
@@ -114,6 +111,9 @@ def _healthy(url: str) -> float:
 
 
 def start_app(ray_cluster: RayCluster, tmp_path: Path, app_name: str, *flags: str) -> App:
+    from agora.router.replicas import prepare_model
+
+    prepare_model(MODEL)  # fetched once (the real SmolLM2), before any replica starts
     port = free_port()
     log = tmp_path / f"{app_name}.log"
     cmd = [sys.executable, "-m", "agora.cli", "serve", MODEL, "--ray", "--address", ray_cluster.address,

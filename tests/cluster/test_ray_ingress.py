@@ -17,6 +17,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def test_from_yaml_runs_the_gateway_in_the_ingress(ray_cluster: RayCluster, tmp_path) -> None:
+    from agora.router.replicas import prepare_model
+
+    prepare_model("smollm2-135m-instruct")
     port = free_port()
     path = tmp_path / "agora.yaml"
     path.write_text(f"gateway:\n  host: 127.0.0.1\n  port: {port}\n  scrape_interval_s: 0.2\n"
