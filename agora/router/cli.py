@@ -72,7 +72,10 @@ def run_gateway(config: RouterConfig, endpoints=None, log_level: str = "warning"
     # The socket itself, not its fd: uvicorn takes an fd for a Unix socket, and asyncio then leaves Nagle's
     # algorithm on for the accepted TCP connections (40 ms stalls per request).
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=30))
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on (uvicorn.run swallows it too)
+        pass
 
 
 def bind_gateway(config: RouterConfig):  # noqa: ANN201
