@@ -22,6 +22,7 @@ from ray import serve
 from agora.cluster.registry import Registry
 from agora.cluster.replica import EngineReplica
 from agora.config import ClusterConfig, ServeConfig, with_options
+from agora.router.replicas import replica_config
 
 logger = logging.getLogger("agora.cluster")
 
@@ -104,7 +105,13 @@ def _engine(d: ModelDeployment, cluster: ClusterConfig, key: str, registry: Any)
         }
     else:
         options["num_replicas"] = d.replicas
-    return EngineReplica.options(**options).bind(d.serve.to_json(), key, registry)
+    return EngineReplica.options(**options).bind(replica_json(d), key, registry)
+
+
+def replica_json(d: ModelDeployment) -> str:
+    """What a replica starts from: the deployment's config without the clients' key (the replica gets the
+    internal key as its own argument; Serve keeps init arguments in its stored deployment config)."""
+    return replica_config(d.serve, 0).to_json()
 
 
 @serve.deployment(name="AgoraApp", num_replicas=1, ray_actor_options={"num_cpus": 0})

@@ -46,6 +46,17 @@ def test_deployments_from_the_command_line_and_from_yaml() -> None:
     assert deployment_name("hf/Org/Model v2.gguf") == "Model-v2"
 
 
+def test_the_clients_key_never_travels_to_the_replicas() -> None:
+    from agora.cluster.app import replica_json
+    from agora.config import ServerConfig
+
+    serve_config = ServeConfig(engine=with_options(ServeConfig(), {"max_num_seqs": 2}).engine,
+                               server=ServerConfig(api_key="client-key"))  # fmt: skip
+    [d] = model_deployments(serve_config, ClusterConfig(), 1, [])
+    text = replica_json(d)
+    assert "client-key" not in text and ServeConfig.from_json(text).engine == serve_config.engine
+
+
 def test_autoscaling_policy_asks_for_load_over_target() -> None:
     assert desired_replicas(0, 4, 1, 5) == 1
     assert desired_replicas(4, 4, 1, 5) == 1
