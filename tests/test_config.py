@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from agora.cli import _add_serve, serve_config
+from agora.cli import build_parser, serve_config
 from agora.config import (
     CacheConfig,
     ClusterConfig,
@@ -23,9 +23,7 @@ from agora.config import (
 
 
 def _args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    _add_serve(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["serve", *argv])
+    return build_parser().parse_args(["serve", *argv])
 
 
 def test_flag_defaults_are_the_config_defaults(monkeypatch) -> None:

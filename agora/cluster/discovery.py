@@ -21,15 +21,15 @@ def endpoint_name(entry: dict) -> str:
 
 
 class RegistryDiscovery:
-    """``handle``: the `Registry` deployment's handle (``method`` list). The gateway calls it every
+    """``handle``: the `Registry` deployment's handle. The gateway calls it every
     scrape interval; the registry is asked at most every `DISCOVERY_S` (each ask costs both sides CPU)."""
 
-    def __init__(self, handle: Any, key: str, method: str = "list", timeout_s: float = 5.0) -> None:
-        self.handle, self.key, self.method, self.timeout_s = handle, key, method, timeout_s
+    def __init__(self, handle: Any, key: str, timeout_s: float = 5.0) -> None:
+        self.handle, self.key, self.timeout_s = handle, key, timeout_s
         self._last: tuple[float, list[Endpoint]] | None = None
 
     def entries(self) -> list[dict]:
-        return getattr(self.handle, self.method).remote().result(timeout_s=self.timeout_s)
+        return self.handle.list.remote().result(timeout_s=self.timeout_s)
 
     async def __call__(self) -> list[Endpoint]:
         now = time.monotonic()

@@ -140,9 +140,6 @@ class EngineReplica:
         if not self.thread.is_alive():
             raise RuntimeError("the engine's HTTP server stopped")
 
-    def info(self) -> dict:
-        return self.entry()
-
     async def __del__(self) -> None:
         """Leave the registry, let the gateways notice, finish every request, then stop."""
         self.state = "draining"

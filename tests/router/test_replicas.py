@@ -12,13 +12,12 @@ import httpx
 import psutil
 import pytest
 
-from agora.cli import serve_config
+from agora.cli import build_parser, serve_config
 from agora.router.replicas import gateway_config, replica_config
 from tests.router.conftest import free_port, metric, wait_http
 
 
 def test_replicas_start_from_the_serve_config_without_its_key() -> None:
-    from agora.cli import main  # noqa: F401 - the parser below is the real one
     from agora.config import ServeConfig
 
     args = _serve_args(["m", "--replicas", "2", "--port=8000", "--host", "0.0.0.0", "--max-num-seqs", "8",
@@ -38,13 +37,7 @@ def test_replicas_start_from_the_serve_config_without_its_key() -> None:
 
 
 def _serve_args(argv: list[str]):  # noqa: ANN202
-    import argparse
-
-    from agora.cli import _add_serve
-
-    parser = argparse.ArgumentParser()
-    _add_serve(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["serve", *argv])
+    return build_parser().parse_args(["serve", *argv])
 
 
 @pytest.mark.timeout(300)
