@@ -79,6 +79,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         cache=from_arguments(CacheConfig, args),
         scheduler=from_arguments(SchedulerConfig, args),
         max_waiting_requests=args.max_waiting_requests,
+        speculative_config=args.speculative_config,
     )
     return ServeConfig(engine=engine, server=server)
 

@@ -134,6 +134,85 @@ class StructuredOutputsConfig:
             raise ValueError("structured outputs compile_threads must be >= 1")
 
 
+SPEC_METHODS = ("ngram", "suffix")
+# vLLM methods that need a second model (or heads trained for the target); agora drafts from the context only.
+_DRAFT_MODEL_METHODS = ("eagle", "eagle3", "medusa", "mlp_speculator", "draft_model", "mtp", "deepseek_mtp")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding, spelled as vLLM's ``--speculative-config`` JSON.
+
+    Drafts come from the context, no second model: ``ngram`` (prompt lookup: the tokens that followed the
+    latest earlier occurrence of the last ``prompt_lookup_max`` .. ``prompt_lookup_min`` tokens) or ``suffix``
+    (SuffixDecoding: the longest earlier match of the context's suffix, in this request and in recent outputs
+    of others, followed along its most frequent continuation while that stays likely; the length adapts to
+    the match and to how the request's drafts have done). Verification is exact: greedy output is the same
+    tokens as without speculation, and sampling keeps the target distribution.
+    """
+
+    method: str = "ngram"
+    num_speculative_tokens: int | None = None  # most draft tokens a step verifies (ngram: 5, suffix: the depth)
+    prompt_lookup_min: int | None = None  # ngram: shortest match (vLLM: 5 when neither is given)
+    prompt_lookup_max: int | None = None  # ngram: longest match tried first
+    suffix_decoding_max_tree_depth: int = 24  # suffix: longest context match (and draft) considered
+    suffix_decoding_max_cached_requests: int = 10000  # suffix: finished outputs kept for drafting others
+    suffix_decoding_max_spec_factor: float = 1.0  # suffix: draft at most factor x match length tokens
+    suffix_decoding_min_token_prob: float = 0.1  # suffix: stop drafting where the continuation gets unlikelier
+
+    def __post_init__(self) -> None:
+        if self.method in _DRAFT_MODEL_METHODS:
+            raise ValueError(f"speculative_config.method {self.method!r} needs a draft model, which agora does not "
+                             f"run; agora drafts from the context: {' or '.join(SPEC_METHODS)}")  # fmt: skip
+        if self.method not in SPEC_METHODS:
+            raise ValueError(f"speculative_config.method must be one of {', '.join(SPEC_METHODS)}, got {self.method!r}")
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        if lo is None and hi is None:
+            lo = hi = 5
+        lo, hi = (hi if lo is None else lo), (lo if hi is None else hi)
+        k = self.num_speculative_tokens
+        if k is None:
+            k = 5 if self.method == "ngram" else self.suffix_decoding_max_tree_depth
+        object.__setattr__(self, "prompt_lookup_min", lo)
+        object.__setattr__(self, "prompt_lookup_max", hi)
+        object.__setattr__(self, "num_speculative_tokens", k)
+        if not 1 <= k <= 64:
+            raise ValueError(f"speculative_config.num_speculative_tokens must be between 1 and 64, got {k}")
+        if not 1 <= lo <= hi <= 64:  # type: ignore[operator]
+            raise ValueError("speculative_config: need 1 <= prompt_lookup_min <= prompt_lookup_max <= 64")
+        if not 1 <= self.suffix_decoding_max_tree_depth <= 256:
+            raise ValueError("speculative_config.suffix_decoding_max_tree_depth must be between 1 and 256")
+        if self.suffix_decoding_max_cached_requests < 0:
+            raise ValueError("speculative_config.suffix_decoding_max_cached_requests must be >= 0")
+        if self.suffix_decoding_max_spec_factor <= 0:
+            raise ValueError("speculative_config.suffix_decoding_max_spec_factor must be > 0")
+        if not 0.0 <= self.suffix_decoding_min_token_prob <= 1.0:
+            raise ValueError("speculative_config.suffix_decoding_min_token_prob must be in [0, 1]")
+
+    @classmethod
+    def parse(cls, value: str | dict[str, Any] | SpeculativeConfig) -> SpeculativeConfig:
+        """From the flag's JSON text or a dict; ValueError names an unknown key or a bad value."""
+        if isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"speculative_config is not JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ValueError("speculative_config must be a JSON object, e.g. "
+                             '{"method": "ngram", "num_speculative_tokens": 5}')  # fmt: skip
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise ValueError(
+                f"speculative_config: unknown key(s) {', '.join(unknown)} (agora knows {', '.join(sorted(names))})"
+            )
+        if "method" not in value:
+            raise ValueError("speculative_config needs a method: ngram or suffix")
+        return cls(**value)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -141,8 +220,14 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     structured: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     max_waiting_requests: int = option(256, "requests waiting beyond the batch; more are refused with a 429")
+    speculative_config: SpeculativeConfig | None = option(
+        None, 'speculative decoding as vLLM spells it, e.g. \'{"method": "ngram", "num_speculative_tokens": 5, '
+        '"prompt_lookup_max": 5, "prompt_lookup_min": 2}\' or \'{"method": "suffix"}\' (default: off)',
+        parse=lambda text: SpeculativeConfig.parse(text), metavar="JSON")  # fmt: skip
 
     def __post_init__(self) -> None:
+        if self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):
+            object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
         if self.max_waiting_requests < 1:
             raise ValueError("max_waiting_requests must be >= 1")
 
@@ -291,7 +376,7 @@ def with_options(config: ServeConfig, options: dict[str, Any], where: str = "opt
     top: dict[str, Any] = {}
     for key, value in options.items():
         owner = next((p for p, c in parts.items() if key in {f.name for f in dataclasses.fields(c)}), None)
-        if owner is None and key == "max_waiting_requests":
+        if owner is None and key in ("max_waiting_requests", "speculative_config"):
             top[key] = value
             continue
         if owner is None or key == "api_key":

@@ -22,6 +22,7 @@ from agora.engine.runner import ModelRunner, kv_bytes_per_block
 from agora.engine.sampler import TokenLogprobs
 from agora.engine.sampling import ParamError, SamplingParams
 from agora.engine.scheduler import Scheduler
+from agora.engine.spec import Proposer, SpecStats, build_proposer
 from agora.engine.structured import Constraint, GrammarCompiler, GrammarError, GrammarState
 from agora.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from agora.models.catalog import resolve_model
@@ -88,6 +89,7 @@ class EngineStats:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     num_aborted: int = 0
+    spec: SpecStats | None = None  # speculative decoding's counters, when it is on
 
 
 @dataclass
@@ -159,6 +161,12 @@ class Engine:
             GrammarCompiler(self.tokenizer.hf, self.vocab_size, sorted(self.eos_token_ids), config.structured)
             if self.tokenizer is not None else None
         )  # fmt: skip
+        spec = config.speculative_config
+        self.proposer: Proposer | None = build_proposer(spec) if spec is not None else None
+        self.spec_stats = SpecStats()
+        if spec is not None:
+            logger.info("speculative decoding: %s, up to %d draft tokens a step", spec.method,
+                        spec.num_speculative_tokens)  # fmt: skip
         self.sequences: dict[str, _Sequence] = {}
         self.children: dict[str, list[str]] = {}
         self.prompt_tokens = 0
@@ -220,8 +228,11 @@ class Engine:
 
     def abort_request(self, request_id: str) -> None:
         ids = self.children.pop(request_id, [])
-        if self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED):
+        aborted = self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+        if aborted:
             self.num_aborted += 1
+        for req in aborted if self.proposer is not None else ():
+            self.proposer.finish(req.request_id, req.all_token_ids, req.num_prompt_tokens)
         self._forget(ids)
 
     def _forget(self, child_ids: list[str]) -> None:
@@ -243,35 +254,52 @@ class Engine:
         if sched_out.is_empty:
             return []
         result = self.runner.execute(sched_out)
+        drafted = {s.request.request_id: len(s.draft_token_ids) for s in sched_out.scheduled if s.draft_token_ids}
         updated = self.scheduler.update(sched_out, result.sampled)
         outputs = []
         finished_ids = []
-        for req in updated:
-            seq = self.sequences[req.request_id]
-            token = req.output_token_ids[-1]
-            self.generation_tokens += 1
+        for req, kept in updated:
+            rid = req.request_id
+            seq = self.sequences[rid]
+            if rid in drafted:
+                accepted = len(result.sampled[rid]) - 1
+                self.spec_stats.record(drafted[rid], accepted)
+                if self.proposer is not None:
+                    self.proposer.observe(rid, drafted[rid], accepted)
+            tokens = req.output_token_ids[len(req.output_token_ids) - kept :]
             finished = req.is_finished
             text = ""
-            stopped_at_eos = req.status == RequestStatus.FINISHED_STOPPED and req.stop_reason is None
-            if seq.detokenizer is not None and stopped_at_eos and token in self.eos_token_ids:
-                text = seq.detokenizer.flush()  # the end-of-sequence token itself is not output text
-            elif seq.detokenizer is not None:
-                delta = seq.detokenizer.step(token, finished)
-                text = delta.text
-                if delta.stop_string is not None:
-                    if not finished:
-                        self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
-                        finished = True
-                    req.status = RequestStatus.FINISHED_STOPPED
-                    req.stop_reason = delta.stop_string
-            lp = result.logprobs.get(req.request_id)
+            emitted = 0
+            for i, token in enumerate(tokens):
+                emitted += 1
+                last = i == len(tokens) - 1
+                stopped_at_eos = last and req.status == RequestStatus.FINISHED_STOPPED and req.stop_reason is None
+                if seq.detokenizer is not None and stopped_at_eos and token in self.eos_token_ids:
+                    text += seq.detokenizer.flush()  # the end-of-sequence token itself is not output text
+                elif seq.detokenizer is not None:
+                    delta = seq.detokenizer.step(token, finished and last)
+                    text += delta.text
+                    if delta.stop_string is not None:
+                        if not finished:
+                            self.scheduler.finish_requests([rid], RequestStatus.FINISHED_STOPPED)
+                            finished = True
+                        req.status = RequestStatus.FINISHED_STOPPED
+                        req.stop_reason = delta.stop_string
+                        if not last:  # the tokens after the stop string are not output
+                            cut = len(tokens) - emitted
+                            del req.output_token_ids[-cut:]
+                            del req.all_token_ids[-cut:]
+                        break
+            tokens = tokens[:emitted]
+            self.generation_tokens += emitted
+            lps = result.logprobs.get(rid, [])[:emitted]
             outputs.append(
                 RequestOutput(
                     request_id=seq.parent_id,
                     index=seq.index,
-                    token_ids=[token],
+                    token_ids=tokens,
                     text=text,
-                    logprobs=[lp] if lp is not None else [],
+                    logprobs=lps,
                     finished=finished,
                     finish_reason=req.status.value if finished else None,
                     stop_reason=req.stop_reason if finished else None,
@@ -281,9 +309,23 @@ class Engine:
                 )
             )
             if finished:
-                finished_ids.append(req.request_id)
+                finished_ids.append(rid)
+                if self.proposer is not None:
+                    self.proposer.finish(rid, req.all_token_ids, req.num_prompt_tokens)
+            elif self.proposer is not None:
+                req.spec_token_ids = self._drafts(req)
         self._forget(finished_ids)
         return outputs
+
+    def _drafts(self, req: Request) -> list[int]:
+        """Guesses of the next tokens of a sequence that is about to decode (none if it cannot use any)."""
+        room = req.budget - 1  # the due token comes first; drafts past max_tokens or the context are waste
+        if room <= 0 or req.num_tokens - req.num_computed_tokens != 1:
+            return []
+        assert self.proposer is not None
+        if req.grammar is not None and req.grammar.forced:
+            return list(req.grammar.forced[:room])  # the grammar already knows these tokens
+        return self.proposer.propose(req.request_id, req.all_token_ids, room)
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -296,6 +338,7 @@ class Engine:
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens,
             num_aborted=self.num_aborted,
+            spec=self.spec_stats.copy() if self.proposer is not None else None,
         )
 
 

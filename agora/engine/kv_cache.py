@@ -265,8 +265,26 @@ class KVCacheManager:
         new = self.pool.get_new_blocks(num_new_blocks)
         blocks.extend(new)
         if self.enable_prefix_caching:
-            self._cache_full_blocks(request, blocks, total_tokens)
+            # Only known tokens are hashed: draft tokens (speculative decoding) get slots, never a cache entry,
+            # until they are accepted into the sequence and a later allocation finds their block full.
+            self._cache_full_blocks(request, blocks, min(total_tokens, len(request.all_token_ids)))
         return [b.block_id for b in new]
+
+    def rollback(self, request_id: str, num_tokens: int) -> list[int]:
+        """Give back the blocks of a request that hold nothing of its first ``num_tokens`` tokens (the
+        slots of rejected draft tokens); returns their ids. Such blocks were never hashed, so they
+        go to the head of the free queue: first to be reused."""
+        blocks = self.req_blocks.get(request_id)
+        keep = -(-num_tokens // self.block_size)
+        if not blocks or len(blocks) <= keep:
+            return []
+        extra = blocks[keep:]
+        del blocks[keep:]
+        self.pool.free_blocks(extra)
+        for block in extra:
+            if block.ref_cnt == 0:
+                self.pool.free_queue.move_to_end(block.block_id, last=False)
+        return [b.block_id for b in extra]
 
     def _cache_full_blocks(self, request: KVCacheRequest, blocks: list[KVCacheBlock], num_tokens: int) -> None:
         num_full = num_tokens // self.block_size

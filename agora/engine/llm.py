@@ -21,10 +21,11 @@ class LLM:
 
     ``LLM()`` loads the default packaged model; keyword arguments set fields of
     ModelConfig, CacheConfig or SchedulerConfig by name (e.g. ``max_model_len``,
-    ``num_blocks``, ``max_num_seqs``, ``enable_prefix_caching``).
+    ``num_blocks``, ``max_num_seqs``, ``enable_prefix_caching``), and
+    ``speculative_config`` (vLLM's dict, e.g. ``{"method": "ngram", "num_speculative_tokens": 5}``).
     """
 
-    def __init__(self, model: str = DEFAULT_MODEL, **kwargs: Any) -> None:
+    def __init__(self, model: str = DEFAULT_MODEL, speculative_config: Any = None, **kwargs: Any) -> None:
         parts: dict[type, dict[str, Any]] = {ModelConfig: {"model": model}, CacheConfig: {}, SchedulerConfig: {}}
         for key, value in kwargs.items():
             owner = next((cls for cls in parts if key in {f.name for f in dataclasses.fields(cls)}), None)
@@ -35,6 +36,7 @@ class LLM:
             model=ModelConfig(**parts[ModelConfig]),
             cache=CacheConfig(**parts[CacheConfig]),
             scheduler=SchedulerConfig(**parts[SchedulerConfig]),
+            speculative_config=speculative_config,
         )
         self.engine = Engine(config)
         self._ids = itertools.count()

@@ -49,6 +49,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     block_hashes: list[BlockHash] = field(default_factory=list)
+    # Speculative decoding: guesses of the next tokens, verified in the next step (granted as budget
+    # after the one token that is due). Dropped on preemption; never part of all_token_ids until accepted.
+    spec_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

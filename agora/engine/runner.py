@@ -6,6 +6,11 @@ runs once per step on ``[T, hidden]``::
     scheduled: r0 computes 3 tokens (prefill chunk), r1 and r2 compute 1 (decode)
     input_ids : [a a a | b | c]        positions : [0 1 2 | 17 | 40]
     sample rows: last token of each request that reaches its end -> [2, 3, 4]
+
+A request with draft tokens (speculative decoding) computes its due token and the
+drafts after it, and samples at each of them: r1 with drafts x y computes [b x y] at
+positions [17 18 19] and samples rows for all three; ``sampler.verify`` keeps the
+drafts the model agrees with.
 """
 
 from __future__ import annotations
@@ -17,8 +22,7 @@ import torch
 from torch import nn
 
 from agora.engine.attention import AttentionMetadata, TorchPagedAttention, build_group
-from agora.engine.request import Request
-from agora.engine.sampler import SampleRequest, SamplerOutput, TokenLogprobs, sample
+from agora.engine.sampler import SampleRequest, TokenLogprobs, sample, verify
 from agora.engine.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -26,8 +30,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RunnerOutput:
-    sampled: dict[str, int]
-    logprobs: dict[str, TokenLogprobs]
+    sampled: dict[str, list[int]]  # one token, or the accepted drafts and one more
+    logprobs: dict[str, list[TokenLogprobs]]
 
 
 def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
@@ -65,7 +69,6 @@ class ModelRunner:
         layer_windows: list[int | None] = model.layer_sliding_windows  # type: ignore[attr-defined]
         self.windows = set(layer_windows)
         self.attention = TorchPagedAttention(self.kv_caches, model.attention_scale, layer_windows)  # type: ignore[arg-type]
-        self.generators: dict[str, torch.Generator] = {}
         self.graphs = None
         if device.type == "cuda" and not enforce_eager:
             from agora.engine.cuda_graphs import CudaGraphDecoder
@@ -76,19 +79,7 @@ class ModelRunner:
             )  # fmt: skip
 
     def release(self, request_ids: list[str]) -> None:
-        for rid in request_ids:
-            self.generators.pop(rid, None)
-
-    def _generator(self, request: Request) -> torch.Generator | None:
-        seed = request.sampling_params.seed
-        if seed is None or request.sampling_params.greedy:
-            return None
-        gen = self.generators.get(request.request_id)
-        if gen is None:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(seed)
-            self.generators[request.request_id] = gen
-        return gen
+        """Forget per-request state (none is kept today: seeded noise is derived per position)."""
 
     def _metadata(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         bs = self.block_size
@@ -102,12 +93,14 @@ class ModelRunner:
             req = s.request
             start = req.num_computed_tokens
             end = start + s.num_tokens
-            input_ids.extend(req.all_token_ids[start:end])
+            drafts = s.draft_token_ids
+            input_ids.extend(req.all_token_ids[start : end - len(drafts)])
+            input_ids.extend(drafts)
             positions.extend(range(start, end))
             table = s.block_ids
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             if s.samples:
-                sample_rows.append(len(input_ids) - 1)
+                sample_rows.extend(range(len(input_ids) - 1 - len(drafts), len(input_ids)))
             (decode if s.num_tokens == 1 else prefill).append(i)
 
         def group(members: list[int], flat: bool):
@@ -164,13 +157,21 @@ class ModelRunner:
                 r.prompt_token_ids,
                 r.output_token_ids,
                 r.eos_token_ids,
-                self._generator(r),
+                r.sampling_params.seed,
                 r.grammar,
                 r.budget,
             )
             for r in sampling
         ]
-        result: SamplerOutput = sample(logits, reqs)
-        sampled = {r.request_id: t for r, t in zip(sampling, result.token_ids, strict=True)}
-        logprobs = {r.request_id: lp for r, lp in zip(sampling, result.logprobs, strict=True) if lp is not None}
+        drafts = [s.draft_token_ids for s in out.scheduled if s.samples]
+        if any(drafts):
+            verified = verify(logits, reqs, drafts)
+            sampled = {r.request_id: tokens for r, (tokens, _) in zip(sampling, verified, strict=True)}
+            logprobs = {
+                r.request_id: lps for r, (_, lps) in zip(sampling, verified, strict=True) if lps and lps[0] is not None
+            }
+            return RunnerOutput(sampled, logprobs)  # type: ignore[arg-type]
+        result = sample(logits, reqs)
+        sampled = {r.request_id: [t] for r, t in zip(sampling, result.token_ids, strict=True)}
+        logprobs = {r.request_id: [lp] for r, lp in zip(sampling, result.logprobs, strict=True) if lp is not None}
         return RunnerOutput(sampled, logprobs)

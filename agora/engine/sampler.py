@@ -9,7 +9,18 @@ One call handles every request that samples this step::
            ─▶ logprobs of the raw distribution
 
 A processor that no request of the batch needs is skipped, and without grammars the
-only host sync is the final ``.tolist()``. A grammar is one more link in the chain,
+only host sync is the final ``.tolist()``. Seeded requests draw each token's noise from
+a generator seeded by (seed, position in the output): the same tokens whatever else is
+in the batch, and whether or not speculative decoding verified them.
+
+``verify`` is the speculative step: a sequence with k draft tokens has k + 1 rows of
+logits (one per draft position, and the bonus one after the last), each row is sampled
+as if the drafts before it had been sampled (penalties and min_tokens see them), and the
+longest prefix of drafts equal to the sampled tokens is kept plus the sampled token after
+it. With a single-token guess per position that is exact rejection sampling: a draft is
+kept with probability p(draft), and a rejected position keeps the token sampled from p,
+which given that it differs from the draft is distributed as p without the draft. Greedy
+output is the same tokens as without speculation. A grammar is one more link in the chain,
 not a special case: its token bitmasks are filled per row and applied batched, rows
 with and without grammars in one step.
 """
@@ -35,9 +46,31 @@ class SampleRequest:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     eos_token_ids: frozenset[int]
-    generator: torch.Generator | None
+    seed: int | None = None  # a seeded request's seed (its noise is then drawn per position)
     grammar: Any = None  # structured.GrammarState, or None
     budget: int = UNBOUNDED  # tokens this sequence may still produce, this one included
+    position: int | None = None  # index in the output of the token sampled (default: len(output_token_ids))
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def noise_seed(seed: int, position: int) -> int:
+    """A generator seed for one token of a seeded request (splitmix64 of seed and position)."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+_GENERATORS: dict[torch.device, torch.Generator] = {}
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    gen = _GENERATORS.get(device)
+    if gen is None:
+        gen = _GENERATORS[device] = torch.Generator(device=device)
+    return gen
 
 
 @dataclass(slots=True)
@@ -216,11 +249,16 @@ def sample(logits: torch.Tensor, reqs: list[SampleRequest],
         # sample from p. Seeded requests draw their noise from their own generator, so
         # their tokens do not depend on what else is in the batch.
         noise = torch.empty_like(probs)
-        seeded = [i for i, r in enumerate(reqs) if r.generator is not None]
+        seeded = [i for i, r in enumerate(reqs) if r.seed is not None and not r.params.greedy]
         if len(seeded) < rows:
             noise.exponential_()
-        for i in seeded:
-            noise[i].exponential_(generator=reqs[i].generator)
+        if seeded:
+            gen = _generator(device)
+            for i in seeded:
+                r = reqs[i]
+                position = len(r.output_token_ids) if r.position is None else r.position
+                gen.manual_seed(noise_seed(r.seed, position))  # type: ignore[arg-type]
+                noise[i].exponential_(generator=gen)
         sampled = (probs / noise.clamp_(min=1e-30)).argmax(dim=-1)
         tokens = torch.where(greedy, tokens, sampled)
 
@@ -248,3 +286,62 @@ def sample(logits: torch.Tensor, reqs: list[SampleRequest],
             top = list(zip(top_ids_l[i][:n], top_vals_l[i][:n], strict=True)) if n and top_ids_l else []
             logprob_list[i] = TokenLogprobs(token_list[i], chosen_l[i], ranks_l[i], top)
     return SamplerOutput(token_list, logprob_list)
+
+
+def verify(logits: torch.Tensor, reqs: list[SampleRequest], drafts: list[list[int]],
+           chain: Sequence[LogitsProcessor] = CHAIN) -> list[tuple[list[int], list[TokenLogprobs | None]]]:  # fmt: skip
+    """Speculative verification. ``logits`` holds ``1 + len(drafts[i])`` consecutive rows for each request
+    ``i``; returns, per request, the tokens kept (accepted drafts, then one sampled token) and their logprobs.
+
+    Rows of requests without a grammar are sampled in one batch. A grammar's state advances with each
+    token it takes, so a constrained request's rows are sampled one after another, each only if every
+    draft before it was accepted (a draft the grammar forbids is simply never equal to the sampled token).
+    """
+    starts = []
+    offset = 0
+    for d in drafts:
+        starts.append(offset)
+        offset += 1 + len(d)
+    results: list[tuple[list[int], list[TokenLogprobs | None]]] = [([], [])] * len(reqs)
+    plain = [i for i, r in enumerate(reqs) if r.grammar is None]
+    if plain:
+        rows: list[SampleRequest] = []
+        index: list[int] = []
+        for i in plain:
+            r, d = reqs[i], drafts[i]
+            history = r.params.uses_penalties or r.params.min_tokens > len(r.output_token_ids)
+            base = len(r.output_token_ids) if r.position is None else r.position
+            for j in range(len(d) + 1):
+                out_ids = r.output_token_ids + d[:j] if history and j else r.output_token_ids
+                rows.append(SampleRequest(r.params, r.prompt_token_ids, out_ids, r.eos_token_ids, r.seed, None,
+                                          r.budget - j, base + j))  # fmt: skip
+                index.append(starts[i] + j)
+        picked = logits if len(index) == logits.shape[0] else logits[torch.tensor(index, device=logits.device)]
+        out = sample(picked, rows, chain)
+        k = 0
+        for i in plain:
+            d = drafts[i]
+            tokens = out.token_ids[k : k + len(d) + 1]
+            lps = out.logprobs[k : k + len(d) + 1]
+            k += len(d) + 1
+            n = 0
+            while n < len(d) and tokens[n] == d[n]:
+                n += 1
+            results[i] = (tokens[: n + 1], lps[: n + 1])
+    for i, r in enumerate(reqs):
+        if r.grammar is None:
+            continue
+        d = drafts[i]
+        base = len(r.output_token_ids) if r.position is None else r.position
+        kept: list[int] = []
+        kept_lps: list[TokenLogprobs | None] = []
+        for j in range(len(d) + 1):
+            row = SampleRequest(r.params, r.prompt_token_ids, r.output_token_ids + kept, r.eos_token_ids, r.seed,
+                                r.grammar, r.budget - j, base + j)  # fmt: skip
+            one = sample(logits[starts[i] + j : starts[i] + j + 1], [row], chain)
+            kept.append(one.token_ids[0])
+            kept_lps.append(one.logprobs[0])
+            if j == len(d) or kept[-1] != d[j] or r.grammar.is_terminated:
+                break
+        results[i] = (kept, kept_lps)
+    return results

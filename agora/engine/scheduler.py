@@ -1,8 +1,9 @@
 """Continuous batching under a token budget. Pure Python over integers.
 
 Each step hands out ``{request_id: n_tokens}``: a long prompt gets a chunk (chunked
-prefill), a generating request gets 1, a prefix-cache hit simply starts with more
-tokens already computed. When KV blocks run out, the most recently admitted running
+prefill), a generating request gets 1 (plus its draft tokens under speculative
+decoding: they are budget like any other token), a prefix-cache hit simply starts
+with more tokens already computed. When KV blocks run out, the most recently admitted running
 request is preempted: its blocks are freed and it is recomputed later from its
 prompt plus what it generated so far (nothing is lost, and its freed blocks stay
 in the prefix cache, so recomputing is often cheap).
@@ -24,13 +25,14 @@ __all__ = ["ScheduledRequest", "Scheduler", "SchedulerConfig", "SchedulerOutput"
 @dataclass(slots=True)
 class ScheduledRequest:
     request: Request
-    num_tokens: int  # tokens to compute this step, starting at request.num_computed_tokens
+    num_tokens: int  # tokens to compute this step, starting at request.num_computed_tokens (drafts included)
     block_ids: list[int]
+    draft_token_ids: list[int] = field(default_factory=list)  # the last len(...) of num_tokens
 
     @property
     def samples(self) -> bool:
         """Whether this step reaches the end of the known tokens (so a token is sampled)."""
-        return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
+        return self.request.num_computed_tokens + self.num_tokens - len(self.draft_token_ids) == self.request.num_tokens
 
 
 @dataclass(slots=True)
@@ -103,14 +105,25 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         granted: dict[str, int] = {}
 
+        drafts: dict[str, list[int]] = {}
+
         # 1. Running requests first, in admission order.
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            due = request.num_tokens - request.num_computed_tokens
+            num_new = min(due, budget)
             if num_new <= 0:
                 i += 1
                 continue
+            spec = request.spec_token_ids[: budget - due] if due == 1 else []
+            if spec and self.kv.allocate(request, due + len(spec)) is not None:
+                granted[request.request_id] = due + len(spec)
+                drafts[request.request_id] = spec
+                budget -= due + len(spec)
+                i += 1
+                continue
+            # No room for the drafts: the due token alone (preempting if even that does not fit).
             while self.kv.allocate(request, num_new) is None:
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -143,7 +156,8 @@ class Scheduler:
         for request in self.running:
             n = granted.get(request.request_id)
             if n:
-                out.scheduled.append(ScheduledRequest(request, n, self.kv.block_ids(request.request_id)))
+                ids = self.kv.block_ids(request.request_id)
+                out.scheduled.append(ScheduledRequest(request, n, ids, drafts.get(request.request_id, [])))
         if not self.requests:
             self.kv.check_integrity()
         return out
@@ -153,15 +167,18 @@ class Scheduler:
         self.kv.free(request.request_id)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance ``num_computed_tokens`` and append sampled tokens.
+    def update(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> list[tuple[Request, int]]:
+        """Advance ``num_computed_tokens`` and append sampled tokens (one, or under speculative decoding
+        the accepted drafts plus one: ``sampled[rid][:-1]`` equal the step's first drafts).
 
-        Returns the requests that received a token this step; the ones whose
-        token stops them are finished (and freed) here.
+        Returns each request that received tokens this step with how many it kept (fewer than sampled
+        when a stop condition is met on the way); the ones stopped are finished (and freed) here. The
+        KV blocks that only rejected drafts reached are given back.
         """
         updated = []
         finished_ids = []
@@ -169,15 +186,26 @@ class Scheduler:
             request = s.request
             if request.is_finished or request.request_id not in self.requests:
                 continue  # aborted while the step ran
-            request.num_computed_tokens += s.num_tokens
-            token = sampled.get(request.request_id)
-            if token is None:
+            tokens = sampled.get(request.request_id)
+            request.spec_token_ids = []
+            if not tokens:
+                request.num_computed_tokens += s.num_tokens
                 continue
-            request.append_output_token(token)
-            updated.append(request)
-            status = request.check_stop()
+            # The due tokens were computed, and so were the drafts that were accepted (all but the last token).
+            request.num_computed_tokens += s.num_tokens - len(s.draft_token_ids) + len(tokens) - 1
+            kept = 0
+            status = None
+            for token in tokens:
+                request.append_output_token(token)
+                kept += 1
+                status = request.check_stop()
+                if status is not None:
+                    break
+            updated.append((request, kept))
             if status is not None:
                 finished_ids.append((request.request_id, status))
+            elif s.draft_token_ids:
+                self.kv.rollback(request.request_id, request.num_tokens)
         for rid, status in finished_ids:
             self.finish_requests([rid], status)
         return updated

@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from agora.engine.engine import EngineStats
+from agora.engine.spec import SpecStats
 
 _LATENCY_BUCKETS = (
     0.001,
@@ -68,6 +69,23 @@ class _EngineCollector(Collector):
         yield self._family(
             c, "agora:requests_aborted", "Requests aborted before finishing (e.g. client gone).", s.num_aborted
         )
+        if s.spec is not None:
+            yield from self._spec(s.spec)
+
+    def _spec(self, spec: SpecStats) -> Iterator[CounterMetricFamily]:
+        """Speculative decoding, as vLLM exports it (acceptance rate = accepted / draft tokens)."""
+        c = CounterMetricFamily
+        yield self._family(c, "vllm:spec_decode_num_drafts", "Verification steps of sequences with drafts.",
+                           spec.num_drafts)  # fmt: skip
+        yield self._family(c, "vllm:spec_decode_num_draft_tokens", "Draft tokens proposed.", spec.num_draft_tokens)
+        yield self._family(c, "vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                           spec.num_accepted_tokens)  # fmt: skip
+        fam = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                  "Draft tokens accepted, by position in the draft.",
+                                  labels=[*self.labels, "position"])  # fmt: skip
+        for pos, n in enumerate(spec.accepted_per_pos):
+            fam.add_metric([*self.labels.values(), str(pos)], n)
+        yield fam
 
 
 class ServerMetrics:

@@ -11,11 +11,9 @@ from agora.engine.sampler import SampleRequest, sample
 from agora.engine.sampling import SamplingParams
 
 
-def row(params: SamplingParams, out: list[int] | None = None, prompt: list[int] | None = None, seed_gen=None):
-    gen = None
-    if params.seed is not None:
-        gen = torch.Generator().manual_seed(params.seed)
-    return SampleRequest(params, prompt or [], out or [], frozenset({0}), seed_gen or gen)
+def row(params: SamplingParams, out: list[int] | None = None, prompt: list[int] | None = None,
+        position: int | None = None) -> SampleRequest:  # fmt: skip
+    return SampleRequest(params, prompt or [], out or [], frozenset({0}), params.seed, position=position)
 
 
 def logits_of(*rows: list[float]) -> torch.Tensor:
@@ -33,10 +31,9 @@ def test_seeded_rows_do_not_depend_on_the_rest_of_the_batch():
     p = SamplingParams(temperature=1.0, seed=1234)
 
     def run(batch_extra: int) -> list[int]:
-        gen = torch.Generator().manual_seed(1234)
         toks = []
-        for _ in range(20):
-            reqs = [row(SamplingParams(temperature=1.0)) for _ in range(batch_extra)] + [row(p, seed_gen=gen)]
+        for i in range(20):
+            reqs = [row(SamplingParams(temperature=1.0)) for _ in range(batch_extra)] + [row(p, position=i)]
             batch = torch.cat([torch.randn(batch_extra, 50), lg]) if batch_extra else lg
             toks.append(sample(batch, reqs).token_ids[-1])
         return toks

@@ -23,7 +23,7 @@ def req(rid: str, n_prompt: int, start: int = 1, max_tokens: int = 100, **kw) ->
 def step(s: Scheduler, token: int = 7) -> dict[str, int]:
     """One step where every request that reaches its end samples ``token``."""
     out = s.schedule()
-    s.update(out, {x.request.request_id: token for x in out.scheduled if x.samples})
+    s.update(out, {x.request.request_id: [token] for x in out.scheduled if x.samples})
     return out.num_scheduled_tokens
 
 
@@ -68,7 +68,7 @@ def test_preemption_frees_the_newest_request_and_recomputes_it_later():
     assert b.status == RequestStatus.PREEMPTED and b.num_computed_tokens == 0
     assert b.output_token_ids == [7, 7]  # nothing generated is lost
     assert s.kv.block_ids("a") == [0, 1, 3]  # b's blocks went back tail-first: [3, 2]
-    s.update(out, {"a": 7})
+    s.update(out, {"a": [7]})
     # b (9 tokens) finds its first block cached but needs two more: it keeps waiting.
     assert step(s) == {"a": 1}
     assert list(s.waiting) == [b]
@@ -78,7 +78,7 @@ def test_preemption_frees_the_newest_request_and_recomputes_it_later():
     assert out.num_scheduled_tokens == {"b": 5}
     assert b.num_computed_tokens == 4
     assert s.kv.block_ids("b")[0] == 2
-    s.update(out, {"b": 9})
+    s.update(out, {"b": [9]})
     assert b.output_token_ids == [7, 7, 9]
 
 
@@ -113,10 +113,10 @@ def test_stop_conditions_finish_and_free():
     s.add_request(req("stopid", 3, start=60, stop_token_ids=[5]))
     s.add_request(req("min", 3, start=70, min_tokens=2))
     out = s.schedule()
-    s.update(out, {"eos": EOS, "len": 1, "stopid": 5, "min": EOS})
+    s.update(out, {"eos": [EOS], "len": [1], "stopid": [5], "min": [EOS]})
     assert set(s.requests) == {"len", "min"}  # min_tokens not reached yet: EOS does not stop
     out = s.schedule()
-    s.update(out, {"len": 1, "min": EOS})
+    s.update(out, {"len": [1], "min": [EOS]})
     assert set(s.requests) == set()
     assert s.kv.num_free_blocks == 8
     s.kv.check_integrity()

@@ -1,0 +1,162 @@
+"""SuffixDecoding (Oliaro et al., NeurIPS 2025) over token arrays instead of explicit trees.
+
+A suffix tree answers two questions: how long is the longest earlier match of the context's
+suffix, and which continuations followed it how often. Both are answered here directly on
+the token array: the set of earlier positions matching the last ``n`` tokens shrinks as ``n``
+grows (numpy, one comparison per level), and walking the tree's most frequent child is
+counting the tokens that follow the surviving matches. Two corpora are searched:
+
+- the request's own prompt and output (an agent rewriting a file it was shown, quoting a
+  tool result, repeating its own earlier structure);
+- a bounded corpus of recent outputs of finished requests (an agent's later turns, or other
+  agents, producing the same shapes), with a separator between outputs.
+
+The draft is the walk with the higher score (the sum of each draft token's path
+probability: the expected number of accepted tokens). Its length adapts three ways: at most
+``max_spec_factor`` x the match length, it stops where the path probability falls under
+``min_token_prob``, and each request's own acceptance rate caps it (drafts that keep failing
+shrink; drafts that hold grow back).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import numpy as np
+
+from agora.config import SpeculativeConfig
+from agora.engine.spec.history import History
+from agora.engine.spec.ngram import continuation
+
+SEPARATOR = -1  # between outputs in the global corpus: never a continuation
+GLOBAL_TOKENS = 1 << 16  # the global corpus's size cap, in tokens (besides max_cached_requests)
+MIN_MATCH = 2  # a match shorter than this does not draft (one shared token predicts little)
+EMA = 0.5  # weight of the latest step in a request's acceptance rate
+
+
+def longest_match(corpus: np.ndarray, query: np.ndarray, max_depth: int) -> tuple[int, np.ndarray]:
+    """The longest ``n <= max_depth`` such that ``query[-n:]`` occurs in ``corpus`` followed by at least one
+    token, and the end offsets ``e`` of those occurrences (``corpus[e - n : e] == query[-n:]``, ``e < len``)."""
+    size = len(corpus)
+    if size < 2 or not len(query):
+        return 0, np.empty(0, dtype=np.int64)
+    ends = np.flatnonzero(corpus[: size - 1] == query[-1]) + 1
+    if not ends.size:
+        return 0, ends
+    n = 1
+    depth = min(max_depth, len(query))
+    while n < depth:
+        before = ends[ends > n]  # corpus[e - n - 1] exists
+        before = before[corpus[before - n - 1] == query[-n - 1]]
+        if not before.size:
+            break
+        ends = before
+        n += 1
+    return n, ends
+
+
+def walk(corpus: np.ndarray, ends: np.ndarray, max_len: int, min_prob: float,
+         own: bool = False) -> tuple[list[int], float]:  # fmt: skip
+    """Follow the most frequent continuation of the matches at ``ends`` while its path probability stays
+    at least ``min_prob``; returns the draft and its score (the sum of its tokens' path probabilities).
+    ``own``: the corpus is the sequence itself, so a continuation that reaches its end repeats its tail."""
+    size = len(corpus)
+    draft: list[int] = []
+    prob, score = 1.0, 0.0
+    while len(draft) < max_len and ends.size:
+        if ends.size == 1:  # one match left: its continuation, as far as it goes
+            e = int(ends[0])
+            if own:
+                tail = continuation(corpus, e, max_len - len(draft))
+            else:
+                cut = corpus[e : e + max_len - len(draft)]
+                stop = np.flatnonzero(cut == SEPARATOR)
+                tail = (cut[: stop[0]] if stop.size else cut).tolist()
+            draft.extend(tail)
+            score += prob * len(tail)
+            break
+        following = corpus[ends]
+        values, counts = np.unique(following, return_counts=True)
+        best = int(counts.argmax())
+        token = int(values[best])
+        prob *= counts[best] / ends.size
+        if token == SEPARATOR or prob < min_prob:
+            break
+        draft.append(token)
+        score += prob
+        ends = ends[following == token] + 1
+        ends = ends[ends < size]
+    return draft, score
+
+
+class _Recent:
+    """Outputs of finished requests, newest last, bounded in count and in tokens."""
+
+    def __init__(self, max_requests: int) -> None:
+        self.max_requests = max_requests
+        self.outputs: deque[np.ndarray] = deque()
+        self.tokens = 0
+        self._corpus: np.ndarray | None = None
+
+    def add(self, output: list[int]) -> None:
+        if self.max_requests == 0 or len(output) < 2:
+            return
+        arr = np.asarray(output[-GLOBAL_TOKENS:], dtype=np.int64)
+        self.outputs.append(arr)
+        self.tokens += len(arr) + 1
+        while len(self.outputs) > self.max_requests or self.tokens > GLOBAL_TOKENS:
+            self.tokens -= len(self.outputs.popleft()) + 1
+        self._corpus = None
+
+    def corpus(self) -> np.ndarray:
+        if self._corpus is None:
+            sep = np.array([SEPARATOR], dtype=np.int64)
+            parts = [p for arr in self.outputs for p in (arr, sep)]
+            self._corpus = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+        return self._corpus
+
+
+class SuffixProposer:
+    def __init__(self, config: SpeculativeConfig) -> None:
+        self.k = int(config.num_speculative_tokens)  # type: ignore[arg-type]
+        self.depth = config.suffix_decoding_max_tree_depth
+        self.factor = config.suffix_decoding_max_spec_factor
+        self.min_prob = config.suffix_decoding_min_token_prob
+        self.histories: dict[str, History] = {}
+        self.rates: dict[str, float] = {}  # each request's recent acceptance rate
+        self.recent = _Recent(config.suffix_decoding_max_cached_requests)
+
+    def _limit(self, request_id: str, match: int, max_tokens: int) -> int:
+        rate = self.rates.get(request_id, 1.0)
+        return min(max_tokens, self.k, math.ceil(self.factor * match), max(1, math.ceil(rate * self.k)))
+
+    def propose(self, request_id: str, token_ids: list[int], max_tokens: int) -> list[int]:
+        if max_tokens <= 0:
+            return []
+        hist = self.histories.get(request_id)
+        if hist is None:
+            hist = self.histories[request_id] = History()
+        tokens = hist.sync(token_ids)
+        query = tokens[-self.depth :]
+        best: tuple[list[int], float] = ([], 0.0)
+        for own, corpus in ((True, tokens), (False, self.recent.corpus())):
+            n, ends = longest_match(corpus, query, self.depth)
+            if n < MIN_MATCH:
+                continue
+            draft = walk(corpus, ends, self._limit(request_id, n, max_tokens), self.min_prob, own)
+            if draft[1] > best[1]:
+                best = draft
+        return best[0]
+
+    def observe(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
+        if num_drafts > 0:
+            rate = self.rates.get(request_id, 1.0)
+            # Full acceptance counts as more than the ratio: a draft that held may be longer next time.
+            latest = 1.0 if num_accepted == num_drafts else num_accepted / num_drafts
+            self.rates[request_id] = (1 - EMA) * rate + EMA * latest
+
+    def finish(self, request_id: str, token_ids: list[int], num_prompt_tokens: int) -> None:
+        self.histories.pop(request_id, None)
+        self.rates.pop(request_id, None)
+        self.recent.add(token_ids[num_prompt_tokens:])
