@@ -164,6 +164,7 @@ class Engine:
         spec = config.speculative_config
         self.proposer: Proposer | None = build_proposer(spec) if spec is not None else None
         self.spec_stats = SpecStats()
+        self.max_draft_tokens = spec.num_speculative_tokens if spec is not None else 0
         if spec is not None:
             logger.info("speculative decoding: %s, up to %d draft tokens a step", spec.method,
                         spec.num_speculative_tokens)  # fmt: skip
@@ -324,7 +325,7 @@ class Engine:
             return []
         assert self.proposer is not None
         if req.grammar is not None and req.grammar.forced:
-            return list(req.grammar.forced[:room])  # the grammar already knows these tokens
+            return list(req.grammar.forced[: min(room, self.max_draft_tokens)])  # the grammar knows these tokens
         return self.proposer.propose(req.request_id, req.all_token_ids, room)
 
     def stats(self) -> EngineStats:

@@ -281,7 +281,7 @@ class KVCacheManager:
         extra = blocks[keep:]
         del blocks[keep:]
         self.pool.free_blocks(extra)
-        for block in extra:
+        for block in reversed(extra):  # leaves them at the head in table order
             if block.ref_cnt == 0:
                 self.pool.free_queue.move_to_end(block.block_id, last=False)
         return [b.block_id for b in extra]

@@ -84,12 +84,14 @@ class Request:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
 
-    def check_stop(self) -> RequestStatus | None:
+    def check_stop(self, latest: bool = True) -> RequestStatus | None:
         """Stop conditions that depend on tokens only (stop strings are checked by the
-        detokenizer). Sets ``status``/``stop_reason`` and returns the new status."""
+        detokenizer). Sets ``status``/``stop_reason`` and returns the new status.
+        ``latest``: the token appended is the last the grammar took (not one of several
+        accepted in one step, where the grammar's state is already past it)."""
         params = self.sampling_params
         last = self.output_token_ids[-1]
-        if self.grammar is not None and self.grammar.is_terminated:  # the grammar took a stop token
+        if self.grammar is not None and latest and self.grammar.is_terminated:  # the grammar took a stop token
             self.status = RequestStatus.FINISHED_STOPPED
             self.stop_reason = None if last in self.eos_token_ids else last
             return self.status

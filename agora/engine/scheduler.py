@@ -198,7 +198,7 @@ class Scheduler:
             for token in tokens:
                 request.append_output_token(token)
                 kept += 1
-                status = request.check_stop()
+                status = request.check_stop(latest=kept == len(tokens))
                 if status is not None:
                     break
             updated.append((request, kept))

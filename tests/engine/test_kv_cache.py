@@ -159,3 +159,30 @@ def test_usage():
     assert kv.usage() == pytest.approx(0.5)
     kv.free("a")
     assert kv.usage() == 0.0
+
+
+def test_rollback_gives_back_the_blocks_only_rejected_drafts_reached():
+    """Speculative decoding: a step computes 1 due token + 6 drafts; 1 draft is accepted, so the block
+    that only the rejected drafts reached goes back, to the head of the free queue, never cached."""
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    r = Req("r", list(range(6)))
+    assert admit(kv, r) == [0, 1]
+    r.all_token_ids.append(6)  # the sampled token, due next step
+    r.num_computed_tokens = 6
+    assert kv.allocate(r, 1 + 6) == [2, 3]  # positions 6..12: blocks 1 (6, 7), 2 (8..11), 3 (12)
+    # Only the known tokens (0..6) are hashed: block 1 is not full of known tokens yet, blocks 2 and 3 never.
+    assert kv.num_cached_blocks["r"] == 1
+    # One draft accepted plus one sampled token: 9 tokens known, 8 computed.
+    r.all_token_ids += [7, 8]
+    r.num_computed_tokens = 8
+    assert kv.rollback("r", len(r.all_token_ids)) == [3]
+    assert kv.block_ids("r") == [0, 1, 2]
+    assert kv.pool.free_block_ids() == [3, 4, 5, 6, 7]
+    assert kv.rollback("r", len(r.all_token_ids)) == []
+    # The next allocation hashes block 1 (tokens 4..7, all known and computed now).
+    assert kv.allocate(r, 1) == []
+    assert kv.num_cached_blocks["r"] == 2
+    kv.check_integrity()
+    kv.free("r")
+    assert kv.pool.free_block_ids() == [3, 4, 5, 6, 7, 2, 1, 0]
+    kv.check_integrity()

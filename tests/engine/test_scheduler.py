@@ -120,3 +120,81 @@ def test_stop_conditions_finish_and_free():
     assert set(s.requests) == set()
     assert s.kv.num_free_blocks == 8
     s.kv.check_integrity()
+
+
+# -- speculative decoding: drafts are budget ---------------------------------------------------
+
+
+def test_drafts_are_granted_as_budget_and_accepted_ones_count_as_computed():
+    s = make(num_blocks=16, budget=8)
+    a = req("a", 5)
+    s.add_request(a)
+    assert step(s) == {"a": 5}  # prefill; samples 7
+    a.spec_token_ids = [10, 11, 12]
+    out = s.schedule()
+    assert out.num_scheduled_tokens == {"a": 4}  # the due token and three drafts
+    assert out.scheduled[0].draft_token_ids == [10, 11, 12] and out.scheduled[0].samples
+    assert s.kv.block_ids("a") == [0, 1, 2]  # positions 5..8
+    # Two drafts accepted, then the model's own token: 3 new tokens, the last not computed yet.
+    updated = s.update(out, {"a": [10, 11, 99]})
+    assert [(r.request_id, kept) for r, kept in updated] == [("a", 3)]
+    assert a.output_token_ids == [7, 10, 11, 99]
+    assert a.num_computed_tokens == 8 and a.num_tokens == 9
+    assert a.spec_token_ids == []
+    assert s.kv.block_ids("a") == [0, 1, 2]  # position 8 (token 99) is in block 2: nothing to give back
+    # Drafts past the budget are cut: budget 8, one due token, at most 7 drafts.
+    a.spec_token_ids = list(range(20, 40))
+    out = s.schedule()
+    assert out.num_scheduled_tokens == {"a": 8} and len(out.scheduled[0].draft_token_ids) == 7
+
+
+def test_rejected_drafts_give_their_blocks_back():
+    s = make(num_blocks=16, budget=16)
+    a = req("a", 3)
+    s.add_request(a)
+    step(s)
+    a.spec_token_ids = list(range(20, 30))  # positions 3..13: blocks 0..3
+    out = s.schedule()
+    assert s.kv.block_ids("a") == [0, 1, 2, 3]
+    s.update(out, {"a": [55]})  # the first draft is rejected: only the model's token is kept
+    assert a.output_token_ids == [7, 55] and a.num_computed_tokens == 4
+    assert s.kv.block_ids("a") == [0, 1]  # 5 tokens: two blocks
+    assert s.kv.pool.free_block_ids()[:2] == [2, 3]
+    s.kv.check_integrity()
+
+
+def test_a_stop_token_among_accepted_drafts_ends_the_request_there():
+    s = make(num_blocks=16, budget=16)
+    a = req("a", 3)
+    s.add_request(a)
+    step(s)
+    a.spec_token_ids = [5, EOS, 6]
+    out = s.schedule()
+    updated = s.update(out, {"a": [5, EOS, 6, 8]})
+    assert [(r.request_id, kept) for r, kept in updated] == [("a", 2)]
+    assert a.output_token_ids == [7, 5, EOS] and a.status == RequestStatus.FINISHED_STOPPED
+    assert "a" not in s.requests and s.kv.usage() == 0.0
+
+
+def test_drafts_that_do_not_fit_the_kv_cache_are_dropped_before_anyone_is_preempted():
+    s = make(num_blocks=3, budget=64)
+    a, b = req("a", 3), req("b", 4, start=100)
+    s.add_request(a)
+    s.add_request(b)
+    step(s)  # a: block 0; b: blocks 1, 2 (its sampled token needs the second)
+    a.spec_token_ids = [1, 2, 3, 4, 5]  # would need two more blocks, and none is free
+    out = s.schedule()
+    assert out.num_scheduled_tokens == {"a": 1, "b": 1}
+    assert out.preempted_ids == [] and out.scheduled[0].draft_token_ids == []
+
+
+def test_preemption_drops_drafts():
+    s = make(num_blocks=4, budget=64)
+    a, b = req("a", 7), req("b", 7, start=100)
+    s.add_request(a)
+    s.add_request(b)
+    step(s)
+    step(s)
+    b.spec_token_ids = [1, 2]
+    out = s.schedule()  # a needs a third block: b is preempted
+    assert out.preempted_ids == ["b"] and b.spec_token_ids == []
