@@ -45,6 +45,14 @@ def parse_size(text: str | int) -> int:
     return int(float(s))
 
 
+def _flag_value(parse: Any, text: str) -> Any:
+    """``parse(text)``, with its ValueError's message shown by argparse as the flag's error."""
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def parse_aliases(items: list[str]) -> tuple[tuple[str, str], ...]:
     """['claude-*=SmolLM2', ...] -> (('claude-*', 'SmolLM2'), ...); ValueError names a malformed one."""
     out = []
@@ -223,7 +231,7 @@ class EngineConfig:
     speculative_config: SpeculativeConfig | None = option(
         None, 'speculative decoding as vLLM spells it, e.g. \'{"method": "ngram", "num_speculative_tokens": 5, '
         '"prompt_lookup_max": 5, "prompt_lookup_min": 2}\' or \'{"method": "suffix"}\' (default: off)',
-        parse=lambda text: SpeculativeConfig.parse(text), metavar="JSON")  # fmt: skip
+        parse=lambda text: _flag_value(SpeculativeConfig.parse, text), metavar="JSON")  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):

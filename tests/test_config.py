@@ -16,6 +16,7 @@ from agora.config import (
     SchedulerConfig,
     ServeConfig,
     ServerConfig,
+    SpeculativeConfig,
     from_dict,
     to_dict,
     with_options,
@@ -80,3 +81,17 @@ def test_cluster_config_checks_its_bounds() -> None:
         ClusterConfig(min_replicas=1)
     with pytest.raises(ValueError, match="min-replicas"):
         ClusterConfig(min_replicas=3, max_replicas=2)
+
+
+def test_speculative_config_flag_takes_vllm_json_and_travels_to_replicas(capsys) -> None:
+    config = serve_config(_args("--speculative-config", '{"method": "suffix", "num_speculative_tokens": 6}'))
+    assert config.engine.speculative_config == SpeculativeConfig(method="suffix", num_speculative_tokens=6)
+    assert ServeConfig.from_json(config.to_json()) == config
+    assert serve_config(_args()).engine.speculative_config is None  # off by default
+    with pytest.raises(SystemExit):
+        _args("--speculative-config", '{"method": "eagle"}')
+    assert "needs a draft model" in capsys.readouterr().err
+    spec = with_options(ServeConfig(), {"speculative_config": {"method": "ngram"}}).engine.speculative_config
+    assert spec == SpeculativeConfig(method="ngram", num_speculative_tokens=5, prompt_lookup_min=5, prompt_lookup_max=5)
+    with pytest.raises(ValueError, match="unknown key"):
+        with_options(ServeConfig(), {"speculative_config": {"method": "ngram", "k": 1}})

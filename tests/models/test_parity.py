@@ -165,18 +165,25 @@ GEMMA_TEXTS = [
     # Longer than the 512-token sliding window of Gemma 3's local layers.
     "In the history of science, " + "measurement came before theory, and careful records made the difference. " * 52,
     "Photosynthesis converts light energy into chemical energy. Explain the two stages:",
+    # One that invites copying, so speculative drafts get accepted.
+    "Copy: alpha beta gamma delta epsilon zeta eta theta. Copy: alpha beta gamma",
 ]
 
 
-@pytest.mark.slow
-def test_gemma3_270m_matches_transformers(gemma3_gguf):
+@pytest.fixture(scope="module")
+def gemma3_reference(gemma3_gguf):
     from agora.engine.tokenizer import Tokenizer
     from agora.models.loader import inspect_model
 
     tok = Tokenizer(inspect_model(gemma3_gguf).tokenizer_dir)
     prompts = [tok.encode(t) for t in GEMMA_TEXTS]
     assert max(len(p) for p in prompts) > 600
-    expected = gguf_reference(gemma3_gguf, prompts)
+    return prompts, gguf_reference(gemma3_gguf, prompts)
+
+
+@pytest.mark.slow
+def test_gemma3_270m_matches_transformers(gemma3_gguf, gemma3_reference):
+    prompts, expected = gemma3_reference
     llm = LLM(str(gemma3_gguf), dtype="float32", num_blocks=128, max_num_batched_tokens=256)
     assert engine_greedy(llm, prompts) == expected
 
@@ -195,3 +202,56 @@ def test_smollm2_with_fp16_kv_cache_stays_close_to_transformers(smollm2_gguf, sm
         agree.append(n / len(e))
     print("fp16 KV: share of each greedy reference reproduced before the first difference:", agree)
     assert min(agree) >= 0.25 and sum(agree) / len(agree) >= 0.75
+
+
+# -- speculative decoding: the same greedy tokens, with drafts verified in the same forward -------------
+
+SPEC_CONFIGS = {
+    "ngram": {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 2, "prompt_lookup_max": 4},
+    "suffix": {"method": "suffix", "num_speculative_tokens": 8},
+}
+# A conversation whose answer copies its context, so drafts are accepted (not just proposed and refused).
+COPY_CHAT = [{"role": "user", "content": "Repeat this line exactly: the parcel left Lyon on Monday at 9:40 "
+                                         "and reached Porto on Wednesday at 17:05."}]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def smollm2_copy_reference(smollm2_gguf, smollm2_reference):
+    from agora.engine.tokenizer import Tokenizer
+    from agora.models.loader import inspect_model
+
+    tok = Tokenizer(inspect_model(smollm2_gguf).tokenizer_dir)
+    prompts, expected = smollm2_reference
+    copy = tok.encode(tok.apply_chat_template(COPY_CHAT), add_special_tokens=False)
+    return [*prompts, copy], [*expected, *gguf_reference(smollm2_gguf, [copy])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(SPEC_CONFIGS))
+def test_smollm2_with_speculation_matches_transformers(smollm2_gguf, smollm2_copy_reference, method):
+    prompts, expected = smollm2_copy_reference
+    llm = LLM(str(smollm2_gguf), dtype="float32", num_blocks=256, max_num_batched_tokens=96,
+              speculative_config=SPEC_CONFIGS[method])  # fmt: skip
+    assert engine_greedy(llm, prompts) == expected
+    assert llm.engine.stats().spec.num_accepted_tokens > 20
+
+
+@pytest.mark.slow
+def test_smollm2_with_speculation_matches_transformers_under_preemption(smollm2_gguf, smollm2_copy_reference):
+    prompts, expected = smollm2_copy_reference
+    llm = LLM(str(smollm2_gguf), dtype="float32", num_blocks=24, block_size=16, max_num_batched_tokens=256,
+              speculative_config=SPEC_CONFIGS["suffix"])  # fmt: skip
+    assert engine_greedy(llm, prompts) == expected
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.stats().spec.num_accepted_tokens > 20
+
+
+@pytest.mark.slow
+def test_gemma3_270m_with_speculation_matches_transformers_under_preemption(gemma3_gguf, gemma3_reference):
+    prompts, expected = gemma3_reference
+    # 46 blocks of 16 hold 736 tokens: the long prompt alone needs 44 by its end, the five others 5 each.
+    llm = LLM(str(gemma3_gguf), dtype="float32", num_blocks=46, max_num_batched_tokens=256,
+              speculative_config=SPEC_CONFIGS["suffix"])  # fmt: skip
+    assert engine_greedy(llm, prompts) == expected
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.stats().spec.num_accepted_tokens > 20

@@ -1,0 +1,56 @@
+"""Speculative decoding through the HTTP server: several tokens a step reach the client as the same text,
+usage and logprobs, and the engine's counters are exported under vLLM's metric names."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.server.conftest import MODEL, start_server
+
+PROMPT = "The quick brown fox jumps over the lazy dog. " * 6
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_model_dir):
+    plain = start_server(tiny_model_dir)
+    spec = start_server(tiny_model_dir, speculative_config={"method": "suffix", "num_speculative_tokens": 6})
+    yield plain, spec
+    for r in (plain, spec):
+        r.server.should_exit = True
+        r.thread.join(timeout=10)
+
+
+def _client(r) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{r.url}/v1", api_key="none", max_retries=0)
+
+
+def test_streams_and_whole_responses_match_speculation_off(servers):
+    plain, spec = servers
+    kwargs = dict(model=MODEL, prompt=PROMPT, max_tokens=40, temperature=0, logprobs=2, extra_body={"ignore_eos": True})
+    for _ in range(2):  # the second time the suffix corpus knows the answer: long drafts
+        a = _client(plain).completions.create(**kwargs)
+        b = _client(spec).completions.create(**kwargs)
+        assert b.choices[0].text == a.choices[0].text
+        assert b.usage.completion_tokens == a.usage.completion_tokens == 40
+        assert b.choices[0].logprobs.tokens == a.choices[0].logprobs.tokens
+        assert b.choices[0].logprobs.token_logprobs == pytest.approx(a.choices[0].logprobs.token_logprobs, abs=1e-4)
+        chunks = list(_client(spec).completions.create(**kwargs, stream=True))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == a.choices[0].text
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=30, temperature=0)
+    a = _client(plain).chat.completions.create(**chat)
+    b = _client(spec).chat.completions.create(**chat)
+    assert b.choices[0].message.content == a.choices[0].message.content
+    assert b.choices[0].finish_reason == a.choices[0].finish_reason
+
+
+def test_spec_decode_metrics_under_vllm_names(servers):
+    plain, spec = servers
+    _client(spec).completions.create(model=MODEL, prompt=PROMPT, max_tokens=30, temperature=0,
+                                     extra_body={"ignore_eos": True})  # fmt: skip
+    drafts = spec.metric("vllm:spec_decode_num_drafts_total")
+    proposed = spec.metric("vllm:spec_decode_num_draft_tokens_total")
+    accepted = spec.metric("vllm:spec_decode_num_accepted_tokens_total")
+    per_pos = spec.metric("vllm:spec_decode_num_accepted_tokens_per_pos_total", 'position="0"')
+    assert 0 < drafts and 0 < accepted <= proposed and 0 < per_pos <= drafts
+    assert "vllm:spec_decode" not in __import__("httpx").get(f"{plain.url}/metrics").text  # off: not exported
