@@ -23,10 +23,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
     p.add_argument("--model", required=True, help="model name to send")
     p.add_argument("--api-key", default=None)
-    p.add_argument("--workload", choices=["random", "shared-prefix", "agent"], default="random")
+    p.add_argument("--workload", choices=["random", "shared-prefix", "agent", "agent-repeat"], default="random",
+                   help="agent-repeat: coding agents whose answers copy their context (a file rewritten with one "
+                        "edit, tool results quoted back); greedy, natural stopping")  # fmt: skip
     p.add_argument("--num-prompts", type=int, default=64, help="requests per run (random, shared-prefix)")
     p.add_argument("--input-len", default="128:512", help="prompt words: N or MIN:MAX")
-    p.add_argument("--output-len", default="64:128", help="max tokens: N or MIN:MAX (agent: drawn per turn)")
+    p.add_argument("--output-len", default=None,
+                   help="max tokens: N or MIN:MAX (agent: drawn per turn); default 64:128, agent-repeat 768")  # fmt: skip
     p.add_argument("--num-groups", type=int, default=4, help="shared-prefix: distinct system prompts")
     p.add_argument("--prefix-len", type=int, default=400, help="shared-prefix: words of each system prompt")
     p.add_argument("--turns", type=int, default=6, help="agent: calls per agent")
@@ -68,12 +71,15 @@ async def _run(args: argparse.Namespace, cfg: BenchConfig, slos: dict[str, float
                 raise RuntimeError(f"every warm-up request failed; first error: {results[0].error}")
     runs = []
     for level in levels:
-        if args.workload == "agent":
+        if args.workload in ("agent", "agent-repeat"):
             out_len = workloads.parse_range(args.output_len)
-            sessions = workloads.agent_sessions(level, args.turns, args.system_prompt_len, 40,
-                                                args.tool_result_len, out_len, args.seed)  # fmt: skip
+            if args.workload == "agent":
+                sessions = workloads.agent_sessions(level, args.turns, args.system_prompt_len, 40,
+                                                    args.tool_result_len, out_len, args.seed)  # fmt: skip
+            else:
+                sessions = workloads.repeat_sessions(level, args.turns, out_len, args.seed)  # type: ignore[assignment]
             total = level * args.turns
-            with tqdm(total=total, desc=f"agent x{level}", unit="req", file=sys.stderr) as bar:
+            with tqdm(total=total, desc=f"{args.workload} x{level}", unit="req", file=sys.stderr) as bar:
                 results, duration = await run_agents(cfg, sessions, bar)
         else:
             specs = _specs(args, args.seed)
@@ -88,6 +94,8 @@ async def _run(args: argparse.Namespace, cfg: BenchConfig, slos: dict[str, float
 
 def main(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns the table
+    if args.output_len is None:
+        args.output_len = "768" if args.workload == "agent-repeat" else "64:128"
     try:
         slos = parse_goodput(args.goodput)
         workloads.parse_range(args.input_len)

@@ -6,6 +6,7 @@ tokenizers); the benchmark reports the token counts the server itself returns.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -103,5 +104,100 @@ def agent_sessions(
             {"role": "system", "content": system},
             {"role": "user", "content": f"Task {a}: " + words(s.rng, task_len)},
         ]
+        sessions.append(s)
+    return sessions
+
+
+# -- agents whose answers repeat their context (speculative decoding's case) ------------------------
+
+_VERBS = ("load", "parse", "merge", "filter", "render", "index", "fetch", "store", "group", "score")
+_NOUNS = ("records", "orders", "users", "events", "tokens", "blocks", "routes", "files", "jobs", "metrics")
+_ARGS = ("items", "limit", "key", "path", "config", "batch", "prefix", "timeout")
+_BODIES = (
+    ["    result = {{}}", "    for item in {a}:", "        if item.get(\"{n}\") == {b}:",
+     "            result[item[\"id\"]] = item", "    return result"],
+    ["    out = []", "    for i, item in enumerate({a}):", "        if i >= {b}:", "            break",
+     "        out.append(item.strip())", "    return out"],
+    ["    with open({a}) as f:", "        data = json.load(f)", "    if \"{n}\" not in data:",
+     "        raise KeyError(\"{n}\")", "    return data[\"{n}\"][: {b}]"],
+    ["    total = 0", "    for item in {a}:", "        total += item.get(\"{n}\", 0)",
+     "    return total / max(1, {b})"],
+)  # fmt: skip
+
+
+def source_file(rng: random.Random, functions: int) -> tuple[str, list[str]]:
+    """A small Python module (deterministic for the rng) and the names of its functions."""
+    lines = ["import json", "from pathlib import Path", "", ""]
+    names: list[str] = []
+    while len(names) < functions:
+        name = f"{rng.choice(_VERBS)}_{rng.choice(_NOUNS)}"
+        if name in names:
+            continue
+        names.append(name)
+        a, b = rng.sample(_ARGS, 2)
+        noun = rng.choice(_NOUNS)
+        lines.append(f"def {name}({a}, {b}):")
+        lines.append(f'    """{words(rng, 6).capitalize()}."""')
+        lines += [ln.format(a=a, b=b, n=noun) for ln in rng.choice(_BODIES)]
+        lines += ["", ""]
+    return "\n".join(lines).rstrip() + "\n", names
+
+
+def tool_result(rng: random.Random, names: list[str]) -> str:
+    failures = [
+        {"test": f"tests/test_{rng.choice(_NOUNS)}.py::test_{name}", "error": f"AssertionError: expected "
+         f"{rng.randint(1, 9)}, got {rng.randint(10, 99)}", "line": rng.randint(10, 200)}
+        for name in rng.sample(names, 2)
+    ]  # fmt: skip
+    return json.dumps({"tool": "run_tests", "status": "failed", "passed": rng.randint(5, 40),
+                       "failures": failures, "duration_s": round(rng.uniform(0.5, 9.0), 2)}, indent=2)  # fmt: skip
+
+
+@dataclass
+class RepeatSession(AgentSession):
+    """A coding agent whose every answer copies its context: the whole file rewritten with one edit,
+    a tool result quoted back, the file again with one more edit. Greedy, natural stopping."""
+
+    script: list[str] = field(default_factory=list)  # the user message of each turn after the first
+    # Characters of what each turn's faithful answer copies (turn t: answers[t % len]): max_tokens is
+    # a little more than that in tokens (about 3 characters each), so a model that loops instead of
+    # stopping cannot stretch a turn past what the copy needs.
+    answers: list[int] = field(default_factory=list)
+
+    def request(self, turn: int) -> RequestSpec:
+        spec = super().request(turn)
+        if self.answers:
+            spec.max_tokens = min(spec.max_tokens, self.answers[turn % len(self.answers)] // 3 + 32)
+        return spec
+
+    def advance(self, reply: str, turn: int) -> None:
+        self.messages.append({"role": "assistant", "content": reply or "(no output)"})
+        self.messages.append({"role": "user", "content": self.script[turn % len(self.script)]})
+
+
+def repeat_sessions(agents: int, turns: int, output_len: int | tuple[int, int], seed: int,
+                    functions: int = 4) -> list[RepeatSession]:  # fmt: skip
+    rng = random.Random(seed)
+    system = "You are a coding agent. When asked for a file, reply with the whole file and nothing else."
+    sessions = []
+    for a in range(agents):
+        srng = random.Random(seed * 1000 + a)
+        code, names = source_file(srng, functions)
+        old, new = names[0], names[0].replace("_", "_all_", 1)
+        path = f"src/{rng.choice(_NOUNS)}_{a}.py"
+        results = [tool_result(srng, names), tool_result(srng, names)]
+        script = [
+            f"Tool result:\n```json\n{results[0]}\n```\nQuote the tool result above exactly.",
+            f"Now add the comment `# checked` as the first line of {path} and reply with the whole file again.",
+            f"Tool result:\n```json\n{results[1]}\n```\nQuote the tool result above exactly.",
+            f"Now remove the comment `# checked` from {path} and reply with the whole file again.",
+        ]
+        answers = [len(code), len(results[0]), len(code), len(results[1])]
+        s = RepeatSession(a, turns, output_len, 0, rng=srng, script=script, answers=answers)
+        s.messages = [
+            {"role": "system", "content": system},
+            {"role": "user", "content": f"Here is {path}:\n```python\n{code}```\nRename `{old}` to `{new}` "
+                                        "everywhere and reply with the whole updated file."},
+        ]  # fmt: skip
         sessions.append(s)
     return sessions

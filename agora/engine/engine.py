@@ -23,6 +23,7 @@ from agora.engine.sampler import TokenLogprobs
 from agora.engine.sampling import ParamError, SamplingParams
 from agora.engine.scheduler import Scheduler
 from agora.engine.spec import Proposer, SpecStats, build_proposer
+from agora.engine.spec.policy import DraftPolicy
 from agora.engine.structured import Constraint, GrammarCompiler, GrammarError, GrammarState
 from agora.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from agora.models.catalog import resolve_model
@@ -163,6 +164,7 @@ class Engine:
         )  # fmt: skip
         spec = config.speculative_config
         self.proposer: Proposer | None = build_proposer(spec) if spec is not None else None
+        self.policy = DraftPolicy() if spec is not None else None
         self.spec_stats = SpecStats()
         self.max_draft_tokens = spec.num_speculative_tokens if spec is not None else 0
         if spec is not None:
@@ -232,8 +234,8 @@ class Engine:
         aborted = self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
         if aborted:
             self.num_aborted += 1
-        for req in aborted if self.proposer is not None else ():
-            self.proposer.finish(req.request_id, req.all_token_ids, req.num_prompt_tokens)
+        for req in aborted:
+            self._done_drafting(req)
         self._forget(ids)
 
     def _forget(self, child_ids: list[str]) -> None:
@@ -254,9 +256,16 @@ class Engine:
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:
             return []
+        started = time.perf_counter()
         result = self.runner.execute(sched_out)
         drafted = {s.request.request_id: len(s.draft_token_ids) for s in sched_out.scheduled if s.draft_token_ids}
+        if self.policy is not None and all(
+            s.num_tokens - len(s.draft_token_ids) == 1 for s in sched_out.scheduled
+        ):  # a decode step (drafts or not, no prompt chunk): a point of the cost line
+            self.policy.observe_step(sched_out.total_tokens, time.perf_counter() - started)
         updated = self.scheduler.update(sched_out, result.sampled)
+        if self.policy is not None:
+            self.policy.begin_step(self.scheduler.num_running)
         outputs = []
         finished_ids = []
         for req, kept in updated:
@@ -265,8 +274,9 @@ class Engine:
             if rid in drafted:
                 accepted = len(result.sampled[rid]) - 1
                 self.spec_stats.record(drafted[rid], accepted)
-                if self.proposer is not None:
+                if self.proposer is not None and self.policy is not None:
                     self.proposer.observe(rid, drafted[rid], accepted)
+                    self.policy.record(rid, drafted[rid], accepted)
             tokens = req.output_token_ids[len(req.output_token_ids) - kept :]
             finished = req.is_finished
             text = ""
@@ -311,8 +321,7 @@ class Engine:
             )
             if finished:
                 finished_ids.append(rid)
-                if self.proposer is not None:
-                    self.proposer.finish(rid, req.all_token_ids, req.num_prompt_tokens)
+                self._done_drafting(req)
             elif self.proposer is not None:
                 req.spec_token_ids = self._drafts(req)
         self._forget(finished_ids)
@@ -323,10 +332,16 @@ class Engine:
         room = req.budget - 1  # the due token comes first; drafts past max_tokens or the context are waste
         if room <= 0 or req.num_tokens - req.num_computed_tokens != 1:
             return []
-        assert self.proposer is not None
+        assert self.proposer is not None and self.policy is not None
         if req.grammar is not None and req.grammar.forced:
             return list(req.grammar.forced[: min(room, self.max_draft_tokens)])  # the grammar knows these tokens
-        return self.proposer.propose(req.request_id, req.all_token_ids, room)
+        drafts = self.proposer.propose(req.request_id, req.all_token_ids, room)
+        return drafts[: self.policy.keep(req.request_id, len(drafts))] if drafts else drafts
+
+    def _done_drafting(self, req: Request) -> None:
+        if self.proposer is not None and self.policy is not None:
+            self.proposer.finish(req.request_id, req.all_token_ids, req.num_prompt_tokens)
+            self.policy.forget(req.request_id)
 
     def stats(self) -> EngineStats:
         return EngineStats(

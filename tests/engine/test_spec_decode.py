@@ -255,3 +255,52 @@ def test_drafts_never_run_past_max_tokens(tiny_model_dir):
         out = spec.generate([prompt], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0].outputs[0]
         assert len(out.token_ids) == n and out.finish_reason == "length"
     assert math.isfinite(spec.engine.stats().spec.num_draft_tokens)
+
+
+# -- the draft policy: what a draft position is worth on this machine, at this batch ---------------
+
+
+def test_policy_keeps_every_draft_until_it_has_measured_the_cost():
+    from agora.engine.spec.policy import DraftPolicy
+
+    policy = DraftPolicy()
+    policy.begin_step(16)
+    assert policy.keep("r", 12) == 12
+
+
+def _measured(a_ms: float, b_ms: float):
+    from agora.engine.spec.policy import DraftPolicy
+
+    policy = DraftPolicy()
+    for tokens in [1, 9, 4, 16, 2, 30, 8, 12] * 4:
+        policy.observe_step(tokens, (a_ms + b_ms * tokens) / 1e3)
+    return policy
+
+
+def test_policy_fits_the_step_cost_and_trims_by_expected_acceptance():
+    policy = _measured(10.0, 2.0)
+    assert policy.fit.line() == pytest.approx((0.010, 0.002))
+    # Batch 1: a token costs 2 ms of a 12 ms step, so positions accepted with p >= 1/6 are kept.
+    assert policy.begin_step(1) == pytest.approx(2 / 12)
+    for _ in range(30):
+        policy.record("good", 8, 8)  # every draft accepted: the rate tends to 1
+        policy.record("bad", 8, 0)  # the first draft refused every time: the rate tends to 0
+        policy.record("fair", 8, 6)  # 6 of the 7 positions verified accepted
+    assert policy.rate("good") > 0.99 and policy.rate("bad") < 0.1 and 0.8 < policy.rate("fair") < 0.9
+    assert policy.keep("good", 24) == 24
+    assert policy.keep("bad", 24) == 0
+    # Batch 16: a token costs 2 ms of a 42 ms step that yields 16 tokens: p >= 0.76 is needed.
+    assert policy.begin_step(16) == pytest.approx(32 / 42)
+    assert policy.keep("good", 24) == 24
+    assert policy.keep("fair", 24) == 1  # 0.86 >= 0.76 > 0.86 ** 2
+    assert policy.keep("bad", 24) == 0
+    policy.forget("good")
+    assert policy.rate("good") == pytest.approx(2 / 3)
+
+
+def test_policy_explores_now_and_then_so_its_estimates_keep_up():
+    from agora.engine.spec.policy import EXPLORE
+
+    policy = _measured(10.0, 2.0)
+    thresholds = [policy.begin_step(16) for _ in range(EXPLORE)]
+    assert thresholds.count(0.0) == 1 and max(thresholds) > 0.5

@@ -1,0 +1,111 @@
+"""How many of a sequence's draft tokens are worth verifying this step.
+
+A draft token costs compute whether or not it is accepted, and what it costs depends on the
+machine and the batch: at batch 1 on a CPU a step that verifies 8 drafts reads the weights once,
+as one token does, so drafts are nearly free; in a batch of 16 long contexts every extra token
+costs about half a decode token. So the engine measures it. Two estimates, both decayed so they
+follow the load:
+
+- the step's cost as a line over the tokens it computes, ``t(T) = a + b T`` (least squares
+  over recent decode steps: ``b`` is what one more token costs);
+- each sequence's acceptance rate: of the draft positions verified (a position is verified when
+  every draft before it was accepted), the share accepted, starting from a prior.
+
+Position ``i`` of a draft is kept while its chance of being accepted, ``rate ** (i + 1)``, is at
+least what it costs in tokens of this step's throughput, ``b * B / t(B)`` for ``B`` sequences
+decoding. Every ``EXPLORE`` steps nothing is trimmed, so the estimates keep seeing drafts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+DECAY = 0.98  # per step, of the cost fit; per verification, of a sequence's acceptance counts
+PRIOR_ACCEPTED, PRIOR_VERIFIED = 2.0, 3.0  # a new sequence's rate starts at 2/3
+MIN_STEPS = 16  # decode steps measured before the cost fit is trusted
+EXPLORE = 64  # every this many steps, drafts are not trimmed
+
+
+@dataclass
+class _Fit:
+    w: float = 0.0
+    t: float = 0.0
+    y: float = 0.0
+    tt: float = 0.0
+    ty: float = 0.0
+    steps: int = 0
+
+    def add(self, tokens: float, seconds: float) -> None:
+        self.w = DECAY * self.w + 1.0
+        self.t = DECAY * self.t + tokens
+        self.y = DECAY * self.y + seconds
+        self.tt = DECAY * self.tt + tokens * tokens
+        self.ty = DECAY * self.ty + tokens * seconds
+        self.steps += 1
+
+    def line(self) -> tuple[float, float] | None:
+        """(a, b) of t(T) = a + b T, or None while the data cannot tell (too few steps, one batch size)."""
+        if self.steps < MIN_STEPS:
+            return None
+        mean_t, mean_y = self.t / self.w, self.y / self.w
+        var = self.tt / self.w - mean_t * mean_t
+        if var < 0.25:
+            return None
+        b = max((self.ty / self.w - mean_t * mean_y) / var, 0.0)
+        return mean_y - b * mean_t, b
+
+
+class DraftPolicy:
+    def __init__(self) -> None:
+        self.fit = _Fit()
+        self.rates: dict[str, tuple[float, float]] = {}  # request -> (accepted, verified), decayed
+        self.step = 0
+        self._threshold = 0.0
+
+    def observe_step(self, tokens: int, seconds: float) -> None:
+        """A step that computed ``tokens`` (decode tokens and drafts, no prefill) in ``seconds``."""
+        self.fit.add(tokens, seconds)
+
+    def record(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
+        acc, ver = self.rates.get(request_id, (PRIOR_ACCEPTED, PRIOR_VERIFIED))
+        verified = min(num_accepted + 1, num_drafts)
+        self.rates[request_id] = (DECAY * acc + num_accepted, DECAY * ver + verified)
+
+    def forget(self, request_id: str) -> None:
+        self.rates.pop(request_id, None)
+
+    def rate(self, request_id: str) -> float:
+        acc, ver = self.rates.get(request_id, (PRIOR_ACCEPTED, PRIOR_VERIFIED))
+        return acc / ver
+
+    def begin_step(self, batch: int) -> float:
+        """The acceptance chance a draft position needs for the next step, ``batch`` sequences decoding."""
+        self.step += 1
+        line = self.fit.line()
+        if line is None or self.step % EXPLORE == 0 or batch < 1:
+            self._threshold = 0.0
+        else:
+            a, b = line
+            step_time = max(a + b * batch, 1e-6)
+            self._threshold = min(b * batch / step_time, 1.0)
+            if self.step % 256 == 1:
+                rates = [acc / ver for acc, ver in self.rates.values()]
+                logger.debug("drafts: batch %d, step %.1f ms + %.2f ms a token, keep positions accepted with p >= %.2f"
+                            " (mean rate %.2f)", batch, a * 1e3, b * 1e3, self._threshold,
+                            sum(rates) / max(1, len(rates)))  # fmt: skip
+        return self._threshold
+
+    def keep(self, request_id: str, num_drafts: int) -> int:
+        """How many of a sequence's ``num_drafts`` leading draft tokens to verify."""
+        if self._threshold <= 0.0:
+            return num_drafts
+        rate = self.rate(request_id)
+        chance = rate
+        n = 0
+        while n < num_drafts and chance >= self._threshold:
+            n += 1
+            chance *= rate
+        return n
