@@ -335,6 +335,8 @@ class Engine:
         assert self.proposer is not None and self.policy is not None
         if req.grammar is not None and req.grammar.forced:
             return list(req.grammar.forced[: min(room, self.max_draft_tokens)])  # the grammar knows these tokens
+        if not self.policy.wants(req.request_id):
+            return []
         drafts = self.proposer.propose(req.request_id, req.all_token_ids, room)
         return drafts[: self.policy.keep(req.request_id, len(drafts))] if drafts else drafts
 

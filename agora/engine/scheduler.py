@@ -188,8 +188,8 @@ class Scheduler:
                 continue  # aborted while the step ran
             tokens = sampled.get(request.request_id)
             request.spec_token_ids = []
-            if not tokens:
-                request.num_computed_tokens += s.num_tokens
+            if not tokens:  # a prompt chunk that does not reach the end (drafts always sample)
+                request.num_computed_tokens += s.num_tokens - len(s.draft_token_ids)
                 continue
             # The due tokens were computed, and so were the drafts that were accepted (all but the last token).
             request.num_computed_tokens += s.num_tokens - len(s.draft_token_ids) + len(tokens) - 1

@@ -265,7 +265,8 @@ def test_policy_keeps_every_draft_until_it_has_measured_the_cost():
 
     policy = DraftPolicy()
     policy.begin_step(16)
-    assert policy.keep("r", 12) == 12
+    assert policy.keep("r", 12) == 12 and policy.wants("r")
+    assert policy.rate("r") == pytest.approx(2 / 3)
 
 
 def _measured(a_ms: float, b_ms: float):
@@ -294,13 +295,20 @@ def test_policy_fits_the_step_cost_and_trims_by_expected_acceptance():
     assert policy.keep("good", 24) == 24
     assert policy.keep("fair", 24) == 1  # 0.86 >= 0.76 > 0.86 ** 2
     assert policy.keep("bad", 24) == 0
+    assert policy.wants("good") and policy.wants("fair") and not policy.wants("bad")
     policy.forget("good")
-    assert policy.rate("good") == pytest.approx(2 / 3)
+    overall = policy.overall[0] / policy.overall[1]
+    assert policy.rate("good") == pytest.approx(overall) and policy.rate("new") == pytest.approx(overall)
 
 
-def test_policy_explores_now_and_then_so_its_estimates_keep_up():
-    from agora.engine.spec.policy import EXPLORE
+def test_policy_lets_a_sequence_that_stopped_drafting_probe_now_and_then():
+    from agora.engine.spec.policy import EXPLORE, PROBE
 
     policy = _measured(10.0, 2.0)
-    thresholds = [policy.begin_step(16) for _ in range(EXPLORE)]
-    assert thresholds.count(0.0) == 1 and max(thresholds) > 0.5
+    for _ in range(30):
+        policy.record("bad", 8, 0)
+    policy.begin_step(16)
+    asked = [policy.wants("bad") for _ in range(EXPLORE + 1)]
+    assert asked == [False] * EXPLORE + [True]
+    assert policy.keep("bad", 24) == PROBE
+    assert not policy.wants("bad")  # the probe resets the count

@@ -9,11 +9,16 @@ follow the load:
 - the step's cost as a line over the tokens it computes, ``t(T) = a + b T`` (least squares
   over recent decode steps: ``b`` is what one more token costs);
 - each sequence's acceptance rate: of the draft positions verified (a position is verified when
-  every draft before it was accepted), the share accepted, starting from a prior.
+  every draft before it was accepted), the share accepted; a new sequence starts from the rate
+  of all recent sequences (an agent's next turn is a new request, and its drafts tend to do as
+  the last turns' did).
 
 Position ``i`` of a draft is kept while its chance of being accepted, ``rate ** (i + 1)``, is at
 least what it costs in tokens of this step's throughput, ``b * B / t(B)`` for ``B`` sequences
-decoding. Every ``EXPLORE`` steps nothing is trimmed, so the estimates keep seeing drafts.
+decoding; a sequence whose first position would not pass is not even asked for drafts. A
+sequence that has not drafted for ``EXPLORE`` steps may try ``PROBE`` tokens once, so its rate
+can recover (the probes of different sequences fall on different steps, and they keep the cost
+fit seeing steps of different sizes).
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ from dataclasses import dataclass
 logger = logging.getLogger(__name__)
 
 DECAY = 0.98  # per step, of the cost fit; per verification, of a sequence's acceptance counts
-PRIOR_ACCEPTED, PRIOR_VERIFIED = 2.0, 3.0  # a new sequence's rate starts at 2/3
+PRIOR_ACCEPTED, PRIOR_VERIFIED = 2.0, 3.0  # before anything was verified, a rate of 2/3
+PRIOR_WEIGHT = 3.0  # verifications a new sequence's starting rate (the recent overall rate) counts for
 MIN_STEPS = 16  # decode steps measured before the cost fit is trusted
-EXPLORE = 64  # every this many steps, drafts are not trimmed
+EXPLORE = 32  # steps without drafts after which a sequence probes again
+PROBE = 2  # draft tokens of a probe
 
 
 @dataclass
@@ -62,6 +69,8 @@ class DraftPolicy:
     def __init__(self) -> None:
         self.fit = _Fit()
         self.rates: dict[str, tuple[float, float]] = {}  # request -> (accepted, verified), decayed
+        self.overall = (PRIOR_ACCEPTED, PRIOR_VERIFIED)  # every sequence's verifications, decayed
+        self.idle: dict[str, int] = {}  # request -> steps since it last drafted
         self.step = 0
         self._threshold = 0.0
 
@@ -69,23 +78,38 @@ class DraftPolicy:
         """A step that computed ``tokens`` (decode tokens and drafts, no prefill) in ``seconds``."""
         self.fit.add(tokens, seconds)
 
+    def _prior(self) -> tuple[float, float]:
+        acc, ver = self.overall
+        return PRIOR_WEIGHT * acc / ver, PRIOR_WEIGHT
+
     def record(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
-        acc, ver = self.rates.get(request_id, (PRIOR_ACCEPTED, PRIOR_VERIFIED))
+        acc, ver = self.rates.get(request_id) or self._prior()
         verified = min(num_accepted + 1, num_drafts)
         self.rates[request_id] = (DECAY * acc + num_accepted, DECAY * ver + verified)
+        acc, ver = self.overall
+        self.overall = (DECAY * acc + num_accepted, DECAY * ver + verified)
 
     def forget(self, request_id: str) -> None:
         self.rates.pop(request_id, None)
+        self.idle.pop(request_id, None)
 
     def rate(self, request_id: str) -> float:
-        acc, ver = self.rates.get(request_id, (PRIOR_ACCEPTED, PRIOR_VERIFIED))
+        acc, ver = self.rates.get(request_id) or self._prior()
         return acc / ver
+
+    def wants(self, request_id: str) -> bool:
+        """Whether a sequence's drafts could be kept this step at all (if not, do not compute them)."""
+        if self._threshold <= 0.0 or self.rate(request_id) >= self._threshold:
+            return True
+        idle = self.idle.get(request_id, 0) + 1
+        self.idle[request_id] = idle
+        return idle > EXPLORE
 
     def begin_step(self, batch: int) -> float:
         """The acceptance chance a draft position needs for the next step, ``batch`` sequences decoding."""
         self.step += 1
         line = self.fit.line()
-        if line is None or self.step % EXPLORE == 0 or batch < 1:
+        if line is None or batch < 1:
             self._threshold = 0.0
         else:
             a, b = line
@@ -108,4 +132,8 @@ class DraftPolicy:
         while n < num_drafts and chance >= self._threshold:
             n += 1
             chance *= rate
+        if n == 0 and self.idle.get(request_id, 0) > EXPLORE:
+            n = min(num_drafts, PROBE)
+        if n:
+            self.idle[request_id] = 0
         return n
