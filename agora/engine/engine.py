@@ -274,8 +274,7 @@ class Engine:
             if rid in drafted:
                 accepted = len(result.sampled[rid]) - 1
                 self.spec_stats.record(drafted[rid], accepted)
-                if self.proposer is not None and self.policy is not None:
-                    self.proposer.observe(rid, drafted[rid], accepted)
+                if self.policy is not None:
                     self.policy.record(rid, drafted[rid], accepted)
             tokens = req.output_token_ids[len(req.output_token_ids) - kept :]
             finished = req.is_finished

@@ -5,7 +5,8 @@ for the next one. The scheduler grants them as budget (``1 + len(drafts)`` token
 runner computes logits at every draft position in the same forward, and the sampler keeps
 the longest prefix the model agrees with plus one token of its own (``sampler.verify``),
 so a step yields 1 to ``1 + len(drafts)`` tokens and the output is what it would have been
-without speculation. Nothing here imports torch.
+without speculation. How many of the drafts are worth verifying is ``policy``'s call.
+Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -19,10 +20,6 @@ from agora.config import SpeculativeConfig
 class Proposer(Protocol):
     def propose(self, request_id: str, token_ids: list[int], max_tokens: int) -> list[int]:
         """Up to ``max_tokens`` guesses of what follows ``token_ids`` (prompt and output so far)."""
-        ...
-
-    def observe(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
-        """How the last drafts of a sequence did (proposers that adapt their length use it)."""
         ...
 
     def finish(self, request_id: str, token_ids: list[int], num_prompt_tokens: int) -> None:

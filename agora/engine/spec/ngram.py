@@ -52,8 +52,5 @@ class NgramProposer:
             hist = self.histories[request_id] = History()
         return lookup(hist.sync(token_ids), self.n_min, self.n_max, k)  # type: ignore[arg-type]
 
-    def observe(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
-        pass
-
     def finish(self, request_id: str, token_ids: list[int], num_prompt_tokens: int) -> None:
         self.histories.pop(request_id, None)

@@ -12,10 +12,10 @@ counting the tokens that follow the surviving matches. Two corpora are searched:
   agents, producing the same shapes), with a separator between outputs.
 
 The draft is the walk with the higher score (the sum of each draft token's path
-probability: the expected number of accepted tokens). Its length adapts three ways: at most
-``max_spec_factor`` x the match length, it stops where the path probability falls under
-``min_token_prob``, and each request's own acceptance rate caps it (drafts that keep failing
-shrink; drafts that hold grow back).
+probability: the expected number of accepted tokens). Its length adapts to the context: at
+most ``max_spec_factor`` x the match length, and it stops where the path probability falls
+under ``min_token_prob``; how each request's drafts have done trims it further, for every
+method alike (``spec.policy``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from agora.engine.spec.ngram import continuation
 SEPARATOR = -1  # between outputs in the global corpus: never a continuation
 GLOBAL_TOKENS = 1 << 16  # the global corpus's size cap, in tokens (besides max_cached_requests)
 MIN_MATCH = 2  # a match shorter than this does not draft (one shared token predicts little)
-EMA = 0.5  # weight of the latest step in a request's acceptance rate
 
 
 def longest_match(corpus: np.ndarray, query: np.ndarray, max_depth: int) -> tuple[int, np.ndarray]:
@@ -124,12 +123,7 @@ class SuffixProposer:
         self.factor = config.suffix_decoding_max_spec_factor
         self.min_prob = config.suffix_decoding_min_token_prob
         self.histories: dict[str, History] = {}
-        self.rates: dict[str, float] = {}  # each request's recent acceptance rate
         self.recent = _Recent(config.suffix_decoding_max_cached_requests)
-
-    def _limit(self, request_id: str, match: int, max_tokens: int) -> int:
-        rate = self.rates.get(request_id, 1.0)
-        return min(max_tokens, self.k, math.ceil(self.factor * match), max(1, math.ceil(rate * self.k)))
 
     def propose(self, request_id: str, token_ids: list[int], max_tokens: int) -> list[int]:
         if max_tokens <= 0:
@@ -144,19 +138,12 @@ class SuffixProposer:
             n, ends = longest_match(corpus, query, self.depth)
             if n < MIN_MATCH:
                 continue
-            draft = walk(corpus, ends, self._limit(request_id, n, max_tokens), self.min_prob, own)
+            limit = min(max_tokens, self.k, math.ceil(self.factor * n))
+            draft = walk(corpus, ends, limit, self.min_prob, own)
             if draft[1] > best[1]:
                 best = draft
         return best[0]
 
-    def observe(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
-        if num_drafts > 0:
-            rate = self.rates.get(request_id, 1.0)
-            # Full acceptance counts as more than the ratio: a draft that held may be longer next time.
-            latest = 1.0 if num_accepted == num_drafts else num_accepted / num_drafts
-            self.rates[request_id] = (1 - EMA) * rate + EMA * latest
-
     def finish(self, request_id: str, token_ids: list[int], num_prompt_tokens: int) -> None:
         self.histories.pop(request_id, None)
-        self.rates.pop(request_id, None)
         self.recent.add(token_ids[num_prompt_tokens:])
