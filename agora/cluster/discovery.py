@@ -12,7 +12,7 @@ import asyncio
 import time
 from typing import Any
 
-from agora.cluster import DISCOVERY_S
+from agora.cluster import DISCOVERY_S, TTL_S
 from agora.router.endpoints import Endpoint
 
 
@@ -27,6 +27,7 @@ class RegistryDiscovery:
     def __init__(self, handle: Any, key: str, timeout_s: float = 5.0) -> None:
         self.handle, self.key, self.timeout_s = handle, key, timeout_s
         self._last: tuple[float, list[Endpoint]] | None = None
+        self._blank_since: float | None = None  # when the registry started answering with no entry at all
 
     def entries(self) -> list[dict]:
         return self.handle.list.remote().result(timeout_s=self.timeout_s)
@@ -39,5 +40,14 @@ class RegistryDiscovery:
         # models from each replica's /v1/models, as for any endpoint (its served name and extra names)
         found = [Endpoint(name=endpoint_name(e), url=e["url"], api_key=self.key)
                  for e in entries if e["state"] == "running"]  # fmt: skip
+        if entries:
+            self._blank_since = None
+        elif self._last is not None and self._last[1]:
+            # A registry that knows no replica at all, not even a draining one, has just been restarted (its node
+            # died): the replicas register again with their next heartbeat. Until they had time to, keep the
+            # replicas known before; a dead one among them is ejected by the gateway's health checks as usual.
+            self._blank_since = self._blank_since or now
+            if now - self._blank_since < TTL_S:
+                return self._last[1]
         self._last = (time.monotonic(), found)
         return found

@@ -95,3 +95,31 @@ def test_registry_expires_silent_replicas_and_discovery_lists_running_ones() -> 
     ]  # not draining
     time.sleep(0.3)
     assert registry.list() == []  # no heartbeat: gone
+
+
+def test_discovery_keeps_its_replicas_while_a_restarted_registry_refills(monkeypatch) -> None:
+    import agora.cluster.discovery as discovery
+
+    answers: list[list[dict]] = []
+
+    class Handle:
+        class list:  # noqa: N801
+            @staticmethod
+            def remote() -> SimpleNamespace:
+                return SimpleNamespace(result=lambda timeout_s: answers.pop(0))
+
+    entry = {"replica_id": "r1", "deployment": "d", "url": "http://10.0.0.1:9", "state": "running"}
+    clock = [100.0]
+    monkeypatch.setattr(discovery.time, "monotonic", lambda: clock[0])
+    d = RegistryDiscovery(Handle(), "k")
+
+    def ask(answer: list[dict], at: float) -> list[str]:
+        answers.append(answer)
+        clock[0] = at
+        return [ep.name for ep in asyncio.run(d())]
+
+    assert ask([entry], 100.0) == ["d#r1"]
+    assert ask([], 102.0) == ["d#r1"]  # the registry restarted: nobody has heartbeaten yet
+    assert ask([], 102.0 + discovery.TTL_S + 1) == []  # nobody came back within a TTL: they are gone
+    assert ask([entry], 120.0) == ["d#r1"]
+    assert ask([{**entry, "state": "draining"}], 122.0) == []  # the registry knows it, draining: not a restart
