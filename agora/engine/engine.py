@@ -245,7 +245,6 @@ class Engine:
                 siblings = self.children.get(seq.parent_id)
                 if siblings is not None and all(s not in self.sequences for s in siblings):
                     del self.children[seq.parent_id]
-        self.runner.release(child_ids)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -78,9 +78,6 @@ class ModelRunner:
                 scratch_slot=num_blocks * block_size, device=device,
             )  # fmt: skip
 
-    def release(self, request_ids: list[str]) -> None:
-        """Forget per-request state (none is kept today: seeded noise is derived per position)."""
-
     def _metadata(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         bs = self.block_size
         input_ids: list[int] = []

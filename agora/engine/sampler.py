@@ -51,6 +51,11 @@ class SampleRequest:
     budget: int = UNBOUNDED  # tokens this sequence may still produce, this one included
     position: int | None = None  # index in the output of the token sampled (default: len(output_token_ids))
 
+    @property
+    def index(self) -> int:
+        """Where in the output the token sampled for this row goes."""
+        return len(self.output_token_ids) if self.position is None else self.position
+
 
 _MASK64 = (1 << 64) - 1
 
@@ -255,9 +260,7 @@ def sample(logits: torch.Tensor, reqs: list[SampleRequest],
         if seeded:
             gen = _generator(device)
             for i in seeded:
-                r = reqs[i]
-                position = len(r.output_token_ids) if r.position is None else r.position
-                gen.manual_seed(noise_seed(r.seed, position))  # type: ignore[arg-type]
+                gen.manual_seed(noise_seed(reqs[i].seed, reqs[i].index))  # type: ignore[arg-type]
                 noise[i].exponential_(generator=gen)
         sampled = (probs / noise.clamp_(min=1e-30)).argmax(dim=-1)
         tokens = torch.where(greedy, tokens, sampled)
@@ -310,7 +313,7 @@ def verify(logits: torch.Tensor, reqs: list[SampleRequest], drafts: list[list[in
         for i in plain:
             r, d = reqs[i], drafts[i]
             history = r.params.uses_penalties or r.params.min_tokens > len(r.output_token_ids)
-            base = len(r.output_token_ids) if r.position is None else r.position
+            base = r.index
             for j in range(len(d) + 1):
                 out_ids = r.output_token_ids + d[:j] if history and j else r.output_token_ids
                 rows.append(SampleRequest(r.params, r.prompt_token_ids, out_ids, r.eos_token_ids, r.seed, None,
@@ -332,7 +335,7 @@ def verify(logits: torch.Tensor, reqs: list[SampleRequest], drafts: list[list[in
         if r.grammar is None:
             continue
         d = drafts[i]
-        base = len(r.output_token_ids) if r.position is None else r.position
+        base = r.index
         kept: list[int] = []
         kept_lps: list[TokenLogprobs | None] = []
         for j in range(len(d) + 1):
