@@ -21,14 +21,18 @@ install: $(VENV)/.installed
 serve: install
 	$(VENV)/bin/agora serve $(ARGS)
 
-# The governance tests start a throwaway PostgreSQL server: Debian's package, installed here if missing
-# (as root or with passwordless sudo); where it cannot be, those tests skip and say why.
+# Debian packages some tests need, installed here if missing (as root or with passwordless sudo); where one
+# cannot be, its tests skip and say why: postgresql (the governance tests start a throwaway server) and
+# chromium (the dashboard test drives it headless; nothing downloads a browser build).
 system-deps:
-	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+	@SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+	apt_get() { $$SUDO apt-get install -y -q "$$1" || ( $$SUDO apt-get update -q && $$SUDO apt-get install -y -q "$$1" ); }; \
+	{ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
 	  echo "installing Debian's postgresql for the governance tests"; \
-	  ( $$SUDO apt-get install -y -q postgresql || ( $$SUDO apt-get update -q && $$SUDO apt-get install -y -q postgresql ) ) \
-	    >/dev/null 2>&1 || echo "could not install postgresql: the PostgreSQL tests will skip"; }
+	  apt_get postgresql >/dev/null 2>&1 || echo "could not install postgresql: the PostgreSQL tests will skip"; }; }; \
+	{ command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the dashboard test"; \
+	  apt_get chromium >/dev/null 2>&1 || echo "could not install chromium: the browser test will skip"; }; }
 
 # pytest's exit code 5 ("no tests collected", e.g. a -k selection) is not a failure.
 test: install system-deps

@@ -143,12 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     from agora.bench.cli import add_parser as add_bench
     from agora.cluster.serve import add_parser as add_status
     from agora.router.cli import add_parser as add_route
+    from agora.router.dashboard.top import add_parser as add_top
     from agora.router.governance.cli import add_parsers as add_governance
 
     add_bench(sub)
     add_route(sub)
     add_governance(sub)
     add_status(sub)
+    add_top(sub)
     return parser
 
 
@@ -183,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         from agora.cluster.serve import status_main
 
         return status_main(args)
+    if args.command == "top":
+        from agora.router.dashboard.top import main as top_main
+
+        return top_main(args)
     if args.command == "bench":
         from agora.bench.cli import main as bench_main
 

@@ -173,6 +173,16 @@ class AuditSettings(_Strict):
     include_content: bool = Field(False, description="keep prompt and completion text in the records")
 
 
+class DashboardSettings(_Strict):
+    """``GET /dashboard`` and its live feed (``agora top`` reads the same feed)."""
+
+    enabled: bool = True
+    interval_s: float = Field(1.0, ge=0.25, le=60, description="seconds between two updates of the feed")
+    window_s: int = Field(300, ge=60, le=3600, description="seconds of history the charts show")
+    max_clients: int = Field(32, ge=1, le=1024, description="feeds open at once; beyond: 429")
+    session_ttl_s: float = Field(12 * 3600, gt=0, description="how long a dashboard login lasts")
+
+
 class PluginSpec(_Strict):
     type: str
     name: str | None = None
@@ -203,6 +213,7 @@ class RouterConfig(_Strict):
     governance: GovernanceSettings = Field(default_factory=GovernanceSettings)
     fairness: FairnessSettings = Field(default_factory=FairnessSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
     # `agora serve --ray`: the models of the app (ignored by `agora route`)
     deployments: list[DeploymentSpec] = Field(default_factory=list)
 

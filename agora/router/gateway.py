@@ -41,10 +41,11 @@ from agora.openai.stream import stream_error
 from agora.router import admin
 from agora.router.admission import admit
 from agora.router.config import ConfigError, RouterConfig, load_config
+from agora.router.dashboard import Dashboard
 from agora.router.endpoints import Endpoint, EndpointPool
 from agora.router.governance.fairness import FairQueue
 from agora.router.governance.meter import EventSplitter, api_of
-from agora.router.governance.runtime import Governance, Identity
+from agora.router.governance.runtime import Governance, Identity, is_loopback
 from agora.router.governance.store import Limits
 from agora.router.metrics import GatewayMetrics
 from agora.router.pipeline import Pipeline, RequestContext
@@ -108,6 +109,8 @@ class Gateway:
         f = config.fairness
         self.queue = FairQueue(self._capacity, f.slots_per_endpoint, f.max_queue, f.max_wait_s, f.interactive_reserve,
                                self.governance.weight) if f.enabled else None  # fmt: skip
+        self.dashboard = Dashboard(self, config.dashboard) if config.dashboard.enabled else None
+        self.live = self.dashboard.live if self.dashboard is not None else None
         self.pipeline = Pipeline(pipeline_stages(self), self._forward)
         self._tarpits = 0
 
@@ -205,17 +208,17 @@ class Gateway:
                 path != "/v1/classify":  # fmt: skip
             await self._proxy(scope, headers, receive, send)
         elif path.startswith("/admin/"):
-            identity = await self.identify(headers, client)
-            if identity.role != "admin" or (self.governance.open and not _loopback(client)):
-                raise APIError(403, "the admin API needs an admin key" + (
-                    " (or, with no keys configured, a client on this machine)" if self.governance.open else ""),
-                    "permission_error", code="admin_only")  # fmt: skip
+            self.require_admin(await self.identify(headers, client), client, "the admin API")
             if method == "POST" and path == "/admin/reload":
                 await _send_json(send, 200, await self.reload())
                 return
             body = await self.read_body(headers, receive) if method in ("POST", "PUT", "PATCH") else b""
             status, payload, extra = await admin.handle(self, method, path, scope.get("query_string", b""), body)
             await _send_json(send, status, payload, extra)
+        elif path == "/dashboard" or path.startswith("/dashboard/"):
+            if self.dashboard is None:
+                raise APIError(404, "the dashboard is off (dashboard.enabled: false)", "not_found_error")
+            await self.dashboard.handle(scope, headers, client, send, receive)
         elif method == "POST" and path == "/v1/classify":
             await self.identify(headers, client)
             await self._classify(headers, receive, send)
@@ -279,6 +282,13 @@ class Gateway:
                 finally:
                     self._tarpits -= 1
             raise refusal from None
+
+    def require_admin(self, identity: Identity, client: str, what: str) -> None:
+        """An admin key; or, on a gateway with no keys at all, a client on this machine (else a 403)."""
+        if identity.role != "admin" or (self.governance.open and not is_loopback(client)):
+            raise APIError(403, f"{what} needs an admin key" + (
+                " (or, with no keys configured, a client on this machine)" if self.governance.open else ""),
+                "permission_error", code="admin_only")  # fmt: skip
 
     def alias(self, model: str) -> str:
         """The served model an alias (a name or a glob) stands for; the name itself otherwise."""
@@ -375,8 +385,10 @@ class Gateway:
             self.metrics.pick_seconds.observe(time.perf_counter() - t)
             ep = ctx.endpoint = decision.endpoint
             ctx.decision = decision
+            if self.live is not None:
+                self.live.routed(ctx, decision, attempt)
             if attempt == 0 and "prefix_blocks" in req.notes:
-                self.metrics.prefix(*req.notes["prefix_blocks"])
+                self.metrics.prefix(ep.name, *req.notes["prefix_blocks"])
             send_headers = dict(headers)
             if ep.api_key:
                 send_headers["authorization"] = f"Bearer {ep.api_key}"
@@ -408,6 +420,8 @@ class Gateway:
             tried.append(ep.name)
             if attempt < s.retries:
                 self.metrics.retries.labels(ep.name).inc()
+                if self.live is not None:
+                    self.live.retried()
         assert last is not None
         status, payload, last_extra = last
         ctx.status, ctx.reason = status, "upstream_error"
@@ -634,10 +648,6 @@ def _ran_to_an_end(answer: Answer) -> bool:
 def _client(scope: dict[str, Any]) -> str:
     client = scope.get("client")
     return str(client[0]) if client else "unknown"
-
-
-def _loopback(client: str) -> bool:
-    return client in ("127.0.0.1", "::1", "localhost") or client.startswith("127.")
 
 
 def _credential(headers: dict[bytes, bytes]) -> str:

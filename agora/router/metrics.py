@@ -50,6 +50,11 @@ class _StateCollector(Collector):
             "Share of prompt blocks already sent to the endpoint picked (prefix affinity), since start.",
             value=hit / queried if queried else 0.0,
         )
+        per_endpoint = GaugeMetricFamily("agora_gateway_endpoint_prefix_hit_ratio", "Share of prompt blocks already "
+                                         "sent to this endpoint when it was picked, since start.", labels=["endpoint"])  # fmt: skip
+        for name, (hit, queried) in self.counters.endpoint_prefix.items():
+            per_endpoint.add_metric([name], hit / queried if queried else 0.0)
+        yield per_endpoint
 
 
 class GatewayMetrics:
@@ -103,12 +108,15 @@ class GatewayMetrics:
         self._tenant_labels: set[str] = set()
         self.prefix_hit_blocks = 0
         self.prefix_queried_blocks = 0
+        self.endpoint_prefix: dict[str, tuple[int, int]] = {}  # endpoint -> (hit, queried) blocks
         r.register(_StateCollector(pool, profile, self))
         for ep in pool:
             self.ejections.labels(ep.name)
             self.retries.labels(ep.name)
 
-    def prefix(self, hit: int, queried: int) -> None:
+    def prefix(self, endpoint: str, hit: int, queried: int) -> None:
+        h, q = self.endpoint_prefix.get(endpoint, (0, 0))
+        self.endpoint_prefix[endpoint] = (h + hit, q + queried)
         self.prefix_hit_blocks += hit
         self.prefix_queried_blocks += queried
         self.prefix_hit.inc(hit)

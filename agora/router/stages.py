@@ -27,7 +27,7 @@ _MAX_CONTENT = 64 << 10  # prompt text kept in an audit record with content
 
 
 class AuditStage(Stage):
-    """First in, last out: one record per request, whatever happened to it."""
+    """First in, last out: one record per request, whatever happened to it (and the dashboard's count)."""
 
     name = "audit"
 
@@ -40,6 +40,9 @@ class AuditStage(Stage):
         ident = ctx.identity
         tenant = ident.tenant if ident is not None else None
         self.gw.metrics.tenant(tenant, ctx, tokens_in, tokens_out)
+        live = self.gw.live
+        if live is not None:
+            live.request(ctx, tokens_out)
         if gov is None or not self.gw.config.audit.enabled or ctx.reason == "auth_throttled":
             return  # a flood of wrong keys is counted in the metrics, not written down one by one
         routed = ctx.data.get("model") if isinstance(ctx.data.get("model"), str) else None
@@ -60,6 +63,8 @@ class AuditStage(Stage):
             record["prompt"] = (prompt if isinstance(prompt, str) else json.dumps(prompt))[:_MAX_CONTENT]
             record["completion"] = ctx.meter.completion_text() if ctx.meter is not None else None
         gov.record(record)
+        if live is not None:
+            live.audited(record)
 
 
 class IdentifyStage(Stage):

@@ -217,5 +217,10 @@ class Governance:
             self.audit_queue.append(record)
 
 
+def is_loopback(client: str) -> bool:
+    """A client address on this machine."""
+    return client in ("127.0.0.1", "::1", "localhost") or client.startswith("127.")
+
+
 def _scope(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
