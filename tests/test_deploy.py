@@ -115,3 +115,81 @@ def test_dockerfile_installs_what_the_manifests_run() -> None:
         _container(d)["image"] for d in _docs(DEPLOY / "k8s" / "agora.yaml").values() if d["kind"] == "Deployment"
     }
     assert images == {"agora:0.1.0"} and "-t agora:0.1.0" in text
+
+
+# -- Grafana -------------------------------------------------------------------------------------
+
+_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+_PROMETHEUS_LABELS = {"instance", "job", "le"}  # added by the scrape, or the histogram's own
+
+
+def _exported() -> dict[str, tuple[str, set[str]]]:
+    """Every metric family the gateway and the engine server export: name -> (type, label names)."""
+    from agora.engine.engine import EngineStats
+    from agora.engine.spec import SpecStats
+    from agora.router.config import RouterConfig
+    from agora.router.endpoints import Endpoint, EndpointPool
+    from agora.router.metrics import GatewayMetrics
+    from agora.server.metrics import ServerMetrics
+
+    config = RouterConfig()
+    gateway = GatewayMetrics(EndpointPool([Endpoint("a", "http://127.0.0.1:1")], config.gateway.health()),
+                             config.build_profile())  # fmt: skip
+    gateway.prefix("a", 1, 2)
+    engine = ServerMetrics(lambda: EngineStats(spec=SpecStats(1, 3, 2, [1, 1])), "m")
+    out: dict[str, tuple[str, set[str]]] = {}
+    for registry in (gateway.registry, engine.registry):
+        for family in registry.collect():
+            labels = {k for s in family.samples for k in s.labels}
+            out[family.name] = (family.type, labels)
+    # Labeled counters with no child yet export no sample: their label names come from the objects.
+    for metric in vars(gateway).values():
+        if hasattr(metric, "_labelnames") and hasattr(metric, "_name"):
+            name = metric._name.removesuffix("_total")
+            if name in out:
+                out[name] = (out[name][0], out[name][1] | set(metric._labelnames))
+    return out
+
+
+def test_grafana_dashboard_queries_only_what_the_code_exports() -> None:
+    import json
+    import re
+
+    dash = json.loads((DEPLOY / "grafana" / "agora.json").read_text())
+    exported = _exported()
+    names = re.compile(r"\b((?:vllm|agora)[:_][A-Za-z0-9_:]+)")
+    used: set[str] = set()
+    panels = [p for p in dash["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
+    variables = {v["name"] for v in dash["templating"]["list"]}
+    assert {"datasource", "endpoint", "model_name"} <= variables
+    exprs = [t["expr"] for p in panels for t in p["targets"]]
+    exprs += [v["query"]["query"] for v in dash["templating"]["list"] if isinstance(v.get("query"), dict)]
+    for p in panels:
+        assert p["datasource"]["uid"] == "${datasource}" and p["targets"], p["title"]
+    for expr in exprs:
+        for name in names.findall(expr):
+            family = next(((base, kind) for base, (kind, _) in exported.items() for suffix in _SUFFIXES[kind]
+                           if name == base + suffix), None)  # fmt: skip
+            assert family is not None, f"{name} (in {expr!r}) is not a metric the code exports"
+            used.add(family[0])
+        # label names in selectors and in by (...) belong to the metric they are applied to
+        for name, matchers in re.findall(r"\b((?:vllm|agora)[:_][A-Za-z0-9_:]+)\{([^}]*)\}", expr):
+            base = next(b for b in exported if name.startswith(b) and name[len(b):] in ("", "_total", "_bucket",
+                                                                                      "_sum", "_count"))  # fmt: skip
+            for label in re.findall(r"(\w+)\s*=~?", matchers):
+                assert label in exported[base][1] | _PROMETHEUS_LABELS, f"{name} has no label {label!r}"
+        for labels, name in re.findall(r"by \(([\w, ]+)\) \((?:rate|increase)?\(?((?:vllm|agora)[:_][\w:]+)", expr):
+            base = next(b for b in exported if name.startswith(b) and name[len(b):] in ("", "_total", "_bucket",
+                                                                                      "_sum", "_count"))  # fmt: skip
+            for label in labels.split(","):
+                assert label.strip() in exported[base][1] | _PROMETHEUS_LABELS, f"{name} has no label {label!r}"
+    # the dashboard covers the gateway and the engines alike
+    assert {
+        "agora_gateway_requests",
+        "agora_gateway_endpoint_healthy",
+        "agora_gateway_tenant_tokens",
+        "vllm:time_to_first_token_seconds",
+        "vllm:kv_cache_usage_perc",
+        "vllm:num_requests_running",
+    } <= used
