@@ -140,7 +140,8 @@ def _exported() -> dict[str, tuple[str, set[str]]]:
     out: dict[str, tuple[str, set[str]]] = {}
     for registry in (gateway.registry, engine.registry):
         for family in registry.collect():
-            labels = {k for s in family.samples for k in s.labels}
+            # a family built with labels= knows their names even before it has a sample
+            labels = {k for s in family.samples for k in s.labels} | set(getattr(family, "_labelnames", ()))
             out[family.name] = (family.type, labels)
     # Labeled counters with no child yet export no sample: their label names come from the objects.
     for metric in vars(gateway).values():
