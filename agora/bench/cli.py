@@ -45,6 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--goodput", nargs="*", default=None, metavar="SLO", help="SLOs in ms: ttft:500 tpot:50 e2e:5000")
     p.add_argument("--result-json", default=None, help="write every metric and sample here")
     p.add_argument("--plot-dir", default=None, help="write PNG plots here")
+    p.add_argument("--report", default=None, metavar="OUT.html",
+                   help="write one self-contained HTML page: the table, the plots and the settings")  # fmt: skip
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
 
 
@@ -109,11 +111,13 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as exc:
         print(f"agora bench: error: {exc}", file=sys.stderr)
         return 1
+    settings = {k: v for k, v in vars(args).items() if k not in ("api_key", "func")}
+    date = time.strftime("%Y-%m-%dT%H:%M:%S")
     if args.result_json:
-        settings = {k: v for k, v in vars(args).items() if k not in ("api_key", "func")}
-        report.write_json(args.result_json, {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "settings": settings,
-                                             "runs": runs})  # fmt: skip
-    if args.plot_dir:
+        report.write_json(args.result_json, {"date": date, "settings": settings, "runs": runs})
+    if args.report:
+        print(f"wrote {report.write_html(args.report, runs, settings, date, args.plot_dir)}")
+    elif args.plot_dir:
         for path in report.write_plots(args.plot_dir, runs):
             print(f"wrote {path}")
     failed = sum(r["metrics"]["failed"] for r in runs)

@@ -95,3 +95,89 @@ def write_plots(plot_dir: str | Path, runs: list[dict[str, Any]]) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+_HTML_ROWS = (
+    ("Successful requests", "completed", "{:d}"),
+    ("Failed requests", "failed", "{:d}"),
+    ("Duration (s)", "duration_s", "{:.2f}"),
+    ("Request throughput (req/s)", "request_throughput", "{:.2f}"),
+    ("Output token throughput (tok/s)", "output_throughput", "{:.2f}"),
+    ("Total token throughput (tok/s)", "total_token_throughput", "{:.2f}"),
+)
+_HTML_LATENCY = (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2e_ms", "E2E latency"),
+                 ("ttft_later_turns_ms", "TTFT of later agent turns"))  # fmt: skip
+
+
+def write_html(path: str | Path, runs: list[dict[str, Any]], settings: dict[str, Any], date: str,
+               plot_dir: str | Path | None = None) -> Path:  # fmt: skip
+    """One self-contained page (no script, no network): the settings, a table with a column per run and
+    the plots embedded, so a comparison can be shared as one file."""
+    import base64
+    import html
+    import platform
+    import tempfile
+
+    esc = html.escape
+    with tempfile.TemporaryDirectory() as tmp:
+        plots = write_plots(plot_dir or tmp, runs)
+        images = [(p.stem.replace("_", " "), base64.b64encode(p.read_bytes()).decode()) for p in plots]
+    head = "".join(f"<th>{esc(r['label'])}</th>" for r in runs)
+    rows = []
+    for title, key, fmt in _HTML_ROWS:
+        cells = "".join(f"<td>{fmt.format(r['metrics'][key])}</td>" for r in runs)
+        rows.append(f"<tr><th>{esc(title)}</th>{cells}</tr>")
+    if any("goodput" in r["metrics"] for r in runs):
+        cells = "".join(f"<td>{r['metrics']['goodput']['requests_per_s']:.2f}</td>" if "goodput" in r["metrics"]
+                        else "<td>-</td>" for r in runs)  # fmt: skip
+        rows.append(f"<tr><th>Request goodput (req/s)</th>{cells}</tr>")
+    for key, title in _HTML_LATENCY:
+        if not any(key in r["metrics"] for r in runs):
+            continue
+        for stat in ("mean", "median", "p90", "p99"):
+            cells = "".join(f"<td>{r['metrics'][key][stat]:.2f}</td>" if key in r["metrics"] else "<td>-</td>"
+                            for r in runs)  # fmt: skip
+            rows.append(f"<tr><th>{esc(title)} {stat} (ms)</th>{cells}</tr>")
+    shown = {k: v for k, v in settings.items() if k not in ("api_key", "func") and v is not None}
+    setting_rows = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in sorted(shown.items()))
+    figures = "".join(f'<figure><img alt="{esc(name)}" src="data:image/png;base64,{data}">'
+                      f"<figcaption>{esc(name)}</figcaption></figure>" for name, data in images)  # fmt: skip
+    if not images:
+        figures = "<p>No plots: matplotlib is not installed (pip install matplotlib).</p>"
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>agora bench serve: {esc(date)}</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #1d2330; }}
+table {{ border-collapse: collapse; margin: 12px 0 24px; }}
+th, td {{ border: 1px solid #e2e5ea; padding: 4px 10px; text-align: right; font-variant-numeric: tabular-nums; }}
+tr th:first-child {{ text-align: left; font-weight: 500; }}
+thead th {{ background: #f6f7f9; }}
+img {{ max-width: 100%; border: 1px solid #e2e5ea; }}
+figure {{ margin: 0 0 18px; }}
+</style></head><body>
+<h1>agora bench serve</h1>
+<p>{esc(date)} · client host {esc(platform.node())} ({esc(_cpu())}) · {len(runs)} run(s)</p>
+<h2>Results</h2>
+<table><thead><tr><th>metric</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>
+<h2>Plots</h2>
+{figures}
+<h2>Settings</h2>
+<table><tbody>{setting_rows}</tbody></table>
+</body></html>
+"""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page)
+    return out
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()

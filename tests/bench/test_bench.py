@@ -93,7 +93,8 @@ def test_bench_against_a_real_server(server, tmp_path, capsys):
     out = tmp_path / "r.json"
     rc = run_cli("--base-url", server.url, "--model", MODEL, "--workload", "random", "--num-prompts", "6",
                  "--input-len", "5:20", "--output-len", "8", "--ignore-eos", "--concurrency", "1,3",
-                 "--goodput", "ttft:10000", "--result-json", str(out), "--plot-dir", str(tmp_path))  # fmt: skip
+                 "--goodput", "ttft:10000", "--result-json", str(out), "--plot-dir", str(tmp_path),
+                 "--report", str(tmp_path / "report.html"), "--api-key", "sk-never-in-the-report")  # fmt: skip
     assert rc == 0
     printed = capsys.readouterr().out
     assert "Output token throughput" in printed and "Median TTFT" in printed
@@ -107,6 +108,13 @@ def test_bench_against_a_real_server(server, tmp_path, capsys):
         assert len(run["samples"]["ttft_s"]) == 6
     assert (tmp_path / "latency_distributions.png").stat().st_size > 1000
     assert (tmp_path / "throughput_vs_concurrency.png").stat().st_size > 1000
+    page = (tmp_path / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 2 and "sk-never-in-the-report" not in page
+    for run in data["runs"]:  # the table holds the very numbers of the JSON result
+        assert f"<th>{run['label']}</th>" in page
+        assert f"<td>{run['metrics']['output_throughput']:.2f}</td>" in page
+        assert f"<td>{run['metrics']['ttft_ms']['p99']:.2f}</td>" in page
+    assert "<script" not in page and "http" not in page.replace(server.url, "")  # one file, nothing to fetch
 
 
 def test_agent_and_shared_prefix_workloads(server, tmp_path):
