@@ -67,7 +67,7 @@ class Procs:
         wait_http(f"{url}/v1/models")
         return Proc(url, p)
 
-    def gateway(self, config: dict, wait: bool = True) -> Proc:
+    def gateway(self, config: dict, wait: bool = True, timeout: float = 30.0) -> Proc:
         port = free_port()
         config = {"db": f"sqlite:///{self.tmp_path / f'governance-{port}.db'}", **config,
                   "gateway": {"port": port, "scrape_interval_s": 0.1, "seed": 0, **config.get("gateway", {})}}  # fmt: skip
@@ -77,7 +77,7 @@ class Procs:
         p = subprocess.Popen([sys.executable, "-m", "agora.cli", "route", "--config", str(path)], env=env)
         self.procs.append(p)
         url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/health", ok=(200,) if wait else (200, 503))
+        wait_http(f"{url}/health", timeout, ok=(200,) if wait else (200, 503))
         return Proc(url, p)
 
     def gateway_from_file(self, path: Path) -> Proc:

@@ -24,6 +24,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client import Counter
 
@@ -202,7 +203,7 @@ class LiveStats:
         for ep in gw.pool:
             hit, queried = m.endpoint_prefix.get(ep.name, (0, 0))
             endpoints.append({
-                "name": ep.name, "url": ep.url, "models": sorted(ep.models), "healthy": ep.healthy,
+                "name": ep.name, "url": _public_url(ep.url), "models": sorted(ep.models), "healthy": ep.healthy,
                 "available": ep.available(mono), "ejected": mono < ep.ejected_until,
                 "ejected_for_s": round(max(0.0, ep.ejected_until - mono), 1), "failures": ep.failures,
                 "in_flight": ep.in_flight, "running": ep.running, "waiting": ep.waiting,
@@ -311,6 +312,12 @@ def _tenants(gw: Gateway) -> list[dict[str, Any]]:
             r["budget_tokens"] = sum(k.limits.budget_tokens or 0 for k in keys[name])
             r["budget_left"] = sum(gov.limiter.budget_left(key_subject(k.id), k.limits) or 0 for k in keys[name])
     return sorted(rows.values(), key=lambda r: (-r["requests"], r["tenant"]))
+
+
+def _public_url(url: str) -> str:
+    """An endpoint's address without any user:password part."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def _version() -> str:

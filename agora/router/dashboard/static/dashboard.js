@@ -128,7 +128,8 @@ function niceMax(v) {
 function shortNum(v) {
   if (v >= 1e6) return (v / 1e6).toFixed(1) + "M";
   if (v >= 1e3) return (v / 1e3).toFixed(1) + "k";
-  return v >= 10 ? v.toFixed(0) : v.toFixed(v >= 1 ? 1 : 2);
+  if (Number.isInteger(v)) return String(v);
+  return v >= 10 ? v.toFixed(1) : v.toFixed(v >= 1 ? 1 : 2);
 }
 
 // -- one snapshot -> the page ------------------------------------------------------------------
