@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from agora import envs
 from agora.config import parse_aliases
@@ -66,12 +67,21 @@ def run_gateway(config: RouterConfig, endpoints=None, log_level: str = "warning"
     app = Gateway(config, endpoints, config_path, discover)
     s = config.gateway
     print(f"agora gateway on http://{s.host}:{s.port}/v1 (profile {config.profile})", file=sys.stderr, flush=True)
+
+    class GatewayServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # Open dashboard feeds never end by themselves: end them now, or shutting down waits for them.
+            app.closing()
+            super().handle_exit(sig, frame)
+
+    options = {"log_level": log_level, "lifespan": "on", "timeout_graceful_shutdown": 30}
     if sock is None:
-        uvicorn.run(app, host=s.host, port=s.port, log_level=log_level, lifespan="on", timeout_graceful_shutdown=30)
+        server = GatewayServer(uvicorn.Config(app, host=s.host, port=s.port, **options))
+        server.run()
         return
     # The socket itself, not its fd: uvicorn takes an fd for a Unix socket, and asyncio then leaves Nagle's
     # algorithm on for the accepted TCP connections (40 ms stalls per request).
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=30))
+    server = GatewayServer(uvicorn.Config(app, **options))
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on (uvicorn.run swallows it too)

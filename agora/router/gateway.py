@@ -131,6 +131,11 @@ class Gateway:
         names = ", ".join(f"{ep.name}{'' if ep.healthy else ' (not ready)'}" for ep in self.pool)
         logger.info("gateway profile %s over %d endpoints: %s", self.profile.name, len(self.pool.endpoints), names)
 
+    def closing(self) -> None:
+        """The server was asked to stop (a signal handler, any thread): end the long-lived dashboard feeds."""
+        if self.dashboard is not None:
+            self.dashboard.close()
+
     async def _discover_once(self) -> None:
         assert self.discover is not None
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import pty
 import shutil
@@ -175,8 +176,9 @@ def test_the_feed_needs_an_admin_key_and_shows_no_secret(stack: Stack) -> None:
         assert next(line for line in lines if line.startswith("event:")) == "event: snapshot"
         assert httpx.delete(f"{stack.url}/admin/keys/{key2_id}", headers=_auth(stack.admin)).status_code == 200
         # the open feed ends within a tick or two of the revocation reaching this gateway
-        events = [line for line in lines if line.startswith("event:")]
-        assert events[-1] == "event: ended"
+        rest = list(lines)
+        assert [line for line in rest if line.startswith("event:")][-1] == "event: ended"
+        assert json.loads(rest[-1].removeprefix("data: ") if rest[-1] else rest[-2].removeprefix("data: "))["relogin"]
     assert httpx.get(f"{stack.url}/dashboard/snapshot", headers=jar).status_code == 401
     assert httpx.get(f"{stack.url}/dashboard/snapshot", headers={"cookie": "agora_dashboard=forged"}).status_code == 401
 
@@ -192,6 +194,15 @@ def test_open_gateway_loopback_only_feed_limit_and_switch_off(procs: Procs) -> N
     assert _until(lambda: httpx.get(f"{gw.url}/dashboard/snapshot").status_code == 200)
     off = procs.gateway({"endpoints": [{"url": fake.url}], "dashboard": {"enabled": False}})
     assert httpx.get(f"{off.url}/dashboard").status_code == 404
+    # an open feed does not hold a stopping gateway up: it ends, saying why, and the gateway exits
+    with httpx.stream("GET", f"{gw.url}/dashboard/events", timeout=10) as feed:
+        lines = feed.iter_lines()
+        assert next(line for line in lines if line.startswith("event:")) == "event: snapshot"
+        t = time.monotonic()
+        gw.proc.terminate()
+        ended = [line for line in lines if line.startswith("data:")][-1]
+        assert json.loads(ended.removeprefix("data: ")) == {"reason": "the gateway is shutting down", "relogin": False}
+    assert gw.proc.wait(10) in (0, -15) and time.monotonic() - t < 5  # (uvicorn re-raises the SIGTERM it handled)
 
 
 # -- the numbers -----------------------------------------------------------------------------------

@@ -56,6 +56,17 @@ class Dashboard:
         self.clients = 0
         self._latest: tuple[float, bytes] | None = None
         self._files: dict[str, bytes] = {}
+        self._feeds: set[asyncio.Event] = set()  # one per open feed: set when it must end
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.closed = False
+
+    def close(self) -> None:
+        """End every open feed (callable from a signal handler or another thread); refuse new ones."""
+        self.closed = True
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            for stop in list(self._feeds):
+                loop.call_soon_threadsafe(stop.set)
 
     # -- routes ------------------------------------------------------------------------
 
@@ -164,13 +175,20 @@ class Dashboard:
         if self.clients >= self.settings.max_clients:
             raise APIError(429, f"{self.clients} dashboard feeds are open; the limit is {self.settings.max_clients}",
                            "rate_limit_error", code="too_many_feeds", headers={"Retry-After": "5"})  # fmt: skip
+        if self.closed:
+            raise APIError(503, "the gateway is shutting down", "service_unavailable", code="shutting_down")
+        self._loop = asyncio.get_running_loop()
         self.clients += 1
-        gone = asyncio.Event()
+        stop = asyncio.Event()  # the client left, or the gateway is stopping
+        self._feeds.add(stop)
+        gone = False
 
         async def watch() -> None:
+            nonlocal gone
             while (await receive())["type"] != "http.disconnect":
                 pass
-            gone.set()
+            gone = True
+            stop.set()
 
         watcher = asyncio.ensure_future(watch())
         try:
@@ -178,23 +196,26 @@ class Dashboard:
                 (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-store"),
                 (b"x-accel-buffering", b"no")]})  # fmt: skip
             await send({"type": "http.response.body", "body": b"retry: 2000\n\n", "more_body": True})
-            while not gone.is_set():
+            ended = None
+            while ended is None and not stop.is_set():
                 if session is not None and not self._valid(session, client):
-                    await send({"type": "http.response.body", "body": b"event: ended\ndata: {\"reason\": "
-                                b"\"the dashboard session has ended\"}\n\n", "more_body": True})  # fmt: skip
+                    ended = "the dashboard session has ended"
                     break
                 body = b"event: snapshot\ndata: " + self._snapshot() + b"\n\n"
                 await send({"type": "http.response.body", "body": body, "more_body": True})
                 try:
-                    await asyncio.wait_for(gone.wait(), interval)
+                    await asyncio.wait_for(stop.wait(), interval)
                 except TimeoutError:
                     pass
-            if not gone.is_set():
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if not gone:  # why it ends, and whether logging in again would help
+                why = {"reason": ended or "the gateway is shutting down", "relogin": ended is not None}
+                await send({"type": "http.response.body", "body": b"event: ended\ndata: " + json.dumps(why).encode()
+                            + b"\n\n", "more_body": False})  # fmt: skip
         except OSError:
             pass  # the client went away mid-write
         finally:
             self.clients -= 1
+            self._feeds.discard(stop)
             watcher.cancel()
 
 

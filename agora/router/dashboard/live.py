@@ -85,7 +85,7 @@ class LiveStats:
     def __init__(self, window_s: int = 300) -> None:
         self.window_s = window_s
         self.seconds: deque[_Second] = deque(maxlen=window_s)
-        self.routing: deque[dict[str, Any]] = deque(maxlen=_RECENT)
+        self.routing: deque[tuple[float, str, str | None, Decision, int]] = deque(maxlen=_RECENT)
         self.semantic: deque[dict[str, Any]] = deque(maxlen=_RECENT)
         self.audit: deque[dict[str, Any]] = deque(maxlen=_RECENT)
         self.started = time.time()
@@ -135,19 +135,24 @@ class LiveStats:
         self._now().retries += 1
 
     def routed(self, ctx: RequestContext, decision: Decision, attempt: int) -> None:
-        names = list(decision.totals)
-        candidates = [{"endpoint": name, "total": round(total, 4),
-                       "scores": {scorer: round(values[i], 4) for scorer, values in decision.per_scorer.items()}}
-                      for i, (name, total) in enumerate(decision.totals.items())]  # fmt: skip
-        candidates.sort(key=lambda c: -c["total"])
-        self.routing.append({
-            "time": round(time.time(), 3), "request_id": ctx.request_id,
-            "model": ctx.info.model if ctx.info is not None else None, "endpoint": decision.endpoint.name,
-            "attempt": attempt, "candidates": candidates, "considered": len(names),
-        })  # fmt: skip
+        """A pick, kept as it is (the decision's own dicts) and formatted only when a snapshot shows it."""
+        model = ctx.info.model if ctx.info is not None else None
+        self.routing.append((time.time(), ctx.request_id, model, decision, attempt))
 
     def audited(self, record: dict[str, Any]) -> None:
         self.audit.append(record)
+
+    def _routing(self) -> list[dict[str, Any]]:
+        out = []
+        for at, request_id, model, decision, attempt in reversed(self.routing):
+            candidates = [{"endpoint": name, "total": round(total, 4),
+                           "scores": {scorer: round(values[i], 4) for scorer, values in decision.per_scorer.items()}}
+                          for i, (name, total) in enumerate(decision.totals.items())]  # fmt: skip
+            candidates.sort(key=lambda c: -c["total"])
+            out.append({"time": round(at, 3), "request_id": request_id, "model": model,
+                        "endpoint": decision.endpoint.name, "attempt": attempt, "candidates": candidates,
+                        "considered": len(candidates)})  # fmt: skip
+        return out
 
     # -- reading (only while someone watches) ---------------------------------------------
 
@@ -236,7 +241,7 @@ class LiveStats:
             "endpoints": endpoints,
             "series": self.series(now),
             "latency": self.latency(now),
-            "routing": list(reversed(self.routing)),
+            "routing": self._routing(),
             "semantic": {
                 "enabled": semantic is not None,
                 "decisions": _by_labels(m.decisions, "decision"),

@@ -85,7 +85,10 @@ class _Feed(threading.Thread):
                     if event == "snapshot":
                         yield json.loads(text)
                     elif event == "ended":
-                        raise _Refused("the gateway ended the feed: " + json.loads(text).get("reason", ""))
+                        why = json.loads(text)
+                        if why.get("relogin"):
+                            raise _Refused(f"the gateway ended the feed: {why.get('reason')}")
+                        raise ValueError(why.get("reason", "the gateway ended the feed"))  # retried
                     event = "message"
 
 

@@ -247,7 +247,14 @@ function connect() {
     setStatus("live", "live");
     render(JSON.parse(e.data));
   });
-  source.addEventListener("ended", () => showLogin("The dashboard session has ended: log in again."));
+  source.addEventListener("ended", (e) => {
+    const why = JSON.parse(e.data);
+    source.close();
+    source = null;
+    if (why.relogin) { showLogin("The dashboard session has ended: log in again."); return; }
+    setStatus(why.reason, "down");  // e.g. the gateway is restarting: try again shortly
+    retryTimer = setTimeout(start, 3000);
+  });
   source.onerror = () => {
     setStatus("reconnecting", "down");
     if (source && source.readyState === EventSource.CLOSED) {  // refused (e.g. a revoked key): ask again
