@@ -96,6 +96,14 @@ class RequestContext:
             return 0, 0
         return self.meter.result(self.prompt_tokens_header, self.estimate_in)
 
+    @property
+    def first_token(self) -> float | None:
+        """When the first piece of output reached the client: a stream's first content delta (its first bytes
+        may be only a role), else the answer's first byte."""
+        if self.meter is not None and self.meter.first_delta is not None:
+            return self.meter.first_delta
+        return self.first_byte
+
     def changed(self) -> None:
         """A stage changed ``data``: the body is encoded again once, when it is forwarded."""
         self.body_stale = True

@@ -54,7 +54,7 @@ class AuditStage(Stage):
             routing=ctx.decision.explain() if ctx.decision is not None else None,
             semantic_decision=ctx.semantic.decision if ctx.semantic is not None else None, priority=ctx.band,
             status=ctx.status, tokens_in=tokens_in, tokens_out=tokens_out,
-            ttft_ms=_ms(ctx.first_byte, ctx.started), latency_ms=_ms(ctx.finished, ctx.started),
+            ttft_ms=_ms(ctx.first_token, ctx.started), latency_ms=_ms(ctx.finished, ctx.started),
             queue_ms=round(ctx.slot.waited * 1000, 3) if ctx.slot is not None else None, reason=ctx.reason,
         )  # fmt: skip
         if self.gw.config.audit.include_content:

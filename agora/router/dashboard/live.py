@@ -109,14 +109,16 @@ class LiveStats:
         elif 400 <= status < 500 and status != 499:
             s.rejected += 1
         streamed = ctx.content_type.startswith("text/event-stream")
-        if ctx.endpoint is not None and ctx.first_byte is not None and status == 200 and streamed:
+        first = ctx.first_token
+        if ctx.endpoint is not None and first is not None and status == 200 and streamed:
             # TTFT and inter-token latency as vLLM's bench defines them: of streamed answers only (a whole
-            # JSON body's first byte is its last). Per request: the mean gap between its later tokens.
+            # JSON body's first byte is its last), from the first content delta on. Per request: the mean
+            # gap between its later tokens.
             s.seen_ttft += 1
-            _keep(s.ttft, s.seen_ttft, ctx.first_byte - ctx.started, self._rng)
+            _keep(s.ttft, s.seen_ttft, first - ctx.started, self._rng)
             if ctx.finished is not None and tokens_out > 1:
                 s.seen_itl += 1
-                _keep(s.itl, s.seen_itl, (ctx.finished - ctx.first_byte) / (tokens_out - 1), self._rng)
+                _keep(s.itl, s.seen_itl, (ctx.finished - first) / (tokens_out - 1), self._rng)
         outcome = ctx.semantic
         if outcome is not None:
             error = outcome.error

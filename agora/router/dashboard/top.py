@@ -201,6 +201,9 @@ def _quit_pressed(fd: int | None, timeout: float) -> bool:
 
 
 def main(args: argparse.Namespace) -> int:
+    import logging
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request would scribble on the view
     if not 0.25 <= args.interval <= 60:
         print("agora top: error: --interval must be between 0.25 and 60 seconds", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ one, else the estimate the request was admitted with.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 _MAX_TEXT = 64 << 10  # completion text kept for an audit with content
@@ -32,6 +33,7 @@ class UsageMeter:
         self.tokens_in: int | None = None
         self.tokens_out: int | None = None
         self.deltas = 0
+        self.first_delta: float | None = None  # perf_counter() when the first piece of output went by
         self.text: list[str] = []
         self._text_len = 0
 
@@ -62,11 +64,11 @@ class UsageMeter:
                 if isinstance(delta, dict):
                     piece = delta.get("content") or delta.get("reasoning_content")
                     if delta.get("tool_calls"):
-                        self.deltas += 1
+                        self._delta()
                         self._keep(json.dumps(delta["tool_calls"]))
                         continue
                 if piece:
-                    self.deltas += 1
+                    self._delta()
                     self._keep(piece)
             if self.hide and isinstance(usage, dict) and choices == []:
                 return False  # the usage chunk the client did not ask for
@@ -78,7 +80,7 @@ class UsageMeter:
                 if isinstance(usage, dict):
                     self._usage(usage.get("input_tokens"), usage.get("output_tokens"))
             elif isinstance(kind, str) and kind.endswith(".delta"):
-                self.deltas += 1
+                self._delta()
                 if isinstance(obj.get("delta"), str):
                     self._keep(obj["delta"])
         elif api == "messages":
@@ -91,12 +93,17 @@ class UsageMeter:
                 if isinstance(usage, dict):
                     self._usage(usage.get("input_tokens"), usage.get("output_tokens"))
             elif kind == "content_block_delta":
-                self.deltas += 1
+                self._delta()
                 delta = obj.get("delta") or {}
                 piece = delta.get("text") or delta.get("thinking") or delta.get("partial_json")
                 if isinstance(piece, str):
                     self._keep(piece)
         return True
+
+    def _delta(self) -> None:
+        if self.first_delta is None:
+            self.first_delta = time.perf_counter()
+        self.deltas += 1
 
     # -- a whole body ------------------------------------------------------------------
 
