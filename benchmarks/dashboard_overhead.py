@@ -25,6 +25,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
+from agora.bench.report import cpu_description
 from agora.router.replicas import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,7 +85,7 @@ async def run(args: argparse.Namespace) -> dict:
         build = await snapshot_ms(urls["on"], 40)  # 50 routing decisions and audit records in its rings by now
         stop.set()
         watcher.cancel()
-        result: dict = {"host": f"{platform.node()} {platform.machine()}", "cpu": _cpu(), "rounds": args.rounds,
+        result: dict = {"host": f"{platform.node()} {platform.machine()}", "cpu": cpu_description(), "rounds": args.rounds,
                         "requests_per_round": args.n, "feed_events_read": counts["events"],
                         "snapshot_request_p50_ms": round(build, 3)}  # fmt: skip
         for kind in ("non_stream", "stream"):
@@ -98,16 +99,6 @@ async def run(args: argparse.Namespace) -> dict:
             p.terminate()
         for p in procs:
             p.wait(10)
-
-
-def _cpu() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
-        name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-        flags = next(line for line in info if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return platform.processor()
-    return f"{name}, {os.cpu_count()} cores, {'AVX-512' if 'avx512f' in flags else 'AVX2, no AVX-512'}"
 
 
 def main() -> None:

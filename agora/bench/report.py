@@ -156,7 +156,7 @@ img {{ max-width: 100%; border: 1px solid #e2e5ea; }}
 figure {{ margin: 0 0 18px; }}
 </style></head><body>
 <h1>agora bench serve</h1>
-<p>{esc(date)} · client host {esc(platform.node())} ({esc(_cpu())}) · {len(runs)} run(s)</p>
+<p>{esc(date)} · client host {esc(platform.node())} ({esc(cpu_description())}) · {len(runs)} run(s)</p>
 <h2>Results</h2>
 <table><thead><tr><th>metric</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>
 <h2>Plots</h2>
@@ -171,13 +171,15 @@ figure {{ margin: 0 0 18px; }}
     return out
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+def cpu_description() -> str:
+    """This machine's CPU for benchmark records: model, cores, and whether it has AVX-512."""
+    import os
     import platform
 
-    return platform.processor() or platform.machine()
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+        flags = next(line for line in info if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores, {'AVX-512' if 'avx512f' in flags else 'AVX2, no AVX-512'}"

@@ -123,6 +123,16 @@ def metric(url: str, name: str, labels: str = "") -> float:
     return total
 
 
+def until(check, timeout: float = 10.0):  # noqa: ANN001, ANN201
+    """``check()``'s first truthy value, polling; its last value after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
 def metric_when(url: str, name: str, labels: str = "", want: float = 0.0, timeout: float = 10.0) -> float:
     """The metric once it equals `want`, or its last value after `timeout`: the gateway records a
     request when its relay ends, which may be a moment after the client has its last byte."""

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from agora.router.dashboard.live import LiveStats, percentile
-from tests.router.conftest import Procs, metric
+from tests.router.conftest import Procs, metric, until
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "semantic-router.yaml"
@@ -39,15 +39,6 @@ class Stack:
     admin: str  # an admin key
     user: str  # tenant acme's key (with a budget)
     procs: Procs
-
-
-def _until(check, timeout: float = 10.0):  # noqa: ANN001, ANN202
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
 
 
 def _chat(url: str, key: str | None, text: str = "one two three", stream: bool = False, model: str = "m",
@@ -78,7 +69,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         admin = httpx.post(f"{gw.url}/admin/keys", json={"tenant": "ops", "role": "admin"}).json()["key"]
         user = httpx.post(f"{gw.url}/admin/keys", headers=_auth(admin),
                           json={"tenant": "acme", "budget_tokens": 100000, "budget_window": "1d"}).json()["key"]  # fmt: skip
-        assert _until(lambda: _chat(gw.url, user) == 200)
+        assert until(lambda: _chat(gw.url, user) == 200)
         yield Stack(gw.url, admin, user, procs)
     finally:
         procs.stop()
@@ -99,7 +90,7 @@ def _settled(stack: Stack) -> tuple[dict, float]:
         return (s, total) if s["totals"]["requests"] == total and not any(e["in_flight"] for e in s["endpoints"]) \
             else None  # fmt: skip
 
-    got = _until(check)
+    got = until(check)
     assert got, "the snapshot and /metrics never agreed"
     return got
 
@@ -191,7 +182,7 @@ def test_open_gateway_loopback_only_feed_limit_and_switch_off(procs: Procs) -> N
         assert first.status_code == 200
         second = httpx.get(f"{gw.url}/dashboard/events", timeout=10)
         assert second.status_code == 429 and second.json()["error"]["code"] == "too_many_feeds"
-    assert _until(lambda: httpx.get(f"{gw.url}/dashboard/snapshot").status_code == 200)
+    assert until(lambda: httpx.get(f"{gw.url}/dashboard/snapshot").status_code == 200)
     off = procs.gateway({"endpoints": [{"url": fake.url}], "dashboard": {"enabled": False}})
     assert httpx.get(f"{off.url}/dashboard").status_code == 404
     # an open feed does not hold a stopping gateway up: it ends, saying why, and the gateway exits
@@ -223,7 +214,7 @@ def test_snapshot_agrees_with_metrics_and_the_budget(stack: Stack) -> None:
     assert acme["tokens_out"] == metric(stack.url, "agora_gateway_tenant_tokens_total", 'direction="out",tenant="acme"')
     assert acme["requests"] == metric(stack.url, "agora_gateway_tenant_requests_total", 'tenant="acme"')
     assert acme["budget_tokens"] == 100000
-    usage = _until(lambda: [u for u in httpx.get(f"{stack.url}/admin/usage", headers=_auth(stack.admin)).json()["data"]
+    usage = until(lambda: [u for u in httpx.get(f"{stack.url}/admin/usage", headers=_auth(stack.admin)).json()["data"]
                             if u["tenant"] == "acme" and u["requests"]])  # fmt: skip
     spent = acme["tokens_in"] + acme["tokens_out"]
     assert usage[0]["keys"][0]["budget_left"] == 100000 - spent
@@ -282,7 +273,7 @@ def test_the_page_in_a_real_browser(stack: Stack, tmp_path: Path) -> None:
             page.wait_for_selector("#login-form", state="visible")  # keys: the page asks for one
             page.fill("#login-key", stack.user)
             page.click("#login-form button")
-            assert "admin key" in _until(lambda: page.inner_text("#login-error"))
+            assert "admin key" in until(lambda: page.inner_text("#login-error"))
             page.fill("#login-key", stack.admin)
             page.click("#login-form button")
             page.wait_for_selector("#status.live", timeout=15000)
@@ -298,7 +289,7 @@ def test_the_page_in_a_real_browser(stack: Stack, tmp_path: Path) -> None:
             assert _chat(stack.url, stack.user, jailbreak, model="auto") == 403
             for _ in range(2):  # the second is a semantic-cache hit
                 assert _chat(stack.url, stack.user, "Solve for x: 5x - 3 = 12", model="auto", temperature=0) == 200
-            assert _until(lambda: _number(page.inner_text("#total-requests")) >= before + 8, timeout=15)
+            assert until(lambda: _number(page.inner_text("#total-requests")) >= before + 8, timeout=15)
             _settled(stack)
             time.sleep(0.6)  # two more ticks of the feed: the page now shows the settled numbers
             for name in ("a", "b"):

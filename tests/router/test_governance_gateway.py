@@ -17,22 +17,13 @@ import httpx
 import openai
 import pytest
 
-from tests.router.conftest import metric
+from tests.router.conftest import metric, until
 
 
 def _agora(db: str, *args: str) -> dict:
     out = subprocess.run([sys.executable, "-m", "agora.cli", *args, "--db", db, "--json"], capture_output=True,
                          text=True, timeout=60, check=True)  # fmt: skip
     return json.loads(out.stdout)
-
-
-def _until(check, timeout: float = 5.0):  # noqa: ANN001, ANN202
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
 
 
 def _db_of(tmp_path, gw) -> str:  # noqa: ANN001
@@ -44,8 +35,8 @@ def _db_of(tmp_path, gw) -> str:  # noqa: ANN001
 def _live(url: str, key: str) -> bool:
     """Wait until the gateway has loaded the keys (an open gateway lets anyone in, so a key alone tells
     nothing) and knows ``key``; neither probe is rate limited, and exactly one wrong-key failure is counted."""
-    assert _until(lambda: httpx.get(f"{url}/admin/tenants").status_code == 401)
-    return _until(lambda: httpx.get(f"{url}/v1/models", headers={"authorization": f"Bearer {key}"}).status_code == 200)
+    assert until(lambda: httpx.get(f"{url}/admin/tenants").status_code == 401)
+    return until(lambda: httpx.get(f"{url}/v1/models", headers={"authorization": f"Bearer {key}"}).status_code == 200)
 
 
 def _chat(url: str, key: str | None, model: str = "m", **extra) -> httpx.Response:  # noqa: ANN003
@@ -70,7 +61,7 @@ def test_keys_lock_the_gateway_and_revocation_reaches_every_gateway_within_a_sec
     admin = _agora(db, "keys", "create", "--tenant", "ops", "--role", "admin")
     user = _agora(db, "keys", "create", "--tenant", "acme", "--models", "n")
     for gw in (gw1, gw2):
-        assert _until(lambda gw=gw: _chat(gw.url, user["key"], "n").status_code == 200)
+        assert until(lambda gw=gw: _chat(gw.url, user["key"], "n").status_code == 200)
         assert _chat(gw.url, None).status_code == 401
         assert _chat(gw.url, "agk-wrong").json()["error"]["code"] == "invalid_api_key"
         assert _chat(gw.url, admin["key"]).status_code == 200
@@ -81,7 +72,7 @@ def test_keys_lock_the_gateway_and_revocation_reaches_every_gateway_within_a_sec
         assert httpx.get(f"{gw.url}/health").status_code == 200  # health stays open
     t = time.monotonic()
     _agora(db, "keys", "revoke", user["id"])
-    assert _until(lambda: all(_chat(g.url, user["key"], "n").status_code == 401 for g in (gw1, gw2)), 2.0)
+    assert until(lambda: all(_chat(g.url, user["key"], "n").status_code == 401 for g in (gw1, gw2)), 2.0)
     assert time.monotonic() - t < 1.5
     # Anthropic clients authenticate with x-api-key and get Anthropic's error shape
     claude = anthropic.Anthropic(base_url=gw1.url, api_key="agk-nope", max_retries=0)
@@ -111,7 +102,7 @@ def test_admin_api_needs_an_admin_key_and_never_shows_a_key(procs) -> None:
     assert httpx.post(f"{gw.url}/admin/keys", headers=h, json={"tenant": "x", "colour": 1}).status_code == 400
     assert httpx.put(f"{gw.url}/admin/tenants/acme", headers=h, json={"weight": 2}).json()["weight"] == 2
     assert _chat(gw.url, made["key"]).status_code == 200
-    usage = _until(lambda: [u for u in httpx.get(f"{gw.url}/admin/usage", headers=h).json()["data"]
+    usage = until(lambda: [u for u in httpx.get(f"{gw.url}/admin/usage", headers=h).json()["data"]
                             if u["tenant"] == "acme" and u["requests"]])  # fmt: skip
     assert usage[0]["tokens_in"] == 3 and usage[0]["tokens_out"] == 4
     assert usage[0]["keys"][0]["budget_left"] == 500 - 7
@@ -169,7 +160,7 @@ def test_budget_holds_under_100_parallel_requests_and_streams_are_counted(procs,
         codes.append(200)
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "insufficient_quota"
     assert refused.json()["error"]["type"] == "insufficient_quota" and refused.headers.get("retry-after")
-    usage = _until(lambda: [u for u in httpx.get(f"{gw.url}/admin/usage", headers={"authorization": f"Bearer "
+    usage = until(lambda: [u for u in httpx.get(f"{gw.url}/admin/usage", headers={"authorization": f"Bearer "
                             f"{admin['key']}"}).json()["data"] if u["tenant"] == "acme" and u["tokens_out"] ==
                             4 * codes.count(200)])  # fmt: skip
     used = usage[0]["tokens_in"] + usage[0]["tokens_out"]
@@ -184,7 +175,7 @@ def test_budget_holds_under_100_parallel_requests_and_streams_are_counted(procs,
         text = "".join(r.iter_text())
     assert '"usage"' not in text and text.rstrip().endswith("data: [DONE]")
     assert fake.stats()["last_body"]["stream_options"] == {"include_usage": True}
-    record = _until(lambda: [a for a in _audit(gw.url, admin["key"]) if a["tenant"] == "ops"])[-1]
+    record = until(lambda: [a for a in _audit(gw.url, admin["key"]) if a["tenant"] == "ops"])[-1]
     assert (record["tokens_in"], record["tokens_out"], record["status"]) == (2, 4, 200)
     assert record["ttft_ms"] > 0 and record["latency_ms"] >= record["ttft_ms"] and record["key_id"] == admin["id"]
     assert "prompt" not in record  # no content unless audit.include_content
@@ -204,7 +195,7 @@ def test_an_abandoned_stream_is_charged_what_it_relayed(procs, tmp_path) -> None
             seen += line.startswith("data: ")
             if seen == 5:
                 break
-    record = _until(lambda: [a for a in _audit(gw.url, admin["key"]) if a["api"] == "chat" and a["status"] == 200
+    record = until(lambda: [a for a in _audit(gw.url, admin["key"]) if a["api"] == "chat" and a["status"] == 200
                              and a["reason"] == "client_gone"])  # fmt: skip
     assert record, _audit(gw.url, admin["key"])
     rec = record[-1]
