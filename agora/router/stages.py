@@ -56,6 +56,7 @@ class AuditStage(Stage):
             status=ctx.status, tokens_in=tokens_in, tokens_out=tokens_out,
             ttft_ms=_ms(ctx.first_token, ctx.started), latency_ms=_ms(ctx.finished, ctx.started),
             queue_ms=round(ctx.slot.waited * 1000, 3) if ctx.slot is not None else None, reason=ctx.reason,
+            flags=list(ctx.semantic.flags) if ctx.semantic is not None and ctx.semantic.flags else None,
         )  # fmt: skip
         if self.gw.config.audit.include_content:
             turns = conversation(ctx.path, ctx.data)

@@ -3,6 +3,7 @@
 It answers chat and text completions with its own name as the text (so a test
 sees which endpoint answered), streams ``--tokens`` chunks ``--delay-ms`` apart,
 exports vLLM's load gauges on /metrics, and counts what happened on /stats.
+``/v1/responses`` and ``/v1/messages`` answer whole, in their APIs' shapes, and record the body too.
 ``POST /admin/mode`` switches it between ``ok``, ``error500`` (every request fails)
 and ``break`` (streams stop after the first chunk by dropping the connection).
 Usage: one prompt token per word, ``--tokens`` completion tokens; a stream ends with a usage
@@ -69,6 +70,8 @@ class FakeOpenAI:
             await _json(send, 200, {"mode": self.mode})
         elif path in ("/v1/chat/completions", "/v1/completions") and method == "POST":
             await self._complete(json.loads(body), receive, send, chat=path.endswith("chat/completions"))
+        elif path in ("/v1/responses", "/v1/messages") and method == "POST":
+            await self._agent_api(json.loads(body), send, path)
         else:
             await _json(send, 404, {"error": {"message": "not found"}})
 
@@ -98,6 +101,23 @@ class FakeOpenAI:
                 self.stats["served"] += 1
         finally:
             self.running -= 1
+
+    async def _agent_api(self, req: dict[str, Any], send: Any, path: str) -> None:
+        """A whole (non-streamed) answer in the Responses or the Anthropic Messages shape, its text our name."""
+        self.stats["last_body"] = req
+        self.stats["served"] += 1
+        if path == "/v1/responses":
+            await _json(send, 200, {"id": "resp_x", "object": "response", "created_at": int(time.time()),
+                                    "status": "completed", "model": req.get("model"), "output": [
+                                        {"type": "message", "id": "msg_x", "role": "assistant", "status": "completed",
+                                         "content": [{"type": "output_text", "text": self.name, "annotations": []}]}],
+                                    "usage": {"input_tokens": 3, "output_tokens": self.tokens,
+                                              "total_tokens": 3 + self.tokens}})  # fmt: skip
+        else:
+            await _json(send, 200, {"id": "msg_x", "type": "message", "role": "assistant", "model": req.get("model"),
+                                    "content": [{"type": "text", "text": self.name}], "stop_reason": "end_turn",
+                                    "stop_sequence": None,
+                                    "usage": {"input_tokens": 3, "output_tokens": self.tokens}})  # fmt: skip
 
     async def _stream(self, req: dict[str, Any], receive: Any, send: Any, chat: bool) -> None:
         await send({"type": "http.response.start", "status": 200,

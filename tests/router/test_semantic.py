@@ -270,15 +270,16 @@ def test_gateway_routes_guards_and_caches(semantic_gateway) -> None:
 
 def test_reload_keeps_the_old_config_when_the_new_one_is_bad(semantic_gateway) -> None:
     gw, _, _, path, config = semantic_gateway
+    small_talk = next(i for i, d in enumerate(config["semantic"]["decisions"]) if d["name"] == "small-talk")
     bad = json.loads(json.dumps(config))
-    bad["semantic"]["decisions"][2]["when"]["category"] = ["no-such-category"]
+    bad["semantic"]["decisions"][small_talk]["when"]["category"] = ["no-such-category"]
     path.write_text(yaml.safe_dump(bad))
     r = httpx.post(f"{gw.url}/admin/reload")
     assert r.status_code == 400 and "no category named 'no-such-category'" in r.json()["error"]["message"]
     assert post(gw.url, chat_body("Hey! How was your weekend?")).headers["x-agora-model"] == SMALL
 
     good = json.loads(json.dumps(config))
-    good["semantic"]["decisions"][2]["model"] = STRONG  # small talk now goes to the strong model
+    good["semantic"]["decisions"][small_talk]["model"] = STRONG  # small talk now goes to the strong model
     path.write_text(yaml.safe_dump(good))
     r = httpx.post(f"{gw.url}/admin/reload")
     assert r.status_code == 200 and "small-talk" in r.json()["decisions"]

@@ -122,13 +122,15 @@ class LiveStats:
         outcome = ctx.semantic
         if outcome is not None:
             error = outcome.error
-            jailbreak = outcome.signals.jailbreak
+            jailbreak, injection = outcome.signals.jailbreak, outcome.signals.injection
             self.semantic.append({
                 "time": round(ctx.time, 3), "request_id": ctx.request_id, "decision": outcome.decision,
                 "model": ctx.data.get("model") if isinstance(ctx.data.get("model"), str) else None,
                 "blocked": (error.code or "blocked") if error is not None else None,
                 "pii": sorted({p.type for p in outcome.signals.pii}),
                 "jailbreak": round(jailbreak.score, 3) if jailbreak is not None else None,
+                "injection": round(injection.score, 3) if injection is not None else None,
+                "flags": list(outcome.flags),
                 "cache": f"hit_{outcome.cached[1]}" if outcome.cached is not None else
                          ("miss" if outcome.cache_key is not None else None),
             })  # fmt: skip

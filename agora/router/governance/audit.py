@@ -2,7 +2,8 @@
 
 A record says who (tenant, key id, never the key), what (API, model asked for and
 served, endpoint, routing and semantic decision), how it went (status, tokens in and
-out, TTFT, latency, the block or limit reason) and, only with
+out, TTFT, latency, the block or limit reason, what the guards flagged or quarantined, and
+where) and, only with
 ``audit.include_content: true``, the prompt and the completion.
 
 Each stored record carries ``prev_hash`` and ``hash = sha256(prev_hash + canonical JSON of
@@ -84,4 +85,4 @@ def new_record(**fields: Any) -> dict[str, Any]:
 
 FIELDS = ("time", "request_id", "tenant", "key_id", "session", "api", "path", "model_requested", "model_served",
           "endpoint", "routing", "semantic_decision", "priority", "status", "tokens_in", "tokens_out", "ttft_ms",
-          "latency_ms", "queue_ms", "reason")  # fmt: skip
+          "latency_ms", "queue_ms", "reason", "flags")  # fmt: skip

@@ -3,9 +3,12 @@
 ::
 
     body ─▶ texts ─▶ signals: intent (last user message), PII (every message),
-                              jailbreak (the last user message and what follows it)
+                              jailbreak (user text; system too if asked), injection (tool results:
+                              chat role tool, Responses function_call_output, Anthropic tool_result),
+                              each finding labeled with where it was (segments.py)
           ─▶ first decision whose conditions all hold (else the default)
-          ─▶ block (403) | PII policy: allow / redact / block (403)
+          ─▶ block (403) | flag (x-agora-flagged, audit flags) | quarantine (the tool results found
+             replaced by a notice) | PII policy: allow / redact / block (403)
           ─▶ model "auto" only: target model, reasoning (chat_template_kwargs.enable_thinking),
              system prompt
           ─▶ semantic cache lookup on the final request
@@ -28,24 +31,68 @@ from agora.router.request import content_text, conversation
 from agora.router.semantic.cache import Answer, CacheKey, SemanticCache
 from agora.router.semantic.config import ActionSpec, Condition, SemanticSpec
 from agora.router.semantic.embedder import SentenceEmbedder, default_embedder
+from agora.router.semantic.injection import InjectionDetector
 from agora.router.semantic.pii import PIIDetector, PIISpan
-from agora.router.semantic.signals import Category, IntentClassifier, IntentResult, JailbreakDetector, JailbreakResult
+from agora.router.semantic.segments import Segment, replace, segments
+from agora.router.semantic.signals import Category, IntentClassifier, IntentResult
 
 MAX_CLASSIFY_CHARS = 4000  # the encoder reads 256 tokens; more text only costs time
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One scanned text's score, and where it was."""
+
+    where: str  # user, system, tool
+    path: str  # e.g. messages[3]
+    score: float
+    rules: tuple[str, ...]
+    keys: tuple[Any, ...] = ()
+    call_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"where": self.where, "path": self.path, "score": round(self.score, 4), "rules": list(self.rules),
+                **({"call_id": self.call_id} if self.call_id else {})}  # fmt: skip
+
+
+@dataclass
+class GuardResult:
+    """A guard signal: the highest-scoring text it read, every text at or above the threshold, and whether
+    that makes the signal on."""
+
+    score: float
+    threshold: float
+    findings: list[Finding]  # at or above the threshold
+    top: Finding | None
+    on: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"score": round(self.score, 4), "threshold": round(self.threshold, 4), "detected": self.on,
+                "rules": list(self.top.rules) if self.top else [], "where": self.top.where if self.top else None,
+                "path": self.top.path if self.top else None, "findings": [f.to_dict() for f in self.findings]}  # fmt: skip
 
 
 @dataclass
 class Signals:
     intent: IntentResult | None
     pii: list[PIISpan]
-    jailbreak: JailbreakResult | None
-    jailbreak_on: bool
+    jailbreak: GuardResult | None
+    injection: GuardResult | None = None
+
+    @property
+    def jailbreak_on(self) -> bool:
+        return self.jailbreak is not None and self.jailbreak.on
+
+    @property
+    def injection_on(self) -> bool:
+        return self.injection is not None and self.injection.on
 
     def to_dict(self, with_text: bool = False) -> dict[str, Any]:
         return {
             "category": self.intent.to_dict() if self.intent else None,
             "pii": [s.to_dict(with_text) for s in self.pii],
-            "jailbreak": {**self.jailbreak.to_dict(), "detected": self.jailbreak_on} if self.jailbreak else None,
+            "jailbreak": self.jailbreak.to_dict() if self.jailbreak else None,
+            "injection": self.injection.to_dict() if self.injection else None,
         }
 
 
@@ -60,6 +107,7 @@ class Outcome:
     cached: tuple[Answer, str] | None = None  # (answer, "exact" | "semantic")
     embedding: np.ndarray | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)  # for the audit record: what was flagged or quarantined
 
 
 def request_texts(body: dict[str, Any], path: str = "/v1/chat/completions") -> tuple[str, str, list[str]]:
@@ -82,7 +130,7 @@ class SemanticRouter:
     def __init__(self, spec: SemanticSpec, embedder: SentenceEmbedder | None = None) -> None:
         self.spec = spec
         s = spec.signals
-        needs_embedder = bool(s.intents.categories) or s.jailbreak.enabled or spec.cache.enabled
+        needs_embedder = bool(s.intents.categories) or s.jailbreak.enabled or s.injection.enabled or spec.cache.enabled
         self.embedder = embedder or (default_embedder(spec.embedding_model) if needs_embedder else None)
         self.intents = None
         if s.intents.categories:
@@ -90,8 +138,9 @@ class SemanticRouter:
             self.intents = IntentClassifier(self.embedder, cats, s.intents.k, s.intents.threshold,
                                             s.intents.min_similarity)  # fmt: skip
         self.pii = PIIDetector(s.pii.types, s.pii.default_region) if s.pii.enabled else None
-        self.jailbreak = JailbreakDetector(self.embedder, tuple(s.jailbreak.extra_patterns)) if s.jailbreak.enabled \
-            else None  # fmt: skip
+        self.guard = InjectionDetector(self.embedder, max_embedded=s.injection.max_encoder_windows,
+                                       extra_patterns=tuple(s.jailbreak.extra_patterns)) \
+            if s.jailbreak.enabled or s.injection.enabled else None  # fmt: skip
         self.cache = SemanticCache(spec.cache) if spec.cache.enabled else None
 
     # -- signals ----------------------------------------------------------------------
@@ -99,16 +148,33 @@ class SemanticRouter:
     def _embed(self, text: str) -> np.ndarray | None:
         return self.embedder.embed([text[:MAX_CLASSIFY_CHARS]])[0] if self.embedder is not None else None
 
-    def signals(self, intent_text: str, guard_text: str, texts: list[str]) -> tuple[Signals, np.ndarray | None]:
-        embedding = self._embed(intent_text) if (self.intents or self.cache or self.jailbreak) else None
+    def signals(self, intent_text: str, guard_text: str, texts: list[str],
+                segs: list[Segment] | None = None) -> tuple[Signals, np.ndarray | None]:  # fmt: skip
+        """``segs``: the request's texts with where they were (default: ``guard_text`` as the user's)."""
+        embedding = self._embed(intent_text) if (self.intents or self.cache) else None
         intent = self.intents.classify(intent_text[:MAX_CLASSIFY_CHARS], embedding) if self.intents else None
         spans = [s for t in texts for s in self.pii.find(t)] if self.pii else []
-        jb = None
-        if self.jailbreak is not None:
-            jb_embedding = embedding if guard_text == intent_text else self._embed(guard_text)
-            jb = self.jailbreak.score(guard_text[:MAX_CLASSIFY_CHARS], jb_embedding)
-        on = jb is not None and jb.score >= self.spec.signals.jailbreak.threshold
-        return Signals(intent, spans, jb, on), embedding
+        jailbreak = injection = None
+        if self.guard is not None:
+            if segs is None:
+                segs = [Segment("user", "text", (), guard_text)] if guard_text.strip() else []
+            s = self.spec.signals
+            kinds = [(s.jailbreak, "jailbreak"), (s.injection, "injection")]
+            wanted = [seg for seg in segs if any(spec.enabled and seg.where in spec.scan for spec, _ in kinds)]
+            scores = self.guard.scan([seg.text for seg in wanted])
+            found = [Finding(seg.where, seg.path, sc.score, sc.rules, seg.keys, seg.call_id)
+                     for seg, sc in zip(wanted, scores, strict=True)]  # fmt: skip
+            results = {}
+            for spec, name in kinds:
+                if not spec.enabled:
+                    continue
+                threshold = spec.threshold if spec.threshold is not None else self.guard.threshold
+                mine = [f for f in found if f.where in spec.scan]
+                top = max(mine, key=lambda f: f.score, default=None)
+                hits = [f for f in mine if f.score >= threshold]
+                results[name] = GuardResult(top.score if top else 0.0, threshold, hits, top, bool(hits))
+            jailbreak, injection = results.get("jailbreak"), results.get("injection")
+        return Signals(intent, spans, jailbreak, injection), embedding
 
     def classify(self, body: dict[str, Any]) -> dict[str, Any]:
         """``POST /v1/classify``: ``{"text": ...}`` or ``{"messages": [...]}`` -> signals and the decision."""
@@ -137,6 +203,8 @@ class SemanticRouter:
             wanted = bool(found) if isinstance(when.pii, bool) else bool(found & set(when.pii))
             if wanted != (when.pii is not False):
                 return False
+        if when.injection is not None and when.injection != sig.injection_on:
+            return False
         return when.jailbreak is None or when.jailbreak == sig.jailbreak_on
 
     def decide(self, sig: Signals) -> tuple[str, ActionSpec]:
@@ -149,14 +217,25 @@ class SemanticRouter:
 
     def process(self, path: str, body: dict[str, Any], tenant: str) -> Outcome:
         intent_text, guard, texts = request_texts(body, path)
-        sig, embedding = self.signals(intent_text, guard, texts)
+        segs = segments(path, body)
+        sig, embedding = self.signals(intent_text, guard, texts, segs)
         name, action = self.decide(sig)
         default = self.spec.default
         category = sig.intent.category if sig.intent and sig.intent.category else "none"
         headers = {"x-agora-decision": name, "x-agora-category": category}
         if sig.pii:
             headers["x-agora-pii"] = ",".join(sorted({s.type for s in sig.pii}))
+        for signal, result in (("jailbreak", sig.jailbreak), ("injection", sig.injection)):
+            if result is not None and result.on:  # where each was found, for the client and the audit
+                headers[f"x-agora-{signal}"] = ",".join(f"{f.path}={f.score:.3f}" for f in result.findings)
         out = Outcome(name, sig, body, headers, embedding=embedding)
+        if self.guard is not None:
+            out.notes["windows_scanned"] = self.guard.windows_scanned
+        if action.flag:
+            headers["x-agora-flagged"] = name
+            out.flags += [f"{signal}:{f.path}:{f.score:.3f}" for signal, result in
+                          (("jailbreak", sig.jailbreak), ("injection", sig.injection))
+                          if result is not None and result.on for f in result.findings]  # fmt: skip
         if action.block is not None:
             out.error = APIError(403, f"request blocked by policy {name!r}: {action.block}", "permission_error",
                                  code="blocked_by_policy", headers=headers)  # fmt: skip
@@ -171,6 +250,13 @@ class SemanticRouter:
         if sig.pii and policy == "redact":
             new = copy.deepcopy(body)
             self._redact(new)
+        if action.quarantine and sig.injection is not None and sig.injection.findings:
+            new = new or copy.deepcopy(body)
+            notice = self.spec.signals.injection.quarantine_notice
+            for f in sig.injection.findings:
+                replace(new, f.keys, notice)
+            headers["x-agora-quarantined"] = ",".join(f.path for f in sig.injection.findings)
+            out.flags += [f"quarantined:{f.path}:{f.score:.3f}" for f in sig.injection.findings]
         is_auto = body.get("model") == self.spec.auto_model
         if is_auto:
             model = action.model or default.model

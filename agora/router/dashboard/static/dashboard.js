@@ -183,6 +183,8 @@ function render(s) {
     el("td", {}, fmt.time(e.time)), el("td", {}, e.request_id.slice(0, 14)), el("td", {}, e.decision),
     el("td", {}, e.model || "-"), el("td", {}, e.blocked ? el("span", { class: "pill bad" }, e.blocked) : "-"),
     el("td", {}, e.pii.join(", ") || "-"), cell("jailbreak", e.jailbreak === null ? "-" : e.jailbreak.toFixed(2)),
+    cell("injection", e.injection === null ? "-" : e.injection.toFixed(2)),
+    el("td", {}, e.flags.length ? el("span", { class: "pill warn" }, e.flags.join(" ")) : "-"),
     el("td", {}, e.cache || "-")));
 
   fillTable("tenants", s.tenants, (r) => el("tr", { "data-tenant": r.tenant },
