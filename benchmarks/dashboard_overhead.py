@@ -30,7 +30,7 @@ from agora.router.replicas import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from gateway_overhead import latencies, wait_ready  # noqa: E402
+from gateway_overhead import latencies, stop_all, wait_ready  # noqa: E402
 
 
 async def watch(url: str, stop: asyncio.Event, counts: dict[str, int]) -> None:
@@ -95,10 +95,7 @@ async def run(args: argparse.Namespace) -> dict:
         return result
     finally:
         stop.set()
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(10)
+        stop_all(procs)
 
 
 def main() -> None:

@@ -146,10 +146,18 @@ async def run(args: argparse.Namespace) -> dict:
                                 "gateway_rps": rps, "direct_rps": rps_direct, "errors": errors}  # fmt: skip
         return result
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
+        stop_all(procs)
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    """Ask every process to stop, then wait for each (killing one that will not)."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
             p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def main() -> None:
