@@ -40,6 +40,7 @@ from agora.openai.messages import Reply, anthropic_error
 from agora.openai.stream import stream_error
 from agora.router import admin
 from agora.router.admission import admit
+from agora.router.asgi import send_body, send_json
 from agora.router.config import ConfigError, RouterConfig, load_config
 from agora.router.dashboard import Dashboard
 from agora.router.endpoints import Endpoint, EndpointPool
@@ -182,9 +183,9 @@ class Gateway:
                 self.metrics.rejected.labels(str(exc.status)).inc()
             if scope["path"].startswith("/v1/messages"):  # Anthropic's API: Anthropic's error shape
                 status, body = anthropic_error(exc)
-                await _send_json(send, status, body, exc.headers)
+                await send_json(send, status, body, exc.headers)
             else:
-                await _send_json(send, exc.status, exc.body(), exc.headers)
+                await send_json(send, exc.status, exc.body(), exc.headers)
         except _ClientGone:
             self.metrics.disconnects.inc()
 
@@ -215,11 +216,11 @@ class Gateway:
         elif path.startswith("/admin/"):
             self.require_admin(await self.identify(headers, client), client, "the admin API")
             if method == "POST" and path == "/admin/reload":
-                await _send_json(send, 200, await self.reload())
+                await send_json(send, 200, await self.reload())
                 return
             body = await self.read_body(headers, receive) if method in ("POST", "PUT", "PATCH") else b""
             status, payload, extra = await admin.handle(self, method, path, scope.get("query_string", b""), body)
-            await _send_json(send, status, payload, extra)
+            await send_json(send, status, payload, extra)
         elif path == "/dashboard" or path.startswith("/dashboard/"):
             if self.dashboard is None:
                 raise APIError(404, "the dashboard is off (dashboard.enabled: false)", "not_found_error")
@@ -234,15 +235,15 @@ class Gateway:
             ok = any(ep.available(time.monotonic()) for ep in self.pool)
             if not ok:
                 raise APIError(503, "no healthy endpoint", "service_unavailable", code="no_healthy_endpoint")
-            await _send_json(send, 200, {"status": "ok"})
+            await send_json(send, 200, {"status": "ok"})
         elif method == "GET" and path == "/metrics":
-            await _send(send, 200, self.metrics.render(), b"text/plain; version=0.0.4; charset=utf-8")
+            await send_body(send, 200, self.metrics.render(), b"text/plain; version=0.0.4; charset=utf-8")
         elif method == "GET" and path == "/version":
-            await _send_json(send, 200, {"version": agora.__version__})
+            await send_json(send, 200, {"version": agora.__version__})
         elif method == "GET" and path == "/v1/models":
             identity = await self.identify(headers, client)
             models = [m for m in self._models() if identity.may_use(m)]
-            await _send_json(send, 200, {"object": "list", "data": [self._card(m) for m in models]})
+            await send_json(send, 200, {"object": "list", "data": [self._card(m) for m in models]})
         elif method == "GET" and path.startswith("/v1/models/"):
             identity = await self.identify(headers, client)
             model = path.removeprefix("/v1/models/")
@@ -250,7 +251,7 @@ class Gateway:
                 raise APIError(
                     404, f"the model {model!r} does not exist", "not_found_error", "model", "model_not_found"
                 )
-            await _send_json(send, 200, self._card(model))
+            await send_json(send, 200, self._card(model))
         else:
             raise APIError(404, f"no route for {method} {path}", "not_found_error")
 
@@ -431,7 +432,7 @@ class Gateway:
         status, payload, last_extra = last
         ctx.status, ctx.reason = status, "upstream_error"
         self.metrics.requests.labels(tried[-1], str(status)).inc()
-        await _send(ctx.send, status, payload, last_extra.pop("content-type", "application/json").encode(),
+        await send_body(ctx.send, status, payload, last_extra.pop("content-type", "application/json").encode(),
                     {**ctx.to_client, **last_extra, "x-agora-endpoint": tried[-1]})  # fmt: skip
         ctx.complete = True
 
@@ -561,7 +562,7 @@ class Gateway:
         if last is None:
             raise APIError(502, "no endpoint answered", "bad_gateway", code="upstream_error")
         status, payload, extra = last
-        await _send(send, status, payload, extra.pop("content-type", "application/json").encode(), extra)
+        await send_body(send, status, payload, extra.pop("content-type", "application/json").encode(), extra)
 
     # -- semantic routing: classify, reload -----------------------------------------------
 
@@ -575,7 +576,7 @@ class Gateway:
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object")
         semantic = self.semantic
-        await _send_json(send, 200, await asyncio.to_thread(semantic.classify, data))
+        await send_json(send, 200, await asyncio.to_thread(semantic.classify, data))
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the config file's semantic section; on any error keep the running one."""
@@ -633,7 +634,7 @@ class _Bounded:
 async def _send_cached(send: Any, answer: Answer, body: dict[str, Any], headers: dict[str, str]) -> None:
     """A cache hit as the client asked for it: one JSON body, or a replayed stream (with usage if asked)."""
     if body.get("stream") is not True:
-        await _send(send, 200, replay_json(answer), b"application/json", headers)
+        await send_body(send, 200, replay_json(answer), b"application/json", headers)
         return
     options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
     include_usage = bool(options.get("include_usage") or options.get("continuous_usage_stats"))
@@ -665,15 +666,3 @@ def _credential(headers: dict[bytes, bytes]) -> str:
 
 def _response_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
     return {k: resp.headers[k] for k in _FORWARD_RESPONSE if k in resp.headers}
-
-
-async def _send(send: Any, status: int, body: bytes, content_type: bytes,
-                headers: dict[str, str] | None = None) -> None:  # fmt: skip
-    raw = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
-    raw += [(k.lower().encode(), v.encode("latin-1")) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def _send_json(send: Any, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
-    await _send(send, status, json.dumps(payload).encode(), b"application/json", headers)

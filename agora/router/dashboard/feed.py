@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 from agora.openai.errors import APIError
+from agora.router.asgi import send_body
 from agora.router.config import DashboardSettings
 from agora.router.dashboard.live import LiveStats
 from agora.router.governance.runtime import Identity, is_loopback
@@ -74,25 +75,25 @@ class Dashboard:
                      receive: Any) -> None:  # fmt: skip
         method, path = scope["method"], scope["path"].rstrip("/") or "/"
         if method == "GET" and path == "/dashboard":
-            await _send(send, 200, self._file("index.html"), "text/html; charset=utf-8", _PAGE_HEADERS)
+            await send_body(send, 200, self._file("index.html"), "text/html; charset=utf-8", _PAGE_HEADERS)
         elif method == "GET" and path.startswith("/dashboard/static/"):
             name = path.removeprefix("/dashboard/static/")
             if name not in _STATIC:
                 raise APIError(404, f"no dashboard file {name!r}", "not_found_error")
-            await _send(send, 200, self._file(name), _STATIC[name], {"x-content-type-options": "nosniff",
+            await send_body(send, 200, self._file(name), _STATIC[name], {"x-content-type-options": "nosniff",
                                                                        "cache-control": "no-cache"})  # fmt: skip
         elif method == "POST" and path == "/dashboard/login":
             cookie = await self._login(scope, headers, client)
-            await _send(send, 204, b"", "text/plain", {"set-cookie": cookie, "cache-control": "no-store"})
+            await send_body(send, 204, b"", "text/plain", {"set-cookie": cookie, "cache-control": "no-store"})
         elif method == "POST" and path == "/dashboard/logout":
             token = _cookie(headers)
             if token:
                 self.sessions.pop(_digest(token), None)
-            await _send(send, 204, b"", "text/plain", {"set-cookie": f"{COOKIE}=; Path=/dashboard; Max-Age=0; "
+            await send_body(send, 204, b"", "text/plain", {"set-cookie": f"{COOKIE}=; Path=/dashboard; Max-Age=0; "
                                                                      "HttpOnly; SameSite=Strict"})  # fmt: skip
         elif method == "GET" and path == "/dashboard/snapshot":
             await self._authorize(headers, client)
-            await _send(send, 200, self._snapshot(), "application/json", {"cache-control": "no-store"})
+            await send_body(send, 200, self._snapshot(), "application/json", {"cache-control": "no-store"})
         elif method == "GET" and path == "/dashboard/events":
             await self._events(scope, headers, client, send, receive)
         else:
@@ -112,15 +113,15 @@ class Dashboard:
 
     async def _login(self, scope: dict[str, Any], headers: dict[bytes, bytes], client: str) -> str:
         identity = await self._admin(headers, client)
-        if identity.key_id == "static":
-            session = _Session(0.0, "static")
-        elif identity.key is not None:
-            session = _Session(0.0, "key", identity.key.key_hash)
-        else:
-            session = _Session(0.0, "open")
-        session.expires = time.time() + self.settings.session_ttl_s
+        expires = time.time() + self.settings.session_ttl_s
         if identity.key is not None and identity.key.expires is not None:
-            session.expires = min(session.expires, identity.key.expires)
+            expires = min(expires, identity.key.expires)  # never past the key's own expiry
+        if identity.key_id == "static":
+            session = _Session(expires, "static")
+        elif identity.key is not None:
+            session = _Session(expires, "key", identity.key.key_hash)
+        else:
+            session = _Session(expires, "open")
         token = secrets.token_urlsafe(32)
         self.sessions[_digest(token)] = session
         while len(self.sessions) > _MAX_SESSIONS:
@@ -139,10 +140,8 @@ class Dashboard:
             return gov.static_key is not None
         if session.kind == "open":
             return gov.open and is_loopback(client)
-        record = gov.by_hash.get(session.key_hash or "")
-        return (
-            record is not None and record.role == "admin" and (record.expires is None or record.expires > time.time())
-        )
+        record = gov.by_hash.get(session.key_hash or "")  # (its expiry already bounds the session's)
+        return record is not None and record.role == "admin"
 
     async def _authorize(self, headers: dict[bytes, bytes], client: str) -> _Session | None:
         """The session the cookie names (None when a key was sent instead), or a 401 / 403."""
@@ -242,10 +241,3 @@ def _cookie(headers: dict[bytes, bytes]) -> str | None:
 
 def _digest(token: str) -> str:
     return hashlib.sha256(token.encode("latin-1", "replace")).hexdigest()
-
-
-async def _send(send: Any, status: int, body: bytes, content_type: str, headers: dict[str, str]) -> None:
-    raw = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
-    raw += [(k.encode(), v.encode("latin-1")) for k, v in headers.items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
