@@ -44,16 +44,15 @@ class _StateCollector(Collector):
         for name, seconds in self.profile.plugin_seconds.items():
             plugin.add_metric([name], seconds)
         yield plugin
-        hit, queried = self.counters.prefix_hit_blocks, self.counters.prefix_queried_blocks
         yield GaugeMetricFamily(
             "agora_gateway_prefix_hit_ratio",
             "Share of prompt blocks already sent to the endpoint picked (prefix affinity), since start.",
-            value=hit / queried if queried else 0.0,
+            value=self.counters.prefix_ratio() or 0.0,
         )
         per_endpoint = GaugeMetricFamily("agora_gateway_endpoint_prefix_hit_ratio", "Share of prompt blocks already "
                                          "sent to this endpoint when it was picked, since start.", labels=["endpoint"])  # fmt: skip
-        for name, (hit, queried) in self.counters.endpoint_prefix.items():
-            per_endpoint.add_metric([name], hit / queried if queried else 0.0)
+        for name in self.counters.endpoint_prefix:
+            per_endpoint.add_metric([name], self.counters.prefix_ratio(name) or 0.0)
         yield per_endpoint
 
 
@@ -106,8 +105,6 @@ class GatewayMetrics:
                                       "sent too many invalid keys.", registry=r)  # fmt: skip
         self.max_tenants = max_tenants
         self._tenant_labels: set[str] = set()
-        self.prefix_hit_blocks = 0
-        self.prefix_queried_blocks = 0
         self.endpoint_prefix: dict[str, tuple[int, int]] = {}  # endpoint -> (hit, queried) blocks
         r.register(_StateCollector(pool, profile, self))
         for ep in pool:
@@ -117,10 +114,15 @@ class GatewayMetrics:
     def prefix(self, endpoint: str, hit: int, queried: int) -> None:
         h, q = self.endpoint_prefix.get(endpoint, (0, 0))
         self.endpoint_prefix[endpoint] = (h + hit, q + queried)
-        self.prefix_hit_blocks += hit
-        self.prefix_queried_blocks += queried
         self.prefix_hit.inc(hit)
         self.prefix_queried.inc(queried)
+
+    def prefix_ratio(self, endpoint: str | None = None) -> float | None:
+        """Prompt blocks already sent to the endpoint picked, over those looked up, since start: of one endpoint,
+        or of all; None before any lookup."""
+        counts = [self.endpoint_prefix.get(endpoint, (0, 0))] if endpoint is not None else self.endpoint_prefix.values()
+        hit, queried = sum(h for h, _ in counts), sum(q for _, q in counts)
+        return hit / queried if queried else None
 
     def tenant_label(self, tenant: str | None) -> str:
         """A bounded label set: the first ``max_tenants`` tenants by name, then ``other``."""

@@ -210,17 +210,17 @@ class LiveStats:
         mono = time.monotonic()
         endpoints = []
         for ep in gw.pool:
-            hit, queried = m.endpoint_prefix.get(ep.name, (0, 0))
+            ratio = m.prefix_ratio(ep.name)
             endpoints.append({
                 "name": ep.name, "url": _public_url(ep.url), "models": sorted(ep.models), "healthy": ep.healthy,
                 "available": ep.available(mono), "ejected": mono < ep.ejected_until,
                 "ejected_for_s": round(max(0.0, ep.ejected_until - mono), 1), "failures": ep.failures,
                 "in_flight": ep.in_flight, "running": ep.running, "waiting": ep.waiting,
                 "kv_usage": round(ep.kv_usage, 4), "has_metrics": ep.has_metrics,
-                "prefix_hit_ratio": round(hit / queried, 4) if queried else None,
+                "prefix_hit_ratio": round(ratio, 4) if ratio is not None else None,
                 "requests": int(by_endpoint.get(ep.name, 0)), "errors": int(errors_by_endpoint.get(ep.name, 0)),
             })  # fmt: skip
-        hit, queried = m.prefix_hit_blocks, m.prefix_queried_blocks
+        ratio = m.prefix_ratio()
         semantic = gw.semantic
         audit = gw.config.audit
         return {
@@ -240,7 +240,7 @@ class LiveStats:
                 "errors": int(sum(errors_by_endpoint.values())),
                 "retries": int(sum(_by_labels(m.retries, "endpoint").values())),
                 "disconnects": int(_total(m.disconnects)),
-                "prefix_hit_ratio": round(hit / queried, 4) if queried else None,
+                "prefix_hit_ratio": round(ratio, 4) if ratio is not None else None,
             },
             "endpoints": endpoints,
             "series": self.series(now),
