@@ -275,10 +275,10 @@ class InjectionDetector:
         m = self.model
         out: dict[int, WindowScore] = {}
         scored: dict[int, list[list]] = {}  # text index -> [[start, score, lexical logit, words, embedded]]
+        digests = [_digest(text) for text in texts]  # once each: a tool result may be a megabyte
         for i, text in enumerate(texts):
-            digest = _digest(text)
             with self._lock:
-                known = self._seen.get(digest)
+                known = self._seen.get(digests[i])
             if known is not None:
                 out[i] = known
                 continue
@@ -306,16 +306,16 @@ class InjectionDetector:
             best = max(rows, key=lambda row: row[1], default=None)
             out[i] = WindowScore(best[1], (), best[0], best[4]) if best is not None else WindowScore(0.0, (), 0, False)
             if all(row[4] or row[1] < m.gate for row in rows):  # decided for good: remember it
-                self._remember(texts[i], out[i])
+                self._remember(digests[i], out[i])
         for i, score in out.items():
             if i not in scored:
-                self._remember(texts[i], score)
+                self._remember(digests[i], score)
         return [out[i] for i in range(len(texts))]
 
-    def _remember(self, text: str, score: WindowScore) -> None:
+    def _remember(self, digest: bytes, score: WindowScore) -> None:
         with self._lock:
-            self._seen[_digest(text)] = score
-            self._seen.move_to_end(_digest(text))
+            self._seen[digest] = score
+            self._seen.move_to_end(digest)
             while len(self._seen) > _REMEMBERED:
                 self._seen.popitem(last=False)
 
