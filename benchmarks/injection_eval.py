@@ -4,8 +4,10 @@ Trains exactly as the gateway does (the ``train`` split of
 ``agora/router/semantic/data/injection.tsv``; held-out groups are never seen), then reports on the
 ``test`` split: recall and false-positive rate at the shipped threshold, the recall at 5% false
 positives, per-family recall, and the same for the earlier detector (rules + similarity to 28
-bundled attack patterns, threshold 0.8). Then the cost: the signal pass on 2,000-token agent
-requests (p50, p90) and one 1 MB tool result.
+bundled attack patterns, threshold 0.8). Beside them, steadier because it covers four times the
+groups: the shipped threshold on the training texts, each scored by models that did not see its
+group. Then the cost: the signal pass on 2,000-token agent requests (p50, p90) and one 1 MB tool
+result.
 
     python benchmarks/injection_eval.py --out benchmarks/results/injection_eval.json
 """
@@ -134,7 +136,8 @@ def main() -> None:
     embedder = default_embedder(None)
     examples = inj.load_examples()
     t = time.perf_counter()
-    model = inj.train(embedder, examples)
+    oof: dict = {}
+    model = inj.train(embedder, examples, oof)
     train_s = time.perf_counter() - t
     detector = inj.InjectionDetector(embedder, model)
     test = [e for e in examples if e.split == "test"]
@@ -158,6 +161,7 @@ def main() -> None:
             "shipped": _rates(scores, y, model.threshold),
             "at_5pct_fp": _at_fp(scores, y),
             "gate": round(model.gate, 4),
+            "training_texts_out_of_fold": oof,
         },  # fmt: skip
         "previous_detector": {"shipped": _rates(old_scores, y, 0.8), "at_5pct_fp": _at_fp(old_scores, y)},
         "correct_by_family": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_kind.items())},

@@ -101,8 +101,8 @@ class InjectionSpec(_Strict):
                                     "is on; default: the detector's shipped threshold")  # fmt: skip
     scan: list[Literal["tool", "user", "system"]] = Field(default_factory=lambda: ["tool"], min_length=1)
     quarantine_notice: str = Field(QUARANTINE_NOTICE, min_length=1, max_length=4000)
-    max_encoder_windows: int = Field(4, ge=0, le=64, description="windows per request that go through the "
-                                     "sentence encoder (the rest keep their lexical score)")  # fmt: skip
+    max_encoder_windows: int = Field(4, ge=0, le=64, description="segments (sentences, windows) per request that go "
+                                     "through the sentence encoder (the rest keep their lexical score)")  # fmt: skip
 
 
 class SignalsSpec(_Strict):

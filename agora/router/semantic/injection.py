@@ -2,30 +2,45 @@
 
 ::
 
-    text ─▶ normalize (leetspeak, spaced letters, case) ─▶ windows of ~64 words
+    text ─▶ decode what it carries (base64, hex, binary, %-escapes; ROT13, Caesar, Morse, reversed when named)
+         ─▶ normalize (compatibility forms, zero-width, spaced or dotted letters, leetspeak, case)
          ─▶ rules (regexes: a hit scores 1)
-         ─▶ lexical model on every window (hashed word 1-2-grams, logistic regression: microseconds)
-         ─▶ the windows it does not clear (p >= gate), at most ``max_embedded`` of them, the likeliest
+         ─▶ segments: each sentence (a long one in 64-word windows), each two neighbouring sentences, a short
+            text whole; every word is in one
+         ─▶ lexical model on every segment (hashed word 1-2-grams, word classes and the sentence's mood:
+            logistic regression, microseconds)
+         ─▶ the segments it does not clear (p >= gate), at most ``max_embedded`` of them, the likeliest
             first: the sentence embedding (all-MiniLM-L6-v2, numpy) ─▶ embedding model; both models'
             logits ─▶ a stacked logistic regression: the calibrated score
-         score = the highest window's
+         score = the highest segment's
+
+An attack wrapped in a web page or a paragraph of prose is scored on its own sentences, so what surrounds
+it does not dilute it. Word classes (secrets, send verbs, destinations, addressees, overrides, rules, harm,
+fiction frames...) and the sentence's mood (an order, a question, a prohibition) let the lexical model
+generalize past the words of the labeled set: "paste the refresh token into the chat" is an order that sends
+a secret, whatever the secret is called.
 
 Both models and the stacker are logistic regressions trained on the ``train`` split of
 ``data/injection.tsv`` (``benchmarks/semantic/make_injection_set.py`` writes it). The stacker is
 fitted on out-of-fold predictions, and the shipped threshold is chosen there too, so the held-out
 split (``benchmarks/injection_eval.py``) never informs training. Training is deterministic and
-takes about a minute (``make_injection_set.py --train``); the gateway loads the committed result,
-``data/injection_model.npz`` (32 KB).
+takes under a minute once the segments' embeddings are cached (``make_injection_set.py --train``); the
+gateway loads the committed result, ``data/injection_model.npz``.
 
-The cost is bounded: the lexical pass is linear in the text (a 1 MB tool result in under a second
-here, every window read), and at most ``max_embedded`` windows per call go through the encoder.
+The cost is bounded: the lexical pass is linear in the text (a 1 MB tool result in about a second and a
+half here, every word read), and at most ``max_embedded`` segments per call go through the encoder.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import codecs
 import hashlib
 import re
 import threading
+import unicodedata
+import urllib.parse
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -37,58 +52,260 @@ import numpy as np
 from agora.router.semantic.embedder import SentenceEmbedder
 from agora.router.semantic.signals import cached_embeddings
 
-WINDOW_WORDS = 64  # a window the encoder reads whole (~100 tokens)
-STRIDE_WORDS = 48  # windows overlap, so a sentence across a boundary is seen whole in one of them
+WINDOW_WORDS = 64  # the longest segment: a window the encoder reads whole (~100 tokens)
+STRIDE_WORDS = 48  # a sentence longer than a window is read in windows this far apart, so none is skipped
 _BUCKETS = 1 << 16  # hashed n-gram features
 _FOLDS = 5
 _REMEMBERED = 50_000  # texts whose score is kept
 _MAX_FALSE_POSITIVES = 0.05  # the shipped threshold's false-positive rate on out-of-fold training scores
+FORMAT = 2  # the model file's layout and features; a file of another format is refused
 
 _RULES = (
     ("override", re.compile(r"(?i)\b(ignore|disregard|forget|override|drop|cancel)\b[^.\n]{0,40}\b(previous|prior|above|earlier|all|your|the)\b[^.\n]{0,30}\b(instructions?|rules|prompts?|guidelines|directives)\b")),
-    ("prompt_extraction", re.compile(r"(?i)\b(reveal|print|show|repeat|output|leak|dump)\b[^.\n]{0,40}\b(system prompt|hidden (instructions|prompt)|initial instructions|developer message)\b")),
-    ("persona_unbound", re.compile(r"(?i)\b(DAN|do anything now|developer mode|jailbreak(?:ed)? mode|no (content )?restrictions|without any (restrictions|filters|rules))\b")),
+    ("prompt_extraction", re.compile(r"(?i)\b(reveal|print|show|repeat|output|leak|dump)\b[^.\n]{0,30}\byour\s+(?:(?:full|entire|complete|exact|hidden|initial|original|whole)\s+)*(system prompt|system message|hidden (instructions|prompt)|initial (instructions|prompt)|developer message|instructions)\b")),
+    ("persona_unbound", re.compile(r"(?i)\b(you are (now )?dan|dan mode|do anything now|(enable|enter|activate|switch to|turn on) developer mode|jailbreak(?:ed)? mode|no (content )?restrictions|without any (restrictions|filters|rules))\b")),
     ("fake_authority", re.compile(r"(?i)\b(safety|content) (mode|filters?|policy) (is|are|has been) (now )?(disabled|off|removed|lifted)\b")),
-    ("chat_markup", re.compile(r"<\|im_start\|>\s*system|<\|start_header_id\|>\s*system|\[/?INST\]|</?system>")),
-    # "ignore (all) previous instructions" in the languages the encoder does not read
+    ("chat_markup", re.compile(r"<\|im_start\|>\s*system|<\|start_header_id\|>\s*system|\[/?INST\]|</?system>|<</?SYS>>")),
+    # "without restrictions" and "ignore (all) previous instructions" in the languages the encoder does not read
+    ("unbound_multilingual", re.compile(r"(?i)\b(sin|ohne|sans|senza|sem|bez|zonder|tanpa|без)\s+(ninguna\s+|jegliche\s+|aucune\s+|alcuna\s+|nenhuma\s+)?(restricciones|límites|limites|filtros?|einschränkungen|beschränkungen|regeln|restrictions|restrizioni|limiti|filtri|restrições|ograniczeń|filtrów|beperkingen|regels|batasan|ограничений|фильтров|правил)\b|没有任何限制|制限なし|제한 없이")),
     ("override_multilingual", re.compile(r"(?i)\b(ignore[zs]?|ignora|ignoriere|negeer|zignoruj|abaikan|oublie|olvida|vergiss|dimentica|esque[cç]a)\b[^.\n]{0,30}\b(instructions?|instrucciones|anweisungen|istruzioni|instru[cç][õo]es|instructies|instrukcje|instruksi|consignes|reglas|regeln|regole|regras|r[èe]gles)\b|忽略.{0,10}(指令|提示)|игнорируй.{0,30}инструкци|無視して|무시하고|تجاهل.{0,20}التعليمات|talimatları yok say")),
 )  # fmt: skip
+
+# Word classes: what an attack is made of, named once so that a word the labeled set never used still counts
+# (a "refresh token" is a secret, "sync to s3" a destination). Each class present in a segment, and each pair
+# of them, is a feature of the lexical model beside the words themselves.
+_CLASSES = {
+    "secret": "password passwords passwd passphrase token tokens apikey api_key secret secrets credential credentials cookie cookies ssh id_rsa pem keychain bearer oauth otp 2fa pin ssn iban cvv wallet seed mnemonic env dotenv connection keys key",
+    "send": "send sends post posts upload uploads forward forwards email emails paste pastes include includes append embed attach copy sync push exfiltrate exfiltrates leak leaks share transmit submit publish curl wget beacon mail commit dump export",
+    "dest": "http https ftp s3 www webhook pastebin gist url link endpoint server domain bucket collector attacker external public remote",
+    "ai": "assistant assistants ai llm llms agent agents model models copilot chatbot bot gpt claude gemini summarizer summarizers reviewer reviewers automated automation crawler",
+    "override": "ignore ignores disregard forget override overrides overriding bypass disable disabled skip drop cancel void revoke revoked supersede supersedes abandon discard obsolete suspend suspended lifted removed unlock unlocked",
+    "rules": "instructions instruction rules rule guidelines guideline policy policies restrictions restriction filters filter guardrails guardrail safety prompt prompts directives directive constraints programming training moderation refusals refusal limits ethics morals configuration",
+    "harm": "explosive explosives weapon weapons bomb bombs nerve poison poisons malware ransomware virus meth drugs launder laundering steal stealing hack hacking crack cracking counterfeit fake kill murder lockpick lock wifi fraud phishing synthesize synthesise toxin",
+    "stealth": "quietly secretly silently hidden invisible covertly discreetly unnoticed tracking pixel",
+    "frame": "story novel screenplay roleplay role play pretend imagine character characters game simulation hypothetically hypothetical fiction fictional scene actor movie dream improv",
+    "detail": "exact exactly accurately accurate real working quantities precise detailed verbatim unedited full",
+    "you": "you your yourself you're",
+    "now": "now henceforth onward onwards immediately",
+    "obey": "obey comply execute follow obeys complies",
+}  # fmt: skip
+# the same classes in the languages the encoder reads poorly (matched inside words: CJK has no spaces)
+_CLASSES_ML = {
+    "override": "ignora ignorez ignoriere vergiss olvida oublie dimentica esqueça esqueca abaikan negeer zignoruj забудь игнорируй 忘れ 無視 忽略 无视 忘记 bỏ qua تجاهل unut",
+    "rules": "reglas regeln règles regole regras instrucciones anweisungen consignes istruzioni instruções instrucoes instruksi restricciones einschränkungen beschränkungen restrizioni restrições filtros filtern правила инструкции ограничений ограничения ルール 制限 指示 规则 限制 指令 提示 hướng dẫn quy tắc hạn chế سياسات التعليمات القيود kurallar",
+    "you": "tu tus tú du dein deine deinen votre vos tes ton sua suo seu suas ваши твои свои あなた 你 bạn",
+    "now": "ahora jetzt maintenant adesso agora сейчас теперь 今から 现在 从现在 bây giờ",
+}  # fmt: skip
+_QUESTION_WORDS = frozenset(
+    "how what why when where which who whom whose can could should would is are was were do does did will shall may might am".split()
+)
+_NEGATIONS = frozenset("never not don dont doesn didn mustn shouldn cannot can't won't no".split())
+_LEAD_INS = frozenset(
+    "please pls also then and now just quietly secretly silently first finally kindly hey hi dear note to for the any all".split()
+)
+_ADDRESSEES = frozenset(
+    "ai assistant assistants agent agents llm llms model models copilot bot chatbot gpt claude reader readers reviewer reviewers summarizer system".split()
+)
+_VERBS = frozenset(("send post upload forward email paste include append embed attach copy sync push leak share transmit submit "
+                    "publish curl export dump print show reveal tell give display repeat recite output list read quote echo spell "
+                    "ignore disregard forget override bypass disable skip drop cancel abandon discard stop obey comply execute "
+                    "follow run delete remove approve mark grant transfer book buy pay add put write insert save mirror zip open "
+                    "click install download call change set update reply respond answer say describe recommend rate rank close "
+                    "accept schedule label assign create grab collect search look fetch make act pretend imagine become enter "
+                    "switch activate enable unlock reset erase wipe treat consider").split())  # fmt: skip
+_WORD_CLASSES: dict[str, tuple[str, ...]] = {}
+for _name, _words in _CLASSES.items():
+    for _w in _words.split():
+        _WORD_CLASSES[_w] = (*_WORD_CLASSES.get(_w, ()), _name)
+_ML_WORDS = tuple((w, name) for name, words in _CLASSES_ML.items() for w in words.split())
+
 _WORD = re.compile(r"\w+", re.UNICODE)
 _LEET = str.maketrans({"4": "a", "3": "e", "1": "i", "0": "o", "5": "s", "7": "t", "@": "a", "$": "s"})
 _SPACED = re.compile(r"\b(?:\w ){3,}\w\b")  # "i g n o r e"
+_MIXED = re.compile(r"\b(?=\w*[a-zA-Z])(?=\w*[0-9])\w+\b")
+# words with digits that are not leetspeak: base64, s3, sha256, ipv6, x86, gpt4o, 2fa, 10am, v2, h264
+_NOT_LEET = re.compile(
+    r"(?i)(base|sha|md|utf|ipv|x|h|mp|gpt|oauth|http|py|win|v|s|k|i|l|e|p)\d+[a-z]?|\d+(st|nd|rd|th|am|pm|px|ms|kb|mb|gb|tb|k|m|g|d|x|s|fa|b|h)|i18n|l10n|k8s|[0-9a-f]{8,}|rot\d+"
+)
+_DOTTED = re.compile(
+    r"(?<![\w.\-*])(?:[^\W\d_][.\-_*]){3,}[^\W\d_](?![\w\-*]|\.\w)"
+)  # "r.e.v.e.a.l", "d-i-s-r-e-g-a-r-d"
+_ZERO_WIDTH = re.compile("[\u00ad\u200b-\u200f\u2060-\u2064\ufeff]")
+# sentence ends, line breaks and markup edges: where a segment ends
+_BREAK = re.compile(r"(?<=[.!?;:])\s+|\n+|<!--|-->|[\"{}\[\]<>|]|(?:^|\s)#+\s|\s-\s")
 
 
 def normalize(text: str) -> str:
-    """Undo the cheap disguises: spaced-out letters, leetspeak inside words, alternating case."""
+    """Undo the cheap disguises: full-width and other compatibility forms, zero-width characters, spaced-out or
+    dotted letters, leetspeak inside words (not base64 or s3), case."""
+    text = _ZERO_WIDTH.sub("", unicodedata.normalize("NFKC", text))
     text = _SPACED.sub(lambda m: m.group(0).replace(" ", ""), text)
-    text = re.sub(r"\b(?=\w*[a-zA-Z])(?=\w*[0-9])[\w]+\b", lambda m: m.group(0).translate(_LEET), text)
+    text = _DOTTED.sub(lambda m: re.sub(r"[.\-_*]", "", m.group(0)), text)
+    text = _MIXED.sub(lambda m: m.group(0) if _NOT_LEET.fullmatch(m.group(0)) else m.group(0).translate(_LEET), text)
     return text.lower()
+
+
+_BASE64 = re.compile(r"[A-Za-z0-9+/]{16,}={0,2}")
+_HEX = re.compile(r"\b(?:[0-9a-fA-F]{2}){8,}\b")
+_BINARY = re.compile(r"(?:\b[01]{8}\s+){3,}[01]{8}\b")
+_PERCENT = re.compile(r"[\w.~-]*(?:%[0-9a-fA-F]{2}[\w.~-]*){2,}")
+_MORSE = dict(zip(".- -... -.-. -.. . ..-. --. .... .. .--- -.- .-.. -- -. --- .--. --.- .-. ... - ..- ...- .-- -..- -.-- --..".split(),
+                  "abcdefghijklmnopqrstuvwxyz", strict=True))  # fmt: skip
+_MAX_DECODED = 64  # payloads decoded per text
+_MAX_CUED = 20_000  # characters a cue ("rot13", "backwards") makes us transform whole
+
+
+def _text_like(raw: bytes) -> str | None:
+    try:
+        out = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    printable = sum(c.isprintable() or c.isspace() for c in out)
+    return out if len(out) >= 6 and printable >= 0.95 * len(out) and any(c.isalpha() for c in out) else None
+
+
+def decoded(text: str) -> list[str]:
+    """What a text carries encoded: base64, hex, binary and percent-encoded runs that decode to text, and, where
+    the text names the scheme, its ROT13, Caesar, Morse or reversed reading. Bounded: at most ``_MAX_DECODED``
+    payloads, and a cue transforms at most ``_MAX_CUED`` characters."""
+    out: list[str] = []
+    for pattern, decode in ((_BASE64, lambda t: base64.b64decode(t + "=" * (-len(t) % 4), validate=True)),
+                            (_HEX, bytes.fromhex),
+                            (_BINARY, lambda t: bytes(int(b, 2) for b in t.split())),
+                            (_PERCENT, lambda t: urllib.parse.unquote(t).encode()),):  # fmt: skip
+        if pattern is _PERCENT and "%" not in text:
+            continue
+        for m in pattern.finditer(text):
+            if len(out) >= _MAX_DECODED:
+                return out
+            try:
+                plain = _text_like(decode(m.group(0)))
+            except (ValueError, binascii.Error):
+                continue
+            if plain is not None and plain != m.group(0):
+                out.append(plain)
+    head = text[:_MAX_CUED]
+    low = head.lower()
+    if "rot13" in low or "rot-13" in low or "rot 13" in low:
+        out.append(codecs.encode(head, "rot13"))
+    shift = re.search(r"caesar(?: cipher)?(?: shift)?(?: of)? (\d{1,2})", low)
+    if shift:
+        n = int(shift.group(1)) % 26
+        out.append("".join(chr((ord(c) - 97 - n) % 26 + 97) if "a" <= c <= "z" else c for c in low))
+    if "morse" in low:
+        words = [w for w in re.findall(r"[.\-/]+", head) if len(w) > 0]
+        letters = "".join(" " if w == "/" else _MORSE.get(w, "") for w in words)
+        if len(letters.strip()) >= 4:
+            out.append(letters)
+    if re.search(r"\b(backwards|reversed?|in reverse)\b", low):
+        out.append(head[::-1])
+    return out
+
+
+def prepare(text: str) -> str:
+    """The text as the detector reads it: normalized, then each decoded payload (``decoded``) on a line of its own."""
+    extra = decoded(text)
+    return normalize("\n".join([text, *extra])) if extra else normalize(text)
 
 
 def windows(tokens: list[str]) -> list[tuple[int, int]]:
     """(start, end) token ranges of ``WINDOW_WORDS``, ``STRIDE_WORDS`` apart, covering every token."""
-    if len(tokens) <= WINDOW_WORDS:
-        return [(0, len(tokens))] if tokens else []
-    starts = list(range(0, len(tokens) - WINDOW_WORDS, STRIDE_WORDS)) + [len(tokens) - WINDOW_WORDS]
+    return _spans(0, len(tokens))
+
+
+def _spans(a: int, b: int) -> list[tuple[int, int]]:
+    if b - a <= WINDOW_WORDS:
+        return [(a, b)] if b > a else []
+    starts = list(range(a, b - WINDOW_WORDS, STRIDE_WORDS)) + [b - WINDOW_WORDS]
     return [(i, i + WINDOW_WORDS) for i in starts]
 
 
 def tokens(text: str) -> list[str]:
-    """The words a window is made of (of normalized text)."""
+    """The words of (normalized) text."""
     return _WORD.findall(text)
 
 
-def _grams(words: list[str]) -> np.ndarray:
-    """Hashed word unigrams and bigrams (crc32: stable across processes, unlike hash())."""
-    if not words:
-        return np.zeros(0, np.int64)
-    grams = [zlib.crc32(w.encode()) for w in words]
-    grams += [zlib.crc32(f"{a} {b}".encode()) for a, b in zip(words, words[1:], strict=False)]
-    return np.unique(np.asarray(grams, np.int64) % _BUCKETS)
+@dataclass
+class Segmented:
+    """A normalized text cut into what the detector scores: each sentence (a long one in windows), each two
+    neighbouring sentences, and a short text whole; every word is in at least one segment."""
+
+    text: str
+    words: list[str]
+    starts: list[int]  # each word's character offset
+    ends: list[int]
+    segments: list[tuple[int, int]]  # word ranges
+
+    def segment_text(self, seg: tuple[int, int]) -> str:
+        a, b = seg
+        return self.text[self.starts[a] : self.ends[b - 1]]
 
 
-def _features(text: str) -> np.ndarray:
-    return _grams(_WORD.findall(text))
+def segment(norm: str) -> Segmented:
+    words, starts, ends, sentences = [], [], [], []
+    pos = 0
+    for end in [m.start() for m in _BREAK.finditer(norm)] + [len(norm)]:
+        first = len(words)
+        for m in _WORD.finditer(norm, pos, end):
+            words.append(m.group())
+            starts.append(m.start())
+            ends.append(m.end())
+        if len(words) > first:
+            sentences.append((first, len(words)))
+        pos = max(pos, end)
+    segs = [span for a, b in sentences for span in _spans(a, b)]
+    segs += [(a, d) for (a, b), (c, d) in zip(sentences, sentences[1:], strict=False) if d - a <= WINDOW_WORDS]
+    if len(sentences) > 2 and len(words) <= WINDOW_WORDS:
+        segs.append((0, len(words)))
+    return Segmented(norm, words, starts, ends, segs)
+
+
+def _mood(words: list[str], question: bool) -> str | None:
+    """The mood: "imp" when the segment gives an order (it opens on a verb, past "please", "also" or an addressee such as
+    "assistant,"), "q" when it asks, "neg" when it forbids; None otherwise."""
+    if question or (words and words[0] in _QUESTION_WORDS):
+        return "q"
+    if any(w in _NEGATIONS for w in words):
+        return "neg"
+    i = 0
+    while i < len(words) and i < 4 and (words[i] in _LEAD_INS or words[i] in _ADDRESSEES):
+        i += 1
+    return "imp" if i < len(words) and words[i] in _VERBS else None
+
+
+def _classes(words: list[str], question: bool = False) -> list[str]:
+    found = {c for w in words for c in _WORD_CLASSES.get(w, ())}
+    if not all(w.isascii() for w in words):
+        joined = " ".join(words)
+        found |= {c for w, c in _ML_WORDS if w in joined}
+    names = sorted(found)
+    out = [f"§{a}" for a in names] + [f"§{a}+{b}" for i, a in enumerate(names) for b in names[i + 1 :]]
+    mood = _mood(words, question)
+    if mood is not None:
+        out += [f"§{mood}"] + [f"§{mood}+{a}" for a in names]
+    return out
+
+
+def _hash(s: str) -> int:
+    return zlib.crc32(s.encode())  # stable across processes, unlike hash()
+
+
+class _Features:
+    """Hashed word unigrams and bigrams and word classes of any segment of one text; each word and each
+    neighbouring pair is hashed once however many segments hold it (a megabyte has a lot of them)."""
+
+    def __init__(self, seg: Segmented) -> None:
+        self.seg = seg
+        self.words = seg.words
+        self.uni = np.fromiter((_hash(w) for w in seg.words), np.int64, len(seg.words))
+        self.bi = np.fromiter((_hash(f"{a} {b}") for a, b in zip(seg.words, seg.words[1:], strict=False)), np.int64,
+                              max(0, len(seg.words) - 1))  # fmt: skip
+
+    def __call__(self, a: int, b: int) -> np.ndarray:
+        end = self.seg.ends[b - 1]
+        question = "?" in self.seg.text[end : end + 2]
+        extra = np.fromiter((_hash(c) for c in _classes(self.words[a:b], question)), np.int64)
+        return np.unique(np.concatenate([self.uni[a:b], self.bi[a : b - 1], extra]) % _BUCKETS)
 
 
 def rules(text: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -104,7 +321,7 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
 
 
-def _fit_sparse(rows: list[np.ndarray], y: np.ndarray, l2: float = 1e-4, steps: int = 400) -> np.ndarray:
+def _fit_sparse(rows: list[np.ndarray], y: np.ndarray, l2: float = 1e-6, steps: int = 6000) -> np.ndarray:
     """L2 logistic regression on hashed features (each text's vector of unit length, so a long window and a
     short sentence score alike), full-batch gradient descent with a fixed step."""
     r = np.concatenate([np.full(len(f), i) for i, f in enumerate(rows)]) if rows else np.zeros(0, np.int64)
@@ -155,13 +372,19 @@ class InjectionModel:
         tmp = path.with_name(path.stem + ".tmp.npz")
         np.savez_compressed(tmp, lexical=self.lexical.astype(np.float32), embedding=self.embedding,
                             stack=self.stack, lexical_only=self.lexical_only,
-                            scalars=np.array([self.gate, self.threshold]))  # fmt: skip
+                            scalars=np.array([self.gate, self.threshold, FORMAT]))  # fmt: skip
         tmp.replace(path)
 
     @classmethod
     def load(cls, path: Path) -> InjectionModel:
         with np.load(path, allow_pickle=False) as z:
-            gate, threshold = (float(v) for v in z["scalars"])
+            scalars = [float(v) for v in z["scalars"]]
+            if len(scalars) < 3 or int(scalars[2]) != FORMAT:
+                raise ValueError(
+                    f"{path}: an injection model of another format (retrain it: "
+                    "benchmarks/semantic/make_injection_set.py --train)"
+                )
+            gate, threshold = scalars[:2]
             return cls(z["lexical"].astype(np.float64), z["embedding"], z["stack"], gate, threshold, z["lexical_only"])
 
 
@@ -188,41 +411,93 @@ def load_examples(path: Path | None = None) -> list[Example]:
     return out
 
 
-def train(embedder: SentenceEmbedder, examples: list[Example]) -> InjectionModel:
-    """The models, the stacker, the gate and the threshold, from the ``train`` split only."""
+def _labeled_segments(data: list[Example]):
+    """Every segment of every text, once each, with its label: a benign text's segments are benign; an attack's
+    are attacks when they are mostly the attack sentence (the group's ``plain`` text), benign when they are
+    mostly what it was wrapped in, and left out between."""
+    attack_words = {e.group: set(tokens(prepare(e.text))) for e in data if e.label and e.kind.endswith("/plain")}
+    index: dict[str, int] = {}
+    texts, feats, labels, groups, text_rows = [], [], [], [], []
+    for e in data:
+        sg = segment(prepare(e.text))
+        f = _Features(sg)
+        mine = attack_words.get(e.group) or set(sg.words)
+        rows = []
+        for a, b in sg.segments:
+            t = sg.segment_text((a, b))
+            if t not in index:
+                index[t] = len(texts)
+                texts.append(t)
+                feats.append(f(a, b))
+                labels.append(set())
+                groups.append(e.group)
+            r = index[t]
+            rows.append(r)
+            if not e.label:
+                labels[r].add(0)
+                continue
+            w = sg.words[a:b]
+            overlap = sum(x in mine for x in w) / len(w)
+            if overlap >= 0.8 and len(set(w) & mine) >= min(3, len(mine)):
+                labels[r].add(1)
+            elif overlap < 0.2:
+                labels[r].add(0)
+        text_rows.append(rows)
+    return texts, feats, labels, groups, text_rows
+
+
+def train(embedder: SentenceEmbedder, examples: list[Example], stats: dict | None = None) -> InjectionModel:
+    """The models, the stacker, the gate and the threshold, from the ``train`` split only.
+
+    Both models learn from segments (``_labeled_segments``), as the detector scores them. The stacker, the
+    gate and the threshold come from out-of-fold scores (folds by group): the threshold is the one at which
+    at most 5% of the benign training texts, each scored as the detector scores a text, would be flagged."""
     data = [e for e in examples if e.split == "train"]
-    y = np.array([e.label for e in data], np.float64)
-    norm = [normalize(e.text) for e in data]
-    words = [tokens(t)[:WINDOW_WORDS] for t in norm]  # what a window holds, as the detector sees it
-    feats = [_grams(w) for w in words]
-    emb = cached_embeddings(embedder, [" ".join(w) for w in words], "injection-train").astype(np.float64)
-    groups = sorted({e.group for e in data})
-    fold_of = {g: int(hashlib.sha256(g.encode()).hexdigest(), 16) % _FOLDS for g in groups}
-    folds = np.array([fold_of[e.group] for e in data])
-    lex_oof, emb_oof = np.zeros(len(data)), np.zeros(len(data))
+    texts, feats, labels, groups, text_rows = _labeled_segments(data)
+    emb = cached_embeddings(embedder, texts, "injection-segments").astype(np.float64)
+    fold_of = lambda g: int(hashlib.sha256(g.encode()).hexdigest(), 16) % _FOLDS  # noqa: E731
+    seg_fold = np.array([fold_of(g) for g in groups])
+    known = np.array([len(lab) == 1 for lab in labels])
+    y = np.array([next(iter(lab)) if len(lab) == 1 else -1 for lab in labels], np.float64)
+    emb1 = np.hstack([emb, np.ones((len(texts), 1))])
+    lex_oof, emb_oof = np.zeros((_FOLDS, len(texts))), np.zeros((_FOLDS, len(texts)))
     for k in range(_FOLDS):
-        tr, te = folds != k, folds == k
+        tr = known & (seg_fold != k)
         wl = _fit_sparse([f for f, t in zip(feats, tr, strict=True) if t], y[tr])
-        we = _fit_dense(emb[tr], y[tr])
-        lex_oof[te] = [_lex_logit(wl, f) for f, t in zip(feats, te, strict=True) if t]
-        emb_oof[te] = np.hstack([emb[te], np.ones((int(te.sum()), 1))]) @ we
-    stack = _fit_dense(np.stack([lex_oof, emb_oof], 1) / 10.0, y, l2=0.0, steps=3000)
+        lex_oof[k] = [_lex_logit(wl, f) for f in feats]
+        emb_oof[k] = emb1 @ _fit_dense(emb[tr], y[tr])
+    own = np.arange(len(texts))
+    seg_lex, seg_emb = lex_oof[seg_fold, own][known], emb_oof[seg_fold, own][known]
+    ys = y[known]
+    stack = _fit_dense(np.stack([seg_lex, seg_emb], 1) / 10.0, ys, l2=0.0, steps=3000)
     stack = np.array([stack[0] / 10.0, stack[1] / 10.0, stack[2]])
-    lexical_only = _fit_dense(lex_oof[:, None] / 10.0, y, l2=0.0, steps=3000)
+    lexical_only = _fit_dense(seg_lex[:, None] / 10.0, ys, l2=0.0, steps=3000)
     lexical_only = np.array([lexical_only[0] / 10.0, lexical_only[1]])
-    p_lex = _sigmoid(lexical_only[0] * lex_oof + lexical_only[1])
-    # the gate: the encoder reads a window only when the lexical score says it might be an attack; at most
-    # one benign text in ten (out of fold) gets that far, and any attack the lexical model rates above its
+    p_lex = _sigmoid(lexical_only[0] * seg_lex + lexical_only[1])
+    # the gate: the encoder reads a segment only when the lexical score says it might be an attack; at most
+    # one benign segment in ten (out of fold) gets that far, and any attack the lexical model rates above its
     # lowest one percent does
-    gate = max(float(np.quantile(p_lex[y == 1], 0.01)), float(np.quantile(p_lex[y == 0], 0.90)))
-    rule_hits = np.array([bool(rules(t)) for t in norm])
-    p_stack = _sigmoid(stack[0] * lex_oof + stack[1] * emb_oof + stack[2])
-    oof = np.where(rule_hits, 1.0, np.where(p_lex >= gate, p_stack, p_lex))
+    gate = max(float(np.quantile(p_lex[ys == 1], 0.01)), float(np.quantile(p_lex[ys == 0], 0.90)))
+    scores = np.zeros(len(data))
+    for i, (e, rows) in enumerate(zip(data, text_rows, strict=True)):
+        if rules(prepare(e.text)):
+            scores[i] = 1.0
+            continue
+        k = fold_of(e.group)
+        lx, em = lex_oof[k, rows], emb_oof[k, rows]
+        p = _sigmoid(lexical_only[0] * lx + lexical_only[1])
+        p = np.where(p >= gate, _sigmoid(stack[0] * lx + stack[1] * em + stack[2]), p)
+        scores[i] = float(p.max()) if len(rows) else 0.0
     # the shipped threshold: the lowest at which at most _MAX_FALSE_POSITIVES of the benign texts score as high
-    benign = np.sort(oof[y == 0])[::-1]
+    benign = np.sort(scores[np.array([e.label == 0 for e in data])])[::-1]
     allowed = int(np.floor(_MAX_FALSE_POSITIVES * len(benign)))
     threshold = float(np.nextafter(benign[allowed], np.inf)) if allowed < len(benign) else 0.5
-    return InjectionModel(_fit_sparse(feats, y), _fit_dense(emb, y), stack, gate, round(threshold, 4), lexical_only)
+    if stats is not None:  # how the shipped threshold does on the training texts, each out of its fold
+        attack = np.array([e.label == 1 for e in data])
+        stats.update(out_of_fold_recall=round(float((scores[attack] >= threshold).mean()), 4),
+                     out_of_fold_false_positive_rate=round(float((scores[~attack] >= threshold).mean()), 4))  # fmt: skip
+    lexical = _fit_sparse([f for f, t in zip(feats, known, strict=True) if t], y[known])
+    return InjectionModel(lexical, _fit_dense(emb[known], y[known]), stack, gate, round(threshold, 4), lexical_only)
 
 
 MODEL_FILE = "injection_model.npz"
@@ -274,7 +549,7 @@ class InjectionDetector:
         lexical score (at or above the gate, so it is never silently cleared)."""
         m = self.model
         out: dict[int, WindowScore] = {}
-        scored: dict[int, list[list]] = {}  # text index -> [[start, score, lexical logit, words, embedded]]
+        scored: dict[int, list[list]] = {}  # text index -> [[start, score, lexical logit, segment, embedded]]
         digests = [_digest(text) for text in texts]  # once each: a tool result may be a megabyte
         for i, text in enumerate(texts):
             with self._lock:
@@ -282,21 +557,22 @@ class InjectionDetector:
             if known is not None:
                 out[i] = known
                 continue
-            norm = normalize(text)
+            norm = prepare(text)
             hit = rules(norm, self.extra)
             if hit:
                 out[i] = WindowScore(1.0, hit, 0, False)
                 continue
-            words = tokens(norm)
+            sg = segment(norm)
+            features = _Features(sg)
             rows = []
-            for a, b in windows(words):
-                logit = _lex_logit(m.lexical, _grams(words[a:b]))
-                rows.append([a, self._calibrated(logit), logit, words[a:b], False])
+            for a, b in sg.segments:
+                logit = _lex_logit(m.lexical, features(a, b))
+                rows.append([a, self._calibrated(logit), logit, (sg, (a, b)), False])
             scored[i] = rows
         candidates = sorted((row for rows in scored.values() for row in rows if row[1] >= m.gate),
                             key=lambda row: -row[1])[: self.max_embedded]  # fmt: skip
         if candidates:
-            vectors = self.embedder.embed([" ".join(row[3]) for row in candidates]).astype(np.float64)
+            vectors = self.embedder.embed([row[3][0].segment_text(row[3][1]) for row in candidates]).astype(np.float64)
             e_logits = np.hstack([vectors, np.ones((len(candidates), 1))]) @ m.embedding
             for row, e in zip(candidates, e_logits, strict=True):
                 row[1] = float(_sigmoid(np.array(m.stack[0] * row[2] + m.stack[1] * e + m.stack[2])))
@@ -305,7 +581,9 @@ class InjectionDetector:
         for i, rows in scored.items():
             best = max(rows, key=lambda row: row[1], default=None)
             out[i] = WindowScore(best[1], (), best[0], best[4]) if best is not None else WindowScore(0.0, (), 0, False)
-            if all(row[4] or row[1] < m.gate for row in rows):  # decided for good: remember it
+            # decided for good: every candidate was embedded, or the whole budget went to this text (another call
+            # would choose the same) - remember it
+            if all(row[4] or row[1] < m.gate for row in rows) or sum(row[4] for row in rows) >= self.max_embedded:
                 self._remember(digests[i], out[i])
         for i, score in out.items():
             if i not in scored:
