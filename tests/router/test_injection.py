@@ -189,7 +189,7 @@ def test_held_out_split_beats_the_pattern_detector_it_replaced(embedder) -> None
     scores = np.array([d.scan([e.text])[0].score for e in test])
     y = np.array([e.label for e in test])
     recall, fp = (scores[y == 1] >= d.threshold).mean(), (scores[y == 0] >= d.threshold).mean()
-    assert recall >= 0.7 and fp <= 0.05, (recall, fp)
+    assert recall >= 0.65 and fp <= 0.05, (recall, fp)
 
 
 # -- decisions, in-process --------------------------------------------------------------------------

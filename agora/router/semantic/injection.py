@@ -280,6 +280,8 @@ def _classes(words: list[str], question: bool = False) -> list[str]:
         found |= {c for w, c in _ML_WORDS if w in joined}
     names = sorted(found)
     out = [f"§{a}" for a in names] + [f"§{a}+{b}" for i, a in enumerate(names) for b in names[i + 1 :]]
+    if any(w in _ADDRESSEES for w in words[:5]):  # a text that speaks to the model that reads it
+        out += ["§addressed"] + [f"§addressed+{a}" for a in names]
     mood = _mood(words, question)
     if mood is not None:
         out += [f"§{mood}"] + [f"§{mood}+{a}" for a in names]
