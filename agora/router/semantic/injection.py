@@ -193,8 +193,7 @@ def decoded(text: str) -> list[str]:
         n = int(shift.group(1)) % 26
         out.append("".join(chr((ord(c) - 97 - n) % 26 + 97) if "a" <= c <= "z" else c for c in low))
     if "morse" in low:
-        words = [w for w in re.findall(r"[.\-/]+", head) if len(w) > 0]
-        letters = "".join(" " if w == "/" else _MORSE.get(w, "") for w in words)
+        letters = "".join(" " if w == "/" else _MORSE.get(w, "") for w in re.findall(r"[.\-/]+", head))
         if len(letters.strip()) >= 4:
             out.append(letters)
     if re.search(r"\b(backwards|reversed?|in reverse)\b", low):
