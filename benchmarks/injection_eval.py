@@ -6,8 +6,9 @@ Trains exactly as the gateway does (the ``train`` split of
 positives, per-family recall, and the same for the earlier detector (rules + similarity to 28
 bundled attack patterns, threshold 0.8). Beside them, steadier because it covers four times the
 groups: the shipped threshold on the training texts, each scored by models that did not see its
-group. Then the cost: the signal pass on 2,000-token agent requests (p50, p90) and one 1 MB tool
-result.
+group. Then the cost: the signal pass on 2,000-token agent requests (p50, p90), one 1 MB tool
+result of prose (sentences of 5 to 25 words), and the worst shape for it, a 1 MB tool result of
+one-word lines.
 
     python benchmarks/injection_eval.py --out benchmarks/results/injection_eval.json
 """
@@ -128,6 +129,18 @@ def _agent_request(i: int, words: int = 1500) -> dict:
         {"role": "tool", "tool_call_id": f"c{i}", "content": body}]}  # fmt: skip
 
 
+def _prose(size: int) -> str:
+    """``size`` characters of sentences (5 to 25 words each) from the agent request's vocabulary."""
+    words = _agent_request(7, size // 4)["messages"][3]["content"].split()
+    rng = np.random.default_rng(7)
+    out, i = [], 0
+    while i < len(words):
+        n = int(rng.integers(5, 26))
+        out.append(" ".join(words[i : i + n]).capitalize() + ".")
+        i += n
+    return " ".join(out)[:size]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None)
@@ -186,13 +199,20 @@ def main() -> None:
                                       {"role": "assistant", "content": None, "tool_calls": [
                                           {"id": "b", "type": "function", "function": {"name": "log", "arguments": "{}"}}]},
                                       {"role": "tool", "tool_call_id": "b",
-                                       "content": _agent_request(7, 180_000)["messages"][3]["content"][: 1 << 20]}]}  # fmt: skip
+                                       "content": _prose(1 << 20)}]}  # fmt: skip
     t = time.perf_counter()
     outcome = router.process("/v1/chat/completions", big, "bench")
     result["signal_pass_2000_tokens_ms"] = {"p50": round(1e3 * statistics.median(times), 2),
                                             "p90": round(1e3 * sorted(times)[int(0.9 * len(times))], 2)}  # fmt: skip
     result["one_mb_tool_result_ms"] = round(1e3 * (time.perf_counter() - t), 1)
     result["one_mb_windows_scanned"] = outcome.notes.get("windows_scanned")
+    # the worst shape for segmenting: a megabyte of one-word lines (every fragment joins the next, so a
+    # segment per 4 words and one per neighbouring pair)
+    lines = {"model": "m", "messages": [*big["messages"][:2], {**big["messages"][2], "content": "x\n" * (1 << 19)}]}
+    t = time.perf_counter()
+    outcome = router.process("/v1/chat/completions", lines, "bench")
+    result["one_mb_of_one_word_lines_ms"] = round(1e3 * (time.perf_counter() - t), 1)
+    result["one_mb_of_one_word_lines_segments"] = outcome.notes.get("windows_scanned")
     print(json.dumps({k: v for k, v in result.items() if k != "misses"}, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -129,8 +129,12 @@ def test_encoded_payloads_are_read_decoded() -> None:
 def test_segments_are_sentences_their_neighbours_and_windows_of_long_ones() -> None:
     sg = inj.segment(inj.normalize("First one here. Second: two!\nThird <!-- hidden --> end"))
     texts = [sg.segment_text(s) for s in sg.segments]
-    assert texts[:6] == ["first one here", "second", "two", "third", "hidden", "end"]
-    assert "first one here. second" in texts and "two!\nthird" in texts
+    # sentences, fragments under MIN_SENTENCE_WORDS joined to what follows, then neighbouring pairs
+    assert texts == ["first one here. second", "two!\nthird <!-- hidden --> end",
+                     "first one here. second: two!\nthird <!-- hidden --> end"]  # fmt: skip
+    three = "one two three four. five six seven eight. nine ten eleven twelve"
+    sg = inj.segment(three + ".")
+    assert [sg.segment_text(s) for s in sg.segments][-1] == three  # a short text with 3+ sentences, whole
     long = inj.segment(" ".join(f"w{i}" for i in range(200)) + ". Short tail.")
     assert all(b - a <= inj.WINDOW_WORDS for a, b in long.segments)
     assert set().union(*(range(a, b) for a, b in long.segments)) == set(range(len(long.words)))

@@ -35,8 +35,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import codecs
+import functools
 import hashlib
+import math
 import re
 import threading
 import unicodedata
@@ -53,6 +56,7 @@ from agora.router.semantic.embedder import SentenceEmbedder
 from agora.router.semantic.signals import cached_embeddings
 
 WINDOW_WORDS = 64  # the longest segment: a window the encoder reads whole (~100 tokens)
+MIN_SENTENCE_WORDS = 4  # shorter fragments join the next sentence, which also bounds segments by words / 4
 STRIDE_WORDS = 48  # a sentence longer than a window is read in windows this far apart, so none is skipped
 _BUCKETS = 1 << 16  # hashed n-gram features
 _FOLDS = 5
@@ -148,7 +152,7 @@ def normalize(text: str) -> str:
 _BASE64 = re.compile(r"[A-Za-z0-9+/]{16,}={0,2}")
 _HEX = re.compile(r"\b(?:[0-9a-fA-F]{2}){8,}\b")
 _BINARY = re.compile(r"(?:\b[01]{8}\s+){3,}[01]{8}\b")
-_PERCENT = re.compile(r"[\w.~-]*(?:%[0-9a-fA-F]{2}[\w.~-]*){2,}")
+_PERCENT = re.compile(r"(?<![\w.~%-])[\w.~-]*+(?:%[0-9a-fA-F]{2}[\w.~-]*+){2,}")  # possessive: linear
 _MORSE = dict(zip(".- -... -.-. -.. . ..-. --. .... .. .--- -.- .-.. -- -. --- .--. --.- .-. ... - ..- ...- .-- -..- -.-- --..".split(),
                   "abcdefghijklmnopqrstuvwxyz", strict=True))  # fmt: skip
 _MAX_DECODED = 64  # payloads decoded per text
@@ -241,17 +245,27 @@ class Segmented:
 
 
 def segment(norm: str) -> Segmented:
-    words, starts, ends, sentences = [], [], [], []
-    pos = 0
-    for end in [m.start() for m in _BREAK.finditer(norm)] + [len(norm)]:
-        first = len(words)
-        for m in _WORD.finditer(norm, pos, end):
-            words.append(m.group())
-            starts.append(m.start())
-            ends.append(m.end())
-        if len(words) > first:
-            sentences.append((first, len(words)))
-        pos = max(pos, end)
+    words, starts, ends = [], [], []
+    for m in _WORD.finditer(norm):
+        words.append(m.group())
+        starts.append(m.start())
+        ends.append(m.end())
+    sentences: list[tuple[int, int]] = []  # a break holds no word characters, so no word straddles one
+    first = 0
+    for brk in (m.start() for m in _BREAK.finditer(norm)):
+        cut = bisect.bisect_left(starts, brk, first)
+        if cut > first:
+            sentences.append((first, cut))
+            first = cut
+    if len(words) > first:
+        sentences.append((first, len(words)))
+    merged: list[tuple[int, int]] = []  # a fragment ("SYSTEM:", a JSON key) joins the sentence after it
+    for a, b in sentences:
+        if merged and merged[-1][1] - merged[-1][0] < MIN_SENTENCE_WORDS and b - merged[-1][0] <= WINDOW_WORDS:
+            merged[-1] = (merged[-1][0], b)
+        else:
+            merged.append((a, b))
+    sentences = merged
     segs = [span for a, b in sentences for span in _spans(a, b)]
     segs += [(a, d) for (a, b), (c, d) in zip(sentences, sentences[1:], strict=False) if d - a <= WINDOW_WORDS]
     if len(sentences) > 2 and len(words) <= WINDOW_WORDS:
@@ -298,15 +312,21 @@ class _Features:
     def __init__(self, seg: Segmented) -> None:
         self.seg = seg
         self.words = seg.words
-        self.uni = np.fromiter((_hash(w) for w in seg.words), np.int64, len(seg.words))
-        self.bi = np.fromiter((_hash(f"{a} {b}") for a, b in zip(seg.words, seg.words[1:], strict=False)), np.int64,
-                              max(0, len(seg.words) - 1))  # fmt: skip
+        self.uni = [_hash(w) % _BUCKETS for w in seg.words]
+        self.bi = [_hash(f"{a} {b}") % _BUCKETS for a, b in zip(seg.words, seg.words[1:], strict=False)]
 
     def __call__(self, a: int, b: int) -> np.ndarray:
         end = self.seg.ends[b - 1]
         question = "?" in self.seg.text[end : end + 2]
-        extra = np.fromiter((_hash(c) for c in _classes(self.words[a:b], question)), np.int64)
-        return np.unique(np.concatenate([self.uni[a:b], self.bi[a : b - 1], extra]) % _BUCKETS)
+        ids = set(self.uni[a:b])
+        ids.update(self.bi[a : b - 1])
+        ids.update(map(_class_hash, _classes(self.words[a:b], question)))
+        return np.fromiter(ids, np.int64, len(ids))
+
+
+@functools.lru_cache(maxsize=4096)
+def _class_hash(name: str) -> int:
+    return _hash(name) % _BUCKETS
 
 
 def rules(text: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -540,7 +560,7 @@ class InjectionDetector:
 
     def _calibrated(self, logit: float) -> float:
         a, b = self.model.lexical_only
-        return float(_sigmoid(np.array(a * logit + b)))
+        return 1.0 / (1.0 + math.exp(-min(30.0, max(-30.0, a * logit + b))))
 
     def scan(self, texts: list[str]) -> list[WindowScore]:
         """One score per text: its highest window's.
@@ -565,9 +585,12 @@ class InjectionDetector:
                 continue
             sg = segment(norm)
             features = _Features(sg)
-            rows = []
+            rows, known_logits = [], {}  # a text that repeats itself is scored once per distinct segment
             for a, b in sg.segments:
-                logit = _lex_logit(m.lexical, features(a, b))
+                key = sg.text[sg.starts[a] : sg.ends[b - 1] + 2]
+                logit = known_logits.get(key)
+                if logit is None:
+                    logit = known_logits[key] = _lex_logit(m.lexical, features(a, b))
                 rows.append([a, self._calibrated(logit), logit, (sg, (a, b)), False])
             scored[i] = rows
         candidates = sorted((row for rows in scored.values() for row in rows if row[1] >= m.gate),
