@@ -141,15 +141,14 @@ def test_segments_are_sentences_their_neighbours_and_windows_of_long_ones() -> N
 
 
 def test_windows_cover_every_word() -> None:
-    words = [f"w{i}" for i in range(1000)]
-    spans = inj.windows(words)
+    spans = inj.segment(" ".join(f"w{i}" for i in range(1000))).segments  # one sentence: its windows only
     assert spans[0] == (0, inj.WINDOW_WORDS) and spans[-1][1] == 1000
     covered = set()
     for a, b in spans:
         assert b - a == inj.WINDOW_WORDS
         covered.update(range(a, b))
     assert covered == set(range(1000))
-    assert inj.windows([]) == [] and inj.windows(["a"]) == [(0, 1)]
+    assert inj.segment("").segments == [] and inj.segment("a").segments == [(0, 1)]
 
 
 class CountingEmbedder:

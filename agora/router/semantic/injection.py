@@ -211,12 +211,8 @@ def prepare(text: str) -> str:
     return normalize("\n".join([text, *extra])) if extra else normalize(text)
 
 
-def windows(tokens: list[str]) -> list[tuple[int, int]]:
-    """(start, end) token ranges of ``WINDOW_WORDS``, ``STRIDE_WORDS`` apart, covering every token."""
-    return _spans(0, len(tokens))
-
-
 def _spans(a: int, b: int) -> list[tuple[int, int]]:
+    """Word ranges [a, b) in windows of ``WINDOW_WORDS``, ``STRIDE_WORDS`` apart, covering every word."""
     if b - a <= WINDOW_WORDS:
         return [(a, b)] if b > a else []
     starts = list(range(a, b - WINDOW_WORDS, STRIDE_WORDS)) + [b - WINDOW_WORDS]
@@ -343,7 +339,7 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 def _fit_sparse(rows: list[np.ndarray], y: np.ndarray, l2: float = 1e-6, steps: int = 6000) -> np.ndarray:
-    """L2 logistic regression on hashed features (each text's vector of unit length, so a long window and a
+    """L2 logistic regression on hashed features (each segment's vector of unit length, so a long window and a
     short sentence score alike), full-batch gradient descent with a fixed step."""
     r = np.concatenate([np.full(len(f), i) for i, f in enumerate(rows)]) if rows else np.zeros(0, np.int64)
     c = np.concatenate(rows) if rows else np.zeros(0, np.int64)
@@ -384,7 +380,7 @@ class InjectionModel:
     lexical: np.ndarray  # [_BUCKETS + 1]
     embedding: np.ndarray  # [dim + 1]
     stack: np.ndarray  # [3]: a * lexical logit + b * embedding logit + c
-    gate: float  # windows the lexical model scores below this skip the encoder
+    gate: float  # segments the lexical model scores below this skip the encoder
     threshold: float  # the shipped threshold (out-of-fold training scores)
     lexical_only: np.ndarray  # [2]: calibration of a lexical logit alone
 
@@ -435,12 +431,14 @@ def load_examples(path: Path | None = None) -> list[Example]:
 def _labeled_segments(data: list[Example]):
     """Every segment of every text, once each, with its label: a benign text's segments are benign; an attack's
     are attacks when they are mostly the attack sentence (the group's ``plain`` text), benign when they are
-    mostly what it was wrapped in, and left out between."""
-    attack_words = {e.group: set(tokens(prepare(e.text))) for e in data if e.label and e.kind.endswith("/plain")}
+    mostly what it was wrapped in, and left out between. Also each text as the detector reads it (``prepare``)."""
+    prepared = [prepare(e.text) for e in data]
+    attack_words = {e.group: set(tokens(p)) for e, p in zip(data, prepared, strict=True)
+                    if e.label and e.kind.endswith("/plain")}  # fmt: skip
     index: dict[str, int] = {}
     texts, feats, labels, groups, text_rows = [], [], [], [], []
-    for e in data:
-        sg = segment(prepare(e.text))
+    for e, p in zip(data, prepared, strict=True):
+        sg = segment(p)
         f = _Features(sg)
         mine = attack_words.get(e.group) or set(sg.words)
         rows = []
@@ -464,7 +462,7 @@ def _labeled_segments(data: list[Example]):
             elif overlap < 0.2:
                 labels[r].add(0)
         text_rows.append(rows)
-    return texts, feats, labels, groups, text_rows
+    return texts, feats, labels, groups, text_rows, prepared
 
 
 def train(embedder: SentenceEmbedder, examples: list[Example], stats: dict | None = None) -> InjectionModel:
@@ -474,7 +472,7 @@ def train(embedder: SentenceEmbedder, examples: list[Example], stats: dict | Non
     gate and the threshold come from out-of-fold scores (folds by group): the threshold is the one at which
     at most 5% of the benign training texts, each scored as the detector scores a text, would be flagged."""
     data = [e for e in examples if e.split == "train"]
-    texts, feats, labels, groups, text_rows = _labeled_segments(data)
+    texts, feats, labels, groups, text_rows, prepared = _labeled_segments(data)
     emb = cached_embeddings(embedder, texts, "injection-segments").astype(np.float64)
     fold_of = lambda g: int(hashlib.sha256(g.encode()).hexdigest(), 16) % _FOLDS  # noqa: E731
     seg_fold = np.array([fold_of(g) for g in groups])
@@ -501,7 +499,7 @@ def train(embedder: SentenceEmbedder, examples: list[Example], stats: dict | Non
     gate = max(float(np.quantile(p_lex[ys == 1], 0.01)), float(np.quantile(p_lex[ys == 0], 0.90)))
     scores = np.zeros(len(data))
     for i, (e, rows) in enumerate(zip(data, text_rows, strict=True)):
-        if rules(prepare(e.text)):
+        if rules(prepared[i]):
             scores[i] = 1.0
             continue
         k = fold_of(e.group)
@@ -542,7 +540,7 @@ class WindowScore:
 
 
 class InjectionDetector:
-    """``scan(texts)`` -> the highest-scoring window of each text, within a bounded encoder budget."""
+    """``scan(texts)`` -> the highest-scoring segment of each text, within a bounded encoder budget."""
 
     def __init__(self, embedder: SentenceEmbedder, model: InjectionModel | None = None, max_embedded: int = 4,
                  extra_patterns: tuple[str, ...] = ()) -> None:  # fmt: skip
@@ -563,10 +561,10 @@ class InjectionDetector:
         return 1.0 / (1.0 + math.exp(-min(30.0, max(-30.0, a * logit + b))))
 
     def scan(self, texts: list[str]) -> list[WindowScore]:
-        """One score per text: its highest window's.
+        """One score per text: its highest segment's (``windows_scanned``: how many segments were scored).
 
-        Every window gets the lexical score; those at or above the gate, the likeliest first and at most
-        ``max_embedded`` per call, get the stacked score instead. A window past that budget keeps its
+        Every segment gets the lexical score; those at or above the gate, the likeliest first and at most
+        ``max_embedded`` per call, get the stacked score instead. A segment past that budget keeps its
         lexical score (at or above the gate, so it is never silently cleared)."""
         m = self.model
         out: dict[int, WindowScore] = {}

@@ -225,17 +225,16 @@ class SemanticRouter:
         headers = {"x-agora-decision": name, "x-agora-category": category}
         if sig.pii:
             headers["x-agora-pii"] = ",".join(sorted({s.type for s in sig.pii}))
-        for signal, result in (("jailbreak", sig.jailbreak), ("injection", sig.injection)):
-            if result is not None and result.on:  # where each was found, for the client and the audit
-                headers[f"x-agora-{signal}"] = ",".join(f"{f.path}={f.score:.3f}" for f in result.findings)
+        guards_on = [(signal, result) for signal, result in (("jailbreak", sig.jailbreak), ("injection", sig.injection))
+                     if result is not None and result.on]  # fmt: skip
+        for signal, result in guards_on:  # where each was found, for the client and the audit
+            headers[f"x-agora-{signal}"] = ",".join(f"{f.path}={f.score:.3f}" for f in result.findings)
         out = Outcome(name, sig, body, headers, embedding=embedding)
         if self.guard is not None:
             out.notes["windows_scanned"] = self.guard.windows_scanned
         if action.flag:
             headers["x-agora-flagged"] = name
-            out.flags += [f"{signal}:{f.path}:{f.score:.3f}" for signal, result in
-                          (("jailbreak", sig.jailbreak), ("injection", sig.injection))
-                          if result is not None and result.on for f in result.findings]  # fmt: skip
+            out.flags += [f"{signal}:{f.path}:{f.score:.3f}" for signal, result in guards_on for f in result.findings]
         if action.block is not None:
             out.error = APIError(403, f"request blocked by policy {name!r}: {action.block}", "permission_error",
                                  code="blocked_by_policy", headers=headers)  # fmt: skip
