@@ -1,7 +1,8 @@
 """The injection detector on the held-out split of agora's labeled set, against the detector it replaced.
 
-Trains exactly as the gateway does (the ``train`` split of
-``agora/router/semantic/data/injection.tsv``; held-out groups are never seen), then reports on the
+Trains exactly as the committed model was trained (the ``train`` split of
+``agora/router/semantic/data/injection.tsv``; held-out groups are never seen; minutes, most of them
+tuning the encoder's top layers once per fold and once on everything), then reports on the
 ``test`` split: recall and false-positive rate at the shipped threshold, the recall at 5% false
 positives, per-family recall, and the same for the earlier detector (rules + similarity to 28
 bundled attack patterns, threshold 0.8). Beside them, steadier because it covers four times the
@@ -11,6 +12,7 @@ result of prose (sentences of 5 to 25 words), and the worst shape for it, a 1 MB
 one-word lines.
 
     python benchmarks/injection_eval.py --out benchmarks/results/injection_eval.json
+    python benchmarks/injection_eval.py --committed ...   # the committed model, no training
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from agora.bench.report import cpu_description
 from agora.router.semantic import injection as inj
 from agora.router.semantic.embedder import SentenceEmbedder, default_embedder
 from agora.router.semantic.signals import cached_embeddings
+from agora.training.encoder import tune_layers
 
 # -- the detector this one replaced (agora.router.semantic.signals at 8bd1ae4), kept as the baseline ------
 
@@ -145,13 +148,23 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None)
     p.add_argument("--requests", type=int, default=40, help="2,000-token requests timed")
+    p.add_argument(
+        "--committed",
+        action="store_true",
+        help="evaluate the committed model instead of training one (same data, same result on its host)",
+    )
     args = p.parse_args()
     embedder = default_embedder(None)
     examples = inj.load_examples()
     t = time.perf_counter()
-    oof: dict = {}
-    model = inj.train(embedder, examples, oof)
-    train_s = time.perf_counter() - t
+    if args.committed:
+        model, train_s = inj.load_model(), None
+    else:
+        say = lambda step: print(f"training [{time.perf_counter() - t:5.0f} s] {step}", flush=True)  # noqa: E731
+        model = inj.train(embedder, examples, tuner=tune_layers, progress=say)
+        train_s = round(time.perf_counter() - t, 1)
+    oof = {"out_of_fold_recall": round(model.out_of_fold[0], 4),
+           "out_of_fold_false_positive_rate": round(model.out_of_fold[1], 4)}  # fmt: skip
     detector = inj.InjectionDetector(embedder, model)
     test = [e for e in examples if e.split == "test"]
     y = np.array([e.label for e in test])
@@ -169,7 +182,8 @@ def main() -> None:
             "test_benign": int((y == 0).sum()),
             "test_groups": len({e.group for e in test}),
         },  # fmt: skip
-        "train_seconds": round(train_s, 1),
+        "model": "committed" if args.committed else "trained by this run",
+        "train_seconds": train_s,
         "detector": {
             "shipped": _rates(scores, y, model.threshold),
             "at_5pct_fp": _at_fp(scores, y),

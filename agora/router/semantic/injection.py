@@ -10,8 +10,9 @@
          ─▶ lexical model on every segment (hashed word 1-2-grams, word classes and the sentence's mood:
             logistic regression, microseconds)
          ─▶ the segments it does not clear (p >= gate), at most ``max_embedded`` of them, the likeliest
-            first: the sentence embedding (all-MiniLM-L6-v2, numpy) ─▶ embedding model; both models'
-            logits ─▶ a stacked logistic regression: the calibrated score
+            first: all-MiniLM-L6-v2's lower two layers as they are, then its top four tuned on the
+            labeled set (numpy) ─▶ embedding model; both models' logits ─▶ a stacked logistic regression: the
+            calibrated score
          score = the highest segment's
 
 An attack wrapped in a web page or a paragraph of prose is scored on its own sentences, so what surrounds
@@ -21,14 +22,16 @@ generalize past the words of the labeled set: "paste the refresh token into the 
 a secret, whatever the secret is called.
 
 Both models and the stacker are logistic regressions trained on the ``train`` split of
-``data/injection.tsv`` (``benchmarks/semantic/make_injection_set.py`` writes it). The stacker is
-fitted on out-of-fold predictions, and the shipped threshold is chosen there too, so the held-out
-split (``benchmarks/injection_eval.py``) never informs training. Training is deterministic and
-takes under a minute once the segments' embeddings are cached (``make_injection_set.py --train``); the
-gateway loads the committed result, ``data/injection_model.npz``.
+``data/injection.tsv`` (``benchmarks/semantic/make_injection_set.py`` writes it); the encoder layers the
+embedding model reads through are tuned on the same segments (in torch, ``agora.training.encoder``; the
+gateway runs them in numpy). The stacker is fitted on out-of-fold predictions (each fold with its own
+tuned layers), and the shipped threshold is chosen there too, so the held-out split
+(``benchmarks/injection_eval.py``) never informs training. Training is deterministic on a given host
+and takes minutes (``make_injection_set.py --train``); the gateway loads the committed result,
+``data/injection_model.npz`` (the tuned layers as int8 changes to the encoder's, MODEL_MB MB).
 
-The cost is bounded: the lexical pass is linear in the text (a 1 MB tool result in about a second and a
-half here, every word read), and at most ``max_embedded`` segments per call go through the encoder.
+The cost is bounded: the lexical pass is linear in the text (a 1 MB tool result in two to three seconds
+here, every word read), and at most ``max_embedded`` segments per call go through the encoder.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import unicodedata
 import urllib.parse
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -62,7 +66,9 @@ _BUCKETS = 1 << 16  # hashed n-gram features
 _FOLDS = 5
 _REMEMBERED = 50_000  # texts whose score is kept
 _MAX_FALSE_POSITIVES = 0.05  # the shipped threshold's false-positive rate on out-of-fold training scores
-FORMAT = 2  # the model file's layout and features; a file of another format is refused
+FORMAT = 3  # the model file's layout and features; a file of another format is refused
+FROZEN_LAYERS = 2  # the encoder's lower layers, read as they are; the detector tunes the ones after them
+TUNED_LAYERS = 4  # the layers after them, tuned on the labeled set
 
 _RULES = (
     ("override", re.compile(r"(?i)\b(ignore|disregard|forget|override|drop|cancel)\b[^.\n]{0,40}\b(previous|prior|above|earlier|all|your|the)\b[^.\n]{0,30}\b(instructions?|rules|prompts?|guidelines|directives)\b")),
@@ -325,9 +331,27 @@ def _class_hash(name: str) -> int:
     return _hash(name) % _BUCKETS
 
 
+# before an override verb: it is negated ("never ignore the rules above") or someone else's, asked about ("why
+# does my assistant ignore the limit in its instructions?"); "do you ignore ..." and "can you ..." stay orders
+_REPORTED = re.compile(
+    r"(?i)(?:\b(?:not|never)|n't|\b(?:does|did|do|would|will|can|could|should)\s+(?!you\b)(?:\w+\s+){1,3})\s*$"
+)
+_OVERRIDES = ("override", "override_multilingual")
+
+
+def _ordered(rule: re.Pattern, text: str) -> bool:
+    """A match of ``rule`` that is not reported speech (a guarded one may hide an order right after it)."""
+    pos = 0
+    while m := rule.search(text, pos):
+        if not _REPORTED.search(text[max(0, m.start() - 40) : m.start()]):
+            return True
+        pos = m.start() + 1
+    return False
+
+
 def rules(text: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The rules that match normalized ``text``; ``extra``: phrases (normalized) that count as a rule each."""
-    hit = tuple(name for name, rule in _RULES if rule.search(text))
+    hit = tuple(name for name, rule in _RULES if (_ordered(rule, text) if name in _OVERRIDES else rule.search(text)))
     return hit + (("extra_pattern",) if any(p in text for p in extra) else ())
 
 
@@ -371,6 +395,9 @@ def _fit_dense(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, steps: int = 800)
     return w
 
 
+_LAYER_ARRAYS = 12  # weights and biases of one encoder layer, as SentenceEmbedder.layers holds them
+
+
 def _lex_logit(w: np.ndarray, feats: np.ndarray) -> float:
     return float(w[feats].sum() / np.sqrt(max(1, len(feats))) + w[-1])
 
@@ -383,13 +410,29 @@ class InjectionModel:
     gate: float  # segments the lexical model scores below this skip the encoder
     threshold: float  # the shipped threshold (out-of-fold training scores)
     lexical_only: np.ndarray  # [2]: calibration of a lexical logit alone
+    frozen: int = 0  # the encoder's lower layers the embedding model reads through, as they are
+    # then the next layers, tuned: per layer and array (SentenceEmbedder.layers' layout) the change to the
+    # encoder's, int8 times a float32 scale per output column
+    tuned: tuple[tuple[tuple[np.ndarray, np.ndarray], ...], ...] = ()
+    encoder: str = ""  # SentenceEmbedder.fingerprint of the encoder it was trained on
+    out_of_fold: tuple[float, float] = (0.0, 0.0)  # the threshold's recall and false positives on training texts
+
+    def layers(self, embedder: SentenceEmbedder) -> list[tuple] | None:
+        """The encoder the embedding model reads segments with (None: the embedder's own)."""
+        if not self.tuned:
+            return None
+        start = embedder.layers[self.frozen : self.frozen + len(self.tuned)]
+        return [*embedder.layers[: self.frozen], *_applied(start, self.tuned)]
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.stem + ".tmp.npz")
+        tuned = {f"tuned_{i}_{j}_{part}": a for i, layer in enumerate(self.tuned) for j, change in enumerate(layer)
+                 for part, a in zip(("q", "scale"), change, strict=True)}  # fmt: skip
         np.savez_compressed(tmp, lexical=self.lexical.astype(np.float32), embedding=self.embedding,
                             stack=self.stack, lexical_only=self.lexical_only,
-                            scalars=np.array([self.gate, self.threshold, FORMAT]))  # fmt: skip
+                            scalars=np.array([self.gate, self.threshold, FORMAT, self.frozen, len(self.tuned)]),
+                            encoder=np.array(self.encoder), out_of_fold=np.array(self.out_of_fold), **tuned)  # fmt: skip
         tmp.replace(path)
 
     @classmethod
@@ -401,8 +444,11 @@ class InjectionModel:
                     f"{path}: an injection model of another format (retrain it: "
                     "benchmarks/semantic/make_injection_set.py --train)"
                 )
-            gate, threshold = scalars[:2]
-            return cls(z["lexical"].astype(np.float64), z["embedding"], z["stack"], gate, threshold, z["lexical_only"])
+            gate, threshold, _, frozen, n_tuned = scalars
+            tuned = tuple(tuple((z[f"tuned_{i}_{j}_q"], z[f"tuned_{i}_{j}_scale"]) for j in range(_LAYER_ARRAYS))
+                          for i in range(int(n_tuned)))  # fmt: skip
+            return cls(z["lexical"].astype(np.float64), z["embedding"], z["stack"], gate, threshold, z["lexical_only"],
+                       int(frozen), tuned, str(z["encoder"]), tuple(float(v) for v in z["out_of_fold"]))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -465,26 +511,51 @@ def _labeled_segments(data: list[Example]):
     return texts, feats, labels, groups, text_rows, prepared
 
 
-def train(embedder: SentenceEmbedder, examples: list[Example], stats: dict | None = None) -> InjectionModel:
+Tuner = Callable[[list[tuple], list[np.ndarray], np.ndarray, int, float], list[tuple]]
+
+
+def train(embedder: SentenceEmbedder, examples: list[Example], tuner: Tuner | None = None,
+          progress: Callable[[str], None] | None = None) -> InjectionModel:  # fmt: skip
     """The models, the stacker, the gate and the threshold, from the ``train`` split only.
 
-    Both models learn from segments (``_labeled_segments``), as the detector scores them. The stacker, the
-    gate and the threshold come from out-of-fold scores (folds by group): the threshold is the one at which
-    at most 5% of the benign training texts, each scored as the detector scores a text, would be flagged."""
+    Both models learn from segments (``_labeled_segments``), as the detector scores them. With a ``tuner``
+    (``agora.training.encoder.tune_layers``: it gets the layers to start from, the frozen layers' token
+    states, the labels, the head count and the norm epsilon) the embedding model reads the encoder's
+    ``FROZEN_LAYERS`` and then ``TUNED_LAYERS`` tuned on the segments; without one, the encoder as it is.
+    The stacker, the gate and the threshold come from out-of-fold scores (folds by group; each fold's
+    tuned layers too): the threshold is the one at which at most 5% of the benign training texts, each
+    scored as the detector scores a text, would be flagged; the model keeps that threshold's out-of-fold
+    recall and false-positive rate. ``progress`` hears each step as it starts."""
+    say = progress or (lambda _: None)
     data = [e for e in examples if e.split == "train"]
     texts, feats, labels, groups, text_rows, prepared = _labeled_segments(data)
-    emb = cached_embeddings(embedder, texts, "injection-segments").astype(np.float64)
     fold_of = lambda g: int(hashlib.sha256(g.encode()).hexdigest(), 16) % _FOLDS  # noqa: E731
     seg_fold = np.array([fold_of(g) for g in groups])
     known = np.array([len(lab) == 1 for lab in labels])
     y = np.array([next(iter(lab)) if len(lab) == 1 else -1 for lab in labels], np.float64)
-    emb1 = np.hstack([emb, np.ones((len(texts), 1))])
+    if tuner is None:
+        frozen = cached_embeddings(embedder, texts, "injection-segments").astype(np.float64)
+        encode = lambda rows: ((), frozen)  # noqa: E731
+    else:
+        say(f"{len(texts)} segments through the encoder's {FROZEN_LAYERS} frozen layers")
+        lower = _token_states(embedder, embedder.layers[:FROZEN_LAYERS], texts)
+        start = embedder.layers[FROZEN_LAYERS : FROZEN_LAYERS + TUNED_LAYERS]
+
+        def encode(rows: np.ndarray) -> tuple[tuple, np.ndarray]:
+            layers = tuner(start, [lower[i] for i in np.flatnonzero(rows)], y[rows], embedder.heads, embedder.eps)
+            changes = _changes(start, layers)  # scored as the model file will hold them
+            return changes, _pooled_states(embedder, _applied(start, changes), lower).astype(np.float64)
+
     lex_oof, emb_oof = np.zeros((_FOLDS, len(texts))), np.zeros((_FOLDS, len(texts)))
     for k in range(_FOLDS):
+        if not (seg_fold == k).any():
+            continue  # no group falls in this fold (the held-out split takes one residue of the same hash)
         tr = known & (seg_fold != k)
+        say(f"fold {k}: models without its {len(set(np.array(groups)[seg_fold == k]))} groups")
         wl = _fit_sparse([f for f, t in zip(feats, tr, strict=True) if t], y[tr])
         lex_oof[k] = [_lex_logit(wl, f) for f in feats]
-        emb_oof[k] = emb1 @ _fit_dense(emb[tr], y[tr])
+        _, emb = encode(tr)
+        emb_oof[k] = np.hstack([emb, np.ones((len(texts), 1))]) @ _fit_dense(emb[tr], y[tr])
     own = np.arange(len(texts))
     seg_lex, seg_emb = lex_oof[seg_fold, own][known], emb_oof[seg_fold, own][known]
     ys = y[known]
@@ -511,12 +582,63 @@ def train(embedder: SentenceEmbedder, examples: list[Example], stats: dict | Non
     benign = np.sort(scores[np.array([e.label == 0 for e in data])])[::-1]
     allowed = int(np.floor(_MAX_FALSE_POSITIVES * len(benign)))
     threshold = float(np.nextafter(benign[allowed], np.inf)) if allowed < len(benign) else 0.5
-    if stats is not None:  # how the shipped threshold does on the training texts, each out of its fold
-        attack = np.array([e.label == 1 for e in data])
-        stats.update(out_of_fold_recall=round(float((scores[attack] >= threshold).mean()), 4),
-                     out_of_fold_false_positive_rate=round(float((scores[~attack] >= threshold).mean()), 4))  # fmt: skip
+    attack = np.array([e.label == 1 for e in data])  # how that threshold does on them, each out of its fold
+    out_of_fold = (float((scores[attack] >= threshold).mean()), float((scores[~attack] >= threshold).mean()))
+    say("the models on every group")
     lexical = _fit_sparse([f for f, t in zip(feats, known, strict=True) if t], y[known])
-    return InjectionModel(lexical, _fit_dense(emb[known], y[known]), stack, gate, round(threshold, 4), lexical_only)
+    tuned, emb = encode(known)
+    return InjectionModel(lexical, _fit_dense(emb[known], y[known]), stack, gate, round(threshold, 4), lexical_only,
+                          FROZEN_LAYERS if tuned else 0, tuned, embedder.fingerprint, out_of_fold)  # fmt: skip
+
+
+def _changes(start: list[tuple], layers: list[tuple]) -> tuple:
+    """``layers`` as int8 changes to ``start``, with a scale per output column (per array for vectors)."""
+    out = []
+    for base, tuned in zip(start, layers, strict=True):
+        changes = []
+        for b, a in zip(base, tuned, strict=True):
+            d = np.asarray(a, np.float32) - b
+            scale = np.maximum(np.abs(d).max(axis=0, keepdims=d.ndim > 1), 1e-12).astype(np.float32) / np.float32(127)
+            changes.append((np.clip(np.round(d / scale), -127, 127).astype(np.int8), np.atleast_1d(scale)))
+        out.append(tuple(changes))
+    return tuple(out)
+
+
+def _applied(start: list[tuple], changes: tuple) -> list[tuple]:
+    return [tuple((b + q.astype(np.float32) * s).astype(np.float32) for b, (q, s) in zip(base, layer, strict=True))
+            for base, layer in zip(start, changes, strict=True)]  # fmt: skip
+
+
+def _length_batches(lengths: list[int], size: int = 64) -> list[np.ndarray]:
+    order = np.argsort(lengths, kind="stable")
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def _token_states(embedder: SentenceEmbedder, layers: list[tuple], texts: list[str]) -> list[np.ndarray]:
+    """Each text's token states ``[tokens, dim]`` after ``layers`` (batched by length, so little padding)."""
+    with embedder._lock:
+        lengths = [len(e.ids) for e in embedder.tokenizer.encode_batch([t or " " for t in texts])]
+    out: list[np.ndarray] = [np.zeros(0)] * len(texts)
+    for b in _length_batches(lengths):
+        ids, mask = embedder.token_ids([texts[i] for i in b])
+        x = embedder.states(layers, mask, ids=ids)
+        for j, i in enumerate(b):
+            out[i] = x[j, : lengths[i]].copy()
+    return out
+
+
+def _pooled_states(embedder: SentenceEmbedder, layers: tuple, states: list[np.ndarray]) -> np.ndarray:
+    """The sentence vectors of token ``states`` run through ``layers``."""
+    out = np.zeros((len(states), embedder.dim), np.float32)
+    for b in _length_batches([len(s) for s in states]):
+        length = max(len(states[i]) for i in b)
+        x = np.zeros((len(b), length, embedder.dim), np.float32)
+        mask = np.zeros((len(b), length), np.float32)
+        for j, i in enumerate(b):
+            x[j, : len(states[i])] = states[i]
+            mask[j, : len(states[i])] = 1.0
+        out[b] = embedder.pool(embedder.states(list(layers), mask, x=x), mask)
+    return out
 
 
 MODEL_FILE = "injection_model.npz"
@@ -546,6 +668,13 @@ class InjectionDetector:
                  extra_patterns: tuple[str, ...] = ()) -> None:  # fmt: skip
         self.embedder = embedder
         self.model = model or load_model()
+        if self.model.encoder and self.model.encoder != embedder.fingerprint:
+            raise ValueError(
+                "the injection detector's model was trained on another sentence encoder's vectors (the packaged "
+                "all-MiniLM-L6-v2); with this embedding_model turn the jailbreak and injection guards off, or "
+                "retrain the model on it (benchmarks/semantic/make_injection_set.py --train)"
+            )
+        self._layers = self.model.layers(embedder)
         self.max_embedded = max_embedded
         self.extra = tuple(normalize(p) for p in extra_patterns if p.strip())
         self._seen: OrderedDict[bytes, WindowScore] = OrderedDict()  # text -> score: agents resend their history
@@ -594,7 +723,8 @@ class InjectionDetector:
         candidates = sorted((row for rows in scored.values() for row in rows if row[1] >= m.gate),
                             key=lambda row: -row[1])[: self.max_embedded]  # fmt: skip
         if candidates:
-            vectors = self.embedder.embed([row[3][0].segment_text(row[3][1]) for row in candidates]).astype(np.float64)
+            vectors = self.embedder.embed([row[3][0].segment_text(row[3][1]) for row in candidates], self._layers)
+            vectors = vectors.astype(np.float64)
             e_logits = np.hstack([vectors, np.ones((len(candidates), 1))]) @ m.embedding
             for row, e in zip(candidates, e_logits, strict=True):
                 row[1] = float(_sigmoid(np.array(m.stack[0] * row[2] + m.stack[1] * e + m.stack[2])))
