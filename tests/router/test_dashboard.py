@@ -143,7 +143,9 @@ def test_the_feed_needs_an_admin_key_and_shows_no_secret(stack: Stack) -> None:
     assert httpx.post(f"{stack.url}/dashboard/login", headers=_auth(stack.user)).status_code == 403
     assert httpx.get(f"{stack.url}/dashboard/events?interval=0.01", headers=_auth(stack.admin)).status_code == 400
 
-    secret_prompt = "zebra-quartz-secret-prompt"
+    # a marker the dashboard must never show; not a bare "secret ..." fragment, which the example router's
+    # jailbreak guard may block (short fragments naming secrets score high)
+    secret_prompt = "Describe the zebra-quartz migration plan."
     assert _chat(stack.url, stack.user, secret_prompt, stream=True) == 200
     text = httpx.get(f"{stack.url}/dashboard/snapshot", headers=_auth(stack.admin)).text
     user_hash = hashlib.sha256(stack.user.encode()).hexdigest()
