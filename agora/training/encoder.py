@@ -15,6 +15,8 @@ import math
 
 import numpy as np
 
+from agora.router.semantic.embedder import SentenceEmbedder
+
 
 def tune_layers(layers: list[tuple], states: list[np.ndarray], labels: np.ndarray, heads: int, eps: float,
                 epochs: int = 3, lr: float = 5e-5, batch: int = 32, seed: int = 0) -> list[tuple]:  # fmt: skip
@@ -39,7 +41,7 @@ def tune_layers(layers: list[tuple], states: list[np.ndarray], labels: np.ndarra
         batches = [order[i : i + batch] for i in range(0, len(order), batch)]
         rng.shuffle(batches)
         for b in batches:
-            x, mask = _padded([states[i] for i in b])
+            x, mask = (torch.from_numpy(a) for a in SentenceEmbedder.padded([states[i] for i in b]))
             logits = head(_pooled(params, x, mask, heads, eps) * 10.0).squeeze(-1)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y[b])
             opt.zero_grad()
@@ -47,18 +49,6 @@ def tune_layers(layers: list[tuple], states: list[np.ndarray], labels: np.ndarra
             opt.step()
             sched.step()
     return [tuple(p.detach().numpy().copy() for p in layer) for layer in params]
-
-
-def _padded(states: list[np.ndarray]):
-    import torch
-
-    length = max(len(s) for s in states)
-    x = np.zeros((len(states), length, states[0].shape[1]), np.float32)
-    mask = np.zeros((len(states), length), np.float32)
-    for i, s in enumerate(states):
-        x[i, : len(s)] = s
-        mask[i, : len(s)] = 1.0
-    return torch.from_numpy(x), torch.from_numpy(mask)
 
 
 def _pooled(params, x, mask, heads: int, eps: float):

@@ -365,10 +365,7 @@ def test_tuned_layers_run_in_numpy_as_torch_trained_them(embedder, tmp_path) -> 
     tuned = tune_layers(start, states, labels, embedder.heads, embedder.eps, epochs=2, lr=1e-3, batch=4)
     assert [[a.shape for a in layer] for layer in tuned] == [[a.shape for a in layer] for layer in start]
     assert max(float(np.abs(a - b).max()) for a, b in zip(tuned[-1], start[-1], strict=True)) > 1e-4  # it moved
-    length = max(map(len, states))
-    x, mask = torch.zeros(len(texts), length, embedder.dim), torch.zeros(len(texts), length)
-    for i, st in enumerate(states):
-        x[i, : len(st)], mask[i, : len(st)] = torch.from_numpy(st), 1.0
+    x, mask = (torch.from_numpy(a) for a in embedder.padded(states))
     with torch.no_grad():
         in_torch = _pooled(
             [[torch.from_numpy(a) for a in layer] for layer in tuned], x, mask, embedder.heads, embedder.eps

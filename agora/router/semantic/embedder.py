@@ -128,6 +128,17 @@ class SentenceEmbedder:
         return x
 
     @staticmethod
+    def padded(states: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Token states ``[tokens_i, dim]`` each as one batch ``(x [n, length, dim], mask [n, length])``."""
+        length = max(len(s) for s in states)
+        x = np.zeros((len(states), length, states[0].shape[1]), np.float32)
+        mask = np.zeros((len(states), length), np.float32)
+        for i, s in enumerate(states):
+            x[i, : len(s)] = s
+            mask[i, : len(s)] = 1.0
+        return x, mask
+
+    @staticmethod
     def pool(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Mean over the real tokens, L2-normalised (sentence-transformers' pooling for this model)."""
         pooled = (x * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1.0)

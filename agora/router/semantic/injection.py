@@ -631,12 +631,7 @@ def _pooled_states(embedder: SentenceEmbedder, layers: tuple, states: list[np.nd
     """The sentence vectors of token ``states`` run through ``layers``."""
     out = np.zeros((len(states), embedder.dim), np.float32)
     for b in _length_batches([len(s) for s in states]):
-        length = max(len(states[i]) for i in b)
-        x = np.zeros((len(b), length, embedder.dim), np.float32)
-        mask = np.zeros((len(b), length), np.float32)
-        for j, i in enumerate(b):
-            x[j, : len(states[i])] = states[i]
-            mask[j, : len(states[i])] = 1.0
+        x, mask = embedder.padded([states[i] for i in b])
         out[b] = embedder.pool(embedder.states(list(layers), mask, x=x), mask)
     return out
 
