@@ -66,7 +66,7 @@ _BUCKETS = 1 << 16  # hashed n-gram features
 _FOLDS = 5
 _REMEMBERED = 50_000  # texts whose score is kept
 _MAX_FALSE_POSITIVES = 0.05  # the shipped threshold's false-positive rate on out-of-fold training scores
-FORMAT = 3  # the model file's layout and features; a file of another format is refused
+FORMAT = 4  # the model file's layout and features; a file of another format is refused
 FROZEN_LAYERS = 2  # the encoder's lower layers, read as they are; the detector tunes the ones after them
 TUNED_LAYERS = 4  # the layers after them, tuned on the labeled set
 
@@ -87,7 +87,8 @@ _RULES = (
 _CLASSES = {
     "secret": "password passwords passwd passphrase token tokens apikey api_key secret secrets credential credentials cookie cookies ssh id_rsa pem keychain bearer oauth otp 2fa pin ssn iban cvv wallet seed mnemonic env dotenv connection keys key",
     "send": "send sends post posts upload uploads forward forwards email emails paste pastes include includes append embed attach copy sync push exfiltrate exfiltrates leak leaks share transmit submit publish curl wget beacon mail commit dump export",
-    "dest": "http https ftp s3 www webhook pastebin gist url link endpoint server domain bucket collector attacker external public remote",
+    "dest": "http https ftp s3 www webhook pastebin gist url link endpoint server domain bucket collector attacker external public remote outside anyone everyone",
+    "private": "private internal confidential unreleased unredacted personal sensitive proprietary restricted classified payroll medical patient contracts customer customers",
     "ai": "assistant assistants ai llm llms agent agents model models copilot chatbot bot gpt claude gemini summarizer summarizers reviewer reviewers automated automation crawler",
     "override": "ignore ignores disregard forget override overrides overriding bypass disable disabled skip drop cancel void revoke revoked supersede supersedes abandon discard obsolete suspend suspended lifted removed unlock unlocked",
     "rules": "instructions instruction rules rule guidelines guideline policy policies restrictions restriction filters filter guardrails guardrail safety prompt prompts directives directive constraints programming training moderation refusals refusal limits ethics morals configuration",
