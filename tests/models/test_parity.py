@@ -7,6 +7,8 @@ and once more with a KV cache too small for all of them (preemption).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import random
 
 import pytest
@@ -134,12 +136,49 @@ def smollm2_reference(smollm2_gguf):
     return prompts, gguf_reference(smollm2_gguf, prompts)
 
 
+_HF_MODELS: dict[str, torch.nn.Module] = {}  # this module's transformers models, by GGUF path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_hf_models():
+    yield
+    _HF_MODELS.clear()
+
+
 def gguf_reference(path, prompts: list[list[int]]) -> list[list[int]]:
-    """transformers' own GGUF loader and generate(): an independent reading of the same file."""
+    """transformers' own GGUF loader and generate(): an independent reading of the same file, loaded once
+    per module."""
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    return hf_greedy(hf, prompts)
+    if str(path) not in _HF_MODELS:
+        with _gguf_parsed_once():
+            hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        _HF_MODELS[str(path)] = hf.eval()
+    return hf_greedy(_HF_MODELS[str(path)], prompts)
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """While transformers loads a GGUF file, its header is parsed once, not once for the config and again
+    for the weights (half a minute each for Gemma's 262k-token vocabulary), and the tensor-name map is
+    built once, not once per submodule: both are read only, so what gets loaded is unchanged."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    parsed: dict[str, gguf.GGUFReader] = {}
+
+    def parse_once(file, *args, **kwargs):
+        if args or kwargs:
+            return reader(file, *args, **kwargs)
+        if str(file) not in parsed:
+            parsed[str(file)] = reader(file)
+        return parsed[str(file)]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = parse_once, functools.cache(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
 @pytest.mark.slow
