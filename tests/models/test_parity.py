@@ -126,7 +126,7 @@ SMOL_CHATS = [
 
 
 @pytest.fixture(scope="module")
-def smollm2_reference(smollm2_gguf):
+def smollm2_reference(smollm2_gguf, gguf_reference):
     from agora.engine.tokenizer import Tokenizer
     from agora.models.loader import inspect_model
 
@@ -136,25 +136,23 @@ def smollm2_reference(smollm2_gguf):
     return prompts, gguf_reference(smollm2_gguf, prompts)
 
 
-_HF_MODELS: dict[str, torch.nn.Module] = {}  # this module's transformers models, by GGUF path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _drop_hf_models():
-    yield
-    _HF_MODELS.clear()
-
-
-def gguf_reference(path, prompts: list[list[int]]) -> list[list[int]]:
-    """transformers' own GGUF loader and generate(): an independent reading of the same file, loaded once
-    per module."""
+@pytest.fixture(scope="module")
+def gguf_reference():
+    """transformers' own GGUF loader and generate(): an independent reading of the same file. Each file is
+    loaded once per module and dropped with it."""
     from transformers import AutoModelForCausalLM
 
-    if str(path) not in _HF_MODELS:
-        with _gguf_parsed_once():
-            hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        _HF_MODELS[str(path)] = hf.eval()
-    return hf_greedy(_HF_MODELS[str(path)], prompts)
+    models: dict[str, torch.nn.Module] = {}
+
+    def reference(path, prompts: list[list[int]]) -> list[list[int]]:
+        if str(path) not in models:
+            with _gguf_parsed_once():
+                hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+            models[str(path)] = hf.eval()
+        return hf_greedy(models[str(path)], prompts)
+
+    yield reference
+    models.clear()
 
 
 @contextlib.contextmanager
@@ -210,7 +208,7 @@ GEMMA_TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def gemma3_reference(gemma3_gguf):
+def gemma3_reference(gemma3_gguf, gguf_reference):
     from agora.engine.tokenizer import Tokenizer
     from agora.models.loader import inspect_model
 
@@ -255,7 +253,7 @@ COPY_CHAT = [{"role": "user", "content": "Repeat this line exactly: the parcel l
 
 
 @pytest.fixture(scope="module")
-def smollm2_copy_reference(smollm2_gguf, smollm2_reference):
+def smollm2_copy_reference(smollm2_gguf, smollm2_reference, gguf_reference):
     from agora.engine.tokenizer import Tokenizer
     from agora.models.loader import inspect_model
 
