@@ -16,6 +16,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from agora import envs
+from agora.models.gguf_file import GGUFFile
 from agora.models.registry import GGUF_ARCHITECTURES, model_class
 
 logger = logging.getLogger(__name__)
@@ -140,25 +143,20 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _gguf_field(reader: Any, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
-
-
-def _gguf_config(reader: Any) -> tuple[str, dict[str, Any]]:
-    arch = _gguf_field(reader, "general.architecture")
+def _gguf_config(gguf: GGUFFile) -> tuple[str, dict[str, Any]]:
+    arch = gguf.metadata.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(sorted(GGUF_ARCHITECTURES))}")
 
     def meta(key: str, default: Any = None) -> Any:
-        return _gguf_field(reader, f"{arch}.{key}", default)
+        return gguf.metadata.get(f"{arch}.{key}", default)
 
     heads = meta("attention.head_count")
     hidden = meta("embedding_length")
-    tensor_names = {t.name for t in reader.tensors}
+    tensor_names = {t.name for t in gguf.tensors}
     if "rope_freqs.weight" in tensor_names:
         raise ValueError("GGUF files with a rope_freqs tensor (Llama 3.1 style RoPE) are not supported yet")
-    vocab = meta("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    vocab = meta("vocab_size") or len(gguf.metadata.get("tokenizer.ggml.tokens", ()))
     cfg: dict[str, Any] = {
         "architectures": [GGUF_ARCHITECTURES[arch]],
         "model_type": arch,
@@ -173,8 +171,8 @@ def _gguf_config(reader: Any) -> tuple[str, dict[str, Any]]:
         "rope_theta": float(meta("rope.freq_base", 10000.0)),
         "max_position_embeddings": int(meta("context_length", 2048)),
         "tie_word_embeddings": "output.weight" not in tensor_names,
-        "bos_token_id": _gguf_field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _gguf_field(reader, "tokenizer.ggml.eos_token_id"),
+        "bos_token_id": gguf.metadata.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": gguf.metadata.get("tokenizer.ggml.eos_token_id"),
     }
     if arch == "gemma3":
         # What llama.cpp hard-codes for Gemma 3: every 6th layer global, local RoPE base 1e4.
@@ -219,18 +217,13 @@ def _gguf_tokenizer_dir(path: Path, arch: str) -> Path:
 
 
 def _gguf_files(path: Path) -> ModelFiles:
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    arch, cfg = _gguf_config(reader)
+    gguf = GGUFFile(path)
+    arch, cfg = _gguf_config(gguf)
     eos = [cfg["eos_token_id"]] if cfg.get("eos_token_id") is not None else []
     if arch == "gemma3":
         # Chat turns end with <end_of_turn>, which the GGUF does not list as EOS.
-        tokens = reader.fields["tokenizer.ggml.tokens"]
-        for i, idx in enumerate(tokens.data[:1024]):
-            if bytes(tokens.parts[idx]) == b"<end_of_turn>":
-                eos.append(i)
-                break
+        tokens = gguf.metadata.get("tokenizer.ggml.tokens", ())
+        eos += [i for i in range(min(1024, len(tokens))) if tokens.raw(i) == b"<end_of_turn>"][:1]
     return ModelFiles(path, cfg, cfg["architectures"][0], None, eos, is_gguf=True, gguf_arch=arch)
 
 
@@ -239,19 +232,18 @@ def _read_gguf(
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, torch.Tensor]]]:
     """HF-named fp32 tensors, and (with ``keep_blocks``) the raw rows of the tensors stored
     in a block format the CPU kernels read (Q4_1, Q8_0), with the same row order."""
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
     from agora import kernels
 
-    reader = GGUFReader(str(path))
-    arch = _gguf_field(reader, "general.architecture")
+    gguf = GGUFFile(path)
+    arch = gguf.metadata["general.architecture"]
     weights: dict[str, torch.Tensor] = {}
     blocks: dict[str, tuple[str, torch.Tensor]] = {}
-    for t in tqdm(reader.tensors, desc=f"dequantizing {path.name}", unit="tensor", leave=False):
+    for t in tqdm(gguf.tensors, desc=f"dequantizing {path.name}", unit="tensor", leave=False):
         name = gguf_to_hf_name(t.name, arch)
-        arr = dequantize(t.data, t.tensor_type)
-        raw = t.data if keep_blocks and t.tensor_type.name in kernels.QTYPES and t.data.ndim == 2 else None
+        arr = dequantize(t.data, t.qtype)
+        raw = t.data if keep_blocks and t.qtype.name in kernels.QTYPES and t.data.ndim == 2 else None
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = cfg["num_attention_heads"] if name.endswith("q_proj.weight") else cfg["num_key_value_heads"]
             arr = unpermute_qk(arr, heads)
@@ -260,11 +252,24 @@ def _read_gguf(
             arr = arr - 1.0  # llama.cpp stores Gemma's (1 + w) norm scale; HF keeps w
         weights[name] = torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))  # writable copy
         if raw is not None:
-            blocks[name] = (t.tensor_type.name, torch.from_numpy(np.array(raw, dtype=np.uint8, order="C")))
+            blocks[name] = (t.qtype.name, torch.from_numpy(np.array(raw, dtype=np.uint8, order="C")))
     return weights, blocks
 
 
 # -- entry points -----------------------------------------------------------------
+
+
+@contextmanager
+def _weights_uninitialized() -> Iterator[None]:
+    """Build linear and embedding layers without their random initialisation: the checkpoint
+    overwrites every weight (``load_named_weights`` refuses one it lacks), and drawing them
+    took seconds for a large vocabulary (Gemma 3: 5 of a 30 s load)."""
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved  # type: ignore[method-assign]
 
 
 def inspect_model(path: str | os.PathLike[str]) -> ModelFiles:
@@ -296,7 +301,8 @@ def load_model(files: ModelFiles, dtype: torch.dtype, device: torch.device, cpu_
         weights, blocks = _read_gguf(files.source, files.hf_config, keep_blocks)
     else:
         weights = _read_safetensors(files.source)
-    model = cls(config)
+    with _weights_uninitialized():
+        model = cls(config)
     model.load_weights(weights)  # type: ignore[operator]
     del weights
     model = model.to(device=device, dtype=dtype).eval()
