@@ -23,6 +23,7 @@ chunk computes only the causal half of its scores (flash style: no mask, no
 from __future__ import annotations
 
 import copy
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +112,17 @@ def build_group(
     )
 
 
+def _native_group(g: AttentionGroup, num_tokens: int) -> kernels.AttentionGroup:
+    def ptr(t: torch.Tensor | None) -> int | None:
+        return None if t is None else t.data_ptr()
+
+    rows = num_tokens if g.token_index is None else g.token_index.shape[0]
+    return kernels.AttentionGroup(
+        int(g.seq_lens is not None), rows, ptr(g.token_index), g.batch, g.block_tables.data_ptr(),
+        g.block_tables.shape[1], ptr(g.seq_lens), ptr(g.query_offsets), ptr(g.context_starts),
+    )  # fmt: skip
+
+
 class TorchPagedAttention:
     """Portable backend: gather blocks, one SDPA call per group. Works on any device."""
 
@@ -128,12 +140,37 @@ class TorchPagedAttention:
             and cache.dtype in kernels.KV_DTYPES
             and kernels.available()
         )
+        self._native: kernels.Attention | None = None
+        if self.paged_kernels:  # what every step's native description shares: the caches and windows
+            n = len(kv_caches)
+            self._k_ptrs = (ctypes.c_void_p * n)(*(k.data_ptr() for k, _ in kv_caches))
+            self._v_ptrs = (ctypes.c_void_p * n)(*(v.data_ptr() for _, v in kv_caches))
+            self._windows = torch.tensor([w or 0 for w in layer_windows], dtype=torch.int64)
 
     def bind(self, metadata: AttentionMetadata) -> TorchPagedAttention:
         """A view of this backend for one step (the caches are shared, not copied)."""
         step = copy.copy(self)
         step.metadata = metadata
+        step._native = None
         return step
+
+    def native(self) -> kernels.Attention | None:
+        """The bound step as the native decoder layers read it (pointers into this step's
+        metadata, which the bound view keeps alive), or None where the kernels cannot read the cache."""
+        meta = self.metadata
+        if not self.paged_kernels or meta is None:
+            return None
+        if self._native is None:
+            k_cache = self.kv_caches[0][0]
+            native = kernels.Attention(
+                ctypes.cast(self._k_ptrs, ctypes.c_void_p), ctypes.cast(self._v_ptrs, ctypes.c_void_p),
+                self._windows.data_ptr(), meta.slot_mapping.data_ptr(), k_cache.shape[1],
+                int(k_cache.dtype == torch.float16), self.scale, len(meta.groups),
+            )  # fmt: skip
+            for i, g in enumerate(meta.groups):
+                native.groups[i] = _native_group(g, meta.slot_mapping.shape[0])
+            self._native = native
+        return self._native
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta = self.metadata

@@ -46,7 +46,76 @@ _SIGNATURES = {
     "agora_paged_decode_attention_f16": ([_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I], None),
     "agora_paged_prefill_attention": ([_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I], None),
     "agora_paged_prefill_attention_f16": ([_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I], None),
+    "agora_kernel_timing": ([_I], None),
+    "agora_kernel_time_ns": ([], _I),
+    "agora_llama_scratch_floats": ([_P, _I], _I),
+    "agora_llama_layer": ([_P, _P, _P, _I, _P, _P, _P, _P, _I], None),
 }
+
+
+# -- one decoder layer per call: the structs of cpu.c, field for field ------------------------------
+
+
+class QLinear(ctypes.Structure):
+    """A linear layer as GGUF blocks: ``w`` [n, k / 32 * block bytes], ``bias`` [n] or NULL."""
+
+    _fields_ = [("w", _P), ("bias", _P), ("n", _I), ("k", _I), ("q8", _I)]
+
+
+class LlamaWeights(ctypes.Structure):
+    """One Llama-family decoder layer's weights (pointers into the model's own tensors)."""
+
+    _fields_ = [
+        ("layer", _I), ("hidden", _I), ("heads", _I), ("kv_heads", _I), ("head_dim", _I), ("inter", _I),
+        ("eps", _F), ("in_norm", _P), ("post_norm", _P), ("q_norm", _P), ("k_norm", _P),
+        ("qkv", QLinear), ("o", QLinear), ("gate_up", QLinear), ("down", QLinear),
+    ]  # fmt: skip
+
+
+class AttentionGroup(ctypes.Structure):
+    """``agora.engine.attention.AttentionGroup`` as the kernels read it: decode (``seq_lens``) or
+    chunks (``q_offsets``, ``ctx_starts``); ``token_index`` NULL means every row of the step."""
+
+    _fields_ = [
+        ("decode", _I), ("n_tokens", _I), ("token_index", _P), ("batch", _I), ("block_tables", _P),
+        ("bt_stride", _I), ("seq_lens", _P), ("q_offsets", _P), ("ctx_starts", _P),
+    ]  # fmt: skip
+
+
+class Attention(ctypes.Structure):
+    """A step's paged attention: per-layer caches and windows, slots, up to two groups."""
+
+    _fields_ = [
+        ("k_caches", _P), ("v_caches", _P), ("windows", _P), ("slots", _P), ("block_size", _I), ("half", _I),
+        ("scale", _F), ("n_groups", _I), ("groups", AttentionGroup * 2),
+    ]  # fmt: skip
+
+
+def qlinear(blocks: torch.Tensor, qtype: str, in_features: int, bias: torch.Tensor | None) -> QLinear:
+    """The struct for a GGUF-block linear layer (its tensors must outlive the struct)."""
+    bias_ptr = None if bias is None else bias.data_ptr()
+    return QLinear(blocks.data_ptr(), bias_ptr, blocks.shape[0], in_features, int(qtype == "Q8_0"))
+
+
+def llama_scratch(weights: LlamaWeights, rows: int) -> torch.Tensor:
+    """Preallocated scratch for ``rows`` tokens of a layer (reused by every layer and step)."""
+    k = lib()
+    assert k is not None, "CPU kernels are not available"
+    return torch.empty(k.agora_llama_scratch_floats(ctypes.byref(weights), rows), dtype=torch.float32)
+
+
+def llama_layer(
+    weights: LlamaWeights, attention: Attention, x: torch.Tensor, positions: torch.Tensor,
+    cos: torch.Tensor, sin: torch.Tensor, scratch: torch.Tensor,
+) -> None:  # fmt: skip
+    """One decoder layer on ``x [T, hidden]`` (fp32, contiguous) in place: norms, QKV, RoPE, the
+    cache write, attention, o_proj, MLP and both residuals, as the module path computes them."""
+    k = lib()
+    assert k is not None, "CPU kernels are not available"
+    k.agora_llama_layer(
+        ctypes.byref(weights), ctypes.byref(attention), x.data_ptr(), x.shape[0], positions.data_ptr(),
+        cos.data_ptr(), sin.data_ptr(), scratch.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
 
 
 def _cpu_signature() -> str:
@@ -115,6 +184,20 @@ def lib() -> ctypes.CDLL | None:
 
 def available() -> bool:
     return lib() is not None
+
+
+def time_kernels(on: bool) -> None:
+    """Start (from zero) or stop summing the wall time the calling thread spends inside the
+    kernels; ``kernel_seconds`` reads the sum. For benchmarks: off, it costs a branch a call."""
+    k = lib()
+    assert k is not None, "CPU kernels are not available"
+    k.agora_kernel_timing(int(on))
+
+
+def kernel_seconds() -> float:
+    k = lib()
+    assert k is not None, "CPU kernels are not available"
+    return k.agora_kernel_time_ns() / 1e9
 
 
 def linear(x: torch.Tensor, qweight: torch.Tensor, qtype: str, bias: torch.Tensor | None) -> torch.Tensor:

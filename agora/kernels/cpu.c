@@ -24,6 +24,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -38,6 +39,36 @@
 #define ROWS 8 /* rows of x sharing one unpacked weight block */
 
 int agora_kernels_avx2(void) { return AGORA_AVX2; }
+
+/* Optional accounting of the time spent inside the exported kernels (benchmarks/cpu_decode.py
+ * sets it to compare a whole engine step with its kernels). Off, it costs one branch a call;
+ * on, it sums the caller's wall time in kernels (one calling thread: the engine's). */
+static int timing_on;
+static int64_t timed_ns;
+
+static inline int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+void agora_kernel_timing(int64_t on) {
+    timing_on = on != 0;
+    timed_ns = 0;
+}
+
+int64_t agora_kernel_time_ns(void) { return timed_ns; }
+
+#define TIMED(call)                                                                                                    \
+    do {                                                                                                               \
+        if (!timing_on) {                                                                                              \
+            call;                                                                                                      \
+        } else {                                                                                                       \
+            const int64_t t0_ = now_ns();                                                                              \
+            call;                                                                                                      \
+            timed_ns += now_ns() - t0_;                                                                                \
+        }                                                                                                              \
+    } while (0)
 
 static inline float half_to_float(const uint8_t *p) {
     uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
@@ -212,12 +243,12 @@ static void linear_blocks(int q8, const float *x, int64_t M, int64_t K, const ui
 /* x: [M, K] fp32 contiguous; w: [N, K / 32] GGUF blocks; bias: [N] or NULL; y: [M, N]. K % 32 == 0. */
 void agora_linear_q4_1(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
                        float *y, int64_t nthreads) {
-    linear_blocks(0, x, M, K, w, N, bias, y, nthreads);
+    TIMED(linear_blocks(0, x, M, K, w, N, bias, y, nthreads));
 }
 
 void agora_linear_q8_0(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
                        float *y, int64_t nthreads) {
-    linear_blocks(1, x, M, K, w, N, bias, y, nthreads);
+    TIMED(linear_blocks(1, x, M, K, w, N, bias, y, nthreads));
 }
 
 #if AGORA_AVX2
@@ -548,16 +579,16 @@ void agora_paged_decode_attention(const float *q, const float *k_cache, const fl
                                   const int64_t *block_tables, int64_t bt_stride, const int64_t *seq_lens, int64_t B,
                                   int64_t H, int64_t Hkv, int64_t D, int64_t BS, int64_t window, float scale,
                                   float *out, int64_t nthreads) {
-    paged_decode(q, k_cache, v_cache, block_tables, bt_stride, seq_lens, B, H, Hkv, D, BS, window, scale, out,
-                 nthreads, 0);
+    TIMED(paged_decode(q, k_cache, v_cache, block_tables, bt_stride, seq_lens, B, H, Hkv, D, BS, window, scale, out,
+                 nthreads, 0));
 }
 
 void agora_paged_decode_attention_f16(const float *q, const uint16_t *k_cache, const uint16_t *v_cache,
                                       const int64_t *block_tables, int64_t bt_stride, const int64_t *seq_lens,
                                       int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t BS, int64_t window,
                                       float scale, float *out, int64_t nthreads) {
-    paged_decode(q, k_cache, v_cache, block_tables, bt_stride, seq_lens, B, H, Hkv, D, BS, window, scale, out,
-                 nthreads, 1);
+    TIMED(paged_decode(q, k_cache, v_cache, block_tables, bt_stride, seq_lens, B, H, Hkv, D, BS, window, scale, out,
+                 nthreads, 1));
 }
 
 /* Causal attention of chunks of new tokens (prefill, or a prompt's uncached tail) over their
@@ -743,23 +774,23 @@ void agora_paged_prefill_attention(const float *q, const float *k_cache, const f
                                    const int64_t *block_tables, int64_t bt_stride, const int64_t *q_offsets,
                                    const int64_t *ctx_starts, int64_t B, int64_t H, int64_t Hkv, int64_t D,
                                    int64_t BS, int64_t window, float scale, float *out, int64_t nthreads) {
-    paged_prefill(q, k_cache, v_cache, block_tables, bt_stride, q_offsets, ctx_starts, B, H, Hkv, D, BS, window,
-                  scale, out, nthreads, 0);
+    TIMED(paged_prefill(q, k_cache, v_cache, block_tables, bt_stride, q_offsets, ctx_starts, B, H, Hkv, D, BS, window,
+                  scale, out, nthreads, 0));
 }
 
 void agora_paged_prefill_attention_f16(const float *q, const uint16_t *k_cache, const uint16_t *v_cache,
                                        const int64_t *block_tables, int64_t bt_stride, const int64_t *q_offsets,
                                        const int64_t *ctx_starts, int64_t B, int64_t H, int64_t Hkv, int64_t D,
                                        int64_t BS, int64_t window, float scale, float *out, int64_t nthreads) {
-    paged_prefill(q, k_cache, v_cache, block_tables, bt_stride, q_offsets, ctx_starts, B, H, Hkv, D, BS, window,
-                  scale, out, nthreads, 1);
+    TIMED(paged_prefill(q, k_cache, v_cache, block_tables, bt_stride, q_offsets, ctx_starts, B, H, Hkv, D, BS, window,
+                  scale, out, nthreads, 1));
 }
 
 /* Rotary embedding in place, "rotate half" layout (HF Llama): for i < D/2,
  *   x[i] <- x[i] cos[i] - x[i + D/2] sin[i],   x[i + D/2] <- x[i + D/2] cos[i] + x[i] sin[i]
  * q: T tokens of Hq heads (row stride q_stride floats), k likewise; cos/sin: [max_pos, D]. */
-void agora_rope(float *q, int64_t q_stride, int64_t Hq, float *k, int64_t k_stride, int64_t Hk, const int64_t *pos,
-                const float *cos_t, const float *sin_t, int64_t T, int64_t D, int64_t nthreads) {
+static void rope(float *q, int64_t q_stride, int64_t Hq, float *k, int64_t k_stride, int64_t Hk, const int64_t *pos,
+                 const float *cos_t, const float *sin_t, int64_t T, int64_t D, int64_t nthreads) {
     const int64_t half = D / 2;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (T > 16)
     for (int64_t t = 0; t < T; t++) {
@@ -776,7 +807,7 @@ void agora_rope(float *q, int64_t q_stride, int64_t Hq, float *k, int64_t k_stri
 }
 
 /* y[t, :] = x[t, :] / sqrt(mean(x[t, :]^2) + eps) * w, for T contiguous rows of H floats. */
-void agora_rms_norm(const float *x, int64_t T, int64_t H, const float *w, float eps, float *y, int64_t nthreads) {
+static void rms_norm(const float *x, int64_t T, int64_t H, const float *w, float eps, float *y, int64_t nthreads) {
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (T * H >= 32768)
     for (int64_t t = 0; t < T; t++) {
         const float *xr = x + t * H;
@@ -805,7 +836,7 @@ void agora_rms_norm(const float *x, int64_t T, int64_t H, const float *w, float 
 }
 
 /* y[t, :] = silu(gu[t, :I]) * gu[t, I:], for T rows of a fused gate/up projection [T, 2I]. */
-void agora_silu_mul(const float *gu, int64_t T, int64_t I, float *y, int64_t nthreads) {
+static void silu_mul(const float *gu, int64_t T, int64_t I, float *y, int64_t nthreads) {
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (T * I >= 32768)
     for (int64_t t = 0; t < T; t++) {
         const float *g = gu + t * 2 * I, *u = g + I;
@@ -824,4 +855,179 @@ void agora_silu_mul(const float *gu, int64_t T, int64_t I, float *y, int64_t nth
 #endif
         for (; i < I; i++) yr[i] = g[i] / (1.f + expf(-g[i])) * u[i];
     }
+}
+
+void agora_rope(float *q, int64_t q_stride, int64_t Hq, float *k, int64_t k_stride, int64_t Hk, const int64_t *pos,
+                const float *cos_t, const float *sin_t, int64_t T, int64_t D, int64_t nthreads) {
+    TIMED(rope(q, q_stride, Hq, k, k_stride, Hk, pos, cos_t, sin_t, T, D, nthreads));
+}
+
+void agora_rms_norm(const float *x, int64_t T, int64_t H, const float *w, float eps, float *y, int64_t nthreads) {
+    TIMED(rms_norm(x, T, H, w, eps, y, nthreads));
+}
+
+void agora_silu_mul(const float *gu, int64_t T, int64_t I, float *y, int64_t nthreads) {
+    TIMED(silu_mul(gu, T, I, y, nthreads));
+}
+
+/* ---- one decoder layer in one call (Llama family, GGUF Q4_1/Q8_0 linears) --------------------
+ *
+ * A single-stream decode step made ~12 calls per layer (norm, QKV, RoPE, cache write, attention,
+ * o_proj, residual, norm, gate/up, SiLU, down, residual), each through ctypes and PyTorch's
+ * dispatcher with fresh output tensors: about a third of the step. agora_llama_layer runs the
+ * same kernels in the same order on preallocated scratch, so its result is bit for bit the
+ * module path's (tests/kernels/test_fused_layer.py holds it to that).
+ *
+ *   x [T, H] -> h = rms(x) -> qkv = h Wqkv^T (+b) -> (q, k per-head rms: Qwen3) -> RoPE(q, k)
+ *            -> k, v into the paged cache at slots[t] -> attention per group -> x += o Wo^T (+b)
+ *            -> h = rms(x) -> gu = h Wgu^T (+b) -> a = silu(g) * u -> x += a Wdown^T (+b)
+ */
+typedef struct {
+    const uint8_t *w; /* GGUF blocks [n, k / 32 * block bytes] */
+    const float *bias; /* [n] or NULL */
+    int64_t n, k, q8; /* q8: Q8_0 blocks, else Q4_1 */
+} agora_qlinear;
+
+typedef struct {
+    int64_t layer, hidden, heads, kv_heads, head_dim, inter;
+    float eps;
+    const float *in_norm, *post_norm; /* [hidden] */
+    const float *q_norm, *k_norm; /* [head_dim] per-head RMSNorm of q and k (Qwen3), or NULL */
+    agora_qlinear qkv, o, gate_up, down; /* qkv rows: q, k, v; gate_up rows: gate, up */
+} agora_llama_weights;
+
+/* One attention group of a step: requests computing one token each (decode, `seq_lens`), or
+ * chunks of tokens (`q_offsets`, `ctx_starts`), as agora.engine.attention.AttentionGroup. */
+typedef struct {
+    int64_t decode, n_tokens;
+    const int64_t *token_index; /* [n_tokens] the group's rows of the step, or NULL: every row, in order */
+    int64_t batch;
+    const int64_t *block_tables;
+    int64_t bt_stride;
+    const int64_t *seq_lens, *q_offsets, *ctx_starts;
+} agora_attn_group;
+
+/* The step's attention as the engine's backend describes it (agora.engine.attention). */
+typedef struct {
+    void *const *k_caches, *const *v_caches; /* per layer: [blocks, block_size, kv_heads, head_dim] */
+    const int64_t *windows; /* per layer: 0 or a sliding window */
+    const int64_t *slots; /* [T] cache slot of each token of the step */
+    int64_t block_size, half; /* half: fp16 caches, else fp32 */
+    float scale;
+    int64_t n_groups;
+    agora_attn_group groups[2];
+} agora_attention;
+
+/* Floats of scratch a layer needs for T tokens. */
+int64_t agora_llama_scratch_floats(const agora_llama_weights *L, int64_t T) {
+    const int64_t qd = L->heads * L->head_dim;
+    return T * (L->hidden + L->qkv.n + 3 * qd + L->gate_up.n + L->inter + L->hidden);
+}
+
+static inline uint16_t float_to_half(float f) {
+#if AGORA_AVX2
+    return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    const uint32_t sign = (x >> 16) & 0x8000, ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) return (uint16_t)(sign | 0x7c00 | (ax > 0x7f800000u ? 0x200 : 0)); /* inf, nan */
+    if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00); /* rounds past the largest half */
+    if (ax < 0x38800000u) { /* subnormal half (or zero): round 2^-24 units to nearest even */
+        const float scaled = fabsf(f) * 16777216.f; /* exact: a power-of-two scale */
+        return (uint16_t)(sign | (uint32_t)nearbyintf(scaled));
+    }
+    const uint32_t mant = ax & 0x7fffff, exp = (ax >> 23) - 112, keep = mant >> 13, rest = mant & 0x1fff;
+    uint32_t h = (exp << 10) | keep;
+    if (rest > 0x1000 || (rest == 0x1000 && (keep & 1))) h++; /* carries into the exponent correctly */
+    return (uint16_t)(sign | h);
+#endif
+}
+
+static void qlinear(const agora_qlinear *l, const float *x, int64_t M, float *y, int64_t nthreads) {
+    linear_blocks((int)l->q8, x, M, l->k, l->w, l->n, l->bias, y, nthreads);
+}
+
+static void add_into(float *x, const float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) x[i] += y[i];
+}
+
+static void layer_attention(const agora_llama_weights *L, const agora_attention *A, const float *qkv, int64_t T,
+                            float *qbuf, float *obuf, float *attn, int64_t nthreads) {
+    const int64_t H = L->heads, Hkv = L->kv_heads, D = L->head_dim, qd = H * D, stride = L->qkv.n;
+    const void *kc = A->k_caches[L->layer], *vc = A->v_caches[L->layer];
+    const int64_t window = A->windows[L->layer];
+    (void)T;
+    for (int64_t gi = 0; gi < A->n_groups; gi++) {
+        const agora_attn_group *g = &A->groups[gi];
+        for (int64_t i = 0; i < g->n_tokens; i++) {
+            const int64_t t = g->token_index ? g->token_index[i] : i;
+            memcpy(qbuf + i * qd, qkv + t * stride, sizeof(float) * qd);
+        }
+        float *out = g->token_index ? obuf : attn;
+        if (g->decode) {
+            if (A->half)
+                paged_decode(qbuf, kc, vc, g->block_tables, g->bt_stride, g->seq_lens, g->batch, H, Hkv, D,
+                             A->block_size, window, A->scale, out, nthreads, 1);
+            else
+                paged_decode(qbuf, kc, vc, g->block_tables, g->bt_stride, g->seq_lens, g->batch, H, Hkv, D,
+                             A->block_size, window, A->scale, out, nthreads, 0);
+        } else {
+            if (A->half)
+                paged_prefill(qbuf, kc, vc, g->block_tables, g->bt_stride, g->q_offsets, g->ctx_starts, g->batch, H,
+                              Hkv, D, A->block_size, window, A->scale, out, nthreads, 1);
+            else
+                paged_prefill(qbuf, kc, vc, g->block_tables, g->bt_stride, g->q_offsets, g->ctx_starts, g->batch, H,
+                              Hkv, D, A->block_size, window, A->scale, out, nthreads, 0);
+        }
+        if (g->token_index)
+            for (int64_t i = 0; i < g->n_tokens; i++)
+                memcpy(attn + g->token_index[i] * qd, obuf + i * qd, sizeof(float) * qd);
+    }
+}
+
+/* x [T, hidden] in place; positions [T]; cos/sin [max_pos, head_dim]; scratch: see agora_llama_scratch_floats. */
+static void llama_layer(const agora_llama_weights *L, const agora_attention *A, float *x, int64_t T,
+                        const int64_t *positions, const float *cos_t, const float *sin_t, float *scratch,
+                        int64_t nthreads) {
+    const int64_t Hd = L->hidden, H = L->heads, Hkv = L->kv_heads, D = L->head_dim, qd = H * D, kvd = Hkv * D;
+    const int64_t stride = L->qkv.n;
+    float *h = scratch, *qkv = h + T * Hd, *qbuf = qkv + T * stride, *obuf = qbuf + T * qd, *attn = obuf + T * qd;
+    float *gu = attn + T * qd, *act = gu + T * L->gate_up.n, *y = act + T * L->inter;
+
+    rms_norm(x, T, Hd, L->in_norm, L->eps, h, nthreads);
+    qlinear(&L->qkv, h, T, qkv, nthreads);
+    if (L->q_norm)
+        for (int64_t t = 0; t < T; t++) {
+            rms_norm(qkv + t * stride, H, D, L->q_norm, L->eps, qkv + t * stride, 1);
+            rms_norm(qkv + t * stride + qd, Hkv, D, L->k_norm, L->eps, qkv + t * stride + qd, 1);
+        }
+    rope(qkv, stride, H, qkv + qd, stride, Hkv, positions, cos_t, sin_t, T, D, nthreads);
+    /* k and v of each token into its cache slot */
+    void *kc = A->k_caches[L->layer], *vc = A->v_caches[L->layer];
+    for (int64_t t = 0; t < T; t++) {
+        const float *k = qkv + t * stride + qd, *v = k + kvd;
+        const int64_t off = A->slots[t] * kvd;
+        if (A->half) {
+            uint16_t *kd = (uint16_t *)kc + off, *vd = (uint16_t *)vc + off;
+            for (int64_t i = 0; i < kvd; i++) kd[i] = float_to_half(k[i]), vd[i] = float_to_half(v[i]);
+        } else {
+            memcpy((float *)kc + off, k, sizeof(float) * kvd);
+            memcpy((float *)vc + off, v, sizeof(float) * kvd);
+        }
+    }
+    layer_attention(L, A, qkv, T, qbuf, obuf, attn, nthreads);
+    qlinear(&L->o, attn, T, y, nthreads);
+    add_into(x, y, T * Hd);
+    rms_norm(x, T, Hd, L->post_norm, L->eps, h, nthreads);
+    qlinear(&L->gate_up, h, T, gu, nthreads);
+    silu_mul(gu, T, L->inter, act, nthreads);
+    qlinear(&L->down, act, T, y, nthreads);
+    add_into(x, y, T * Hd);
+}
+
+void agora_llama_layer(const agora_llama_weights *L, const agora_attention *A, float *x, int64_t T,
+                       const int64_t *positions, const float *cos_t, const float *sin_t, float *scratch,
+                       int64_t nthreads) {
+    TIMED(llama_layer(L, A, x, T, positions, cos_t, sin_t, scratch, nthreads));
 }

@@ -21,6 +21,11 @@ class PagedAttention(Protocol):
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
+    def native(self) -> kernels.Attention | None:
+        """This step's attention as the native decoder layers read it (``models.native``), or
+        None where the kernels cannot (a GPU cache, a cache dtype they do not read)."""
+        ...
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
@@ -159,3 +164,8 @@ class PagedCausalLM(nn.Module):
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         load_named_weights(self, weights, self.config.tie_word_embeddings)
+
+    def build_native_layers(self) -> bool:
+        """Run each decoder layer as one native call where the family can (called once the
+        weights are final: GGUF blocks attached and fused); returns whether it does."""
+        return False

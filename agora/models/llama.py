@@ -19,6 +19,7 @@ from torch import nn
 
 from agora import kernels
 from agora.models.layers import PagedAttention, PagedCausalLM, RMSNorm, RotaryEmbedding
+from agora.models.native import NativeLlamaLayers
 
 
 @dataclass(frozen=True)
@@ -156,9 +157,14 @@ class LlamaModel(nn.Module):
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, rotary) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Every layer as one native call, set by the loader where every linear reads GGUF blocks (models.native).
+        self.native: NativeLlamaLayers | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: PagedAttention) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        native = attn.native() if self.native is not None and self.native.runs(x, positions) else None
+        if self.native is not None and native is not None:
+            return self.norm(self.native.forward(x, positions, native))
         for layer in self.layers:
             x = layer(x, positions, attn)
         return self.norm(x)
@@ -173,6 +179,10 @@ class LlamaForCausalLM(PagedCausalLM):
     @property
     def attention_scale(self) -> float:
         return self.config.head_dim**-0.5
+
+    def build_native_layers(self) -> bool:
+        self.model.native = NativeLlamaLayers.build(self.model)
+        return self.model.native is not None
 
     @property
     def layer_sliding_windows(self) -> list[int | None]:

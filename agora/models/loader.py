@@ -309,4 +309,5 @@ def load_model(files: ModelFiles, dtype: torch.dtype, device: torch.device, cpu_
     if blocks:
         attach_gguf_blocks(model, blocks, bool(files.hf_config.get("tie_word_embeddings")))
         fuse_projections(model)
+        model.build_native_layers()  # type: ignore[operator]
     return model

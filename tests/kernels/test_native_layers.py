@@ -1,0 +1,162 @@
+"""One native call per decoder layer (models.native) gives bit for bit what the module path gives:
+the same hidden states and the same KV cache, for every kind of step it takes over (decode,
+chunks of drafts, both at once), for fp32 and fp16 caches, and for the Llama family's switches."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf.quants import dequantize, quantize
+
+from agora import kernels
+from agora.engine.attention import AttentionMetadata, TorchPagedAttention, build_group
+from agora.models.llama import LlamaConfig, LlamaForCausalLM
+from agora.models.quant import attach_gguf_blocks, fuse_projections
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler: CPU kernels unavailable")
+CPU = torch.device("cpu")
+BLOCK = 4  # tokens per KV block: a request's keys span many blocks
+
+
+def quantized_llama(seed: int = 0, qtypes: tuple[str, ...] = ("Q4_1", "Q8_0"), **switches) -> LlamaForCausalLM:
+    """A random Llama whose linears are GGUF blocks (weights = the blocks dequantized), fused and native."""
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=128, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
+        max_position_embeddings=256, tie_word_embeddings=False, **switches,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    blocks = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.normal_(1.0 if "norm" in name else 0.0, 0.1)
+                continue
+            w = (torch.randn_like(p) * 0.15).numpy()
+            if name.startswith("model.layers."):  # layer i in qtypes[i % 2]: both block formats
+                qtype = qtypes[int(name.split(".")[2]) % len(qtypes)]
+                t = getattr(gguf.GGMLQuantizationType, qtype)
+                rows = quantize(w, t)
+                blocks[name] = (qtype, torch.from_numpy(rows))
+                w = dequantize(rows, t).astype(np.float32)
+            p.copy_(torch.from_numpy(w))
+    assert attach_gguf_blocks(model, blocks, tied=False) == len(blocks)
+    assert fuse_projections(model) == 2 * cfg.num_hidden_layers
+    return model
+
+
+def caches(
+    model: LlamaForCausalLM, dtype: torch.dtype, num_blocks: int = 64
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    hkv, d = model.kv_shape
+    return [
+        (
+            torch.zeros(num_blocks + 1, BLOCK, hkv, d, dtype=dtype),
+            torch.zeros(num_blocks + 1, BLOCK, hkv, d, dtype=dtype),
+        )
+        for _ in range(model.num_layers)
+    ]
+
+
+def step(
+    model: LlamaForCausalLM,
+    kv,
+    query_lens: list[int],
+    starts: list[int],
+    tables: list[list[int]],
+    native: bool,
+    seed: int,
+) -> torch.Tensor:
+    """One step: request b computes query_lens[b] tokens from position starts[b]; decode requests
+    (1 token) and chunks go to separate groups when both are present, as the runner does."""
+    ids, pos, slots = [], [], []
+    for n, s, t in zip(query_lens, starts, tables, strict=True):
+        g = torch.Generator().manual_seed(seed + s)
+        ids += torch.randint(0, 64, (n,), generator=g).tolist()
+        pos += list(range(s, s + n))
+        slots += [t[p // BLOCK] * BLOCK + p % BLOCK for p in range(s, s + n)]
+    windows = set(model.layer_sliding_windows)
+    decode = [b for b, n in enumerate(query_lens) if n == 1]
+    chunks = [b for b, n in enumerate(query_lens) if n > 1]
+    offsets = np.cumsum([0, *query_lens])
+
+    def group(members: list[int], flat: bool):
+        index = None if flat else [r for b in members for r in range(offsets[b], offsets[b + 1])]
+        return build_group(
+            index, [query_lens[b] for b in members], [starts[b] for b in members], [tables[b] for b in members],
+            BLOCK, windows, CPU, paged_kernels=True,
+        )  # fmt: skip
+
+    groups = [group(decode, False), group(chunks, False)] if decode and chunks else [group(decode or chunks, True)]
+    attention = TorchPagedAttention(kv, model.attention_scale, model.layer_sliding_windows)
+    bound = attention.bind(AttentionMetadata(torch.tensor(slots), groups))
+    saved = model.model.native
+    model.model.native = saved if native else None
+    module_calls: list[int] = []
+    hook = model.model.layers[0].register_forward_pre_hook(lambda *_: module_calls.append(1))
+    try:
+        with torch.inference_mode():
+            out = model(torch.tensor(ids), torch.tensor(pos), bound)
+    finally:
+        model.model.native = saved
+        hook.remove()
+    assert bool(module_calls) != native, "the step did not take the path asked for"
+    return out
+
+
+SWITCHES = {
+    "llama": {},
+    "qwen2 biases": {"qkv_bias": True},
+    "biases everywhere": {"qkv_bias": True, "o_bias": True, "mlp_bias": True},
+    "qwen3 q/k norms": {"qk_norm": True},
+    "mistral window": {"sliding_window": 7},
+}
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("switches", list(SWITCHES), ids=list(SWITCHES))
+def test_native_layers_equal_the_module_path_bit_for_bit(switches: str, kv_dtype: torch.dtype) -> None:
+    model = quantized_llama(**SWITCHES[switches])
+    assert model.build_native_layers() and model.model.native is not None
+    # Four requests with prompts of 9, 30, 17 and 3 tokens, cached by a (module path) prefill.
+    prompts = [9, 30, 17, 3]
+    tables = [list(range(b * 12, b * 12 + 12)) for b in range(4)]
+    a, b = caches(model, kv_dtype), caches(model, kv_dtype)
+    for kv in (a, b):
+        step(model, kv, prompts, [0] * 4, tables, native=False, seed=1)
+    steps = [
+        ([1, 1, 1, 1], prompts),  # decode: one flat group
+        ([1, 5, 1, 1], [p + 1 for p in prompts]),  # a request verifying 4 drafts beside decodes: two groups
+        ([3, 4, 2, 6], [p + 2 for p in prompts[:1]] + [p + 6 for p in prompts[1:2]] + [p + 2 for p in prompts[2:]]),
+    ]
+    for i, (lens, starts) in enumerate(steps):
+        ref = step(model, a, lens, starts, tables, native=False, seed=10 + i)
+        got = step(model, b, lens, starts, tables, native=True, seed=10 + i)
+        assert torch.equal(got, ref), f"step {i}: hidden states differ by {(got - ref).abs().max()}"
+        for (ka, va), (kb, vb) in zip(a, b, strict=True):
+            assert torch.equal(ka, kb) and torch.equal(va, vb), f"step {i}: caches differ"
+        assert ref.abs().max() > 0
+
+
+def test_native_layers_take_only_small_cpu_fp32_steps() -> None:
+    model = quantized_llama()
+    assert model.build_native_layers()
+    native = model.model.native
+    x, pos = torch.zeros(64, 128), torch.arange(64)
+    with torch.inference_mode():
+        assert native.runs(x, pos)
+        assert not native.runs(torch.zeros(65, 128), torch.arange(65))  # prefill chunks: fp32 GEMMs
+        assert not native.runs(x.half(), pos)
+    assert not native.runs(x, pos)  # autograd on: the module path
+    # Without a cache the kernels read, the backend describes nothing and the model keeps its modules.
+    bf16 = TorchPagedAttention(caches(model, torch.bfloat16), model.attention_scale, model.layer_sliding_windows)
+    assert bf16.bind(AttentionMetadata(torch.tensor([0]), [])).native() is None
+
+
+def test_a_layer_without_blocks_keeps_the_module_path() -> None:
+    model = quantized_llama()
+    model.model.layers[1].mlp.down_proj = torch.nn.Linear(96, 128)  # e.g. a tensor type the kernels cannot read
+    assert not model.build_native_layers() and model.model.native is None
