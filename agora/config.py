@@ -23,6 +23,7 @@ from typing import Any
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+GGUF_ACTIVATIONS = ("float32", "int8")
 
 
 def option(default: Any, help: str, *, flag: str | None = None, parse: Any = None, choices: Any = None,
@@ -67,8 +68,14 @@ def parse_aliases(items: list[str]) -> tuple[tuple[str, str], ...]:
 @dataclass(frozen=True)
 class ModelConfig:
     model: str = DEFAULT_MODEL  # packaged model name, HF folder or .gguf file (the positional argument)
-    dtype: str = option("auto", "weights and activations (auto: float32 on CPU, bfloat16 on CUDA)", choices=DTYPES)
+    dtype: str = option(
+        "auto", "weights and activations (auto: float32 on CPU, bfloat16 on CUDA; bfloat16 on a CPU: bf16 weights "
+        "for the layers' GEMMs, fp32 activations)", choices=DTYPES)  # fmt: skip
     device: str = option("auto", "cpu, cuda, cuda:1, ... (default: best available)")
+    gguf_activations: str = option(
+        "float32", "what a GGUF model's Q4_1/Q8_0 layers multiply on the CPU kernels, in steps of up to 64 tokens: "
+        "float32 (exact fp32 math) or int8 (x quantized in blocks of 32, llama.cpp's numerics: faster, not exact)",
+        choices=GGUF_ACTIVATIONS)  # fmt: skip
     max_model_len: int | None = option(None, "context length (default: the model's)")
     served_model_name: str | None = None  # set from --served-model-name's first name
     seed: int = option(0, "seed of sampling and of random weights")
@@ -77,6 +84,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.gguf_activations not in GGUF_ACTIVATIONS:
+            raise ValueError(
+                f"gguf_activations must be one of {', '.join(GGUF_ACTIVATIONS)}, got {self.gguf_activations!r}"
+            )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be >= 2")
 

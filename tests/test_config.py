@@ -38,14 +38,20 @@ def test_flag_defaults_are_the_config_defaults(monkeypatch) -> None:
 def test_flags_set_their_fields_and_bad_values_name_the_flag() -> None:
     config = serve_config(_args("m", "--kv-cache-memory", "64MiB", "--max-num-seqs", "3", "--no-enable-prefix-caching",
                                 "--served-model-name", "a", "b", "--model-alias", "claude-*=a", "--max-body-bytes", "1MiB",
-                                "--enforce-eager", "--dtype", "float32"))  # fmt: skip
+                                "--enforce-eager", "--dtype", "float32", "--gguf-activations", "int8"))  # fmt: skip
     assert config.engine.cache == CacheConfig(kv_cache_memory_bytes=64 << 20, enable_prefix_caching=False)
     assert config.engine.scheduler == SchedulerConfig(max_num_seqs=3)
-    assert config.engine.model == ModelConfig(model="m", served_model_name="a", enforce_eager=True, dtype="float32")
+    assert config.engine.model == ModelConfig(
+        model="m", served_model_name="a", enforce_eager=True, dtype="float32", gguf_activations="int8"
+    )
     assert config.server.served_model_aliases == ("b",) and config.server.model_aliases == (("claude-*", "a"),)
     assert config.server.max_body_bytes == 1 << 20
     with pytest.raises(SystemExit):
         _args("--dtype", "float8")
+    with pytest.raises(SystemExit):
+        _args("--gguf-activations", "int4")
+    with pytest.raises(ValueError, match="gguf_activations must be one of float32, int8"):
+        ModelConfig(gguf_activations="fp8")
     with pytest.raises(ValueError, match="max_num_seqs"):
         serve_config(_args("--max-num-seqs", "0"))
     assert not hasattr(SchedulerConfig(), "max_model_len")  # the context length lives in ModelConfig only

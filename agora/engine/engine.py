@@ -15,7 +15,7 @@ import torch
 
 from agora import envs
 from agora.config import EngineConfig
-from agora.engine.device import kv_cache_budget, pick_device, pick_dtype, pick_kv_dtype
+from agora.engine.device import kv_cache_budget, pick_device, pick_kv_dtype, pick_precision
 from agora.engine.kv_cache import KVCacheManager
 from agora.engine.request import Request, RequestStatus
 from agora.engine.runner import ModelRunner, kv_bytes_per_block
@@ -111,10 +111,12 @@ class Engine:
         files = inspect_model(path)
         self.served_model_name = config.model.served_model_name or default_name
         self.device = pick_device(config.model.device)
-        self.dtype = pick_dtype(config.model.dtype, self.device)
+        precision = pick_precision(config.model.dtype, self.device)
+        self.dtype = precision.dtype
         torch.manual_seed(config.model.seed)
         t0 = time.perf_counter()
-        model = load_model(files, self.dtype, self.device)
+        int8 = config.model.gguf_activations == "int8"
+        model = load_model(files, self.dtype, self.device, gemm_dtype=precision.gemm_dtype, int8_activations=int8)
         logger.info("loaded %s (%s) on %s in %.1fs", path, files.architecture, self.device, time.perf_counter() - t0)
         self.tokenizer = Tokenizer(files.tokenizer_dir, files.eos_token_ids) if files.tokenizer_dir else None
         self.eos_token_ids = (

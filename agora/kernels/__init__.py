@@ -39,6 +39,9 @@ _SIGNATURES = {
     "agora_kernels_avx2": ([], ctypes.c_int),
     "agora_linear_q4_1": ([_P, _I, _I, _P, _I, _P, _P, _I], None),
     "agora_linear_q8_0": ([_P, _I, _I, _P, _I, _P, _P, _I], None),
+    "agora_linear_q4_1_i8": ([_P, _I, _I, _P, _I, _P, _P, _P, _I], None),
+    "agora_linear_q8_0_i8": ([_P, _I, _I, _P, _I, _P, _P, _P, _I], None),
+    "agora_linear_i8_scratch_floats": ([_I, _I], _I),
     "agora_rope": ([_P, _I, _I, _P, _I, _I, _P, _P, _P, _I, _I, _I], None),
     "agora_silu_mul": ([_P, _I, _I, _P, _I], None),
     "agora_rms_norm": ([_P, _I, _I, _P, _F, _P, _I], None),
@@ -59,7 +62,7 @@ _SIGNATURES = {
 class QLinear(ctypes.Structure):
     """A linear layer as GGUF blocks: ``w`` [n, k / 32 * block bytes], ``bias`` [n] or NULL."""
 
-    _fields_ = [("w", _P), ("bias", _P), ("n", _I), ("k", _I), ("q8", _I)]
+    _fields_ = [("w", _P), ("bias", _P), ("n", _I), ("k", _I), ("q8", _I), ("i8", _I)]
 
 
 class LlamaWeights(ctypes.Structure):
@@ -91,10 +94,12 @@ class Attention(ctypes.Structure):
     ]  # fmt: skip
 
 
-def qlinear(blocks: torch.Tensor, qtype: str, in_features: int, bias: torch.Tensor | None) -> QLinear:
+def qlinear(
+    blocks: torch.Tensor, qtype: str, in_features: int, bias: torch.Tensor | None, int8: bool = False
+) -> QLinear:
     """The struct for a GGUF-block linear layer (its tensors must outlive the struct)."""
     bias_ptr = None if bias is None else bias.data_ptr()
-    return QLinear(blocks.data_ptr(), bias_ptr, blocks.shape[0], in_features, int(qtype == "Q8_0"))
+    return QLinear(blocks.data_ptr(), bias_ptr, blocks.shape[0], in_features, int(qtype == "Q8_0"), int(int8))
 
 
 def llama_scratch(weights: LlamaWeights, rows: int) -> torch.Tensor:
@@ -200,8 +205,11 @@ def kernel_seconds() -> float:
     return k.agora_kernel_time_ns() / 1e9
 
 
-def linear(x: torch.Tensor, qweight: torch.Tensor, qtype: str, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ W.T + bias`` for fp32 ``x [..., K]`` and W as GGUF blocks ``[N, K / 32 * block_bytes]``."""
+def linear(
+    x: torch.Tensor, qweight: torch.Tensor, qtype: str, bias: torch.Tensor | None, int8: bool = False
+) -> torch.Tensor:
+    """``x @ W.T + bias`` for fp32 ``x [..., K]`` and W as GGUF blocks ``[N, K / 32 * block_bytes]``;
+    ``int8``: x quantized to int8 in blocks of 32 first (llama.cpp's numerics: faster, not exact)."""
     k = lib()
     assert k is not None, "CPU kernels are not available"
     shape = x.shape
@@ -209,9 +217,15 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, qtype: str, bias: torch.Tenso
     m, kdim = x2.shape
     n = qweight.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
-    fn = k.agora_linear_q4_1 if qtype == "Q4_1" else k.agora_linear_q8_0
     bias_ptr = None if bias is None else bias.data_ptr()
-    fn(x2.data_ptr(), m, kdim, qweight.data_ptr(), n, bias_ptr, y.data_ptr(), torch.get_num_threads())
+    threads = torch.get_num_threads()
+    if int8:
+        scratch = torch.empty(k.agora_linear_i8_scratch_floats(m, kdim), dtype=torch.float32)
+        fn = k.agora_linear_q4_1_i8 if qtype == "Q4_1" else k.agora_linear_q8_0_i8
+        fn(x2.data_ptr(), m, kdim, qweight.data_ptr(), n, bias_ptr, y.data_ptr(), scratch.data_ptr(), threads)
+    else:
+        fn = k.agora_linear_q4_1 if qtype == "Q4_1" else k.agora_linear_q8_0
+        fn(x2.data_ptr(), m, kdim, qweight.data_ptr(), n, bias_ptr, y.data_ptr(), threads)
     return y.view(*shape[:-1], n)
 
 

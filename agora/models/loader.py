@@ -284,13 +284,22 @@ def inspect_model(path: str | os.PathLike[str]) -> ModelFiles:
     raise ValueError(f"{path} is neither a .gguf file nor a Hugging Face model folder")
 
 
-def load_model(files: ModelFiles, dtype: torch.dtype, device: torch.device, cpu_kernels: bool = True) -> nn.Module:
-    """Build the registered model class and load its weights, on ``device`` in ``dtype``.
-    ``cpu_kernels=False`` keeps plain ``nn.Linear`` layers (for exporting the weights)."""
+def load_model(
+    files: ModelFiles,
+    dtype: torch.dtype,
+    device: torch.device,
+    cpu_kernels: bool = True,
+    gemm_dtype: torch.dtype | None = None,
+    int8_activations: bool = False,
+) -> nn.Module:
+    """Build the registered model class and load its weights, on ``device`` in ``dtype``;
+    ``gemm_dtype`` gives the decoder layers' linear weights another dtype (bf16 on a CPU);
+    ``int8_activations`` has the GGUF block kernels quantize their inputs to int8 (an error where
+    no layer runs on them). ``cpu_kernels=False`` keeps plain ``nn.Linear`` layers (for exporting)."""
     cls = model_class(files.architecture)
     config = cls.config_class.from_hf(files.hf_config)  # type: ignore[attr-defined]
     from agora import kernels
-    from agora.models.quant import attach_gguf_blocks, fuse_projections
+    from agora.models.quant import attach_gguf_blocks, cast_gemm_weights, fuse_projections
 
     # Decode on CPU in fp32 reads the GGUF blocks directly (agora/kernels); elsewhere fp32 weights only.
     keep_blocks = (
@@ -306,8 +315,16 @@ def load_model(files: ModelFiles, dtype: torch.dtype, device: torch.device, cpu_
     model.load_weights(weights)  # type: ignore[operator]
     del weights
     model = model.to(device=device, dtype=dtype).eval()
+    if gemm_dtype is not None and gemm_dtype != dtype:
+        cast_gemm_weights(model.model.layers, gemm_dtype)  # type: ignore[union-attr, arg-type]
+    if int8_activations and not blocks:
+        raise ValueError(
+            "--gguf-activations int8 needs a GGUF model with Q4_1/Q8_0 layers on the CPU kernels, in fp32 "
+            f"({files.source.name} on {device.type} in {str(dtype).removeprefix('torch.')}"
+            f"{'' if kernels.available() else ', no CPU kernels'} has none)"
+        )
     if blocks:
-        attach_gguf_blocks(model, blocks, bool(files.hf_config.get("tie_word_embeddings")))
+        attach_gguf_blocks(model, blocks, bool(files.hf_config.get("tie_word_embeddings")), int8_activations)
         fuse_projections(model)
         model.build_native_layers()  # type: ignore[operator]
     return model

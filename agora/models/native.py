@@ -28,7 +28,7 @@ from agora.models.quant import MAX_KERNEL_ROWS, GGUFLinear
 def _blocks(layer: nn.Module | None, in_features: int) -> kernels.QLinear | None:
     if not isinstance(layer, GGUFLinear) or layer.qtype not in kernels.QTYPES or layer.in_features != in_features:
         return None
-    return kernels.qlinear(layer.blocks, layer.qtype, layer.in_features, layer.bias)
+    return kernels.qlinear(layer.blocks, layer.qtype, layer.in_features, layer.bias, layer.int8)
 
 
 class NativeLlamaLayers:

@@ -1,10 +1,14 @@
-"""Linear layers that keep a GGUF file's quantized blocks and multiply with them directly.
+"""Linear layers for the CPU: GGUF blocks multiplied directly, and bf16 GEMM weights.
 
 A Q4_1 weight is 5 bits per value instead of 32, so a decode step that streams every
 weight once (memory-bound) reads about 6x fewer bytes. The fp32 weight the rest of
 the engine uses is kept too: large batches (prefill) still go to PyTorch's matmul,
 which is faster there, and the block kernel computes the same dequantized values
 (``d * q + m``) in fp32, so both paths agree up to summation order.
+
+With ``--dtype bfloat16`` on a CPU (``cast_gemm_weights``) those GEMM weights are bf16:
+activations stay fp32 and are rounded to bf16 only as a GEMM's input (oneDNN accumulates
+in fp32), while the block kernel's steps keep their fp32 math.
 """
 
 from __future__ import annotations
@@ -29,12 +33,13 @@ MAX_KERNEL_ROWS = 64
 class GGUFLinear(nn.Linear):
     """``nn.Linear`` (same parameters, same names) plus the weight's GGUF blocks."""
 
-    def __init__(self, base: nn.Linear, blocks: torch.Tensor, qtype: str) -> None:
+    def __init__(self, base: nn.Linear, blocks: torch.Tensor, qtype: str, int8: bool = False) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight  # shared: a tied lm_head stays tied to the embedding
         self.bias = base.bias
         self.qtype = qtype
+        self.int8 = int8  # the kernel quantizes x to int8 first (--gguf-activations int8)
         self.register_buffer("blocks", blocks, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,16 +49,56 @@ class GGUFLinear(nn.Linear):
             and x.numel() <= MAX_KERNEL_ROWS * self.in_features
             and not torch.is_grad_enabled()
         ):
-            return kernels.linear(x, self.blocks, self.qtype, self.bias)
-        return F.linear(x, self.weight, self.bias)
+            return kernels.linear(x, self.blocks, self.qtype, self.bias, self.int8)
+        return gemm(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, gguf={self.qtype}"
+        return f"{super().extra_repr()}, gguf={self.qtype}{', int8 activations' if self.int8 else ''}"
 
 
-def attach_gguf_blocks(model: nn.Module, blocks: dict[str, tuple[str, torch.Tensor]], tied: bool) -> int:
+def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias``; a weight in a lower precision than ``x`` (bf16 on a CPU) gets
+    ``x`` rounded to its dtype, and the product comes back in ``x``'s dtype before the bias."""
+    if weight.dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    y = F.linear(x.to(weight.dtype), weight).to(x.dtype)
+    return y if bias is None else y + bias
+
+
+class LowPrecisionLinear(nn.Linear):
+    """``nn.Linear`` (same parameters, same names) whose weight is in a lower precision than
+    the activations it is given: see ``gemm``."""
+
+    def __init__(self, base: nn.Linear) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gemm(x, self.weight, self.bias)
+
+
+def cast_gemm_weights(layers: nn.Module, dtype: torch.dtype) -> int:
+    """Give every ``nn.Linear`` under ``layers`` (a model's decoder layers: lm_head, tied to the
+    embedding, stays as it is) a ``dtype`` weight, its bias kept, and a forward that rounds its
+    input to match. Call it before ``attach_gguf_blocks``, which keeps the weight it finds."""
+    count = 0
+    for name, module in list(layers.named_modules()):
+        if type(module) is not nn.Linear:
+            continue
+        module.weight = nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(layers.get_submodule(parent_name) if parent_name else layers, child, LowPrecisionLinear(module))
+        count += 1
+    return count
+
+
+def attach_gguf_blocks(
+    model: nn.Module, blocks: dict[str, tuple[str, torch.Tensor]], tied: bool, int8: bool = False
+) -> int:
     """Swap each ``nn.Linear`` whose weight came from a supported GGUF block format for a
-    GGUFLinear. ``blocks`` maps HF weight names to (qtype, uint8 rows). Returns the count."""
+    GGUFLinear (``int8``: with int8 activations). ``blocks`` maps HF weight names to (qtype,
+    uint8 rows). Returns the count."""
     if tied and "model.embed_tokens.weight" in blocks and "lm_head.weight" not in blocks:
         blocks = {**blocks, "lm_head.weight": blocks["model.embed_tokens.weight"]}
     swapped = 0
@@ -63,11 +108,11 @@ def attach_gguf_blocks(model: nn.Module, blocks: dict[str, tuple[str, torch.Tens
             module = model.get_submodule(module_name)
         except AttributeError:
             continue
-        if type(module) is not nn.Linear or module.in_features % 32:
+        if type(module) not in (nn.Linear, LowPrecisionLinear) or module.in_features % 32:
             continue
         parent_name, _, child = module_name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, GGUFLinear(module, rows, qtype))
+        setattr(parent, child, GGUFLinear(module, rows, qtype, int8))
         swapped += 1
     logger.debug("%d linear layers read their GGUF blocks directly", swapped)
     return swapped
@@ -83,7 +128,7 @@ def _fused(parts: list[GGUFLinear]) -> GGUFLinear | None:
         base.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
         if base.bias is not None:
             base.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)  # type: ignore[misc]
-    fused = GGUFLinear(base, torch.cat([p.blocks for p in parts]), parts[0].qtype)
+    fused = GGUFLinear(base, torch.cat([p.blocks for p in parts]), parts[0].qtype, parts[0].int8)
     # The separate layers now view the fused tensors, so nothing is stored twice.
     start = 0
     for p in parts:

@@ -39,6 +39,48 @@ def test_linear_matches_fp32_on_dequantized_weights(qtype: str, m: int, with_bia
     torch.testing.assert_close(got, F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
 
 
+def int8_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x quantized to int8 in blocks of 32 (scale max|x| / 127, round half to even), then exact math."""
+    m, k = x.shape
+    xb = x.view(m, k // 32, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    # 127 / amax as a true division: torch's `scalar / tensor` multiplies by a rounded reciprocal.
+    q = torch.where(amax > 0, torch.round(xb * (torch.full_like(amax, 127.0) / amax)), torch.zeros_like(xb))
+    y = (q * (amax / 127)).view(m, k).double() @ w.double().T
+    return (y if bias is None else y + bias.double()).float()
+
+
+@pytest.mark.parametrize("qtype", kernels.QTYPES)
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 9, 23, 64])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize(("n", "k"), [(96, 160), (333, 96), (200, 3200)])
+def test_int8_activation_linear_is_exact_on_the_quantized_input(
+    qtype: str, m: int, with_bias: bool, n: int, k: int
+) -> None:
+    blocks, w = quantized(n, k, qtype, seed=m)
+    x = torch.randn(m, k) * torch.rand(m, 1) * 4  # rows of different scales
+    x[0, :32] = 0  # an all-zero block: scale 0
+    bias = torch.randn(n) if with_bias else None
+    got = kernels.linear(x, blocks, qtype, bias, int8=True)
+    torch.testing.assert_close(got, int8_reference(x, w, bias), rtol=1e-5, atol=5e-5)  # fp32 summation order
+    # ... and close to, not equal to, the fp32 product: x's rounding is the only difference.
+    exact = F.linear(x, w, bias)
+    assert not torch.equal(got, exact)
+    assert (got - exact).abs().max() < 0.02 * exact.abs().max()
+
+
+def test_int8_activation_q8_0_takes_the_most_negative_weight() -> None:
+    """-128 is a valid Q8_0 value (llama.cpp's quantizer writes -127..127, a file may hold -128):
+    AVX2's maddubs needs |w| unsigned, and 128 * 127 * 2 still fits its 16-bit sums."""
+    blocks, _ = quantized(8, 64, "Q8_0")
+    blocks[:, 2:34] = torch.tensor([0x80, 0x7F] * 16, dtype=torch.uint8)  # -128, 127, ... in every block
+    w = torch.from_numpy(dequantize(blocks.numpy(), gguf.GGMLQuantizationType.Q8_0).astype(np.float32))
+    x = torch.full((3, 64), -1.0)
+    torch.testing.assert_close(
+        kernels.linear(x, blocks, "Q8_0", None, int8=True), int8_reference(x, w, None), rtol=1e-5, atol=1e-5
+    )
+
+
 def test_linear_keeps_leading_dims() -> None:
     blocks, w = quantized(64, 64, "Q4_1")
     x = torch.randn(2, 3, 64)

@@ -13,14 +13,20 @@ from gguf.quants import dequantize, quantize
 from agora import kernels
 from agora.engine.attention import AttentionMetadata, TorchPagedAttention, build_group
 from agora.models.llama import LlamaConfig, LlamaForCausalLM
-from agora.models.quant import attach_gguf_blocks, fuse_projections
+from agora.models.quant import attach_gguf_blocks, cast_gemm_weights, fuse_projections
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler: CPU kernels unavailable")
 CPU = torch.device("cpu")
 BLOCK = 4  # tokens per KV block: a request's keys span many blocks
 
 
-def quantized_llama(seed: int = 0, qtypes: tuple[str, ...] = ("Q4_1", "Q8_0"), **switches) -> LlamaForCausalLM:
+def quantized_llama(
+    seed: int = 0,
+    qtypes: tuple[str, ...] = ("Q4_1", "Q8_0"),
+    gemm_dtype: torch.dtype | None = None,
+    int8: bool = False,
+    **switches,
+) -> LlamaForCausalLM:
     """A random Llama whose linears are GGUF blocks (weights = the blocks dequantized), fused and native."""
     cfg = LlamaConfig(
         vocab_size=64, hidden_size=128, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -43,7 +49,9 @@ def quantized_llama(seed: int = 0, qtypes: tuple[str, ...] = ("Q4_1", "Q8_0"), *
                 blocks[name] = (qtype, torch.from_numpy(rows))
                 w = dequantize(rows, t).astype(np.float32)
             p.copy_(torch.from_numpy(w))
-    assert attach_gguf_blocks(model, blocks, tied=False) == len(blocks)
+    if gemm_dtype is not None:  # as the loader does for --dtype bfloat16 on a CPU
+        cast_gemm_weights(model.model.layers, gemm_dtype)
+    assert attach_gguf_blocks(model, blocks, tied=False, int8=int8) == len(blocks)
     assert fuse_projections(model) == 2 * cfg.num_hidden_layers
     return model
 
@@ -116,10 +124,11 @@ SWITCHES = {
 }
 
 
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32 activations", "int8 activations"])
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("switches", list(SWITCHES), ids=list(SWITCHES))
-def test_native_layers_equal_the_module_path_bit_for_bit(switches: str, kv_dtype: torch.dtype) -> None:
-    model = quantized_llama(**SWITCHES[switches])
+def test_native_layers_equal_the_module_path_bit_for_bit(switches: str, kv_dtype: torch.dtype, int8: bool) -> None:
+    model = quantized_llama(int8=int8, **SWITCHES[switches])
     assert model.build_native_layers() and model.model.native is not None
     # Four requests with prompts of 9, 30, 17 and 3 tokens, cached by a (module path) prefill.
     prompts = [9, 30, 17, 3]
@@ -156,7 +165,32 @@ def test_native_layers_take_only_small_cpu_fp32_steps() -> None:
     assert bf16.bind(AttentionMetadata(torch.tensor([0]), [])).native() is None
 
 
+def test_bf16_gemm_weights_leave_the_native_layers_exact() -> None:
+    """--dtype bfloat16 on a CPU changes the prefill GEMMs' weights, not what the block kernels read."""
+    fp32, bf16 = quantized_llama(), quantized_llama(gemm_dtype=torch.bfloat16)
+    assert bf16.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.bfloat16
+    assert fp32.build_native_layers() and bf16.build_native_layers()
+    tables = [list(range(12))]
+    a, b = caches(fp32, torch.float32), caches(bf16, torch.float32)
+    step(fp32, a, [9], [0], tables, native=True, seed=1)
+    step(bf16, b, [9], [0], tables, native=True, seed=1)
+    assert torch.equal(
+        step(fp32, a, [1], [9], tables, native=True, seed=2), step(bf16, b, [1], [9], tables, native=True, seed=2)
+    )
+
+
 def test_a_layer_without_blocks_keeps_the_module_path() -> None:
     model = quantized_llama()
     model.model.layers[1].mlp.down_proj = torch.nn.Linear(96, 128)  # e.g. a tensor type the kernels cannot read
     assert not model.build_native_layers() and model.model.native is None
+
+
+def test_int8_activations_change_the_numbers_only_slightly() -> None:
+    exact, int8 = quantized_llama(), quantized_llama(int8=True)
+    assert exact.build_native_layers() and int8.build_native_layers()
+    tables = [list(range(12))]
+    a, b = caches(exact, torch.float32), caches(int8, torch.float32)
+    ref = step(exact, a, [9], [0], tables, native=True, seed=1)
+    got = step(int8, b, [9], [0], tables, native=True, seed=1)
+    assert not torch.equal(got, ref)
+    assert (got - ref).abs().max() < 0.1 * ref.abs().max()  # three layers of random weights: errors compound

@@ -1,0 +1,85 @@
+"""``--dtype bfloat16`` on a CPU: bf16 weights for the decoder layers' GEMMs, fp32 everywhere else;
+steps the GGUF block kernels take keep their exact fp32 math."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agora import LLM, SamplingParams, kernels
+from agora.engine.device import Precision, pick_precision
+from agora.models.quant import GGUFLinear, LowPrecisionLinear, attach_gguf_blocks, cast_gemm_weights, gemm
+
+CPU = torch.device("cpu")
+
+
+def test_bfloat16_on_a_cpu_means_bf16_gemm_weights_and_fp32_activations():
+    assert pick_precision("bfloat16", CPU) == Precision(torch.float32, torch.bfloat16)
+    assert pick_precision("auto", CPU) == Precision(torch.float32)
+    assert pick_precision("float16", CPU) == Precision(torch.float16)  # unchanged: the whole model
+    assert pick_precision("bfloat16", torch.device("cuda")) == Precision(torch.bfloat16)
+
+
+def test_gemm_rounds_only_the_product_inputs():
+    x, w, b = torch.randn(70, 64), torch.randn(32, 64), torch.randn(32)
+    got = gemm(x, w.bfloat16(), b)
+    assert got.dtype == torch.float32
+    want = (x.bfloat16().float() @ w.bfloat16().float().T) + b  # bf16 inputs, fp32 accumulation and bias
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    assert torch.equal(gemm(x, w, b), torch.nn.functional.linear(x, w, b))
+
+
+def test_cast_keeps_names_biases_and_lm_head():
+    layers = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 64, bias=False))])
+    head = torch.nn.Linear(64, 10)
+    names = [n for n, _ in layers.named_parameters()]
+    assert cast_gemm_weights(layers, torch.bfloat16) == 2
+    assert [n for n, _ in layers.named_parameters()] == names
+    first = layers[0][0]
+    assert isinstance(first, LowPrecisionLinear) and first.weight.dtype == torch.bfloat16
+    assert first.bias.dtype == torch.float32 and head.weight.dtype == torch.float32
+    assert layers[0](torch.randn(3, 64)).dtype == torch.float32
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no C compiler: CPU kernels unavailable")
+def test_block_layers_keep_fp32_math_for_small_steps_and_bf16_above():
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    w = torch.randn(96, 128) * 0.1
+    rows = quantize(w.numpy(), GGMLQuantizationType.Q4_1)
+    w = torch.from_numpy(dequantize(rows, GGMLQuantizationType.Q4_1).copy())
+    model = torch.nn.ModuleDict({"layers": torch.nn.ModuleList([torch.nn.Linear(128, 96, bias=False)])})
+    with torch.no_grad():
+        model.layers[0].weight.copy_(w)
+    cast_gemm_weights(model.layers, torch.bfloat16)
+    assert attach_gguf_blocks(model, {"layers.0.weight": ("Q4_1", torch.from_numpy(rows))}, tied=False) == 1
+    layer = model.layers[0]
+    assert isinstance(layer, GGUFLinear) and layer.weight.dtype == torch.bfloat16
+    with torch.inference_mode():
+        small, large = torch.randn(8, 128), torch.randn(100, 128)
+        assert torch.equal(layer(small), kernels.linear(small, layer.blocks, "Q4_1", None))  # fp32 block math
+        torch.testing.assert_close(layer(large), large @ w.T, rtol=2e-2, atol=5e-2)  # bf16 GEMM
+        assert not torch.equal(layer(large), large @ w.T)
+
+
+def test_engine_in_bf16_keeps_fp32_activations_and_cache(tiny_model_dir):
+    ref = LLM(str(tiny_model_dir), num_blocks=64)
+    llm = LLM(str(tiny_model_dir), num_blocks=64, dtype="bfloat16")
+    engine = llm.engine
+    assert (engine.dtype, engine.kv_dtype) == (torch.float32, torch.float32)
+    layer = engine.model.model.layers[0]
+    assert isinstance(layer.mlp.down_proj, LowPrecisionLinear) and layer.mlp.down_proj.weight.dtype == torch.bfloat16
+    assert engine.model.lm_head.weight.dtype == torch.float32
+    prompt = list(range(5, 105))  # a 100-token prefill: the GEMMs
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=5)
+    a = ref.generate([prompt], params)[0].outputs[0]
+    b = llm.generate([prompt], params)[0].outputs[0]
+    assert len(b.token_ids) == 8
+    # The first token's top logprobs stay within bf16's rounding of the fp32 ones.
+    top_a, top_b = dict(a.logprobs[0].top), dict(b.logprobs[0].top)
+    shared = set(top_a) & set(top_b)
+    assert len(shared) >= 3
+    for token in shared:
+        assert abs(top_a[token] - top_b[token]) < 0.1
+    assert top_a != top_b  # the GEMMs did run in bf16
