@@ -28,6 +28,7 @@ SOURCE = Path(__file__).with_name("cpu.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-fno-math-errno"]
 QTYPES = ("Q4_1", "Q8_0")  # GGUF block formats the linear kernel reads as they are
 BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # per 32 weights
+I8_GROUP = 8  # weight rows the int8-activation kernel computes together (repack_i8's groups)
 KV_DTYPES = (torch.float32, torch.float16)  # KV cache element types the decode attention kernel reads
 
 _lock = threading.Lock()
@@ -42,6 +43,7 @@ _SIGNATURES = {
     "agora_linear_q4_1_i8": ([_P, _I, _I, _P, _I, _P, _P, _P, _I], None),
     "agora_linear_q8_0_i8": ([_P, _I, _I, _P, _I, _P, _P, _P, _I], None),
     "agora_linear_i8_scratch_floats": ([_I, _I], _I),
+    "agora_repack_i8": ([_P, _I, _I, _I, _P], None),
     "agora_rope": ([_P, _I, _I, _P, _I, _I, _P, _P, _P, _I, _I, _I], None),
     "agora_silu_mul": ([_P, _I, _I, _P, _I], None),
     "agora_rms_norm": ([_P, _I, _I, _P, _F, _P, _I], None),
@@ -99,7 +101,8 @@ def qlinear(
 ) -> QLinear:
     """The struct for a GGUF-block linear layer (its tensors must outlive the struct)."""
     bias_ptr = None if bias is None else bias.data_ptr()
-    return QLinear(blocks.data_ptr(), bias_ptr, blocks.shape[0], in_features, int(qtype == "Q8_0"), int(int8))
+    rows = blocks.shape[0] * (I8_GROUP if int8 else 1)
+    return QLinear(blocks.data_ptr(), bias_ptr, rows, in_features, int(qtype == "Q8_0"), int(int8))
 
 
 def llama_scratch(weights: LlamaWeights, rows: int) -> torch.Tensor:
@@ -205,17 +208,33 @@ def kernel_seconds() -> float:
     return k.agora_kernel_time_ns() / 1e9
 
 
+def repack_i8(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
+    """GGUF rows ``[N, K / 32 * block_bytes]`` (N a multiple of 8) in the int8-activation kernel's
+    layout: groups of 8 rows, each block of the 8 rows interleaved 4 weights at a time, as
+    ``[N / 8, K / 32 * tile bytes]`` (the same bytes in all)."""
+    k = lib()
+    assert k is not None, "CPU kernels are not available"
+    n, row_bytes = blocks.shape
+    assert n % I8_GROUP == 0, f"int8 activations need whole groups of {I8_GROUP} rows, got {n}"
+    kdim = row_bytes // BLOCK_BYTES[qtype] * 32
+    blocks = blocks.contiguous()
+    out = torch.empty(n // I8_GROUP, row_bytes * I8_GROUP, dtype=torch.uint8)
+    k.agora_repack_i8(blocks.data_ptr(), n, kdim, int(qtype == "Q8_0"), out.data_ptr())
+    return out
+
+
 def linear(
     x: torch.Tensor, qweight: torch.Tensor, qtype: str, bias: torch.Tensor | None, int8: bool = False
 ) -> torch.Tensor:
     """``x @ W.T + bias`` for fp32 ``x [..., K]`` and W as GGUF blocks ``[N, K / 32 * block_bytes]``;
-    ``int8``: x quantized to int8 in blocks of 32 first (llama.cpp's numerics: faster, not exact)."""
+    ``int8``: W as ``repack_i8`` left it, and x quantized to int8 in blocks of 32 first
+    (llama.cpp's numerics: faster, not exact)."""
     k = lib()
     assert k is not None, "CPU kernels are not available"
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
     m, kdim = x2.shape
-    n = qweight.shape[0]
+    n = qweight.shape[0] * (I8_GROUP if int8 else 1)
     y = torch.empty(m, n, dtype=torch.float32)
     bias_ptr = None if bias is None else bias.data_ptr()
     threads = torch.get_num_threads()

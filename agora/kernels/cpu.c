@@ -257,27 +257,63 @@ void agora_linear_q8_0(const float *x, int64_t M, int64_t K, const uint8_t *w, i
  * fp32 scale per block (d = max|x| / 127, q = round(x / d)); a weight block then meets an x block
  * in integer arithmetic and only the block's sum is scaled:
  *     Q4_1 (w = dw * qw + mw, qw in 0..15):  dw dx sum(qw qx) + mw (dx sum(qx))
- *     Q8_0 (w = dw * qw, qw in -127..127):   dw dx sum(qw qx)
+ *     Q8_0 (w = dw * qw, qw in -128..127):   dw dx sum(qw qx)
  * sum(qw qx) is exact in int32, so the only rounding beyond fp32's is x's (about 0.4% of a
- * block's largest value). The dot runs 32 products an instruction pair (AVX2 maddubs, which
- * needs an unsigned operand: Q8_0's signs move onto x) or one (AVX512-VNNI / AVX-VNNI dpbusd),
- * and a weight block is unpacked to bytes, not to floats: decode reads and works far less. */
-typedef struct {
-    int8_t *q; /* [M, K] */
-    /* Per block of 32: the scale, and scale * sum(q) (Q4_1's offset term), laid out so that a tile
-     * of ROWS rows has one block's scales side by side: [M / ROWS (rounded up), K / 32, ROWS]. */
-    float *d, *s;
-} xq8;
+ * block's largest value).
+ *
+ * The weights are repacked once (agora_repack_i8) so that 8 output rows are computed together
+ * without any horizontal sum: for each group of 8 rows and each block, 4 consecutive weights of
+ * each row sit side by side, so one 32-byte vector holds "chunk c" (weights 4c..4c+3) of all 8
+ * rows, and x's 4 matching bytes are broadcast against it:
+ *
+ *     chunk vector c:  row0[4c..4c+3] row1[4c..4c+3] ... row7[4c..4c+3]      (32 bytes)
+ *     dpbusd(acc, chunk c, broadcast x[4c..4c+3])  -> lane n += row n's 4 products
+ *     after 8 chunks: lane n = row n's integer dot for the block; one FMA scales all 8
+ *
+ * A group's block ("tile") is stored as: Q4_1: d[8] m[8] (fp16), then 4 vectors whose low
+ * nibbles are chunks 0..3 and high nibbles chunks 4..7 (160 bytes, as the 8 source blocks);
+ * Q8_0: d[8] (fp16), then the 8 chunk vectors (272 bytes). Tiles are group-major ([N / 8, K / 32]),
+ * so a group's row of tiles streams contiguously. AVX2 without VNNI uses maddubs (u8 x s8 pairs
+ * into s16: Q8_0's signs move onto x, |w| <= 128 keeps every pair sum within s16). */
+#define I8_GROUP 8
+#define I8_TILE_Q4_1 160
+#define I8_TILE_Q8_0 272
+#define I8_ROWS 4 /* rows of x per pass over a group's tiles (accumulators + unpacked chunks fit 16 registers) */
 
-static inline int64_t scale_at(int64_t row, int64_t block, int64_t nb) {
-    return ((row / ROWS) * nb + block) * ROWS + row % ROWS;
+static inline int64_t i8_tile_bytes(int q8) { return q8 ? I8_TILE_Q8_0 : I8_TILE_Q4_1; }
+
+/* GGUF rows [N, K / 32 blocks] -> tiles [N / 8, K / 32]; N % 8 == 0. */
+void agora_repack_i8(const uint8_t *w, int64_t N, int64_t K, int64_t q8, uint8_t *out) {
+    const int64_t nb = K / QK, bytes = q8 ? Q8_0_BYTES : Q4_1_BYTES, tb = i8_tile_bytes((int)q8);
+    for (int64_t g = 0; g < N / I8_GROUP; g++)
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *t = out + (g * nb + b) * tb;
+            uint8_t q[I8_GROUP][QK]; /* each row's 32 weights as bytes (Q4_1: 0..15, Q8_0: int8 bits) */
+            for (int n = 0; n < I8_GROUP; n++) {
+                const uint8_t *blk = w + ((g * I8_GROUP + n) * nb + b) * bytes;
+                memcpy(t + 2 * n, blk, 2); /* d */
+                if (q8) {
+                    memcpy(q[n], blk + 2, QK);
+                } else {
+                    memcpy(t + 16 + 2 * n, blk + 2, 2); /* m */
+                    for (int j = 0; j < 16; j++) q[n][j] = blk[4 + j] & 0x0f, q[n][j + 16] = blk[4 + j] >> 4;
+                }
+            }
+            uint8_t *v = t + (q8 ? 16 : 32);
+            for (int c = 0; c < (q8 ? 8 : 4); c++)
+                for (int n = 0; n < I8_GROUP; n++)
+                    for (int j = 0; j < 4; j++)
+                        v[c * 32 + n * 4 + j] = q8 ? q[n][4 * c + j] : (uint8_t)(q[n][4 * c + j] | q[n][4 * c + 16 + j] << 4);
+        }
 }
 
+typedef struct {
+    int8_t *q; /* [M, K] */
+    float *d, *s; /* [M, K / 32]: scale, and scale * sum(q) (Q4_1's offset term) */
+} xq8;
+
 static void quantize_x(const float *x, int64_t M, int64_t K, xq8 out) {
-    const int64_t nb = K / QK, padded = (M + ROWS - 1) / ROWS * ROWS;
-    for (int64_t r = M; r < padded; r++) /* the last tile's missing rows: scale 0 */
-        for (int64_t b = 0; b < nb; b++) out.d[scale_at(r, b, nb)] = out.s[scale_at(r, b, nb)] = 0.f;
-    for (int64_t i = 0; i < M * nb; i++) {
+    for (int64_t i = 0; i < M * (K / QK); i++) {
         const float *xb = x + i * QK;
         int8_t *qb = out.q + i * QK;
         float amax = 0.f;
@@ -291,8 +327,7 @@ static void quantize_x(const float *x, int64_t M, int64_t K, xq8 out) {
             q32[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * j), vid),
                                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
         /* pack 32 int32 -> 32 int8 (values are within -127..127), then undo the lane interleave */
-        __m256i p16a = _mm256_packs_epi32(q32[0], q32[1]), p16b = _mm256_packs_epi32(q32[2], q32[3]);
-        __m256i p8 = _mm256_packs_epi16(p16a, p16b);
+        __m256i p8 = _mm256_packs_epi16(_mm256_packs_epi32(q32[0], q32[1]), _mm256_packs_epi32(q32[2], q32[3]));
         p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256((__m256i *)qb, p8);
         __m256i s32 = _mm256_add_epi32(_mm256_add_epi32(q32[0], q32[1]), _mm256_add_epi32(q32[2], q32[3]));
@@ -307,180 +342,134 @@ static void quantize_x(const float *x, int64_t M, int64_t K, xq8 out) {
             sum += v;
         }
 #endif
-        out.d[scale_at(i / nb, i % nb, nb)] = d;
-        out.s[scale_at(i / nb, i % nb, nb)] = d * (float)sum;
+        out.d[i] = d;
+        out.s[i] = d * (float)sum;
     }
 }
+
+/* Floats of scratch linear_i8 needs for M rows of K (the quantized x and its scales). */
+static inline int64_t i8_scratch_floats(int64_t M, int64_t K) { return M * K / 4 + 2 * M * (K / QK) + 16; }
 
 #if AGORA_AVX2
-/* 8 int32 lanes of sum(u[j] * s[j]) over 32 byte pairs (u unsigned, s signed). */
-static inline __m256i dot_u8s8(__m256i u, __m256i s) {
+/* lanes += sum over 4-byte groups of u[j] * s[j] (u unsigned, s signed) */
+static inline __m256i dot_acc(__m256i acc, __m256i u, __m256i s) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+    return _mm256_dpbusd_epi32(acc, u, s);
 #elif defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
 #else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)); /* |pair sum| <= 32512 */
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 #endif
 }
 
-static inline __attribute__((always_inline)) __m256i unpack_i8(int q8, const uint8_t *blk, __m256i *wsign) {
-    if (q8) {
-        *wsign = _mm256_loadu_si256((const __m256i *)(blk + 2));
-        return _mm256_sign_epi8(*wsign, *wsign); /* |w| (-128 stays 128 as a byte) */
-    }
-    const __m128i q = _mm_loadu_si128((const __m128i *)(blk + 4)), mask = _mm_set1_epi8(0x0f);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), mask), _mm_and_si128(q, mask));
-}
-
-/* One weight row against one row of quantized x: per block, 8 int32 partial sums scaled into two
- * alternating accumulators (decode of a single stream: no other row shares the unpacking). */
-static inline void row_dot_i8_one(int q8, const uint8_t *wrow, int64_t nb, xq8 x, int64_t row, int64_t K,
-                                  int64_t b0, float *out, int add) {
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    float off = 0.f;
-    const int64_t bytes = q8 ? Q8_0_BYTES : Q4_1_BYTES, nbx = K / QK;
+/* y[r, 8 rows of group] for R (1..I8_ROWS) rows of x, over `nb` tiles of one group. */
+static inline __attribute__((always_inline)) void group_dot_i8(int q8, const uint8_t *tiles, int64_t nb, xq8 x,
+                                                               int64_t row0, int64_t K, int R, float *y,
+                                                               int64_t ldy) {
+    __m256 acc[I8_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    const int64_t tb = i8_tile_bytes(q8), nbx = K / QK;
+    const __m256i mask = _mm256_set1_epi8(0x0f);
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = wrow + b * bytes;
-        __m256i wsign = _mm256_setzero_si256();
-        const __m256i w8 = unpack_i8(q8, blk, &wsign);
-        __m256i x8 = _mm256_loadu_si256((const __m256i *)(x.q + row * K + (b0 + b) * QK));
-        if (q8) x8 = _mm256_sign_epi8(x8, wsign); /* the signs of w move onto x */
-        const int64_t at = scale_at(row, b0 + b, nbx);
-        const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(w8, x8));
-        acc[b & 1] = _mm256_fmadd_ps(p, _mm256_set1_ps(half_to_float(blk) * x.d[at]), acc[b & 1]);
-        if (!q8) off += half_to_float(blk + 2) * x.s[at];
-    }
-    const float v = hsum(_mm256_add_ps(acc[0], acc[1])) + off;
-    *out = add ? *out + v : v;
-}
-
-/* One weight row against a tile of R (2..ROWS) rows of quantized x, the rows' sums in the lanes of
- * one vector: per block, R integer dots, one 8-to-1 reduction, and one multiply-add with the
- * tile's scales for this block (side by side in x.d / x.s), so no scalar work per row. */
-static inline __attribute__((always_inline)) void row_dot_i8(int q8, const uint8_t *wrow, int64_t nb, xq8 x,
-                                                             int64_t row0, int64_t K, int64_t b0, int R, float *out,
-                                                             int64_t ldo, int add) {
-    if (R == 1) {
-        row_dot_i8_one(q8, wrow, nb, x, row0, K, b0, out, add);
-        return;
-    }
-    __m256 acc = _mm256_setzero_ps();
-    const int64_t bytes = q8 ? Q8_0_BYTES : Q4_1_BYTES, nbx = K / QK;
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = wrow + b * bytes;
-        __m256i wsign = _mm256_setzero_si256();
-        const __m256i w8 = unpack_i8(q8, blk, &wsign);
-        __m256i p[ROWS];
-        for (int r = 0; r < ROWS; r++) {
-            if (r < R) {
-                __m256i x8 = _mm256_loadu_si256((const __m256i *)(x.q + (row0 + r) * K + (b0 + b) * QK));
-                if (q8) x8 = _mm256_sign_epi8(x8, wsign);
-                p[r] = dot_u8s8(w8, x8);
-            } else {
-                p[r] = _mm256_setzero_si256();
+        const uint8_t *t = tiles + b * tb;
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
+        __m256i v[8], sg[8];
+        if (q8) {
+            for (int c = 0; c < 8; c++) {
+                sg[c] = _mm256_loadu_si256((const __m256i *)(t + 16 + 32 * c));
+                v[c] = _mm256_sign_epi8(sg[c], sg[c]); /* |w|; its signs move onto x */
+            }
+        } else {
+            for (int c = 0; c < 4; c++) {
+                const __m256i p = _mm256_loadu_si256((const __m256i *)(t + 32 + 32 * c));
+                v[c] = _mm256_and_si256(p, mask);
+                v[c + 4] = _mm256_and_si256(_mm256_srli_epi16(p, 4), mask);
             }
         }
-        /* lane r <- the sum of p[r]'s 8 lanes */
-        const __m256i s01 = _mm256_hadd_epi32(p[0], p[1]), s23 = _mm256_hadd_epi32(p[2], p[3]);
-        const __m256i s45 = _mm256_hadd_epi32(p[4], p[5]), s67 = _mm256_hadd_epi32(p[6], p[7]);
-        const __m256i s03 = _mm256_hadd_epi32(s01, s23), s47 = _mm256_hadd_epi32(s45, s67);
-        const __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(s03, s47, 0x20),
-                                              _mm256_permute2x128_si256(s03, s47, 0x31));
-        const int64_t at = scale_at(row0, b0 + b, nbx);
-        const __m256 scale = _mm256_mul_ps(_mm256_set1_ps(half_to_float(blk)), _mm256_loadu_ps(x.d + at));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
-        if (!q8) acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(blk + 2)), _mm256_loadu_ps(x.s + at), acc);
+        for (int r = 0; r < R; r++) {
+            const int64_t row = row0 + r, at = row * nbx + b;
+            const int8_t *xq = x.q + row * K + b * QK;
+            __m256i isum = _mm256_setzero_si256();
+            for (int c = 0; c < 8; c++) {
+                int32_t four;
+                memcpy(&four, xq + 4 * c, 4);
+                __m256i xb = _mm256_set1_epi32(four);
+                if (q8) xb = _mm256_sign_epi8(xb, sg[c]);
+                isum = dot_acc(isum, v[c], xb);
+            }
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, _mm256_set1_ps(x.d[at])), acc[r]);
+            if (!q8) {
+                const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(t + 16)));
+                acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(x.s[at]), acc[r]);
+            }
+        }
     }
-    float v[ROWS];
-    _mm256_storeu_ps(v, acc);
-    for (int r = 0; r < R; r++) out[r * ldo] = add ? out[r * ldo] + v[r] : v[r];
+    for (int r = 0; r < R; r++) _mm256_storeu_ps(y + r * ldy, acc[r]);
 }
 #else
-static inline void row_dot_i8(int q8, const uint8_t *wrow, int64_t nb, xq8 x, int64_t row0, int64_t K, int64_t b0,
-                              int R, float *out, int64_t ldo, int add) {
-    const int64_t bytes = q8 ? Q8_0_BYTES : Q4_1_BYTES, nbx = K / QK;
-    for (int r = 0; r < R; r++) {
-        float acc = 0.f;
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *blk = wrow + b * bytes;
-            const int8_t *xq = x.q + (row0 + r) * K + (b0 + b) * QK;
-            const int64_t xb = scale_at(row0 + r, b0 + b, nbx);
-            int32_t dot = 0;
-            if (q8) {
-                for (int j = 0; j < QK; j++) dot += (int8_t)blk[2 + j] * xq[j];
-                acc += half_to_float(blk) * x.d[xb] * (float)dot;
-            } else {
-                for (int j = 0; j < 16; j++) dot += (blk[4 + j] & 0x0f) * xq[j] + (blk[4 + j] >> 4) * xq[j + 16];
-                acc += half_to_float(blk) * x.d[xb] * (float)dot + half_to_float(blk + 2) * x.s[xb];
+static inline void group_dot_i8(int q8, const uint8_t *tiles, int64_t nb, xq8 x, int64_t row0, int64_t K, int R,
+                                float *y, int64_t ldy) {
+    const int64_t tb = i8_tile_bytes(q8), nbx = K / QK;
+    for (int r = 0; r < R; r++)
+        for (int n = 0; n < I8_GROUP; n++) {
+            float acc = 0.f;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *t = tiles + b * tb;
+                const int8_t *xq = x.q + (row0 + r) * K + b * QK;
+                const int64_t at = (row0 + r) * nbx + b;
+                int32_t dot = 0;
+                for (int c = 0; c < 8; c++)
+                    for (int j = 0; j < 4; j++) {
+                        const int wq = q8 ? (int8_t)t[16 + 32 * c + 4 * n + j]
+                                          : (t[32 + 32 * (c & 3) + 4 * n + j] >> (c < 4 ? 0 : 4)) & 0x0f;
+                        dot += wq * xq[4 * c + j];
+                    }
+                acc += half_to_float(t + 2 * n) * x.d[at] * (float)dot;
+                if (!q8) acc += half_to_float(t + 16 + 2 * n) * x.s[at];
             }
+            y[r * ldy + n] = acc;
         }
-        out[r * ldo] = add ? out[r * ldo] + acc : acc;
-    }
 }
 #endif
 
-static inline __attribute__((always_inline)) void rows_dot_i8(int q8, const uint8_t *wrow, int64_t nb, xq8 x,
-                                                              int64_t row0, int64_t K, int64_t b0, int64_t R,
-                                                              float *out, int64_t ldo, int add) {
-    switch (R) {
-        case 8: row_dot_i8(q8, wrow, nb, x, row0, K, b0, 8, out, ldo, add); break;
-        case 7: row_dot_i8(q8, wrow, nb, x, row0, K, b0, 7, out, ldo, add); break;
-        case 6: row_dot_i8(q8, wrow, nb, x, row0, K, b0, 6, out, ldo, add); break;
-        case 5: row_dot_i8(q8, wrow, nb, x, row0, K, b0, 5, out, ldo, add); break;
-        case 4: row_dot_i8(q8, wrow, nb, x, row0, K, b0, 4, out, ldo, add); break;
-        case 3: row_dot_i8(q8, wrow, nb, x, row0, K, b0, 3, out, ldo, add); break;
-        case 2: row_dot_i8(q8, wrow, nb, x, row0, K, b0, 2, out, ldo, add); break;
-        case 1: row_dot_i8(q8, wrow, nb, x, row0, K, b0, 1, out, ldo, add); break;
-        default: break;
-    }
-}
-
-/* Floats of scratch linear_blocks_i8 needs for M rows of K (the quantized x and its scales). */
-static inline int64_t i8_scratch_floats(int64_t M, int64_t K) {
-    return M * K / 4 + 2 * (M + ROWS - 1) / ROWS * ROWS * (K / QK) + 16;
-}
-
-/* As linear_blocks, with x quantized first into `scratch` (i8_scratch_floats floats). */
-static void linear_blocks_i8(int q8, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
-                             const float *bias, float *y, float *scratch, int64_t nthreads) {
-    const int64_t nb = K / QK, bytes = q8 ? Q8_0_BYTES : Q4_1_BYTES, row_bytes = nb * bytes;
-    const int64_t scales = (M + ROWS - 1) / ROWS * ROWS * nb;
-    xq8 xq = {(int8_t *)(scratch + 2 * scales), scratch, scratch + scales};
+/* y[M, N] = x[M, K] @ W^T (+ bias) with x quantized to int8 (into `scratch`, i8_scratch_floats
+ * floats) and W repacked by agora_repack_i8. Each thread takes whole groups of 8 weight rows. */
+static void linear_i8(int q8, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
+                      float *y, float *scratch, int64_t nthreads) {
+    const int64_t nb = K / QK, groups = N / I8_GROUP, tb = i8_tile_bytes(q8);
+    xq8 xq = {(int8_t *)(scratch + 2 * M * nb), scratch, scratch + M * nb};
     quantize_x(x, M, K, xq);
-    const int64_t nblocks_target = nthreads * ((N + nthreads * NBLK - 1) / (nthreads * NBLK));
-    const int64_t NB = (N + nblocks_target - 1) / nblocks_target, nblocks = (N + NB - 1) / NB;
-    const int64_t tile_bytes = (M < ROWS ? M : ROWS) * K; /* int8: a quarter of the fp32 tile */
-    const int64_t chunks = tile_bytes > 24576 ? (K + 2047) / 2048 : 1;
-    const int64_t cb = (nb + chunks - 1) / chunks;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t blk = 0; blk < nblocks; blk++) {
-        const int64_t n0 = blk * NB, n1 = n0 + NB < N ? n0 + NB : N;
-        for (int64_t m = 0; m < M; m += ROWS) {
-            const int64_t R = M - m < ROWS ? M - m : ROWS;
-            for (int64_t kb = 0; kb < nb; kb += cb) {
-                const int64_t cnb = nb - kb < cb ? nb - kb : cb;
-                for (int64_t n = n0; n < n1; n++)
-                    rows_dot_i8(q8, w + n * row_bytes + kb * bytes, cnb, xq, m, K, kb, R, y + m * N + n, N, kb > 0);
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *tiles = w + g * nb * tb;
+        for (int64_t m = 0; m < M; m += I8_ROWS) {
+            const int64_t R = M - m < I8_ROWS ? M - m : I8_ROWS;
+            float *yg = y + m * N + g * I8_GROUP;
+            switch (R) {
+                case 4: group_dot_i8(q8, tiles, nb, xq, m, K, 4, yg, N); break;
+                case 3: group_dot_i8(q8, tiles, nb, xq, m, K, 3, yg, N); break;
+                case 2: group_dot_i8(q8, tiles, nb, xq, m, K, 2, yg, N); break;
+                default: group_dot_i8(q8, tiles, nb, xq, m, K, 1, yg, N); break;
             }
         }
         if (bias)
             for (int64_t r = 0; r < M; r++)
-                for (int64_t n = n0; n < n1; n++) y[r * N + n] += bias[n];
+                for (int64_t n = g * I8_GROUP; n < (g + 1) * I8_GROUP; n++) y[r * N + n] += bias[n];
     }
 }
 
 int64_t agora_linear_i8_scratch_floats(int64_t M, int64_t K) { return i8_scratch_floats(M, K); }
 
-/* As agora_linear_q4_1 / _q8_0 with int8 activations; scratch: agora_linear_i8_scratch_floats(M, K). */
+/* As agora_linear_q4_1 / _q8_0 with int8 activations, W repacked (agora_repack_i8), N % 8 == 0;
+ * scratch: agora_linear_i8_scratch_floats(M, K) floats. */
 void agora_linear_q4_1_i8(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
                           float *y, float *scratch, int64_t nthreads) {
-    TIMED(linear_blocks_i8(0, x, M, K, w, N, bias, y, scratch, nthreads));
+    TIMED(linear_i8(0, x, M, K, w, N, bias, y, scratch, nthreads));
 }
 
 void agora_linear_q8_0_i8(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
                           float *y, float *scratch, int64_t nthreads) {
-    TIMED(linear_blocks_i8(1, x, M, K, w, N, bias, y, scratch, nthreads));
+    TIMED(linear_i8(1, x, M, K, w, N, bias, y, scratch, nthreads));
 }
 
 #if AGORA_AVX2
@@ -1181,7 +1170,7 @@ static inline uint16_t float_to_half(float f) {
 static void qlinear(const agora_qlinear *l, const float *x, int64_t M, float *y, float *i8_scratch,
                     int64_t nthreads) {
     if (l->i8)
-        linear_blocks_i8((int)l->q8, x, M, l->k, l->w, l->n, l->bias, y, i8_scratch, nthreads);
+        linear_i8((int)l->q8, x, M, l->k, l->w, l->n, l->bias, y, i8_scratch, nthreads);
     else
         linear_blocks((int)l->q8, x, M, l->k, l->w, l->n, l->bias, y, nthreads);
 }

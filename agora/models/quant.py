@@ -39,8 +39,10 @@ class GGUFLinear(nn.Linear):
         self.weight = base.weight  # shared: a tied lm_head stays tied to the embedding
         self.bias = base.bias
         self.qtype = qtype
-        self.int8 = int8  # the kernel quantizes x to int8 first (--gguf-activations int8)
-        self.register_buffer("blocks", blocks, persistent=False)
+        # --gguf-activations int8: the kernel quantizes x to int8 first, and `blocks` holds the
+        # weight rows in its layout (kernels.repack_i8: groups of 8 rows, [N / 8, ...]).
+        self.int8 = int8
+        self.register_buffer("blocks", kernels.repack_i8(blocks, qtype) if int8 else blocks, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
@@ -112,14 +114,15 @@ def attach_gguf_blocks(
             continue
         parent_name, _, child = module_name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, GGUFLinear(module, rows, qtype, int8))
+        int8_here = int8 and module.out_features % kernels.I8_GROUP == 0  # else this layer keeps fp32 math
+        setattr(parent, child, GGUFLinear(module, rows, qtype, int8_here))
         swapped += 1
     logger.debug("%d linear layers read their GGUF blocks directly", swapped)
     return swapped
 
 
 def _fused(parts: list[GGUFLinear]) -> GGUFLinear | None:
-    if len({p.qtype for p in parts}) != 1 or len({p.in_features for p in parts}) != 1:
+    if len({(p.qtype, p.in_features, p.int8) for p in parts}) != 1:
         return None
     if len({p.bias is None for p in parts}) != 1:
         return None
@@ -128,15 +131,17 @@ def _fused(parts: list[GGUFLinear]) -> GGUFLinear | None:
         base.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
         if base.bias is not None:
             base.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)  # type: ignore[misc]
-    fused = GGUFLinear(base, torch.cat([p.blocks for p in parts]), parts[0].qtype, parts[0].int8)
+    fused = GGUFLinear(base, torch.cat([p.blocks for p in parts]), parts[0].qtype)
+    if parts[0].int8:  # the parts' blocks are repacked already: whole groups of 8 rows, concatenated as they are
+        fused.int8 = True
     # The separate layers now view the fused tensors, so nothing is stored twice.
-    start = 0
+    start, per_entry = 0, kernels.I8_GROUP if fused.int8 else 1  # weight rows per row of `blocks`
     for p in parts:
         end = start + p.out_features
         p.weight = nn.Parameter(fused.weight[start:end], requires_grad=False)
         if p.bias is not None:
             p.bias = nn.Parameter(fused.bias[start:end], requires_grad=False)  # type: ignore[index]
-        p.blocks = fused.blocks[start:end]
+        p.blocks = fused.blocks[start // per_entry : end // per_entry]
         start = end
     return fused
 

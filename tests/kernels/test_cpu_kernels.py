@@ -53,7 +53,7 @@ def int8_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) 
 @pytest.mark.parametrize("qtype", kernels.QTYPES)
 @pytest.mark.parametrize("m", [1, 2, 3, 8, 9, 23, 64])
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize(("n", "k"), [(96, 160), (333, 96), (200, 3200)])
+@pytest.mark.parametrize(("n", "k"), [(96, 160), (336, 96), (200, 3200)])
 def test_int8_activation_linear_is_exact_on_the_quantized_input(
     qtype: str, m: int, with_bias: bool, n: int, k: int
 ) -> None:
@@ -61,7 +61,9 @@ def test_int8_activation_linear_is_exact_on_the_quantized_input(
     x = torch.randn(m, k) * torch.rand(m, 1) * 4  # rows of different scales
     x[0, :32] = 0  # an all-zero block: scale 0
     bias = torch.randn(n) if with_bias else None
-    got = kernels.linear(x, blocks, qtype, bias, int8=True)
+    repacked = kernels.repack_i8(blocks, qtype)
+    assert repacked.shape == (n // 8, blocks.shape[1] * 8)  # the same bytes, 8 rows a group
+    got = kernels.linear(x, repacked, qtype, bias, int8=True)
     torch.testing.assert_close(got, int8_reference(x, w, bias), rtol=1e-5, atol=5e-5)  # fp32 summation order
     # ... and close to, not equal to, the fp32 product: x's rounding is the only difference.
     exact = F.linear(x, w, bias)
@@ -76,9 +78,17 @@ def test_int8_activation_q8_0_takes_the_most_negative_weight() -> None:
     blocks[:, 2:34] = torch.tensor([0x80, 0x7F] * 16, dtype=torch.uint8)  # -128, 127, ... in every block
     w = torch.from_numpy(dequantize(blocks.numpy(), gguf.GGMLQuantizationType.Q8_0).astype(np.float32))
     x = torch.full((3, 64), -1.0)
-    torch.testing.assert_close(
-        kernels.linear(x, blocks, "Q8_0", None, int8=True), int8_reference(x, w, None), rtol=1e-5, atol=1e-5
-    )
+    got = kernels.linear(x, kernels.repack_i8(blocks, "Q8_0"), "Q8_0", None, int8=True)
+    torch.testing.assert_close(got, int8_reference(x, w, None), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_activations_skip_layers_without_whole_groups_of_rows() -> None:
+    blocks, _ = quantized(12, 64, "Q4_1")
+    model = torch.nn.Sequential(torch.nn.Linear(64, 12, bias=False), torch.nn.Linear(64, 16, bias=False))
+    wide, _ = quantized(16, 64, "Q4_1")
+    assert attach_gguf_blocks(model, {"0.weight": ("Q4_1", blocks), "1.weight": ("Q4_1", wide)}, False, int8=True) == 2
+    assert (model[0].int8, model[1].int8) == (False, True)
+    assert torch.equal(model[0].blocks, blocks)  # 12 rows: the fp32 block kernel, blocks as the file has them
 
 
 def test_linear_keeps_leading_dims() -> None:
