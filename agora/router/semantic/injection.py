@@ -585,6 +585,13 @@ def train(embedder: SentenceEmbedder, examples: list[Example], tuner: Tuner | No
     threshold = float(np.nextafter(benign[allowed], np.inf)) if allowed < len(benign) else 0.5
     attack = np.array([e.label == 1 for e in data])  # how that threshold does on them, each out of its fold
     out_of_fold = (float((scores[attack] >= threshold).mean()), float((scores[~attack] >= threshold).mean()))
+    by_family: dict[str, list[bool]] = {}
+    for e, s in zip(data, scores, strict=True):
+        by_family.setdefault(e.kind.split("/")[0], []).append(bool((s >= threshold) == (e.label == 1)))
+    say(
+        f"threshold {threshold:.4f}, out of fold: recall {out_of_fold[0]:.4f}, false positives {out_of_fold[1]:.4f}; "
+        + ", ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in sorted(by_family.items()))
+    )
     say("the models on every group")
     lexical = _fit_sparse([f for f, t in zip(feats, known, strict=True) if t], y[known])
     tuned, emb = encode(known)
