@@ -23,7 +23,6 @@ import platform
 import re
 import statistics
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,9 +170,6 @@ def main() -> None:
     scores = np.array([detector.scan([e.text])[0].score for e in test])  # one request each: the real budget
     old = JailbreakDetector(embedder)
     old_scores = np.array([old.score(e.text[:4000]).score for e in test])
-    by_kind: dict[str, list[bool]] = defaultdict(list)
-    for e, s in zip(test, scores, strict=True):
-        by_kind[e.kind.split("/")[0]].append(bool((s >= model.threshold) == (e.label == 1)))
     result = {
         "host": f"{platform.node()}, {cpu_description()}",
         "data": {
@@ -191,7 +187,7 @@ def main() -> None:
             "training_texts_out_of_fold": oof,
         },  # fmt: skip
         "previous_detector": {"shipped": _rates(old_scores, y, 0.8), "at_5pct_fp": _at_fp(old_scores, y)},
-        "correct_by_family": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_kind.items())},
+        "correct_by_family": {k: round(v, 3) for k, v in inj.correct_by_family(test, scores, model.threshold).items()},
         "misses": [
             [e.label, round(float(s), 3), e.kind, e.text[:90]]
             for e, s in zip(test, scores, strict=True)

@@ -585,18 +585,24 @@ def train(embedder: SentenceEmbedder, examples: list[Example], tuner: Tuner | No
     threshold = float(np.nextafter(benign[allowed], np.inf)) if allowed < len(benign) else 0.5
     attack = np.array([e.label == 1 for e in data])  # how that threshold does on them, each out of its fold
     out_of_fold = (float((scores[attack] >= threshold).mean()), float((scores[~attack] >= threshold).mean()))
-    by_family: dict[str, list[bool]] = {}
-    for e, s in zip(data, scores, strict=True):
-        by_family.setdefault(e.kind.split("/")[0], []).append(bool((s >= threshold) == (e.label == 1)))
     say(
         f"threshold {threshold:.4f}, out of fold: recall {out_of_fold[0]:.4f}, false positives {out_of_fold[1]:.4f}; "
-        + ", ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in sorted(by_family.items()))
+        + ", ".join(f"{k} {v:.3f}" for k, v in correct_by_family(data, scores, threshold).items())
     )
     say("the models on every group")
     lexical = _fit_sparse([f for f, t in zip(feats, known, strict=True) if t], y[known])
     tuned, emb = encode(known)
     return InjectionModel(lexical, _fit_dense(emb[known], y[known]), stack, gate, round(threshold, 4), lexical_only,
                           FROZEN_LAYERS if tuned else 0, tuned, embedder.fingerprint, out_of_fold)  # fmt: skip
+
+
+def correct_by_family(examples: list[Example], scores: np.ndarray, threshold: float) -> dict[str, float]:
+    """Per family (the kind before its "/"), the share of ``examples`` that ``threshold`` puts on the side of their
+    label, families in name order."""
+    by_family: dict[str, list[bool]] = {}
+    for e, s in zip(examples, scores, strict=True):
+        by_family.setdefault(e.kind.split("/")[0], []).append(bool((s >= threshold) == (e.label == 1)))
+    return {k: sum(v) / len(v) for k, v in sorted(by_family.items())}
 
 
 def _changes(start: list[tuple], layers: list[tuple]) -> tuple:
