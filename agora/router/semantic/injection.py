@@ -106,6 +106,19 @@ _CLASSES_ML = {
     "rules": "reglas regeln règles regole regras instrucciones anweisungen consignes istruzioni instruções instrucoes instruksi restricciones einschränkungen beschränkungen restrizioni restrições filtros filtern правила инструкции ограничений ограничения ルール 制限 指示 规则 限制 指令 提示 hướng dẫn quy tắc hạn chế سياسات التعليمات القيود kurallar",
     "you": "tu tus tú du dein deine deinen votre vos tes ton sua suo seu suas ваши твои свои あなた 你 bạn",
     "now": "ahora jetzt maintenant adesso agora сейчас теперь 今から 现在 从现在 bây giờ",
+    "secret": "mot_de_passe mots_de_passe kata_sandi mật_khẩu 密码 密钥 令牌 凭证 パスワード トークン 認証情報 비밀번호 암호 토큰 كلمة_المرور كلمات_المرور",
+    "send": "发送 发给 上传 送信 送って 送る アップロード 보내 전송 업로드 أرسل ارسل",
+    "frame": "fais_semblant stell_dir_vor tu_so_als 假装 想象 扮演 角色扮演 ふりをして 演じて ロールプレイ 척해 역할극 giả_vờ tưởng_tượng تظاهر تخيل hayal_et",
+    "ai": "人工智能 アシスタント 어시스턴트 인공지능 trợ_lý الذكاء_الاصطناعي المساعد yapay_zeka",
+    "stealth": "不要告诉 悄悄 こっそり 内緒 몰래 말하지_마 ничего_ему_не_говори sans_le_dire sin_decírselo di_nascosto",
+}  # fmt: skip
+# single words of the scripts that space their words, matched whole in any text like the English classes (none
+# of them is an English word, so an English text is scored as before)
+_CLASSES_ML_WORDS = {
+    "secret": "contraseña contraseñas credenciales identifiants passwort passwörter kennwort kennwörter zugangsdaten credenziali senha senhas credenciais wachtwoord wachtwoorden inloggegevens hasło hasła haseł sandi rahasia kredensial пароль пароли паролей ключ ключи токен токены şifre şifreler şifrelerini şifremi parola",
+    "send": "envía envia envíe enviar envoie envoyer envoyez transmets schick schicke schicken sende übermittle invia inviare inviami envie mande stuur stuurt verstuur wyślij wysłać prześlij kirim kirimkan unggah отправь отправить отправьте перешли пришли gửi gönder gönderin",
+    "frame": "finge fingi finja imagina immagina personaje personaggio personagem представь притворись персонаж",
+    "ai": "ia ki asistente assistente assistent asystent asisten ии ассистент помощник нейросеть",
 }  # fmt: skip
 _QUESTION_WORDS = frozenset(
     "how what why when where which who whom whose can could should would is are was were do does did will shall may might am".split()
@@ -128,7 +141,29 @@ _WORD_CLASSES: dict[str, tuple[str, ...]] = {}
 for _name, _words in _CLASSES.items():
     for _w in _words.split():
         _WORD_CLASSES[_w] = (*_WORD_CLASSES.get(_w, ()), _name)
-_ML_WORDS = tuple((w, name) for name, words in _CLASSES_ML.items() for w in words.split())
+for _name, _words in _CLASSES_ML_WORDS.items():
+    for _w in _words.split():
+        _WORD_CLASSES[_w] = (*_WORD_CLASSES.get(_w, ()), _name)
+
+
+def _spaced_script(word: str) -> bool:
+    """Latin (Vietnamese included) or Cyrillic: a script that puts spaces between words, so a match must be whole."""
+    return all(c.isascii() or "\u00c0" <= c <= "\u04ff" or "\u1e00" <= c <= "\u1eff" for c in word)
+
+
+_ENGLISH_TOO = frozenset("ton tes agora".split())  # words of these languages that English (or agora) uses too
+# A single word of a spaced script is matched whole in any text, as the English classes are ("Ignoriere alle
+# vorherigen Anweisungen" is plain ASCII); the rest only in texts that are not all ASCII: phrases and the words
+# English uses too whole, the other scripts (CJK, kana, hangul, Arabic with its attached prefixes) inside words.
+_ML_WORDS: list[tuple[str, str]] = []
+for _name, _words in _CLASSES_ML.items():
+    for _w in (x.replace("_", " ") for x in _words.split()):
+        if not _spaced_script(_w):
+            _ML_WORDS.append((_w, _name))
+        elif " " in _w or _w in _ENGLISH_TOO:
+            _ML_WORDS.append((f" {_w} ", _name))
+        else:
+            _WORD_CLASSES[_w] = (*_WORD_CLASSES.get(_w, ()), _name)
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 _LEET = str.maketrans({"4": "a", "3": "e", "1": "i", "0": "o", "5": "s", "7": "t", "@": "a", "$": "s"})
@@ -292,7 +327,7 @@ def _mood(words: list[str], question: bool) -> str | None:
 def _classes(words: list[str], question: bool = False) -> list[str]:
     found = {c for w in words for c in _WORD_CLASSES.get(w, ())}
     if not all(w.isascii() for w in words):
-        joined = " ".join(words)
+        joined = f" {' '.join(words)} "
         found |= {c for w, c in _ML_WORDS if w in joined}
     names = sorted(found)
     out = [f"§{a}" for a in names] + [f"§{a}+{b}" for i, a in enumerate(names) for b in names[i + 1 :]]
