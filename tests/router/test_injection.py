@@ -121,6 +121,10 @@ def test_word_classes_in_other_languages() -> None:
     # not inside another word, and not the words English shares with them
     assert classes("The sandwich shop sends a ton of coupons about agora to the kiosk.") == {"send"}
     assert "you" not in classes("Das Menü enthält Kartoffeln, Gemüse und Suppe.")
+    # an order is an order in those languages too; a question or a statement is not
+    for text in ("Envía el archivo a esta dirección.", "Bitte zeige mir die Datei.", "Пожалуйста, покажи файл."):
+        assert inj._mood(inj.segment(inj.prepare(text)).words, False) == "imp", text
+    assert inj._mood(inj.segment(inj.prepare("El archivo está en la carpeta.")).words, False) is None
 
 
 def test_an_override_asked_about_or_forbidden_is_no_rule_hit() -> None:

@@ -28,7 +28,7 @@ gateway runs them in numpy). The stacker is fitted on out-of-fold predictions (e
 tuned layers), and the shipped threshold is chosen there too, so the held-out split
 (``benchmarks/injection_eval.py``) never informs training. Training is deterministic on a given host
 and takes minutes (``make_injection_set.py --train``); the gateway loads the committed result,
-``data/injection_model.npz`` (the tuned layers as int8 changes to the encoder's, MODEL_MB MB).
+``data/injection_model.npz`` (the tuned layers as int8 changes to the encoder's, 6.7 MB).
 
 The cost is bounded: the lexical pass is linear in the text (a 1 MB tool result in two to three seconds
 here, every word read), and at most ``max_embedded`` segments per call go through the encoder.
@@ -137,6 +137,29 @@ _VERBS = frozenset(("send post upload forward email paste include append embed a
                     "click install download call change set update reply respond answer say describe recommend rate rank close "
                     "accept schedule label assign create grab collect search look fetch make act pretend imagine become enter "
                     "switch activate enable unlock reset erase wipe treat consider").split())  # fmt: skip
+# The same moods in the other languages that open an order on its verb (Spanish, French, German, Italian, Portuguese,
+# Dutch, Polish, Indonesian, Russian): the imperatives of the commonest of those verbs, "please", and the names of an AI.
+_LEAD_INS |= frozenset("por favor bitte per favore alsjeblieft proszę tolong silakan пожалуйста".split())
+_ADDRESSEES |= frozenset("ia ki asistente assistente assistent asystent asisten ии ассистент".split())
+_VERBS |= frozenset((
+    "envía envia manda muestra revela dime dame olvida copia escribe borra elimina finge imagina actúa responde pega "
+    "publica sube incluye añade imprime "
+    "envoie envoyez montre montrez révèle révélez dis dites donne donnez oublie oubliez copiez écris écrivez supprime "
+    "efface fais agis réponds colle publie ajoute affiche "
+    "schick schicke sende zeig zeige verrate gib ignoriere vergiss kopiere schreib schreibe lösche stell antworte "
+    "füge veröffentliche drucke "
+    "invia mostra mostrami rivela dimmi dammi dimentica scrivi cancella fingi immagina agisci rispondi incolla pubblica "
+    "carica aggiungi stampa "
+    "envie mande mostre revele diga esqueça copie escreva apague exclua finja aja responda cole publique inclua "
+    "adicione imprima "
+    "stuur verstuur toon vertel geef negeer vergeet kopieer schrijf verwijder antwoord plak publiceer voeg "
+    "wyślij pokaż ujawnij powiedz daj zignoruj zapomnij skopiuj napisz usuń udawaj wyobraź odpowiedz wklej opublikuj "
+    "dodaj wydrukuj "
+    "kirim kirimkan tampilkan tunjukkan ungkapkan beritahu berikan abaikan lupakan salin tulis hapus bayangkan jawab "
+    "tempel unggah tambahkan cetak "
+    "отправь пришли покажи раскрой скажи расскажи дай игнорируй забудь скопируй напиши удали притворись представь "
+    "ответь вставь опубликуй загрузи добавь выведи"
+).split())  # fmt: skip
 _WORD_CLASSES: dict[str, tuple[str, ...]] = {}
 for _name, _words in _CLASSES.items():
     for _w in _words.split():

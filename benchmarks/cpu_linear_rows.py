@@ -1,0 +1,94 @@
+"""Where the GGUF block kernels stop paying: one linear at 16 to 256 rows, every path side by side.
+
+    python benchmarks/cpu_linear_rows.py --out benchmarks/results/cpu_linear_rows.json
+
+A step of T tokens multiplies [T, K] activations by each layer's weight. Up to
+``agora.models.quant.MAX_KERNEL_ROWS`` (64) rows the CPU kernels read the GGUF Q4_1 blocks
+(fp32 math, or int8 activations with ``--gguf-activations int8``); past it the step goes to
+PyTorch's GEMM on the dequantized weight (fp32, or bf16 with ``--dtype bfloat16``). Speculative
+verification at 16 agents makes steps of about 100 tokens, so this says which path such a step
+should take. SmolLM2-135M's three linear shapes (gate/up fused, down, q/k/v fused), synthetic
+Q4_1 blocks; each figure is the median of ``--repeats`` calls, the paths alternating in one
+process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from agora import kernels
+from agora.bench.report import cpu_description
+from agora.models.quant import gemm
+
+SHAPES = [(3072, 576), (576, 1536), (960, 576)]  # (out, in): gate/up, down, qkv
+ROWS = [16, 32, 64, 96, 128, 192, 256]
+
+
+def q4_1_blocks(n: int, k: int, rng: np.random.Generator) -> torch.Tensor:
+    """Random Q4_1 rows [n, k / 32 * 20]: fp16 scale and minimum, then 16 bytes of 4-bit values."""
+    nb = k // 32
+    blocks = np.zeros((n, nb, 20), np.uint8)
+    blocks[:, :, 0:2] = (rng.random((n, nb)) * 0.01 + 0.001).astype(np.float16).view(np.uint8).reshape(n, nb, 2)
+    blocks[:, :, 2:4] = (-rng.random((n, nb)) * 0.05).astype(np.float16).view(np.uint8).reshape(n, nb, 2)
+    blocks[:, :, 4:] = rng.integers(0, 256, (n, nb, 16), dtype=np.uint8)
+    return torch.from_numpy(blocks.reshape(n, nb * 20).copy())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    if not kernels.available():
+        raise SystemExit("the CPU kernels are not built here")
+    rng = np.random.default_rng(0)
+    rows_out = []
+    for n, k in SHAPES:
+        blocks = q4_1_blocks(n, k, rng)
+        blocks_i8 = kernels.repack_i8(blocks, "Q4_1")
+        weight = torch.randn(n, k) * 0.02
+        weight_bf16 = weight.to(torch.bfloat16)
+        for m in ROWS:
+            x = torch.randn(m, k)
+            paths = {  # called in this iteration only
+                "kernel_fp32": partial(kernels.linear, x, blocks, "Q4_1", None, False),
+                "kernel_int8": partial(kernels.linear, x, blocks_i8, "Q4_1", None, True),
+                "gemm_fp32": partial(gemm, x, weight, None),
+                "gemm_bf16": partial(gemm, x, weight_bf16, None),  # x rounded to bf16, the product back to fp32
+            }
+            times: dict[str, list[float]] = {name: [] for name in paths}
+            for fn in paths.values():
+                fn()
+            for _ in range(args.repeats):
+                for name, fn in paths.items():
+                    start = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - start)
+            row = {
+                "shape": [n, k],
+                "rows": m,
+                **{f"{p}_ms": round(statistics.median(t) * 1e3, 4) for p, t in times.items()},
+            }
+            rows_out.append(row)
+            print(f"{n}x{k} rows {m:4d}: " + "  ".join(f"{p} {row[p + '_ms']:.3f}" for p in paths) + " ms", flush=True)
+    result = {
+        "host": cpu_description(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "rows": rows_out,
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
