@@ -588,7 +588,8 @@ def train(embedder: SentenceEmbedder, examples: list[Example], tuner: Tuner | No
     say = progress or (lambda _: None)
     data = [e for e in examples if e.split == "train"]
     texts, feats, labels, groups, text_rows, prepared = _labeled_segments(data)
-    fold_of = lambda g: int(hashlib.sha256(g.encode()).hexdigest(), 16) % _FOLDS  # noqa: E731
+    # salted: the held-out split is the unsalted hash's residue 0, which would leave that fold empty
+    fold_of = lambda g: int(hashlib.sha256(f"fold:{g}".encode()).hexdigest(), 16) % _FOLDS  # noqa: E731
     seg_fold = np.array([fold_of(g) for g in groups])
     known = np.array([len(lab) == 1 for lab in labels])
     y = np.array([next(iter(lab)) if len(lab) == 1 else -1 for lab in labels], np.float64)
@@ -608,7 +609,7 @@ def train(embedder: SentenceEmbedder, examples: list[Example], tuner: Tuner | No
     lex_oof, emb_oof = np.zeros((_FOLDS, len(texts))), np.zeros((_FOLDS, len(texts)))
     for k in range(_FOLDS):
         if not (seg_fold == k).any():
-            continue  # no group falls in this fold (the held-out split takes one residue of the same hash)
+            continue  # no group falls in this fold (a labeled set of a handful of groups)
         tr = known & (seg_fold != k)
         say(f"fold {k}: models without its {len(set(np.array(groups)[seg_fold == k]))} groups")
         wl = _fit_sparse([f for f, t in zip(feats, tr, strict=True) if t], y[tr])
