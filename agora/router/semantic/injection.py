@@ -100,25 +100,18 @@ _CLASSES = {
     "now": "now henceforth onward onwards immediately",
     "obey": "obey comply execute follow obeys complies",
 }  # fmt: skip
-# the same classes in the languages the encoder reads poorly (matched inside words: CJK has no spaces)
+# the same classes in the languages the encoder reads poorly ("_" joins a phrase's words; how each entry is matched
+# depends on its script: see _ML_WORDS below)
 _CLASSES_ML = {
     "override": "ignora ignorez ignoriere vergiss olvida oublie dimentica esqueça esqueca abaikan negeer zignoruj забудь игнорируй 忘れ 無視 忽略 无视 忘记 bỏ qua تجاهل unut",
     "rules": "reglas regeln règles regole regras instrucciones anweisungen consignes istruzioni instruções instrucoes instruksi restricciones einschränkungen beschränkungen restrizioni restrições filtros filtern правила инструкции ограничений ограничения ルール 制限 指示 规则 限制 指令 提示 hướng dẫn quy tắc hạn chế سياسات التعليمات القيود kurallar",
     "you": "tu tus tú du dein deine deinen votre vos tes ton sua suo seu suas ваши твои свои あなた 你 bạn",
     "now": "ahora jetzt maintenant adesso agora сейчас теперь 今から 现在 从现在 bây giờ",
-    "secret": "mot_de_passe mots_de_passe kata_sandi mật_khẩu 密码 密钥 令牌 凭证 パスワード トークン 認証情報 비밀번호 암호 토큰 كلمة_المرور كلمات_المرور",
-    "send": "发送 发给 上传 送信 送って 送る アップロード 보내 전송 업로드 أرسل ارسل",
-    "frame": "fais_semblant stell_dir_vor tu_so_als 假装 想象 扮演 角色扮演 ふりをして 演じて ロールプレイ 척해 역할극 giả_vờ tưởng_tượng تظاهر تخيل hayal_et",
-    "ai": "人工智能 アシスタント 어시스턴트 인공지능 trợ_lý الذكاء_الاصطناعي المساعد yapay_zeka",
+    "secret": "contraseña contraseñas credenciales identifiants passwort passwörter kennwort kennwörter zugangsdaten credenziali senha senhas credenciais wachtwoord wachtwoorden inloggegevens hasło hasła haseł sandi rahasia kredensial пароль пароли паролей ключ ключи токен токены şifre şifreler şifrelerini şifremi parola mot_de_passe mots_de_passe kata_sandi mật_khẩu 密码 密钥 令牌 凭证 パスワード トークン 認証情報 비밀번호 암호 토큰 كلمة_المرور كلمات_المرور",
+    "send": "envía envia envíe enviar envoie envoyer envoyez transmets schick schicke schicken sende übermittle invia inviare inviami envie mande stuur stuurt verstuur wyślij wysłać prześlij kirim kirimkan unggah отправь отправить отправьте перешли пришли gửi gönder gönderin 发送 发给 上传 送信 送って 送る アップロード 보내 전송 업로드 أرسل ارسل",
+    "frame": "finge fingi finja imagina immagina personaje personaggio personagem представь притворись персонаж fais_semblant stell_dir_vor tu_so_als 假装 想象 扮演 角色扮演 ふりをして 演じて ロールプレイ 척해 역할극 giả_vờ tưởng_tượng تظاهر تخيل hayal_et",
+    "ai": "ia ki asistente assistente assistent asystent asisten ии ассистент помощник нейросеть 人工智能 アシスタント 어시스턴트 인공지능 trợ_lý الذكاء_الاصطناعي المساعد yapay_zeka",
     "stealth": "不要告诉 悄悄 こっそり 内緒 몰래 말하지_마 ничего_ему_не_говори sans_le_dire sin_decírselo di_nascosto",
-}  # fmt: skip
-# single words of the scripts that space their words, matched whole in any text like the English classes (none
-# of them is an English word, so an English text is scored as before)
-_CLASSES_ML_WORDS = {
-    "secret": "contraseña contraseñas credenciales identifiants passwort passwörter kennwort kennwörter zugangsdaten credenziali senha senhas credenciais wachtwoord wachtwoorden inloggegevens hasło hasła haseł sandi rahasia kredensial пароль пароли паролей ключ ключи токен токены şifre şifreler şifrelerini şifremi parola",
-    "send": "envía envia envíe enviar envoie envoyer envoyez transmets schick schicke schicken sende übermittle invia inviare inviami envie mande stuur stuurt verstuur wyślij wysłać prześlij kirim kirimkan unggah отправь отправить отправьте перешли пришли gửi gönder gönderin",
-    "frame": "finge fingi finja imagina immagina personaje personaggio personagem представь притворись персонаж",
-    "ai": "ia ki asistente assistente assistent asystent asisten ии ассистент помощник нейросеть",
 }  # fmt: skip
 _QUESTION_WORDS = frozenset(
     "how what why when where which who whom whose can could should would is are was were do does did will shall may might am".split()
@@ -162,9 +155,6 @@ _VERBS |= frozenset((
 ).split())  # fmt: skip
 _WORD_CLASSES: dict[str, tuple[str, ...]] = {}
 for _name, _words in _CLASSES.items():
-    for _w in _words.split():
-        _WORD_CLASSES[_w] = (*_WORD_CLASSES.get(_w, ()), _name)
-for _name, _words in _CLASSES_ML_WORDS.items():
     for _w in _words.split():
         _WORD_CLASSES[_w] = (*_WORD_CLASSES.get(_w, ()), _name)
 
