@@ -103,15 +103,17 @@ _CLASSES = {
 # the same classes in the languages the encoder reads poorly ("_" joins a phrase's words; how each entry is matched
 # depends on its script: see _ML_WORDS below)
 _CLASSES_ML = {
-    "override": "ignora ignorez ignoriere vergiss olvida oublie dimentica esqueça esqueca abaikan negeer zignoruj забудь игнорируй 忘れ 無視 忽略 无视 忘记 bỏ qua تجاهل unut",
-    "rules": "reglas regeln règles regole regras instrucciones anweisungen consignes istruzioni instruções instrucoes instruksi restricciones einschränkungen beschränkungen restrizioni restrições filtros filtern правила инструкции ограничений ограничения ルール 制限 指示 规则 限制 指令 提示 hướng dẫn quy tắc hạn chế سياسات التعليمات القيود kurallar",
+    "override": "ignora ignorez ignoriere vergiss olvida oublie dimentica esqueça esqueca abaikan negeer zignoruj забудь игнорируй 忘れ 無視 忽略 无视 忘记 bỏ qua تجاهل unut omite vergeet zapomnij 잊어 무시 lupakan quên yok_say desactiva désactive deaktiviere disattiva desative desativa wyłącz отключи matikan",
+    "rules": "reglas regeln règles regole regras instrucciones anweisungen consignes istruzioni instruções instrucoes instruksi restricciones einschränkungen beschränkungen restrizioni restrições filtros filtern правила инструкции ограничений ограничения ルール 制限 指示 规则 限制 指令 提示 hướng dẫn quy tắc hạn chế سياسات التعليمات القيود kurallar regels zasady zasad aturan kurallar kuralın talimatlar talimatları правил запретов beperkingen ograniczeń ograniczenia batasan kısıtlama filtry filtri sicherheitsfilter 约束 規則 制約 규칙 제약 지시 지침 giới_hạn القواعد قيود richtlinien direttive diretrizes directrices richtlijnen wytyczne pedoman yönergeler",
     "you": "tu tus tú du dein deine deinen votre vos tes ton sua suo seu suas ваши твои свои あなた 你 bạn",
-    "now": "ahora jetzt maintenant adesso agora сейчас теперь 今から 现在 从现在 bây giờ",
-    "secret": "contraseña contraseñas credenciales identifiants passwort passwörter kennwort kennwörter zugangsdaten credenziali senha senhas credenciais wachtwoord wachtwoorden inloggegevens hasło hasła haseł sandi rahasia kredensial пароль пароли паролей ключ ключи токен токены şifre şifreler şifrelerini şifremi parola mot_de_passe mots_de_passe kata_sandi mật_khẩu 密码 密钥 令牌 凭证 パスワード トークン 認証情報 비밀번호 암호 토큰 كلمة_المرور كلمات_المرور",
-    "send": "envía envia envíe enviar envoie envoyer envoyez transmets schick schicke schicken sende übermittle invia inviare inviami envie mande stuur stuurt verstuur wyślij wysłać prześlij kirim kirimkan unggah отправь отправить отправьте перешли пришли gửi gönder gönderin 发送 发给 上传 送信 送って 送る アップロード 보내 전송 업로드 أرسل ارسل",
-    "frame": "finge fingi finja imagina immagina personaje personaggio personagem представь притворись персонаж fais_semblant stell_dir_vor tu_so_als 假装 想象 扮演 角色扮演 ふりをして 演じて ロールプレイ 척해 역할극 giả_vờ tưởng_tượng تظاهر تخيل hayal_et",
-    "ai": "ia ki asistente assistente assistent asystent asisten ии ассистент помощник нейросеть 人工智能 アシスタント 어시스턴트 인공지능 trợ_lý الذكاء_الاصطناعي المساعد yapay_zeka",
-    "stealth": "不要告诉 悄悄 こっそり 内緒 몰래 말하지_마 ничего_ему_не_говори sans_le_dire sin_decírselo di_nascosto",
+    "now": "ahora jetzt maintenant adesso agora сейчас теперь 今から 现在 从现在 bây giờ désormais desormais ab_sofort vanaf_nu od_teraz mulai_sekarang sekarang từ_bây_giờ с_этого_момента 지금부터 من_الآن bundan_sonra a_partir_de_ahora",
+    "secret": "contraseña contraseñas credenciales identifiants passwort passwörter kennwort kennwörter zugangsdaten credenziali senha senhas credenciais wachtwoord wachtwoorden inloggegevens hasło hasła haseł sandi rahasia kredensial пароль пароли паролей ключ ключи токен токены şifre şifreler şifrelerini şifremi parola mot_de_passe mots_de_passe kata_sandi mật_khẩu 密码 密钥 令牌 凭证 パスワード トークン 認証情報 비밀번호 암호 토큰 كلمة_المرور كلمات_المرور clave claves sleutel klucz klucze kunci anahtar anahtarı anahtarını chiave chiavi chave chaves clé clés schlüssel キー مفتاح",
+    "send": "envía envia envíe enviar envoie envoyer envoyez transmets schick schicke schicken sende übermittle invia inviare inviami envie mande stuur stuurt verstuur wyślij wysłać prześlij kirim kirimkan unggah отправь отправить отправьте перешли пришли gửi gönder gönderin 发送 发给 上传 送信 送って 送る アップロード 보내 전송 업로드 أرسل ارسل inoltra encaminhe reenvía transfère przekaż teruskan ilet 转发 転送 전달 chuyển_tiếp copia copie kopiere kopieer skopiuj salin скопируй sao_chép kopyala 复制 コピー 복사 انسخ pega colle incolla cole plak wklej tempel вставь yapıştır 粘贴 貼り付け 붙여 الصق sube carica carregue",
+    "frame": "finge fingi finja imagina immagina personaje personaggio personagem представь притворись персонаж fais_semblant stell_dir_vor tu_so_als 假装 想象 扮演 角色扮演 ふりをして 演じて ロールプレイ 척해 역할극 giả_vờ tưởng_tượng تظاهر تخيل hayal_et rol papel rôle rolle ruolo speel udawaj сыграй роль đóng_vai oyna novela romanzo powieść powieści роман 小説 小说 소설 juega joue gioca jogue",
+    "ai": "ia ki asistente assistente assistent asystent asisten ии ассистент помощник нейросеть 人工智能 アシスタント 어시스턴트 인공지능 trợ_lý الذكاء_الاصطناعي المساعد yapay_zeka asystenta asystencie asistan asistanı помощнику ассистенту sztuczna_inteligencja kecerdasan_buatan",
+    "stealth": "不要告诉 悄悄 こっそり 内緒 몰래 말하지_마 ничего_ему_не_говори sans_le_dire sin_decírselo di_nascosto heimlich discrètement en_secreto sin_avisar sem_avisar potajemnie diam_diam lặng_lẽ тайно незаметно 秘密 سرًا gizlice segretamente secretamente stillschweigend",
+    "detail": "exactamente exactement genau esattamente exatamente precies dokładnie точно дословно 逐字 そのまま 그대로 persis nguyên_văn حرفيًا kelimesi_kelimesine wörtlich palabra_por_palabra parola_per_parola palavra_por_palavra letterlijk słowo_w_słowo kata_demi_kata mot_pour_mot reales réel réels echten vero veri verdade echt prawdziwy prawdziwe настоящий настоящий 真实 本当 실제 asli thật حقيقي gerçek",
+    "harm": "bomba bombe bombu esplosivo explosivos explosifs sprengsatz sprengstoff взрывчатку взрывчатки взрывчатка бомбу бомба оружие яд veneno veleno arma armas armi waffe waffen metanfetamina hackear pirater hacken взломать взлом 入侵 黑客 爆弾 爆発物 爆炸 炸弹 毒药 폭탄 해킹 peledak قنبلة متفجرات patlayıcı zehir trucizna trucizny truciznę mencuri rubare robar stehlen roubar stelen ukraść украсть 盗む 훔치 rançongiciel",
 }  # fmt: skip
 _QUESTION_WORDS = frozenset(
     "how what why when where which who whom whose can could should would is are was were do does did will shall may might am".split()
@@ -165,16 +167,20 @@ def _spaced_script(word: str) -> bool:
 
 
 _ENGLISH_TOO = frozenset("ton tes agora".split())  # words of these languages that English (or agora) uses too
-# A single word of a spaced script is matched whole in any text, as the English classes are ("Ignoriere alle
-# vorherigen Anweisungen" is plain ASCII); the rest only in texts that are not all ASCII: phrases and the words
-# English uses too whole, the other scripts (CJK, kana, hangul, Arabic with its attached prefixes) inside words.
+# A word or phrase of a spaced script is matched whole in any text, as the English classes are ("Ignoriere alle
+# vorherigen Anweisungen", "mulai sekarang" are plain ASCII); the rest only in texts that are not all ASCII: the
+# words English uses too whole, the other scripts (CJK, kana, hangul, Arabic with its attached prefixes) inside words.
 _ML_WORDS: list[tuple[str, str]] = []
+_PHRASES: dict[str, list[tuple[tuple[str, ...], str]]] = {}  # first word -> (the words after it, class)
 for _name, _words in _CLASSES_ML.items():
     for _w in (x.replace("_", " ") for x in _words.split()):
         if not _spaced_script(_w):
             _ML_WORDS.append((_w, _name))
-        elif " " in _w or _w in _ENGLISH_TOO:
+        elif _w in _ENGLISH_TOO:
             _ML_WORDS.append((f" {_w} ", _name))
+        elif " " in _w:
+            _first, *_rest = _w.split()
+            _PHRASES.setdefault(_first, []).append((tuple(_rest), _name))
         else:
             _WORD_CLASSES[_w] = (*_WORD_CLASSES.get(_w, ()), _name)
 
@@ -339,6 +345,10 @@ def _mood(words: list[str], question: bool) -> str | None:
 
 def _classes(words: list[str], question: bool = False) -> list[str]:
     found = {c for w in words for c in _WORD_CLASSES.get(w, ())}
+    for i, w in enumerate(words):
+        for rest, c in _PHRASES.get(w, ()):
+            if tuple(words[i + 1 : i + 1 + len(rest)]) == rest:
+                found.add(c)
     if not all(w.isascii() for w in words):
         joined = f" {' '.join(words)} "
         found |= {c for w, c in _ML_WORDS if w in joined}
