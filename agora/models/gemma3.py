@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from agora import kernels
 from agora.models.layers import PagedAttention, PagedCausalLM, RotaryEmbedding
+from agora.models.native import NativeLlamaLayers
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -91,8 +93,24 @@ class GemmaRMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(dim))
         self.eps = eps
+        self._scale: tuple[tuple[int, int], torch.Tensor] | None = None  # (the weight's storage and version, 1 + w)
+
+    def scale(self) -> torch.Tensor:
+        """``1 + weight``, computed again only when the weight changed."""
+        key = (self.weight.data_ptr(), self.weight._version)
+        if self._scale is None or self._scale[0] != key:
+            self._scale = key, (1.0 + self.weight).detach().contiguous()
+        return self._scale[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and self.weight.dtype == x.dtype
+            and not torch.is_grad_enabled()
+            and kernels.available()
+        ):  # one kernel call where torch runs six ops (a step of the 270M model has 108 of these norms)
+            return kernels.rms_norm(x, self.scale(), self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return (h * (1.0 + self.weight.float())).type_as(x)
@@ -115,12 +133,18 @@ class Gemma3Attention(nn.Module):
         self.q_norm = GemmaRMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = GemmaRMSNorm(d, cfg.rms_norm_eps)
         self.rotary = rotary
+        self.qkv_proj: nn.Module | None = None  # q, k and v in one layer, set by models.quant.fuse_projections
+        self.qkv_sizes = [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d]
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: PagedAttention) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(t, self.num_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim))
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = self.q_norm(q.reshape(t, self.num_heads, self.head_dim))
+        k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim))
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
         return self.o_proj(attn(self.layer_idx, q, k, v).reshape(t, self.num_heads * self.head_dim))
 
@@ -131,9 +155,17 @@ class Gemma3MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # gate and up in one layer, set by models.quant.fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate_up = self.gate_up_proj(x)
+            if gate_up.dtype == torch.float32 and gate_up.device.type == "cpu" and not torch.is_grad_enabled():
+                return self.down_proj(kernels.gelu_tanh_mul(gate_up))  # fused: set only where the kernels load
+            gate, up = gate_up.chunk(2, -1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class Gemma3DecoderLayer(nn.Module):
@@ -167,10 +199,15 @@ class Gemma3Model(nn.Module):
         )
         self.norm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.embed_scale = cfg.hidden_size**0.5
+        # Every layer as one native call, set by the loader where every linear reads GGUF blocks (models.native).
+        self.native: NativeLlamaLayers | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: PagedAttention) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        native = attn.native() if self.native is not None and self.native.runs(x, positions) else None
+        if self.native is not None and native is not None:
+            return self.norm(self.native.forward(x, positions, native))
         for layer in self.layers:
             x = layer(x, positions, attn)
         return self.norm(x)
@@ -185,6 +222,10 @@ class Gemma3ForCausalLM(PagedCausalLM):
     @property
     def attention_scale(self) -> float:
         return self.config.query_pre_attn_scalar**-0.5
+
+    def build_native_layers(self) -> bool:
+        self.model.native = NativeLlamaLayers.build(self.model)
+        return self.model.native is not None
 
     @property
     def layer_sliding_windows(self) -> list[int | None]:

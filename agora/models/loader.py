@@ -3,8 +3,9 @@
 Both paths end in the same place: an HF-style config dict, an HF-named state
 dict, a model class from the registry, and a folder of tokenizer files that
 ``transformers.AutoTokenizer`` reads. GGUF tensors are dequantized to the working
-dtype; on CPU in fp32 the Q4_1/Q8_0 blocks are kept too, for the decode kernels
-(``models.quant``). A GGUF's tokenizer is converted once by transformers and cached.
+dtype; on CPU in fp32 the blocks are kept too, for the decode kernels (``models.quant``):
+Q4_1/Q8_0 as they are, the other formats repacked (``models.gguf_repack``). A GGUF's
+tokenizer is converted once by transformers and cached.
 """
 
 from __future__ import annotations
@@ -231,10 +232,12 @@ def _read_gguf(
     path: Path, cfg: dict[str, Any], keep_blocks: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, torch.Tensor]]]:
     """HF-named fp32 tensors, and (with ``keep_blocks``) the raw rows of the tensors stored
-    in a block format the CPU kernels read (Q4_1, Q8_0), with the same row order."""
+    in a block format the CPU kernels read (Q4_1, Q8_0; the other formats repacked to QU8), with the
+    same row order."""
     from gguf.quants import dequantize
 
     from agora import kernels
+    from agora.models import gguf_repack
 
     gguf = GGUFFile(path)
     arch = gguf.metadata["general.architecture"]
@@ -243,7 +246,11 @@ def _read_gguf(
     for t in tqdm(gguf.tensors, desc=f"dequantizing {path.name}", unit="tensor", leave=False):
         name = gguf_to_hf_name(t.name, arch)
         arr = dequantize(t.data, t.qtype)
-        raw = t.data if keep_blocks and t.qtype.name in kernels.QTYPES and t.data.ndim == 2 else None
+        qtype, raw = t.qtype.name, None
+        if keep_blocks and t.data.ndim == 2 and qtype in kernels.QTYPES:
+            raw = t.data
+        elif keep_blocks and t.data.ndim == 2 and qtype in gguf_repack.FORMATS:
+            raw, qtype = gguf_repack.repack(t.data, qtype, arr.reshape(t.data.shape[0], -1)), "QU8"
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = cfg["num_attention_heads"] if name.endswith("q_proj.weight") else cfg["num_key_value_heads"]
             arr = unpermute_qk(arr, heads)
@@ -252,7 +259,7 @@ def _read_gguf(
             arr = arr - 1.0  # llama.cpp stores Gemma's (1 + w) norm scale; HF keeps w
         weights[name] = torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))  # writable copy
         if raw is not None:
-            blocks[name] = (t.qtype.name, torch.from_numpy(np.array(raw, dtype=np.uint8, order="C")))
+            blocks[name] = (qtype, torch.from_numpy(np.array(raw, dtype=np.uint8, order="C")))
     return weights, blocks
 
 
@@ -317,7 +324,7 @@ def load_model(
     model = model.to(device=device, dtype=dtype).eval()
     if gemm_dtype is not None and gemm_dtype != dtype:
         cast_gemm_weights(model.model.layers, gemm_dtype)  # type: ignore[union-attr, arg-type]
-    if int8_activations and not blocks:
+    if int8_activations and not any(qtype in kernels.I8_QTYPES for qtype, _ in blocks.values()):
         raise ValueError(
             "--gguf-activations int8 needs a GGUF model with Q4_1/Q8_0 layers on the CPU kernels, in fp32 "
             f"({files.source.name} on {device.type} in {str(dtype).removeprefix('torch.')}"

@@ -8,8 +8,8 @@ preallocated scratch that runs the very same kernels in the same order, so the
 hidden states are bit for bit those of the module path; it only takes over where
 that path would use the kernels anyway:
 
-- every linear of every layer reads GGUF Q4_1/Q8_0 blocks, q/k/v and gate/up fused
-  (``models.quant``), the weights fp32 on the CPU;
+- every linear of every layer reads GGUF blocks (Q4_1, Q8_0, or QU8 repacked from the
+  other formats), q/k/v and gate/up fused (``models.quant``), the weights fp32 on the CPU;
 - the step has at most ``MAX_KERNEL_ROWS`` tokens (beyond that the linears use fp32
   GEMMs, which win on prefill chunks);
 - the attention backend can describe the step to the kernels (``PagedAttention.native``:
@@ -35,26 +35,31 @@ class NativeLlamaLayers:
     """The layers of a ``LlamaModel`` as structs the kernels read; ``build`` returns None where
     some layer cannot run natively (the model then keeps its module path)."""
 
-    def __init__(self, weights: list[kernels.LlamaWeights], cos: torch.Tensor, sin: torch.Tensor) -> None:
+    def __init__(self, weights: list[kernels.LlamaWeights], rope: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.weights = weights
-        self.cos, self.sin = cos, sin
+        self.rope = rope  # each layer's cos and sin tables (Gemma's local and global layers have their own)
         self.scratch = kernels.llama_scratch(weights[0], MAX_KERNEL_ROWS)
 
     @classmethod
     def build(cls, model: nn.Module) -> NativeLlamaLayers | None:
         if not kernels.available() or not len(model.layers):  # type: ignore[arg-type]
             return None
-        weights = []
+        weights, rope = [], []
         for i, layer in enumerate(model.layers):  # type: ignore[arg-type]
             attn, mlp = layer.self_attn, layer.mlp
             hidden = layer.input_layernorm.weight.shape[0]
             qkv, o = _blocks(attn.qkv_proj, hidden), _blocks(attn.o_proj, attn.num_heads * attn.head_dim)
             gate_up, down = _blocks(mlp.gate_up_proj, hidden), _blocks(mlp.down_proj, mlp.down_proj.in_features)
-            tensors = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+            # Gemma 3 (a norm before and after each block, GELU-tanh) or Llama (a norm before each, SiLU)
+            gemma = hasattr(layer, "pre_feedforward_layernorm")
+            pre_mlp = layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm
+            post = (layer.post_attention_layernorm, layer.post_feedforward_layernorm) if gemma else ()
+            norms = [layer.input_layernorm, pre_mlp, *post]
             if attn.q_norm is not None:
-                tensors += [attn.q_norm.weight, attn.k_norm.weight]
+                norms += [attn.q_norm, attn.k_norm]
+            tensors = {id(n): _norm_scale(n) for n in norms}
             if None in (qkv, o, gate_up, down) or any(
-                t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors
+                t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors.values()
             ):
                 return None
             weights.append(
@@ -66,18 +71,21 @@ class NativeLlamaLayers:
                     attn.head_dim,
                     mlp.down_proj.in_features,
                     layer.input_layernorm.eps,
-                    tensors[0].data_ptr(),
-                    tensors[1].data_ptr(),
-                    attn.q_norm.weight.data_ptr() if attn.q_norm is not None else None,
-                    attn.k_norm.weight.data_ptr() if attn.k_norm is not None else None,
+                    tensors[id(layer.input_layernorm)].data_ptr(),
+                    tensors[id(pre_mlp)].data_ptr(),
+                    tensors[id(attn.q_norm)].data_ptr() if attn.q_norm is not None else None,
+                    tensors[id(attn.k_norm)].data_ptr() if attn.k_norm is not None else None,
                     qkv,
                     o,
                     gate_up,
                     down,
+                    tensors[id(post[0])].data_ptr() if post else None,
+                    tensors[id(post[1])].data_ptr() if post else None,
+                    int(gemma),
                 )  # fmt: skip
             )
-        rotary = model.layers[0].self_attn.rotary  # type: ignore[index]
-        return cls(weights, rotary.cos, rotary.sin)
+            rope.append((attn.rotary.cos, attn.rotary.sin))
+        return cls(weights, rope)
 
     def runs(self, x: torch.Tensor, positions: torch.Tensor) -> bool:
         """Whether this step goes through the native layers (else the module path)."""
@@ -92,6 +100,12 @@ class NativeLlamaLayers:
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attention: kernels.Attention) -> torch.Tensor:
         """Every layer on ``x [T, hidden]`` in place (``x`` is the step's own embedding output)."""
         x, positions = x.contiguous(), positions.contiguous()
-        for w in self.weights:
-            kernels.llama_layer(w, attention, x, positions, self.cos, self.sin, self.scratch)
+        for w, (cos, sin) in zip(self.weights, self.rope, strict=True):
+            kernels.llama_layer(w, attention, x, positions, cos, sin, self.scratch)
         return x
+
+
+def _norm_scale(norm: nn.Module) -> torch.Tensor:
+    """What a norm multiplies by: its weight, or Gemma's ``1 + weight`` (kept by the norm, so it outlives the struct)."""
+    scale = getattr(norm, "scale", None)
+    return scale() if callable(scale) else norm.weight

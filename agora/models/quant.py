@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agora import kernels
+from agora.models import gguf_repack
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,8 @@ def attach_gguf_blocks(
             continue
         parent_name, _, child = module_name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        int8_here = int8 and module.out_features % kernels.I8_GROUP == 0  # else this layer keeps fp32 math
+        # else this layer keeps fp32 math
+        int8_here = int8 and qtype in kernels.I8_QTYPES and module.out_features % kernels.I8_GROUP == 0
         setattr(parent, child, GGUFLinear(module, rows, qtype, int8_here))
         swapped += 1
     logger.debug("%d linear layers read their GGUF blocks directly", swapped)
@@ -122,6 +124,12 @@ def attach_gguf_blocks(
 
 
 def _fused(parts: list[GGUFLinear]) -> GGUFLinear | None:
+    if len({p.qtype for p in parts}) > 1 and not any(p.int8 for p in parts):
+        # block formats differ (Gemma's Q4_K_M: q, k in Q5_0, v in Q8_0 in half the layers): all to QU8, exactly
+        for p in parts:
+            if p.qtype != "QU8":
+                p.blocks = torch.from_numpy(gguf_repack.repack(p.blocks.numpy(), p.qtype))
+                p.qtype = "QU8"
     if len({(p.qtype, p.in_features, p.int8) for p in parts}) != 1:
         return None
     if len({p.bias is None for p in parts}) != 1:

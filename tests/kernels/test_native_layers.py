@@ -4,14 +4,21 @@ chunks of drafts, both at once), for fp32 and fp16 caches, and for the Llama fam
 
 from __future__ import annotations
 
+import types
+from unittest import mock
+
 import gguf
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from gguf.quants import dequantize, quantize
+from torch import nn
 
 from agora import kernels
 from agora.engine.attention import AttentionMetadata, TorchPagedAttention, build_group
+from agora.models import gguf_repack
+from agora.models.gemma3 import Gemma3Config, Gemma3ForCausalLM
 from agora.models.llama import LlamaConfig, LlamaForCausalLM
 from agora.models.quant import attach_gguf_blocks, cast_gemm_weights, fuse_projections
 
@@ -46,8 +53,11 @@ def quantized_llama(
                 qtype = qtypes[int(name.split(".")[2]) % len(qtypes)]
                 t = getattr(gguf.GGMLQuantizationType, qtype)
                 rows = quantize(w, t)
-                blocks[name] = (qtype, torch.from_numpy(rows))
                 w = dequantize(rows, t).astype(np.float32)
+                if qtype in gguf_repack.FORMATS:  # read through QU8, as the loader does
+                    blocks[name] = ("QU8", torch.from_numpy(gguf_repack.repack(rows, qtype, w)))
+                else:
+                    blocks[name] = (qtype, torch.from_numpy(rows))
             p.copy_(torch.from_numpy(w))
     if gemm_dtype is not None:  # as the loader does for --dtype bfloat16 on a CPU
         cast_gemm_weights(model.model.layers, gemm_dtype)
@@ -124,11 +134,17 @@ SWITCHES = {
 }
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["fp32 activations", "int8 activations"])
+@pytest.mark.parametrize(
+    ("int8", "qtypes"),
+    [(False, ("Q4_1", "Q8_0")), (True, ("Q4_1", "Q8_0")), (False, ("Q5_0", "Q4_0"))],
+    ids=["fp32 activations", "int8 activations", "QU8 blocks"],
+)
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("switches", list(SWITCHES), ids=list(SWITCHES))
-def test_native_layers_equal_the_module_path_bit_for_bit(switches: str, kv_dtype: torch.dtype, int8: bool) -> None:
-    model = quantized_llama(int8=int8, **SWITCHES[switches])
+def test_native_layers_equal_the_module_path_bit_for_bit(
+    switches: str, kv_dtype: torch.dtype, int8: bool, qtypes: tuple[str, ...]
+) -> None:
+    model = quantized_llama(int8=int8, qtypes=qtypes, **SWITCHES[switches])
     assert model.build_native_layers() and model.model.native is not None
     # Four requests with prompts of 9, 30, 17 and 3 tokens, cached by a (module path) prefill.
     prompts = [9, 30, 17, 3]
@@ -194,3 +210,78 @@ def test_int8_activations_change_the_numbers_only_slightly() -> None:
     got = step(int8, b, [9], [0], tables, native=True, seed=1)
     assert not torch.equal(got, ref)
     assert (got - ref).abs().max() < 0.1 * ref.abs().max()  # three layers of random weights: errors compound
+
+
+def quantized_gemma(seed: int = 0) -> Gemma3ForCausalLM:
+    """A random Gemma 3 (local and global layers, each with its own RoPE base; q/k norms; a norm before and after
+    attention and the MLP) whose linears are GGUF blocks as a Q4_K_M file mixes them: Q5_0 read through QU8, and
+    v in Q8_0 every other layer, so q/k/v fuse only once repacked to one format."""
+    cfg = Gemma3Config.from_hf({
+        "vocab_size": 64, "hidden_size": 128, "intermediate_size": 96, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "sliding_window": 7,
+        "sliding_window_pattern": 2, "rope_theta": 1e6, "rope_local_base_freq": 1e4, "max_position_embeddings": 256,
+        "query_pre_attn_scalar": 24,
+    })  # fmt: skip
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(cfg).eval()
+    blocks = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.normal_(0.0, 0.3)  # the norms scale by 1 + weight
+                continue
+            w = (torch.randn_like(p) * 0.15).numpy()
+            if name.startswith("model.layers."):
+                layer = int(name.split(".")[2])
+                qtype = "Q8_0" if "v_proj" in name and layer % 2 else "Q5_0"
+                t = getattr(gguf.GGMLQuantizationType, qtype)
+                rows = quantize(w, t)
+                w = dequantize(rows, t).astype(np.float32)
+                blocks[name] = (qtype, torch.from_numpy(rows))
+                if qtype in gguf_repack.FORMATS:
+                    blocks[name] = ("QU8", torch.from_numpy(gguf_repack.repack(rows, qtype, w)))
+            p.copy_(torch.from_numpy(w))
+    assert attach_gguf_blocks(model, blocks, tied=True) == len(blocks)
+    assert fuse_projections(model) == 2 * cfg.num_hidden_layers  # the Q8_0 v layers too, as QU8
+    return model
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_gemma_native_layers_equal_the_module_path_bit_for_bit(kv_dtype: torch.dtype) -> None:
+    model = quantized_gemma()
+    assert model.build_native_layers() and model.model.native is not None
+    prompts = [9, 30, 17, 3]  # past the sliding window of 7: local layers see only their window
+    tables = [list(range(b * 12, b * 12 + 12)) for b in range(4)]
+    a, b = caches(model, kv_dtype), caches(model, kv_dtype)
+    for kv in (a, b):
+        step(model, kv, prompts, [0] * 4, tables, native=False, seed=1)
+    steps = [
+        ([1, 1, 1, 1], prompts),
+        ([1, 5, 1, 1], [p + 1 for p in prompts]),
+        ([3, 4, 2, 6], [p + 2 for p in prompts[:1]] + [p + 6 for p in prompts[1:2]] + [p + 2 for p in prompts[2:]]),
+    ]
+    for i, (lens, starts) in enumerate(steps):
+        ref = step(model, a, lens, starts, tables, native=False, seed=10 + i)
+        got = step(model, b, lens, starts, tables, native=True, seed=10 + i)
+        assert torch.equal(got, ref), f"step {i}: hidden states differ by {(got - ref).abs().max()}"
+        for (ka, va), (kb, vb) in zip(a, b, strict=True):
+            assert torch.equal(ka, kb) and torch.equal(va, vb), f"step {i}: caches differ"
+        assert ref.abs().max() > 0
+
+
+def test_gemma_layers_on_the_kernels_match_the_torch_module_path() -> None:
+    """The kernels Gemma's module path calls (its norms' 1 + w, GELU-tanh-and-mul, QU8 linears) against plain
+    PyTorch math on the same weights: close, as fp32 in another summation order."""
+    model = quantized_gemma(seed=3)
+    prompts, tables = [9, 30], [list(range(0, 12)), list(range(12, 24))]
+    got = step(model, caches(model, torch.float32), prompts, [0, 0], tables, native=False, seed=1)
+    plain = quantized_gemma(seed=3)
+    for module in plain.modules():  # every linear unfused, on F.linear and its fp32 weight; norms and GELU in torch
+        if isinstance(module, nn.Linear):
+            module.forward = types.MethodType(lambda self, x: F.linear(x, self.weight, self.bias), module)
+        for slot in ("qkv_proj", "gate_up_proj"):
+            if hasattr(module, slot):
+                setattr(module, slot, None)
+    with mock.patch.object(kernels, "available", lambda: False):
+        ref = step(plain, caches(plain, torch.float32), prompts, [0, 0], tables, native=False, seed=1)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
