@@ -1086,56 +1086,53 @@ static void rms_norm(const float *x, int64_t T, int64_t H, const float *w, float
     }
 }
 
-/* y[t, :] = silu(gu[t, :I]) * gu[t, I:], for T rows of a fused gate/up projection [T, 2I]. */
-static void silu_mul(const float *gu, int64_t T, int64_t I, float *y, int64_t nthreads) {
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (T * I >= 32768)
-    for (int64_t t = 0; t < T; t++) {
-        const float *g = gu + t * 2 * I, *u = g + I;
-        float *yr = y + t * I;
-        int64_t i = 0;
+/* The MLP's activations, 8 lanes or one value at a time.
+ * silu(x) = x sigmoid(x); exp256 wants x <= 0: e = exp(-|x|), sigmoid(x) = x >= 0 ? 1 / (1 + e) : e / (1 + e).
+ * gelu_tanh(x) = x / 2 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) (Gemma's), with
+ * tanh(z) = sign(z) (1 - e) / (1 + e), e = exp(-2 |z|): only its absolute error counts, as 1 is added to it. */
+#define GELU_C 0.7978845608028654f
+#define GELU_A 0.044715f
 #if AGORA_AVX2
-        const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
-        for (; i + 8 <= I; i += 8) {
-            const __m256 x = _mm256_loadu_ps(g + i);
-            /* exp256 wants x <= 0: e = exp(-|x|); sigmoid(x) = x >= 0 ? 1 / (1 + e) : e / (1 + e) */
-            const __m256 e = exp256(_mm256_sub_ps(zero, _mm256_andnot_ps(_mm256_set1_ps(-0.f), x)));
-            const __m256 r = _mm256_div_ps(one, _mm256_add_ps(one, e));
-            const __m256 sig = _mm256_blendv_ps(_mm256_mul_ps(e, r), r, _mm256_cmp_ps(x, zero, _CMP_GE_OQ));
-            _mm256_storeu_ps(yr + i, _mm256_mul_ps(_mm256_mul_ps(x, sig), _mm256_loadu_ps(u + i)));
-        }
-#endif
-        for (; i < I; i++) yr[i] = g[i] / (1.f + expf(-g[i])) * u[i];
-    }
+static inline __m256 silu8(__m256 x) {
+    const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+    const __m256 e = exp256(_mm256_sub_ps(zero, _mm256_andnot_ps(_mm256_set1_ps(-0.f), x)));
+    const __m256 r = _mm256_div_ps(one, _mm256_add_ps(one, e));
+    return _mm256_mul_ps(x, _mm256_blendv_ps(_mm256_mul_ps(e, r), r, _mm256_cmp_ps(x, zero, _CMP_GE_OQ)));
 }
 
-/* y[t, :] = gelu_tanh(gu[t, :I]) * gu[t, I:] (Gemma's MLP), where
- *   gelu_tanh(x) = x / 2 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))),
- * tanh(z) = sign(z) (1 - e) / (1 + e) with e = exp(-2 |z|): only its absolute error counts, as 1 is added to it. */
-static void gelu_tanh_mul(const float *gu, int64_t T, int64_t I, float *y, int64_t nthreads) {
-    const float c = 0.7978845608028654f, a = 0.044715f;
+static inline __m256 gelu8(__m256 x) {
+    const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+    const __m256 z = _mm256_mul_ps(_mm256_set1_ps(GELU_C),
+                                   _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(GELU_A), x), _mm256_mul_ps(x, x), x));
+    const __m256 e = exp256(_mm256_mul_ps(_mm256_set1_ps(-2.f), _mm256_andnot_ps(sign, z)));
+    const __m256 th = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+    const __m256 tanh_z = _mm256_or_ps(th, _mm256_and_ps(sign, z));
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(one, tanh_z));
+}
+#endif
+
+static inline float silu1(float x) { return x / (1.f + expf(-x)); }
+
+static inline float gelu1(float x) {
+    const float z = GELU_C * (GELU_A * x * (x * x) + x), e = expf(-2.f * fabsf(z));
+    return 0.5f * x * (1.f + copysignf((1.f - e) / (1.f + e), z));
+}
+
+/* y[t, :] = act(gu[t, :I]) * gu[t, I:], for T rows of a fused gate/up projection [T, 2I]; act: SiLU, or
+ * GELU-tanh where `gelu`. */
+static void gated_mul(const float *gu, int64_t T, int64_t I, float *y, int64_t nthreads, int gelu) {
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (T * I >= 32768)
     for (int64_t t = 0; t < T; t++) {
         const float *g = gu + t * 2 * I, *u = g + I;
         float *yr = y + t * I;
         int64_t i = 0;
 #if AGORA_AVX2
-        const __m256 one = _mm256_set1_ps(1.f), half = _mm256_set1_ps(0.5f), sign = _mm256_set1_ps(-0.f);
-        const __m256 vc = _mm256_set1_ps(c), va = _mm256_set1_ps(a), m2 = _mm256_set1_ps(-2.f);
         for (; i + 8 <= I; i += 8) {
             const __m256 x = _mm256_loadu_ps(g + i);
-            const __m256 z = _mm256_mul_ps(vc, _mm256_fmadd_ps(_mm256_mul_ps(va, x), _mm256_mul_ps(x, x), x));
-            const __m256 e = exp256(_mm256_mul_ps(m2, _mm256_andnot_ps(sign, z)));
-            const __m256 th = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
-            const __m256 tanh_z = _mm256_or_ps(th, _mm256_and_ps(sign, z));
-            const __m256 gelu = _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, tanh_z));
-            _mm256_storeu_ps(yr + i, _mm256_mul_ps(gelu, _mm256_loadu_ps(u + i)));
+            _mm256_storeu_ps(yr + i, _mm256_mul_ps(gelu ? gelu8(x) : silu8(x), _mm256_loadu_ps(u + i)));
         }
 #endif
-        for (; i < I; i++) {
-            const float x = g[i], z = c * (a * x * (x * x) + x), e = expf(-2.f * fabsf(z));
-            const float th = copysignf((1.f - e) / (1.f + e), z);
-            yr[i] = 0.5f * x * (1.f + th) * u[i];
-        }
+        for (; i < I; i++) yr[i] = (gelu ? gelu1(g[i]) : silu1(g[i])) * u[i];
     }
 }
 
@@ -1149,11 +1146,11 @@ void agora_rms_norm(const float *x, int64_t T, int64_t H, const float *w, float 
 }
 
 void agora_gelu_tanh_mul(const float *gu, int64_t T, int64_t I, float *y, int64_t nthreads) {
-    TIMED(gelu_tanh_mul(gu, T, I, y, nthreads));
+    TIMED(gated_mul(gu, T, I, y, nthreads, 1));
 }
 
 void agora_silu_mul(const float *gu, int64_t T, int64_t I, float *y, int64_t nthreads) {
-    TIMED(silu_mul(gu, T, I, y, nthreads));
+    TIMED(gated_mul(gu, T, I, y, nthreads, 0));
 }
 
 /* ---- one decoder layer in one call (Llama family and Gemma 3, GGUF block linears) -------------
@@ -1319,10 +1316,7 @@ static void llama_layer(const agora_llama_weights *L, const agora_attention *A, 
     add_into(x, y, T * Hd);
     rms_norm(x, T, Hd, L->post_norm, L->eps, h, nthreads);
     qlinear(&L->gate_up, h, T, gu, i8, nthreads);
-    if (L->gelu)
-        gelu_tanh_mul(gu, T, L->inter, act, nthreads);
-    else
-        silu_mul(gu, T, L->inter, act, nthreads);
+    gated_mul(gu, T, L->inter, act, nthreads, (int)L->gelu);
     qlinear(&L->down, act, T, y, i8, nthreads);
     if (L->post_mlp_norm) rms_norm(y, T, Hd, L->post_mlp_norm, L->eps, y, nthreads);
     add_into(x, y, T * Hd);

@@ -144,7 +144,10 @@ SWITCHES = {
 def test_native_layers_equal_the_module_path_bit_for_bit(
     switches: str, kv_dtype: torch.dtype, int8: bool, qtypes: tuple[str, ...]
 ) -> None:
-    model = quantized_llama(int8=int8, qtypes=qtypes, **SWITCHES[switches])
+    assert_native_steps_equal_module_steps(quantized_llama(int8=int8, qtypes=qtypes, **SWITCHES[switches]), kv_dtype)
+
+
+def assert_native_steps_equal_module_steps(model: nn.Module, kv_dtype: torch.dtype) -> None:
     assert model.build_native_layers() and model.model.native is not None
     # Four requests with prompts of 9, 30, 17 and 3 tokens, cached by a (module path) prefill.
     prompts = [9, 30, 17, 3]
@@ -248,25 +251,8 @@ def quantized_gemma(seed: int = 0) -> Gemma3ForCausalLM:
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 def test_gemma_native_layers_equal_the_module_path_bit_for_bit(kv_dtype: torch.dtype) -> None:
-    model = quantized_gemma()
-    assert model.build_native_layers() and model.model.native is not None
-    prompts = [9, 30, 17, 3]  # past the sliding window of 7: local layers see only their window
-    tables = [list(range(b * 12, b * 12 + 12)) for b in range(4)]
-    a, b = caches(model, kv_dtype), caches(model, kv_dtype)
-    for kv in (a, b):
-        step(model, kv, prompts, [0] * 4, tables, native=False, seed=1)
-    steps = [
-        ([1, 1, 1, 1], prompts),
-        ([1, 5, 1, 1], [p + 1 for p in prompts]),
-        ([3, 4, 2, 6], [p + 2 for p in prompts[:1]] + [p + 6 for p in prompts[1:2]] + [p + 2 for p in prompts[2:]]),
-    ]
-    for i, (lens, starts) in enumerate(steps):
-        ref = step(model, a, lens, starts, tables, native=False, seed=10 + i)
-        got = step(model, b, lens, starts, tables, native=True, seed=10 + i)
-        assert torch.equal(got, ref), f"step {i}: hidden states differ by {(got - ref).abs().max()}"
-        for (ka, va), (kb, vb) in zip(a, b, strict=True):
-            assert torch.equal(ka, kb) and torch.equal(va, vb), f"step {i}: caches differ"
-        assert ref.abs().max() > 0
+    # prompts of 9 to 30 tokens pass the sliding window of 7: the local layers see only their window
+    assert_native_steps_equal_module_steps(quantized_gemma(), kv_dtype)
 
 
 def test_gemma_layers_on_the_kernels_match_the_torch_module_path() -> None:
