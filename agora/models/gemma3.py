@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agora import kernels
-from agora.models.layers import PagedAttention, PagedCausalLM, RotaryEmbedding
+from agora.models.layers import PagedAttention, PagedCausalLM, RotaryEmbedding, kernel_rms_norm
 from agora.models.native import NativeLlamaLayers
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -103,14 +103,10 @@ class GemmaRMSNorm(nn.Module):
         return self._scale[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            x.dtype == torch.float32
-            and x.device.type == "cpu"
-            and self.weight.dtype == x.dtype
-            and not torch.is_grad_enabled()
-            and kernels.available()
-        ):  # one kernel call where torch runs six ops (a step of the 270M model has 108 of these norms)
-            return kernels.rms_norm(x, self.scale(), self.eps)
+        if x.dtype == self.weight.dtype == torch.float32:  # a step of the 270M model has 108 of these norms
+            y = kernel_rms_norm(x, self.scale(), self.eps)
+            if y is not None:
+                return y
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return (h * (1.0 + self.weight.float())).type_as(x)
@@ -205,9 +201,8 @@ class Gemma3Model(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: PagedAttention) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
-        native = attn.native() if self.native is not None and self.native.runs(x, positions) else None
-        if self.native is not None and native is not None:
-            return self.norm(self.native.forward(x, positions, native))
+        if self.native is not None and (out := self.native.try_forward(x, positions, attn)) is not None:
+            return self.norm(out)
         for layer in self.layers:
             x = layer(x, positions, attn)
         return self.norm(x)
@@ -222,10 +217,6 @@ class Gemma3ForCausalLM(PagedCausalLM):
     @property
     def attention_scale(self) -> float:
         return self.config.query_pre_attn_scalar**-0.5
-
-    def build_native_layers(self) -> bool:
-        self.model.native = NativeLlamaLayers.build(self.model)
-        return self.model.native is not None
 
     @property
     def layer_sliding_windows(self) -> list[int | None]:

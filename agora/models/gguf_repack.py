@@ -29,9 +29,11 @@ otherwise read.
 from __future__ import annotations
 
 import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-QU8_BYTES = 48  # per 32 weights: 4 fp32, 32 uint8
-_SOURCE_BYTES = {"Q4_0": 18, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210, "Q4_1": 20, "Q8_0": 34}
+from agora.kernels import BLOCK_BYTES
+
+QU8_BYTES = BLOCK_BYTES["QU8"]  # per 32 weights: 4 fp32, 32 uint8
 FORMATS = ("Q4_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")  # repacked at load (the kernel reads Q4_1, Q8_0 as stored)
 
 
@@ -104,7 +106,7 @@ def repack(rows: np.ndarray, qtype: str, expected: np.ndarray | None = None) -> 
     With ``expected`` (the rows dequantized, [N, K] fp32), None unless every weight QU8 gives back is
     that value exactly (a zero's sign aside)."""
     nrows = rows.shape[0]
-    blocks = np.ascontiguousarray(rows).reshape(-1, _SOURCE_BYTES[qtype])
+    blocks = np.ascontiguousarray(rows).reshape(-1, GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][1])
     d, m, q = _parts(blocks, qtype)
     d, m, q = d.reshape(-1, 2), m.reshape(-1, 2), q.reshape(-1, 32)  # per 32 weights
     if expected is not None:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from agora import kernels
+from agora.models.native import NativeLlamaLayers
 
 
 class PagedAttention(Protocol):
@@ -27,6 +28,19 @@ class PagedAttention(Protocol):
         ...
 
 
+def kernel_rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """``x`` normalized and multiplied by ``scale`` through the CPU kernel (one call where torch's CPU rms_norm
+    runs five ops), or None where the kernel does not apply (not fp32 on the CPU, autograd on, no kernels)."""
+    if (
+        x.dtype == scale.dtype == torch.float32
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and kernels.available()
+    ):
+        return kernels.rms_norm(x, scale, eps)
+    return None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
@@ -35,14 +49,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:  # one fused op; the cast below is HF's rule for half types
-            if (
-                x.device.type == "cpu"
-                and self.weight.dtype == x.dtype
-                and not torch.is_grad_enabled()
-                and kernels.available()
-            ):
-                return kernels.rms_norm(x, self.weight, self.eps)  # torch's CPU rms_norm is 5 ops
-            return torch.rms_norm(x, self.weight.shape, self.weight, self.eps)
+            y = kernel_rms_norm(x, self.weight, self.eps)
+            return y if y is not None else torch.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -166,6 +174,10 @@ class PagedCausalLM(nn.Module):
         load_named_weights(self, weights, self.config.tie_word_embeddings)
 
     def build_native_layers(self) -> bool:
-        """Run each decoder layer as one native call where the family can (called once the
-        weights are final: GGUF blocks attached and fused); returns whether it does."""
-        return False
+        """Run each decoder layer as one native call where the family can (its model has a
+        ``native`` slot: Llama, Gemma 3; called once the weights are final: GGUF blocks attached
+        and fused); returns whether it does."""
+        if not hasattr(self.model, "native"):
+            return False
+        self.model.native = NativeLlamaLayers.build(self.model)
+        return self.model.native is not None

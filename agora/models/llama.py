@@ -162,9 +162,8 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: PagedAttention) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        native = attn.native() if self.native is not None and self.native.runs(x, positions) else None
-        if self.native is not None and native is not None:
-            return self.norm(self.native.forward(x, positions, native))
+        if self.native is not None and (out := self.native.try_forward(x, positions, attn)) is not None:
+            return self.norm(out)
         for layer in self.layers:
             x = layer(x, positions, attn)
         return self.norm(x)
@@ -179,10 +178,6 @@ class LlamaForCausalLM(PagedCausalLM):
     @property
     def attention_scale(self) -> float:
         return self.config.head_dim**-0.5
-
-    def build_native_layers(self) -> bool:
-        self.model.native = NativeLlamaLayers.build(self.model)
-        return self.model.native is not None
 
     @property
     def layer_sliding_windows(self) -> list[int | None]:

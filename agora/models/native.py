@@ -18,11 +18,16 @@ that path would use the kernels anyway:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from agora import kernels
 from agora.models.quant import MAX_KERNEL_ROWS, GGUFLinear
+
+if TYPE_CHECKING:
+    from agora.models.layers import PagedAttention
 
 
 def _blocks(layer: nn.Module | None, in_features: int) -> kernels.QLinear | None:
@@ -96,6 +101,12 @@ class NativeLlamaLayers:
             and positions.dtype == torch.int64
             and not torch.is_grad_enabled()
         )
+
+    def try_forward(self, x: torch.Tensor, positions: torch.Tensor, attn: PagedAttention) -> torch.Tensor | None:
+        """Every layer on ``x`` natively where this step can run so (``runs``, and the attention backend can
+        describe it), else None: the caller takes its module path."""
+        described = attn.native() if self.runs(x, positions) else None
+        return None if described is None else self.forward(x, positions, described)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attention: kernels.Attention) -> torch.Tensor:
         """Every layer on ``x [T, hidden]`` in place (``x`` is the step's own embedding output)."""
