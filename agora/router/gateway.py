@@ -411,7 +411,11 @@ class Gateway:
                                                        code="upstream_error")).encode(), {})  # fmt: skip
                 else:
                     if resp.status >= 500 or resp.status == 429:
-                        payload = await resp.read()
+                        try:
+                            payload = await resp.read()
+                        except (TimeoutError, aiohttp.ClientError):  # the error's body broke off too: still retriable
+                            payload = json.dumps(error_body(f"endpoint {ep.name} failed: HTTP {resp.status}",
+                                                            "bad_gateway", code="upstream_error")).encode()  # fmt: skip
                         resp.release()
                         if resp.status >= 500:
                             self.metrics.errors.labels(ep.name, "status_5xx").inc()

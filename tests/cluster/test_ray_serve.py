@@ -70,10 +70,10 @@ class Load:
                     self.outcomes["clean_stream_error"] += 1
                 else:
                     self.outcomes["failed"] += 1
-                    self.failures.append(f"{type(exc).__name__}: {exc}")
+                    self.failures.append(_failure(i, exc))
             except Exception as exc:  # noqa: BLE001 - anything else is a failure the test reports
                 self.outcomes["failed"] += 1
-                self.failures.append(f"{type(exc).__name__}: {exc}")
+                self.failures.append(_failure(i, exc))
 
     def wait_ok(self, n: int, timeout: float = 120) -> None:
         target = self.outcomes["ok"] + n
@@ -81,6 +81,12 @@ class Load:
         while self.outcomes["ok"] < target:
             assert time.monotonic() < deadline, f"load stalled: {self.outcomes} {self.failures[-3:]}"
             time.sleep(0.2)
+
+
+def _failure(agent: int, exc: BaseException) -> str:
+    """What went wrong, with the transport error underneath the SDK's (a reset, a short body, a refusal)."""
+    kind = "streamed" if agent % 2 == 0 else "whole"
+    return f"{kind} request: {type(exc).__name__}: {exc} (cause: {exc.__cause__!r}) at {time.strftime('%H:%M:%S')}"
 
 
 def test_replicas_run_on_both_nodes_and_answer_like_one_engine(app: App) -> None:
@@ -115,7 +121,7 @@ def test_killed_replica_loses_no_request_and_comes_back(app: App) -> None:
         while load.endpoints[name] == 0:  # the new replica gets traffic
             assert time.monotonic() < deadline, f"no request reached {name}: {load.endpoints}"
             time.sleep(0.2)
-    assert load.outcomes["failed"] == 0, load.failures
+    assert load.outcomes["failed"] == 0, f"{load.failures}\n{app.tail()}"
     assert victim["replica"] not in {r["replica"] for r in rows}
 
 
@@ -127,4 +133,4 @@ def test_killed_worker_node_loses_no_request(app: App, ray_cluster: RayCluster) 
         load.wait_ok(8)
         rows = app.wait_replicas(2, timeout=240)
         assert len({r["node_id"] for r in rows}) == 2
-    assert load.outcomes["failed"] == 0, load.failures
+    assert load.outcomes["failed"] == 0, f"{load.failures}\n{app.tail()}"

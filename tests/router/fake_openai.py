@@ -4,8 +4,9 @@ It answers chat and text completions with its own name as the text (so a test
 sees which endpoint answered), streams ``--tokens`` chunks ``--delay-ms`` apart,
 exports vLLM's load gauges on /metrics, and counts what happened on /stats.
 ``/v1/responses`` and ``/v1/messages`` answer whole, in their APIs' shapes, and record the body too.
-``POST /admin/mode`` switches it between ``ok``, ``error500`` (every request fails)
-and ``break`` (streams stop after the first chunk by dropping the connection).
+``POST /admin/mode`` switches it between ``ok``, ``error500`` (every request fails),
+``error500_cut`` (a 500 whose body breaks off: the connection drops mid-body) and ``break``
+(streams stop after the first chunk by dropping the connection).
 Usage: one prompt token per word, ``--tokens`` completion tokens; a stream ends with a usage
 chunk when ``stream_options.include_usage`` asks for one. ``--done-linger-ms`` sends ``data: [DONE]`` and its blank line in two pieces and then holds
 the end of the body that long, as a server that closes its response lazily does.
@@ -83,6 +84,12 @@ class FakeOpenAI:
             self.stats["failed"] += 1
             await _json(send, 500, {"error": {"message": "internal error", "type": "internal_error"}})
             return
+        if self.mode == "error500_cut":
+            self.stats["failed"] += 1
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", b"200")]})  # fmt: skip
+            await send({"type": "http.response.body", "body": b'{"error": {"mess', "more_body": True})
+            raise ConnectionAbortedError("fake endpoint drops the connection mid-body")
         self.stats["prompts"].append(req.get("messages", req.get("prompt")))
         self.stats["last_body"] = req
         self.running += 1

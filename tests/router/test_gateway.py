@@ -137,6 +137,16 @@ def test_5xx_is_retried_elsewhere_then_ejected_and_probed_back(procs: Procs) -> 
     assert {answered_by(chat(gw.url, f"r{i}")) for i in range(4)} == {"a", "b"}
 
 
+def test_a_5xx_whose_body_breaks_off_is_retried_too(procs: Procs) -> None:
+    a, b = procs.fake("a"), procs.fake("b")
+    gw = procs.gateway({"endpoints": endpoints(("a", a), ("b", b)), "profile": "round-robin",
+                        "gateway": {"eject_after_failures": 5}})  # fmt: skip
+    a.mode("error500_cut")
+    assert [answered_by(chat(gw.url, f"q{i}")) for i in range(4)] == ["b"] * 4
+    failed = a.stats()["failed"]  # each time a was tried, its broken error was read as far as it came
+    assert failed >= 1 and metric(gw.url, "agora_gateway_retries_total", 'endpoint="a"') == failed  # then retried
+
+
 def test_failover_when_an_endpoint_dies_mid_run(procs: Procs) -> None:
     a, b = procs.fake("a", delay_ms=20), procs.fake("b", delay_ms=20)
     gw = procs.gateway({"endpoints": endpoints(("a", a), ("b", b)), "profile": "round-robin"})
