@@ -1,25 +1,37 @@
 """CPU prefill attention: the paged kernel against the masked-SDPA path it replaces, side by side.
 
     python benchmarks/cpu_prefill_attention.py --out benchmarks/results/cpu_prefill_attention.json
+    python benchmarks/cpu_prefill_attention.py --against 8b2b625   # also the kernel of that commit
 
 One layer of SmolLM2-135M's shape (9 query heads, 3 KV heads, head_dim 64, 16-token blocks,
 block tables in random order), fp32 cache. Each case is a prefill group: the chunks of new
-tokens of one or more requests, each after a cached prefix (``context``). Both paths run
-alternately in one process; the figure is the median of ``--repeats`` calls, and the largest
-difference between their outputs is reported too.
+tokens of one or more requests, each after a cached prefix (``context``); the last cases are
+speculative verification steps (a few draft tokens per request after a long context), which go
+through this kernel too. Every path runs alternately in one process; the figure is the median of
+``--repeats`` calls, and the largest difference from the SDPA path's output is reported too.
+
+Caches are cold as in the engine, where a step's 30 layers of K/V do not fit in the caches: each
+call reads one of ``--copies`` separate copies of the layer's K/V, in turn (``--copies 1``: hot).
+``--against REV`` compiles ``agora/kernels/cpu.c`` as of that git revision with the same flags and
+times its kernel beside the current one (``same_as_against``: whether their outputs are equal bit
+for bit).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from agora import kernels
+from agora.bench.report import cpu_description
 from agora.engine.attention import TorchPagedAttention, build_group
 
 # (query tokens per request, cached tokens before them per request)
@@ -29,61 +41,108 @@ CASES = [
     ([512], [0]),  # a fresh prompt
     ([2048], [0]),  # a long fresh prompt (the whole step budget)
     ([300, 40, 7], [0, 1200, 60]),  # uneven chunks
+    ([8], [1300]),  # verifying 7 drafts, one agent
+    ([6] * 16, [1300] * 16),  # verifying 5 drafts each, 16 agents
+    ([2] * 16, [1300] * 16),  # one draft each, 16 agents
 ]
+KERNEL = "agora_paged_prefill_attention"
 
 
-def measure(query_lens: list[int], contexts: list[int], repeats: int) -> dict:
+def kernel_of(rev: str) -> ctypes.CDLL:
+    """The CPU kernels as of git revision ``rev``, compiled with today's flags."""
+    source = subprocess.run(["git", "show", f"{rev}:agora/kernels/cpu.c"], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).parent).stdout  # fmt: skip
+    tmp = Path(tempfile.mkdtemp(prefix="agora-against-"))
+    (tmp / "cpu.c").write_text(source)
+    subprocess.run(["cc", *kernels.FLAGS, str(tmp / "cpu.c"), "-o", str(tmp / "cpu.so"), "-lm"], check=True)
+    lib = ctypes.CDLL(str(tmp / "cpu.so"))
+    getattr(lib, KERNEL).argtypes, getattr(lib, KERNEL).restype = kernels._SIGNATURES[KERNEL]
+    return lib
+
+
+def measure(query_lens: list[int], contexts: list[int], repeats: int, copies: int,
+            against: ctypes.CDLL | None) -> dict:  # fmt: skip
     block, heads, kv_heads, dim = 16, 9, 3, 64
     per_req = [-(-(c + q) // block) for q, c in zip(query_lens, contexts, strict=True)]
-    k = torch.randn(sum(per_req) + 1, block, kv_heads, dim)
-    v = torch.randn_like(k)
+    caches = [(torch.randn(sum(per_req) + 1, block, kv_heads, dim), torch.randn(sum(per_req) + 1, block, kv_heads, dim))
+              for _ in range(copies)]  # fmt: skip
     order = torch.randperm(sum(per_req)).tolist()
     tables, at = [], 0
     for n in per_req:
         tables.append(order[at : at + n])
         at += n
     q = torch.randn(sum(query_lens), heads, dim)
-    backend = TorchPagedAttention([(k, v)], dim**-0.5, [None])
     cpu = torch.device("cpu")
     sdpa = build_group(None, query_lens, contexts, tables, block, {None}, cpu)
     kernel = build_group(None, query_lens, contexts, tables, block, {None}, cpu, paged_kernels=True)
-    times: dict[str, list[float]] = {"sdpa": [], "kernel": []}
-    outs = {}
+
+    def run_against(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(q)
+        assert against is not None
+        getattr(against, KERNEL)(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), kernel.block_tables.data_ptr(), kernel.block_tables.shape[1],
+            kernel.query_offsets.data_ptr(), kernel.context_starts.data_ptr(), len(query_lens), heads, kv_heads, dim,
+            block, 0, dim**-0.5, out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+    paths = {"sdpa": sdpa, "kernel": kernel, **({"against": None} if against is not None else {})}
+    times: dict[str, list[float]] = {name: [] for name in paths}
+
+    def call(name: str, group: object, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if group is None:
+            return run_against(k, v)
+        return TorchPagedAttention([(k, v)], dim**-0.5, [None])._group(group, q, k, v, None)
+
+    calls = 0
     for _ in range(repeats + 1):
-        for name, group in (("sdpa", sdpa), ("kernel", kernel)):
+        for name, group in paths.items():
+            k, v = caches[calls % copies]  # each call its own copy: none finds what the call before it read
+            calls += 1
             start = time.perf_counter()
-            outs[name] = backend._group(group, q, k, v, None)
+            call(name, group, k, v)
             times[name].append(time.perf_counter() - start)
-    sdpa_ms, kernel_ms = (statistics.median(times[n][1:]) * 1000 for n in ("sdpa", "kernel"))
+    outs = {name: call(name, group, *caches[0]) for name, group in paths.items()}
+    ms = {name: statistics.median(t[1:]) * 1000 for name, t in times.items()}
     useful = sum(n * (c + (n + 1) / 2) for n, c in zip(query_lens, contexts, strict=True)) * dim * 4 * heads
-    return {
+    row = {
         "query_lens": query_lens,
         "contexts": contexts,
-        "sdpa_ms": round(sdpa_ms, 3),
-        "kernel_ms": round(kernel_ms, 3),
-        "speedup": round(sdpa_ms / kernel_ms, 2),
-        "kernel_useful_gflops": round(useful / kernel_ms / 1e6, 1),
+        "sdpa_ms": round(ms["sdpa"], 3),
+        "kernel_ms": round(ms["kernel"], 3),
+        "speedup": round(ms["sdpa"] / ms["kernel"], 2),
+        "kernel_useful_gflops": round(useful / ms["kernel"] / 1e6, 1),
         "max_abs_diff": (outs["sdpa"] - outs["kernel"]).abs().max().item(),
     }
+    if against is not None:
+        row["against_ms"] = round(ms["against"], 3)
+        row["kernel_over_against"] = round(ms["kernel"] / ms["against"], 2)
+        row["same_as_against"] = bool(torch.equal(outs["kernel"], outs["against"]))
+    return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=21)
+    ap.add_argument("--copies", type=int, default=8, help="separate K/V copies read in turn (1: hot caches)")
+    ap.add_argument("--against", metavar="REV", help="also time the kernel of this git revision")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if not kernels.available():
         raise SystemExit("the CPU kernels are not available (no C compiler, or AGORA_CPU_KERNELS=0)")
     torch.manual_seed(0)
-    rows = [measure(q, c, args.repeats) for q, c in CASES]
+    against = kernel_of(args.against) if args.against else None
+    rows = [measure(q, c, args.repeats, args.copies, against) for q, c in CASES]
     for r in rows:
-        print(
-            f"queries {r['query_lens']} after {r['contexts']}: SDPA {r['sdpa_ms']:.2f} ms, kernel "
-            f"{r['kernel_ms']:.2f} ms ({r['speedup']:.2f}x, {r['kernel_useful_gflops']:.0f} GFLOP/s useful), "
-            f"max diff {r['max_abs_diff']:.1e}"
-        )
+        shape = (f"{len(r['query_lens'])} x {r['query_lens'][0]} after {r['contexts'][0]}" if len(r["query_lens"]) > 4
+                 else f"{r['query_lens']} after {r['contexts']}")  # fmt: skip
+        extra = (f"; {args.against} {r['against_ms']:.2f} ms (now {r['kernel_over_against']:.2f}x its time, "
+                 f"{'same output' if r['same_as_against'] else 'DIFFERENT output'})" if against else "")  # fmt: skip
+        print(f"queries {shape}: SDPA {r['sdpa_ms']:.2f} ms, kernel {r['kernel_ms']:.2f} ms ({r['speedup']:.2f}x, "
+              f"{r['kernel_useful_gflops']:.0f} GFLOP/s useful), max diff {r['max_abs_diff']:.1e}{extra}")  # fmt: skip
     if args.out:
-        result = {"threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "cases": rows}
+        result = {"host": cpu_description(), "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+                  "copies": args.copies, "against": args.against, "cases": rows}  # fmt: skip
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
