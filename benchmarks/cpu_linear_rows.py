@@ -3,13 +3,13 @@
     python benchmarks/cpu_linear_rows.py --out benchmarks/results/cpu_linear_rows.json
 
 A step of T tokens multiplies [T, K] activations by each layer's weight. Up to
-``agora.models.quant.MAX_KERNEL_ROWS`` (64) rows the CPU kernels read the GGUF Q4_1 blocks
-(fp32 math, or int8 activations with ``--gguf-activations int8``); past it the step goes to
-PyTorch's GEMM on the dequantized weight (fp32, or bf16 with ``--dtype bfloat16``). Speculative
-verification at 16 agents makes steps of about 100 tokens, so this says which path such a step
-should take. SmolLM2-135M's three linear shapes (gate/up fused, down, q/k/v fused), synthetic
+``agora.models.quant.MAX_KERNEL_ROWS`` (192; 64 against bf16 GEMM weights) rows the CPU kernels
+read the GGUF Q4_1 blocks (fp32 math, or int8 activations with ``--gguf-activations int8``); past
+it the step goes to PyTorch's GEMM on the dequantized weight (fp32, or bf16 with ``--dtype
+bfloat16``). SmolLM2-135M's three linear shapes (gate/up fused, down, q/k/v fused), synthetic
 Q4_1 blocks; each figure is the median of ``--repeats`` calls, the paths alternating in one
-process.
+process. The weights stay in cache here, which flatters the GEMM: in the engine they come from
+memory, and whole steps (``benchmarks/cpu_verify_steps.py``) set the limit.
 """
 
 from __future__ import annotations

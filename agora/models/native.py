@@ -10,8 +10,8 @@ that path would use the kernels anyway:
 
 - every linear of every layer reads GGUF blocks (Q4_1, Q8_0, or QU8 repacked from the
   other formats), q/k/v and gate/up fused (``models.quant``), the weights fp32 on the CPU;
-- the step has at most ``MAX_KERNEL_ROWS`` tokens (beyond that the linears use fp32
-  GEMMs, which win on prefill chunks);
+- the step has at most as many tokens as every linear's ``kernel_rows`` (beyond that the
+  linears use GEMMs, which win on prefill chunks);
 - the attention backend can describe the step to the kernels (``PagedAttention.native``:
   a CPU cache in fp32 or fp16).
 """
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from agora import kernels
-from agora.models.quant import MAX_KERNEL_ROWS, GGUFLinear
+from agora.models.quant import GGUFLinear
 
 if TYPE_CHECKING:
     from agora.models.layers import PagedAttention
@@ -40,10 +40,12 @@ class NativeLlamaLayers:
     """The layers of a ``LlamaModel`` as structs the kernels read; ``build`` returns None where
     some layer cannot run natively (the model then keeps its module path)."""
 
-    def __init__(self, weights: list[kernels.LlamaWeights], rope: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def __init__(self, weights: list[kernels.LlamaWeights], rope: list[tuple[torch.Tensor, torch.Tensor]],
+                 max_rows: int) -> None:  # fmt: skip
         self.weights = weights
         self.rope = rope  # each layer's cos and sin tables (Gemma's local and global layers have their own)
-        self.scratch = kernels.llama_scratch(weights[0], MAX_KERNEL_ROWS)
+        self.max_rows = max_rows  # the most tokens a step may have: where every linear would take its kernel
+        self.scratch = kernels.llama_scratch(weights[0], max_rows)
 
     @classmethod
     def build(cls, model: nn.Module) -> NativeLlamaLayers | None:
@@ -90,12 +92,13 @@ class NativeLlamaLayers:
                 )  # fmt: skip
             )
             rope.append((attn.rotary.cos, attn.rotary.sin))
-        return cls(weights, rope)
+        linears = [m for layer in model.layers for m in layer.modules() if isinstance(m, GGUFLinear)]  # type: ignore[attr-defined]
+        return cls(weights, rope, min(m.kernel_rows for m in linears))
 
     def runs(self, x: torch.Tensor, positions: torch.Tensor) -> bool:
         """Whether this step goes through the native layers (else the module path)."""
         return (
-            x.shape[0] <= MAX_KERNEL_ROWS
+            x.shape[0] <= self.max_rows
             and x.dtype == torch.float32
             and x.device.type == "cpu"
             and positions.dtype == torch.int64

@@ -24,11 +24,17 @@ from agora.models import gguf_repack
 
 logger = logging.getLogger(__name__)
 
-# Rows of x up to which the block kernel is used. Measured in the engine on this 2-core Zen3
-# (benchmarks/cpu_decode.py): SmolLM2 decode steps at batch 32 and 64 are 8-9% faster with the
-# kernel than with fp32 sgemm (the fp32 weights do not fit in cache); prefill chunks of hundreds
-# of tokens are compute-bound, where MKL's sgemm wins.
-MAX_KERNEL_ROWS = 64
+# Rows of x up to which the block kernel is used. In the engine a step's fp32 weights come from
+# memory (they do not fit in cache), so the kernel, reading 5-bit blocks, beats fp32 sgemm well
+# past a decode batch (2-core Zen 4, SmolLM2, benchmarks/cpu_verify_steps.py --max-kernel-rows
+# 64,256): 16 sequences verifying 4 drafts each at 1,400 tokens of context (80 rows) take 257 ms
+# a step instead of 330, 8 x 9 rows 202 instead of 305, 144 rows 456 instead of 471; a fresh
+# prompt's prefill is 15-20% faster at 100 tokens, level at 200 and 5% slower at 250 (MKL's sgemm
+# wins on longer chunks).
+MAX_KERNEL_ROWS = 192
+# Against bf16 GEMM weights (--dtype bfloat16), about twice as fast per row as fp32 ones, the
+# kernels keep the earlier limit (benchmarks/cpu_linear_rows.py: level from 64 to 128 rows).
+MAX_KERNEL_ROWS_BF16_GEMM = 64
 
 
 class GGUFLinear(nn.Linear):
@@ -45,11 +51,16 @@ class GGUFLinear(nn.Linear):
         self.int8 = int8
         self.register_buffer("blocks", kernels.repack_i8(blocks, qtype) if int8 else blocks, persistent=False)
 
+    @property
+    def kernel_rows(self) -> int:
+        """Rows of x up to which the block kernel runs (past them, the GEMM on ``weight``)."""
+        return MAX_KERNEL_ROWS if self.weight.dtype == torch.float32 else MAX_KERNEL_ROWS_BF16_GEMM
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
             x.dtype == torch.float32
             and x.device.type == "cpu"
-            and x.numel() <= MAX_KERNEL_ROWS * self.in_features
+            and x.numel() <= self.kernel_rows * self.in_features
             and not torch.is_grad_enabled()
         ):
             return kernels.linear(x, self.blocks, self.qtype, self.bias, self.int8)

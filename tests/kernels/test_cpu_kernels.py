@@ -11,7 +11,7 @@ from gguf.quants import dequantize, quantize
 
 from agora import kernels
 from agora.engine.attention import TorchPagedAttention, build_group
-from agora.models.quant import GGUFLinear, attach_gguf_blocks
+from agora.models.quant import MAX_KERNEL_ROWS, MAX_KERNEL_ROWS_BF16_GEMM, GGUFLinear, attach_gguf_blocks
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler: CPU kernels unavailable")
 CPU = torch.device("cpu")
@@ -107,7 +107,12 @@ def test_gguf_linear_uses_blocks_for_small_batches_and_fp32_for_large() -> None:
     with torch.no_grad():
         blocks.zero_()  # zeroed blocks dequantize to 0: proves which path ran
         assert layer(torch.randn(4, 128)).abs().max() == 0
-        assert layer(torch.randn(200, 128)).abs().max() > 0
+        assert layer(torch.randn(MAX_KERNEL_ROWS, 128)).abs().max() == 0  # verification steps: still the blocks
+        assert layer(torch.randn(MAX_KERNEL_ROWS + 1, 128)).abs().max() > 0
+        layer.weight.data = layer.weight.data.bfloat16()  # --dtype bfloat16: past a decode batch its GEMM wins
+        assert layer.kernel_rows == MAX_KERNEL_ROWS_BF16_GEMM
+        assert layer(torch.randn(MAX_KERNEL_ROWS_BF16_GEMM, 128)).abs().max() == 0
+        assert layer(torch.randn(MAX_KERNEL_ROWS_BF16_GEMM + 1, 128)).abs().max() > 0
 
 
 def test_attach_swaps_linears_and_ties_lm_head_to_embedding_blocks() -> None:

@@ -20,7 +20,13 @@ from agora.engine.attention import AttentionMetadata, TorchPagedAttention, build
 from agora.models import gguf_repack
 from agora.models.gemma3 import Gemma3Config, Gemma3ForCausalLM
 from agora.models.llama import LlamaConfig, LlamaForCausalLM
-from agora.models.quant import attach_gguf_blocks, cast_gemm_weights, fuse_projections
+from agora.models.quant import (
+    MAX_KERNEL_ROWS,
+    MAX_KERNEL_ROWS_BF16_GEMM,
+    attach_gguf_blocks,
+    cast_gemm_weights,
+    fuse_projections,
+)
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler: CPU kernels unavailable")
 CPU = torch.device("cpu")
@@ -173,12 +179,15 @@ def test_native_layers_take_only_small_cpu_fp32_steps() -> None:
     model = quantized_llama()
     assert model.build_native_layers()
     native = model.model.native
-    x, pos = torch.zeros(64, 128), torch.arange(64)
+    n = MAX_KERNEL_ROWS  # decode batches and verification steps
+    x, pos = torch.zeros(n, 128), torch.arange(n)
     with torch.inference_mode():
         assert native.runs(x, pos)
-        assert not native.runs(torch.zeros(65, 128), torch.arange(65))  # prefill chunks: fp32 GEMMs
+        assert not native.runs(torch.zeros(n + 1, 128), torch.arange(n + 1))  # prefill chunks: fp32 GEMMs
         assert not native.runs(x.half(), pos)
     assert not native.runs(x, pos)  # autograd on: the module path
+    bf16 = quantized_llama(gemm_dtype=torch.bfloat16)  # bf16 GEMMs are faster past a decode batch
+    assert bf16.build_native_layers() and bf16.model.native.max_rows == MAX_KERNEL_ROWS_BF16_GEMM
     # Without a cache the kernels read, the backend describes nothing and the model keeps its modules.
     bf16 = TorchPagedAttention(caches(model, torch.bfloat16), model.attention_scale, model.layer_sliding_windows)
     assert bf16.bind(AttentionMetadata(torch.tensor([0]), [])).native() is None

@@ -1,0 +1,120 @@
+"""What a speculative verification step costs on the CPU: runner time per step against the rows it computes.
+
+    python benchmarks/cpu_verify_steps.py --out benchmarks/results/cpu_verify_steps.json
+    python benchmarks/cpu_verify_steps.py --max-kernel-rows 64,192 --rounds 3   # row limits, alternating
+
+The packaged SmolLM2 (GGUF, exact fp32 math). ``--batches`` sequences are prefilled with ``--context``
+tokens each, then every step verifies ``d`` draft tokens per sequence for each ``d`` of ``--drafts``
+(forced drafts: the last token repeated, so the cost is measured whatever the acceptance). A step
+computes ``batch * (1 + d)`` rows; the figure is the median runner time over ``--steps`` such steps,
+and ``ms_per_row`` what one row cost. Where an extra row costs about what a decode row does, drafts
+pay only by their acceptance; where it costs less, verification is cheaper than decoding.
+
+Each ``--max-kernel-rows`` value runs in its own process (the limit is read when the model loads):
+steps of more rows than the limit take PyTorch's GEMM on the dequantized fp32 weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from agora.bench.report import cpu_description
+
+
+def worker(args: argparse.Namespace) -> list[dict]:
+    from agora import LLM, SamplingParams
+    from agora.models import quant
+
+    if args.max_kernel_rows:
+        quant.MAX_KERNEL_ROWS = int(args.max_kernel_rows)
+    batches = [int(b) for b in args.batches.split(",")]
+    llm = LLM(max_num_seqs=max(batches), max_model_len=4096, speculative_config={"method": "suffix"})
+    engine = llm.engine
+    drafts = {"d": 0}
+    engine._drafts = lambda req: [req.output_token_ids[-1]] * drafts["d"]  # forced: cost whatever is accepted
+    seen: list[tuple[int, int, float]] = []
+    execute = engine.runner.execute
+
+    def timed(out):  # noqa: ANN001, ANN202
+        start = time.perf_counter()
+        result = execute(out)
+        seen.append((len(out.scheduled), out.total_tokens, time.perf_counter() - start))
+        return result
+
+    engine.runner.execute = timed
+    rows = []
+    for batch in batches:
+        drafts["d"] = 0
+        for i in range(batch):
+            prompt = [1 + (i * 131 + j * 7) % 40000 for j in range(args.context)]
+            engine.add_request(
+                f"b{batch}-{i}", prompt, SamplingParams(temperature=0, max_tokens=4096 - args.context, ignore_eos=True)
+            )
+        while engine.scheduler.waiting or any(r.num_computed_tokens < args.context for r in engine.scheduler.running):
+            engine.step()
+        for d in (int(x) for x in args.drafts.split(",")):
+            drafts["d"] = d
+            engine.step()  # the step after which every sequence has d drafts
+            seen.clear()
+            for _ in range(args.steps):
+                engine.step()
+            times = [t for n, total, t in seen if n == batch and total == batch * (1 + d)]
+            ms = statistics.median(times) * 1000
+            rows.append({"batch": batch, "drafts": d, "rows": batch * (1 + d), "steps": len(times),
+                         "ms": round(ms, 2), "ms_per_row": round(ms / (batch * (1 + d)), 3)})  # fmt: skip
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        for i in range(batch):
+            engine.abort_request(f"b{batch}-{i}")
+        while engine.has_unfinished_requests():
+            engine.step()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,8,16")
+    ap.add_argument("--drafts", default="0,1,2,4,6,8")
+    ap.add_argument("--context", type=int, default=1400)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=1, help="runs of each limit, alternating; cells are medians")
+    ap.add_argument("--max-kernel-rows", default="", help="comma-separated limits to compare (default: agora's)")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    runs: dict[str, list[list[dict]]] = {}
+    for _ in range(args.rounds):  # the limits alternate, so a slow spell of the host falls on each
+        for limit in args.max_kernel_rows.split(",") if args.max_kernel_rows else [""]:
+            cmd = [sys.executable, __file__, "--worker", "--batches", args.batches, "--drafts", args.drafts,
+                   "--context", str(args.context), "--steps", str(args.steps), "--max-kernel-rows", limit]  # fmt: skip
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            runs.setdefault(limit or "default", []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+    results = {}
+    for limit, rounds in runs.items():  # per cell, the median over rounds
+        results[limit] = [
+            {**cells[0], "ms": round(statistics.median(c["ms"] for c in cells), 2),
+             "ms_per_row": round(statistics.median(c["ms_per_row"] for c in cells), 3),
+             "ms_each_round": [c["ms"] for c in cells]}
+            for cells in zip(*rounds, strict=True)
+        ]  # fmt: skip
+    for limit, rows in results.items():
+        print(f"max kernel rows {limit}:")
+        for r in rows:
+            print(f"  {r['batch']:>2} sequences x (1 + {r['drafts']}) = {r['rows']:>3} rows: {r['ms']:7.1f} ms a step, "
+                  f"{r['ms_per_row']:.2f} ms a row")  # fmt: skip
+    if args.out:
+        args.out.write_text(json.dumps({"host": cpu_description(), "date": time.strftime("%Y-%m-%d"),
+                                        "context": args.context, "rounds": args.rounds,
+                                        "results": results}, indent=2) + "\n")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
