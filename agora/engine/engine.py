@@ -18,10 +18,10 @@ from agora.config import EngineConfig
 from agora.engine.device import kv_cache_budget, pick_device, pick_kv_dtype, pick_precision
 from agora.engine.kv_cache import KVCacheManager
 from agora.engine.request import Request, RequestStatus
-from agora.engine.runner import ModelRunner, kv_bytes_per_block
+from agora.engine.runner import ModelRunner, RunnerOutput, kv_bytes_per_block
 from agora.engine.sampler import TokenLogprobs
 from agora.engine.sampling import ParamError, SamplingParams
-from agora.engine.scheduler import Scheduler
+from agora.engine.scheduler import Scheduler, SchedulerOutput
 from agora.engine.spec import Proposer, SpecStats, build_proposer
 from agora.engine.spec.policy import DraftPolicy
 from agora.engine.structured import Constraint, GrammarCompiler, GrammarError, GrammarState
@@ -91,6 +91,15 @@ class EngineStats:
     generation_tokens: int = 0
     num_aborted: int = 0
     spec: SpecStats | None = None  # speculative decoding's counters, when it is on
+    # Engine steps and their seconds by kind (STEP_KINDS): where the engine's time goes, e.g. how much of a
+    # run is prompt chunks, which drafts cannot shorten.
+    steps: dict[str, int] = field(default_factory=dict)
+    step_seconds: dict[str, float] = field(default_factory=dict)
+
+
+# A step that computes any prompt chunk is "prefill" (decoding sequences may share it); else "verify" if
+# some sequence verifies drafts, else "decode".
+STEP_KINDS = ("prefill", "decode", "verify")
 
 
 @dataclass
@@ -177,6 +186,8 @@ class Engine:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.num_aborted = 0
+        self.steps = dict.fromkeys(STEP_KINDS, 0)
+        self.step_seconds = dict.fromkeys(STEP_KINDS, 0.0)
 
     # -- requests ------------------------------------------------------------
 
@@ -254,16 +265,27 @@ class Engine:
     # -- the step ------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        begun = time.perf_counter()
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:
             return []
         started = time.perf_counter()
         result = self.runner.execute(sched_out)
         drafted = {s.request.request_id: len(s.draft_token_ids) for s in sched_out.scheduled if s.draft_token_ids}
-        if self.policy is not None and all(
-            s.num_tokens - len(s.draft_token_ids) == 1 for s in sched_out.scheduled
+        decoding = all(s.num_tokens - len(s.draft_token_ids) == 1 for s in sched_out.scheduled)
+        if (
+            self.policy is not None and decoding
         ):  # a decode step (drafts or not, no prompt chunk): a point of the cost line
             self.policy.observe_step(sched_out.total_tokens, time.perf_counter() - started)
+        kind = "prefill" if not decoding else "verify" if drafted else "decode"
+        try:
+            return self._emit(sched_out, result, drafted)
+        finally:
+            self.steps[kind] += 1
+            self.step_seconds[kind] += time.perf_counter() - begun
+
+    def _emit(self, sched_out: SchedulerOutput, result: RunnerOutput, drafted: dict[str, int]) -> list[RequestOutput]:
+        """The step's tokens applied to its requests: outputs, stop strings, finished sequences, next drafts."""
         updated = self.scheduler.update(sched_out, result.sampled)
         if self.policy is not None:
             self.policy.begin_step(self.scheduler.num_running)
@@ -357,6 +379,8 @@ class Engine:
             generation_tokens=self.generation_tokens,
             num_aborted=self.num_aborted,
             spec=self.spec_stats.copy() if self.proposer is not None else None,
+            steps=dict(self.steps),
+            step_seconds=dict(self.step_seconds),
         )
 
 

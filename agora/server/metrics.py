@@ -69,8 +69,21 @@ class _EngineCollector(Collector):
         yield self._family(
             c, "agora:requests_aborted", "Requests aborted before finishing (e.g. client gone).", s.num_aborted
         )
+        yield from self._steps(s)
         if s.spec is not None:
             yield from self._spec(s.spec)
+
+    def _steps(self, s: EngineStats) -> Iterator[CounterMetricFamily]:
+        """Engine steps and their wall time by kind: prefill (computes a prompt chunk, decoding sequences
+        may share it), verify (some sequence checks drafts), decode."""
+        steps = CounterMetricFamily("agora:engine_steps", "Engine steps, by kind.", labels=[*self.labels, "kind"])
+        seconds = CounterMetricFamily("agora:engine_step_seconds", "Seconds spent in engine steps, by kind.",
+                                      labels=[*self.labels, "kind"])  # fmt: skip
+        for kind, n in s.steps.items():
+            steps.add_metric([*self.labels.values(), kind], n)
+            seconds.add_metric([*self.labels.values(), kind], s.step_seconds.get(kind, 0.0))
+        yield steps
+        yield seconds
 
     def _spec(self, spec: SpecStats) -> Iterator[CounterMetricFamily]:
         """Speculative decoding, as vLLM exports it (acceptance rate = accepted / draft tokens)."""

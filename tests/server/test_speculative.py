@@ -54,3 +54,16 @@ def test_spec_decode_metrics_under_vllm_names(servers):
     per_pos = spec.metric("vllm:spec_decode_num_accepted_tokens_per_pos_total", 'position="0"')
     assert 0 < drafts and 0 < accepted <= proposed and 0 < per_pos <= drafts
     assert "vllm:spec_decode" not in __import__("httpx").get(f"{plain.url}/metrics").text  # off: not exported
+
+
+def test_engine_steps_and_their_seconds_by_kind(servers):
+    plain, spec = servers
+    for r in servers:
+        _client(r).completions.create(model=MODEL, prompt=PROMPT, max_tokens=30, temperature=0,
+                                      extra_body={"ignore_eos": True})  # fmt: skip
+    for kind in ("prefill", "decode"):  # every request has a prompt chunk; speculation off only decodes
+        assert plain.metric("agora:engine_steps_total", f'kind="{kind}"') > 0
+        assert plain.metric("agora:engine_step_seconds_total", f'kind="{kind}"') > 0
+    assert plain.metric("agora:engine_steps_total", 'kind="verify"') == 0
+    assert spec.metric("agora:engine_steps_total", 'kind="verify"') > 0  # its drafts were checked
+    assert spec.metric("agora:engine_step_seconds_total", 'kind="verify"') > 0
