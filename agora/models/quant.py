@@ -26,11 +26,11 @@ logger = logging.getLogger(__name__)
 
 # Rows of x up to which the block kernel is used. In the engine a step's fp32 weights come from
 # memory (they do not fit in cache), so the kernel, reading 5-bit blocks, beats fp32 sgemm well
-# past a decode batch (2-core Zen 4, SmolLM2, benchmarks/cpu_verify_steps.py --max-kernel-rows
-# 64,256): 16 sequences verifying 4 drafts each at 1,400 tokens of context (80 rows) take 257 ms
-# a step instead of 330, 8 x 9 rows 202 instead of 305, 144 rows 456 instead of 471; a fresh
-# prompt's prefill is 15-20% faster at 100 tokens, level at 200 and 5% slower at 250 (MKL's sgemm
-# wins on longer chunks).
+# past a decode batch (2-core Zen 4, SmolLM2, 1,400 tokens of context, medians of 3 alternating
+# rounds: benchmarks/cpu_verify_steps.py --max-kernel-rows 64,192 --rounds 3): 8 sequences
+# verifying 8 drafts each (72 rows) take 227 ms a step instead of 265, 16 x 5 rows 259 instead of
+# 292, 16 x 9 rows 438 instead of 510. A fresh prompt's prefill (one step, measured apart) was
+# 15-20% faster at 100 tokens, level at 200 and 5% slower at 250: MKL's sgemm wins on longer chunks.
 MAX_KERNEL_ROWS = 192
 # Against bf16 GEMM weights (--dtype bfloat16), about twice as fast per row as fp32 ones, the
 # kernels keep the earlier limit (benchmarks/cpu_linear_rows.py: level from 64 to 128 rows).
