@@ -272,10 +272,9 @@ class Engine:
         started = time.perf_counter()
         result = self.runner.execute(sched_out)
         drafted = {s.request.request_id: len(s.draft_token_ids) for s in sched_out.scheduled if s.draft_token_ids}
+        # a decode step (drafts or not, no prompt chunk): a point of the draft policy's cost line
         decoding = all(s.num_tokens - len(s.draft_token_ids) == 1 for s in sched_out.scheduled)
-        if (
-            self.policy is not None and decoding
-        ):  # a decode step (drafts or not, no prompt chunk): a point of the cost line
+        if self.policy is not None and decoding:
             self.policy.observe_step(sched_out.total_tokens, time.perf_counter() - started)
         kind = "prefill" if not decoding else "verify" if drafted else "decode"
         try:

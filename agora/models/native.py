@@ -51,7 +51,7 @@ class NativeLlamaLayers:
     def build(cls, model: nn.Module) -> NativeLlamaLayers | None:
         if not kernels.available() or not len(model.layers):  # type: ignore[arg-type]
             return None
-        weights, rope = [], []
+        weights, rope, kernel_rows = [], [], []
         for i, layer in enumerate(model.layers):  # type: ignore[arg-type]
             attn, mlp = layer.self_attn, layer.mlp
             hidden = layer.input_layernorm.weight.shape[0]
@@ -92,8 +92,9 @@ class NativeLlamaLayers:
                 )  # fmt: skip
             )
             rope.append((attn.rotary.cos, attn.rotary.sin))
-        linears = [m for layer in model.layers for m in layer.modules() if isinstance(m, GGUFLinear)]  # type: ignore[attr-defined]
-        return cls(weights, rope, min(m.kernel_rows for m in linears))
+            # all four are GGUFLinear (_blocks said so): a step runs natively where each takes its kernel
+            kernel_rows += [m.kernel_rows for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        return cls(weights, rope, min(kernel_rows))
 
     def runs(self, x: torch.Tensor, positions: torch.Tensor) -> bool:
         """Whether this step goes through the native layers (else the module path)."""

@@ -407,15 +407,13 @@ class Gateway:
                     kind = "timeout" if isinstance(exc, TimeoutError) else "connect"
                     self.metrics.errors.labels(ep.name, kind).inc()
                     self.pool.record_failure(ep, f"{kind}: {type(exc).__name__}: {exc}")
-                    last = (502, json.dumps(error_body(f"endpoint {ep.name} failed: {kind}", "bad_gateway",
-                                                       code="upstream_error")).encode(), {})  # fmt: skip
+                    last = (502, _upstream_failed(ep.name, kind), {})
                 else:
                     if resp.status >= 500 or resp.status == 429:
                         try:
                             payload = await resp.read()
                         except (TimeoutError, aiohttp.ClientError):  # the error's body broke off too: still retriable
-                            payload = json.dumps(error_body(f"endpoint {ep.name} failed: HTTP {resp.status}",
-                                                            "bad_gateway", code="upstream_error")).encode()  # fmt: skip
+                            payload = _upstream_failed(ep.name, f"HTTP {resp.status}")
                         resp.release()
                         if resp.status >= 500:
                             self.metrics.errors.labels(ep.name, "status_5xx").inc()
@@ -647,6 +645,11 @@ async def _send_cached(send: Any, answer: Answer, body: dict[str, Any], headers:
     for chunk in replay_sse(answer, include_usage):
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
     await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _upstream_failed(endpoint: str, what: str) -> bytes:
+    """The error body a client gets when an endpoint failed and no other one answered."""
+    return json.dumps(error_body(f"endpoint {endpoint} failed: {what}", "bad_gateway", code="upstream_error")).encode()
 
 
 def _ran_to_an_end(answer: Answer) -> bool:

@@ -33,6 +33,17 @@ CPU = torch.device("cpu")
 BLOCK = 4  # tokens per KV block: a request's keys span many blocks
 
 
+def as_gguf(w: np.ndarray, qtype: str) -> tuple[np.ndarray, tuple[str, torch.Tensor]]:
+    """A weight as a GGUF file of ``qtype`` holds it: the dequantized values (what the model multiplies by) and
+    the blocks as the loader keeps them (the formats gguf_repack reads, repacked to QU8)."""
+    t = getattr(gguf.GGMLQuantizationType, qtype)
+    rows = quantize(w, t)
+    w = dequantize(rows, t).astype(np.float32)
+    if qtype in gguf_repack.FORMATS:
+        return w, ("QU8", torch.from_numpy(gguf_repack.repack(rows, qtype, w)))
+    return w, (qtype, torch.from_numpy(rows))
+
+
 def quantized_llama(
     seed: int = 0,
     qtypes: tuple[str, ...] = ("Q4_1", "Q8_0"),
@@ -56,14 +67,7 @@ def quantized_llama(
                 continue
             w = (torch.randn_like(p) * 0.15).numpy()
             if name.startswith("model.layers."):  # layer i in qtypes[i % 2]: both block formats
-                qtype = qtypes[int(name.split(".")[2]) % len(qtypes)]
-                t = getattr(gguf.GGMLQuantizationType, qtype)
-                rows = quantize(w, t)
-                w = dequantize(rows, t).astype(np.float32)
-                if qtype in gguf_repack.FORMATS:  # read through QU8, as the loader does
-                    blocks[name] = ("QU8", torch.from_numpy(gguf_repack.repack(rows, qtype, w)))
-                else:
-                    blocks[name] = (qtype, torch.from_numpy(rows))
+                w, blocks[name] = as_gguf(w, qtypes[int(name.split(".")[2]) % len(qtypes)])
             p.copy_(torch.from_numpy(w))
     if gemm_dtype is not None:  # as the loader does for --dtype bfloat16 on a CPU
         cast_gemm_weights(model.model.layers, gemm_dtype)
@@ -245,13 +249,7 @@ def quantized_gemma(seed: int = 0) -> Gemma3ForCausalLM:
             w = (torch.randn_like(p) * 0.15).numpy()
             if name.startswith("model.layers."):
                 layer = int(name.split(".")[2])
-                qtype = "Q8_0" if "v_proj" in name and layer % 2 else "Q5_0"
-                t = getattr(gguf.GGMLQuantizationType, qtype)
-                rows = quantize(w, t)
-                w = dequantize(rows, t).astype(np.float32)
-                blocks[name] = (qtype, torch.from_numpy(rows))
-                if qtype in gguf_repack.FORMATS:
-                    blocks[name] = ("QU8", torch.from_numpy(gguf_repack.repack(rows, qtype, w)))
+                w, blocks[name] = as_gguf(w, "Q8_0" if "v_proj" in name and layer % 2 else "Q5_0")
             p.copy_(torch.from_numpy(w))
     assert attach_gguf_blocks(model, blocks, tied=True) == len(blocks)
     assert fuse_projections(model) == 2 * cfg.num_hidden_layers  # the Q8_0 v layers too, as QU8
