@@ -1,6 +1,7 @@
 """Where the GGUF block kernels stop paying: one linear at 16 to 256 rows, every path side by side.
 
     python benchmarks/cpu_linear_rows.py --out benchmarks/results/cpu_linear_rows.json
+    python benchmarks/cpu_linear_rows.py --against d779add --rows 1,2,8,16,64,192   # also that commit's kernel
 
 A step of T tokens multiplies [T, K] activations by each layer's weight. Up to
 ``agora.models.quant.MAX_KERNEL_ROWS`` (192; 64 against bf16 GEMM weights) rows the CPU kernels
@@ -10,11 +11,15 @@ bfloat16``). SmolLM2-135M's three linear shapes (gate/up fused, down, q/k/v fuse
 Q4_1 blocks; each figure is the median of ``--repeats`` calls, the paths alternating in one
 process. The weights stay in cache here, which flatters the GEMM: in the engine they come from
 memory, and whole steps (``benchmarks/cpu_verify_steps.py``) set the limit.
+
+``--against REV`` compiles ``agora/kernels/cpu.c`` as of that git revision with the same flags and
+times its fp32 kernel beside today's (``same_as_against``: whether their outputs are equal bit for bit).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import time
@@ -23,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from kernels_at import kernels_at
 
 from agora import kernels
 from agora.bench.report import cpu_description
@@ -42,13 +48,24 @@ def q4_1_blocks(n: int, k: int, rng: np.random.Generator) -> torch.Tensor:
     return torch.from_numpy(blocks.reshape(n, nb * 20).copy())
 
 
+def against_linear(lib: ctypes.CDLL, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """The Q4_1 fp32 kernel of another revision, called as ``kernels.linear`` calls today's."""
+    y = torch.empty(x.shape[0], blocks.shape[0])
+    lib.agora_linear_q4_1(x.data_ptr(), x.shape[0], x.shape[1], blocks.data_ptr(), blocks.shape[0], None, y.data_ptr(),
+                          torch.get_num_threads())  # fmt: skip
+    return y
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--rows", default=",".join(map(str, ROWS)), help="rows of x, comma-separated")
+    ap.add_argument("--against", metavar="REV", help="also time the fp32 kernel of this git revision")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if not kernels.available():
         raise SystemExit("the CPU kernels are not built here")
+    against = kernels_at(args.against) if args.against else None
     rng = np.random.default_rng(0)
     rows_out = []
     for n, k in SHAPES:
@@ -56,13 +73,14 @@ def main() -> None:
         blocks_i8 = kernels.repack_i8(blocks, "Q4_1")
         weight = torch.randn(n, k) * 0.02
         weight_bf16 = weight.to(torch.bfloat16)
-        for m in ROWS:
+        for m in [int(r) for r in args.rows.split(",")]:
             x = torch.randn(m, k)
             paths = {  # called in this iteration only
                 "kernel_fp32": partial(kernels.linear, x, blocks, "Q4_1", None, False),
                 "kernel_int8": partial(kernels.linear, x, blocks_i8, "Q4_1", None, True),
                 "gemm_fp32": partial(gemm, x, weight, None),
                 "gemm_bf16": partial(gemm, x, weight_bf16, None),  # x rounded to bf16, the product back to fp32
+                **({"against_fp32": partial(against_linear, against, x, blocks)} if against is not None else {}),
             }
             times: dict[str, list[float]] = {name: [] for name in paths}
             for fn in paths.values():
@@ -77,12 +95,21 @@ def main() -> None:
                 "rows": m,
                 **{f"{p}_ms": round(statistics.median(t) * 1e3, 4) for p, t in times.items()},
             }
+            if against is not None:
+                row["same_as_against"] = bool(torch.equal(paths["kernel_fp32"](), paths["against_fp32"]()))
+                row["kernel_over_against"] = round(row["kernel_fp32_ms"] / row["against_fp32_ms"], 3)
+                row["kernel_fp32_gflops"] = round(2 * m * n * k / row["kernel_fp32_ms"] / 1e6, 1)
             rows_out.append(row)
-            print(f"{n}x{k} rows {m:4d}: " + "  ".join(f"{p} {row[p + '_ms']:.3f}" for p in paths) + " ms", flush=True)
+            extra = (f"  (kernel {row['kernel_over_against']:.2f}x {args.against}'s time, "
+                     f"{'same output' if row['same_as_against'] else 'DIFFERENT output'})" if against else "")  # fmt: skip
+            print(f"{n}x{k} rows {m:4d}: " + "  ".join(f"{p} {row[p + '_ms']:.3f}" for p in paths) + " ms" + extra,
+                  flush=True)  # fmt: skip
     result = {
         "host": cpu_description(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d"),
+        "against": args.against,
         "rows": rows_out,
     }
     if args.out:

@@ -23,12 +23,11 @@ import argparse
 import ctypes
 import json
 import statistics
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from kernels_at import kernels_at
 
 from agora import kernels
 from agora.bench.report import cpu_description
@@ -46,18 +45,6 @@ CASES = [
     ([2] * 16, [1300] * 16),  # one draft each, 16 agents
 ]
 KERNEL = "agora_paged_prefill_attention"
-
-
-def kernel_of(rev: str) -> ctypes.CDLL:
-    """The CPU kernels as of git revision ``rev``, compiled with today's flags."""
-    source = subprocess.run(["git", "show", f"{rev}:agora/kernels/cpu.c"], capture_output=True, text=True, check=True,
-                            cwd=Path(__file__).parent).stdout  # fmt: skip
-    tmp = Path(tempfile.mkdtemp(prefix="agora-against-"))
-    (tmp / "cpu.c").write_text(source)
-    subprocess.run(["cc", *kernels.FLAGS, str(tmp / "cpu.c"), "-o", str(tmp / "cpu.so"), "-lm"], check=True)
-    lib = ctypes.CDLL(str(tmp / "cpu.so"))
-    getattr(lib, KERNEL).argtypes, getattr(lib, KERNEL).restype = kernels._SIGNATURES[KERNEL]
-    return lib
 
 
 def measure(query_lens: list[int], contexts: list[int], repeats: int, copies: int,
@@ -131,7 +118,7 @@ def main() -> None:
     if not kernels.available():
         raise SystemExit("the CPU kernels are not available (no C compiler, or AGORA_CPU_KERNELS=0)")
     torch.manual_seed(0)
-    against = kernel_of(args.against) if args.against else None
+    against = kernels_at(args.against) if args.against else None
     rows = [measure(q, c, args.repeats, args.copies, against) for q, c in CASES]
     for r in rows:
         shape = (f"{len(r['query_lens'])} x {r['query_lens'][0]} after {r['contexts'][0]}" if len(r["query_lens"]) > 4
