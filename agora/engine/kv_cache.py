@@ -270,6 +270,14 @@ class KVCacheManager:
             self._cache_full_blocks(request, blocks, min(total_tokens, len(request.all_token_ids)))
         return [b.block_id for b in new]
 
+    def cache_computed(self, request: KVCacheRequest, num_tokens: int) -> None:
+        """Hash the blocks that ``request``'s first ``num_tokens`` tokens fill, their KV computed: after a
+        verification step, the blocks its accepted drafts completed. A later allocation would hash them too,
+        but the request may end on that step, and its last turn would then be missing from the cache."""
+        blocks = self.req_blocks.get(request.request_id)
+        if self.enable_prefix_caching and blocks:
+            self._cache_full_blocks(request, blocks, min(num_tokens, len(request.all_token_ids)))
+
     def rollback(self, request_id: str, num_tokens: int) -> list[int]:
         """Give back the blocks of a request that hold nothing of its first ``num_tokens`` tokens (the
         slots of rejected draft tokens); returns their ids. Such blocks were never hashed, so they

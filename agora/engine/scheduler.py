@@ -202,6 +202,8 @@ class Scheduler:
                 if status is not None:
                     break
             updated.append((request, kept))
+            if len(tokens) > 1:  # accepted drafts: the blocks they filled are cacheable now
+                self.kv.cache_computed(request, request.num_computed_tokens)
             if status is not None:
                 finished_ids.append((request.request_id, status))
             elif s.draft_token_ids:

@@ -186,3 +186,25 @@ def test_rollback_gives_back_the_blocks_only_rejected_drafts_reached():
     kv.free("r")
     assert kv.pool.free_block_ids() == [3, 4, 5, 6, 7, 2, 1, 0]
     kv.check_integrity()
+
+
+def test_blocks_accepted_drafts_fill_are_cached_when_the_step_ends():
+    """A verification step's accepted drafts complete blocks 1 and 2; they are cached when the scheduler
+    commits the step (cache_computed), not only at a next allocation that may never come: the request can
+    finish on this step, and its answer should be a prefix hit for the next turn."""
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    r = Req("r", list(range(6)))
+    assert admit(kv, r) == [0, 1]
+    r.all_token_ids.append(6)  # the sampled token, due next step
+    r.num_computed_tokens = 6
+    assert kv.allocate(r, 1 + 6) == [2, 3]  # positions 6..12 computed: the due token and 6 drafts
+    assert kv.num_cached_blocks["r"] == 1  # only known tokens hashed: drafts are guesses yet
+    r.all_token_ids += [7, 8, 9, 10, 11, 12, 99]  # all 6 drafts accepted, then the model's own token
+    r.num_computed_tokens = 13
+    kv.cache_computed(r, r.num_computed_tokens)
+    assert kv.num_cached_blocks["r"] == 3  # blocks 1 and 2 (tokens 4..11); block 3 is not full
+    kv.free("r")
+    nxt = Req("n", list(range(13)) + [99, 5])
+    computed = kv.computed_blocks(nxt)
+    assert [b.block_id for b in computed.blocks] == [0, 1, 2] and computed.num_tokens == 12
+    kv.check_integrity()

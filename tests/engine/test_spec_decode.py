@@ -174,7 +174,7 @@ def _greedy(llm: LLM, prompts: list[list[int]], n: int = 48) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def tiny_reference(tiny_model_dir):
-    llm = LLM(str(tiny_model_dir), dtype="float32", num_blocks=256, block_size=4)
+    llm = LLM(str(tiny_model_dir), dtype="float32", num_blocks=256, block_size=4, speculative_config=None)
     prompts = _repetitive_prompts(llm.engine.vocab_size)
     return prompts, _greedy(llm, prompts)
 
@@ -204,7 +204,7 @@ def test_greedy_tokens_equal_speculation_off(tiny_model_dir, tiny_reference, spe
 
 
 def test_seeded_samples_logprobs_and_stop_strings_equal_speculation_off(tiny_model_dir):
-    base = LLM(str(tiny_model_dir), dtype="float32", num_blocks=256)
+    base = LLM(str(tiny_model_dir), dtype="float32", num_blocks=256, speculative_config=None)
     spec = LLM(str(tiny_model_dir), dtype="float32", num_blocks=256, speculative_config=SUFFIX)
     prompts = _repetitive_prompts(base.engine.vocab_size)[:3]
     sampled = SamplingParams(n=2, temperature=0.3, seed=5, max_tokens=48, logprobs=2, ignore_eos=True)
@@ -233,13 +233,31 @@ def test_structured_outputs_with_speculation_equal_speculation_off(tiny_model_di
                                           '"tags": {"type": "array", "items": {"type": "string"}}}, '
                                           '"required": ["name", "tags"]}')  # fmt: skip
     params = SamplingParams(temperature=0, max_tokens=60, structured_outputs=schema)
-    base = LLM(str(tiny_model_dir), dtype="float32", num_blocks=256)
+    base = LLM(str(tiny_model_dir), dtype="float32", num_blocks=256, speculative_config=None)
     spec = LLM(str(tiny_model_dir), dtype="float32", num_blocks=256, speculative_config=NGRAM)
     prompts = ["The quick brown fox " * 6, "Hello world! " * 5]
     a = [r.outputs[0] for r in base.generate(prompts, params)]
     b = [r.outputs[0] for r in spec.generate(prompts, params)]
     assert [x.token_ids for x in a] == [x.token_ids for x in b]
     assert [x.finish_reason for x in a] == [x.finish_reason for x in b]
+
+
+def test_an_answer_that_ends_on_accepted_drafts_is_in_the_prefix_cache_for_the_next_turn(tiny_model_dir):
+    """The blocks a verification step's accepted drafts fill are cached at once: an agent's next turn (the
+    conversation so far, then more) finds its previous answer cached as it would without speculation."""
+    cached = {}
+    for name, config in (("off", None), ("suffix", SUFFIX)):
+        llm = LLM(str(tiny_model_dir), dtype="float32", num_blocks=256, block_size=4, speculative_config=config)
+        prompt = _repetitive_prompts(llm.engine.vocab_size)[0]
+        params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+        llm.generate([prompt], params)  # the suffix corpus learns the answer: the next time, it is drafted
+        assert llm.engine.kv.reset_prefix_cache()  # but the prefix cache does not keep it
+        answer = llm.generate([prompt], params)[0].outputs[0].token_ids
+        turn = llm.generate([prompt + answer + [5, 6, 7]], SamplingParams(temperature=0, max_tokens=1))[0]
+        cached[name] = turn.num_cached_tokens
+        if config is not None:
+            assert llm.engine.stats().spec.num_accepted_tokens > 20  # the answer was mostly drafts
+    assert cached["suffix"] == cached["off"] == (len(prompt) + 40 - 1) // 4 * 4  # all but the last token's
 
 
 def test_drafts_never_run_past_max_tokens(tiny_model_dir):
