@@ -232,6 +232,30 @@ class SpeculativeConfig:
         return cls(**value)
 
 
+SPEC_AUTO = "auto"  # --speculative-config's default: suffix where it was measured never to lose (CPU), else off
+_SPEC_OFF = ("off", "none", "null")
+
+
+def speculative_setting(value: Any) -> SpeculativeConfig | str | None:
+    """``--speculative-config``'s value: ``"auto"``, off (``None``, ``"off"``, ``"none"``, ``"null"``), or vLLM's
+    JSON text or dict. ValueError names a bad one."""
+    if value is None or isinstance(value, SpeculativeConfig):
+        return value
+    if isinstance(value, str) and value.strip().lower() in (SPEC_AUTO, *_SPEC_OFF):
+        return SPEC_AUTO if value.strip().lower() == SPEC_AUTO else None
+    return SpeculativeConfig.parse(value)
+
+
+def resolve_speculative(setting: SpeculativeConfig | str | None, device_type: str) -> SpeculativeConfig | None:
+    """What the engine runs: ``"auto"`` is ``suffix`` on a CPU, where agora's benchmarks show it gaining on agent
+    workloads and losing nothing on the others (benchmarks/results/spec-default), and off on accelerators, where
+    that has not been measured."""
+    if setting == SPEC_AUTO:
+        return SpeculativeConfig(method="suffix") if device_type == "cpu" else None
+    assert setting is None or isinstance(setting, SpeculativeConfig)
+    return setting
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -239,14 +263,14 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     structured: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     max_waiting_requests: int = option(256, "requests waiting beyond the batch; more are refused with a 429")
-    speculative_config: SpeculativeConfig | None = option(
-        None, 'speculative decoding as vLLM spells it, e.g. \'{"method": "ngram", "num_speculative_tokens": 5, '
-        '"prompt_lookup_max": 5, "prompt_lookup_min": 2}\' or \'{"method": "suffix"}\' (default: off)',
-        parse=lambda text: _flag_value(SpeculativeConfig.parse, text), metavar="JSON")  # fmt: skip
+    speculative_config: SpeculativeConfig | str | None = option(
+        SPEC_AUTO, 'speculative decoding as vLLM spells it, e.g. \'{"method": "ngram", "num_speculative_tokens": 5, '
+        '"prompt_lookup_max": 5, "prompt_lookup_min": 2}\' or \'{"method": "suffix"}\'; "off" turns it off; '
+        'default "auto": suffix on a CPU, off on a GPU',
+        parse=lambda text: _flag_value(speculative_setting, text), metavar="JSON")  # fmt: skip
 
     def __post_init__(self) -> None:
-        if self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):
-            object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
+        object.__setattr__(self, "speculative_config", speculative_setting(self.speculative_config))
         if self.max_waiting_requests < 1:
             raise ValueError("max_waiting_requests must be >= 1")
 

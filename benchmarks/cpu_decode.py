@@ -88,7 +88,7 @@ def speed_worker(args: argparse.Namespace) -> dict[str, float]:
     _set_repack(args)
     batches = [int(b) for b in args.batches.split(",")]
     llm = LLM(model=args.model, max_num_seqs=max(batches), max_model_len=4096, kv_cache_dtype=args.kv_dtype, dtype=args.dtype,
-              gguf_activations=args.gguf_activations)  # fmt: skip
+              gguf_activations=args.gguf_activations, speculative_config=None)  # fmt: skip  # plain decode steps
     engine = llm.engine
     if args.per_op:
         engine.model.model.native = None

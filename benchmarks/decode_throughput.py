@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    llm = LLM(args.model, kv_cache_memory_bytes=1 << 30)
+    llm = LLM(args.model, kv_cache_memory_bytes=1 << 30, speculative_config=None)  # plain decode steps
     params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
     llm.generate([[11] * 8], params)  # warm-up
     results = {}

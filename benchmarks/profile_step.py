@@ -24,7 +24,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as path:
         build(path, *SHAPES["smollm2-135m"])
-        llm = LLM(path, device=args.device, max_num_seqs=args.batch, kv_cache_memory_bytes=1 << 30, max_model_len=2048)
+        llm = LLM(path, device=args.device, max_num_seqs=args.batch, kv_cache_memory_bytes=1 << 30, max_model_len=2048,
+                  speculative_config=None)  # fmt: skip  # plain decode steps
         prompts = [[10 + i, 11, 12, 13] for i in range(args.batch)]
         params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
         llm.generate(prompts, params)

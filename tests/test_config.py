@@ -18,6 +18,7 @@ from agora.config import (
     ServerConfig,
     SpeculativeConfig,
     from_dict,
+    resolve_speculative,
     to_dict,
     with_options,
 )
@@ -93,7 +94,7 @@ def test_speculative_config_flag_takes_vllm_json_and_travels_to_replicas(capsys)
     config = serve_config(_args("--speculative-config", '{"method": "suffix", "num_speculative_tokens": 6}'))
     assert config.engine.speculative_config == SpeculativeConfig(method="suffix", num_speculative_tokens=6)
     assert ServeConfig.from_json(config.to_json()) == config
-    assert serve_config(_args()).engine.speculative_config is None  # off by default
+    assert serve_config(_args()).engine.speculative_config == "auto"
     with pytest.raises(SystemExit):
         _args("--speculative-config", '{"method": "eagle"}')
     assert "needs a draft model" in capsys.readouterr().err
@@ -101,3 +102,18 @@ def test_speculative_config_flag_takes_vllm_json_and_travels_to_replicas(capsys)
     assert spec == SpeculativeConfig(method="ngram", num_speculative_tokens=5, prompt_lookup_min=5, prompt_lookup_max=5)
     with pytest.raises(ValueError, match="unknown key"):
         with_options(ServeConfig(), {"speculative_config": {"method": "ngram", "k": 1}})
+
+
+def test_speculation_is_suffix_by_default_on_a_cpu_and_can_be_turned_off() -> None:
+    auto = serve_config(_args()).engine
+    assert resolve_speculative(auto.speculative_config, "cpu") == SpeculativeConfig(method="suffix")
+    assert resolve_speculative(auto.speculative_config, "cuda") is None  # not measured there: off
+    assert ServeConfig.from_json(ServeConfig(engine=auto).to_json()).engine == auto
+    for off in ("off", "OFF", "none", "null", " off "):
+        engine = serve_config(_args("--speculative-config", off)).engine
+        assert engine.speculative_config is None and resolve_speculative(engine.speculative_config, "cpu") is None
+        assert ServeConfig.from_json(ServeConfig(engine=engine).to_json()).engine.speculative_config is None
+    assert EngineConfig(speculative_config=None).speculative_config is None  # LLM(speculative_config=None)
+    assert with_options(ServeConfig(), {"speculative_config": "off"}).engine.speculative_config is None
+    with pytest.raises(ValueError, match="JSON"):
+        EngineConfig(speculative_config="sufix")

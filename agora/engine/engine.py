@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from agora import envs
-from agora.config import EngineConfig
+from agora.config import SPEC_AUTO, EngineConfig, resolve_speculative
 from agora.engine.device import kv_cache_budget, pick_device, pick_kv_dtype, pick_precision
 from agora.engine.kv_cache import KVCacheManager
 from agora.engine.request import Request, RequestStatus
@@ -173,14 +173,16 @@ class Engine:
             GrammarCompiler(self.tokenizer.hf, self.vocab_size, sorted(self.eos_token_ids), config.structured)
             if self.tokenizer is not None else None
         )  # fmt: skip
-        spec = config.speculative_config
+        spec = resolve_speculative(config.speculative_config, self.device.type)
         self.proposer: Proposer | None = build_proposer(spec) if spec is not None else None
         self.policy = DraftPolicy() if spec is not None else None
         self.spec_stats = SpecStats()
         self.max_draft_tokens = spec.num_speculative_tokens if spec is not None else 0
         if spec is not None:
-            logger.info("speculative decoding: %s, up to %d draft tokens a step", spec.method,
-                        spec.num_speculative_tokens)  # fmt: skip
+            auto = config.speculative_config == SPEC_AUTO
+            how = " (the default on a CPU; --speculative-config off turns it off)" if auto else ""
+            logger.info("speculative decoding: %s, up to %d draft tokens a step%s", spec.method,
+                        spec.num_speculative_tokens, how)  # fmt: skip
         self.sequences: dict[str, _Sequence] = {}
         self.children: dict[str, list[str]] = {}
         self.prompt_tokens = 0

@@ -8,7 +8,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from agora.config import DEFAULT_MODEL, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from agora.config import DEFAULT_MODEL, SPEC_AUTO, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from agora.engine.engine import CompletionOutput, Engine, GenerationResult
 from agora.engine.sampling import SamplingParams
 
@@ -22,10 +22,11 @@ class LLM:
     ``LLM()`` loads the default packaged model; keyword arguments set fields of
     ModelConfig, CacheConfig or SchedulerConfig by name (e.g. ``max_model_len``,
     ``num_blocks``, ``max_num_seqs``, ``enable_prefix_caching``), and
-    ``speculative_config`` (vLLM's dict, e.g. ``{"method": "ngram", "num_speculative_tokens": 5}``).
+    ``speculative_config`` (vLLM's dict, e.g. ``{"method": "ngram", "num_speculative_tokens": 5}``; ``None`` or
+    ``"off"``: none; the default ``"auto"``: ``suffix`` on a CPU, none on a GPU).
     """
 
-    def __init__(self, model: str = DEFAULT_MODEL, speculative_config: Any = None, **kwargs: Any) -> None:
+    def __init__(self, model: str = DEFAULT_MODEL, speculative_config: Any = SPEC_AUTO, **kwargs: Any) -> None:
         parts: dict[type, dict[str, Any]] = {ModelConfig: {"model": model}, CacheConfig: {}, SchedulerConfig: {}}
         for key, value in kwargs.items():
             owner = next((cls for cls in parts if key in {f.name for f in dataclasses.fields(cls)}), None)

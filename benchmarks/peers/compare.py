@@ -79,19 +79,21 @@ def precision(system: str) -> str:
 
 
 def agora_flags(system: str) -> list[str] | None:
-    """``agora[-bf16|-fast][-suffix|-ngram]``: the serve flags, or None for a name of another shape."""
+    """``agora[-bf16|-fast][-suffix|-ngram]``: the serve flags, or None for a name of another shape. Without a
+    method named, speculative decoding is off (``agora serve``'s own default on a CPU is ``suffix``)."""
     parts = system.split("-")
     if parts[0] != "agora":
         return None
     flags: list[str] = []
+    spec = "off"
     for part in parts[1:]:
         if part in FAST and not flags:
             flags += FAST[part]
         elif part in SPECULATIVE:
-            flags += ["--speculative-config", SPECULATIVE[part]]
+            spec = SPECULATIVE[part]
         else:
             return None
-    return flags
+    return [*flags, "--speculative-config", spec]
 
 
 def server_command(system: str, port: int, slots: int) -> list[str]:
@@ -99,9 +101,9 @@ def server_command(system: str, port: int, slots: int) -> list[str]:
     if flags is not None:
         return [AGORA, "serve", "--port", str(port), *flags]
     if system == "agora-no-prefix-cache":
-        return [AGORA, "serve", "--port", str(port), "--no-enable-prefix-caching"]
+        return [AGORA, "serve", "--port", str(port), "--no-enable-prefix-caching", "--speculative-config", "off"]
     if system == "agora-fp16-kv":
-        return [AGORA, "serve", "--port", str(port), "--kv-cache-dtype", "float16"]
+        return [AGORA, "serve", "--port", str(port), "--kv-cache-dtype", "float16", "--speculative-config", "off"]
     if system in ("vllm-cpu", "vllm-cpu-bf16"):
         dtype = {"fp32": "float32", "bf16": "bfloat16"}[precision(system)]
         return ["bash", str(HERE / "serve_vllm_cpu.sh"), str(port), dtype]
@@ -150,6 +152,8 @@ def bench_command(url: str, workload: str, result: Path, args: argparse.Namespac
     cmd = [AGORA, "bench", "serve", "--base-url", url, "--model", MODEL, "--workload", workload,
            "--concurrency", args.concurrency, "--turns", str(args.turns), "--seed", str(args.seed),
            "--result-json", str(result)]  # fmt: skip
+    if args.temperature:
+        cmd += ["--temperature", str(args.temperature)]
     if workload == "agent":  # random words: fixed lengths, as before
         cmd += ["--output-len", str(args.output_len), "--system-prompt-len", str(args.system_prompt_len),
                 "--tool-result-len", str(args.tool_result_len), "--ignore-eos"]  # fmt: skip
@@ -231,6 +235,8 @@ def comparison(results: dict[tuple[str, str, int], dict], bandwidth: float,
             "vs_baseline": statistics.median(ratios) if ratios else None, "vs_baseline_rounds": ratios,
             "ttft_p50_ms": statistics.median(m["ttft_ms"]["median"] for m in by_round.values()),
             "ttft_p90_ms": statistics.median(m["ttft_ms"]["p90"] for m in by_round.values()),
+            "e2e_p50_ms": statistics.median(m["e2e_ms"]["median"] for m in by_round.values()),
+            "e2e_p90_ms": statistics.median(m["e2e_ms"]["p90"] for m in by_round.values()),
             "failed": sum(m["failed"] for m in by_round.values()),
             "acceptance_rate": (sum(x["num_accepted_tokens"] for x in spec) / sum(x["num_draft_tokens"] for x in spec)
                                 if spec and sum(x["num_draft_tokens"] for x in spec) else None),
@@ -239,14 +245,15 @@ def comparison(results: dict[tuple[str, str, int], dict], bandwidth: float,
     order = {s: i for i, s in enumerate(dict.fromkeys(k[0] for k in results))}
     rows.sort(key=lambda r: (r["workload"], r["concurrency"], order.get(r["system"], 99)))
     lines = [f"| workload | agents | system | precision | output tok/s | x {baseline} (paired) | TTFT p50 (ms) "
-             "| TTFT p90 (ms) | draft acceptance | tokens per draft step | failed |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+             "| TTFT p90 (ms) | request p50 (ms) | request p90 (ms) | draft acceptance | tokens per draft step | failed |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in rows:
         ratio = f"{r['vs_baseline']:.2f}x" if r["vs_baseline"] is not None else "-"
         acc = f"{r['acceptance_rate']:.0%}" if r["acceptance_rate"] is not None else "-"
         per = f"{r['tokens_per_draft_step']:.2f}" if r["tokens_per_draft_step"] is not None else "-"
         lines.append(f"| {r['workload']} | {r['concurrency']} | {r['system']} | {r['precision']} | {r['output_tok_s']:.1f} | {ratio} | "
-                     f"{r['ttft_p50_ms']:.0f} | {r['ttft_p90_ms']:.0f} | {acc} | {per} | {r['failed']} |")  # fmt: skip
+                     f"{r['ttft_p50_ms']:.0f} | {r['ttft_p90_ms']:.0f} | {r['e2e_p50_ms']:.0f} | {r['e2e_p90_ms']:.0f} | "
+                     f"{acc} | {per} | {r['failed']} |")  # fmt: skip
     single = next((r for r in rows if r["system"] == baseline and r["concurrency"] == 1), None)
     if single:
         limit = bandwidth / GGUF_BYTES_PER_TOKEN
@@ -255,7 +262,8 @@ def comparison(results: dict[tuple[str, str, int], dict], bandwidth: float,
                      f"({limit:.0f} tok/s at the {bandwidth / 1e9:.1f} GB/s measured here).")  # fmt: skip
     lines.append(
         f"\n'x {baseline}' is the row's output throughput divided by {baseline}'s in the same round, same "
-        "workload and number of agents (median over rounds). Draft acceptance: accepted / proposed draft "
+        "workload and number of agents (median over rounds). Request p50/p90: a request's whole time, from sent "
+        "to its last token (medians over rounds). Draft acceptance: accepted / proposed draft "
         "tokens (vllm:spec_decode_*); tokens per draft step: what a verification step yielded per sequence. "
         "Precision: what the matrix products compute in (agora's default is exact fp32; bf16 prefill and int8 "
         "decode are its opt-in --dtype bfloat16 and --gguf-activations int8; llama.cpp quantizes activations to "
@@ -278,6 +286,7 @@ def main() -> None:
     ap.add_argument("--system-prompt-len", type=int, default=300)
     ap.add_argument("--tool-result-len", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of every request (0: greedy)")
     ap.add_argument("--port", type=int, default=8100)
     ap.add_argument("--start-timeout", type=float, default=900)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "peers"))

@@ -182,9 +182,11 @@ def _gguf_parsed_once():
 @pytest.mark.slow
 def test_smollm2_matches_transformers(smollm2_gguf, smollm2_reference):
     prompts, expected = smollm2_reference
-    llm = LLM(str(smollm2_gguf), dtype="float32", num_blocks=256, max_num_batched_tokens=96)
-    assert engine_greedy(llm, prompts) == expected
-    assert llm.engine.stats().prefix_cache_hits > 0  # the shared system prompt
+    for spec in (None, "auto"):  # speculation off (plain decode steps), and the default (suffix on a CPU)
+        llm = LLM(str(smollm2_gguf), dtype="float32", num_blocks=256, max_num_batched_tokens=96,
+                  speculative_config=spec)  # fmt: skip
+        assert engine_greedy(llm, prompts) == expected
+        assert llm.engine.stats().prefix_cache_hits > 0  # the shared system prompt
 
 
 @pytest.mark.slow

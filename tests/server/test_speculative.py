@@ -13,7 +13,7 @@ PROMPT = "The quick brown fox jumps over the lazy dog. " * 6
 
 @pytest.fixture(scope="module")
 def servers(tiny_model_dir):
-    plain = start_server(tiny_model_dir)
+    plain = start_server(tiny_model_dir, speculative_config="off")
     spec = start_server(tiny_model_dir, speculative_config={"method": "suffix", "num_speculative_tokens": 6})
     yield plain, spec
     for r in (plain, spec):
@@ -67,3 +67,17 @@ def test_engine_steps_and_their_seconds_by_kind(servers):
     assert plain.metric("agora:engine_steps_total", 'kind="verify"') == 0
     assert spec.metric("agora:engine_steps_total", 'kind="verify"') > 0  # its drafts were checked
     assert spec.metric("agora:engine_step_seconds_total", 'kind="verify"') > 0
+
+
+def test_a_cpu_server_speculates_by_default(tiny_model_dir):
+    r = start_server(tiny_model_dir)  # speculative_config "auto", as `agora serve` without the flag
+    try:
+        kwargs = dict(model=MODEL, prompt=PROMPT, max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+        for _ in range(2):  # the second time the suffix corpus knows the answer
+            _client(r).completions.create(**kwargs)
+        assert r.engine.proposer is not None
+        assert r.metric("vllm:spec_decode_num_accepted_tokens_total") > 0
+        assert r.metric("agora:engine_steps_total", 'kind="verify"') > 0
+    finally:
+        r.server.should_exit = True
+        r.thread.join(timeout=10)
