@@ -360,12 +360,12 @@ class Engine:
             return list(req.grammar.forced[: min(room, self.max_draft_tokens)])  # the grammar knows these tokens
         if not self.policy.wants(req.request_id):
             return []
-        drafts = self.proposer.propose(req.request_id, req.all_token_ids, room)
+        drafts = self.proposer.propose(req.request_id, req.all_token_ids, room, req.cache_salt)
         return drafts[: self.policy.keep(req.request_id, len(drafts))] if drafts else drafts
 
     def _done_drafting(self, req: Request) -> None:
         if self.proposer is not None and self.policy is not None:
-            self.proposer.finish(req.request_id, req.all_token_ids, req.num_prompt_tokens)
+            self.proposer.finish(req.request_id, req.all_token_ids, req.num_prompt_tokens, req.cache_salt)
             self.policy.forget(req.request_id)
 
     def stats(self) -> EngineStats:

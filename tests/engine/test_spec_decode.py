@@ -16,7 +16,7 @@ from agora.engine.sampler import SampleRequest, sample, verify
 from agora.engine.sampling import StructuredOutputsParams
 from agora.engine.spec import SpecStats, build_proposer
 from agora.engine.spec.ngram import lookup
-from agora.engine.spec.suffix import SuffixProposer, longest_match, walk
+from agora.engine.spec.suffix import MAX_CORPORA, SuffixProposer, longest_match, walk
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
 SUFFIX = {"method": "suffix", "num_speculative_tokens": 8}
@@ -56,6 +56,34 @@ def test_suffix_drafts_from_finished_outputs_of_other_requests():
     assert prop.propose("b", [50, 51, 7, 8, 9], 6) == [10, 11, 12]
     assert prop.propose("b2", [50, 7, 8, 9, 10], 6) == [11, 12, 13]
     assert prop.propose("c", [50, 51, 52], 6) == []  # nothing matches
+
+
+def test_suffix_drafts_only_from_outputs_of_the_same_salt():
+    """Another tenant's outputs never draft (a matching draft is verified faster: the request's speed would
+    tell that someone else generated the same text); the corpora are bounded in number, least recent out."""
+    prop = SuffixProposer(SpeculativeConfig(method="suffix", num_speculative_tokens=6))
+    prompt, output = [100, 101, 102], [7, 8, 9, 10, 11, 12, 13]
+    prop.finish("a", prompt + output, len(prompt), salt="tenant-a")
+    assert prop.propose("b", [50, 51, 7, 8, 9], 6, salt="tenant-a") == [10, 11, 12]
+    assert prop.propose("c", [50, 51, 7, 8, 9], 6, salt="tenant-b") == []
+    assert prop.propose("d", [50, 51, 7, 8, 9], 6) == []  # no salt is a corpus of its own too
+    for i in range(MAX_CORPORA):
+        prop.finish(f"x{i}", prompt + output, len(prompt), salt=f"s{i}")
+    assert len(prop.recent) == MAX_CORPORA and "tenant-a" not in prop.recent
+    assert prop.propose("e", [50, 51, 7, 8, 9], 6, salt=f"s{MAX_CORPORA - 1}") == [10, 11, 12]
+
+
+def test_the_engine_drafts_with_each_request_s_salt(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir), dtype="float32", num_blocks=256, speculative_config=SUFFIX)
+    engine, seen = llm.engine, []
+    propose = engine.proposer.propose
+    engine.proposer.propose = lambda rid, toks, n, salt=None: seen.append(salt) or propose(rid, toks, n, salt)
+    prompt = _repetitive_prompts(engine.vocab_size)[0]
+    engine.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), cache_salt="t1")
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert seen and set(seen) == {"t1"}
+    assert list(engine.proposer.recent) == ["t1"]  # its output drafts for tenant t1 only
 
 
 def test_suffix_draft_length_follows_the_match():

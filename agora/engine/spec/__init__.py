@@ -18,11 +18,16 @@ from agora.config import SpeculativeConfig
 
 
 class Proposer(Protocol):
-    def propose(self, request_id: str, token_ids: list[int], max_tokens: int) -> list[int]:
+    """``salt`` is the request's prefix-cache salt (its tenant, and its own ``cache_salt``): what a proposer
+    learns from one salt's requests drafts only for requests of the same salt. A draft that matches is
+    verified faster, so drafting from another tenant's outputs would let a request's speed tell whether
+    another tenant recently generated its continuation (as a shared prefix cache would tell about prompts)."""
+
+    def propose(self, request_id: str, token_ids: list[int], max_tokens: int, salt: str | None = None) -> list[int]:
         """Up to ``max_tokens`` guesses of what follows ``token_ids`` (prompt and output so far)."""
         ...
 
-    def finish(self, request_id: str, token_ids: list[int], num_prompt_tokens: int) -> None:
+    def finish(self, request_id: str, token_ids: list[int], num_prompt_tokens: int, salt: str | None = None) -> None:
         """The sequence is done (or gone): forget it, or learn from its output."""
         ...
 

@@ -43,7 +43,7 @@ class NgramProposer:
         self.n_max = config.prompt_lookup_max
         self.histories: dict[str, History] = {}
 
-    def propose(self, request_id: str, token_ids: list[int], max_tokens: int) -> list[int]:
+    def propose(self, request_id: str, token_ids: list[int], max_tokens: int, salt: str | None = None) -> list[int]:
         k = min(self.k, max_tokens)  # type: ignore[type-var]
         if k <= 0:
             return []
@@ -52,5 +52,5 @@ class NgramProposer:
             hist = self.histories[request_id] = History()
         return lookup(hist.sync(token_ids), self.n_min, self.n_max, k)  # type: ignore[arg-type]
 
-    def finish(self, request_id: str, token_ids: list[int], num_prompt_tokens: int) -> None:
+    def finish(self, request_id: str, token_ids: list[int], num_prompt_tokens: int, salt: str | None = None) -> None:
         self.histories.pop(request_id, None)

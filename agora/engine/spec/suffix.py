@@ -9,7 +9,8 @@ counting the tokens that follow the surviving matches. Two corpora are searched:
 - the request's own prompt and output (an agent rewriting a file it was shown, quoting a
   tool result, repeating its own earlier structure);
 - a bounded corpus of recent outputs of finished requests (an agent's later turns, or other
-  agents, producing the same shapes), with a separator between outputs.
+  agents, producing the same shapes), with a separator between outputs; one corpus per
+  prefix-cache salt (tenant), so no tenant's outputs draft, and time, another's.
 
 The draft is the walk with the higher score (the sum of each draft token's path
 probability: the expected number of accepted tokens). Its length adapts to the context: at
@@ -21,7 +22,7 @@ method alike (``spec.policy``).
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import OrderedDict, deque
 
 import numpy as np
 
@@ -30,7 +31,8 @@ from agora.engine.spec.history import History
 from agora.engine.spec.ngram import continuation
 
 SEPARATOR = -1  # between outputs in the global corpus: never a continuation
-GLOBAL_TOKENS = 1 << 16  # the global corpus's size cap, in tokens (besides max_cached_requests)
+GLOBAL_TOKENS = 1 << 16  # a corpus's size cap, in tokens (besides max_cached_requests)
+MAX_CORPORA = 64  # corpora of recent outputs kept (one per salt), the least recently used dropped first
 MIN_MATCH = 2  # a match shorter than this does not draft (one shared token predicts little)
 
 
@@ -123,9 +125,20 @@ class SuffixProposer:
         self.factor = config.suffix_decoding_max_spec_factor
         self.min_prob = config.suffix_decoding_min_token_prob
         self.histories: dict[str, History] = {}
-        self.recent = _Recent(config.suffix_decoding_max_cached_requests)
+        self.max_cached_requests = config.suffix_decoding_max_cached_requests
+        self.recent: OrderedDict[str | None, _Recent] = OrderedDict()  # salt -> its outputs, least recent first
 
-    def propose(self, request_id: str, token_ids: list[int], max_tokens: int) -> list[int]:
+    def _recent(self, salt: str | None, create: bool) -> _Recent | None:
+        recent = self.recent.get(salt)
+        if recent is None and create:
+            recent = self.recent[salt] = _Recent(self.max_cached_requests)
+            while len(self.recent) > MAX_CORPORA:
+                self.recent.popitem(last=False)
+        if recent is not None:
+            self.recent.move_to_end(salt)
+        return recent
+
+    def propose(self, request_id: str, token_ids: list[int], max_tokens: int, salt: str | None = None) -> list[int]:
         if max_tokens <= 0:
             return []
         hist = self.histories.get(request_id)
@@ -134,7 +147,9 @@ class SuffixProposer:
         tokens = hist.sync(token_ids)
         query = tokens[-self.depth :]
         best: tuple[list[int], float] = ([], 0.0)
-        for own, corpus in ((True, tokens), (False, self.recent.corpus())):
+        recent = self._recent(salt, create=False)
+        corpora = [(True, tokens)] + ([(False, recent.corpus())] if recent is not None else [])
+        for own, corpus in corpora:
             n, ends = longest_match(corpus, query, self.depth)
             if n < MIN_MATCH:
                 continue
@@ -144,6 +159,7 @@ class SuffixProposer:
                 best = draft
         return best[0]
 
-    def finish(self, request_id: str, token_ids: list[int], num_prompt_tokens: int) -> None:
+    def finish(self, request_id: str, token_ids: list[int], num_prompt_tokens: int, salt: str | None = None) -> None:
         self.histories.pop(request_id, None)
-        self.recent.add(token_ids[num_prompt_tokens:])
+        if self.max_cached_requests and len(token_ids) - num_prompt_tokens >= 2:
+            self._recent(salt, create=True).add(token_ids[num_prompt_tokens:])  # type: ignore[union-attr]
