@@ -241,8 +241,11 @@ def speculative_setting(value: Any) -> SpeculativeConfig | str | None:
     JSON text or dict. ValueError names a bad one."""
     if value is None or isinstance(value, SpeculativeConfig):
         return value
-    if isinstance(value, str) and value.strip().lower() in (SPEC_AUTO, *_SPEC_OFF):
-        return SPEC_AUTO if value.strip().lower() == SPEC_AUTO else None
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word == SPEC_AUTO:
+        return SPEC_AUTO
+    if word in _SPEC_OFF:
+        return None
     return SpeculativeConfig.parse(value)
 
 

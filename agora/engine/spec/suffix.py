@@ -101,8 +101,6 @@ class _Recent:
         self._corpus: np.ndarray | None = None
 
     def add(self, output: list[int]) -> None:
-        if self.max_requests == 0 or len(output) < 2:
-            return
         arr = np.asarray(output[-GLOBAL_TOKENS:], dtype=np.int64)
         self.outputs.append(arr)
         self.tokens += len(arr) + 1
@@ -128,12 +126,8 @@ class SuffixProposer:
         self.max_cached_requests = config.suffix_decoding_max_cached_requests
         self.recent: OrderedDict[str | None, _Recent] = OrderedDict()  # salt -> its outputs, least recent first
 
-    def _recent(self, salt: str | None, create: bool) -> _Recent | None:
+    def _recent_of(self, salt: str | None) -> _Recent | None:
         recent = self.recent.get(salt)
-        if recent is None and create:
-            recent = self.recent[salt] = _Recent(self.max_cached_requests)
-            while len(self.recent) > MAX_CORPORA:
-                self.recent.popitem(last=False)
         if recent is not None:
             self.recent.move_to_end(salt)
         return recent
@@ -147,7 +141,7 @@ class SuffixProposer:
         tokens = hist.sync(token_ids)
         query = tokens[-self.depth :]
         best: tuple[list[int], float] = ([], 0.0)
-        recent = self._recent(salt, create=False)
+        recent = self._recent_of(salt)
         corpora = [(True, tokens)] + ([(False, recent.corpus())] if recent is not None else [])
         for own, corpus in corpora:
             n, ends = longest_match(corpus, query, self.depth)
@@ -161,5 +155,11 @@ class SuffixProposer:
 
     def finish(self, request_id: str, token_ids: list[int], num_prompt_tokens: int, salt: str | None = None) -> None:
         self.histories.pop(request_id, None)
-        if self.max_cached_requests and len(token_ids) - num_prompt_tokens >= 2:
-            self._recent(salt, create=True).add(token_ids[num_prompt_tokens:])  # type: ignore[union-attr]
+        output = token_ids[num_prompt_tokens:]
+        if self.max_cached_requests == 0 or len(output) < 2:
+            return  # nothing a draft could follow (and no other salt's corpus dropped to make room for it)
+        recent = self.recent.pop(salt, None) or _Recent(self.max_cached_requests)
+        self.recent[salt] = recent  # the most recently used last
+        while len(self.recent) > MAX_CORPORA:
+            self.recent.popitem(last=False)
+        recent.add(output)
