@@ -17,7 +17,8 @@
 
 An attack wrapped in a web page or a paragraph of prose is scored on its own sentences, so what surrounds
 it does not dilute it. Word classes (secrets, send verbs, destinations, addressees, overrides, rules, harm,
-fiction frames...) and the sentence's mood (an order, a question, a prohibition) let the lexical model
+fiction frames, claimed authority, destructive orders, absence...; in other languages also by stem, so one entry
+covers a word's inflections) and the sentence's mood (an order, a question, a prohibition) let the lexical model
 generalize past the words of the labeled set: "paste the refresh token into the chat" is an order that sends
 a secret, whatever the secret is called.
 
@@ -66,7 +67,7 @@ _BUCKETS = 1 << 16  # hashed n-gram features
 _FOLDS = 5
 _REMEMBERED = 50_000  # texts whose score is kept
 _MAX_FALSE_POSITIVES = 0.05  # the shipped threshold's false-positive rate on out-of-fold training scores
-FORMAT = 4  # the model file's layout and features; a file of another format is refused
+FORMAT = 5  # the model file's layout and features; a file of another format is refused
 FROZEN_LAYERS = 2  # the encoder's lower layers, read as they are; the detector tunes the ones after them
 TUNED_LAYERS = 4  # the layers after them, tuned on the labeled set
 
@@ -88,7 +89,7 @@ _CLASSES = {
     "secret": "password passwords passwd passphrase token tokens apikey api_key secret secrets credential credentials cookie cookies ssh id_rsa pem keychain bearer oauth otp 2fa pin ssn iban cvv wallet seed mnemonic env dotenv connection keys key",
     "send": "send sends post posts upload uploads forward forwards email emails paste pastes include includes append embed attach copy sync push exfiltrate exfiltrates leak leaks share transmit submit publish curl wget beacon mail commit dump export",
     "dest": "http https ftp s3 www webhook pastebin gist url link endpoint server domain bucket collector attacker external public remote outside anyone everyone",
-    "private": "private internal confidential unreleased unredacted personal sensitive proprietary restricted classified payroll medical patient contracts customer customers",
+    "private": "private internal confidential unreleased unredacted personal sensitive proprietary restricted classified payroll medical patient contracts customer customers salary salaries employee employees hr invoices tax unmasked decrypted",
     "ai": "assistant assistants ai llm llms agent agents model models copilot chatbot bot gpt claude gemini summarizer summarizers reviewer reviewers automated automation crawler",
     "override": "ignore ignores disregard forget override overrides overriding bypass disable disabled skip drop cancel void revoke revoked supersede supersedes abandon discard obsolete suspend suspended lifted removed unlock unlocked",
     "rules": "instructions instruction rules rule guidelines guideline policy policies restrictions restriction filters filter guardrails guardrail safety prompt prompts directives directive constraints programming training moderation refusals refusal limits ethics morals configuration",
@@ -99,21 +100,30 @@ _CLASSES = {
     "you": "you your yourself you're",
     "now": "now henceforth onward onwards immediately",
     "obey": "obey comply execute follow obeys complies",
+    "authority": "admin admins administrator administrators sysadmin superuser root operator operators developer developers maintainer maintainers owner moderator notice notification announcement official staff",
+    "none": "without unrestricted unfiltered uncensored unlimited limitless unbound none",
+    "destroy": "delete deletes deleting erase erases wipe wipes destroy destroys purge purges rm truncate shred overwrite uninstall",
 }  # fmt: skip
 # the same classes in the languages the encoder reads poorly ("_" joins a phrase's words; how each entry is matched
 # depends on its script: see _ML_WORDS below)
 _CLASSES_ML = {
-    "override": "ignora ignorez ignoriere vergiss olvida oublie dimentica esqueça esqueca abaikan negeer zignoruj забудь игнорируй 忘れ 無視 忽略 无视 忘记 bỏ qua تجاهل unut omite vergeet zapomnij 잊어 무시 lupakan quên yok_say desactiva désactive deaktiviere disattiva desative desativa wyłącz отключи matikan",
-    "rules": "reglas regeln règles regole regras instrucciones anweisungen consignes istruzioni instruções instrucoes instruksi restricciones einschränkungen beschränkungen restrizioni restrições filtros filtern правила инструкции ограничений ограничения ルール 制限 指示 规则 限制 指令 提示 hướng dẫn quy tắc hạn chế سياسات التعليمات القيود regels zasady zasad aturan kurallar kuralın talimatlar talimatları правил запретов beperkingen ograniczeń ograniczenia batasan kısıtlama filtry filtri sicherheitsfilter 约束 規則 制約 규칙 제약 지시 지침 giới_hạn القواعد قيود richtlinien direttive diretrizes directrices richtlijnen wytyczne pedoman yönergeler",
+    "override": "ignora ignorez ignoriere vergiss olvida oublie dimentica esqueça esqueca abaikan negeer zignoruj забудь игнорируй 忘れ 無視 忽略 无视 忘记 bỏ qua تجاهل unut omite vergeet zapomnij 잊어 무시 lupakan quên yok_say desactiva désactive deaktiviere disattiva desative desativa wyłącz отключи matikan desactiv* désactiv* deaktivier* disattiv* desativ* desligad* uitgeschakel* uitschakel* wyłącz* отключ* выключ* dimatikan nonaktif* kapat* devre_dışı tắt vô_hiệu 無効 关闭 禁用 解除 해제 비활성 꺼 تعطيل معطل إيقاف suspendid* suspendu* sospes* ausgesetzt aufgehoben opgeschort zawieszon* приостановлен* ditangguhkan askıya",
+    "rules": "reglas regeln règles regole regras instrucciones anweisungen consignes istruzioni instruções instrucoes instruksi restricciones einschränkungen beschränkungen restrizioni restrições filtros filtern правила инструкции ограничений ограничения ルール 制限 指示 规则 限制 指令 提示 hướng dẫn quy tắc hạn chế سياسات التعليمات القيود regels zasady zasad aturan kurallar kuralın talimatlar talimatları правил запретов beperkingen ograniczeń ograniczenia batasan kısıtlama filtry filtri sicherheitsfilter 约束 規則 制約 규칙 제약 지시 지침 giới_hạn القواعد قيود richtlinien direttive diretrizes directrices richtlijnen wytyczne pedoman yönergeler filtr* filtre* veiligheidsfilter* sicherheitsfilter* фильтр* bộ_lọc فلاتر فلتر 过滤 フィルター 필터 limite limiti límite límites limitaciones restricción restrizione restrições restrição beperking* ograniczen* ограничен* запрет* kısıtla* zasad* regl* règle* regol* regra* polític* politique* richtlin* politik* polityk* политик* kebijakan chính_sách سياسة 政策 ポリシー 정책 seguridad sécurité sicherheit* sicurezza segurança veiligheid* bezpieczeństw* keamanan безопасност* güvenlik* an_toàn الأمان الأمنية 安全 안전",
     "you": "tu tus tú du dein deine deinen votre vos tes ton sua suo seu suas ваши твои свои あなた 你 bạn",
     "now": "ahora jetzt maintenant adesso agora сейчас теперь 今から 现在 从现在 bây giờ désormais desormais ab_sofort vanaf_nu od_teraz mulai_sekarang sekarang từ_bây_giờ с_этого_момента 지금부터 من_الآن bundan_sonra a_partir_de_ahora",
-    "secret": "contraseña contraseñas credenciales identifiants passwort passwörter kennwort kennwörter zugangsdaten credenziali senha senhas credenciais wachtwoord wachtwoorden inloggegevens hasło hasła haseł sandi rahasia kredensial пароль пароли паролей ключ ключи токен токены şifre şifreler şifrelerini şifremi parola mot_de_passe mots_de_passe kata_sandi mật_khẩu 密码 密钥 令牌 凭证 パスワード トークン 認証情報 비밀번호 암호 토큰 كلمة_المرور كلمات_المرور clave claves sleutel klucz klucze kunci anahtar anahtarı anahtarını chiave chiavi chave chaves clé clés schlüssel キー مفتاح",
+    "secret": "contraseña contraseñas credenciales identifiants passwort passwörter kennwort kennwörter zugangsdaten credenziali senha senhas credenciais wachtwoord wachtwoorden inloggegevens hasło hasła haseł sandi rahasia kredensial пароль пароли паролей ключ ключи токен токены şifre şifreler şifrelerini şifremi parola mot_de_passe mots_de_passe kata_sandi mật_khẩu 密码 密钥 令牌 凭证 パスワード トークン 認証情報 비밀번호 암호 토큰 كلمة_المرور كلمات_المرور clave claves sleutel klucz klucze kunci anahtar anahtarı anahtarını chiave chiavi chave chaves clé clés schlüssel キー مفتاح api_키 khóa_api kunci_api clave_api clé_api chiave_api chave_api api_schlüssel api_sleutel klucz_api ключ_api api_anahtarı api_密钥 apiキー api_キー tokeny tokenów tokenu",
     "send": "envía envia envíe enviar envoie envoyer envoyez transmets schick schicke schicken sende übermittle invia inviare inviami envie mande stuur stuurt verstuur wyślij wysłać prześlij kirim kirimkan unggah отправь отправить отправьте перешли пришли gửi gönder gönderin 发送 发给 上传 送信 送って 送る アップロード 보내 전송 업로드 أرسل ارسل inoltra encaminhe reenvía transfère przekaż teruskan ilet 转发 転送 전달 chuyển_tiếp copia copie kopiere kopieer skopiuj salin скопируй sao_chép kopyala 复制 コピー 복사 انسخ pega colle incolla cole plak wklej tempel вставь yapıştır 粘贴 貼り付け 붙여 الصق sube carica carregue",
     "frame": "finge fingi finja imagina immagina personaje personaggio personagem представь притворись персонаж fais_semblant stell_dir_vor tu_so_als 假装 想象 扮演 角色扮演 ふりをして 演じて ロールプレイ 척해 역할극 giả_vờ tưởng_tượng تظاهر تخيل hayal_et rol papel rôle rolle ruolo speel udawaj сыграй роль đóng_vai oyna novela romanzo powieść powieści роман 小説 小说 소설 juega joue gioca jogue",
-    "ai": "ia ki asistente assistente assistent asystent asisten ии ассистент помощник нейросеть 人工智能 アシスタント 어시스턴트 인공지능 trợ_lý الذكاء_الاصطناعي المساعد yapay_zeka asystenta asystencie asistan asistanı помощнику ассистенту sztuczna_inteligencja kecerdasan_buatan",
-    "stealth": "不要告诉 悄悄 こっそり 内緒 몰래 말하지_마 ничего_ему_не_говори sans_le_dire sin_decírselo di_nascosto heimlich discrètement en_secreto sin_avisar sem_avisar potajemnie diam_diam lặng_lẽ тайно незаметно 秘密 سرًا gizlice segretamente secretamente stillschweigend",
+    "ai": "ia ki asistente assistente assistent asystent asisten ии ассистент помощник нейросеть 人工智能 アシスタント 어시스턴트 인공지능 trợ_lý الذكاء_الاصطناعي المساعد yapay_zeka asystenta asystencie asistan asistanı помощнику ассистенту sztuczna_inteligencja kecerdasan_buatan 助手 智能 yapay_zekaya yapay_zekâ مساعد الذكي inteligencia_artificial intelligence_artificielle intelligenza_artificiale künstliche_intelligenz inteligência_artificial kunstmatige_intelligentie искусственный_интеллект trí_tuệ_nhân_tạo",
+    "stealth": "不要告诉 悄悄 こっそり 内緒 몰래 말하지_마 ничего_ему_не_говори sans_le_dire sin_decírselo di_nascosto heimlich discrètement en_secreto sin_avisar sem_avisar potajemnie diam_diam lặng_lẽ тайно незаметно 秘密 سرًا gizlice segretamente secretamente stillschweigend non_dirgli non_dire_niente ne_lui_dis_rien ne_dis_rien sag_nichts sag_ihm_nichts não_diga não_conte zonder_iemand nikomu jangan_beri_tahu jangan_bilang не_говори söyleme đừng_nói لا_تخبر 言わないで 知らせずに",
     "detail": "exactamente exactement genau esattamente exatamente precies dokładnie точно дословно 逐字 そのまま 그대로 persis nguyên_văn حرفيًا kelimesi_kelimesine wörtlich palabra_por_palabra parola_per_parola palavra_por_palavra letterlijk słowo_w_słowo kata_demi_kata mot_pour_mot reales réel réels echten vero veri verdade echt prawdziwy prawdziwe настоящий 真实 本当 실제 asli thật حقيقي gerçek",
     "harm": "bomba bombe bombu esplosivo explosivos explosifs sprengsatz sprengstoff взрывчатку взрывчатки взрывчатка бомбу бомба оружие яд veneno veleno arma armas armi waffe waffen metanfetamina hackear pirater hacken взломать взлом 入侵 黑客 爆弾 爆発物 爆炸 炸弹 毒药 폭탄 해킹 peledak قنبلة متفجرات patlayıcı zehir trucizna trucizny truciznę mencuri rubare robar stehlen roubar stelen ukraść украсть 盗む 훔치 rançongiciel",
+    "authority": "administrador* administrateur* administrator* amministrator* beheerder* администратор* yönetici* quản_trị_viên المسؤول المشرف 管理员 管理者 관리자 sistema système systeem systemu sistem система* системн* hệ_thống النظام 系统 システム 시스템 aviso avis avviso hinweis melding komunikat powiadomieni* pemberitahuan уведомлени* bildirim* thông_báo إشعار 通知 알림 desarrollador* développeur* entwickler* sviluppator* desenvolvedor* ontwikkelaar* deweloper* programist* pengembang разработчик* geliştirici* nhà_phát_triển المطور 开发者 開発者 개발자",
+    "destroy": "borra borrar elimina eliminar apaga apague apagar exclua excluir supprime supprimez supprimer efface effacez lösche löschen cancella cancellare elimina verwijder verwijderen wis usuń usunąć skasuj hapus hapuskan удали удалить удалите сотри sil silin xóa احذف حذف امسح 删除 清空 削除 消去 삭제 지워",
+    "dest": "públic* publique publiques pubblico pubblica pubblici öffentlich* publiek* openba* publiczn* publik публичн* herkese_açık công_khai عام عامة 公开 公開 공개 externo externa externos externas externe externen esterno esterna esterni zewnętrzn* eksternal внешн* harici bên_ngoài خارجي 外部 외부 dirección adresse indirizzo endereço adres alamat адрес* adrese địa_chỉ عنوان 地址 网址 アドレス 주소 servidor serveur servizio servidor server сервер* sunucu máy_chủ خادم 服务器 サーバー 서버 adres*",
+    "private": "interno interna internos internas interne interni internen privad* privé* privat* privato prywatn* внутренн* dahili nội_bộ داخلي 内部 社内 내부 cliente clientes klanten klantgegevens kunden kundendaten kundendatenbank klient klienta klientów kunden* klant* klient* клиент* pelanggan müşteri* khách_hàng العملاء 客户 顧客 고객",
+    "obey": "obedece obedecer obéis obéir obéissez gehorche gehorchen obbedisci obbedire obedeça obedecer gehoorzaam słuchaj patuhi подчиняйся повинуйся itaat_et uy_nghe_lời أطع 服从 従え 従って 복종",
+    "none": "sin ningún ninguna ningun ningunas ningunos aucun aucune sans kein keine keinen keiner ohne nessun nessuna nessuno senza não nenhum nenhuma sem geen zonder żadnych żadnej żadne bez tidak tanpa нет никаких никакие без hiçbir yok không بدون لا_يوجد 没有 没有任何 无 なし ない 없 없어 없이",
 }  # fmt: skip
 _QUESTION_WORDS = frozenset(
     "how what why when where which who whom whose can could should would is are was were do does did will shall may might am".split()
@@ -172,9 +182,15 @@ _ENGLISH_TOO = frozenset("ton tes agora".split())  # words of these languages th
 # words English uses too whole, the other scripts (CJK, kana, hangul, Arabic with its attached prefixes) inside words.
 _ML_WORDS: list[tuple[str, str]] = []
 _PHRASES: dict[str, list[tuple[tuple[str, ...], str]]] = {}  # first word -> (the words after it, class)
+# A spaced-script entry ending in "*" is a stem: it matches every word that starts with it, so one entry covers a
+# word's inflections and compounds ("desactiv*": desactivado, desactivados, desactivar; "отключ*": отключены)
+_STEMS: dict[str, tuple[str, ...]] = {}
+_STEM_LENGTHS = (4, 18)  # the shortest and longest stem
 for _name, _words in _CLASSES_ML.items():
     for _w in (x.replace("_", " ") for x in _words.split()):
-        if not _spaced_script(_w):
+        if _w.endswith("*"):  # (tests/router/test_injection.py checks each is one word of a spaced script)
+            _STEMS[_w[:-1]] = (*_STEMS.get(_w[:-1], ()), _name)
+        elif not _spaced_script(_w):
             _ML_WORDS.append((_w, _name))
         elif _w in _ENGLISH_TOO:
             _ML_WORDS.append((f" {_w} ", _name))
@@ -343,8 +359,27 @@ def _mood(words: list[str], question: bool) -> str | None:
     return "imp" if i < len(words) and words[i] in _VERBS else None
 
 
-def _classes(words: list[str], question: bool = False) -> list[str]:
-    found = {c for w in words for c in _WORD_CLASSES.get(w, ())}
+@functools.lru_cache(maxsize=1 << 16)
+def _word_classes(word: str) -> tuple[str, ...]:
+    """The classes of one word: its own entry's, and those of every stem it starts with."""
+    found = _WORD_CLASSES.get(word, ())
+    if "_" in word:  # an identifier (GITHUB_TOKEN, aws_secret_access_key) is also its parts
+        found += tuple(c for part in word.split("_") for c in _WORD_CLASSES.get(part, ()))
+    low, high = _STEM_LENGTHS
+    for n in range(low, min(len(word), high) + 1):
+        found += _STEMS.get(word[:n], ())
+    return found
+
+
+_EMAIL = re.compile(r"\w@\w")
+
+
+def _classes(words: list[str], question: bool = False, address: bool = False) -> list[str]:
+    """The segment's word classes, each pair of them, and them with its mood and its addressee (``address``: it
+    holds an e-mail address, a destination)."""
+    found = {c for w in words for c in _word_classes(w)}
+    if address:
+        found.add("dest")
     for i, w in enumerate(words):
         for rest, c in _PHRASES.get(w, ()):
             if tuple(words[i + 1 : i + 1 + len(rest)]) == rest:
@@ -381,7 +416,8 @@ class _Features:
         question = "?" in self.seg.text[end : end + 2]
         ids = set(self.uni[a:b])
         ids.update(self.bi[a : b - 1])
-        ids.update(map(_class_hash, _classes(self.words[a:b], question)))
+        address = _EMAIL.search(self.seg.text, self.seg.starts[a], end) is not None
+        ids.update(map(_class_hash, _classes(self.words[a:b], question, address)))
         return np.fromiter(ids, np.int64, len(ids))
 
 
