@@ -88,7 +88,7 @@ _RULES = (
 _CLASSES = {
     "secret": "password passwords passwd passphrase token tokens apikey api_key secret secrets credential credentials cookie cookies ssh id_rsa pem keychain bearer oauth otp 2fa pin ssn iban cvv wallet seed mnemonic env dotenv connection keys key",
     "send": "send sends post posts upload uploads forward forwards email emails paste pastes include includes append embed attach copy sync push exfiltrate exfiltrates leak leaks share transmit submit publish curl wget beacon mail commit dump export",
-    "dest": "http https ftp s3 www webhook pastebin gist url link endpoint server domain bucket collector attacker external public remote outside anyone everyone",
+    "dest": "http https ftp s3 www webhook pastebin gist url link endpoint server domain bucket collector attacker external public remote outside anyone everyone shared journalist journalists vendor vendors contractor contractors consultant consultants caller competitor competitors press stranger strangers",
     "private": "private internal confidential unreleased unredacted personal sensitive proprietary restricted classified payroll medical patient contracts customer customers salary salaries employee employees hr invoices tax unmasked decrypted",
     "ai": "assistant assistants ai llm llms agent agents model models copilot chatbot bot gpt claude gemini summarizer summarizers reviewer reviewers automated automation crawler",
     "override": "ignore ignores disregard forget override overrides overriding bypass disable disabled skip drop cancel void revoke revoked supersede supersedes abandon discard obsolete suspend suspended lifted removed unlock unlocked",
