@@ -133,7 +133,7 @@ def test_stems_cover_a_word_s_inflections_and_identifiers_their_parts() -> None:
     def classes(text: str) -> set[str]:
         sg = inj.segment(inj.prepare(text))
         found = inj._Features(sg)  # through the features, as the model sees them
-        names = {c[1:] for c in inj._classes(sg.words, address=inj._EMAIL.search(sg.text) is not None)}
+        names = {c[1:] for c in inj._classes(sg.words, address=inj._EMAIL_AT.search(sg.text) is not None)}
         ids = set(found(0, len(sg.words)).tolist())
         assert {inj._class_hash(f"§{c}") for c in names if "+" not in c} <= ids
         return {c for c in names if "+" not in c and c in inj._CLASSES}

@@ -108,7 +108,7 @@ _CLASSES = {
 # depends on its script: see _ML_WORDS below)
 _CLASSES_ML = {
     "override": "ignora ignorez ignoriere vergiss olvida oublie dimentica esqueça esqueca abaikan negeer zignoruj забудь игнорируй 忘れ 無視 忽略 无视 忘记 bỏ qua تجاهل unut omite vergeet zapomnij 잊어 무시 lupakan quên yok_say desactiva désactive deaktiviere disattiva desative desativa wyłącz отключи matikan desactiv* désactiv* deaktivier* disattiv* desativ* desligad* uitgeschakel* uitschakel* wyłącz* отключ* выключ* dimatikan nonaktif* kapat* devre_dışı tắt vô_hiệu 無効 关闭 禁用 解除 해제 비활성 꺼 تعطيل معطل إيقاف suspendid* suspendu* sospes* ausgesetzt aufgehoben opgeschort zawieszon* приостановлен* ditangguhkan askıya",
-    "rules": "reglas regeln règles regole regras instrucciones anweisungen consignes istruzioni instruções instrucoes instruksi restricciones einschränkungen beschränkungen restrizioni restrições filtros filtern правила инструкции ограничений ограничения ルール 制限 指示 规则 限制 指令 提示 hướng dẫn quy tắc hạn chế سياسات التعليمات القيود regels zasady zasad aturan kurallar kuralın talimatlar talimatları правил запретов beperkingen ograniczeń ograniczenia batasan kısıtlama filtry filtri sicherheitsfilter 约束 規則 制約 규칙 제약 지시 지침 giới_hạn القواعد قيود richtlinien direttive diretrizes directrices richtlijnen wytyczne pedoman yönergeler filtr* filtre* veiligheidsfilter* sicherheitsfilter* фильтр* bộ_lọc فلاتر فلتر 过滤 フィルター 필터 limite limiti límite límites limitaciones restricción restrizione restrições restrição beperking* ograniczen* ограничен* запрет* kısıtla* zasad* regl* règle* regol* regra* polític* politique* richtlin* politik* polityk* политик* kebijakan chính_sách سياسة 政策 ポリシー 정책 seguridad sécurité sicherheit* sicurezza segurança veiligheid* bezpieczeństw* keamanan безопасност* güvenlik* an_toàn الأمان الأمنية 安全 안전",
+    "rules": "reglas regeln règles regole regras instrucciones anweisungen consignes istruzioni instruções instrucoes instruksi restricciones einschränkungen beschränkungen restrizioni restrições filtros filtern правила инструкции ограничений ограничения ルール 制限 指示 规则 限制 指令 提示 hướng dẫn quy tắc hạn chế سياسات التعليمات القيود regels zasady zasad aturan kurallar kuralın talimatlar talimatları правил запретов beperkingen ograniczeń ograniczenia batasan kısıtlama filtry filtri sicherheitsfilter 约束 規則 制約 규칙 제약 지시 지침 giới_hạn القواعد قيود richtlinien direttive diretrizes directrices richtlijnen wytyczne pedoman yönergeler filtr* filtre* veiligheidsfilter* sicherheitsfilter* фильтр* bộ_lọc فلاتر فلتر 过滤 フィルター 필터 limite limiti límite límites limitaciones restricción restrizione restrição beperking* ograniczen* ограничен* запрет* kısıtla* zasad* regl* règle* regol* regra* polític* politique* richtlin* politik* polityk* политик* kebijakan chính_sách سياسة 政策 ポリシー 정책 seguridad sécurité sicherheit* sicurezza segurança veiligheid* bezpieczeństw* keamanan безопасност* güvenlik* an_toàn الأمان الأمنية 安全 안전",
     "you": "tu tus tú du dein deine deinen votre vos tes ton sua suo seu suas ваши твои свои あなた 你 bạn",
     "now": "ahora jetzt maintenant adesso agora сейчас теперь 今から 现在 从现在 bây giờ désormais desormais ab_sofort vanaf_nu od_teraz mulai_sekarang sekarang từ_bây_giờ с_этого_момента 지금부터 من_الآن bundan_sonra a_partir_de_ahora",
     "secret": "contraseña contraseñas credenciales identifiants passwort passwörter kennwort kennwörter zugangsdaten credenziali senha senhas credenciais wachtwoord wachtwoorden inloggegevens hasło hasła haseł sandi rahasia kredensial пароль пароли паролей ключ ключи токен токены şifre şifreler şifrelerini şifremi parola mot_de_passe mots_de_passe kata_sandi mật_khẩu 密码 密钥 令牌 凭证 パスワード トークン 認証情報 비밀번호 암호 토큰 كلمة_المرور كلمات_المرور clave claves sleutel klucz klucze kunci anahtar anahtarı anahtarını chiave chiavi chave chaves clé clés schlüssel キー مفتاح api_키 khóa_api kunci_api clave_api clé_api chiave_api chave_api api_schlüssel api_sleutel klucz_api ключ_api api_anahtarı api_密钥 apiキー api_キー tokeny tokenów tokenu",
@@ -119,10 +119,10 @@ _CLASSES_ML = {
     "detail": "exactamente exactement genau esattamente exatamente precies dokładnie точно дословно 逐字 そのまま 그대로 persis nguyên_văn حرفيًا kelimesi_kelimesine wörtlich palabra_por_palabra parola_per_parola palavra_por_palavra letterlijk słowo_w_słowo kata_demi_kata mot_pour_mot reales réel réels echten vero veri verdade echt prawdziwy prawdziwe настоящий 真实 本当 실제 asli thật حقيقي gerçek",
     "harm": "bomba bombe bombu esplosivo explosivos explosifs sprengsatz sprengstoff взрывчатку взрывчатки взрывчатка бомбу бомба оружие яд veneno veleno arma armas armi waffe waffen metanfetamina hackear pirater hacken взломать взлом 入侵 黑客 爆弾 爆発物 爆炸 炸弹 毒药 폭탄 해킹 peledak قنبلة متفجرات patlayıcı zehir trucizna trucizny truciznę mencuri rubare robar stehlen roubar stelen ukraść украсть 盗む 훔치 rançongiciel",
     "authority": "administrador* administrateur* administrator* amministrator* beheerder* администратор* yönetici* quản_trị_viên المسؤول المشرف 管理员 管理者 관리자 sistema système systeem systemu sistem система* системн* hệ_thống النظام 系统 システム 시스템 aviso avis avviso hinweis melding komunikat powiadomieni* pemberitahuan уведомлени* bildirim* thông_báo إشعار 通知 알림 desarrollador* développeur* entwickler* sviluppator* desenvolvedor* ontwikkelaar* deweloper* programist* pengembang разработчик* geliştirici* nhà_phát_triển المطور 开发者 開発者 개발자",
-    "destroy": "borra borrar elimina eliminar apaga apague apagar exclua excluir supprime supprimez supprimer efface effacez lösche löschen cancella cancellare elimina verwijder verwijderen wis usuń usunąć skasuj hapus hapuskan удали удалить удалите сотри sil silin xóa احذف حذف امسح 删除 清空 削除 消去 삭제 지워",
-    "dest": "públic* publique publiques pubblico pubblica pubblici öffentlich* publiek* openba* publiczn* publik публичн* herkese_açık công_khai عام عامة 公开 公開 공개 externo externa externos externas externe externen esterno esterna esterni zewnętrzn* eksternal внешн* harici bên_ngoài خارجي 外部 외부 dirección adresse indirizzo endereço adres alamat адрес* adrese địa_chỉ عنوان 地址 网址 アドレス 주소 servidor serveur servizio servidor server сервер* sunucu máy_chủ خادم 服务器 サーバー 서버 adres*",
+    "destroy": "borra borrar elimina eliminar apaga apague apagar exclua excluir supprime supprimez supprimer efface effacez lösche löschen cancella cancellare verwijder verwijderen wis usuń usunąć skasuj hapus hapuskan удали удалить удалите сотри sil silin xóa احذف حذف امسح 删除 清空 削除 消去 삭제 지워",
+    "dest": "públic* publique publiques pubblico pubblica pubblici öffentlich* publiek* openba* publiczn* publik публичн* herkese_açık công_khai عام عامة 公开 公開 공개 externo externa externos externas externe externen esterno esterna esterni zewnętrzn* eksternal внешн* harici bên_ngoài خارجي 外部 외부 dirección adresse indirizzo endereço adres alamat адрес* adrese địa_chỉ عنوان 地址 网址 アドレス 주소 servidor serveur servizio server сервер* sunucu máy_chủ خادم 服务器 サーバー 서버 adres*",
     "private": "interno interna internos internas interne interni internen privad* privé* privat* privato prywatn* внутренн* dahili nội_bộ داخلي 内部 社内 내부 cliente clientes klanten klantgegevens kunden kundendaten kundendatenbank klient klienta klientów kunden* klant* klient* клиент* pelanggan müşteri* khách_hàng العملاء 客户 顧客 고객",
-    "obey": "obedece obedecer obéis obéir obéissez gehorche gehorchen obbedisci obbedire obedeça obedecer gehoorzaam słuchaj patuhi подчиняйся повинуйся itaat_et uy_nghe_lời أطع 服从 従え 従って 복종",
+    "obey": "obedece obedecer obéis obéir obéissez gehorche gehorchen obbedisci obbedire obedeça gehoorzaam słuchaj patuhi подчиняйся повинуйся itaat_et uy_nghe_lời أطع 服从 従え 従って 복종",
     "none": "sin ningún ninguna ningun ningunas ningunos aucun aucune sans kein keine keinen keiner ohne nessun nessuna nessuno senza não nenhum nenhuma sem geen zonder żadnych żadnej żadne bez tidak tanpa нет никаких никакие без hiçbir yok không بدون لا_يوجد 没有 没有任何 无 なし ない 없 없어 없이",
 }  # fmt: skip
 _QUESTION_WORDS = frozenset(
@@ -371,7 +371,7 @@ def _word_classes(word: str) -> tuple[str, ...]:
     return found
 
 
-_EMAIL = re.compile(r"\w@\w")
+_EMAIL_AT = re.compile(r"(?<=\w)@(?=\w)")  # the "@" of an e-mail address
 
 
 def _classes(words: list[str], question: bool = False, address: bool = False) -> list[str]:
@@ -410,13 +410,16 @@ class _Features:
         self.words = seg.words
         self.uni = [_hash(w) % _BUCKETS for w in seg.words]
         self.bi = [_hash(f"{a} {b}") % _BUCKETS for a, b in zip(seg.words, seg.words[1:], strict=False)]
+        self.ats = [m.start() for m in _EMAIL_AT.finditer(seg.text)]  # found once, like the words
 
     def __call__(self, a: int, b: int) -> np.ndarray:
         end = self.seg.ends[b - 1]
         question = "?" in self.seg.text[end : end + 2]
         ids = set(self.uni[a:b])
         ids.update(self.bi[a : b - 1])
-        address = _EMAIL.search(self.seg.text, self.seg.starts[a], end) is not None
+        # an e-mail address: an "@" between word characters, all three inside the segment
+        first = bisect.bisect_left(self.ats, self.seg.starts[a] + 1)
+        address = first < len(self.ats) and self.ats[first] <= end - 2
         ids.update(map(_class_hash, _classes(self.words[a:b], question, address)))
         return np.fromiter(ids, np.int64, len(ids))
 
