@@ -67,7 +67,7 @@ _BUCKETS = 1 << 16  # hashed n-gram features
 _FOLDS = 5
 _REMEMBERED = 50_000  # texts whose score is kept
 _MAX_FALSE_POSITIVES = 0.05  # the shipped threshold's false-positive rate on out-of-fold training scores
-FORMAT = 5  # the model file's layout and features; a file of another format is refused
+FORMAT = 6  # the model file's layout and features; a file of another format is refused
 FROZEN_LAYERS = 2  # the encoder's lower layers, read as they are; the detector tunes the ones after them
 TUNED_LAYERS = 4  # the layers after them, tuned on the labeled set
 
@@ -363,8 +363,8 @@ def _mood(words: list[str], question: bool) -> str | None:
 def _word_classes(word: str) -> tuple[str, ...]:
     """The classes of one word: its own entry's, and those of every stem it starts with."""
     found = _WORD_CLASSES.get(word, ())
-    if "_" in word:  # an identifier (GITHUB_TOKEN, aws_secret_access_key) is also its parts
-        found += tuple(c for part in word.split("_") for c in _WORD_CLASSES.get(part, ()))
+    if "_" in word:  # an identifier (GITHUB_TOKEN, aws_secret_access_key, kundendaten_export) is also its parts
+        found += tuple(c for part in word.split("_") if part for c in _word_classes(part))
     low, high = _STEM_LENGTHS
     for n in range(low, min(len(word), high) + 1):
         found += _STEMS.get(word[:n], ())
