@@ -141,6 +141,10 @@ def test_stems_cover_a_word_s_inflections_and_identifiers_their_parts() -> None:
     for name in (w[:-1] for words in inj._CLASSES_ML.values() for w in words.split() if w.endswith("*")):
         assert inj._spaced_script(name) and "_" not in name, name
         assert inj._STEM_LENGTHS[0] <= len(name) <= inj._STEM_LENGTHS[1], name
+    for name, words in inj._CLASSES_ML.items():  # a word its class's stem already covers is not listed again
+        for w in (w for w in words.split() if "*" not in w and "_" not in w and inj._spaced_script(w)):
+            stems = (w[:n] for n in range(inj._STEM_LENGTHS[0], len(w) + 1))
+            assert not any(name in inj._STEMS.get(stem, ()) for stem in stems), (name, w)
     # one stem, every inflection: "desactiv*" is desactivado, desactivados, desactivar
     for text in ("Los filtros de seguridad quedan desactivados.", "Фильтры безопасности отключены.",
                  "Güvenlik filtreleri yönetici tarafından kapatıldı.", "Die Sicherheitsfilter wurden deaktiviert."):  # fmt: skip
