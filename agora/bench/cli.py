@@ -36,7 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system-prompt-len", type=int, default=300, help="agent: words of the shared system prompt")
     p.add_argument("--tool-result-len", type=int, default=100, help="agent: words added each turn")
     p.add_argument("--concurrency", default="8",
-                   help="requests in flight (agents, for the agent workload); a list sweeps: 1,4,16,32")  # fmt: skip
+                   help="requests in flight (agents, for the agent workloads); a list sweeps: 1,4,16,32, "
+                        "each level with prompts of its own")  # fmt: skip
     p.add_argument("--request-rate", type=float, default=None, help="open loop: Poisson arrivals per second")
     p.add_argument("--warmup", type=int, default=2, help="requests sent first and not counted")
     p.add_argument("--seed", type=int, default=0)
@@ -58,6 +59,13 @@ def _specs(args: argparse.Namespace, seed: int) -> list[workloads.RequestSpec]:
                                                  in_len, out_len, seed))  # fmt: skip
 
 
+def level_seed(seed: int, index: int) -> int:
+    """The seed of the ``index``-th concurrency level of a sweep: each level sends prompts of its own, so it
+    finds neither the prompts of the levels before it in the server's prefix cache nor (greedy) their answers
+    in a speculative decoder's cache of recent outputs. The first level keeps ``seed`` itself."""
+    return seed + 1_000_003 * index
+
+
 async def _run(args: argparse.Namespace, cfg: BenchConfig, slos: dict[str, float]) -> list[dict[str, Any]]:
     import httpx
 
@@ -72,25 +80,28 @@ async def _run(args: argparse.Namespace, cfg: BenchConfig, slos: dict[str, float
             if not any(r.ok for r in results):
                 raise RuntimeError(f"every warm-up request failed; first error: {results[0].error}")
     runs = []
-    for level in levels:
+    for i, level in enumerate(levels):
+        seed = level_seed(args.seed, i)
         if args.workload in ("agent", "agent-repeat"):
             out_len = workloads.parse_range(args.output_len)
             if args.workload == "agent":
                 sessions = workloads.agent_sessions(level, args.turns, args.system_prompt_len, 40,
-                                                    args.tool_result_len, out_len, args.seed)  # fmt: skip
+                                                    args.tool_result_len, out_len, seed)  # fmt: skip
             else:
-                sessions = workloads.repeat_sessions(level, args.turns, out_len, args.seed)  # type: ignore[assignment]
+                sessions = workloads.repeat_sessions(level, args.turns, out_len, seed)  # type: ignore[assignment]
             total = level * args.turns
             with tqdm(total=total, desc=f"{args.workload} x{level}", unit="req", file=sys.stderr) as bar:
                 results, duration = await run_agents(cfg, sessions, bar)
         else:
-            specs = _specs(args, args.seed)
+            specs = _specs(args, seed)
             with tqdm(total=len(specs), desc=f"{args.workload} c={level}", unit="req", file=sys.stderr) as bar:
-                results, duration = await run_requests(cfg, specs, level, args.request_rate, args.seed, bar)
+                results, duration = await run_requests(cfg, specs, level, args.request_rate, seed, bar)
         metrics = compute_metrics(results, duration, slos)
         label = f"{args.workload}, concurrency {level}" + (f", rate {args.request_rate}/s" if args.request_rate else "")
         print(report.format_table(label, metrics), flush=True)
-        runs.append({"label": label, "concurrency": level, "metrics": metrics, "samples": raw_samples(results)})
+        runs.append(
+            {"label": label, "concurrency": level, "seed": seed, "metrics": metrics, "samples": raw_samples(results)}
+        )
     return runs
 
 

@@ -78,6 +78,43 @@ def test_agent_output_lengths_drawn_per_turn_from_a_range():
     assert min(lens) >= 16 and max(lens) <= 80 and len(set(lens)) > 10
 
 
+@pytest.mark.parametrize("workload", ["random", "shared-prefix", "agent", "agent-repeat"])
+def test_each_concurrency_level_sends_prompts_of_its_own(workload, monkeypatch):
+    """A sweep's later level must not find the earlier level's prompts in the prefix cache, nor (greedy) their
+    answers in the suffix decoder's cache of recent outputs: each level draws its own prompts."""
+    from agora.bench import cli, serve
+
+    sent: list[tuple[str, int]] = []  # (what a request carries, when its level started)
+    levels_started: list[int] = []
+
+    async def fake_send(client, cfg, spec):
+        body = spec.prompt if spec.messages is None else json.dumps(spec.messages[:2])  # an agent's first turn
+        sent.append((body, len(levels_started)))
+        return RequestResult(True, 0.0, ttft=0.01, e2e=0.02, output_tokens=2, prompt_tokens=5, text="done")
+
+    real_compute = serve.compute_metrics
+
+    def counting_metrics(*a, **k):
+        levels_started.append(1)
+        return real_compute(*a, **k)
+
+    monkeypatch.setattr(serve, "send", fake_send)
+    monkeypatch.setattr(cli, "send", fake_send)
+    monkeypatch.setattr(cli, "compute_metrics", counting_metrics)
+    assert run_cli("--base-url", "http://127.0.0.1:9", "--model", MODEL, "--workload", workload, "--num-prompts", "4",
+                   "--concurrency", "1,2,2", "--turns", "2", "--warmup", "0") == 0  # fmt: skip
+    per_level = [{body for body, level in sent if level == i} for i in range(3)]
+    assert all(per_level)
+    assert not per_level[0] & per_level[1] and not per_level[1] & per_level[2] and not per_level[0] & per_level[2]
+    # the first level is what the seed always gave: results of one level stay comparable with earlier runs
+    first = {b for b, level in sent if level == 0}
+    sent.clear()
+    levels_started.clear()
+    assert run_cli("--base-url", "http://127.0.0.1:9", "--model", MODEL, "--workload", workload, "--num-prompts", "4",
+                   "--concurrency", "1", "--turns", "2", "--warmup", "0") == 0  # fmt: skip
+    assert {b for b, _ in sent} == first
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
     r = start_server(tiny_model_dir)
