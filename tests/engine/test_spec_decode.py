@@ -347,8 +347,16 @@ def test_policy_lets_a_sequence_that_stopped_drafting_probe_now_and_then():
     policy = _measured(10.0, 2.0)
     for _ in range(30):
         policy.record("bad", 8, 0)
-    policy.begin_step(16)
+    policy.begin_step(1)
     asked = [policy.wants("bad") for _ in range(EXPLORE + 1)]
     assert asked == [False] * EXPLORE + [True]
     assert policy.keep("bad", 24) == PROBE
     assert not policy.wants("bad")  # the probe resets the count
+    # In a batch of 16 each sequence waits 16 times as long, so the batch's probes cost the same share of its rows
+    # (16 sampled sequences whose drafts never land spent 8% more rows on probes with the wait of one sequence)
+    for _ in range(30):
+        policy.record("worse", 8, 0)
+    policy.begin_step(16)
+    asked = [policy.wants("worse") for _ in range(16 * EXPLORE + 1)]
+    assert asked == [False] * (16 * EXPLORE) + [True]
+    assert policy.keep("worse", 24) == PROBE
