@@ -342,7 +342,7 @@ def test_policy_fits_the_step_cost_and_trims_by_expected_acceptance():
 
 
 def test_policy_lets_a_sequence_that_stopped_drafting_probe_now_and_then():
-    from agora.engine.spec.policy import EXPLORE, PROBE
+    from agora.engine.spec.policy import EXPLORE, MAX_WAIT, PROBE
 
     policy = _measured(10.0, 2.0)
     for _ in range(30):
@@ -352,11 +352,24 @@ def test_policy_lets_a_sequence_that_stopped_drafting_probe_now_and_then():
     assert asked == [False] * EXPLORE + [True]
     assert policy.keep("bad", 24) == PROBE
     assert not policy.wants("bad")  # the probe resets the count
-    # In a batch of 16 each sequence waits 16 times as long, so the batch's probes cost the same share of its rows
-    # (16 sampled sequences whose drafts never land spent 8% more rows on probes with the wait of one sequence)
-    for _ in range(30):
-        policy.record("worse", 8, 0)
-    policy.begin_step(16)
-    asked = [policy.wants("worse") for _ in range(16 * EXPLORE + 1)]
-    assert asked == [False] * (16 * EXPLORE) + [True]
-    assert policy.keep("worse", 24) == PROBE
+    # Probes that are refused make the next ones wait longer, up to MAX_WAIT steps (16 sampled sequences whose
+    # drafts never land spent 8% more rows on probes at a fixed wait); probes that land bring the wait back.
+    policy.record("bad", PROBE, 0)
+
+    def steps_to_probe() -> int:
+        n = 0
+        while not policy.wants("bad"):
+            n += 1
+        assert policy.keep("bad", 24) == PROBE
+        return n
+
+    waits = []
+    for _ in range(60):
+        waits.append(steps_to_probe())
+        policy.record("bad", PROBE, 0)
+    assert EXPLORE < waits[0] < waits[5] and waits == sorted(waits) and waits[-1] == MAX_WAIT
+    policy.begin_step(16)  # where a rate of 1/2 is still too low to draft
+    for _ in range(60):
+        steps_to_probe()
+        policy.record("bad", PROBE, 1)
+    assert steps_to_probe() <= 2 * EXPLORE
