@@ -16,13 +16,9 @@ follow the load:
 Position ``i`` of a draft is kept while its chance of being accepted, ``rate ** (i + 1)``, is at
 least what it costs in tokens of this step's throughput, ``b * B / t(B)`` for ``B`` sequences
 decoding; a sequence whose first position would not pass is not even asked for drafts. A
-sequence that has not drafted for a while may try ``PROBE`` tokens once, so its rate can recover
-(the probes of different sequences fall on different steps, and they keep the cost fit seeing
-steps of different sizes). The wait is ``EXPLORE`` steps divided by the share of recent probes
-that had a token accepted (at most ``MAX_WAIT``): where rates do recover (greedy agents between
-copying and writing) probes come often; where they never do (sampling at temperature 1, whose
-drafts are rarely accepted) they almost stop; with a fixed wait, 16 such sequences spent 8% more
-rows on probes than on their tokens.
+sequence that has not drafted for ``EXPLORE`` steps may try ``PROBE`` tokens once, so its rate
+can recover (the probes of different sequences fall on different steps, and they keep the cost
+fit seeing steps of different sizes).
 """
 
 from __future__ import annotations
@@ -36,8 +32,7 @@ DECAY = 0.98  # per step, of the cost fit; per verification, of a sequence's acc
 PRIOR_ACCEPTED, PRIOR_VERIFIED = 2.0, 3.0  # before anything was verified, a rate of 2/3
 PRIOR_WEIGHT = 3.0  # verifications a new sequence's starting rate (the recent overall rate) counts for
 MIN_STEPS = 16  # decode steps measured before the cost fit is trusted
-EXPLORE = 32  # steps without drafts after which a sequence probes again, while probes succeed
-MAX_WAIT = 1024  # the longest wait, when probes do not
+EXPLORE = 32  # steps without drafts after which a sequence probes again
 PROBE = 2  # draft tokens of a probe
 
 
@@ -78,8 +73,6 @@ class DraftPolicy:
         self.idle: dict[str, int] = {}  # request -> steps since it last drafted
         self.step = 0
         self._threshold = 0.0
-        self.probes = (1.0, 1.0)  # probes that had a token accepted, probes; decayed
-        self.probing: set[str] = set()  # sequences whose drafts in flight are a probe
 
     def observe_step(self, tokens: int, seconds: float) -> None:
         """A step that computed ``tokens`` (decode tokens and drafts, no prefill) in ``seconds``."""
@@ -90,25 +83,15 @@ class DraftPolicy:
         return PRIOR_WEIGHT * acc / ver, PRIOR_WEIGHT
 
     def record(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
-        if request_id in self.probing:
-            self.probing.discard(request_id)
-            won, tried = self.probes
-            self.probes = (DECAY * won + (num_accepted > 0), DECAY * tried + 1.0)
         acc, ver = self.rates.get(request_id) or self._prior()
         verified = min(num_accepted + 1, num_drafts)
         self.rates[request_id] = (DECAY * acc + num_accepted, DECAY * ver + verified)
         acc, ver = self.overall
         self.overall = (DECAY * acc + num_accepted, DECAY * ver + verified)
 
-    def _wait(self) -> float:
-        """Steps without drafts before a sequence probes."""
-        won, tried = self.probes
-        return min(EXPLORE * tried / max(won, 1e-9), MAX_WAIT)
-
     def forget(self, request_id: str) -> None:
         self.rates.pop(request_id, None)
         self.idle.pop(request_id, None)
-        self.probing.discard(request_id)
 
     def rate(self, request_id: str) -> float:
         acc, ver = self.rates.get(request_id) or self._prior()
@@ -120,7 +103,7 @@ class DraftPolicy:
             return True
         idle = self.idle.get(request_id, 0) + 1
         self.idle[request_id] = idle
-        return idle > self._wait()
+        return idle > EXPLORE
 
     def begin_step(self, batch: int) -> float:
         """The acceptance chance a draft position needs for the next step, ``batch`` sequences decoding."""
@@ -149,9 +132,8 @@ class DraftPolicy:
         while n < num_drafts and chance >= self._threshold:
             n += 1
             chance *= rate
-        if n == 0 and self.idle.get(request_id, 0) > self._wait():
+        if n == 0 and self.idle.get(request_id, 0) > EXPLORE:
             n = min(num_drafts, PROBE)
-            self.probing.add(request_id)
         if n:
             self.idle[request_id] = 0
         return n
