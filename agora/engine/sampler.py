@@ -78,6 +78,13 @@ def _generator(device: torch.device) -> torch.Generator:
     return gen
 
 
+def exponential_from_uniform_(u: torch.Tensor) -> torch.Tensor:
+    """``u`` ~ U[0, 1) becomes, in place, ``-log(1 - u)`` ~ Exp(1). The variates ``exponential_`` draws,
+    5-6x faster on a CPU (``exponential_`` takes 15 ms for 16 rows of a 49k vocabulary on 2 Zen 4 cores,
+    a quarter of a sampled decode step of SmolLM2 at batch 16; this takes 2.6 ms)."""
+    return u.neg_().log1p_().neg_()
+
+
 @dataclass(slots=True)
 class TokenLogprobs:
     """Logprob of the chosen token and the top alternatives (raw model distribution)."""
@@ -256,12 +263,13 @@ def sample(logits: torch.Tensor, reqs: list[SampleRequest],
         noise = torch.empty_like(probs)
         seeded = [i for i, r in enumerate(reqs) if r.seed is not None and not r.params.greedy]
         if len(seeded) < rows:
-            noise.exponential_()
+            noise.uniform_()
         if seeded:
             gen = _generator(device)
             for i in seeded:
                 gen.manual_seed(noise_seed(reqs[i].seed, reqs[i].index))  # type: ignore[arg-type]
-                noise[i].exponential_(generator=gen)
+                noise[i].uniform_(generator=gen)
+        exponential_from_uniform_(noise)
         sampled = (probs / noise.clamp_(min=1e-30)).argmax(dim=-1)
         tokens = torch.where(greedy, tokens, sampled)
 

@@ -26,6 +26,22 @@ def test_greedy_and_top_k_1_pick_the_argmax():
     assert res.token_ids == [1, 0]
 
 
+@pytest.mark.parametrize("seeded", [False, True])
+def test_sampled_tokens_follow_the_distribution(seeded):
+    """The exponential race draws each token with its probability, rare ones included: unseeded rows in one
+    batch, and a seeded request's tokens over its positions (each position's noise from its own seed)."""
+    p = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.02, 0.01])
+    n = 20000
+    params = SamplingParams(temperature=1.0, seed=1234 if seeded else None)
+    got = sample(p.log().expand(n, -1).contiguous(), [row(params, position=i) for i in range(n)]).token_ids
+    freq = torch.bincount(torch.tensor(got), minlength=len(p)).double() / n
+    sigma = (p.double() * (1 - p.double()) / n).sqrt()
+    assert ((freq - p.double()).abs() <= 4 * sigma).all(), (freq, p)
+    if seeded:  # the same seed and positions: the same tokens
+        again = sample(p.log().expand(n, -1).contiguous(), [row(params, position=i) for i in range(n)]).token_ids
+        assert again == got
+
+
 def test_seeded_rows_do_not_depend_on_the_rest_of_the_batch():
     lg = torch.randn(1, 50, generator=torch.Generator().manual_seed(1))
     p = SamplingParams(temperature=1.0, seed=1234)

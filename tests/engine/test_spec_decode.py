@@ -352,3 +352,40 @@ def test_policy_lets_a_sequence_that_stopped_drafting_probe_now_and_then():
     assert asked == [False] * EXPLORE + [True]
     assert policy.keep("bad", 24) == PROBE
     assert not policy.wants("bad")  # the probe resets the count
+
+
+def _steps_to_probe(policy, rid: str) -> int:  # noqa: ANN001
+    """Steps a sequence is not asked for drafts before its next probe, which it then makes."""
+    from agora.engine.spec.policy import MAX_EXPLORE, PROBE
+
+    for waited in range(MAX_EXPLORE + 2):
+        if policy.wants(rid):
+            assert policy.keep(rid, 24) == PROBE
+            return waited
+    raise AssertionError("never probed")
+
+
+def test_a_sequence_whose_probes_find_nothing_probes_less_and_less_until_one_lands():
+    from agora.engine.spec.policy import EXPLORE, MAX_EXPLORE, PROBE
+
+    policy = _measured(10.0, 2.0)
+    for _ in range(30):
+        policy.record("bad", 8, 0)
+    policy.begin_step(16)
+    waits = []
+    for _ in range(5):
+        waits.append(_steps_to_probe(policy, "bad"))
+        policy.record("bad", PROBE, 0)
+    assert waits == [EXPLORE, 2 * EXPLORE, 4 * EXPLORE, MAX_EXPLORE, MAX_EXPLORE]
+    # A new request (an agent's next turn) probes as early as ever, whatever the last one's probes found.
+    policy.rates["next"] = policy.rates["bad"]
+    assert _steps_to_probe(policy, "next") == EXPLORE
+    # A probe that lands brings the sequence's wait back to the shortest.
+    assert _steps_to_probe(policy, "bad") == MAX_EXPLORE
+    policy.record("bad", PROBE, 1)
+    policy.rates["bad"] = policy.rates["next"]  # still under the bar: it does not draft every step
+    assert _steps_to_probe(policy, "bad") == EXPLORE
+    policy.record("bad", PROBE, 0)
+    assert _steps_to_probe(policy, "bad") == 2 * EXPLORE
+    policy.forget("bad")
+    assert "bad" not in policy.waits and "bad" not in policy.probing

@@ -18,7 +18,10 @@ least what it costs in tokens of this step's throughput, ``b * B / t(B)`` for ``
 decoding; a sequence whose first position would not pass is not even asked for drafts. A
 sequence that has not drafted for ``EXPLORE`` steps may try ``PROBE`` tokens once, so its rate
 can recover (the probes of different sequences fall on different steps, and they keep the cost
-fit seeing steps of different sizes).
+fit seeing steps of different sizes). Each probe of a sequence that finds nothing doubles that
+sequence's wait for the next, up to ``MAX_EXPLORE``; one that lands resets it. The wait is the
+sequence's own: a new request (an agent's next turn, which may copy where the last did not)
+probes after ``EXPLORE`` steps whatever earlier requests' probes found.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ DECAY = 0.98  # per step, of the cost fit; per verification, of a sequence's acc
 PRIOR_ACCEPTED, PRIOR_VERIFIED = 2.0, 3.0  # before anything was verified, a rate of 2/3
 PRIOR_WEIGHT = 3.0  # verifications a new sequence's starting rate (the recent overall rate) counts for
 MIN_STEPS = 16  # decode steps measured before the cost fit is trusted
-EXPLORE = 32  # steps without drafts after which a sequence probes again
+EXPLORE = 32  # steps without drafts after which a sequence probes (its first probe, or after one that landed)
+MAX_EXPLORE = 256  # the longest wait, after probes that found nothing
 PROBE = 2  # draft tokens of a probe
 
 
@@ -71,6 +75,8 @@ class DraftPolicy:
         self.rates: dict[str, tuple[float, float]] = {}  # request -> (accepted, verified), decayed
         self.overall = (PRIOR_ACCEPTED, PRIOR_VERIFIED)  # every sequence's verifications, decayed
         self.idle: dict[str, int] = {}  # request -> steps since it last drafted
+        self.waits: dict[str, int] = {}  # request -> steps it waits before its next probe, if not EXPLORE
+        self.probing: set[str] = set()  # requests whose drafts this step are a probe
         self.step = 0
         self._threshold = 0.0
 
@@ -86,12 +92,20 @@ class DraftPolicy:
         acc, ver = self.rates.get(request_id) or self._prior()
         verified = min(num_accepted + 1, num_drafts)
         self.rates[request_id] = (DECAY * acc + num_accepted, DECAY * ver + verified)
+        if request_id in self.probing:
+            self.probing.discard(request_id)
+            if num_accepted:
+                self.waits.pop(request_id, None)
+            else:
+                self.waits[request_id] = min(2 * self.waits.get(request_id, EXPLORE), MAX_EXPLORE)
         acc, ver = self.overall
         self.overall = (DECAY * acc + num_accepted, DECAY * ver + verified)
 
     def forget(self, request_id: str) -> None:
         self.rates.pop(request_id, None)
         self.idle.pop(request_id, None)
+        self.waits.pop(request_id, None)
+        self.probing.discard(request_id)
 
     def rate(self, request_id: str) -> float:
         acc, ver = self.rates.get(request_id) or self._prior()
@@ -103,7 +117,7 @@ class DraftPolicy:
             return True
         idle = self.idle.get(request_id, 0) + 1
         self.idle[request_id] = idle
-        return idle > EXPLORE
+        return idle > self.waits.get(request_id, EXPLORE)
 
     def begin_step(self, batch: int) -> float:
         """The acceptance chance a draft position needs for the next step, ``batch`` sequences decoding."""
@@ -132,8 +146,9 @@ class DraftPolicy:
         while n < num_drafts and chance >= self._threshold:
             n += 1
             chance *= rate
-        if n == 0 and self.idle.get(request_id, 0) > EXPLORE:
+        if n == 0 and self.idle.get(request_id, 0) > self.waits.get(request_id, EXPLORE):
             n = min(num_drafts, PROBE)
+            self.probing.add(request_id)
         if n:
             self.idle[request_id] = 0
         return n
