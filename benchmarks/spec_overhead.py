@@ -67,7 +67,9 @@ def worker(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="off,suffix", help=f"comma-separated, first is the baseline: {sorted(CONFIGS)}")
+    ap.add_argument(
+        "--configs", default="off,suffix", help=f"comma-separated, first is the baseline: {sorted(CONFIGS)}"
+    )
     ap.add_argument("--workload", choices=["random", "shared-prefix"], default="random")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=16, help="sequences decoding together (max_num_seqs)")
@@ -109,7 +111,9 @@ def main() -> None:
         summary[c] = {
             "wall_s": statistics.median(row["wall_s"] for row in rows),
             "decode_and_verify_s": round(statistics.median(decode), 3),
-            "x_baseline_each_round": [round(b["wall_s"] / row["wall_s"], 3) for b, row in zip(runs[base], rows)],
+            "x_baseline_each_round": [
+                round(b["wall_s"] / row["wall_s"], 3) for b, row in zip(runs[base], rows, strict=True)
+            ],
             "draft_tokens": rows[0].get("draft_tokens", 0),
             "accepted": rows[0].get("accepted", 0),
             "verify_steps": rows[0]["steps"].get("verify", 0),
