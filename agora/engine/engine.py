@@ -73,6 +73,11 @@ class RequestOutput:
     logprobs: list[TokenLogprobs]
     finished: bool
     finish_reason: str | None = None  # "stop" | "length" | "abort"
+    # Per token, where its text begins in the sequence's decoded text (characters): a token that ends
+    # mid-character adds nothing until the one that completes it, and held-back stop-string text
+    # counts where it was decoded, so offsets do not depend on how tokens were grouped into steps.
+    # Empty without a tokenizer.
+    text_offsets: list[int] = field(default_factory=list)
     stop_reason: int | str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
@@ -304,8 +309,11 @@ class Engine:
             finished = req.is_finished
             text = ""
             emitted = 0
+            offsets: list[int] = []
             for i, token in enumerate(tokens):
                 emitted += 1
+                if seq.detokenizer is not None:
+                    offsets.append(len(seq.detokenizer.text))
                 last = i == len(tokens) - 1
                 stopped_at_eos = last and req.status == RequestStatus.FINISHED_STOPPED and req.stop_reason is None
                 if seq.detokenizer is not None and stopped_at_eos and token in self.eos_token_ids:
@@ -335,6 +343,7 @@ class Engine:
                     text=text,
                     logprobs=lps,
                     finished=finished,
+                    text_offsets=offsets,
                     finish_reason=req.status.value if finished else None,
                     stop_reason=req.stop_reason if finished else None,
                     num_prompt_tokens=req.num_prompt_tokens,

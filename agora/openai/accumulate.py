@@ -39,6 +39,7 @@ class EngineOutput(Protocol):
     finish_reason: str | None
     stop_reason: int | str | None
     num_cached_tokens: int
+    text_offsets: list[int]  # per token, where its text begins in the sequence's text; may be empty
 
 
 class _Counts:
@@ -159,7 +160,10 @@ class CompletionStream:
         index = prompt_index * self.n + out.index
         lps = None
         if self.logprobs and out.logprobs:
-            lps = _completion_logprobs(out.logprobs, self.token_text, self.offsets[index])
+            starts = None
+            if len(out.text_offsets) >= len(out.logprobs):  # the decoder's own offsets, past the echoed prompt
+                starts = [len(self.echo_texts[prompt_index]) + o for o in out.text_offsets]
+            lps = _completion_logprobs(out.logprobs, self.token_text, self.offsets[index], starts)
         self.offsets[index] += len(out.text)
         choice = CompletionChoice(index=index, text=out.text, logprobs=lps, finish_reason=out.finish_reason,
                                   stop_reason=out.stop_reason)  # fmt: skip
@@ -185,14 +189,16 @@ def _chat_logprobs(items: Sequence[TokenLogprobs], token_text: Callable[[int], s
     ])  # fmt: skip
 
 
-def _completion_logprobs(items: Sequence[TokenLogprobs], token_text: Callable[[int], str],
-                         offset: int) -> CompletionLogprobs:  # fmt: skip
+def _completion_logprobs(items: Sequence[TokenLogprobs], token_text: Callable[[int], str], offset: int,
+                         starts: Sequence[int] | None) -> CompletionLogprobs:  # fmt: skip
+    """Legacy logprobs; ``starts`` are the tokens' text offsets where the decoder gave them, else each
+    token is taken to begin where the previous token's own text ends."""
     out = CompletionLogprobs()
-    for x in items:
+    for i, x in enumerate(items):
         text = token_text(x.token_id)
         out.tokens.append(text)
         out.token_logprobs.append(max(x.logprob, MIN_LOGPROB))
         out.top_logprobs.append({token_text(t): max(v, MIN_LOGPROB) for t, v in x.top} if x.top else None)
-        out.text_offset.append(offset)
+        out.text_offset.append(starts[i] if starts is not None else offset)
         offset += len(text)
     return out

@@ -129,6 +129,35 @@ def test_logprobs(server):
     assert all(x["logprob"] >= x["top_logprobs"][0]["logprob"] - 1e-6 for x in content)
 
 
+def test_text_offsets_count_characters_not_token_pieces(server):
+    """A token that ends mid-character adds no text until the one that completes it; the offsets say so
+    whether the tokens came one per step or several at once (the second request drafts from the first)."""
+    answer = "naïve 🙂 café ✓"
+    body = {"prompt": "Say it:", "max_tokens": 40, "temperature": 0, "logprobs": 1,
+            "structured_outputs": {"choice": [answer]}}  # fmt: skip
+    r = post(server, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    whole = r.json()["choices"][0]
+    assert whole["text"] == answer, whole
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        events = [e for e in sse_events(r) if e != "[DONE]"]
+    streamed = sum((e["choices"][0]["logprobs"]["text_offset"] for e in events if e["choices"][0]["logprobs"]), [])
+    offsets, pieces = whole["logprobs"]["text_offset"], whole["logprobs"]["tokens"]
+    assert streamed == offsets
+    assert offsets[0] == 0 and offsets == sorted(offsets)
+    assert pieces[-1] == "<|im_end|>" and offsets[-1] == len(answer)  # the end-of-sequence token adds no text
+    offsets, pieces = offsets[:-1], pieces[:-1]
+    # a partial character's token starts where the next one does (its own piece is a replacement char)
+    assert any(b - a != len(p) for a, b, p in zip(offsets, offsets[1:], pieces, strict=False))
+    for i, (start, piece) in enumerate(zip(offsets, pieces, strict=True)):
+        if piece.startswith("\ufffd"):  # bytes of a character: it starts where that character does, or
+            # where the previous token does when that one's text was held back to finish the character
+            assert ord(answer[start]) > 127 or start == offsets[i - 1]
+        else:  # its whole characters are the text at its offset
+            whole_chars = piece.split("\ufffd")[0]
+            assert answer[start : start + len(whole_chars)] == whole_chars
+
+
 def test_tokenize_detokenize_roundtrip(server):
     t = post(server, "/tokenize", {"prompt": "Hello world!"}).json()
     assert t["count"] == len(t["tokens"]) and t["max_model_len"] == 512
