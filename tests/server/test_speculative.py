@@ -3,6 +3,7 @@ usage and logprobs, and the engine's counters are exported under vLLM's metric n
 
 from __future__ import annotations
 
+import anthropic
 import openai
 import pytest
 
@@ -42,6 +43,38 @@ def test_streams_and_whole_responses_match_speculation_off(servers):
     b = _client(spec).chat.completions.create(**chat)
     assert b.choices[0].message.content == a.choices[0].message.content
     assert b.choices[0].finish_reason == a.choices[0].finish_reason
+
+
+def test_responses_and_messages_streams_match_speculation_off(servers):
+    """Several tokens a step reach the Responses and Anthropic Messages streams as the same text and usage."""
+    plain, spec = servers
+    texts = {}
+    for name, r in (("off", plain), ("on", spec)):
+        client = _client(r)
+        kw = dict(model=MODEL, input=PROMPT, max_output_tokens=40, temperature=0, store=False)
+        for _ in range(2):  # the second time the suffix corpus knows the answer
+            whole = client.responses.create(**kw)
+            with client.responses.stream(**kw) as stream:
+                events = list(stream)
+            deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+            assert deltas == events[-1].response.output_text == whole.output_text
+            assert events[-1].response.usage.output_tokens == whole.usage.output_tokens
+            assert [e.sequence_number for e in events] == list(range(len(events)))
+            texts.setdefault(("responses", name), set()).add(whole.output_text)
+        ant = anthropic.Anthropic(base_url=r.url, api_key="none", max_retries=0)
+        kw = dict(model=MODEL, max_tokens=40, messages=[{"role": "user", "content": PROMPT}],
+                  extra_body={"temperature": 0})  # this SDK version has no temperature argument
+        for _ in range(2):
+            whole = ant.messages.create(**kw)
+            with ant.messages.stream(**kw) as stream:
+                streamed = "".join(stream.text_stream)
+                final = stream.get_final_message()
+            assert streamed == final.content[0].text == whole.content[0].text
+            assert final.usage.output_tokens == whole.usage.output_tokens and final.stop_reason == whole.stop_reason
+            texts.setdefault(("messages", name), set()).add(whole.content[0].text)
+    assert spec.metric("vllm:spec_decode_num_accepted_tokens_total") > 0
+    for api in ("responses", "messages"):
+        assert len(texts[(api, "on")]) == 1 and texts[(api, "on")] == texts[(api, "off")]
 
 
 def test_spec_decode_metrics_under_vllm_names(servers):
