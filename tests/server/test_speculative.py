@@ -62,8 +62,9 @@ def test_responses_and_messages_streams_match_speculation_off(servers):
             assert [e.sequence_number for e in events] == list(range(len(events)))
             texts.setdefault(("responses", name), set()).add(whole.output_text)
         ant = anthropic.Anthropic(base_url=r.url, api_key="none", max_retries=0)
-        kw = dict(model=MODEL, max_tokens=40, messages=[{"role": "user", "content": PROMPT}],
-                  extra_body={"temperature": 0})  # this SDK version has no temperature argument
+        kw = dict(
+            model=MODEL, max_tokens=40, messages=[{"role": "user", "content": PROMPT}], extra_body={"temperature": 0}
+        )  # this SDK version has no temperature argument
         for _ in range(2):
             whole = ant.messages.create(**kw)
             with ant.messages.stream(**kw) as stream:
