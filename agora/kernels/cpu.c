@@ -155,6 +155,66 @@ static inline void unpack_q8_0(const uint8_t *blk, __m256 w[4]) {
     w[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), d);
 }
 
+#if defined(__AVX512F__)
+/* Unpack one block into w[0..1] (16 floats each): the same d * q + m (one rounding, fused) as the
+ * 8-wide unpackers, so the weights are bit for bit theirs. */
+static inline void unpack16_q4_1(const uint8_t *blk, __m512 w[2]) {
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    const __m512 d = _mm512_set1_ps(half_to_float(blk)), m = _mm512_set1_ps(half_to_float(blk + 2));
+    const __m128i q = _mm_loadu_si128((const __m128i *)(blk + 4));
+    w[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, mask))), d, m);
+    w[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), mask))), d, m);
+}
+
+static inline void unpack16_qu8(const uint8_t *blk, __m512 w[2]) {
+    float s[4];
+    memcpy(s, blk, sizeof s);
+    const __m128i a = _mm_loadu_si128((const __m128i *)(blk + 16)), b = _mm_loadu_si128((const __m128i *)(blk + 32));
+    w[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(a)), _mm512_set1_ps(s[0]), _mm512_set1_ps(s[2]));
+    w[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)), _mm512_set1_ps(s[1]), _mm512_set1_ps(s[3]));
+}
+
+static inline void unpack16_q8_0(const uint8_t *blk, __m512 w[2]) {
+    const __m512 d = _mm512_set1_ps(half_to_float(blk));
+    const __m128i a = _mm_loadu_si128((const __m128i *)(blk + 2)), b = _mm_loadu_si128((const __m128i *)(blk + 18));
+    w[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a)), d);
+    w[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), d);
+}
+
+/* One weight row against R (1..ROWS, a constant after inlining) rows of x, 16 lanes wide: half the
+ * FMAs and conversions of the 8-wide loop below, which bound the batched steps (each unpacked block
+ * meets up to 8 rows). Two accumulators a row (one per half block), so one row is not a single
+ * chain of dependent FMAs. Against the 8-wide loop on an Intel Xeon (AMX, 2 cores): 8 rows of x
+ * 17-20% faster per linear, a batch-16 SmolLM2 decode step 59.9 -> 54.2 ms, one row as fast (it
+ * waits on memory). Only the order of the sums changes. */
+static inline __attribute__((always_inline)) void row_dot(int fmt, const uint8_t *wrow, int64_t nb, const float *x,
+                                                          int64_t ldx, int R, float *out, int64_t ldo, int add) {
+    __m512 acc[ROWS][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    const int64_t bytes = fmt_bytes(fmt);
+    for (int64_t b = 0; b < nb; b++) {
+        __m512 w[2];
+        if (PF_BYTES)
+            _mm_prefetch((const char *)(wrow + b * bytes + PF_BYTES), _MM_HINT_T0);
+        if (fmt == FMT_Q8_0)
+            unpack16_q8_0(wrow + b * bytes, w);
+        else if (fmt == FMT_QU8)
+            unpack16_qu8(wrow + b * bytes, w);
+        else
+            unpack16_q4_1(wrow + b * bytes, w);
+        const float *xb = x + b * QK;
+        for (int r = 0; r < R; r++) {
+            const float *xr = xb + r * ldx;
+            acc[r][0] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xr), acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xr + 16), acc[r][1]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        const float s = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+        out[r * ldo] = add ? out[r * ldo] + s : s;
+    }
+}
+#else
 /* One weight row against R (1..ROWS, a constant after inlining) rows of x. Each row keeps
  * A = 4 / 2 / 1 independent accumulators for R <= 2 / <= 4 / more: an FMA waits ~5 cycles
  * for the previous one on the same register, so a single chain per row would leave a
@@ -189,6 +249,7 @@ static inline __attribute__((always_inline)) void row_dot(int fmt, const uint8_t
         out[r * ldo] = add ? out[r * ldo] + hsum(s) : hsum(s);
     }
 }
+#endif /* __AVX512F__ */
 #else
 static inline void unpack_block(int fmt, const uint8_t *blk, float w[QK]) {
     if (fmt == FMT_QU8) {
