@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from agora import kernels
+
 logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 2 << 30
@@ -59,11 +61,7 @@ def pick_precision(name: str, device: torch.device) -> Precision:
 
 
 def cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
+    flags = kernels.cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

@@ -9,6 +9,7 @@ returns None and every caller keeps its PyTorch path.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -133,12 +134,37 @@ def llama_layer(
     )  # fmt: skip
 
 
-def _cpu_signature() -> str:
+@functools.cache
+def _cpuinfo_lines() -> tuple[str, str]:
+    """The first CPU's ``vendor_id`` and feature-flags lines of /proc/cpuinfo ("" where absent)."""
+    vendor = flags = ""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+            for line in f:
+                if not vendor and line.startswith("vendor_id"):
+                    vendor = line
+                elif line.startswith(("flags", "Features")):  # Features: ARM's name for it
+                    flags = line
+                    break
     except OSError:
-        return ""
+        pass
+    return vendor, flags
+
+
+def cpu_vendor() -> str:
+    """This CPU's vendor as /proc/cpuinfo names it (GenuineIntel, AuthenticAMD), or ""."""
+    vendor = _cpuinfo_lines()[0]
+    return vendor.split(":", 1)[1].strip() if ":" in vendor else ""
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (avx2, avx512f, amx_bf16, ...) as /proc/cpuinfo lists them."""
+    flags = _cpuinfo_lines()[1]
+    return frozenset(flags.split(":", 1)[1].split()) if ":" in flags else frozenset()
+
+
+def _cpu_signature() -> str:
+    return _cpuinfo_lines()[1]
 
 
 def _compiler() -> str | None:

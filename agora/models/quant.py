@@ -24,33 +24,22 @@ from agora.models import gguf_repack
 
 logger = logging.getLogger(__name__)
 
-# Rows of x up to which the block kernel is used (MAX_KERNEL_ROWS, by host below). In the engine a step's fp32 weights come from
-# memory (they do not fit in cache), so the kernel, reading 5-bit blocks, beats fp32 sgemm well
-# past a decode batch (2-core Zen 4, SmolLM2, 1,400 tokens of context, medians of 3 alternating
-# rounds: benchmarks/cpu_verify_steps.py --max-kernel-rows 64,192 --rounds 3): 8 sequences
-# verifying 8 drafts each (72 rows) take 227 ms a step instead of 265, 16 x 5 rows 259 instead of
-# 292, 16 x 9 rows 438 instead of 510. A fresh prompt's prefill (one step, measured apart) was
-# 15-20% faster at 100 tokens, level at 200 and 5% slower at 250: MKL's sgemm wins on longer chunks.
-MAX_KERNEL_ROWS_AMD = 192
+# Rows of x up to which the block kernel is used (MAX_KERNEL_ROWS, by host below). In the engine a
+# step's fp32 weights come from memory (they do not fit in cache), so the kernel, reading 5-bit blocks,
+# beats fp32 sgemm well past a decode batch (2-core Zen 4, SmolLM2, 1,400 tokens of context, medians
+# of 3 alternating rounds: benchmarks/cpu_verify_steps.py --max-kernel-rows 64,192 --rounds 3): 8
+# sequences verifying 8 drafts each (72 rows) take 227 ms a step instead of 265, 16 x 5 rows 259
+# instead of 292, 16 x 9 rows 438 instead of 510. A fresh prompt's prefill (one step, measured apart)
+# was 15-20% faster at 100 tokens, level at 200 and 5% slower at 250: MKL's sgemm wins on longer chunks.
+MAX_KERNEL_ROWS_DEFAULT = 192
 # On an Intel CPU with AVX-512, PyTorch's sgemm (MKL, which takes its AVX-512 paths on Intel's own
 # CPUs) wins from about 64 rows even with the weights coming from memory (Intel Xeon with AMX, 2 cores,
 # SmolLM2, 1,400 tokens of context, 2 alternating rounds of benchmarks/cpu_verify_steps.py
 # --batches 8,16 --drafts 0,4,8 --max-kernel-rows 32,64,192): 16 x 9 rows 349 ms a step at a limit
 # of 64 against 435 at 192, 16 x 5 rows 241 against 266; 8 x 5 rows (40) stay faster on the kernel.
 MAX_KERNEL_ROWS_INTEL_AVX512 = 64
-
-
-def _default_kernel_rows() -> int:
-    try:
-        with open("/proc/cpuinfo") as f:
-            head = f.read(1 << 14)
-    except OSError:
-        return MAX_KERNEL_ROWS_AMD
-    intel = "GenuineIntel" in head
-    return MAX_KERNEL_ROWS_INTEL_AVX512 if intel and " avx512f" in head else MAX_KERNEL_ROWS_AMD
-
-
-MAX_KERNEL_ROWS = _default_kernel_rows()
+_INTEL_AVX512 = kernels.cpu_vendor() == "GenuineIntel" and "avx512f" in kernels.cpu_flags()
+MAX_KERNEL_ROWS = MAX_KERNEL_ROWS_INTEL_AVX512 if _INTEL_AVX512 else MAX_KERNEL_ROWS_DEFAULT
 # Against bf16 GEMM weights (--dtype bfloat16), about twice as fast per row as fp32 ones, the
 # kernels keep the earlier limit (benchmarks/cpu_linear_rows.py: level from 64 to 128 rows).
 MAX_KERNEL_ROWS_BF16_GEMM = 64
