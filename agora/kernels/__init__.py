@@ -59,6 +59,7 @@ _SIGNATURES = {
     "agora_paged_prefill_attention": ([_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I], None),
     "agora_paged_prefill_attention_f16": ([_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I], None),
     "agora_kernel_timing": ([_I], None),
+    "agora_set_l1d_bytes": ([_I], None),
     "agora_kernel_time_ns": ([], _I),
     "agora_llama_scratch_floats": ([_P, _I], _I),
     "agora_llama_layer": ([_P, _P, _P, _I, _P, _P, _P, _P, _I], None),
@@ -233,6 +234,14 @@ def time_kernels(on: bool) -> None:
     k = lib()
     assert k is not None, "CPU kernels are not available"
     k.agora_kernel_timing(int(on))
+
+
+def set_l1d_bytes(n: int) -> None:
+    """Plan the block kernels' tiles for an L1 data cache of ``n`` bytes (0: the host's): at 48 KB
+    and more an AVX-512 build multiplies up to 16 rows of x per unpacked block, else 8. For tests."""
+    k = lib()
+    assert k is not None, "CPU kernels are not available"
+    k.agora_set_l1d_bytes(int(n))
 
 
 def kernel_seconds() -> float:

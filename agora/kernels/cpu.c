@@ -26,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -44,7 +45,11 @@
 #define QU8_BYTES 48
 enum { FMT_Q4_1 = 0, FMT_Q8_0 = 1, FMT_QU8 = 2 }; /* the block formats of the fp32 kernel */
 static inline int64_t fmt_bytes(int fmt) { return fmt == FMT_Q8_0 ? Q8_0_BYTES : fmt == FMT_QU8 ? QU8_BYTES : Q4_1_BYTES; }
-#define ROWS 8 /* rows of x sharing one unpacked weight block */
+#if defined(__AVX512F__)
+#define ROWS 16 /* the most rows of x sharing one unpacked weight block (a tile) */
+#else
+#define ROWS 8
+#endif
 /* How far ahead of the block being unpacked the block kernels ask for weights (software prefetch).
  * A decode step streams every weight from memory once, and the hardware prefetcher alone did not
  * keep ahead of a kernel that also spends ~3 ns unpacking each block: one stream reached 4-7 GB/s
@@ -181,14 +186,17 @@ static inline void unpack16_q8_0(const uint8_t *blk, __m512 w[2]) {
     w[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), d);
 }
 
-/* One weight row against R (1..ROWS, a constant after inlining) rows of x, 16 lanes wide: half the
- * FMAs and conversions of the 8-wide loop below, which bound the batched steps (each unpacked block
- * meets up to 8 rows). Two accumulators a row (one per half block), so one row is not a single
- * chain of dependent FMAs. Against the 8-wide loop on an Intel Xeon (AMX, 2 cores): 8 rows of x
- * 17-20% faster per linear, a batch-16 SmolLM2 decode step 59.9 -> 54.2 ms, one row as fast (it
- * waits on memory). Only the order of the sums changes. */
+/* One weight row against R (1..ROWS = 16, a constant after inlining) rows of x, 16 lanes wide: half
+ * the FMAs and conversions of the 8-wide loop below, which bound the batched steps. Up to 8 rows, two
+ * accumulators a row (one per half block), so one row is not a single chain of dependent FMAs; past
+ * 8 rows, one a row (both halves into it, in turn: 9-16 chains are enough to fill the FMA units, and
+ * 32 registers do not hold two a row), so one unpacked block meets up to 16 rows instead of 8. Against
+ * the 8-wide loop on an Intel Xeon (AMX, 2 cores): 8 rows of x 17-20% faster per linear, a batch-16
+ * SmolLM2 decode step 59.9 -> 54.2 ms, one row as fast (it waits on memory). Only the order of the
+ * sums changes. */
 static inline __attribute__((always_inline)) void row_dot(int fmt, const uint8_t *wrow, int64_t nb, const float *x,
                                                           int64_t ldx, int R, float *out, int64_t ldo, int add) {
+    const int two = R <= 8;
     __m512 acc[ROWS][2];
     for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     const int64_t bytes = fmt_bytes(fmt);
@@ -206,13 +214,33 @@ static inline __attribute__((always_inline)) void row_dot(int fmt, const uint8_t
         for (int r = 0; r < R; r++) {
             const float *xr = xb + r * ldx;
             acc[r][0] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xr), acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xr + 16), acc[r][1]);
+            acc[r][two] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xr + 16), acc[r][two]);
         }
     }
-    for (int r = 0; r < R; r++) {
-        const float s = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
-        out[r * ldo] = add ? out[r * ldo] + s : s;
+    if (two) {
+        for (int r = 0; r < R; r++) {
+            const float s = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+            out[r * ldo] = add ? out[r * ldo] + s : s;
+        }
+        return;
     }
+    /* 9-16 rows: the accumulators summed as one transpose (lane r of the result is row r's sum),
+     * about 45 shuffles and adds instead of a 9-uop reduction per row. */
+    __m512 a[16], b[8], c[4];
+    for (int r = 0; r < 16; r++) a[r] = r < R ? acc[r][0] : _mm512_setzero_ps();
+    for (int i = 0; i < 8; i++) /* per 128-bit lane: rows 2i, 2i+1, 2i, 2i+1 */
+        b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++) /* per 128-bit lane: rows 4i .. 4i+3 */
+        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 d0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512 d1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    float s[16];
+    _mm512_storeu_ps(s, _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, _MM_SHUFFLE(2, 0, 2, 0)),
+                                      _mm512_shuffle_f32x4(d0, d1, _MM_SHUFFLE(3, 1, 3, 1))));
+    for (int r = 0; r < R; r++) out[r * ldo] = add ? out[r * ldo] + s[r] : s[r];
 }
 #else
 /* One weight row against R (1..ROWS, a constant after inlining) rows of x. Each row keeps
@@ -290,6 +318,16 @@ static inline void row_dot(int fmt, const uint8_t *wrow, int64_t nb, const float
 static inline __attribute__((always_inline)) void rows_dot(int fmt, const uint8_t *wrow, int64_t nb, const float *x,
                                                            int64_t ldx, int64_t R, float *out, int64_t ldo, int add) {
     switch (R) {
+#if ROWS > 8
+        case 16: row_dot(fmt, wrow, nb, x, ldx, 16, out, ldo, add); break;
+        case 15: row_dot(fmt, wrow, nb, x, ldx, 15, out, ldo, add); break;
+        case 14: row_dot(fmt, wrow, nb, x, ldx, 14, out, ldo, add); break;
+        case 13: row_dot(fmt, wrow, nb, x, ldx, 13, out, ldo, add); break;
+        case 12: row_dot(fmt, wrow, nb, x, ldx, 12, out, ldo, add); break;
+        case 11: row_dot(fmt, wrow, nb, x, ldx, 11, out, ldo, add); break;
+        case 10: row_dot(fmt, wrow, nb, x, ldx, 10, out, ldo, add); break;
+        case 9: row_dot(fmt, wrow, nb, x, ldx, 9, out, ldo, add); break;
+#endif
         case 8: row_dot(fmt, wrow, nb, x, ldx, 8, out, ldo, add); break;
         case 7: row_dot(fmt, wrow, nb, x, ldx, 7, out, ldo, add); break;
         case 6: row_dot(fmt, wrow, nb, x, ldx, 6, out, ldo, add); break;
@@ -303,27 +341,55 @@ static inline __attribute__((always_inline)) void rows_dot(int fmt, const uint8_
 }
 
 /* Cache blocking. Each thread takes whole blocks of about NBLK weight rows (the same number of
- * blocks per thread), and within a block goes tile by tile over x (ROWS rows), so one tile of
- * x stays in L1 while the block's weight rows (tens of KB) come from L2. Where a tile of x
- * would pass 24 KB (8 rows of K > 768), rows are also cut into chunks of about 512 columns,
- * keeping it at 16 KB; a tile of one or a few rows (decode of one stream) is never cut: that
- * would only read each weight row in pieces (3x slower for K = 1536). Measured on 2 Zen 4
- * cores, batch 16-64: 100-110 -> 150-157 GFLOP/s for K = 576, 95 -> 120 for K = 1536. */
+ * blocks per thread), and within a block goes tile by tile over x (up to ROWS rows), so one tile
+ * of x stays in L1 while the block's weight rows (tens of KB) come from L2. Where a tile of x would
+ * pass 24 KB (a 32 KB L1; 8 rows of K > 768), rows are also cut into chunks of about 16 KB (40 KB
+ * and 40 KB for a 48 KB L1); a tile of one or a few rows (decode of one stream) is never cut: that would
+ * only read each weight row in pieces (3x slower for K = 1536). Measured on 2 Zen 4 cores, batch
+ * 16-64: 100-110 -> 150-157 GFLOP/s for K = 576, 95 -> 120 for K = 1536.
+ *
+ * Tiles of 16 rows (AVX-512) need the larger L1: one unpacked block then meets 16 rows instead of 8,
+ * and 16 rows of K = 576 (36 KB) fit it whole. On an Intel Xeon (48 KB L1, 2 cores), SmolLM2's
+ * gate/up, down and qkv products against 8-row tiles: 9 rows 1.36x faster (one tile instead of 8 + 1),
+ * 16 rows 1.24x, 32 rows 1.23x, 64 rows 1.17x; 1 and 8 rows level. Where L1 is 32 KB (Zen 3, Zen 4)
+ * tiles stay at 8 rows, as measured there. */
 #define NBLK 64
+
+static int64_t l1d_set; /* agora_set_l1d_bytes: 0, the host's */
+
+static int64_t l1d_bytes(void) {
+    static int64_t host;
+    if (l1d_set)
+        return l1d_set;
+    if (!host) {
+        const long s = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+        host = s > 0 ? s : 32768;
+    }
+    return host;
+}
+
+/* The L1 size the tiling plans for (0: the host's), so tests run both tilings on any host. */
+void agora_set_l1d_bytes(int64_t bytes) { l1d_set = bytes; }
 
 static void linear_blocks(int fmt, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
                           const float *bias, float *y, int64_t nthreads) {
     const int64_t nb = K / QK, bytes = fmt_bytes(fmt), row_bytes = nb * bytes;
     const int64_t nblocks_target = nthreads * ((N + nthreads * NBLK - 1) / (nthreads * NBLK));
     const int64_t NB = (N + nblocks_target - 1) / nblocks_target, nblocks = (N + NB - 1) / NB;
-    const int64_t tile_bytes = (M < ROWS ? M : ROWS) * K * (int64_t)sizeof(float);
-    const int64_t chunks = tile_bytes > 24576 ? (K + 511) / 512 : 1;
+    /* Tiles as even as they can be: 9 rows are 5 + 4, not 8 + 1 (a tile of one row costs about what
+     * a single-stream step's products do, since it unpacks every block for one row). */
+    const int big_l1 = l1d_bytes() >= 49152;
+    /* tiles past `over` bytes are cut into chunks of about `chunk` bytes */
+    const int64_t max_rows = big_l1 ? ROWS : 8, over = big_l1 ? 40960 : 24576, chunk = big_l1 ? 40960 : 16384;
+    const int64_t ntiles = (M + max_rows - 1) / max_rows, TR = (M + ntiles - 1) / ntiles;
+    const int64_t tile_bytes = TR * K * (int64_t)sizeof(float);
+    const int64_t chunks = tile_bytes > over ? (tile_bytes + chunk - 1) / chunk : 1;
     const int64_t cb = (nb + chunks - 1) / chunks; /* blocks per chunk */
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t blk = 0; blk < nblocks; blk++) {
         const int64_t n0 = blk * NB, n1 = n0 + NB < N ? n0 + NB : N;
-        for (int64_t m = 0; m < M; m += ROWS) {
-            const int64_t R = M - m < ROWS ? M - m : ROWS;
+        for (int64_t m = 0; m < M; m += TR) {
+            const int64_t R = M - m < TR ? M - m : TR;
             for (int64_t kb = 0; kb < nb; kb += cb) {
                 const int64_t cnb = nb - kb < cb ? nb - kb : cb;
                 for (int64_t n = n0; n < n1; n++)

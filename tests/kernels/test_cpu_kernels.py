@@ -26,16 +26,24 @@ def quantized(n: int, k: int, qtype: str, seed: int = 0) -> tuple[torch.Tensor, 
 
 
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])  # QU8: tests/kernels/test_gguf_repack.py
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 16, 23])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 16, 23, 40])
 @pytest.mark.parametrize("with_bias", [False, True])
 # (N, K): one block of weight rows per thread; many uneven blocks; long rows cut into K chunks
 @pytest.mark.parametrize(("n", "k"), [(96, 160), (333, 96), (200, 1600)])
-def test_linear_matches_fp32_on_dequantized_weights(qtype: str, m: int, with_bias: bool, n: int, k: int) -> None:
+# the tiles planned for a 32 KB L1 (up to 8 rows) and a 48 KB one (up to 16 rows with AVX-512)
+@pytest.mark.parametrize("l1d", [32768, 49152])
+def test_linear_matches_fp32_on_dequantized_weights(
+    qtype: str, m: int, with_bias: bool, n: int, k: int, l1d: int
+) -> None:
     blocks, w = quantized(n, k, qtype, seed=m)
     assert blocks.shape == (n, k // 32 * kernels.BLOCK_BYTES[qtype])
     x = torch.randn(m, k)
     bias = torch.randn(n) if with_bias else None
-    got = kernels.linear(x, blocks, qtype, bias)
+    kernels.set_l1d_bytes(l1d)
+    try:
+        got = kernels.linear(x, blocks, qtype, bias)
+    finally:
+        kernels.set_l1d_bytes(0)
     torch.testing.assert_close(got, F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
 
 
