@@ -343,9 +343,9 @@ static inline __attribute__((always_inline)) void rows_dot(int fmt, const uint8_
 /* Cache blocking. Each thread takes whole blocks of about NBLK weight rows (the same number of
  * blocks per thread), and within a block goes tile by tile over x (up to ROWS rows), so one tile
  * of x stays in L1 while the block's weight rows (tens of KB) come from L2. Where a tile of x would
- * pass 24 KB (a 32 KB L1; 8 rows of K > 768), rows are also cut into chunks of about 16 KB (40 KB
- * and 40 KB for a 48 KB L1); a tile of one or a few rows (decode of one stream) is never cut: that would
- * only read each weight row in pieces (3x slower for K = 1536). Measured on 2 Zen 4 cores, batch
+ * pass 24 KB (with a 32 KB L1: 8 rows of K > 768), rows are also cut into chunks of about 16 KB (with
+ * a 48 KB L1: past 40 KB, into chunks of about 40 KB); a tile of one or a few rows (decode of one
+ * stream) is never cut: that would only read each weight row in pieces (3x slower for K = 1536). Measured on 2 Zen 4 cores, batch
  * 16-64: 100-110 -> 150-157 GFLOP/s for K = 576, 95 -> 120 for K = 1536.
  *
  * Tiles of 16 rows (AVX-512) need the larger L1: one unpacked block then meets 16 rows instead of 8,

@@ -33,11 +33,12 @@ logger = logging.getLogger(__name__)
 # was 15-20% faster at 100 tokens, level at 200 and 5% slower at 250: MKL's sgemm wins on longer chunks.
 MAX_KERNEL_ROWS_DEFAULT = 192
 # On an Intel CPU with AVX-512, PyTorch's sgemm (MKL, which takes its AVX-512 paths on Intel's own
-# CPUs) wins from about 64 rows even with the weights coming from memory (Intel Xeon with AMX, 2 cores,
-# SmolLM2, 1,400 tokens of context, 2 alternating rounds of benchmarks/cpu_verify_steps.py
-# --batches 8,16 --drafts 0,4,8 --max-kernel-rows 32,64,192): 16 x 9 rows 349 ms a step at a limit
-# of 64 against 435 at 192, 16 x 5 rows 241 against 266; 8 x 5 rows (40) stay faster on the kernel.
-MAX_KERNEL_ROWS_INTEL_AVX512 = 64
+# CPUs) wins earlier even with the weights coming from memory. Intel Xeon with AMX (48 KB L1, so the
+# kernels' 16-row tiles), 2 cores, SmolLM2, 1,400 tokens of context, medians of 2 alternating rounds of
+# benchmarks/cpu_verify_steps.py --batches 8,16 --drafts 4,6,8 --max-kernel-rows 64,128,192: 8 x 9 rows
+# 220-233 ms a step on the kernels against 244 on sgemm, 16 x 7 rows 355-371 against 340, 16 x 9 rows
+# 405 on sgemm against 455. (With 8-row tiles sgemm had won from 64 rows: 16 x 9 rows 349 against 435.)
+MAX_KERNEL_ROWS_INTEL_AVX512 = 96
 _INTEL_AVX512 = kernels.cpu_vendor() == "GenuineIntel" and "avx512f" in kernels.cpu_flags()
 MAX_KERNEL_ROWS = MAX_KERNEL_ROWS_INTEL_AVX512 if _INTEL_AVX512 else MAX_KERNEL_ROWS_DEFAULT
 # Against bf16 GEMM weights (--dtype bfloat16), about twice as fast per row as fp32 ones, the
