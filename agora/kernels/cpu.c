@@ -317,27 +317,16 @@ static inline void row_dot(int fmt, const uint8_t *wrow, int64_t nb, const float
 /* One weight row against R (1..ROWS) rows of x, R a constant in each case (unrolled apart). */
 static inline __attribute__((always_inline)) void rows_dot(int fmt, const uint8_t *wrow, int64_t nb, const float *x,
                                                            int64_t ldx, int64_t R, float *out, int64_t ldo, int add) {
+#define ROW_CASE(n)                                                                                                    \
+    case n: row_dot(fmt, wrow, nb, x, ldx, n, out, ldo, add); break;
     switch (R) {
 #if ROWS > 8
-        case 16: row_dot(fmt, wrow, nb, x, ldx, 16, out, ldo, add); break;
-        case 15: row_dot(fmt, wrow, nb, x, ldx, 15, out, ldo, add); break;
-        case 14: row_dot(fmt, wrow, nb, x, ldx, 14, out, ldo, add); break;
-        case 13: row_dot(fmt, wrow, nb, x, ldx, 13, out, ldo, add); break;
-        case 12: row_dot(fmt, wrow, nb, x, ldx, 12, out, ldo, add); break;
-        case 11: row_dot(fmt, wrow, nb, x, ldx, 11, out, ldo, add); break;
-        case 10: row_dot(fmt, wrow, nb, x, ldx, 10, out, ldo, add); break;
-        case 9: row_dot(fmt, wrow, nb, x, ldx, 9, out, ldo, add); break;
+        ROW_CASE(16) ROW_CASE(15) ROW_CASE(14) ROW_CASE(13) ROW_CASE(12) ROW_CASE(11) ROW_CASE(10) ROW_CASE(9)
 #endif
-        case 8: row_dot(fmt, wrow, nb, x, ldx, 8, out, ldo, add); break;
-        case 7: row_dot(fmt, wrow, nb, x, ldx, 7, out, ldo, add); break;
-        case 6: row_dot(fmt, wrow, nb, x, ldx, 6, out, ldo, add); break;
-        case 5: row_dot(fmt, wrow, nb, x, ldx, 5, out, ldo, add); break;
-        case 4: row_dot(fmt, wrow, nb, x, ldx, 4, out, ldo, add); break;
-        case 3: row_dot(fmt, wrow, nb, x, ldx, 3, out, ldo, add); break;
-        case 2: row_dot(fmt, wrow, nb, x, ldx, 2, out, ldo, add); break;
-        case 1: row_dot(fmt, wrow, nb, x, ldx, 1, out, ldo, add); break;
+        ROW_CASE(8) ROW_CASE(7) ROW_CASE(6) ROW_CASE(5) ROW_CASE(4) ROW_CASE(3) ROW_CASE(2) ROW_CASE(1)
         default: break;
     }
+#undef ROW_CASE
 }
 
 /* Cache blocking. Each thread takes whole blocks of about NBLK weight rows (the same number of
