@@ -60,6 +60,7 @@ _SIGNATURES = {
     "agora_paged_prefill_attention_f16": ([_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I], None),
     "agora_kernel_timing": ([_I], None),
     "agora_set_l1d_bytes": ([_I], None),
+    "agora_tile_rows": ([], _I),
     "agora_kernel_time_ns": ([], _I),
     "agora_llama_scratch_floats": ([_P, _I], _I),
     "agora_llama_layer": ([_P, _P, _P, _I, _P, _P, _P, _P, _I], None),
@@ -242,6 +243,13 @@ def set_l1d_bytes(n: int) -> None:
     k = lib()
     assert k is not None, "CPU kernels are not available"
     k.agora_set_l1d_bytes(int(n))
+
+
+def tile_rows() -> int:
+    """The most rows of x the block kernels multiply per unpacked block: 16 with AVX-512 where L1 holds
+    48 KB, else 8 (and 8 without the kernels)."""
+    k = lib()
+    return int(k.agora_tile_rows()) if k is not None else 8
 
 
 def kernel_seconds() -> float:

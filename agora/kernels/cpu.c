@@ -334,8 +334,9 @@ static inline __attribute__((always_inline)) void rows_dot(int fmt, const uint8_
  * of x stays in L1 while the block's weight rows (tens of KB) come from L2. Where a tile of x would
  * pass 24 KB (with a 32 KB L1: 8 rows of K > 768), rows are also cut into chunks of about 16 KB (with
  * a 48 KB L1: past 40 KB, into chunks of about 40 KB); a tile of one or a few rows (decode of one
- * stream) is never cut: that would only read each weight row in pieces (3x slower for K = 1536). Measured on 2 Zen 4 cores, batch
- * 16-64: 100-110 -> 150-157 GFLOP/s for K = 576, 95 -> 120 for K = 1536.
+ * stream) is never cut: that would only read each weight row in pieces (3x slower for K = 1536).
+ * Measured on 2 Zen 4 cores, batch 16-64: 100-110 -> 150-157 GFLOP/s for K = 576, 95 -> 120 for
+ * K = 1536.
  *
  * Tiles of 16 rows (AVX-512) need the larger L1: one unpacked block then meets 16 rows instead of 8,
  * and 16 rows of K = 576 (36 KB) fit it whole. On an Intel Xeon (48 KB L1, 2 cores), SmolLM2's
@@ -360,6 +361,10 @@ static int64_t l1d_bytes(void) {
 /* The L1 size the tiling plans for (0: the host's), so tests run both tilings on any host. */
 void agora_set_l1d_bytes(int64_t bytes) { l1d_set = bytes; }
 
+/* The most rows of x a tile takes: 16 with AVX-512 where L1 holds 48 KB, else 8 (quant.py's row limit
+ * on Intel depends on it). */
+int64_t agora_tile_rows(void) { return l1d_bytes() >= 49152 ? ROWS : 8; }
+
 static void linear_blocks(int fmt, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
                           const float *bias, float *y, int64_t nthreads) {
     const int64_t nb = K / QK, bytes = fmt_bytes(fmt), row_bytes = nb * bytes;
@@ -367,9 +372,9 @@ static void linear_blocks(int fmt, const float *x, int64_t M, int64_t K, const u
     const int64_t NB = (N + nblocks_target - 1) / nblocks_target, nblocks = (N + NB - 1) / NB;
     /* Tiles as even as they can be: 9 rows are 5 + 4, not 8 + 1 (a tile of one row costs about what
      * a single-stream step's products do, since it unpacks every block for one row). */
-    const int big_l1 = l1d_bytes() >= 49152;
+    const int64_t max_rows = agora_tile_rows(), big_l1 = l1d_bytes() >= 49152;
     /* tiles past `over` bytes are cut into chunks of about `chunk` bytes */
-    const int64_t max_rows = big_l1 ? ROWS : 8, over = big_l1 ? 40960 : 24576, chunk = big_l1 ? 40960 : 16384;
+    const int64_t over = big_l1 ? 40960 : 24576, chunk = big_l1 ? 40960 : 16384;
     const int64_t ntiles = (M + max_rows - 1) / max_rows, TR = (M + ntiles - 1) / ntiles;
     const int64_t tile_bytes = TR * K * (int64_t)sizeof(float);
     const int64_t chunks = tile_bytes > over ? (tile_bytes + chunk - 1) / chunk : 1;

@@ -39,8 +39,16 @@ MAX_KERNEL_ROWS_DEFAULT = 192
 # 220-233 ms a step on the kernels against 244 on sgemm, 16 x 7 rows 355-371 against 340, 16 x 9 rows
 # 405 on sgemm against 455. (With 8-row tiles sgemm had won from 64 rows: 16 x 9 rows 349 against 435.)
 MAX_KERNEL_ROWS_INTEL_AVX512 = 96
+# An Intel CPU whose L1 is too small for 16-row tiles (32 KB: Skylake, Cascade Lake) keeps the limit
+# measured with 8-row tiles on the host above; no such host was measured.
+MAX_KERNEL_ROWS_INTEL_AVX512_8ROW_TILES = 64
 _INTEL_AVX512 = kernels.cpu_vendor() == "GenuineIntel" and "avx512f" in kernels.cpu_flags()
-MAX_KERNEL_ROWS = MAX_KERNEL_ROWS_INTEL_AVX512 if _INTEL_AVX512 else MAX_KERNEL_ROWS_DEFAULT
+if not _INTEL_AVX512:
+    MAX_KERNEL_ROWS = MAX_KERNEL_ROWS_DEFAULT
+elif kernels.tile_rows() > 8:
+    MAX_KERNEL_ROWS = MAX_KERNEL_ROWS_INTEL_AVX512
+else:
+    MAX_KERNEL_ROWS = MAX_KERNEL_ROWS_INTEL_AVX512_8ROW_TILES
 # Against bf16 GEMM weights (--dtype bfloat16), about twice as fast per row as fp32 ones, the
 # kernels keep the earlier limit (benchmarks/cpu_linear_rows.py: level from 64 to 128 rows).
 MAX_KERNEL_ROWS_BF16_GEMM = 64

@@ -47,6 +47,17 @@ def test_linear_matches_fp32_on_dequantized_weights(
     torch.testing.assert_close(got, F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
 
 
+def test_tile_rows_follow_the_l1_planned_for() -> None:
+    wide = "avx512f" in kernels.cpu_flags()
+    try:
+        kernels.set_l1d_bytes(32768)
+        assert kernels.tile_rows() == 8
+        kernels.set_l1d_bytes(49152)
+        assert kernels.tile_rows() == (16 if wide else 8)
+    finally:
+        kernels.set_l1d_bytes(0)
+
+
 def int8_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x quantized to int8 in blocks of 32 (scale max|x| / 127, round half to even), then exact math."""
     m, k = x.shape
