@@ -655,6 +655,26 @@ static inline __m256 exp256(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+#if defined(__AVX512F__)
+/* exp256's arithmetic on 16 lanes: each lane's result is exactly exp256's for it. */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+#endif
+
 /* Sums of 8 vectors, lane j of the result = sum of a[j]. */
 static inline __m256 hsum8(const __m256 a[8]) {
     __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
@@ -773,6 +793,15 @@ static inline float exp_sum(float *s, int64_t n, float m) {
 #if AGORA_AVX2
     const __m256 vm = _mm256_set1_ps(m);
     __m256 vsum = _mm256_setzero_ps();
+#if defined(__AVX512F__)
+    /* 16 at a time; the sum still adds each 8 in turn, as the loop below does, so it is the same sum */
+    for (const __m512 vm16 = _mm512_set1_ps(m); i + 16 <= n; i += 16) {
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + i), vm16));
+        _mm512_storeu_ps(s + i, e);
+        vsum = _mm256_add_ps(vsum, _mm512_castps512_ps256(e));
+        vsum = _mm256_add_ps(vsum, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
+    }
+#endif
     for (; i + 8 <= n; i += 8) {
         const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + i), vm));
         _mm256_storeu_ps(s + i, e);
@@ -985,10 +1014,121 @@ void agora_paged_decode_attention_f16(const float *q, const uint16_t *k_cache, c
  *   ctx_starts:  [B] position of each request's first query (its tokens before are cached)
  *   block_tables, caches, window, scale, nthreads: as for paged decode
  *   out:         [T, H, D]
- * One task per (request, KV head, tile of QT queries): the tile's QT * G query rows share
- * every K/V tile, which is unpacked once (transposed for QK^T, fp16 widened) into L1/L2. */
+ * One task per (request, KV head, tile of QT queries), or with AVX-512 and enough tiles per (request, tile)
+ * over all KV heads: the tile's QT * G query rows of a head share every K/V tile, which is unpacked once
+ * (transposed for QK^T, fp16 widened) into L1/L2. With AVX-512 the scores and P V run in register
+ * blocks of 6 rows (score_block, pv_block), the same arithmetic in the same order: bit for bit the
+ * row-at-a-time result, 1.2-1.6x faster (Intel Xeon with AMX, 2 cores, SmolLM2's heads:
+ * benchmarks/cpu_prefill_attention.py --against; 16 requests x 6 queries after 1,300 tokens 4.15 ->
+ * 2.67 ms a layer, 2,048 fresh queries 42.5 -> 28.0 ms). */
 #define QT 16
 #define KT 64
+
+/* Register-blocked micro-kernels for a tile's scores and P V: a block of PB query rows shares every
+ * load of a key (or value) vector, where the row-at-a-time loops loaded one vector per FMA. Each
+ * output element is the same chain of FMAs in the same order as the row-at-a-time loops', so the
+ * result is bit for bit theirs. PW: keys (or value columns) of one block, 4 vectors. */
+#if defined(__AVX512F__)
+typedef __m512 pvec;
+#define PVW 16
+#define PB 6 /* 6 rows x 4 vectors of accumulators + 4 of keys: 28 of 32 registers */
+#define pv_load _mm512_loadu_ps
+#define pv_store _mm512_storeu_ps
+#define pv_set1 _mm512_set1_ps
+#define pv_fma _mm512_fmadd_ps
+#define pv_mul _mm512_mul_ps
+#define PBLOCKED 1
+#else
+#define PBLOCKED 0
+#endif
+
+#if PBLOCKED
+#define PW (4 * PVW)
+/* The next key tile's K and V rows, line after line, for the micro-kernels to prefetch into L2 a few lines
+ * at a time: spread over a whole tile's arithmetic, the misses overlap it, where a tile's worth asked for
+ * at once stalled on the full miss queues (a quarter of the kernel's time sat on prefetch instructions). */
+typedef struct {
+    const char *k, *v; /* the caches, at the task's first head */
+    const int64_t *off; /* each token's row offset in elements */
+    int64_t n, lines, tok, line; /* tokens, lines a row; the next line to ask for */
+    int esz, which; /* element bytes; K (0) or V (1) */
+} prefetcher;
+
+static inline __attribute__((always_inline)) void prefetch_next(prefetcher *p) {
+    if (p->tok >= p->n) return;
+    _mm_prefetch((const char *)((p->which ? p->v : p->k) + p->off[p->tok] * p->esz + p->line * 64), _MM_HINT_T1);
+    if (++p->line == p->lines) {
+        p->line = 0;
+        if (++p->which == 2) p->which = 0, p->tok++;
+    }
+}
+/* s[r * KT + c0 + ...] = qt[r] . kt[:, c0 + ...] for the nr rows from r0, PW keys from c0. */
+static inline __attribute__((always_inline)) void score_block(const float *qt, const float *kt, float *s, int64_t r0,
+                                                              int nr, int64_t c0, int64_t D, prefetcher *pf) {
+    pvec acc[PB][4];
+    for (int i = 0; i < nr; i++)
+        for (int v = 0; v < 4; v++) acc[i][v] = pv_set1(0.f);
+    for (int64_t d = 0; d < D; d++) {
+        prefetch_next(pf), prefetch_next(pf);
+        pvec k[4];
+        for (int v = 0; v < 4; v++) k[v] = pv_load(kt + d * KT + c0 + v * PVW);
+        for (int i = 0; i < nr; i++) {
+            const pvec q = pv_set1(qt[(r0 + i) * D + d]);
+            for (int v = 0; v < 4; v++) acc[i][v] = pv_fma(q, k[v], acc[i][v]);
+        }
+    }
+    for (int i = 0; i < nr; i++)
+        for (int v = 0; v < 4; v++) pv_store(s + (r0 + i) * KT + c0 + v * PVW, acc[i][v]);
+}
+
+/* o[r, dc + ...] = o[r, dc + ...] * alpha[r] + sum_{j in [jlo, jhi)} s[r * KT + j] * vrow[j][dc + ...] for the
+ * nr rows from r0, PW columns from dc (a row's probabilities are 0 outside its own keys). */
+static inline __attribute__((always_inline)) void pv_block(const float *s, const float *const *vrow,
+                                                           const float *alpha, float *o, int64_t r0, int nr,
+                                                           int64_t dc, int64_t jlo, int64_t jhi, int64_t D,
+                                                           prefetcher *pf) {
+    pvec acc[PB][4];
+    for (int i = 0; i < nr; i++) {
+        const pvec a = pv_set1(alpha[r0 + i]);
+        for (int v = 0; v < 4; v++) acc[i][v] = pv_mul(pv_load(o + (r0 + i) * D + dc + v * PVW), a);
+    }
+    for (int64_t j = jlo; j < jhi; j++) {
+        prefetch_next(pf);
+        pvec x[4];
+        for (int v = 0; v < 4; v++) x[v] = pv_load(vrow[j] + dc + v * PVW);
+        for (int i = 0; i < nr; i++) {
+            const pvec p = pv_set1(s[(r0 + i) * KT + j]);
+            for (int v = 0; v < 4; v++) acc[i][v] = pv_fma(p, x[v], acc[i][v]);
+        }
+    }
+    for (int i = 0; i < nr; i++)
+        for (int v = 0; v < 4; v++) pv_store(o + (r0 + i) * D + dc + v * PVW, acc[i][v]);
+}
+
+/* The row count as a constant in each call, so the loops over rows unroll into registers. */
+#define BY_ROWS(nr, call)                                                                                              \
+    switch (nr) {                                                                                                      \
+    case 1: { const int NR = 1; call; } break;                                                                         \
+    case 2: { const int NR = 2; call; } break;                                                                         \
+    case 3: { const int NR = 3; call; } break;                                                                         \
+    case 4: { const int NR = 4; call; } break;                                                                         \
+    case 5: { const int NR = 5; call; } break;                                                                         \
+    default: { const int NR = 6; call; } break;                                                                        \
+    }
+#define BLOCKED_D(D) ((D) % PW == 0) /* the head sizes the micro-kernels take */
+#else
+#define BLOCKED_D(D) 0
+#endif
+
+/* off[j] = the element offset of the token row at position pos + j, j < n (one division, not one a key). */
+static inline void tile_rows(const int64_t *table, int64_t pos, int64_t n, int64_t BS, int64_t tok_stride,
+                             int64_t *off) {
+    int64_t bi = pos / BS, bo = pos % BS;
+    for (int64_t j = 0; j < n; j++) {
+        off[j] = (table[bi] * BS + bo) * tok_stride;
+        if (++bo == BS) bo = 0, bi++;
+    }
+}
 
 /* Tiles of QT queries of request b. */
 static inline int64_t q_tiles(const int64_t *q_offsets, int64_t b) {
@@ -1023,154 +1163,244 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
                                                                  int64_t Hkv, int64_t D, int64_t BS, int64_t window,
                                                                  float scale, float *out, int64_t nthreads, int half) {
     const int64_t G = H / Hkv, tok_stride = Hkv * D, R = QT * G;
-    /* Tasks, numbered request by request: (b, kv head, query tile). */
-    int64_t tasks = 0;
-    for (int64_t b = 0; b < B; b++) tasks += Hkv * q_tiles(q_offsets, b);
+    /* Tasks, numbered request by request: (b, group of kv heads, query tile). With enough tiles to keep
+     * every thread busy, a task takes all the KV heads of its tile, so a token's K (and V) row is read
+     * whole, in one pass, where a task per head read a third of it (SmolLM2) and left the rest of each
+     * line and of the hardware prefetcher's fetches to the other tasks, minutes later. */
+    int64_t all_tiles = 0;
+    for (int64_t b = 0; b < B; b++) all_tiles += q_tiles(q_offsets, b);
+    const int64_t hpt = PBLOCKED && all_tiles >= 2 * nthreads ? Hkv : 1; /* KV heads a task takes */
+    const int64_t hgroups = Hkv / hpt, tasks = all_tiles * hgroups;
 #pragma omp parallel num_threads(nthreads)
     {
-        float *qt = (float *)malloc(sizeof(float) * (size_t)(R * D + R * D + D * KT + KT * D + R * KT + 2 * R));
-        float *o = qt + R * D, *kt = o + R * D, *vt = kt + D * KT, *s = vt + KT * D, *mx = s + R * KT, *sum = mx + R;
+        const size_t floats = (size_t)(hpt * (2 * R * D + 2 * R) + D * KT + KT * D + R * KT + R);
+        float *qtb = (float *)malloc(sizeof(float) * floats);
+        float *ob = qtb + hpt * R * D, *kt = ob + hpt * R * D, *vt = kt + D * KT, *s = vt + KT * D;
+        float *mxb = s + R * KT, *sumb = mxb + hpt * R;
+#if PBLOCKED
+        float *alpha = sumb + hpt * R; /* each row's rescaling by the current tile (blocked path) */
+        int64_t *klo = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * R)), *khi = klo + R; /* its keys in the tile */
+#endif
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < tasks; task++) {
             int64_t b = 0, t = task;
             for (;; b++) {
-                const int64_t n = Hkv * q_tiles(q_offsets, b);
+                const int64_t n = hgroups * q_tiles(q_offsets, b);
                 if (t < n) break;
                 t -= n;
             }
-            const int64_t nq_all = q_offsets[b + 1] - q_offsets[b], h = t % Hkv, tile = t / Hkv;
+            const int64_t nq_all = q_offsets[b + 1] - q_offsets[b], h0 = t % hgroups * hpt, tile = t / hgroups;
             const int64_t q0 = tile * QT, nq = nq_all - q0 < QT ? nq_all - q0 : QT, rows = nq * G;
             const int64_t p0 = ctx_starts[b] + q0, plast = p0 + nq - 1; /* positions of the tile's queries */
             const int64_t *table = block_tables + b * bt_stride;
             /* A request with one tile of queries (a verification step's drafts, a short chunk) reads its
-             * keys once, from memory: they are prefetched a tile ahead, as decode attention does. With
-             * several tiles, the later ones find the keys in cache, where prefetching only costs. With
-             * value rows read in place (below): 16 requests x 6 queries x 1,300 cached tokens 4.9 -> 3.5 ms
-             * a layer, cold caches (benchmarks/cpu_prefill_attention.py --against). */
+             * keys once, from memory: they are prefetched a tile ahead, as decode attention does (by the
+             * micro-kernels, a few lines at each step, where they take the tile). With several tiles, the
+             * later ones find the keys in cache, where prefetching only costs. With value rows read in
+             * place (below): 16 requests x 6 queries x 1,300 cached tokens 4.9 -> 3.5 ms a layer, cold
+             * caches (benchmarks/cpu_prefill_attention.py --against). */
             const int ahead_too = q_tiles(q_offsets, b) == 1;
-            /* Row r = i * G + g: query i of the tile, head h * G + g; pre-scaled. */
-            for (int64_t i = 0; i < nq; i++)
-                for (int64_t g = 0; g < G; g++) {
-                    const float *src = q + ((q_offsets[b] + q0 + i) * H + h * G + g) * D;
-                    float *dst = qt + (i * G + g) * D;
-                    for (int64_t d = 0; d < D; d++) dst[d] = src[d] * scale;
-                }
-            memset(o, 0, sizeof(float) * rows * D);
-            for (int64_t r = 0; r < rows; r++) mx[r] = -INFINITY, sum[r] = 0.f;
+            /* KV head h0 + hh: row r = i * G + g of its block: query i of the tile, head (h0 + hh) * G + g;
+             * pre-scaled. */
+            for (int64_t hh = 0; hh < hpt; hh++)
+                for (int64_t i = 0; i < nq; i++)
+                    for (int64_t g = 0; g < G; g++) {
+                        const float *src = q + ((q_offsets[b] + q0 + i) * H + (h0 + hh) * G + g) * D;
+                        float *dst = qtb + (hh * R + i * G + g) * D;
+                        for (int64_t d = 0; d < D; d++) dst[d] = src[d] * scale;
+                    }
+            memset(ob, 0, sizeof(float) * hpt * R * D);
+            for (int64_t r = 0; r < hpt * R; r++) mxb[r] = -INFINITY, sumb[r] = 0.f;
             int64_t kmin = window > 0 ? p0 - window + 1 : 0;
             if (kmin < 0) kmin = 0;
+            int64_t toff[KT], tnext[KT]; /* the token rows of this tile and of the next */
+#if PBLOCKED
+            prefetcher pf;
+#endif
             for (int64_t k0 = kmin; k0 <= plast; k0 += KT) {
-                const int64_t nk = plast + 1 - k0 < KT ? plast + 1 - k0 : KT;
-                /* Unpack the key tile transposed (kt[d * KT + j]); value rows are read where they are
-                 * (vrow[j]), except an fp16 cache's, widened into vt first. */
-                const float *vrow[KT];
-                int64_t j = 0;
-#if AGORA_AVX2
-                if (D % 8 == 0) /* 8 keys x 8 dims at a time, transposed in registers */
-                    for (; j + 8 <= nk; j += 8) {
-                        const void *kr[8];
-                        for (int u = 0; u < 8; u++) {
-                            if (ahead_too && k0 + KT + j + u <= plast) { /* the next tile's rows, to L2 meanwhile */
-                                const int64_t ahead = token_row(table, k0 + KT + j + u, BS, tok_stride) + h * D;
-                                prefetch_row(kv_at(k_cache, ahead, half), kv_row_bytes(1, 1, D, half));
-                                prefetch_row(kv_at(v_cache, ahead, half), kv_row_bytes(1, 1, D, half));
-                            }
-                            const int64_t off = token_row(table, k0 + j + u, BS, tok_stride) + h * D;
-                            kr[u] = kv_at(k_cache, off, half);
-                            const void *vr = kv_at(v_cache, off, half);
-                            if (half) {
-                                for (int64_t d = 0; d < D; d += 8)
-                                    _mm256_storeu_ps(vt + (j + u) * D + d, kv_load8(kv_at(vr, d, half), half));
-                                vrow[j + u] = vt + (j + u) * D;
-                            } else {
-                                vrow[j + u] = (const float *)vr;
-                            }
-                        }
-                        for (int64_t d = 0; d < D; d += 8) {
-                            __m256 r[8];
-                            for (int u = 0; u < 8; u++) r[u] = kv_load8(kv_at(kr[u], d, half), half);
-                            transpose8(r);
-                            for (int u = 0; u < 8; u++) _mm256_storeu_ps(kt + (d + u) * KT + j, r[u]);
-                        }
-                    }
+                for (int64_t hh = 0; hh < hpt; hh++) {
+                    const int64_t nk = plast + 1 - k0 < KT ? plast + 1 - k0 : KT, h = h0 + hh;
+                    if (hh == 0) {
+                        tile_rows(table, k0, nk, BS, tok_stride, toff);
+                        const int64_t later = plast + 1 - (k0 + KT) < KT ? plast + 1 - (k0 + KT) : KT;
+                        if (ahead_too && later > 0) tile_rows(table, k0 + KT, later, BS, tok_stride, tnext);
+#if PBLOCKED
+                        pf = (prefetcher){(const char *)kv_at(k_cache, h0 * D, half),
+                                          (const char *)kv_at(v_cache, h0 * D, half),
+                                          tnext, ahead_too && later > 0 ? later : 0,
+                                          (kv_row_bytes(hpt, 1, D, half) + 63) / 64, 0, 0, half ? 2 : 4, 0};
 #endif
-                for (; j < nk; j++) {
-                    const int64_t off = token_row(table, k0 + j, BS, tok_stride) + h * D;
-                    const void *kr = kv_at(k_cache, off, half), *vr = kv_at(v_cache, off, half);
-                    for (int64_t d = 0; d < D; d++) {
-                        kt[d * KT + j] = kv_load1(kv_at(kr, d, half), half);
-                        if (half) vt[j * D + d] = kv_load1(kv_at(vr, d, half), half);
                     }
-                    vrow[j] = half ? vt + j * D : (const float *)vr;
-                }
-                for (int64_t j = nk; j < KT; j++)
-                    for (int64_t d = 0; d < D; d++) kt[d * KT + j] = 0.f;
-                /* Scores: s[r, :] = qt[r] . kt (a row of KT keys per FMA sweep, vectorised over keys). */
-                for (int64_t r = 0; r < rows; r++) {
-                    float acc[KT] __attribute__((aligned(32))) = {0};
-                    const float *qr = qt + r * D;
-                    for (int64_t d = 0; d < D; d++) {
-                        const float qv = qr[d];
-                        const float *kd = kt + d * KT;
-                        for (int j = 0; j < KT; j++) acc[j] += qv * kd[j];
-                    }
-                    memcpy(s + r * KT, acc, sizeof acc);
-                }
-                /* Mask, online softmax, accumulate P V. */
-                for (int64_t r = 0; r < rows; r++) {
-                    const int64_t p = p0 + r / G;
-                    int64_t lo = window > 0 ? p - window + 1 - k0 : 0, hi = p - k0 + 1; /* valid keys [lo, hi) */
-                    if (lo < 0) lo = 0;
-                    if (hi > nk) hi = nk;
-                    if (lo >= hi) continue;
-                    float *sr = s + r * KT;
-                    const float m = row_max(sr + lo, hi - lo, mx[r]);
-                    const float alpha = expf(mx[r] - m); /* 0 on the first tile (mx = -inf) */
-                    mx[r] = m;
-                    sum[r] = sum[r] * alpha + exp_sum(sr + lo, hi - lo, m);
-                    /* o[r] = o[r] * alpha + sum_j p_j v_j, 64 columns at a time held in registers. */
-                    for (int64_t dc = 0; dc < D; dc += 64) {
-                        float *orow = o + r * D + dc;
-                        if (D - dc >= 64) {
+                    float *qt = qtb + hh * R * D, *o = ob + hh * R * D, *mx = mxb + hh * R, *sum = sumb + hh * R;
+                    /* The next tile's rows of all the task's heads, fetched into L2 meanwhile (by the first head) */
+                    const int ahead = ahead_too && hh == 0;
+                    const int64_t ahead_bytes = kv_row_bytes(hpt, 1, D, half);
+                    (void)ahead, (void)ahead_bytes; /* (a build without AVX2 does not prefetch) */
+                    /* Unpack the key tile transposed (kt[d * KT + j]); value rows are read where they are
+                     * (vrow[j]), except an fp16 cache's, widened into vt first. */
+                    const float *vrow[KT];
+                    int64_t j = 0;
 #if AGORA_AVX2
-                            const __m256 va = _mm256_set1_ps(alpha);
-                            __m256 a[8];
-                            for (int u = 0; u < 8; u++) a[u] = _mm256_mul_ps(_mm256_loadu_ps(orow + 8 * u), va);
-                            for (int64_t jj = lo; jj < hi; jj++) {
-                                const __m256 pj = _mm256_set1_ps(sr[jj]);
-                                const float *vj = vrow[jj] + dc;
-                                for (int u = 0; u < 8; u++)
-                                    a[u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * u), a[u]);
+                    if (D % 8 == 0) /* 8 keys x 8 dims at a time, transposed in registers */
+                        for (; j + 8 <= nk; j += 8) {
+                            const void *kr[8];
+                            for (int u = 0; u < 8; u++) {
+                                /* (a tile the micro-kernels take, they prefetch as they go) */
+                                if (ahead && k0 + KT + j + u <= plast && !BLOCKED_D(D)) {
+                                    const int64_t at = tnext[j + u] + h0 * D;
+                                    prefetch_row(kv_at(k_cache, at, half), ahead_bytes);
+                                    prefetch_row(kv_at(v_cache, at, half), ahead_bytes);
+                                }
+                                const int64_t off = toff[j + u] + h * D;
+                                kr[u] = kv_at(k_cache, off, half);
+                                const void *vr = kv_at(v_cache, off, half);
+                                if (half) {
+                                    for (int64_t d = 0; d < D; d += 8)
+                                        _mm256_storeu_ps(vt + (j + u) * D + d, kv_load8(kv_at(vr, d, half), half));
+                                    vrow[j + u] = vt + (j + u) * D;
+                                } else {
+                                    vrow[j + u] = (const float *)vr;
+                                }
                             }
-                            for (int u = 0; u < 8; u++) _mm256_storeu_ps(orow + 8 * u, a[u]);
+                            for (int64_t d = 0; d < D; d += 8) {
+                                __m256 r[8];
+                                for (int u = 0; u < 8; u++) r[u] = kv_load8(kv_at(kr[u], d, half), half);
+                                transpose8(r);
+                                for (int u = 0; u < 8; u++) _mm256_storeu_ps(kt + (d + u) * KT + j, r[u]);
+                            }
+                        }
+#endif
+                    for (; j < nk; j++) {
+                        const int64_t off = toff[j] + h * D;
+                        const void *kr = kv_at(k_cache, off, half), *vr = kv_at(v_cache, off, half);
+                        for (int64_t d = 0; d < D; d++) {
+                            kt[d * KT + j] = kv_load1(kv_at(kr, d, half), half);
+                            if (half) vt[j * D + d] = kv_load1(kv_at(vr, d, half), half);
+                        }
+                        vrow[j] = half ? vt + j * D : (const float *)vr;
+                    }
+                    for (int64_t j = nk; j < KT; j++)
+                        for (int64_t d = 0; d < D; d++) kt[d * KT + j] = 0.f;
+                    /* Scores: s[r, :] = qt[r] . kt (a row of KT keys per FMA sweep, vectorised over keys). */
+#if PBLOCKED
+                    const int blocked = BLOCKED_D(D);
+                    if (blocked)
+                        for (int64_t c0 = 0; c0 < nk; c0 += PW)
+                            for (int64_t r0 = 0; r0 < rows; r0 += PB) {
+                                const int nr = rows - r0 < PB ? (int)(rows - r0) : PB;
+                                BY_ROWS(nr, score_block(qt, kt, s, r0, NR, c0, D, &pf));
+                            }
+                    for (int64_t r = 0; r < rows && !blocked; r++) {
 #else
-                            float acc[64];
-                            for (int d = 0; d < 64; d++) acc[d] = orow[d] * alpha;
-                            for (int64_t jj = lo; jj < hi; jj++) {
-                                const float pj = sr[jj];
-                                const float *vj = vrow[jj] + dc;
-                                for (int d = 0; d < 64; d++) acc[d] += pj * vj[d];
-                            }
-                            memcpy(orow, acc, sizeof acc);
+                    for (int64_t r = 0; r < rows; r++) {
 #endif
-                        } else {
-                            const int64_t w = D - dc;
-                            for (int64_t d = 0; d < w; d++) orow[d] *= alpha;
-                            for (int64_t jj = lo; jj < hi; jj++)
-                                for (int64_t d = 0; d < w; d++) orow[d] += sr[jj] * vrow[jj][dc + d];
+                        float acc[KT] __attribute__((aligned(32))) = {0};
+                        const float *qr = qt + r * D;
+                        for (int64_t d = 0; d < D; d++) {
+                            const float qv = qr[d];
+                            const float *kd = kt + d * KT;
+                            for (int j = 0; j < KT; j++) acc[j] += qv * kd[j];
+                        }
+                        memcpy(s + r * KT, acc, sizeof acc);
+                    }
+#if PBLOCKED
+                    if (blocked) {
+                        /* Mask and online softmax row by row (a row's probabilities outside its keys set to 0),
+                         * then P V in blocks of rows over the keys any of them sees. */
+                        for (int64_t r = 0; r < rows; r++) {
+                            const int64_t p = p0 + r / G;
+                            int64_t lo = window > 0 ? p - window + 1 - k0 : 0, hi = p - k0 + 1;
+                            if (lo < 0) lo = 0;
+                            if (hi > nk) hi = nk;
+                            float *sr = s + r * KT;
+                            alpha[r] = 1.f;
+                            if (lo >= hi) { /* no key of this tile: nothing to add, whatever the block's others see */
+                                for (int64_t j = 0; j < nk; j++) sr[j] = 0.f;
+                                klo[r] = nk, khi[r] = 0;
+                                continue;
+                            }
+                            const float m = row_max(sr + lo, hi - lo, mx[r]);
+                            alpha[r] = expf(mx[r] - m);
+                            mx[r] = m;
+                            sum[r] = sum[r] * alpha[r] + exp_sum(sr + lo, hi - lo, m);
+                            for (int64_t j = 0; j < lo; j++) sr[j] = 0.f;
+                            for (int64_t j = hi; j < nk; j++) sr[j] = 0.f;
+                            klo[r] = lo, khi[r] = hi;
+                        }
+                        for (int64_t r0 = 0; r0 < rows; r0 += PB) {
+                            const int nr = rows - r0 < PB ? (int)(rows - r0) : PB;
+                            int64_t jlo = nk, jhi = 0;
+                            for (int i = 0; i < nr; i++) {
+                                jlo = klo[r0 + i] < jlo ? klo[r0 + i] : jlo;
+                                jhi = khi[r0 + i] > jhi ? khi[r0 + i] : jhi;
+                            }
+                            if (jlo >= jhi) continue; /* no row of the block sees a key of this tile */
+                            for (int64_t dc = 0; dc < D; dc += PW)
+                                BY_ROWS(nr, pv_block(s, vrow, alpha, o, r0, NR, dc, jlo, jhi, D, &pf));
+                        }
+                        continue;
+                    }
+#endif
+                    /* Mask, online softmax, accumulate P V. */
+                    for (int64_t r = 0; r < rows; r++) {
+                        const int64_t p = p0 + r / G;
+                        int64_t lo = window > 0 ? p - window + 1 - k0 : 0, hi = p - k0 + 1; /* valid keys [lo, hi) */
+                        if (lo < 0) lo = 0;
+                        if (hi > nk) hi = nk;
+                        if (lo >= hi) continue;
+                        float *sr = s + r * KT;
+                        const float m = row_max(sr + lo, hi - lo, mx[r]);
+                        const float alpha = expf(mx[r] - m); /* 0 on the first tile (mx = -inf) */
+                        mx[r] = m;
+                        sum[r] = sum[r] * alpha + exp_sum(sr + lo, hi - lo, m);
+                        /* o[r] = o[r] * alpha + sum_j p_j v_j, 64 columns at a time held in registers. */
+                        for (int64_t dc = 0; dc < D; dc += 64) {
+                            float *orow = o + r * D + dc;
+                            if (D - dc >= 64) {
+#if AGORA_AVX2
+                                const __m256 va = _mm256_set1_ps(alpha);
+                                __m256 a[8];
+                                for (int u = 0; u < 8; u++) a[u] = _mm256_mul_ps(_mm256_loadu_ps(orow + 8 * u), va);
+                                for (int64_t jj = lo; jj < hi; jj++) {
+                                    const __m256 pj = _mm256_set1_ps(sr[jj]);
+                                    const float *vj = vrow[jj] + dc;
+                                    for (int u = 0; u < 8; u++)
+                                        a[u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * u), a[u]);
+                                }
+                                for (int u = 0; u < 8; u++) _mm256_storeu_ps(orow + 8 * u, a[u]);
+#else
+                                float acc[64];
+                                for (int d = 0; d < 64; d++) acc[d] = orow[d] * alpha;
+                                for (int64_t jj = lo; jj < hi; jj++) {
+                                    const float pj = sr[jj];
+                                    const float *vj = vrow[jj] + dc;
+                                    for (int d = 0; d < 64; d++) acc[d] += pj * vj[d];
+                                }
+                                memcpy(orow, acc, sizeof acc);
+#endif
+                            } else {
+                                const int64_t w = D - dc;
+                                for (int64_t d = 0; d < w; d++) orow[d] *= alpha;
+                                for (int64_t jj = lo; jj < hi; jj++)
+                                    for (int64_t d = 0; d < w; d++) orow[d] += sr[jj] * vrow[jj][dc + d];
+                            }
                         }
                     }
                 }
             }
-            for (int64_t i = 0; i < nq; i++)
-                for (int64_t g = 0; g < G; g++) {
-                    const int64_t r = i * G + g;
-                    const float inv = 1.f / sum[r];
-                    float *dst = out + ((q_offsets[b] + q0 + i) * H + h * G + g) * D;
-                    for (int64_t d = 0; d < D; d++) dst[d] = o[r * D + d] * inv;
-                }
+            for (int64_t hh = 0; hh < hpt; hh++)
+                for (int64_t i = 0; i < nq; i++)
+                    for (int64_t g = 0; g < G; g++) {
+                        const int64_t r = hh * R + i * G + g;
+                        const float inv = 1.f / sumb[r];
+                        float *dst = out + ((q_offsets[b] + q0 + i) * H + (h0 + hh) * G + g) * D;
+                        for (int64_t d = 0; d < D; d++) dst[d] = ob[r * D + d] * inv;
+                    }
         }
-        free(qt);
+        free(qtb);
+#if PBLOCKED
+        free(klo);
+#endif
     }
 }
 

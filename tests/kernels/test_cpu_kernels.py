@@ -243,6 +243,35 @@ def test_paged_prefill_attention_matches_sdpa_path(
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=3e-5)  # fp32, another summation order
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (8, 2, 128), (4, 1, 24)])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_paged_prefill_attention_is_the_same_however_the_work_is_split(
+    heads: int, kv_heads: int, head_dim: int, kv_dtype: torch.dtype
+) -> None:
+    """With few query tiles per thread each task takes one KV head; with many, all of a tile's heads
+    (so a token's row is read whole). Verification steps (a few drafts after a long context, whose next
+    key tiles are prefetched as the kernel goes) and prefill chunks alike: the split changes no bit."""
+    query_lens, starts = [6, 6, 2, 1, 40, 6, 3], [300, 131, 7, 64, 90, 0, 250]
+    lens = [s + n for s, n in zip(starts, query_lens, strict=True)]
+    _, k, v, tables = _paged_case(heads * 3 + head_dim, len(lens), heads, kv_heads, head_dim, lens)
+    k, v = k.to(kv_dtype), v.to(kv_dtype)
+    q = torch.randn(sum(query_lens), heads, head_dim, generator=torch.Generator().manual_seed(11))
+    group = build_group(None, query_lens, starts, tables, 16, {None}, CPU, paged_kernels=True)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 16):  # 9 query tiles: all heads per task at 1 and 2 threads, one at 16
+            torch.set_num_threads(threads)
+            outs.append(TorchPagedAttention([(k, v)], 0.3, [None])._group(group, q, k, v, None))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    reference = TorchPagedAttention([(k, v)], 0.3, [None])
+    reference.paged_kernels = False
+    expected = reference._group(build_group(None, query_lens, starts, tables, 16, {None}, CPU), q, k, v, None)
+    torch.testing.assert_close(outs[0], expected, rtol=1e-4, atol=3e-5)
+
+
 def test_mixed_step_routes_each_group_to_its_kernel() -> None:
     """A step with decode and prefill requests interleaved: each group's rows come back in place."""
     from agora.engine.attention import AttentionMetadata
