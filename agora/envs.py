@@ -39,6 +39,11 @@ def cpu_kernels() -> bool:
     return os.environ.get("AGORA_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
+def mkl_packed() -> bool:
+    """fp32 GEMM weights packed once for MKL (agora.kernels.mkl) unless AGORA_MKL_PACKED is 0/false/off."""
+    return os.environ.get("AGORA_MKL_PACKED", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
 def variable(name: str) -> str | None:
     """A variable the configuration names (the gateway's ``api_key_env``)."""
     return os.environ.get(name)

@@ -306,7 +306,13 @@ def load_model(
     cls = model_class(files.architecture)
     config = cls.config_class.from_hf(files.hf_config)  # type: ignore[attr-defined]
     from agora import kernels
-    from agora.models.quant import attach_gguf_blocks, cast_gemm_weights, fuse_projections
+    from agora.models.quant import (
+        PACK_GEMM_WEIGHTS,
+        attach_gguf_blocks,
+        cast_gemm_weights,
+        fuse_projections,
+        pack_gemm_weights,
+    )
 
     # Decode on CPU in fp32 reads the GGUF blocks directly (agora/kernels); elsewhere fp32 weights only.
     keep_blocks = (
@@ -333,5 +339,7 @@ def load_model(
     if blocks:
         attach_gguf_blocks(model, blocks, bool(files.hf_config.get("tie_word_embeddings")), int8_activations)
         fuse_projections(model)
+        if PACK_GEMM_WEIGHTS:
+            pack_gemm_weights(model)
         model.build_native_layers()  # type: ignore[operator]
     return model
