@@ -55,6 +55,12 @@ else:
 # (Xeon with AMX, 2 cores, SmolLM2's linears over 30 layers): 20-25% faster at 112-175 rows, the same bits.
 # MKL takes other code paths on other vendors' CPUs; none was measured, so they keep F.linear.
 PACK_GEMM_WEIGHTS = kernels.cpu_vendor() == "GenuineIntel"
+# Against a packed weight the GEMM wins from fewer rows: past 48 (same host, medians of 2 alternating rounds of
+# benchmarks/cpu_verify_steps.py --batches 8,16 --drafts 2,3,4,5 --max-kernel-rows 16,32,48 and --drafts 3,5,7
+# --max-kernel-rows 48,96: 16 x 4 rows 167 ms a step on the GEMM against 170 on the kernels, 16 x 6 rows 182
+# against 222, 8 x 8 rows 127 against 143; level at 40-48 rows, the kernels ahead at 24-32). The int8 kernel,
+# faster per row, keeps MAX_KERNEL_ROWS.
+MAX_KERNEL_ROWS_PACKED_GEMM = 48
 # Against bf16 GEMM weights (--dtype bfloat16), about twice as fast per row as fp32 ones, the
 # kernels keep the earlier limit (benchmarks/cpu_linear_rows.py: level from 64 to 128 rows).
 MAX_KERNEL_ROWS_BF16_GEMM = 64
@@ -78,7 +84,9 @@ class GGUFLinear(nn.Linear):
     @property
     def kernel_rows(self) -> int:
         """Rows of x up to which the block kernel runs (past them, the GEMM on ``weight``)."""
-        return MAX_KERNEL_ROWS if self.weight.dtype == torch.float32 else MAX_KERNEL_ROWS_BF16_GEMM
+        if self.weight.dtype != torch.float32:
+            return MAX_KERNEL_ROWS_BF16_GEMM
+        return MAX_KERNEL_ROWS_PACKED_GEMM if self.packed is not None and not self.int8 else MAX_KERNEL_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (

@@ -42,7 +42,7 @@ def test_a_packed_weight_outlives_its_source() -> None:
 
 
 def test_pack_gemm_weights_packs_the_layers_the_model_calls_and_frees_their_fp32_copies() -> None:
-    from agora.models.quant import GGUFLinear, pack_gemm_weights
+    from agora.models.quant import MAX_KERNEL_ROWS_PACKED_GEMM, GGUFLinear, pack_gemm_weights
     from tests.kernels.test_native_layers import quantized_llama
 
     model = quantized_llama()
@@ -57,6 +57,7 @@ def test_pack_gemm_weights_packs_the_layers_the_model_calls_and_frees_their_fp32
     # (this model's lm_head reads no GGUF blocks)
     assert n == 12 and sum(m.packed is not None for m in layers) == 12
     assert all(m.weight.numel() == 0 for m in layers)  # nothing else reads them
+    assert all(m.kernel_rows == MAX_KERNEL_ROWS_PACKED_GEMM for m in layers if m.packed is not None)  # sooner GEMMs
     for b, a in zip(before, after, strict=True):
         torch.testing.assert_close(a, b)
     with pytest.raises(RuntimeError, match="fused layer"), torch.no_grad():
