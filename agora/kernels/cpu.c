@@ -1163,10 +1163,10 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
                                                                  int64_t Hkv, int64_t D, int64_t BS, int64_t window,
                                                                  float scale, float *out, int64_t nthreads, int half) {
     const int64_t G = H / Hkv, tok_stride = Hkv * D, R = QT * G;
-    /* Tasks, numbered request by request: (b, group of kv heads, query tile). With enough tiles to keep
-     * every thread busy, a task takes all the KV heads of its tile, so a token's K (and V) row is read
-     * whole, in one pass, where a task per head read a third of it (SmolLM2) and left the rest of each
-     * line and of the hardware prefetcher's fetches to the other tasks, minutes later. */
+    /* Tasks, numbered request by request: (b, group of kv heads, query tile). With AVX-512 and enough tiles
+     * to keep every thread busy, a task takes all the KV heads of its tile, so a token's K (and V) row is
+     * read whole, in one pass, where a task per head read a third of it (SmolLM2) and left the rest of
+     * what the hardware prefetcher fetched to other tasks, later. */
     int64_t all_tiles = 0;
     for (int64_t b = 0; b < B; b++) all_tiles += q_tiles(q_offsets, b);
     const int64_t hpt = PBLOCKED && all_tiles >= 2 * nthreads ? Hkv : 1; /* KV heads a task takes */
@@ -1179,7 +1179,8 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
         float *mxb = s + R * KT, *sumb = mxb + hpt * R;
 #if PBLOCKED
         float *alpha = sumb + hpt * R; /* each row's rescaling by the current tile (blocked path) */
-        int64_t *klo = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * R)), *khi = klo + R; /* its keys in the tile */
+        /* each row's keys in the tile, [klo, khi) */
+        int64_t *klo = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * R)), *khi = klo + R;
 #endif
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < tasks; task++) {

@@ -52,7 +52,8 @@ else:
     MAX_KERNEL_ROWS = MAX_KERNEL_ROWS_INTEL_AVX512_8ROW_TILES
 # The fp32 GEMMs (steps past the kernels' rows: prompt chunks, verification at 16 agents) on weights packed
 # once for MKL (agora.kernels.mkl) instead of sgemm repacking every weight on every call. Measured on Intel
-# (Xeon with AMX, 2 cores, SmolLM2's linears over 30 layers): 20-25% faster at 112-175 rows, the same bits.
+# (Xeon with AMX, 2 cores, SmolLM2's linears over 30 layers): 20-25% faster at 112-175 rows, the same fp32
+# math (sgemm's bits for most shapes, else a last bit on a few elements: tests/kernels/test_mkl.py).
 # MKL takes other code paths on other vendors' CPUs; none was measured, so they keep F.linear.
 PACK_GEMM_WEIGHTS = kernels.cpu_vendor() == "GenuineIntel"
 # Against a packed weight the GEMM wins from fewer rows: past 48 (same host, medians of 2 alternating rounds of
@@ -96,10 +97,13 @@ class GGUFLinear(nn.Linear):
             and not torch.is_grad_enabled()
         ):
             return kernels.linear(x, self.blocks, self.qtype, self.bias, self.int8)
-        if self.packed is not None and x.dtype == torch.float32 and not torch.is_grad_enabled():
-            return mkl.linear(x, self.packed, self.bias)
+        if self.packed is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+            return mkl.linear(x, self.packed, self.bias)  # (inference only: no autograd through it)
         if self.weight.numel() == 0:
-            raise RuntimeError(f"{self}: its fp32 weight went into a fused layer's packed GEMM weight; call that one")
+            raise RuntimeError(
+                f"{self}: its fp32 weight was packed for MKL by pack_gemm_weights, into this layer's `packed` "
+                "(fp32 inputs on the CPU) or, for a part of a fused layer, into the fused one, which the model calls"
+            )
         return gemm(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
