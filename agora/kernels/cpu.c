@@ -1130,6 +1130,23 @@ static inline void tile_rows(const int64_t *table, int64_t pos, int64_t n, int64
     }
 }
 
+/* Row sr of a tile's scores, for the query at position p against keys k0 .. k0 + nk - 1: its keys [*lo, *hi) (causal,
+ * and within the window), then the online softmax step over them: the scores become exp(s - max) in place, *mx
+ * and *sum carry on. Returns the factor the row's output so far is rescaled by (0 on its first keys, mx being
+ * -inf; 1 when the tile holds none of its keys, and then mx and sum are left as they are). */
+static inline float softmax_row(float *sr, int64_t p, int64_t k0, int64_t nk, int64_t window, float *mx, float *sum,
+                                int64_t *lo, int64_t *hi) {
+    *lo = window > 0 ? p - window + 1 - k0 : 0, *hi = p - k0 + 1;
+    if (*lo < 0) *lo = 0;
+    if (*hi > nk) *hi = nk;
+    if (*lo >= *hi) return 1.f;
+    const float m = row_max(sr + *lo, *hi - *lo, *mx);
+    const float alpha = expf(*mx - m);
+    *mx = m;
+    *sum = *sum * alpha + exp_sum(sr + *lo, *hi - *lo, m);
+    return alpha;
+}
+
 /* Tiles of QT queries of request b. */
 static inline int64_t q_tiles(const int64_t *q_offsets, int64_t b) {
     return (q_offsets[b + 1] - q_offsets[b] + QT - 1) / QT;
@@ -1309,21 +1326,14 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
                         /* Mask and online softmax row by row (a row's probabilities outside its keys set to 0),
                          * then P V in blocks of rows over the keys any of them sees. */
                         for (int64_t r = 0; r < rows; r++) {
-                            const int64_t p = p0 + r / G;
-                            int64_t lo = window > 0 ? p - window + 1 - k0 : 0, hi = p - k0 + 1;
-                            if (lo < 0) lo = 0;
-                            if (hi > nk) hi = nk;
                             float *sr = s + r * KT;
-                            alpha[r] = 1.f;
+                            int64_t lo, hi;
+                            alpha[r] = softmax_row(sr, p0 + r / G, k0, nk, window, mx + r, sum + r, &lo, &hi);
                             if (lo >= hi) { /* no key of this tile: nothing to add, whatever the block's others see */
                                 for (int64_t j = 0; j < nk; j++) sr[j] = 0.f;
                                 klo[r] = nk, khi[r] = 0;
                                 continue;
                             }
-                            const float m = row_max(sr + lo, hi - lo, mx[r]);
-                            alpha[r] = expf(mx[r] - m);
-                            mx[r] = m;
-                            sum[r] = sum[r] * alpha[r] + exp_sum(sr + lo, hi - lo, m);
                             for (int64_t j = 0; j < lo; j++) sr[j] = 0.f;
                             for (int64_t j = hi; j < nk; j++) sr[j] = 0.f;
                             klo[r] = lo, khi[r] = hi;
@@ -1344,16 +1354,10 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
 #endif
                     /* Mask, online softmax, accumulate P V. */
                     for (int64_t r = 0; r < rows; r++) {
-                        const int64_t p = p0 + r / G;
-                        int64_t lo = window > 0 ? p - window + 1 - k0 : 0, hi = p - k0 + 1; /* valid keys [lo, hi) */
-                        if (lo < 0) lo = 0;
-                        if (hi > nk) hi = nk;
-                        if (lo >= hi) continue;
                         float *sr = s + r * KT;
-                        const float m = row_max(sr + lo, hi - lo, mx[r]);
-                        const float alpha = expf(mx[r] - m); /* 0 on the first tile (mx = -inf) */
-                        mx[r] = m;
-                        sum[r] = sum[r] * alpha + exp_sum(sr + lo, hi - lo, m);
+                        int64_t lo, hi;
+                        const float alpha = softmax_row(sr, p0 + r / G, k0, nk, window, mx + r, sum + r, &lo, &hi);
+                        if (lo >= hi) continue;
                         /* o[r] = o[r] * alpha + sum_j p_j v_j, 64 columns at a time held in registers. */
                         for (int64_t dc = 0; dc < D; dc += 64) {
                             float *orow = o + r * D + dc;
