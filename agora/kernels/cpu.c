@@ -1015,7 +1015,11 @@ void agora_paged_decode_attention_f16(const float *q, const uint16_t *k_cache, c
  *   block_tables, caches, window, scale, nthreads: as for paged decode
  *   out:         [T, H, D]
  * One task per (request, KV head, tile of QT queries), or with AVX-512 and enough tiles per (request, tile)
- * over all KV heads: the tile's QT * G query rows of a head share every K/V tile, which is unpacked once
+ * over all KV heads. Too few tasks to keep the threads evenly busy (one agent's verification step: 3 KV
+ * heads on 2 threads) and each task's keys are also cut into chunks of at least MIN_SPLIT keys, merged
+ * after as decode attention's are (prefill_split; 8 drafts after 1,300 tokens 0.21 -> 0.18 ms a layer, the
+ * one case whose bits change: another summation order). In a task, the tile's QT * G query rows of a head
+ * share every K/V tile, which is unpacked once
  * (transposed for QK^T, fp16 widened) into L1/L2. With AVX-512 the scores and P V run in register
  * blocks of 6 rows (score_block, pv_block), the same arithmetic in the same order: bit for bit the
  * row-at-a-time result, 1.2-1.6x faster (Intel Xeon with AMX, 2 cores, SmolLM2's heads:
@@ -1173,6 +1177,34 @@ static inline __attribute__((always_inline)) void transpose8(__m256 r[8]) {
 }
 #endif
 
+/* Task t of a prefill group (tasks numbered request by request, then by query tile, then by group of hpt KV
+ * heads): its request *b, first KV head *h0 and query tile *tile. */
+static inline void prefill_task(const int64_t *q_offsets, int64_t hgroups, int64_t hpt, int64_t t, int64_t *b,
+                                int64_t *h0, int64_t *tile) {
+    for (*b = 0;; (*b)++) {
+        const int64_t n = hgroups * q_tiles(q_offsets, *b);
+        if (t < n) break;
+        t -= n;
+    }
+    *h0 = t % hgroups * hpt, *tile = t / hgroups;
+}
+
+/* Chunks to cut each of `tasks` tasks' keys into, for nthreads threads: the count that ends the work soonest,
+ * counting a task as one unit and chunks as dealt evenly (3 tasks on 2 threads: 2 units uncut, 1.5 cut in two),
+ * the fewest chunks of those, and none shorter than MIN_SPLIT keys of the `longest` a task visits. */
+static inline int64_t prefill_split(int64_t tasks, int64_t nthreads, int64_t longest) {
+    if (tasks >= 4 * nthreads) return 1; /* enough to go round */
+    int64_t best = 1, most = longest / MIN_SPLIT;
+    if (most > 8) most = 8;
+    const double uncut = (double)((tasks + nthreads - 1) / nthreads);
+    double best_units = uncut;
+    for (int64_t split = 2; split <= most; split++) {
+        const double units = (double)((tasks * split + nthreads - 1) / nthreads) / (double)split;
+        if (units < best_units - 1e-9) best = split, best_units = units;
+    }
+    return best_units <= 0.9 * uncut ? best : 1; /* a cut's merge and shorter loops cost something */
+}
+
 static inline __attribute__((always_inline)) void paged_prefill(const float *q, const void *k_cache,
                                                                  const void *v_cache, const int64_t *block_tables,
                                                                  int64_t bt_stride, const int64_t *q_offsets,
@@ -1187,27 +1219,34 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
     int64_t all_tiles = 0;
     for (int64_t b = 0; b < B; b++) all_tiles += q_tiles(q_offsets, b);
     const int64_t hpt = PBLOCKED && all_tiles >= 2 * nthreads ? Hkv : 1; /* KV heads a task takes */
-    const int64_t hgroups = Hkv / hpt, tasks = all_tiles * hgroups;
+    const int64_t hgroups = Hkv / hpt, tile_tasks = all_tiles * hgroups;
+    int64_t longest = 0; /* the most keys a task visits */
+    for (int64_t b = 0; b < B; b++) {
+        int64_t n = ctx_starts[b] + q_offsets[b + 1] - q_offsets[b];
+        if (window > 0 && n > window + QT) n = window + QT;
+        longest = n > longest ? n : longest;
+    }
+    const int64_t split = prefill_split(tile_tasks, nthreads, longest), tasks = tile_tasks * split;
+    /* Cut tasks leave their unnormalised outputs, maxes and sums here, one part each, for the merge. */
+    const int64_t part_size = hpt * R * (D + 2);
+    float *parts = split > 1 ? (float *)malloc(sizeof(float) * (size_t)(tasks * part_size)) : NULL;
 #pragma omp parallel num_threads(nthreads)
     {
         const size_t floats = (size_t)(hpt * (2 * R * D + 2 * R) + D * KT + KT * D + R * KT + R);
         float *qtb = (float *)malloc(sizeof(float) * floats);
-        float *ob = qtb + hpt * R * D, *kt = ob + hpt * R * D, *vt = kt + D * KT, *s = vt + KT * D;
-        float *mxb = s + R * KT, *sumb = mxb + hpt * R;
+        /* the task's outputs, maxes and sums together, as a part of a cut task's is laid out */
+        float *ob = qtb + hpt * R * D, *mxb = ob + hpt * R * D, *sumb = mxb + hpt * R;
+        float *kt = sumb + hpt * R, *vt = kt + D * KT, *s = vt + KT * D;
 #if PBLOCKED
-        float *alpha = sumb + hpt * R; /* each row's rescaling by the current tile (blocked path) */
+        float *alpha = s + R * KT; /* each row's rescaling by the current tile (blocked path) */
         /* each row's keys in the tile, [klo, khi) */
         int64_t *klo = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * R)), *khi = klo + R;
 #endif
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < tasks; task++) {
-            int64_t b = 0, t = task;
-            for (;; b++) {
-                const int64_t n = hgroups * q_tiles(q_offsets, b);
-                if (t < n) break;
-                t -= n;
-            }
-            const int64_t nq_all = q_offsets[b + 1] - q_offsets[b], h0 = t % hgroups * hpt, tile = t / hgroups;
+            int64_t b, h0, tile;
+            prefill_task(q_offsets, hgroups, hpt, task / split, &b, &h0, &tile);
+            const int64_t nq_all = q_offsets[b + 1] - q_offsets[b];
             const int64_t q0 = tile * QT, nq = nq_all - q0 < QT ? nq_all - q0 : QT, rows = nq * G;
             const int64_t p0 = ctx_starts[b] + q0, plast = p0 + nq - 1; /* positions of the tile's queries */
             const int64_t *table = block_tables + b * bt_stride;
@@ -1231,16 +1270,19 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
             for (int64_t r = 0; r < hpt * R; r++) mxb[r] = -INFINITY, sumb[r] = 0.f;
             int64_t kmin = window > 0 ? p0 - window + 1 : 0;
             if (kmin < 0) kmin = 0;
+            /* This task's chunk of the tile's keys, [kbeg, kend) */
+            const int64_t chunk = task % split, nkeys = plast + 1 - kmin;
+            const int64_t kbeg = kmin + nkeys * chunk / split, kend = kmin + nkeys * (chunk + 1) / split;
             int64_t toff[KT], tnext[KT]; /* the token rows of this tile and of the next */
 #if PBLOCKED
             prefetcher pf;
 #endif
-            for (int64_t k0 = kmin; k0 <= plast; k0 += KT) {
+            for (int64_t k0 = kbeg; k0 < kend; k0 += KT) {
                 for (int64_t hh = 0; hh < hpt; hh++) {
-                    const int64_t nk = plast + 1 - k0 < KT ? plast + 1 - k0 : KT, h = h0 + hh;
+                    const int64_t nk = kend - k0 < KT ? kend - k0 : KT, h = h0 + hh;
                     if (hh == 0) {
                         tile_rows(table, k0, nk, BS, tok_stride, toff);
-                        const int64_t later = plast + 1 - (k0 + KT) < KT ? plast + 1 - (k0 + KT) : KT;
+                        const int64_t later = kend - (k0 + KT) < KT ? kend - (k0 + KT) : KT;
                         if (ahead_too && later > 0) tile_rows(table, k0 + KT, later, BS, tok_stride, tnext);
 #if PBLOCKED
                         pf = (prefetcher){(const char *)kv_at(k_cache, h0 * D, half),
@@ -1264,7 +1306,7 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
                             const void *kr[8];
                             for (int u = 0; u < 8; u++) {
                                 /* (a tile the micro-kernels take, they prefetch as they go) */
-                                if (ahead && k0 + KT + j + u <= plast && !BLOCKED_D(D)) {
+                                if (ahead && k0 + KT + j + u < kend && !BLOCKED_D(D)) {
                                     const int64_t at = tnext[j + u] + h0 * D;
                                     prefetch_row(kv_at(k_cache, at, half), ahead_bytes);
                                     prefetch_row(kv_at(v_cache, at, half), ahead_bytes);
@@ -1393,6 +1435,10 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
                     }
                 }
             }
+            if (split > 1) {
+                memcpy(parts + task * part_size, ob, sizeof(float) * (size_t)part_size);
+                continue;
+            }
             for (int64_t hh = 0; hh < hpt; hh++)
                 for (int64_t i = 0; i < nq; i++)
                     for (int64_t g = 0; g < G; g++) {
@@ -1406,7 +1452,38 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
 #if PBLOCKED
         free(klo);
 #endif
+        if (split > 1) {
+            /* Each query row's chunks merged: out = sum_c o_c e^(m_c - m) / sum_c l_c e^(m_c - m) (a chunk that
+             * holds none of a row's keys has m_c = -inf and adds nothing). */
+#pragma omp for schedule(static)
+            for (int64_t x = 0; x < tile_tasks * hpt * R; x++) {
+                const int64_t tt = x / (hpt * R), hr = x % (hpt * R), hh = hr / R, r = hr % R;
+                int64_t b, h0, tile;
+                prefill_task(q_offsets, hgroups, hpt, tt, &b, &h0, &tile);
+                const int64_t nq_all = q_offsets[b + 1] - q_offsets[b], q0 = tile * QT;
+                const int64_t nq = nq_all - q0 < QT ? nq_all - q0 : QT;
+                if (r >= nq * G) continue;
+                const float *part = parts + tt * split * part_size;
+                const int64_t at_mx = hpt * R * D + hh * R + r, at_sum = at_mx + hpt * R;
+                float m = -INFINITY, total = 0.f, w[split];
+                for (int64_t c = 0; c < split; c++) m = part[c * part_size + at_mx] > m ? part[c * part_size + at_mx] : m;
+                for (int64_t c = 0; c < split; c++) {
+                    const float mc = part[c * part_size + at_mx];
+                    w[c] = mc == -INFINITY ? 0.f : expf(mc - m);
+                    total += w[c] * part[c * part_size + at_sum];
+                }
+                const float inv = 1.f / total;
+                float *dst = out + ((q_offsets[b] + q0 + r / G) * H + (h0 + hh) * G + r % G) * D;
+                const float *o = part + (hh * R + r) * D;
+                for (int64_t d = 0; d < D; d++) {
+                    float acc = 0.f;
+                    for (int64_t c = 0; c < split; c++) acc += w[c] * o[c * part_size + d];
+                    dst[d] = acc * inv;
+                }
+            }
+        }
     }
+    free(parts);
 }
 
 void agora_paged_prefill_attention(const float *q, const float *k_cache, const float *v_cache,

@@ -272,6 +272,33 @@ def test_paged_prefill_attention_is_the_same_however_the_work_is_split(
     torch.testing.assert_close(outs[0], expected, rtol=1e-4, atol=3e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+@pytest.mark.parametrize(("query_lens", "starts"), [([8], [1300]), ([6, 6], [900, 2000]), ([20], [700]), ([3], [0])])
+@pytest.mark.parametrize("window", [None, 300])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_paged_prefill_attention_cuts_long_keys_of_few_tasks(
+    threads: int, query_lens: list[int], starts: list[int], window, kv_dtype: torch.dtype
+) -> None:
+    """One or two agents' verification steps are too few tasks for the threads (3 KV heads on 2): each
+    task's keys are cut into chunks merged after (how many depends on the thread count, so each is tried),
+    where a context is long enough; the result is masked SDPA's, windows and the query's own keys included."""
+    lens = [s + n for s, n in zip(starts, query_lens, strict=True)]
+    _, k, v, tables = _paged_case(sum(lens), len(lens), 9, 3, 64, lens)
+    k, v = k.to(kv_dtype), v.to(kv_dtype)
+    q = torch.randn(sum(query_lens), 9, 64, generator=torch.Generator().manual_seed(5))
+    reference = TorchPagedAttention([(k, v)], 0.125, [window])
+    reference.paged_kernels = False
+    expected = reference._group(build_group(None, query_lens, starts, tables, 16, {window}, CPU), q, k, v, window)
+    group = build_group(None, query_lens, starts, tables, 16, {window}, CPU, paged_kernels=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = TorchPagedAttention([(k, v)], 0.125, [window])._group(group, q, k, v, window)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=3e-5)
+
+
 def test_mixed_step_routes_each_group_to_its_kernel() -> None:
     """A step with decode and prefill requests interleaved: each group's rows come back in place."""
     from agora.engine.attention import AttentionMetadata
