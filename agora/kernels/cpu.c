@@ -892,6 +892,31 @@ static inline __attribute__((always_inline)) void attn_values(const float *probs
  * second pass merges them.
  */
 #define MIN_SPLIT 256
+
+/* Row `row` of a task cut into `split` chunks, merged into dst[0 .. D): each chunk's part (part_size floats apart)
+ * holds `rows` rows' unnormalised outputs [rows, D], then their maxes [rows], then their sums [rows];
+ * out = sum_c o_c e^(m_c - m) / sum_c l_c e^(m_c - m) (a chunk that holds none of a row's keys has m_c = -inf
+ * and adds nothing). */
+static inline void merge_parts(const float *part, int64_t split, int64_t part_size, int64_t rows, int64_t row,
+                               int64_t D, float *dst) {
+    const int64_t at_mx = rows * D + row, at_sum = at_mx + rows;
+    float m = -INFINITY, total = 0.f, w[split];
+    for (int64_t c = 0; c < split; c++) {
+        const float mc = part[c * part_size + at_mx];
+        m = mc > m ? mc : m;
+    }
+    for (int64_t c = 0; c < split; c++) {
+        const float mc = part[c * part_size + at_mx];
+        w[c] = mc == -INFINITY ? 0.f : expf(mc - m);
+        total += w[c] * part[c * part_size + at_sum];
+    }
+    for (int64_t d = 0; d < D; d++) {
+        float acc = 0.f;
+        for (int64_t c = 0; c < split; c++) acc += w[c] * part[c * part_size + row * D + d];
+        dst[d] = acc / total;
+    }
+}
+
 static inline __attribute__((always_inline)) void paged_decode(const float *q, const void *k_cache,
                                                                 const void *v_cache, const int64_t *block_tables,
                                                                 int64_t bt_stride, const int64_t *seq_lens, int64_t B,
@@ -960,29 +985,12 @@ static inline __attribute__((always_inline)) void paged_decode(const float *q, c
         }
         free(buf);
         free(ptrs);
-        if (split > 1) {
-            /* Merge each query head's chunks: out = sum_c o_c e^(m_c - m) / sum_c l_c e^(m_c - m). */
+        if (split > 1) { /* each query head's chunks merged */
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < head_tasks * GG; r++) {
                 const int64_t ht = r / GG, g = r % GG;
                 const int64_t b = ht / (Hkv / kv_per_task), h0 = (ht % (Hkv / kv_per_task)) * kv_per_task;
-                const float *part = parts + ht * split * part_size;
-                float m = -INFINITY, total = 0.f, w[split];
-                for (int64_t c = 0; c < split; c++) {
-                    const float mc = part[c * part_size + GG * D + g];
-                    m = mc > m ? mc : m;
-                }
-                for (int64_t c = 0; c < split; c++) {
-                    const float *pc = part + c * part_size;
-                    w[c] = pc[GG * D + g] == -INFINITY ? 0.f : expf(pc[GG * D + g] - m);
-                    total += w[c] * pc[GG * D + GG + g];
-                }
-                float *dst = out + (b * H + h0 * G + g) * D;
-                for (int64_t d = 0; d < D; d++) {
-                    float acc = 0.f;
-                    for (int64_t c = 0; c < split; c++) acc += w[c] * part[c * part_size + g * D + d];
-                    dst[d] = acc / total;
-                }
+                merge_parts(parts + ht * split * part_size, split, part_size, GG, g, D, out + (b * H + h0 * G + g) * D);
             }
         }
     }
@@ -1234,9 +1242,9 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
     {
         const size_t floats = (size_t)(hpt * (2 * R * D + 2 * R) + D * KT + KT * D + R * KT + R);
         float *qtb = (float *)malloc(sizeof(float) * floats);
-        /* the task's outputs, maxes and sums together, as a part of a cut task's is laid out */
-        float *ob = qtb + hpt * R * D, *mxb = ob + hpt * R * D, *sumb = mxb + hpt * R;
-        float *kt = sumb + hpt * R, *vt = kt + D * KT, *s = vt + KT * D;
+        /* a task's outputs, maxes and sums, laid out as a part (a cut task works in its own part instead) */
+        float *const own = qtb + hpt * R * D;
+        float *kt = own + part_size, *vt = kt + D * KT, *s = vt + KT * D;
 #if PBLOCKED
         float *alpha = s + R * KT; /* each row's rescaling by the current tile (blocked path) */
         /* each row's keys in the tile, [klo, khi) */
@@ -1250,6 +1258,8 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
             const int64_t q0 = tile * QT, nq = nq_all - q0 < QT ? nq_all - q0 : QT, rows = nq * G;
             const int64_t p0 = ctx_starts[b] + q0, plast = p0 + nq - 1; /* positions of the tile's queries */
             const int64_t *table = block_tables + b * bt_stride;
+            float *const ob = split > 1 ? parts + task * part_size : own;
+            float *const mxb = ob + hpt * R * D, *const sumb = mxb + hpt * R;
             /* A request with one tile of queries (a verification step's drafts, a short chunk) reads its
              * keys once, from memory: they are prefetched a tile ahead, as decode attention does (by the
              * micro-kernels, a few lines at each step, where they take the tile). With several tiles, the
@@ -1435,10 +1445,7 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
                     }
                 }
             }
-            if (split > 1) {
-                memcpy(parts + task * part_size, ob, sizeof(float) * (size_t)part_size);
-                continue;
-            }
+            if (split > 1) continue; /* merged below */
             for (int64_t hh = 0; hh < hpt; hh++)
                 for (int64_t i = 0; i < nq; i++)
                     for (int64_t g = 0; g < G; g++) {
@@ -1452,9 +1459,7 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
 #if PBLOCKED
         free(klo);
 #endif
-        if (split > 1) {
-            /* Each query row's chunks merged: out = sum_c o_c e^(m_c - m) / sum_c l_c e^(m_c - m) (a chunk that
-             * holds none of a row's keys has m_c = -inf and adds nothing). */
+        if (split > 1) { /* each query row's chunks merged */
 #pragma omp for schedule(static)
             for (int64_t x = 0; x < tile_tasks * hpt * R; x++) {
                 const int64_t tt = x / (hpt * R), hr = x % (hpt * R), hh = hr / R, r = hr % R;
@@ -1463,23 +1468,8 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
                 const int64_t nq_all = q_offsets[b + 1] - q_offsets[b], q0 = tile * QT;
                 const int64_t nq = nq_all - q0 < QT ? nq_all - q0 : QT;
                 if (r >= nq * G) continue;
-                const float *part = parts + tt * split * part_size;
-                const int64_t at_mx = hpt * R * D + hh * R + r, at_sum = at_mx + hpt * R;
-                float m = -INFINITY, total = 0.f, w[split];
-                for (int64_t c = 0; c < split; c++) m = part[c * part_size + at_mx] > m ? part[c * part_size + at_mx] : m;
-                for (int64_t c = 0; c < split; c++) {
-                    const float mc = part[c * part_size + at_mx];
-                    w[c] = mc == -INFINITY ? 0.f : expf(mc - m);
-                    total += w[c] * part[c * part_size + at_sum];
-                }
-                const float inv = 1.f / total;
-                float *dst = out + ((q_offsets[b] + q0 + r / G) * H + (h0 + hh) * G + r % G) * D;
-                const float *o = part + (hh * R + r) * D;
-                for (int64_t d = 0; d < D; d++) {
-                    float acc = 0.f;
-                    for (int64_t c = 0; c < split; c++) acc += w[c] * o[c * part_size + d];
-                    dst[d] = acc * inv;
-                }
+                merge_parts(parts + tt * split * part_size, split, part_size, hpt * R, hh * R + r, D,
+                            out + ((q_offsets[b] + q0 + r / G) * H + (h0 + hh) * G + r % G) * D);
             }
         }
     }
