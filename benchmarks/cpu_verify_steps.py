@@ -31,10 +31,13 @@ def worker(args: argparse.Namespace) -> list[dict]:
     from agora import LLM, SamplingParams
     from agora.models import quant
 
-    if args.max_kernel_rows:
+    if args.max_kernel_rows and args.dtype == "bfloat16":  # the limit against bf16 GEMM weights
+        quant.MAX_KERNEL_ROWS_BF16_GEMM = int(args.max_kernel_rows)
+    elif args.max_kernel_rows:
         quant.MAX_KERNEL_ROWS = int(args.max_kernel_rows)
     batches = [int(b) for b in args.batches.split(",")]
-    llm = LLM(max_num_seqs=max(batches), max_model_len=4096, speculative_config={"method": "suffix"})
+    llm = LLM(max_num_seqs=max(batches), max_model_len=4096, speculative_config={"method": "suffix"},
+              dtype=args.dtype, gguf_activations=args.gguf_activations, kv_cache_dtype=args.kv_cache_dtype)  # fmt: skip
     engine = llm.engine
     drafts = {"d": 0}
     engine._drafts = lambda req: [req.output_token_ids[-1]] * drafts["d"]  # forced: cost whatever is accepted
@@ -84,6 +87,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=1, help="runs of each limit, alternating; cells are medians")
     ap.add_argument("--max-kernel-rows", default="", help="comma-separated limits to compare (default: agora's)")
+    ap.add_argument("--dtype", default="float32", help="bfloat16: GEMM weights in bf16 (--max-kernel-rows sets their limit)")
+    ap.add_argument("--gguf-activations", default="float32", help="int8: the block kernels' int8-activation path")
+    ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -94,7 +100,8 @@ def main() -> None:
     for _ in range(args.rounds):  # the limits alternate, so a slow spell of the host falls on each
         for limit in args.max_kernel_rows.split(",") if args.max_kernel_rows else [""]:
             cmd = [sys.executable, __file__, "--worker", "--batches", args.batches, "--drafts", args.drafts,
-                   "--context", str(args.context), "--steps", str(args.steps), "--max-kernel-rows", limit]  # fmt: skip
+                   "--context", str(args.context), "--steps", str(args.steps), "--max-kernel-rows", limit,
+                   "--dtype", args.dtype, "--gguf-activations", args.gguf_activations, "--kv-cache-dtype", args.kv_cache_dtype]  # fmt: skip
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             runs.setdefault(limit or "default", []).append(json.loads(out.stdout.strip().splitlines()[-1]))
     results = {}

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 import torch
 
+from agora import kernels
 from agora.engine.sampling import SamplingParams
 
 UNBOUNDED = 1 << 30
@@ -238,6 +239,14 @@ def _apply_truncation(logits: torch.Tensor, reqs: list[SampleRequest]) -> torch.
     return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
 
 
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` of ``[R, vocab]`` scores: on the CPU kernels where they are (the same indices,
+    several times faster: 6.8 ms -> about 1 for a 16-agent verification step's 144 rows of 49,152)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] > 0 and kernels.available():
+        return kernels.argmax(x)
+    return x.argmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, reqs: list[SampleRequest],
            chain: Sequence[LogitsProcessor] = CHAIN) -> SamplerOutput:  # fmt: skip
     """Pick one token per row of ``logits`` ([R, vocab], float32)."""
@@ -250,7 +259,7 @@ def sample(logits: torch.Tensor, reqs: list[SampleRequest],
             logits = processor(logits, reqs)
 
     greedy = torch.tensor([r.params.greedy for r in reqs], device=device)
-    tokens = logits.argmax(dim=-1)
+    tokens = _argmax(logits)
     if not bool(greedy.all()):
         temps = torch.tensor([r.params.temperature if not r.params.greedy else 1.0 for r in reqs], device=device)
         scaled = logits / temps[:, None]
@@ -270,7 +279,7 @@ def sample(logits: torch.Tensor, reqs: list[SampleRequest],
                 gen.manual_seed(noise_seed(reqs[i].seed, reqs[i].index))  # type: ignore[arg-type]
                 noise[i].uniform_(generator=gen)
         exponential_from_uniform_(noise)
-        sampled = (probs / noise.clamp_(min=1e-30)).argmax(dim=-1)
+        sampled = _argmax(probs / noise.clamp_(min=1e-30))
         tokens = torch.where(greedy, tokens, sampled)
 
     token_list = tokens.tolist()

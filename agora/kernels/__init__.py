@@ -58,6 +58,7 @@ _SIGNATURES = {
     "agora_paged_decode_attention_f16": ([_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I], None),
     "agora_paged_prefill_attention": ([_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I], None),
     "agora_paged_prefill_attention_f16": ([_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I], None),
+    "agora_argmax": ([_P, _I, _I, _I, _P, _I], None),
     "agora_kernel_timing": ([_I], None),
     "agora_set_l1d_bytes": ([_I], None),
     "agora_tile_rows": ([], _I),
@@ -377,6 +378,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     y = torch.empty_like(x)
     k.agora_rms_norm(x.data_ptr(), x.numel() // h, h, weight.data_ptr(), eps, y.data_ptr(), torch.get_num_threads())
     return y
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` for fp32 ``x [R, n]`` on the CPU whose rows are contiguous: the same indices
+    (the first of the largest value; a NaN counts as largest), several times faster than PyTorch's."""
+    k = lib()
+    assert k is not None, "CPU kernels are not available"
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    k.agora_argmax(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

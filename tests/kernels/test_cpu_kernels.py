@@ -394,6 +394,33 @@ def test_silu_mul_matches_torch_including_extremes(rows: int, inter: int) -> Non
     torch.testing.assert_close(kernels.silu_mul(gate_up), ref, rtol=2e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize(("rows", "n"), [(1, 1), (1, 7), (3, 8), (2, 9), (5, 100), (40, 4099), (2, 262144)])
+@pytest.mark.parametrize("case", ["random", "ties", "nan", "all -inf", "signed zeros", "last nan", "inf"])
+def test_argmax_matches_torch(rows: int, n: int, case: str) -> None:
+    """The same index as torch.argmax: the first of the largest value (ties in one lane and across
+    lanes), a NaN as the largest (the first NaN), -inf rows, -0.0 against 0.0, rows past the vector tail."""
+    g = torch.Generator().manual_seed(rows * 7 + n)
+    x = torch.randn(rows, n, generator=g)
+    if case == "ties":
+        x = torch.randint(-2, 3, (rows, n), generator=g).float()
+    elif case == "nan":
+        x[:, n // 2] = float("nan")
+        x[:, -1] = float("nan")
+    elif case == "all -inf":
+        x.fill_(float("-inf"))
+    elif case == "signed zeros":
+        x = torch.zeros(rows, n)
+        x[:, ::3] = -0.0
+    elif case == "last nan":
+        x[:, -1] = float("nan")
+    elif case == "inf":
+        x[:, ::5] = float("inf")
+    assert torch.equal(kernels.argmax(x), x.argmax(dim=-1))
+    if n > 1:  # rows of a wider tensor (row stride beyond the row)
+        view = x[:, : n - 1]
+        assert torch.equal(kernels.argmax(view), view.argmax(dim=-1))
+
+
 def test_fp16_cache_engine_decodes_through_the_kernel() -> None:
     """A float16 KV cache on CPU: the decode kernel is used, and a backend fed the same steps with
     the cache upcast to fp32 gives the same output (the kernel reads fp16 exactly)."""
