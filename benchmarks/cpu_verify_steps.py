@@ -87,7 +87,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=1, help="runs of each limit, alternating; cells are medians")
     ap.add_argument("--max-kernel-rows", default="", help="comma-separated limits to compare (default: agora's)")
-    ap.add_argument("--dtype", default="float32", help="bfloat16: GEMM weights in bf16 (--max-kernel-rows sets their limit)")
+    ap.add_argument(
+        "--dtype", default="float32", help="bfloat16: GEMM weights in bf16 (--max-kernel-rows sets their limit)"
+    )
     ap.add_argument("--gguf-activations", default="float32", help="int8: the block kernels' int8-activation path")
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--out", type=Path)
