@@ -300,7 +300,7 @@ def load_model(
     int8_activations: bool = False,
 ) -> nn.Module:
     """Build the registered model class and load its weights, on ``device`` in ``dtype``;
-    ``gemm_dtype`` gives the decoder layers' linear weights another dtype (bf16 on a CPU);
+    ``gemm_dtype`` gives the decoder layers' linear weights and the lm_head's another dtype (bf16 on a CPU);
     ``int8_activations`` has the GGUF block kernels quantize their inputs to int8 (an error where
     no layer runs on them). ``cpu_kernels=False`` keeps plain ``nn.Linear`` layers (for exporting)."""
     cls = model_class(files.architecture)
@@ -310,6 +310,7 @@ def load_model(
         PACK_GEMM_WEIGHTS,
         attach_gguf_blocks,
         cast_gemm_weights,
+        cast_lm_head,
         fuse_projections,
         pack_gemm_weights,
     )
@@ -330,6 +331,7 @@ def load_model(
     model = model.to(device=device, dtype=dtype).eval()
     if gemm_dtype is not None and gemm_dtype != dtype:
         cast_gemm_weights(model.model.layers, gemm_dtype)  # type: ignore[union-attr, arg-type]
+        cast_lm_head(model, gemm_dtype)
     if int8_activations and not any(qtype in kernels.I8_QTYPES for qtype, _ in blocks.values()):
         raise ValueError(
             "--gguf-activations int8 needs a GGUF model with Q4_1/Q8_0 layers on the CPU kernels, in fp32 "

@@ -11,7 +11,14 @@ from gguf.quants import dequantize, quantize
 
 from agora import kernels
 from agora.engine.attention import TorchPagedAttention, build_group
-from agora.models.quant import MAX_KERNEL_ROWS, MAX_KERNEL_ROWS_BF16_GEMM, GGUFLinear, attach_gguf_blocks
+from agora.models.quant import (
+    MAX_KERNEL_ROWS,
+    MAX_KERNEL_ROWS_BF16_GEMM,
+    MAX_KERNEL_ROWS_BF16_LM_HEAD,
+    GGUFLinear,
+    attach_gguf_blocks,
+    cast_lm_head,
+)
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler: CPU kernels unavailable")
 CPU = torch.device("cpu")
@@ -152,6 +159,37 @@ def test_attach_swaps_linears_and_ties_lm_head_to_embedding_blocks() -> None:
     assert isinstance(model.proj, GGUFLinear) and model.proj.qtype == "Q4_1"
     assert isinstance(model.lm_head, GGUFLinear) and model.lm_head.qtype == "Q8_0"
     assert model.lm_head.weight is model.embed_tokens.weight
+    assert model.lm_head.is_lm_head and not model.proj.is_lm_head
+
+
+def test_bf16_lm_head_is_a_copy_with_its_own_row_limit() -> None:
+    """--dtype bfloat16: the tied lm_head gets a bf16 weight of its own (the embedding keeps fp32),
+    and steps past MAX_KERNEL_ROWS_BF16_LM_HEAD rows take its GEMM, not the Q8_0 blocks."""
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.embed_tokens = torch.nn.Embedding(64, 64)
+            self.lm_head = torch.nn.Linear(64, 64, bias=False)
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    model = Tiny()
+    e, w = quantized(64, 64, "Q8_0")
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(w)
+    assert cast_lm_head(model, torch.bfloat16)
+    assert attach_gguf_blocks(model, {"model.embed_tokens.weight": ("Q8_0", e)}, tied=True) == 1
+    head = model.lm_head
+    assert head.weight.dtype == torch.bfloat16 and model.model.embed_tokens.weight.dtype == torch.float32
+    assert head.kernel_rows == MAX_KERNEL_ROWS_BF16_LM_HEAD < MAX_KERNEL_ROWS_BF16_GEMM
+    x = torch.randn(MAX_KERNEL_ROWS_BF16_LM_HEAD + 1, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(head(x), F.linear(x, w), rtol=0.02, atol=0.05)  # the bf16 GEMM, close to fp32
+        e.zero_()  # zeroed blocks: which path ran
+        assert head(x[:MAX_KERNEL_ROWS_BF16_LM_HEAD]).abs().max() == 0
+        assert head(x).abs().max() > 0
+    assert not cast_lm_head(model, torch.bfloat16)  # no nn.Linear head left to cast
 
 
 def _paged_case(seed: int, batch: int, heads: int, kv_heads: int, head_dim: int, lens: list[int], block_size: int = 16):

@@ -76,7 +76,9 @@ def test_engine_in_bf16_keeps_fp32_activations_and_cache(tiny_model_dir):
     assert (engine.dtype, engine.kv_dtype) == (torch.float32, torch.float32)
     layer = engine.model.model.layers[0]
     assert isinstance(layer.mlp.down_proj, LowPrecisionLinear) and layer.mlp.down_proj.weight.dtype == torch.bfloat16
-    assert engine.model.lm_head.weight.dtype == torch.float32
+    # the lm_head's GEMM too, on its own copy: the embedding it was tied to stays fp32
+    assert engine.model.lm_head.weight.dtype == torch.bfloat16
+    assert engine.model.model.embed_tokens.weight.dtype == torch.float32
     prompt = list(range(5, 105))  # a 100-token prefill: the GEMMs
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=5)
     a = ref.generate([prompt], params)[0].outputs[0]
