@@ -170,7 +170,8 @@ def accuracy_worker(args: argparse.Namespace) -> dict[str, int]:
             (torch.zeros(blocks + 1, 16, hkv, d, dtype=kv_dtype), torch.zeros(blocks + 1, 16, hkv, d, dtype=kv_dtype))
             for _ in range(model.num_layers)
         ]
-        return TorchPagedAttention(caches, model.attention_scale, model.layer_sliding_windows)
+        return TorchPagedAttention(caches, model.attention_scale, model.layer_sliding_windows,
+                                   bf16=precision.bf16_attention)  # fmt: skip
 
     def run(attention: TorchPagedAttention, start: int, n: int) -> torch.Tensor:
         group = build_group(None, [n], [start], [table], 16, windows, cpu, paged_kernels=attention.paged_kernels)

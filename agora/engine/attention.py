@@ -127,7 +127,11 @@ class TorchPagedAttention:
     """Portable backend: gather blocks, one SDPA call per group. Works on any device."""
 
     def __init__(
-        self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], scale: float, layer_windows: list[int | None]
+        self,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        scale: float,
+        layer_windows: list[int | None],
+        bf16: bool = False,
     ) -> None:
         self.kv_caches = kv_caches
         self.scale = scale
@@ -140,6 +144,8 @@ class TorchPagedAttention:
             and cache.dtype in kernels.KV_DTYPES
             and kernels.available()
         )
+        # --dtype bfloat16: the prefill kernel's two products in bf16 on AMX, where the CPU has it
+        self.bf16 = bool(bf16 and self.paged_kernels and kernels.amx_available())
         self._native: kernels.Attention | None = None
         if self.paged_kernels:  # what every step's native description shares: the caches and windows
             n = len(kv_caches)
@@ -165,7 +171,7 @@ class TorchPagedAttention:
             native = kernels.Attention(
                 ctypes.cast(self._k_ptrs, ctypes.c_void_p), ctypes.cast(self._v_ptrs, ctypes.c_void_p),
                 self._windows.data_ptr(), meta.slot_mapping.data_ptr(), k_cache.shape[1],
-                int(k_cache.dtype == torch.float16), self.scale, len(meta.groups),
+                int(k_cache.dtype == torch.float16), int(self.bf16), self.scale, len(meta.groups),
             )  # fmt: skip
             for i, g in enumerate(meta.groups):
                 native.groups[i] = _native_group(g, meta.slot_mapping.shape[0])
@@ -200,8 +206,9 @@ class TorchPagedAttention:
             return out.to(q.dtype)
         if g.query_offsets is not None and g.context_starts is not None:
             out = kernels.paged_prefill_attention(
-                q.float(), k_cache, v_cache, g.block_tables, g.query_offsets, g.context_starts, window, self.scale
-            )
+                q.float(), k_cache, v_cache, g.block_tables, g.query_offsets, g.context_starts, window, self.scale,
+                bf16=self.bf16,
+            )  # fmt: skip
             return out.to(q.dtype)
         num_heads, head_dim = q.shape[1], q.shape[2]
         if g.pad_index is not None:

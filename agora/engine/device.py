@@ -40,13 +40,17 @@ class Precision:
 
     dtype: torch.dtype
     gemm_dtype: torch.dtype | None = None
+    # prefill and verification attention's two products in bf16 on AMX where the CPU has it (fp32 softmax
+    # and accumulation): --dtype bfloat16 on a CPU
+    bf16_attention: bool = False
 
 
 def pick_precision(name: str, device: torch.device) -> Precision:
     """``auto``: fp32 on a CPU, bf16 elsewhere. ``bfloat16`` on a CPU keeps fp32 activations,
-    norms, attention and cache, and gives the decoder layers' linears bf16 weights: prefill
+    norms and cache, and gives the decoder layers' linears and the lm_head bf16 weights: prefill
     GEMMs run in bf16 (oneDNN; about 2.3x fp32 on AVX512-BF16 or AMX), while steps the GGUF
-    block kernels take (decode, up to 64 tokens) keep their fp32 math."""
+    block kernels take (decode, up to 64 tokens) keep their fp32 math; with AMX, prefill and
+    verification attention multiply in bf16 too (decode attention stays fp32)."""
     if name == "auto":
         # bf16 is emulated (slow) on most CPUs; accelerators want it.
         return Precision(torch.float32 if device.type == "cpu" else torch.bfloat16)
@@ -56,7 +60,7 @@ def pick_precision(name: str, device: torch.device) -> Precision:
                 "--dtype bfloat16: this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 GEMMs are emulated "
                 "and likely slower than fp32; --dtype float32 is exact and faster here"
             )
-        return Precision(torch.float32, torch.bfloat16)
+        return Precision(torch.float32, torch.bfloat16, bf16_attention=True)
     return Precision(getattr(torch, name))
 
 

@@ -170,7 +170,7 @@ class Engine:
         self.runner = ModelRunner(
             model, num_blocks, cache.block_size, self.device, self.dtype,
             max_num_seqs=config.scheduler.max_num_seqs, max_model_len=max_len,
-            enforce_eager=config.model.enforce_eager, kv_dtype=self.kv_dtype,
+            enforce_eager=config.model.enforce_eager, kv_dtype=self.kv_dtype, bf16_attention=precision.bf16_attention,
         )  # fmt: skip
         self.model = model
         # Structured outputs: the vocabulary is read in a worker thread while the engine starts.

@@ -52,6 +52,7 @@ class ModelRunner:
         max_model_len: int = 2048,
         enforce_eager: bool = False,
         kv_dtype: torch.dtype | None = None,
+        bf16_attention: bool = False,
     ) -> None:
         self.model = model
         self.device = device
@@ -68,7 +69,8 @@ class ModelRunner:
         ]
         layer_windows: list[int | None] = model.layer_sliding_windows  # type: ignore[attr-defined]
         self.windows = set(layer_windows)
-        self.attention = TorchPagedAttention(self.kv_caches, model.attention_scale, layer_windows)  # type: ignore[arg-type]
+        scale = model.attention_scale
+        self.attention = TorchPagedAttention(self.kv_caches, scale, layer_windows, bf16=bf16_attention)  # type: ignore[arg-type]
         self.graphs = None
         if device.type == "cuda" and not enforce_eager:
             from agora.engine.cuda_graphs import CudaGraphDecoder

@@ -56,8 +56,9 @@ _SIGNATURES = {
     "agora_rms_norm": ([_P, _I, _I, _P, _F, _P, _I], None),
     "agora_paged_decode_attention": ([_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I], None),
     "agora_paged_decode_attention_f16": ([_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I], None),
-    "agora_paged_prefill_attention": ([_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I], None),
-    "agora_paged_prefill_attention_f16": ([_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I], None),
+    "agora_paged_prefill_attention": ([_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I, _I], None),
+    "agora_paged_prefill_attention_f16": ([_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I, _I], None),
+    "agora_amx_init": ([], _I),
     "agora_argmax": ([_P, _I, _I, _I, _P, _I], None),
     "agora_kernel_timing": ([_I], None),
     "agora_set_l1d_bytes": ([_I], None),
@@ -103,7 +104,7 @@ class Attention(ctypes.Structure):
 
     _fields_ = [
         ("k_caches", _P), ("v_caches", _P), ("windows", _P), ("slots", _P), ("block_size", _I), ("half", _I),
-        ("scale", _F), ("n_groups", _I), ("groups", AttentionGroup * 2),
+        ("amx", _I), ("scale", _F), ("n_groups", _I), ("groups", AttentionGroup * 2),
     ]  # fmt: skip
 
 
@@ -302,10 +303,10 @@ def linear(
 
 def _paged_attention(
     name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    per_request: tuple[int, ...], window: int | None, scale: float,
+    per_request: tuple[int, ...], window: int | None, scale: float, *extra: int,
 ) -> torch.Tensor:  # fmt: skip
     """Call ``name`` (or its fp16-cache twin ``name_f16``): both attention kernels take
-    (q, caches, block tables, *per_request, H, Hkv, D, block size, window, scale, out, threads)."""
+    (q, caches, block tables, *per_request, H, Hkv, D, block size, window, scale, out, threads, *extra)."""
     k = lib()
     assert k is not None, "CPU kernels are not available"
     q = q.contiguous()
@@ -315,7 +316,7 @@ def _paged_attention(
     fn = getattr(k, f"{name}_f16" if k_cache.dtype == torch.float16 else name)
     fn(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
-        *per_request, h, hkv, d, block_size, window or 0, scale, out.data_ptr(), torch.get_num_threads(),
+        *per_request, h, hkv, d, block_size, window or 0, scale, out.data_ptr(), torch.get_num_threads(), *extra,
     )  # fmt: skip
     return out
 
@@ -346,14 +347,25 @@ def paged_prefill_attention(
     context_starts: torch.Tensor,
     window: int | None,
     scale: float,
+    bf16: bool = False,
 ) -> torch.Tensor:
     """Causal attention of each request's new tokens: request ``b`` owns rows
     ``query_offsets[b]:query_offsets[b + 1]`` of ``q [T, H, D]`` (fp32), at positions from
-    ``context_starts[b]`` on, and attends to every cached key up to its own position."""
+    ``context_starts[b]`` on, and attends to every cached key up to its own position. ``bf16``
+    (where ``amx_available()``, for head sizes that are multiples of 64; elsewhere ignored): its two
+    products on AMX in bf16, fp32 softmax and accumulation (``--dtype bfloat16``)."""
     per_request = (query_offsets.data_ptr(), context_starts.data_ptr(), context_starts.shape[0])
     return _paged_attention(
-        "agora_paged_prefill_attention", q, k_cache, v_cache, block_tables, per_request, window, scale
+        "agora_paged_prefill_attention", q, k_cache, v_cache, block_tables, per_request, window, scale, int(bf16)
     )
+
+
+@functools.cache
+def amx_available() -> bool:
+    """Whether prefill attention can run its products on AMX (``paged_prefill_attention(bf16=True)``): a
+    build for a CPU with AMX-BF16 whose kernel let this process use the tile registers."""
+    k = lib()
+    return k is not None and k.agora_amx_init() == 1
 
 
 def rope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:

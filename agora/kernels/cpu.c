@@ -35,6 +35,14 @@
 #define AGORA_AVX2 0
 #endif
 
+/* AMX (Intel's tile matrix unit) for the opt-in bf16 attention: built where -march=native has it. */
+#if AGORA_AVX2 && defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define AGORA_AMX 1
+#include <sys/syscall.h>
+#else
+#define AGORA_AMX 0
+#endif
+
 #define QK 32 /* weights per GGUF block for Q4_1 and Q8_0 */
 #define Q4_1_BYTES 20 /* fp16 d, fp16 m, 16 bytes of nibbles */
 #define Q8_0_BYTES 34 /* fp16 d, 32 int8 */
@@ -61,6 +69,18 @@ static inline int64_t fmt_bytes(int fmt) { return fmt == FMT_Q8_0 ? Q8_0_BYTES :
 #endif
 
 int agora_kernels_avx2(void) { return AGORA_AVX2; }
+
+/* 1 where this build has the AMX attention path and Linux lets this process use the tile registers
+ * (asked once: arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA; oneDNN asks the same for its GEMMs). */
+int64_t agora_amx_init(void) {
+#if AGORA_AMX
+    static int granted = -1;
+    if (granted < 0) granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return granted;
+#else
+    return 0;
+#endif
+}
 
 /* Optional accounting of the time spent inside the exported kernels (benchmarks/cpu_decode.py
  * sets it to compare a whole engine step with its kernels). Off, it costs one branch a call;
@@ -1213,13 +1233,212 @@ static inline int64_t prefill_split(int64_t tasks, int64_t nthreads, int64_t lon
     return best_units <= 0.9 * uncut ? best : 1; /* a cut's merge and shorter loops cost something */
 }
 
+#if PBLOCKED
+/* A key tile's rows in the blocked path: mask and online softmax row by row (a row's probabilities outside
+ * its keys set to 0, [klo, khi) its keys in the tile, alpha its output's rescaling). */
+static inline void softmax_rows(float *s, int64_t rows, int64_t p0, int64_t G, int64_t k0, int64_t nk,
+                                int64_t window, float *mx, float *sum, float *alpha, int64_t *klo, int64_t *khi) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *sr = s + r * KT;
+        int64_t lo, hi;
+        alpha[r] = softmax_row(sr, p0 + r / G, k0, nk, window, mx + r, sum + r, &lo, &hi);
+        if (lo >= hi) { /* no key of this tile: nothing to add, whatever the block's others see */
+            for (int64_t j = 0; j < nk; j++) sr[j] = 0.f;
+            klo[r] = nk, khi[r] = 0;
+            continue;
+        }
+        for (int64_t j = 0; j < lo; j++) sr[j] = 0.f;
+        for (int64_t j = hi; j < nk; j++) sr[j] = 0.f;
+        klo[r] = lo, khi[r] = hi;
+    }
+}
+#endif
+
+#if AGORA_AMX
+/* ---- bf16 attention on AMX (opt-in: --dtype bfloat16 on a CPU with AMX) -------------------------
+ *
+ * The same tiles, task split, masks and fp32 online softmax as the blocked path; the two products run on
+ * the tile unit instead of FMAs: S = Q K^T and P V with Q, K, P and V rounded to bf16 (round to nearest
+ * even), fp32 accumulation. A tile multiply (TDPBF16PS) is 16 x 16 outputs over 32 products each, so the
+ * operands are laid out as AMX reads them: Q and P as rows (A), K^T and V as pairs of adjacent elements
+ * of the reduced dimension (B: row r of a B tile holds, for each of its 16 columns, elements 2r and 2r + 1). */
+#define AMX_ROWS 16
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed, aligned(64))) amx_config;
+
+/* Every tile register 16 rows of 64 bytes: 16 x 16 fp32 (C) or 16 x 32 bf16 (A, B). */
+static void amx_configure(void) {
+    amx_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) c.colsb[t] = 64, c.rows[t] = AMX_ROWS;
+    _tile_loadconfig(&c);
+}
+
+static inline __attribute__((always_inline)) __m512 kv_load16(const void *p, int half) {
+    return half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)) : _mm512_loadu_ps((const float *)p);
+}
+
+/* 32 floats at p (two vectors) as 32 bf16: one vector of 16 pairs. */
+static inline __m512i bf16x32(__m512 lo, __m512 hi) { return (__m512i)_mm512_cvtne2ps_pbh(hi, lo); }
+
+/* In place: r[i] lane j <- r[j] lane i, 32-bit lanes. */
+static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) { /* u[i + e] lane L = rows i..i+3, element 4L + e */
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int e = 0; e < 4; e++) { /* the 4 x 4 transpose of 128-bit lanes across the groups */
+        const __m512i a = _mm512_shuffle_i32x4(r[e], r[4 + e], 0x44), b = _mm512_shuffle_i32x4(r[e], r[4 + e], 0xee);
+        const __m512i c = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0x44);
+        const __m512i d = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0xee);
+        t[e] = _mm512_shuffle_i32x4(a, c, 0x88), t[4 + e] = _mm512_shuffle_i32x4(a, c, 0xdd);
+        t[8 + e] = _mm512_shuffle_i32x4(b, d, 0x88), t[12 + e] = _mm512_shuffle_i32x4(b, d, 0xdd);
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
+/* The key tile as B tiles of K^T: for 32 dims c and 16 keys j, kb[(c * KT / 16 + j) * 512 + r * 32 + 2 n + i]
+ * = K[16 j + n][32 c + 2 r + i] (keys past nk zero). Both packings advance the blocked path's prefetcher (the
+ * next tile's rows, a few lines at a time: 512 lines a head, what SmolLM2's 3 heads of fp32 rows need; asked
+ * for a token's whole row at once, the misses stalled, and 16 x 6 queries after 1,300 tokens took 1.05x the fp32
+ * kernel's time instead of 0.92x). */
+static void amx_pack_keys(const void *k_cache, const int64_t *toff, int64_t h, int64_t D, int64_t nk, int half,
+                          uint16_t *kb, prefetcher *pf) {
+    for (int64_t j = 0; j < KT / 16; j++)
+        for (int64_t c = 0; c < D / 32; c++) {
+            __m512i r[16];
+            for (int n = 0; n < 16; n++) {
+                const int64_t key = 16 * j + n;
+                prefetch_next(pf), prefetch_next(pf), prefetch_next(pf); /* (with the values': the next tile's rows) */
+                if (key >= nk) {
+                    r[n] = _mm512_setzero_si512();
+                    continue;
+                }
+                const void *kr = kv_at(k_cache, toff[key] + h * D + 32 * c, half);
+                r[n] = bf16x32(kv_load16(kr, half), kv_load16(kv_at(kr, 16, half), half));
+            }
+            transpose16(r); /* r[n] = key n's dims (2m, 2m + 1) in lane m -> r[m] = dims (2m, 2m + 1) of key n */
+            for (int m = 0; m < 16; m++) _mm512_storeu_si512(kb + (c * (KT / 16) + j) * 512 + m * 32, r[m]);
+        }
+}
+
+/* The key tile's values as B tiles: for 32 keys kc and 16 dims t, vb[(kc * D / 16 + t) * 512 + r * 32 + 2 n + i]
+ * = V[32 kc + 2 r + i][16 t + n] (keys past nk zero). */
+static void amx_pack_values(const void *v_cache, const int64_t *toff, int64_t h, int64_t D, int64_t nk, int half,
+                            uint16_t *vb, prefetcher *pf) {
+    /* element 2n of a row <- key 2r's dim n (the low half of cvtne2ps), 2n + 1 <- key 2r + 1's (the high half) */
+    const __m512i inter = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                           21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int64_t kc = 0; kc < KT / 32; kc++)
+        for (int r = 0; r < 16; r++) {
+            const int64_t key = 32 * kc + 2 * r;
+            prefetch_next(pf), prefetch_next(pf), prefetch_next(pf), prefetch_next(pf);
+            const void *v0 = key < nk ? kv_at(v_cache, toff[key] + h * D, half) : NULL;
+            const void *v1 = key + 1 < nk ? kv_at(v_cache, toff[key + 1] + h * D, half) : NULL;
+            for (int64_t t = 0; t < D / 16; t++) {
+                const __m512 a = v0 ? kv_load16(kv_at(v0, 16 * t, half), half) : _mm512_setzero_ps();
+                const __m512 b = v1 ? kv_load16(kv_at(v1, 16 * t, half), half) : _mm512_setzero_ps();
+                _mm512_storeu_si512(vb + (kc * (D / 16) + t) * 512 + r * 32, _mm512_permutexvar_epi16(inter, bf16x32(a, b)));
+            }
+        }
+}
+
+/* s[r, 0 .. KT) = qb[r] . K^T for the tile's rows in blocks of 16 (qb: [rows rounded up to 16, D] bf16,
+ * pre-scaled; rows past the tile's own zero). */
+static void amx_scores(const uint16_t *qb, const uint16_t *kb, float *s, int64_t rows, int64_t D) {
+    for (int64_t r0 = 0; r0 < rows; r0 += AMX_ROWS) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t c = 0; c < D / 32; c++) {
+            const uint16_t *kc = kb + c * (KT / 16) * 512;
+            _tile_loadd(4, qb + r0 * D + 32 * c, D * 2);
+            _tile_loadd(5, kc, 64);
+            _tile_loadd(6, kc + 512, 64);
+            _tile_dpbf16ps(0, 4, 5);
+            _tile_loadd(7, kc + 1024, 64);
+            _tile_dpbf16ps(1, 4, 6);
+            _tile_loadd(5, kc + 1536, 64);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_dpbf16ps(3, 4, 5);
+        }
+        _tile_stored(0, s + r0 * KT, KT * 4);
+        _tile_stored(1, s + r0 * KT + 16, KT * 4);
+        _tile_stored(2, s + r0 * KT + 32, KT * 4);
+        _tile_stored(3, s + r0 * KT + 48, KT * 4);
+    }
+}
+
+/* o[r] = o[r] * alpha[r] + P[r] V for the tile's rows: P the probabilities in s (0 outside each row's keys), as
+ * bf16 rows in pb; 64 columns of o at a time (4 C tiles), the products staged in pv [16, 64]. */
+static void amx_values(const float *s, const uint16_t *vb, const float *alpha, float *o, int64_t rows, int64_t D,
+                       uint16_t *pb, float *pv) {
+    for (int64_t r = 0; r < (rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS; r++)
+        for (int64_t k = 0; k < KT; k += 32)
+            _mm512_storeu_si512(pb + r * KT + k, r < rows ? bf16x32(_mm512_loadu_ps(s + r * KT + k),
+                                                                    _mm512_loadu_ps(s + r * KT + k + 16))
+                                                          : _mm512_setzero_si512());
+    for (int64_t r0 = 0; r0 < rows; r0 += AMX_ROWS)
+        for (int64_t d0 = 0; d0 < D; d0 += 64) {
+            _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+            for (int64_t kc = 0; kc < KT / 32; kc++) {
+                const uint16_t *vt = vb + (kc * (D / 16) + d0 / 16) * 512;
+                _tile_loadd(4, pb + r0 * KT + 32 * kc, KT * 2);
+                _tile_loadd(5, vt, 64);
+                _tile_loadd(6, vt + 512, 64);
+                _tile_dpbf16ps(0, 4, 5);
+                _tile_loadd(7, vt + 1024, 64);
+                _tile_dpbf16ps(1, 4, 6);
+                _tile_loadd(5, vt + 1536, 64);
+                _tile_dpbf16ps(2, 4, 7);
+                _tile_dpbf16ps(3, 4, 5);
+            }
+            _tile_stored(0, pv, 256);
+            _tile_stored(1, pv + 16, 256);
+            _tile_stored(2, pv + 32, 256);
+            _tile_stored(3, pv + 48, 256);
+            const int64_t nr = rows - r0 < AMX_ROWS ? rows - r0 : AMX_ROWS;
+            for (int64_t i = 0; i < nr; i++) {
+                const __m512 a = _mm512_set1_ps(alpha[r0 + i]);
+                float *orow = o + (r0 + i) * D + d0;
+                for (int v = 0; v < 4; v++)
+                    _mm512_storeu_ps(orow + 16 * v, _mm512_fmadd_ps(_mm512_loadu_ps(orow + 16 * v), a,
+                                                                    _mm512_loadu_ps(pv + i * 64 + 16 * v)));
+            }
+        }
+}
+#endif
+
 static inline __attribute__((always_inline)) void paged_prefill(const float *q, const void *k_cache,
                                                                  const void *v_cache, const int64_t *block_tables,
                                                                  int64_t bt_stride, const int64_t *q_offsets,
                                                                  const int64_t *ctx_starts, int64_t B, int64_t H,
                                                                  int64_t Hkv, int64_t D, int64_t BS, int64_t window,
-                                                                 float scale, float *out, int64_t nthreads, int half) {
+                                                                 float scale, float *out, int64_t nthreads, int half,
+                                                                 int amx) {
     const int64_t G = H / Hkv, tok_stride = Hkv * D, R = QT * G;
+#if AGORA_AMX
+    /* (its tiles are the blocked path's: 64 columns of o at a time; and without the kernel's leave, a tile
+     * instruction is an illegal one) */
+    amx = amx && BLOCKED_D(D) && agora_amx_init();
+#else
+    amx = 0;
+#endif
     /* Tasks, numbered request by request: (b, group of kv heads, query tile). With AVX-512 and enough tiles
      * to keep every thread busy, a task takes all the KV heads of its tile, so a token's K (and V) row is
      * read whole, in one pass, where a task per head read a third of it (SmolLM2) and left the rest of
@@ -1250,6 +1469,17 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
         /* each row's keys in the tile, [klo, khi) */
         int64_t *klo = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * R)), *khi = klo + R;
 #endif
+#if AGORA_AMX
+        /* bf16 operands: the task's queries, a key tile's K^T and V, a tile's probabilities; C tiles staged in pv */
+        uint16_t *qb = NULL, *kb = NULL, *vb = NULL, *pb = NULL;
+        float *pv = NULL;
+        if (amx) {
+            qb = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(hpt * R * D + 2 * D * KT + R * KT));
+            kb = qb + hpt * R * D, vb = kb + D * KT, pb = vb + D * KT;
+            pv = (float *)malloc(sizeof(float) * AMX_ROWS * 64);
+            amx_configure();
+        }
+#endif
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < tasks; task++) {
             int64_t b, h0, tile;
@@ -1276,6 +1506,17 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
                         float *dst = qtb + (hh * R + i * G + g) * D;
                         for (int64_t d = 0; d < D; d++) dst[d] = src[d] * scale;
                     }
+#if AGORA_AMX
+            if (amx) /* the queries in bf16, rows past the tile's zero up to a whole tile of AMX_ROWS */
+                for (int64_t hh = 0; hh < hpt; hh++)
+                    for (int64_t r = 0; r < (rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS; r++)
+                        for (int64_t d = 0; d < D; d += 32) {
+                            const float *src = qtb + (hh * R + r) * D + d;
+                            _mm512_storeu_si512(qb + (hh * R + r) * D + d,
+                                                r < rows ? bf16x32(_mm512_loadu_ps(src), _mm512_loadu_ps(src + 16))
+                                                         : _mm512_setzero_si512());
+                        }
+#endif
             memset(ob, 0, sizeof(float) * hpt * R * D);
             for (int64_t r = 0; r < hpt * R; r++) mxb[r] = -INFINITY, sumb[r] = 0.f;
             int64_t kmin = window > 0 ? p0 - window + 1 : 0;
@@ -1306,6 +1547,16 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
                     const int ahead = ahead_too && hh == 0;
                     const int64_t ahead_bytes = kv_row_bytes(hpt, 1, D, half);
                     (void)ahead, (void)ahead_bytes; /* (a build without AVX2 does not prefetch) */
+#if AGORA_AMX
+                    if (amx) {
+                        amx_pack_keys(k_cache, toff, h, D, nk, half, kb, &pf);
+                        amx_scores(qb + hh * R * D, kb, s, rows, D);
+                        softmax_rows(s, rows, p0, G, k0, nk, window, mx, sum, alpha, klo, khi);
+                        amx_pack_values(v_cache, toff, h, D, nk, half, vb, &pf);
+                        amx_values(s, vb, alpha, o, rows, D, pb, pv);
+                        continue;
+                    }
+#endif
                     /* Unpack the key tile transposed (kt[d * KT + j]); value rows are read where they are
                      * (vrow[j]), except an fp16 cache's, widened into vt first. */
                     const float *vrow[KT];
@@ -1375,21 +1626,9 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
                     }
 #if PBLOCKED
                     if (blocked) {
-                        /* Mask and online softmax row by row (a row's probabilities outside its keys set to 0),
-                         * then P V in blocks of rows over the keys any of them sees. */
-                        for (int64_t r = 0; r < rows; r++) {
-                            float *sr = s + r * KT;
-                            int64_t lo, hi;
-                            alpha[r] = softmax_row(sr, p0 + r / G, k0, nk, window, mx + r, sum + r, &lo, &hi);
-                            if (lo >= hi) { /* no key of this tile: nothing to add, whatever the block's others see */
-                                for (int64_t j = 0; j < nk; j++) sr[j] = 0.f;
-                                klo[r] = nk, khi[r] = 0;
-                                continue;
-                            }
-                            for (int64_t j = 0; j < lo; j++) sr[j] = 0.f;
-                            for (int64_t j = hi; j < nk; j++) sr[j] = 0.f;
-                            klo[r] = lo, khi[r] = hi;
-                        }
+                        /* Mask and online softmax row by row, then P V in blocks of rows over the keys any of
+                         * them sees. */
+                        softmax_rows(s, rows, p0, G, k0, nk, window, mx, sum, alpha, klo, khi);
                         for (int64_t r0 = 0; r0 < rows; r0 += PB) {
                             const int nr = rows - r0 < PB ? (int)(rows - r0) : PB;
                             int64_t jlo = nk, jhi = 0;
@@ -1459,6 +1698,13 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
 #if PBLOCKED
         free(klo);
 #endif
+#if AGORA_AMX
+        if (amx) {
+            _tile_release();
+            free(qb);
+            free(pv);
+        }
+#endif
         if (split > 1) { /* each query row's chunks merged */
 #pragma omp for schedule(static)
             for (int64_t x = 0; x < tile_tasks * hpt * R; x++) {
@@ -1479,17 +1725,19 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
 void agora_paged_prefill_attention(const float *q, const float *k_cache, const float *v_cache,
                                    const int64_t *block_tables, int64_t bt_stride, const int64_t *q_offsets,
                                    const int64_t *ctx_starts, int64_t B, int64_t H, int64_t Hkv, int64_t D,
-                                   int64_t BS, int64_t window, float scale, float *out, int64_t nthreads) {
+                                   int64_t BS, int64_t window, float scale, float *out, int64_t nthreads,
+                                   int64_t amx) {
     TIMED(paged_prefill(q, k_cache, v_cache, block_tables, bt_stride, q_offsets, ctx_starts, B, H, Hkv, D, BS, window,
-                  scale, out, nthreads, 0));
+                  scale, out, nthreads, 0, amx != 0));
 }
 
 void agora_paged_prefill_attention_f16(const float *q, const uint16_t *k_cache, const uint16_t *v_cache,
                                        const int64_t *block_tables, int64_t bt_stride, const int64_t *q_offsets,
                                        const int64_t *ctx_starts, int64_t B, int64_t H, int64_t Hkv, int64_t D,
-                                       int64_t BS, int64_t window, float scale, float *out, int64_t nthreads) {
+                                       int64_t BS, int64_t window, float scale, float *out, int64_t nthreads,
+                                       int64_t amx) {
     TIMED(paged_prefill(q, k_cache, v_cache, block_tables, bt_stride, q_offsets, ctx_starts, B, H, Hkv, D, BS, window,
-                  scale, out, nthreads, 1));
+                  scale, out, nthreads, 1, amx != 0));
 }
 
 /* Rotary embedding in place, "rotate half" layout (HF Llama): for i < D/2,
@@ -1709,6 +1957,7 @@ typedef struct {
     const int64_t *windows; /* per layer: 0 or a sliding window */
     const int64_t *slots; /* [T] cache slot of each token of the step */
     int64_t block_size, half; /* half: fp16 caches, else fp32 */
+    int64_t amx; /* prefill attention's products in bf16 on AMX (--dtype bfloat16) */
     float scale;
     int64_t n_groups;
     agora_attn_group groups[2];
@@ -1776,10 +2025,10 @@ static void layer_attention(const agora_llama_weights *L, const agora_attention 
         } else {
             if (A->half)
                 paged_prefill(qbuf, kc, vc, g->block_tables, g->bt_stride, g->q_offsets, g->ctx_starts, g->batch, H,
-                              Hkv, D, A->block_size, window, A->scale, out, nthreads, 1);
+                              Hkv, D, A->block_size, window, A->scale, out, nthreads, 1, A->amx != 0);
             else
                 paged_prefill(qbuf, kc, vc, g->block_tables, g->bt_stride, g->q_offsets, g->ctx_starts, g->batch, H,
-                              Hkv, D, A->block_size, window, A->scale, out, nthreads, 0);
+                              Hkv, D, A->block_size, window, A->scale, out, nthreads, 0, A->amx != 0);
         }
         if (g->token_index)
             for (int64_t i = 0; i < g->n_tokens; i++)

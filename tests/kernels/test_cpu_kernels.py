@@ -337,6 +337,46 @@ def test_paged_prefill_attention_cuts_long_keys_of_few_tasks(
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=3e-5)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (8, 2, 128), (4, 1, 256), (4, 4, 32)])
+@pytest.mark.parametrize("window", [None, 40])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+# a step of chunks, drafts and tails; one agent's drafts after a long context (few tasks: its keys cut in chunks)
+@pytest.mark.parametrize(("query_lens", "starts"), [([1, 17, 150, 9, 3], [0, 0, 70, 1300, 61]), ([8], [1300])])
+def test_bf16_prefill_attention_is_attention_on_rounded_operands(
+    heads: int, kv_heads: int, head_dim: int, window, kv_dtype: torch.dtype, query_lens: list[int], starts: list[int]
+) -> None:
+    """--dtype bfloat16's prefill attention (its two products on AMX): the attention of the scaled queries, keys
+    and values rounded to bf16, up to the probabilities' own rounding; on a CPU without AMX, or for a head size
+    that is not a multiple of 64, the fp32 kernel's result to the bit."""
+    lens = [s + n for s, n in zip(starts, query_lens, strict=True)]
+    _, k, v, tables = _paged_case(heads + head_dim, len(lens), heads, kv_heads, head_dim, lens)
+    k, v = k.to(kv_dtype), v.to(kv_dtype)
+    q = torch.randn(sum(query_lens), heads, head_dim, generator=torch.Generator().manual_seed(3))
+    g = build_group(None, query_lens, starts, tables, 16, {window}, CPU, paged_kernels=True)
+    args = (q, k, v, g.block_tables, g.query_offsets, g.context_starts, window, 0.3)
+    got, fp32 = kernels.paged_prefill_attention(*args, bf16=True), kernels.paged_prefill_attention(*args)
+    if not kernels.amx_available() or head_dim % 64:
+        assert torch.equal(got, fp32)
+        return
+    assert not torch.equal(got, fp32)
+
+    def bf16(x: torch.Tensor) -> torch.Tensor:
+        return x.float().bfloat16().double()
+
+    flat_k, flat_v, group = k.view(-1, kv_heads, head_dim), v.view(-1, kv_heads, head_dim), heads // kv_heads
+    row = 0
+    for b, (start, n) in enumerate(zip(starts, query_lens, strict=True)):
+        slots = torch.tensor([tables[b][p // 16] * 16 + p % 16 for p in range(start + n)])
+        keys, values, queries = bf16(flat_k[slots]), bf16(flat_v[slots]), bf16(q[row : row + n] * 0.3)
+        pos, key_pos = torch.arange(start, start + n)[:, None], torch.arange(start + n)[None, :]
+        hidden = (key_pos > pos) | ((key_pos <= pos - window) if window else False)
+        for h in range(heads):
+            scores = (queries[:, h] @ keys[:, h // group].T).masked_fill(hidden, float("-inf"))
+            expected = scores.softmax(-1) @ values[:, h // group]
+            torch.testing.assert_close(got[row : row + n, h].double(), expected, rtol=0, atol=6e-3)
+        row += n
+
+
 def test_mixed_step_routes_each_group_to_its_kernel() -> None:
     """A step with decode and prefill requests interleaved: each group's rows come back in place."""
     from agora.engine.attention import AttentionMetadata

@@ -49,12 +49,13 @@ def quantized_llama(
     qtypes: tuple[str, ...] = ("Q4_1", "Q8_0"),
     gemm_dtype: torch.dtype | None = None,
     int8: bool = False,
+    head_dim: int = 32,
     **switches,
 ) -> LlamaForCausalLM:
     """A random Llama whose linears are GGUF blocks (weights = the blocks dequantized), fused and native."""
     cfg = LlamaConfig(
         vocab_size=64, hidden_size=128, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
+        num_key_value_heads=2, head_dim=head_dim, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
         max_position_embeddings=256, tie_word_embeddings=False, **switches,
     )  # fmt: skip
     torch.manual_seed(seed)
@@ -97,6 +98,7 @@ def step(
     tables: list[list[int]],
     native: bool,
     seed: int,
+    bf16_attention: bool = False,
 ) -> torch.Tensor:
     """One step: request b computes query_lens[b] tokens from position starts[b]; decode requests
     (1 token) and chunks go to separate groups when both are present, as the runner does."""
@@ -119,7 +121,7 @@ def step(
         )  # fmt: skip
 
     groups = [group(decode, False), group(chunks, False)] if decode and chunks else [group(decode or chunks, True)]
-    attention = TorchPagedAttention(kv, model.attention_scale, model.layer_sliding_windows)
+    attention = TorchPagedAttention(kv, model.attention_scale, model.layer_sliding_windows, bf16=bf16_attention)
     bound = attention.bind(AttentionMetadata(torch.tensor(slots), groups))
     saved = model.model.native
     model.model.native = saved if native else None
@@ -209,6 +211,29 @@ def test_bf16_gemm_weights_leave_the_native_layers_exact() -> None:
     assert torch.equal(
         step(fp32, a, [1], [9], tables, native=True, seed=2), step(bf16, b, [1], [9], tables, native=True, seed=2)
     )
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_bf16_attention_is_the_same_in_the_native_layers(kv_dtype: torch.dtype) -> None:
+    """--dtype bfloat16's attention (its products on AMX where the CPU has it, else the fp32 kernel): the one-call
+    layers pass it to the kernel as the module path does, so both give the same bits; chunks and drafts alike."""
+    model = quantized_llama(gemm_dtype=torch.bfloat16, head_dim=64)
+    assert model.build_native_layers()
+    tables = [list(range(0, 32, 2)), list(range(1, 32, 2))]  # (interleaved blocks)
+    outs = {}
+    for native in (True, False):
+        for bf16 in (True, False):
+            kv = caches(model, kv_dtype)
+            step(model, kv, [40, 30], [0, 0], tables, native=False, seed=1, bf16_attention=bf16)  # the prompts
+            outs[native, bf16] = step(model, kv, [5, 7], [40, 30], tables, native=native, seed=2, bf16_attention=bf16)
+    assert torch.equal(outs[True, True], outs[False, True])
+    assert torch.equal(outs[True, False], outs[False, False])
+    if kernels.amx_available():  # bf16 products: close to fp32's, not the same
+        assert not torch.equal(outs[True, True], outs[True, False])
+        ref = outs[True, False]
+        assert (outs[True, True] - ref).abs().max() < 0.1 * ref.abs().max()  # three random layers: errors compound
+    else:
+        assert torch.equal(outs[True, True], outs[True, False])
 
 
 def test_a_layer_without_blocks_keeps_the_module_path() -> None:

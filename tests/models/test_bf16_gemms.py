@@ -1,4 +1,4 @@
-"""``--dtype bfloat16`` on a CPU: bf16 weights for the decoder layers' GEMMs, fp32 everywhere else;
+"""``--dtype bfloat16`` on a CPU: bf16 weights for the GEMMs (layers and lm_head), attention products in bf16 on AMX;
 steps the GGUF block kernels take keep their exact fp32 math."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ CPU = torch.device("cpu")
 
 
 def test_bfloat16_on_a_cpu_means_bf16_gemm_weights_and_fp32_activations():
-    assert pick_precision("bfloat16", CPU) == Precision(torch.float32, torch.bfloat16)
+    assert pick_precision("bfloat16", CPU) == Precision(torch.float32, torch.bfloat16, bf16_attention=True)
     assert pick_precision("auto", CPU) == Precision(torch.float32)
     assert pick_precision("float16", CPU) == Precision(torch.float16)  # unchanged: the whole model
     assert pick_precision("bfloat16", torch.device("cuda")) == Precision(torch.bfloat16)
@@ -79,6 +79,9 @@ def test_engine_in_bf16_keeps_fp32_activations_and_cache(tiny_model_dir):
     # the lm_head's GEMM too, on its own copy: the embedding it was tied to stays fp32
     assert engine.model.lm_head.weight.dtype == torch.bfloat16
     assert engine.model.model.embed_tokens.weight.dtype == torch.float32
+    # prefill attention's products in bf16 where the CPU has AMX (the exact default: never)
+    assert engine.runner.attention.bf16 == kernels.amx_available()
+    assert not ref.engine.runner.attention.bf16
     prompt = list(range(5, 105))  # a 100-token prefill: the GEMMs
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=5)
     a = ref.generate([prompt], params)[0].outputs[0]
