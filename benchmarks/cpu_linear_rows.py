@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_linear_rows.py --out benchmarks/results/cpu_linear_rows.json
     python benchmarks/cpu_linear_rows.py --against d779add --rows 1,2,8,16,64,192   # also that commit's kernel
+    python benchmarks/cpu_linear_rows.py --lm-head --rows 8,16,32,64,144 --out benchmarks/results/cpu_lm_head.json
 
 A step of T tokens multiplies [T, K] activations by each layer's weight. Up to
 ``agora.models.quant.MAX_KERNEL_ROWS`` (192; 64 against bf16 GEMM weights) rows the CPU kernels
@@ -28,13 +29,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import quantize
 from kernels_at import kernels_at
 
 from agora import kernels
 from agora.bench.report import cpu_description
+from agora.kernels import mkl
+from agora.models import quant
 from agora.models.quant import gemm
 
 SHAPES = [(3072, 576), (576, 1536), (960, 576)]  # (out, in): gate/up, down, qkv
+LM_HEAD = (49152, 576)
 ROWS = [16, 32, 64, 96, 128, 192, 256]
 
 
@@ -56,11 +62,23 @@ def against_linear(lib: ctypes.CDLL, x: torch.Tensor, blocks: torch.Tensor) -> t
     return y
 
 
+def lm_head_paths(x: torch.Tensor, blocks_i8: torch.Tensor, weight: torch.Tensor, packed, weight_bf16: torch.Tensor):  # noqa: ANN001
+    """An lm_head's paths (--lm-head): the Q8_0 int8 kernel, its fp32 GEMM (packed for MKL where agora packs it),
+    oneDNN's bf16 GEMM (products rounded to bf16) and MKL's (fp32 products: what --dtype bfloat16 uses)."""
+    return {
+        "kernel_int8": partial(kernels.linear, x, blocks_i8, "Q8_0", None, True),
+        "gemm_fp32": partial(mkl.linear, x, packed, None) if packed is not None else partial(gemm, x, weight, None),
+        "gemm_bf16": partial(gemm, x, weight_bf16, None),
+        "gemm_bf16_fp32_products": partial(gemm, x, weight_bf16, None, True),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--rows", default=",".join(map(str, ROWS)), help="rows of x, comma-separated")
     ap.add_argument("--against", metavar="REV", help="also time the fp32 kernel of this git revision")
+    ap.add_argument("--lm-head", action="store_true", help="SmolLM2's lm_head (49,152 x 576, Q8_0) instead")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if not kernels.available():
@@ -68,20 +86,28 @@ def main() -> None:
     against = kernels_at(args.against) if args.against else None
     rng = np.random.default_rng(0)
     rows_out = []
-    for n, k in SHAPES:
-        blocks = q4_1_blocks(n, k, rng)
-        blocks_i8 = kernels.repack_i8(blocks, "Q4_1")
+    for n, k in [LM_HEAD] if args.lm_head else SHAPES:
         weight = torch.randn(n, k) * 0.02
         weight_bf16 = weight.to(torch.bfloat16)
+        if args.lm_head:
+            blocks_i8 = kernels.repack_i8(torch.from_numpy(quantize(weight.numpy(), GGMLQuantizationType.Q8_0)), "Q8_0")
+            packed = mkl.pack(weight) if mkl.available() and quant.PACK_GEMM_WEIGHTS else None
+        else:
+            blocks = q4_1_blocks(n, k, rng)
+            blocks_i8 = kernels.repack_i8(blocks, "Q4_1")
         for m in [int(r) for r in args.rows.split(",")]:
             x = torch.randn(m, k)
-            paths = {  # called in this iteration only
-                "kernel_fp32": partial(kernels.linear, x, blocks, "Q4_1", None, False),
-                "kernel_int8": partial(kernels.linear, x, blocks_i8, "Q4_1", None, True),
-                "gemm_fp32": partial(gemm, x, weight, None),
-                "gemm_bf16": partial(gemm, x, weight_bf16, None),  # x rounded to bf16, the product back to fp32
-                **({"against_fp32": partial(against_linear, against, x, blocks)} if against is not None else {}),
-            }
+            paths = (
+                lm_head_paths(x, blocks_i8, weight, packed, weight_bf16)
+                if args.lm_head
+                else {  # (this iteration)
+                    "kernel_fp32": partial(kernels.linear, x, blocks, "Q4_1", None, False),
+                    "kernel_int8": partial(kernels.linear, x, blocks_i8, "Q4_1", None, True),
+                    "gemm_fp32": partial(gemm, x, weight, None),
+                    "gemm_bf16": partial(gemm, x, weight_bf16, None),  # x rounded to bf16, the product back to fp32
+                    **({"against_fp32": partial(against_linear, against, x, blocks)} if against is not None else {}),
+                }
+            )
             times: dict[str, list[float]] = {name: [] for name in paths}
             for fn in paths.values():
                 fn()

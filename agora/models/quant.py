@@ -65,10 +65,12 @@ MAX_KERNEL_ROWS_PACKED_GEMM = 48
 # Against bf16 GEMM weights (--dtype bfloat16), about twice as fast per row as fp32 ones, the
 # kernels keep the earlier limit (benchmarks/cpu_linear_rows.py: level from 64 to 128 rows).
 MAX_KERNEL_ROWS_BF16_GEMM = 64
-# The lm_head's bf16 GEMM (cast_lm_head) wins sooner: its blocks are Q8_0 (1.06 bytes a weight, the layers'
-# Q4_1 0.63), so its bf16 weight reads not even twice their bytes, and the int8 kernel is slow on its 49,152
-# rows. Intel Xeon with AMX, 2 cores, SmolLM2's head, medians of 20 calls: 16 rows 3.3 ms either way, 32 rows
-# 6.8 on the int8 kernel against 4.1, 64 rows 14.3 against 5.6, 144 rows 28.4 (fp32 MKL) against 11.4.
+# The lm_head's bf16 GEMM (cast_lm_head; MKL's, whose products stay fp32) wins sooner: its blocks are Q8_0
+# (1.06 bytes a weight, the layers' Q4_1 0.63), so its bf16 weight reads not even twice their bytes, and the
+# int8 kernel is slow on its 49,152 rows. Intel Xeon with AMX, 2 cores, medians of 15 alternating calls
+# (benchmarks/cpu_linear_rows.py --lm-head, benchmarks/results/cpu_lm_head.json): 8 rows 2.4 ms on the int8
+# kernel against 4.0, 16 rows 3.7 against 4.3, 32 rows 6.7 against 5.7, 64 rows 13.1 against 7.3, 144 rows
+# 27.9 (the fp32 GEMM, packed for MKL, that took them before) against 15.7.
 MAX_KERNEL_ROWS_BF16_LM_HEAD = 16
 
 
@@ -110,18 +112,24 @@ class GGUFLinear(nn.Linear):
                 f"{self}: its fp32 weight was packed for MKL by pack_gemm_weights, into this layer's `packed` "
                 "(fp32 inputs on the CPU) or, for a part of a fused layer, into the fused one, which the model calls"
             )
-        return gemm(x, self.weight, self.bias)
+        return gemm(x, self.weight, self.bias, fp32_products=self.is_lm_head)
 
     def extra_repr(self) -> str:
         packed = ", GEMM weight packed for MKL" if self.packed is not None else ""
         return f"{super().extra_repr()}, gguf={self.qtype}{', int8 activations' if self.int8 else ''}{packed}"
 
 
-def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fp32_products: bool = False) -> torch.Tensor:
     """``x @ weight.T + bias``; a weight in a lower precision than ``x`` (bf16 on a CPU) gets
-    ``x`` rounded to its dtype, and the product comes back in ``x``'s dtype before the bias."""
+    ``x`` rounded to its dtype, and the product comes back in ``x``'s dtype before the bias.
+    ``fp32_products`` (an lm_head's logits): a bf16 weight's products returned in fp32 where MKL
+    can (``mkl.linear_bf16``), not rounded to bf16 first."""
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
+    if fp32_products and weight.dtype == torch.bfloat16 and x.dtype == torch.float32 and x.device.type == "cpu":
+        y = mkl.linear_bf16(x, weight, bias)
+        if y is not None:
+            return y
     y = F.linear(x.to(weight.dtype), weight).to(x.dtype)
     return y if bias is None else y + bias
 
@@ -134,9 +142,10 @@ class LowPrecisionLinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
+        self.is_lm_head = False  # (cast_lm_head: its logits' products kept in fp32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gemm(x, self.weight, self.bias)
+        return gemm(x, self.weight, self.bias, fp32_products=self.is_lm_head)
 
 
 def cast_gemm_weights(layers: nn.Module, dtype: torch.dtype) -> int:
@@ -157,13 +166,15 @@ def cast_gemm_weights(layers: nn.Module, dtype: torch.dtype) -> int:
 def cast_lm_head(model: nn.Module, dtype: torch.dtype) -> bool:
     """Give the model's ``lm_head`` a ``dtype`` weight, as ``cast_gemm_weights`` gives the layers': a copy
     where it is tied to the embedding, which keeps its own (SmolLM2-135M: 57 MB more; Gemma 3 1B: 600 MB).
-    A verification step's logits are its largest GEMM: 144 rows (16 agents, 8 drafts) take 11.4 ms on a
-    bf16 weight where fp32 took 28.4 (Intel Xeon with AMX, 2 cores). Returns whether it did."""
+    A verification step's logits are its largest GEMM: 144 rows (16 agents, 8 drafts) take 15.7 ms on a
+    bf16 weight where fp32 took 27.9 (Intel Xeon with AMX, 2 cores). Its products stay fp32 (``gemm``'s
+    ``fp32_products``): rounded to bf16, logits flipped 3 of 139 greedy tokens. Returns whether it did."""
     head = getattr(model, "lm_head", None)
     if type(head) is not nn.Linear:
         return False
     head.weight = nn.Parameter(head.weight.detach().to(dtype), requires_grad=False)  # unties only the head
     model.lm_head = LowPrecisionLinear(head)
+    model.lm_head.is_lm_head = True
     return True
 
 

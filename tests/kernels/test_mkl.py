@@ -83,3 +83,23 @@ def test_a_tied_lm_head_is_packed_and_keeps_the_embedding_weight() -> None:
         assert pack_gemm_weights(model) == 1
         torch.testing.assert_close(model.head(x), before)
     assert model.head.weight is model.embed.weight and model.embed.weight.numel() == 256 * 64
+
+
+@pytest.mark.parametrize(("n", "k", "rows"), [(49152, 576, 17), (3072, 576, 144), (100, 64, 1), (64, 32, 0)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_linear_keeps_its_products_in_fp32(n: int, k: int, rows: int, with_bias: bool) -> None:
+    """An lm_head on a bf16 weight: x rounded to bf16, the products summed and returned in fp32 (within fp32's
+    rounding of the float64 sum), where F.linear's bf16 GEMM returns them rounded to bf16."""
+    if mkl.linear_bf16(torch.zeros(1, 32), torch.zeros(8, 32, dtype=torch.bfloat16)) is None:
+        pytest.skip("this PyTorch's MKL exports no bf16 GEMM")
+    g = torch.Generator().manual_seed(n + rows)
+    w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
+    bias = torch.randn(n, generator=g) if with_bias else None
+    x = torch.randn(2, rows, k, generator=g)  # leading dims kept
+    got = mkl.linear_bf16(x, w, bias)
+    assert got is not None and got.shape == (2, rows, n) and got.dtype == torch.float32
+    exact = x.bfloat16().double() @ w.double().T + (0 if bias is None else bias.double())
+    if rows:
+        assert (got - exact).abs().max() <= 1e-5 * max(1.0, exact.abs().max().item())
+        rounded = F.linear(x.bfloat16(), w).float() + (0 if bias is None else bias)
+        assert (rounded - exact).abs().max() > 10 * (got - exact).abs().max()  # bf16 outputs: far coarser
