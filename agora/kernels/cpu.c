@@ -1349,7 +1349,8 @@ static void amx_pack_values(const void *v_cache, const int64_t *toff, int64_t h,
             for (int64_t t = 0; t < D / 16; t++) {
                 const __m512 a = v0 ? kv_load16(kv_at(v0, 16 * t, half), half) : _mm512_setzero_ps();
                 const __m512 b = v1 ? kv_load16(kv_at(v1, 16 * t, half), half) : _mm512_setzero_ps();
-                _mm512_storeu_si512(vb + (kc * (D / 16) + t) * 512 + r * 32, _mm512_permutexvar_epi16(inter, bf16x32(a, b)));
+                uint16_t *row = vb + (kc * (D / 16) + t) * 512 + r * 32;
+                _mm512_storeu_si512(row, _mm512_permutexvar_epi16(inter, bf16x32(a, b)));
             }
         }
 }
@@ -1393,9 +1394,9 @@ static void amx_values(const float *s, const uint16_t *vb, const float *alpha, f
     for (int64_t r0 = 0; r0 < rows; r0 += AMX_ROWS)
         for (int64_t d0 = 0; d0 < D; d0 += 64) {
             _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
             for (int64_t kc = 0; kc < KT / 32; kc++) {
                 const uint16_t *vt = vb + (kc * (D / 16) + d0 / 16) * 512;
                 _tile_loadd(4, pb + r0 * KT + 32 * kc, KT * 2);

@@ -72,6 +72,9 @@ MAX_KERNEL_ROWS_BF16_GEMM = 64
 # kernel against 4.0, 16 rows 3.7 against 4.3, 32 rows 6.7 against 5.7, 64 rows 13.1 against 7.3, 144 rows
 # 27.9 (the fp32 GEMM, packed for MKL, that took them before) against 15.7.
 MAX_KERNEL_ROWS_BF16_LM_HEAD = 16
+# The lm_head's bf16 GEMM keeps its products in fp32 (MKL's cblas_gemm_bf16bf16f32) on Intel, where it was
+# measured; MKL takes other code paths on other vendors' CPUs, so there it stays on oneDNN (products rounded to bf16).
+LM_HEAD_FP32_PRODUCTS = kernels.cpu_vendor() == "GenuineIntel"
 
 
 class GGUFLinear(nn.Linear):
@@ -112,7 +115,7 @@ class GGUFLinear(nn.Linear):
                 f"{self}: its fp32 weight was packed for MKL by pack_gemm_weights, into this layer's `packed` "
                 "(fp32 inputs on the CPU) or, for a part of a fused layer, into the fused one, which the model calls"
             )
-        return gemm(x, self.weight, self.bias, fp32_products=self.is_lm_head)
+        return gemm(x, self.weight, self.bias, fp32_products=self.is_lm_head and LM_HEAD_FP32_PRODUCTS)
 
     def extra_repr(self) -> str:
         packed = ", GEMM weight packed for MKL" if self.packed is not None else ""
@@ -145,7 +148,7 @@ class LowPrecisionLinear(nn.Linear):
         self.is_lm_head = False  # (cast_lm_head: its logits' products kept in fp32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gemm(x, self.weight, self.bias, fp32_products=self.is_lm_head)
+        return gemm(x, self.weight, self.bias, fp32_products=self.is_lm_head and LM_HEAD_FP32_PRODUCTS)
 
 
 def cast_gemm_weights(layers: nn.Module, dtype: torch.dtype) -> int:
