@@ -1355,31 +1355,37 @@ static void amx_pack_values(const void *v_cache, const int64_t *toff, int64_t h,
         }
 }
 
+/* A row of 4 C tiles, c[16, 64] fp32 (row stride ldc bytes): the sum over `steps` chunks of an A tile (16 rows of
+ * 32 bf16 at a + i * astep, row stride lda bytes) times the chunk's 4 B tiles (from b + i * bstep, 512 apart). */
+static inline void amx_tile_row(const uint16_t *a, int64_t lda, int64_t astep, const uint16_t *b, int64_t bstep,
+                                int64_t steps, float *c, int64_t ldc) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t i = 0; i < steps; i++) {
+        const uint16_t *bt = b + i * bstep;
+        _tile_loadd(4, a + i * astep, lda);
+        _tile_loadd(5, bt, 64);
+        _tile_loadd(6, bt + 512, 64);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_loadd(7, bt + 1024, 64);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_loadd(5, bt + 1536, 64);
+        _tile_dpbf16ps(2, 4, 7);
+        _tile_dpbf16ps(3, 4, 5);
+    }
+    _tile_stored(0, c, ldc);
+    _tile_stored(1, c + 16, ldc);
+    _tile_stored(2, c + 32, ldc);
+    _tile_stored(3, c + 48, ldc);
+}
+
 /* s[r, 0 .. KT) = qb[r] . K^T for the tile's rows in blocks of 16 (qb: [rows rounded up to 16, D] bf16,
  * pre-scaled; rows past the tile's own zero). */
 static void amx_scores(const uint16_t *qb, const uint16_t *kb, float *s, int64_t rows, int64_t D) {
-    for (int64_t r0 = 0; r0 < rows; r0 += AMX_ROWS) {
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        for (int64_t c = 0; c < D / 32; c++) {
-            const uint16_t *kc = kb + c * (KT / 16) * 512;
-            _tile_loadd(4, qb + r0 * D + 32 * c, D * 2);
-            _tile_loadd(5, kc, 64);
-            _tile_loadd(6, kc + 512, 64);
-            _tile_dpbf16ps(0, 4, 5);
-            _tile_loadd(7, kc + 1024, 64);
-            _tile_dpbf16ps(1, 4, 6);
-            _tile_loadd(5, kc + 1536, 64);
-            _tile_dpbf16ps(2, 4, 7);
-            _tile_dpbf16ps(3, 4, 5);
-        }
-        _tile_stored(0, s + r0 * KT, KT * 4);
-        _tile_stored(1, s + r0 * KT + 16, KT * 4);
-        _tile_stored(2, s + r0 * KT + 32, KT * 4);
-        _tile_stored(3, s + r0 * KT + 48, KT * 4);
-    }
+    for (int64_t r0 = 0; r0 < rows; r0 += AMX_ROWS)
+        amx_tile_row(qb + r0 * D, D * 2, 32, kb, (KT / 16) * 512, D / 32, s + r0 * KT, KT * 4);
 }
 
 /* o[r] = o[r] * alpha[r] + P[r] V for the tile's rows: P the probabilities in s (0 outside each row's keys), as
@@ -1393,26 +1399,7 @@ static void amx_values(const float *s, const uint16_t *vb, const float *alpha, f
                                                           : _mm512_setzero_si512());
     for (int64_t r0 = 0; r0 < rows; r0 += AMX_ROWS)
         for (int64_t d0 = 0; d0 < D; d0 += 64) {
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-            for (int64_t kc = 0; kc < KT / 32; kc++) {
-                const uint16_t *vt = vb + (kc * (D / 16) + d0 / 16) * 512;
-                _tile_loadd(4, pb + r0 * KT + 32 * kc, KT * 2);
-                _tile_loadd(5, vt, 64);
-                _tile_loadd(6, vt + 512, 64);
-                _tile_dpbf16ps(0, 4, 5);
-                _tile_loadd(7, vt + 1024, 64);
-                _tile_dpbf16ps(1, 4, 6);
-                _tile_loadd(5, vt + 1536, 64);
-                _tile_dpbf16ps(2, 4, 7);
-                _tile_dpbf16ps(3, 4, 5);
-            }
-            _tile_stored(0, pv, 256);
-            _tile_stored(1, pv + 16, 256);
-            _tile_stored(2, pv + 32, 256);
-            _tile_stored(3, pv + 48, 256);
+            amx_tile_row(pb + r0 * KT, KT * 2, 32, vb + d0 / 16 * 512, (D / 16) * 512, KT / 32, pv, 256);
             const int64_t nr = rows - r0 < AMX_ROWS ? rows - r0 : AMX_ROWS;
             for (int64_t i = 0; i < nr; i++) {
                 const __m512 a = _mm512_set1_ps(alpha[r0 + i]);
