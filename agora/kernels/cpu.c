@@ -1206,15 +1206,16 @@ static inline __attribute__((always_inline)) void transpose8(__m256 r[8]) {
 #endif
 
 /* Task t of a prefill group (tasks numbered request by request, then by query tile, then by group of hpt KV
- * heads): its request *b, first KV head *h0 and query tile *tile. */
+ * heads): its request *b, first KV head *h0, and its query tile: the request's queries *q0 .. *q0 + *nq - 1. */
 static inline void prefill_task(const int64_t *q_offsets, int64_t hgroups, int64_t hpt, int64_t t, int64_t *b,
-                                int64_t *h0, int64_t *tile) {
+                                int64_t *h0, int64_t *q0, int64_t *nq) {
     for (*b = 0;; (*b)++) {
         const int64_t n = hgroups * q_tiles(q_offsets, *b);
         if (t < n) break;
         t -= n;
     }
-    *h0 = t % hgroups * hpt, *tile = t / hgroups;
+    const int64_t left = q_offsets[*b + 1] - q_offsets[*b] - t / hgroups * QT;
+    *h0 = t % hgroups * hpt, *q0 = t / hgroups * QT, *nq = left < QT ? left : QT;
 }
 
 /* Chunks to cut each of `tasks` tasks' keys into, for nthreads threads: the count that ends the work soonest,
@@ -1284,6 +1285,17 @@ static inline __attribute__((always_inline)) __m512 kv_load16(const void *p, int
 
 /* 32 floats at p (two vectors) as 32 bf16: one vector of 16 pairs. */
 static inline __m512i bf16x32(__m512 lo, __m512 hi) { return (__m512i)_mm512_cvtne2ps_pbh(hi, lo); }
+
+/* dst [rows rounded up to AMX_ROWS, cols] bf16 = src [rows, cols] fp32 rounded, the rows past `rows` zero (an A
+ * operand's whole tiles: queries, probabilities); cols a multiple of 32. */
+static void amx_rows_bf16(const float *src, int64_t rows, int64_t cols, uint16_t *dst) {
+    for (int64_t r = 0; r < (rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS; r++)
+        for (int64_t c = 0; c < cols; c += 32) {
+            const float *x = src + r * cols + c;
+            _mm512_storeu_si512(dst + r * cols + c, r < rows ? bf16x32(_mm512_loadu_ps(x), _mm512_loadu_ps(x + 16))
+                                                             : _mm512_setzero_si512());
+        }
+}
 
 /* In place: r[i] lane j <- r[j] lane i, 32-bit lanes. */
 static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
@@ -1392,11 +1404,7 @@ static void amx_scores(const uint16_t *qb, const uint16_t *kb, float *s, int64_t
  * bf16 rows in pb; 64 columns of o at a time (4 C tiles), the products staged in pv [16, 64]. */
 static void amx_values(const float *s, const uint16_t *vb, const float *alpha, float *o, int64_t rows, int64_t D,
                        uint16_t *pb, float *pv) {
-    for (int64_t r = 0; r < (rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS; r++)
-        for (int64_t k = 0; k < KT; k += 32)
-            _mm512_storeu_si512(pb + r * KT + k, r < rows ? bf16x32(_mm512_loadu_ps(s + r * KT + k),
-                                                                    _mm512_loadu_ps(s + r * KT + k + 16))
-                                                          : _mm512_setzero_si512());
+    amx_rows_bf16(s, rows, KT, pb);
     for (int64_t r0 = 0; r0 < rows; r0 += AMX_ROWS)
         for (int64_t d0 = 0; d0 < D; d0 += 64) {
             amx_tile_row(pb + r0 * KT, KT * 2, 32, vb + d0 / 16 * 512, (D / 16) * 512, KT / 32, pv, 256);
@@ -1470,10 +1478,9 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
 #endif
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < tasks; task++) {
-            int64_t b, h0, tile;
-            prefill_task(q_offsets, hgroups, hpt, task / split, &b, &h0, &tile);
-            const int64_t nq_all = q_offsets[b + 1] - q_offsets[b];
-            const int64_t q0 = tile * QT, nq = nq_all - q0 < QT ? nq_all - q0 : QT, rows = nq * G;
+            int64_t b, h0, q0, nq;
+            prefill_task(q_offsets, hgroups, hpt, task / split, &b, &h0, &q0, &nq);
+            const int64_t rows = nq * G;
             const int64_t p0 = ctx_starts[b] + q0, plast = p0 + nq - 1; /* positions of the tile's queries */
             const int64_t *table = block_tables + b * bt_stride;
             float *const ob = split > 1 ? parts + task * part_size : own;
@@ -1495,15 +1502,8 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
                         for (int64_t d = 0; d < D; d++) dst[d] = src[d] * scale;
                     }
 #if AGORA_AMX
-            if (amx) /* the queries in bf16, rows past the tile's zero up to a whole tile of AMX_ROWS */
-                for (int64_t hh = 0; hh < hpt; hh++)
-                    for (int64_t r = 0; r < (rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS; r++)
-                        for (int64_t d = 0; d < D; d += 32) {
-                            const float *src = qtb + (hh * R + r) * D + d;
-                            _mm512_storeu_si512(qb + (hh * R + r) * D + d,
-                                                r < rows ? bf16x32(_mm512_loadu_ps(src), _mm512_loadu_ps(src + 16))
-                                                         : _mm512_setzero_si512());
-                        }
+            if (amx) /* the queries in bf16 */
+                for (int64_t hh = 0; hh < hpt; hh++) amx_rows_bf16(qtb + hh * R * D, rows, D, qb + hh * R * D);
 #endif
             memset(ob, 0, sizeof(float) * hpt * R * D);
             for (int64_t r = 0; r < hpt * R; r++) mxb[r] = -INFINITY, sumb[r] = 0.f;
@@ -1697,10 +1697,8 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
 #pragma omp for schedule(static)
             for (int64_t x = 0; x < tile_tasks * hpt * R; x++) {
                 const int64_t tt = x / (hpt * R), hr = x % (hpt * R), hh = hr / R, r = hr % R;
-                int64_t b, h0, tile;
-                prefill_task(q_offsets, hgroups, hpt, tt, &b, &h0, &tile);
-                const int64_t nq_all = q_offsets[b + 1] - q_offsets[b], q0 = tile * QT;
-                const int64_t nq = nq_all - q0 < QT ? nq_all - q0 : QT;
+                int64_t b, h0, q0, nq;
+                prefill_task(q_offsets, hgroups, hpt, tt, &b, &h0, &q0, &nq);
                 if (r >= nq * G) continue;
                 merge_parts(parts + tt * split * part_size, split, part_size, hpt * R, hh * R + r, D,
                             out + ((q_offsets[b] + q0 + r / G) * H + (h0 + hh) * G + r % G) * D);

@@ -32,15 +32,15 @@ logger = logging.getLogger(__name__)
 
 _ROW_MAJOR, _COL_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 102, 111, 112, 151, 162  # MKL's CBLAS enums
 _PACK_ROWS = 128  # the row count MKL is told to plan the packing for (the layout does not depend on it)
+_LIBTORCH_CPU = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"  # the MKL PyTorch links, and exports
 
 
 @functools.cache
 def _lib() -> ctypes.CDLL | None:
     if not envs.mkl_packed() or not torch.backends.mkl.is_available():
         return None
-    path = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
     try:
-        lib = ctypes.CDLL(str(path))  # already loaded by torch: this only looks the symbols up
+        lib = ctypes.CDLL(str(_LIBTORCH_CPU))  # already loaded by torch: this only looks the symbols up
         i, p, f = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
         size = lib.SGEMM_PACK_GET_SIZE  # the Fortran name: the CBLAS one is not exported
         size.argtypes, size.restype = [ctypes.c_char_p, *[ctypes.POINTER(i)] * 3], ctypes.c_size_t
@@ -63,7 +63,7 @@ def _bf16_gemm() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     if not torch.backends.mkl.is_available():
         return None
     try:
-        fn = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).cblas_gemm_bf16bf16f32
+        fn = ctypes.CDLL(str(_LIBTORCH_CPU)).cblas_gemm_bf16bf16f32
     except (OSError, AttributeError):
         return None
     i, p, f = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
