@@ -8,6 +8,9 @@ at memory bandwidth. The kernel source is built twice, as the engine builds it a
 SmolLM2-135M's shape (9 query heads, 3 KV heads, head_dim 64, 16-token blocks in random
 order), one cache per layer for all 30 layers so that every step reads cold memory. The
 figure is the median of ``--repeats`` steps; GB/s counts the K and V bytes a step must read.
+``--against REV`` also builds the kernel of that git revision (as the engine would) and runs it beside them
+(``over_against``: this tree's time over its; ``max_abs_diff_against``: how far apart their outputs are), on
+the cases its kernel reads (no bf16 cache before it had one).
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from agora import kernels
 CASES = [
     (32, 1000, torch.float32),  # 32 agents mid-session
     (32, 1000, torch.float16),
+    (32, 1000, torch.bfloat16),
+    (16, 1400, torch.bfloat16),  # 16 agents at --dtype bfloat16 (a bf16 cache)
+    (16, 1400, torch.float32),
     (4, 4000, torch.float32),
     (1, 8000, torch.float32),  # one long-context agent
 ]
@@ -44,10 +50,22 @@ def build(out_dir: str, defines: list[str]) -> ctypes.CDLL:
     cmd = [cc, *kernels.FLAGS, *(f"-D{d}" for d in defines), str(kernels.SOURCE), "-o", str(so), "-lm"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     lib = ctypes.CDLL(str(so))
-    for name in ("agora_paged_decode_attention", "agora_paged_decode_attention_f16"):
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = kernels._SIGNATURES[name]
+    fn = lib.agora_paged_decode_attention
+    fn.argtypes, fn.restype = kernels._SIGNATURES["agora_paged_decode_attention"]
     return lib
+
+
+def decode_fn(lib: ctypes.CDLL, dtype: torch.dtype):  # noqa: ANN201
+    """The library's decode kernel as f(*args) for a cache of ``dtype``, or None where it has none for it: before
+    the element type was an argument, an fp16 cache had a kernel of its own and a bf16 one none."""
+    if not hasattr(lib, "agora_paged_decode_attention_f16"):
+        fn = lib.agora_paged_decode_attention
+        return lambda *args: fn(*args, kernels.kv_kind(dtype))
+    if dtype == torch.bfloat16:
+        return None
+    fn = getattr(lib, "agora_paged_decode_attention" + ("_f16" if dtype == torch.float16 else ""))
+    fn.argtypes = kernels._SIGNATURES["agora_paged_decode_attention"][0][:-1]
+    return fn
 
 
 def measure(libs: dict[str, ctypes.CDLL], batch: int, context: int, dtype: torch.dtype, repeats: int) -> dict:
@@ -59,14 +77,13 @@ def measure(libs: dict[str, ctypes.CDLL], batch: int, context: int, dtype: torch
     tables = torch.randperm(batch * per_req).view(batch, per_req).contiguous()
     seq_lens = torch.full((batch,), context, dtype=torch.int64)
     q = torch.randn(batch, HEADS, DIM)
-    name = "agora_paged_decode_attention" + ("_f16" if dtype == torch.float16 else "")
     threads = torch.get_num_threads()
-    times: dict[str, list[float]] = {n: [] for n in libs}
+    fns = {label: fn for label, lib in libs.items() if (fn := decode_fn(lib, dtype)) is not None}
+    times: dict[str, list[float]] = {n: [] for n in fns}
     outs = {}
     for _ in range(repeats + 1):
-        for label, lib in libs.items():
+        for label, fn in fns.items():
             out = torch.empty_like(q)
-            fn = getattr(lib, name)
             start = time.perf_counter()
             for k, v in caches:
                 fn(
@@ -77,17 +94,21 @@ def measure(libs: dict[str, ctypes.CDLL], batch: int, context: int, dtype: torch
             outs[label] = out
     step_bytes = LAYERS * batch * context * KV_HEADS * DIM * 2 * caches[0][0].element_size()
     result: dict = {"requests": batch, "context": context, "kv_dtype": str(dtype).removeprefix("torch.")}
-    for label in libs:
+    for label in fns:
         ms = statistics.median(times[label][1:]) * 1000
         result[label] = {"step_ms": round(ms, 2), "GB_per_s": round(step_bytes / ms / 1e6, 1)}
     result["speedup"] = round(result["no_prefetch"]["step_ms"] / result["prefetch"]["step_ms"], 2)
     result["max_abs_diff"] = (outs["prefetch"] - outs["no_prefetch"]).abs().max().item()
+    if "against" in fns:
+        result["over_against"] = round(result["prefetch"]["step_ms"] / result["against"]["step_ms"], 2)
+        result["max_abs_diff_against"] = (outs["prefetch"] - outs["against"]).abs().max().item()
     return result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--against", metavar="REV", help="also time the kernel of this git revision")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -97,6 +118,10 @@ def main() -> None:
     print(f"{host_summary()}; a bare read of 256 MB runs at {bandwidth / 1e9:.1f} GB/s here")
     with tempfile.TemporaryDirectory() as tmp:
         libs = {"prefetch": build(tmp, []), "no_prefetch": build(tmp, ["AGORA_NO_PREFETCH"])}
+        if args.against:
+            from kernels_at import kernels_at
+
+            libs["against"] = kernels_at(args.against)
         results = []
         for batch, context, dtype in CASES:
             r = measure(libs, batch, context, dtype, args.repeats)
@@ -106,10 +131,15 @@ def main() -> None:
                 f"{r['prefetch']['step_ms']:7.1f} ms ({r['prefetch']['GB_per_s']:5.1f} GB/s) with prefetch, "
                 f"{r['no_prefetch']['step_ms']:7.1f} ms ({r['no_prefetch']['GB_per_s']:5.1f} GB/s) without: "
                 f"{r['speedup']:.2f}x"
+                + (
+                    f"; {args.against}: {r['against']['step_ms']:.1f} ms ({r['over_against']:.2f}x)"
+                    if "against" in r
+                    else ""
+                )
             )
     if args.out:
         report = {
-            "command": f"python benchmarks/cpu_decode_attention.py --repeats {args.repeats} --out {args.out}",
+            "command": "python " + " ".join(sys.argv),
             "host": host_summary(),
             "read_bandwidth_GB_per_s": round(bandwidth / 1e9, 1),
             "threads": torch.get_num_threads(),

@@ -4,7 +4,7 @@
     python benchmarks/cpu_prefill_attention.py --against 8b2b625   # also the kernel of that commit
 
 One layer of SmolLM2-135M's shape (9 query heads, 3 KV heads, head_dim 64, 16-token blocks,
-block tables in random order), fp32 cache (``--kv-cache-dtype float16``: fp16). Each case is a prefill group: the chunks of new
+block tables in random order), fp32 cache (``--kv-cache-dtype``: fp16 or bf16). Each case is a prefill group: the chunks of new
 tokens of one or more requests, each after a cached prefix (``context``); the last cases are
 speculative verification steps (a few draft tokens per request after a long context), which go
 through this kernel too. Every path runs alternately in one process; the figure is the median of
@@ -68,10 +68,16 @@ def measure(query_lens: list[int], contexts: list[int], repeats: int, copies: in
 
     def run_lib(lib: ctypes.CDLL, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(q)
-        getattr(lib, KERNEL)(
+        # before 2-byte caches took an element-type argument, fp16 had a kernel of its own (and bf16 none)
+        old = hasattr(lib, KERNEL + "_f16")
+        kv = () if old else (kernels.kv_kind(kv_dtype),)
+        fn = getattr(lib, KERNEL + ("_f16" if old and kv_dtype == torch.float16 else ""))
+        if old:
+            fn.argtypes = kernels._SIGNATURES[KERNEL][0][:-1]  # one argument fewer
+        fn(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), kernel.block_tables.data_ptr(), kernel.block_tables.shape[1],
             kernel.query_offsets.data_ptr(), kernel.context_starts.data_ptr(), len(query_lens), heads, kv_heads, dim,
-            block, 0, dim**-0.5, out.data_ptr(), torch.get_num_threads(), 0,  # (fp32 products: older ones ignore it)
+            block, 0, dim**-0.5, out.data_ptr(), torch.get_num_threads(), *kv, 0,  # fp32 products (older: ignored)
         )  # fmt: skip
         return out
 
@@ -127,7 +133,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=21)
     ap.add_argument("--copies", type=int, default=8, help="separate K/V copies read in turn (1: hot caches)")
     ap.add_argument("--against", metavar="REV", help="also time the kernel of this git revision")
-    ap.add_argument("--kv-cache-dtype", default="float32", choices=["float32", "float16"])
+    ap.add_argument("--kv-cache-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if not kernels.available():

@@ -171,7 +171,7 @@ class TorchPagedAttention:
             native = kernels.Attention(
                 ctypes.cast(self._k_ptrs, ctypes.c_void_p), ctypes.cast(self._v_ptrs, ctypes.c_void_p),
                 self._windows.data_ptr(), meta.slot_mapping.data_ptr(), k_cache.shape[1],
-                int(k_cache.dtype == torch.float16), int(self.bf16), self.scale, len(meta.groups),
+                kernels.kv_kind(k_cache.dtype), int(self.bf16), self.scale, len(meta.groups),
             )  # fmt: skip
             for i, g in enumerate(meta.groups):
                 native.groups[i] = _native_group(g, meta.slot_mapping.shape[0])

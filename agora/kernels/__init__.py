@@ -34,7 +34,8 @@ I8_QTYPES = ("Q4_1", "Q8_0")  # the formats the int8-activation kernel reads
 _FORMATS = {"Q4_1": 0, "Q8_0": 1, "QU8": 2}  # cpu.c's FMT_*
 BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34, "QU8": 48}  # per 32 weights
 I8_GROUP = 8  # weight rows the int8-activation kernel computes together (repack_i8's groups)
-KV_DTYPES = (torch.float32, torch.float16)  # KV cache element types the decode attention kernel reads
+# KV cache element types the attention kernels read, as cpu.c's KV_F32, KV_F16, KV_BF16
+KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -54,10 +55,8 @@ _SIGNATURES = {
     "agora_silu_mul": ([_P, _I, _I, _P, _I], None),
     "agora_gelu_tanh_mul": ([_P, _I, _I, _P, _I], None),
     "agora_rms_norm": ([_P, _I, _I, _P, _F, _P, _I], None),
-    "agora_paged_decode_attention": ([_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I], None),
-    "agora_paged_decode_attention_f16": ([_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I], None),
-    "agora_paged_prefill_attention": ([_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I, _I], None),
-    "agora_paged_prefill_attention_f16": ([_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I, _I], None),
+    "agora_paged_decode_attention": ([_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I, _I], None),
+    "agora_paged_prefill_attention": ([_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I, _I, _I], None),
     "agora_amx_init": ([], _I),
     "agora_argmax": ([_P, _I, _I, _I, _P, _I], None),
     "agora_kernel_timing": ([_I], None),
@@ -103,7 +102,7 @@ class Attention(ctypes.Structure):
     """A step's paged attention: per-layer caches and windows, slots, up to two groups."""
 
     _fields_ = [
-        ("k_caches", _P), ("v_caches", _P), ("windows", _P), ("slots", _P), ("block_size", _I), ("half", _I),
+        ("k_caches", _P), ("v_caches", _P), ("windows", _P), ("slots", _P), ("block_size", _I), ("kv", _I),
         ("amx", _I), ("scale", _F), ("n_groups", _I), ("groups", AttentionGroup * 2),
     ]  # fmt: skip
 
@@ -301,22 +300,27 @@ def linear(
     return y.view(*shape[:-1], n)
 
 
+def kv_kind(dtype: torch.dtype) -> int:
+    """cpu.c's code for a KV cache element type (one of ``KV_DTYPES``)."""
+    return KV_DTYPES.index(dtype)
+
+
 def _paged_attention(
     name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     per_request: tuple[int, ...], window: int | None, scale: float, *extra: int,
 ) -> torch.Tensor:  # fmt: skip
-    """Call ``name`` (or its fp16-cache twin ``name_f16``): both attention kernels take
-    (q, caches, block tables, *per_request, H, Hkv, D, block size, window, scale, out, threads, *extra)."""
+    """Call ``name``: both attention kernels take (q, caches, block tables, *per_request, H, Hkv, D, block size,
+    window, scale, out, threads, the caches' element type, *extra)."""
     k = lib()
     assert k is not None, "CPU kernels are not available"
     q = q.contiguous()
     h, d = q.shape[1], q.shape[2]
     _, block_size, hkv, _ = k_cache.shape
     out = torch.empty_like(q)
-    fn = getattr(k, f"{name}_f16" if k_cache.dtype == torch.float16 else name)
-    fn(
+    getattr(k, name)(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
-        *per_request, h, hkv, d, block_size, window or 0, scale, out.data_ptr(), torch.get_num_threads(), *extra,
+        *per_request, h, hkv, d, block_size, window or 0, scale, out.data_ptr(), torch.get_num_threads(),
+        kv_kind(k_cache.dtype), *extra,
     )  # fmt: skip
     return out
 
@@ -331,7 +335,7 @@ def paged_decode_attention(
     scale: float,
 ) -> torch.Tensor:
     """One query per request: ``q [B, H, D]`` (fp32) over ``seq_lens[b]`` keys of the paged
-    cache (fp32 or fp16, see ``KV_DTYPES``)."""
+    cache (fp32, fp16 or bf16, see ``KV_DTYPES``)."""
     per_request = (seq_lens.data_ptr(), q.shape[0])
     return _paged_attention(
         "agora_paged_decode_attention", q, k_cache, v_cache, block_tables, per_request, window, scale

@@ -704,19 +704,41 @@ static inline __m256 hsum8(const __m256 a[8]) {
 }
 #endif
 
-/* K/V elements are fp32 or fp16 (F16C converts 8 at a time); `half` is a constant in each
- * specialisation below, so the branch costs nothing. Offsets count elements, not bytes. */
-static inline __attribute__((always_inline)) const void *kv_at(const void *p, int64_t i, int half) {
-    return (const char *)p + i * (half ? 2 : 4);
+/* K/V elements are fp32, fp16 or bf16 (KV_*: what the cache holds; F16C widens 8 fp16 at a time, a bf16 is the
+ * top half of its fp32, so a shift widens it); `kv` is a constant in each specialisation below, so the branches
+ * cost nothing. Offsets count elements, not bytes. */
+#define KV_F32 0
+#define KV_F16 1
+#define KV_BF16 2
+static inline __attribute__((always_inline)) const void *kv_at(const void *p, int64_t i, int kv) {
+    return (const char *)p + i * (kv ? 2 : 4);
 }
 
-static inline __attribute__((always_inline)) float kv_load1(const void *p, int half) {
-    return half ? half_to_float((const uint8_t *)p) : *(const float *)p;
+static inline float bf16_to_float(uint16_t h) {
+    const uint32_t x = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &x, sizeof f);
+    return f;
+}
+
+static inline __attribute__((always_inline)) float kv_load1(const void *p, int kv) {
+    if (kv == KV_BF16) return bf16_to_float(*(const uint16_t *)p);
+    return kv ? half_to_float((const uint8_t *)p) : *(const float *)p;
 }
 
 #if AGORA_AVX2
-static inline __attribute__((always_inline)) __m256 kv_load8(const void *p, int half) {
-    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)) : _mm256_loadu_ps((const float *)p);
+static inline __attribute__((always_inline)) __m256 kv_load8(const void *p, int kv) {
+    if (kv == KV_BF16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+    return kv ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)) : _mm256_loadu_ps((const float *)p);
+}
+#endif
+#if AGORA_AVX2 && defined(__AVX512F__)
+static inline __attribute__((always_inline)) __m512 kv_load16(const void *p, int kv) {
+    if (kv == KV_BF16)
+        return _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+    return kv ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)) : _mm512_loadu_ps((const float *)p);
 }
 #endif
 
@@ -746,21 +768,89 @@ static inline __attribute__((always_inline)) void prefetch_row(const void *p, in
 #endif
 
 /* Bytes of a token row that G query heads (`group` per KV head) read: their KV heads' slices. */
-static inline int64_t kv_row_bytes(int64_t G, int64_t group, int64_t D, int half) {
-    return (G + group - 1) / group * D * (half ? 2 : 4);
+static inline int64_t kv_row_bytes(int64_t G, int64_t group, int64_t D, int kv) {
+    return (G + group - 1) / group * D * (kv ? 2 : 4);
 }
+
+#if AGORA_AVX2 && defined(__AVX512F__)
+/* AVX-512 decode attention: NH (1..3, a constant) query heads that share a KV head, 16 lanes at a time, each key
+ * (or value) slice widened once for all NH of them. */
+
+/* scores[h * n + j] for keys i .. i + 8: NH heads' queries q + h * D against the slices at kp[j] + off. */
+static inline __attribute__((always_inline)) void score_keys8(const float *q, const void **kp, int64_t i, int64_t n,
+                                                              int64_t off, int64_t D, __m256 vs, float *scores,
+                                                              int kv, int NH) {
+    __m512 acc[3][8];
+    for (int h = 0; h < NH; h++)
+        for (int j = 0; j < 8; j++) acc[h][j] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+        __m512 qv[3];
+        for (int h = 0; h < NH; h++) qv[h] = _mm512_loadu_ps(q + h * D + d);
+        for (int j = 0; j < 8; j++) {
+            const __m512 k = kv_load16(kv_at(kp[i + j], off + d, kv), kv);
+            for (int h = 0; h < NH; h++) acc[h][j] = _mm512_fmadd_ps(qv[h], k, acc[h][j]);
+        }
+    }
+    for (int h = 0; h < NH; h++) {
+        __m256 a8[8];
+        for (int j = 0; j < 8; j++)
+            a8[j] = _mm256_add_ps(_mm512_castps512_ps256(acc[h][j]),
+                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[h][j]), 1)));
+        _mm256_storeu_ps(scores + h * n + i, _mm256_mul_ps(hsum8(a8), vs));
+    }
+}
+
+/* o[h * D + dc .. + 64] += sum_{i0 <= i < i1} probs[h * n + i] * v_i[off + dc .. + 64] for NH heads. */
+static inline __attribute__((always_inline)) void value_rows64(const float *probs, const void **vp, int64_t i0,
+                                                               int64_t i1, int64_t n, int64_t off, int64_t D,
+                                                               float *o, int prefetch, int64_t row_bytes, int kv,
+                                                               int NH) {
+    __m512 a[3][4];
+    for (int h = 0; h < NH; h++)
+        for (int u = 0; u < 4; u++) a[h][u] = _mm512_loadu_ps(o + h * D + 16 * u);
+    for (int64_t i = i0; i < i1; i++) {
+        if (prefetch && i + VALUE_PREFETCH < n) prefetch_row(vp[i + VALUE_PREFETCH], row_bytes);
+        const void *v = kv_at(vp[i], off, kv);
+        __m512 x[4];
+        for (int u = 0; u < 4; u++) x[u] = kv_load16(kv_at(v, 16 * u, kv), kv);
+        for (int h = 0; h < NH; h++) {
+            const __m512 p = _mm512_set1_ps(probs[h * n + i]);
+            for (int u = 0; u < 4; u++) a[h][u] = _mm512_fmadd_ps(p, x[u], a[h][u]);
+        }
+    }
+    for (int h = 0; h < NH; h++)
+        for (int u = 0; u < 4; u++) _mm512_storeu_ps(o + h * D + 16 * u, a[h][u]);
+}
+#endif
 
 /* Scores of G query heads against keys kp[0..n) (pointers to token rows), scaled, into
  * scores[g * n + i]. Query head g reads the key at kp[i] + (g / group) * D, so one call can
  * cover several KV heads of a token row (read whole and in order). */
 static inline __attribute__((always_inline)) void attn_scores(const float *qh, const void **kp, int64_t n, int64_t G,
                                                               int64_t group, int64_t D, float scale, float *scores,
-                                                              int half) {
+                                                              int kv) {
     int64_t i = 0;
+#if AGORA_AVX2 && defined(__AVX512F__)
+    if (D % 16 == 0) {
+        const __m256 vs = _mm256_set1_ps(scale);
+        const int64_t row_bytes = kv_row_bytes(G, group, D, kv);
+        for (; i + 8 <= n; i += 8) {
+            for (int64_t j = i + KEY_PREFETCH; j < i + KEY_PREFETCH + 8 && j < n; j++) prefetch_row(kp[j], row_bytes);
+            for (int64_t g = 0; g < G;) { /* up to 3 heads of one KV head at a time */
+                const int64_t left = group - g % group, off = (g / group) * D;
+                const float *q = qh + g * D;
+                if (left >= 3) score_keys8(q, kp, i, n, off, D, vs, scores + g * n, kv, 3);
+                else if (left == 2) score_keys8(q, kp, i, n, off, D, vs, scores + g * n, kv, 2);
+                else score_keys8(q, kp, i, n, off, D, vs, scores + g * n, kv, 1);
+                g += left >= 3 ? 3 : left;
+            }
+        }
+    }
+#endif
 #if AGORA_AVX2
     if (D % 8 == 0) {
         const __m256 vs = _mm256_set1_ps(scale);
-        const int64_t row_bytes = kv_row_bytes(G, group, D, half);
+        const int64_t row_bytes = kv_row_bytes(G, group, D, kv);
         for (; i + 8 <= n; i += 8) {
             for (int64_t j = i + KEY_PREFETCH; j < i + KEY_PREFETCH + 8 && j < n; j++) prefetch_row(kp[j], row_bytes);
             for (int64_t g = 0; g < G; g++) {
@@ -771,7 +861,7 @@ static inline __attribute__((always_inline)) void attn_scores(const float *qh, c
                 for (int64_t d = 0; d < D; d += 8) {
                     __m256 qv = _mm256_loadu_ps(qg + d);
                     for (int j = 0; j < 8; j++)
-                        acc[j] = _mm256_fmadd_ps(qv, kv_load8(kv_at(kp[i + j], off + d, half), half), acc[j]);
+                        acc[j] = _mm256_fmadd_ps(qv, kv_load8(kv_at(kp[i + j], off + d, kv), kv), acc[j]);
                 }
                 _mm256_storeu_ps(scores + g * n + i, _mm256_mul_ps(hsum8(acc), vs));
             }
@@ -781,9 +871,9 @@ static inline __attribute__((always_inline)) void attn_scores(const float *qh, c
     for (; i < n; i++) {
         for (int64_t g = 0; g < G; g++) {
             const float *qg = qh + g * D;
-            const void *k = kv_at(kp[i], (g / group) * D, half);
+            const void *k = kv_at(kp[i], (g / group) * D, kv);
             float s = 0.f;
-            for (int64_t d = 0; d < D; d++) s += qg[d] * kv_load1(kv_at(k, d, half), half);
+            for (int64_t d = 0; d < D; d++) s += qg[d] * kv_load1(kv_at(k, d, kv), kv);
             scores[g * n + i] = s * scale;
         }
     }
@@ -840,14 +930,35 @@ static inline float exp_sum(float *s, int64_t n, float m) {
  * read once, in order; the accumulators ([G, D], a few KB) stay in L1. */
 static inline __attribute__((always_inline)) void attn_values(const float *probs, const void **vp, int64_t n,
                                                               int64_t G, int64_t group, int64_t D, float *out,
-                                                              int half) {
+                                                              int kv) {
     memset(out, 0, sizeof(float) * G * D);
+#if AGORA_AVX2 && defined(__AVX512F__)
+    if (D % 64 == 0) { /* as below, 16 lanes wide and each V slice widened once for up to 3 heads */
+        const int64_t row_bytes = kv_row_bytes(G, group, D, kv);
+        for (int64_t i0 = 0; i0 < n; i0 += 64) {
+            const int64_t i1 = i0 + 64 < n ? i0 + 64 : n;
+            for (int64_t g = 0; g < G;) {
+                const int64_t left = group - g % group, off = (g / group) * D;
+                const int nh = left >= 3 ? 3 : (int)left;
+                for (int64_t dc = 0; dc < D; dc += 64) {
+                    const int pf = g == 0 && dc == 0;
+                    float *o = out + g * D + dc;
+                    if (nh == 3) value_rows64(probs + g * n, vp, i0, i1, n, off + dc, D, o, pf, row_bytes, kv, 3);
+                    else if (nh == 2) value_rows64(probs + g * n, vp, i0, i1, n, off + dc, D, o, pf, row_bytes, kv, 2);
+                    else value_rows64(probs + g * n, vp, i0, i1, n, off + dc, D, o, pf, row_bytes, kv, 1);
+                }
+                g += nh;
+            }
+        }
+        return;
+    }
+#endif
 #if AGORA_AVX2
     if (D % 64 == 0) {
         /* Tiles of 64 tokens (their V rows stay in L2 while each head passes over them); per head
          * and 64-wide slice of D, eight accumulators live in registers. The first pass over a
          * tile prefetches the rows VALUE_PREFETCH tokens on. */
-        const int64_t row_bytes = kv_row_bytes(G, group, D, half);
+        const int64_t row_bytes = kv_row_bytes(G, group, D, kv);
         for (int64_t i0 = 0; i0 < n; i0 += 64) {
             const int64_t i1 = i0 + 64 < n ? i0 + 64 : n;
             for (int64_t g = 0; g < G; g++) {
@@ -861,15 +972,15 @@ static inline __attribute__((always_inline)) void attn_values(const float *probs
                     for (int64_t i = i0; i < i1; i++) {
                         if (g == 0 && dc == 0 && i + VALUE_PREFETCH < n) prefetch_row(vp[i + VALUE_PREFETCH], row_bytes);
                         const __m256 p = _mm256_set1_ps(pg[i]);
-                        const void *v = kv_at(vp[i], off, half);
-                        a0 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 0, half), half), a0);
-                        a1 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 8, half), half), a1);
-                        a2 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 16, half), half), a2);
-                        a3 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 24, half), half), a3);
-                        a4 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 32, half), half), a4);
-                        a5 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 40, half), half), a5);
-                        a6 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 48, half), half), a6);
-                        a7 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 56, half), half), a7);
+                        const void *v = kv_at(vp[i], off, kv);
+                        a0 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 0, kv), kv), a0);
+                        a1 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 8, kv), kv), a1);
+                        a2 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 16, kv), kv), a2);
+                        a3 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 24, kv), kv), a3);
+                        a4 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 32, kv), kv), a4);
+                        a5 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 40, kv), kv), a5);
+                        a6 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 48, kv), kv), a6);
+                        a7 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 56, kv), kv), a7);
                     }
                     _mm256_storeu_ps(o, a0), _mm256_storeu_ps(o + 8, a1), _mm256_storeu_ps(o + 16, a2);
                     _mm256_storeu_ps(o + 24, a3), _mm256_storeu_ps(o + 32, a4), _mm256_storeu_ps(o + 40, a5);
@@ -883,23 +994,22 @@ static inline __attribute__((always_inline)) void attn_values(const float *probs
     for (int64_t i = 0; i < n; i++) {
         for (int64_t g = 0; g < G; g++) {
             const float p = probs[g * n + i];
-            const void *v = kv_at(vp[i], (g / group) * D, half);
+            const void *v = kv_at(vp[i], (g / group) * D, kv);
             float *o = out + g * D;
             int64_t d = 0;
 #if AGORA_AVX2
             const __m256 vp8 = _mm256_set1_ps(p);
             for (; d + 8 <= D; d += 8)
-                _mm256_storeu_ps(o + d, _mm256_fmadd_ps(vp8, kv_load8(kv_at(v, d, half), half), _mm256_loadu_ps(o + d)));
+                _mm256_storeu_ps(o + d, _mm256_fmadd_ps(vp8, kv_load8(kv_at(v, d, kv), kv), _mm256_loadu_ps(o + d)));
 #endif
-            for (; d < D; d++) o[d] += p * kv_load1(kv_at(v, d, half), half);
+            for (; d < D; d++) o[d] += p * kv_load1(kv_at(v, d, kv), kv);
         }
     }
 }
 
 /* Attention of B single-token queries over their paged K/V.
  *   q:            [B, H, D] contiguous
- *   k/v caches:   [num_blocks, BS, Hkv, D] contiguous, fp32 (agora_paged_decode_attention)
- *                 or fp16 (agora_paged_decode_attention_f16)
+ *   k/v caches:   [num_blocks, BS, Hkv, D] contiguous, fp32, fp16 or bf16 (kv: KV_F32, KV_F16, KV_BF16)
  *   block_tables: [B, bt_stride] (row b lists request b's blocks in order)
  *   seq_lens:     [B] keys per request, the query's own already written to the cache
  *   window:       > 0 attends to the last `window` keys only
@@ -942,7 +1052,7 @@ static inline __attribute__((always_inline)) void paged_decode(const float *q, c
                                                                 int64_t bt_stride, const int64_t *seq_lens, int64_t B,
                                                                 int64_t H, int64_t Hkv, int64_t D, int64_t BS,
                                                                 int64_t window, float scale, float *out,
-                                                                int64_t nthreads, int half) {
+                                                                int64_t nthreads, int kv) {
     const int64_t G = H / Hkv, tok_stride = Hkv * D;
     /* Enough requests to keep every thread busy: one task reads a request's whole token rows
      * (all KV heads, contiguous within a block). Otherwise one task per (request, KV head). */
@@ -984,17 +1094,17 @@ static inline __attribute__((always_inline)) void paged_decode(const float *q, c
             const int64_t *table = block_tables + b * bt_stride;
             for (int64_t i = 0; i < n; i++) {
                 const int64_t off = token_row(table, c0 + i, BS, tok_stride) + h0 * D;
-                kp[i] = kv_at(k_cache, off, half);
-                vp[i] = kv_at(v_cache, off, half);
+                kp[i] = kv_at(k_cache, off, kv);
+                vp[i] = kv_at(v_cache, off, kv);
             }
             float *o = split > 1 ? parts + task * part_size : out + (b * H + h0 * G) * D;
-            attn_scores(q + (b * H + h0 * G) * D, kp, n, GG, G, D, scale, buf, half);
+            attn_scores(q + (b * H + h0 * G) * D, kp, n, GG, G, D, scale, buf, kv);
             float mx[GG], sum[GG];
             for (int64_t g = 0; g < GG; g++) {
                 mx[g] = row_max(buf + g * n, n, -INFINITY);
                 sum[g] = n ? exp_sum(buf + g * n, n, mx[g]) : 0.f;
             }
-            attn_values(buf, vp, n, GG, G, D, o, half);
+            attn_values(buf, vp, n, GG, G, D, o, kv);
             if (split > 1) {
                 memcpy(o + GG * D, mx, sizeof mx);
                 memcpy(o + GG * D + GG, sum, sizeof sum);
@@ -1017,20 +1127,28 @@ static inline __attribute__((always_inline)) void paged_decode(const float *q, c
     free(parts);
 }
 
-void agora_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
-                                  const int64_t *block_tables, int64_t bt_stride, const int64_t *seq_lens, int64_t B,
-                                  int64_t H, int64_t Hkv, int64_t D, int64_t BS, int64_t window, float scale,
-                                  float *out, int64_t nthreads) {
-    TIMED(paged_decode(q, k_cache, v_cache, block_tables, bt_stride, seq_lens, B, H, Hkv, D, BS, window, scale, out,
-                 nthreads, 0));
+/* The three cache element types, each its own specialisation of paged_decode. */
+static void paged_decode_kv(const float *q, const void *k_cache, const void *v_cache, const int64_t *block_tables,
+                            int64_t bt_stride, const int64_t *seq_lens, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                            int64_t BS, int64_t window, float scale, float *out, int64_t nthreads, int64_t kv) {
+    if (kv == KV_F16)
+        paged_decode(q, k_cache, v_cache, block_tables, bt_stride, seq_lens, B, H, Hkv, D, BS, window, scale, out,
+                     nthreads, KV_F16);
+    else if (kv == KV_BF16)
+        paged_decode(q, k_cache, v_cache, block_tables, bt_stride, seq_lens, B, H, Hkv, D, BS, window, scale, out,
+                     nthreads, KV_BF16);
+    else
+        paged_decode(q, k_cache, v_cache, block_tables, bt_stride, seq_lens, B, H, Hkv, D, BS, window, scale, out,
+                     nthreads, KV_F32);
 }
 
-void agora_paged_decode_attention_f16(const float *q, const uint16_t *k_cache, const uint16_t *v_cache,
-                                      const int64_t *block_tables, int64_t bt_stride, const int64_t *seq_lens,
-                                      int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t BS, int64_t window,
-                                      float scale, float *out, int64_t nthreads) {
-    TIMED(paged_decode(q, k_cache, v_cache, block_tables, bt_stride, seq_lens, B, H, Hkv, D, BS, window, scale, out,
-                 nthreads, 1));
+/* kv: the caches' element type (KV_F32, KV_F16, KV_BF16) */
+void agora_paged_decode_attention(const float *q, const void *k_cache, const void *v_cache,
+                                  const int64_t *block_tables, int64_t bt_stride, const int64_t *seq_lens, int64_t B,
+                                  int64_t H, int64_t Hkv, int64_t D, int64_t BS, int64_t window, float scale,
+                                  float *out, int64_t nthreads, int64_t kv) {
+    TIMED(paged_decode_kv(q, k_cache, v_cache, block_tables, bt_stride, seq_lens, B, H, Hkv, D, BS, window, scale,
+                          out, nthreads, kv));
 }
 
 /* Causal attention of chunks of new tokens (prefill, or a prompt's uncached tail) over their
@@ -1048,7 +1166,7 @@ void agora_paged_decode_attention_f16(const float *q, const uint16_t *k_cache, c
  * after as decode attention's are (prefill_split; 8 drafts after 1,300 tokens 0.21 -> 0.18 ms a layer, the
  * one case whose bits change: another summation order). In a task, the tile's QT * G query rows of a head
  * share every K/V tile, which is unpacked once
- * (transposed for QK^T, fp16 widened) into L1/L2. With AVX-512 the scores and P V run in register
+ * (transposed for QK^T, fp16 and bf16 widened) into L1/L2. With AVX-512 the scores and P V run in register
  * blocks of 6 rows (score_block, pv_block), the same arithmetic in the same order: bit for bit the
  * row-at-a-time result, 1.2-1.6x faster (Intel Xeon with AMX, 2 cores, SmolLM2's heads:
  * benchmarks/cpu_prefill_attention.py --against; 16 requests x 6 queries after 1,300 tokens 4.15 ->
@@ -1279,10 +1397,6 @@ static void amx_configure(void) {
     _tile_loadconfig(&c);
 }
 
-static inline __attribute__((always_inline)) __m512 kv_load16(const void *p, int half) {
-    return half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)) : _mm512_loadu_ps((const float *)p);
-}
-
 /* 32 floats at p (two vectors) as 32 bf16: one vector of 16 pairs. */
 static inline __m512i bf16x32(__m512 lo, __m512 hi) { return (__m512i)_mm512_cvtne2ps_pbh(hi, lo); }
 
@@ -1325,7 +1439,7 @@ static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
  * next tile's rows, a few lines at a time: 512 lines a head, what SmolLM2's 3 heads of fp32 rows need; asked
  * for a token's whole row at once, the misses stalled, and 16 x 6 queries after 1,300 tokens took 1.05x the fp32
  * kernel's time instead of 0.92x). */
-static void amx_pack_keys(const void *k_cache, const int64_t *toff, int64_t h, int64_t D, int64_t nk, int half,
+static void amx_pack_keys(const void *k_cache, const int64_t *toff, int64_t h, int64_t D, int64_t nk, int kv,
                           uint16_t *kb, prefetcher *pf) {
     for (int64_t j = 0; j < KT / 16; j++)
         for (int64_t c = 0; c < D / 32; c++) {
@@ -1337,8 +1451,8 @@ static void amx_pack_keys(const void *k_cache, const int64_t *toff, int64_t h, i
                     r[n] = _mm512_setzero_si512();
                     continue;
                 }
-                const void *kr = kv_at(k_cache, toff[key] + h * D + 32 * c, half);
-                r[n] = bf16x32(kv_load16(kr, half), kv_load16(kv_at(kr, 16, half), half));
+                const void *kr = kv_at(k_cache, toff[key] + h * D + 32 * c, kv);
+                r[n] = bf16x32(kv_load16(kr, kv), kv_load16(kv_at(kr, 16, kv), kv));
             }
             transpose16(r); /* r[n] = key n's dims (2m, 2m + 1) in lane m -> r[m] = dims (2m, 2m + 1) of key n */
             for (int m = 0; m < 16; m++) _mm512_storeu_si512(kb + (c * (KT / 16) + j) * 512 + m * 32, r[m]);
@@ -1347,7 +1461,7 @@ static void amx_pack_keys(const void *k_cache, const int64_t *toff, int64_t h, i
 
 /* The key tile's values as B tiles: for 32 keys kc and 16 dims t, vb[(kc * D / 16 + t) * 512 + r * 32 + 2 n + i]
  * = V[32 kc + 2 r + i][16 t + n] (keys past nk zero). */
-static void amx_pack_values(const void *v_cache, const int64_t *toff, int64_t h, int64_t D, int64_t nk, int half,
+static void amx_pack_values(const void *v_cache, const int64_t *toff, int64_t h, int64_t D, int64_t nk, int kv,
                             uint16_t *vb, prefetcher *pf) {
     /* element 2n of a row <- key 2r's dim n (the low half of cvtne2ps), 2n + 1 <- key 2r + 1's (the high half) */
     const __m512i inter = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
@@ -1356,11 +1470,11 @@ static void amx_pack_values(const void *v_cache, const int64_t *toff, int64_t h,
         for (int r = 0; r < 16; r++) {
             const int64_t key = 32 * kc + 2 * r;
             prefetch_next(pf), prefetch_next(pf), prefetch_next(pf), prefetch_next(pf);
-            const void *v0 = key < nk ? kv_at(v_cache, toff[key] + h * D, half) : NULL;
-            const void *v1 = key + 1 < nk ? kv_at(v_cache, toff[key + 1] + h * D, half) : NULL;
+            const void *v0 = key < nk ? kv_at(v_cache, toff[key] + h * D, kv) : NULL;
+            const void *v1 = key + 1 < nk ? kv_at(v_cache, toff[key + 1] + h * D, kv) : NULL;
             for (int64_t t = 0; t < D / 16; t++) {
-                const __m512 a = v0 ? kv_load16(kv_at(v0, 16 * t, half), half) : _mm512_setzero_ps();
-                const __m512 b = v1 ? kv_load16(kv_at(v1, 16 * t, half), half) : _mm512_setzero_ps();
+                const __m512 a = v0 ? kv_load16(kv_at(v0, 16 * t, kv), kv) : _mm512_setzero_ps();
+                const __m512 b = v1 ? kv_load16(kv_at(v1, 16 * t, kv), kv) : _mm512_setzero_ps();
                 uint16_t *row = vb + (kc * (D / 16) + t) * 512 + r * 32;
                 _mm512_storeu_si512(row, _mm512_permutexvar_epi16(inter, bf16x32(a, b)));
             }
@@ -1425,7 +1539,7 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
                                                                  int64_t bt_stride, const int64_t *q_offsets,
                                                                  const int64_t *ctx_starts, int64_t B, int64_t H,
                                                                  int64_t Hkv, int64_t D, int64_t BS, int64_t window,
-                                                                 float scale, float *out, int64_t nthreads, int half,
+                                                                 float scale, float *out, int64_t nthreads, int kv,
                                                                  int amx) {
     const int64_t G = H / Hkv, tok_stride = Hkv * D, R = QT * G;
 #if AGORA_AMX
@@ -1524,29 +1638,29 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
                         const int64_t later = kend - (k0 + KT) < KT ? kend - (k0 + KT) : KT;
                         if (ahead_too && later > 0) tile_rows(table, k0 + KT, later, BS, tok_stride, tnext);
 #if PBLOCKED
-                        pf = (prefetcher){(const char *)kv_at(k_cache, h0 * D, half),
-                                          (const char *)kv_at(v_cache, h0 * D, half),
+                        pf = (prefetcher){(const char *)kv_at(k_cache, h0 * D, kv),
+                                          (const char *)kv_at(v_cache, h0 * D, kv),
                                           tnext, ahead_too && later > 0 ? later : 0,
-                                          (kv_row_bytes(hpt, 1, D, half) + 63) / 64, 0, 0, half ? 2 : 4, 0};
+                                          (kv_row_bytes(hpt, 1, D, kv) + 63) / 64, 0, 0, kv ? 2 : 4, 0};
 #endif
                     }
                     float *qt = qtb + hh * R * D, *o = ob + hh * R * D, *mx = mxb + hh * R, *sum = sumb + hh * R;
                     /* The next tile's rows of all the task's heads, fetched into L2 meanwhile (by the first head) */
                     const int ahead = ahead_too && hh == 0;
-                    const int64_t ahead_bytes = kv_row_bytes(hpt, 1, D, half);
+                    const int64_t ahead_bytes = kv_row_bytes(hpt, 1, D, kv);
                     (void)ahead, (void)ahead_bytes; /* (a build without AVX2 does not prefetch) */
 #if AGORA_AMX
                     if (amx) {
-                        amx_pack_keys(k_cache, toff, h, D, nk, half, kb, &pf);
+                        amx_pack_keys(k_cache, toff, h, D, nk, kv, kb, &pf);
                         amx_scores(qb + hh * R * D, kb, s, rows, D);
                         softmax_rows(s, rows, p0, G, k0, nk, window, mx, sum, alpha, klo, khi);
-                        amx_pack_values(v_cache, toff, h, D, nk, half, vb, &pf);
+                        amx_pack_values(v_cache, toff, h, D, nk, kv, vb, &pf);
                         amx_values(s, vb, alpha, o, rows, D, pb, pv);
                         continue;
                     }
 #endif
                     /* Unpack the key tile transposed (kt[d * KT + j]); value rows are read where they are
-                     * (vrow[j]), except an fp16 cache's, widened into vt first. */
+                     * (vrow[j]), except a 2-byte cache's, widened into vt first. */
                     const float *vrow[KT];
                     int64_t j = 0;
 #if AGORA_AVX2
@@ -1557,15 +1671,15 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
                                 /* (a tile the micro-kernels take, they prefetch as they go) */
                                 if (ahead && k0 + KT + j + u < kend && !BLOCKED_D(D)) {
                                     const int64_t at = tnext[j + u] + h0 * D;
-                                    prefetch_row(kv_at(k_cache, at, half), ahead_bytes);
-                                    prefetch_row(kv_at(v_cache, at, half), ahead_bytes);
+                                    prefetch_row(kv_at(k_cache, at, kv), ahead_bytes);
+                                    prefetch_row(kv_at(v_cache, at, kv), ahead_bytes);
                                 }
                                 const int64_t off = toff[j + u] + h * D;
-                                kr[u] = kv_at(k_cache, off, half);
-                                const void *vr = kv_at(v_cache, off, half);
-                                if (half) {
+                                kr[u] = kv_at(k_cache, off, kv);
+                                const void *vr = kv_at(v_cache, off, kv);
+                                if (kv) {
                                     for (int64_t d = 0; d < D; d += 8)
-                                        _mm256_storeu_ps(vt + (j + u) * D + d, kv_load8(kv_at(vr, d, half), half));
+                                        _mm256_storeu_ps(vt + (j + u) * D + d, kv_load8(kv_at(vr, d, kv), kv));
                                     vrow[j + u] = vt + (j + u) * D;
                                 } else {
                                     vrow[j + u] = (const float *)vr;
@@ -1573,7 +1687,7 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
                             }
                             for (int64_t d = 0; d < D; d += 8) {
                                 __m256 r[8];
-                                for (int u = 0; u < 8; u++) r[u] = kv_load8(kv_at(kr[u], d, half), half);
+                                for (int u = 0; u < 8; u++) r[u] = kv_load8(kv_at(kr[u], d, kv), kv);
                                 transpose8(r);
                                 for (int u = 0; u < 8; u++) _mm256_storeu_ps(kt + (d + u) * KT + j, r[u]);
                             }
@@ -1581,12 +1695,12 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
 #endif
                     for (; j < nk; j++) {
                         const int64_t off = toff[j] + h * D;
-                        const void *kr = kv_at(k_cache, off, half), *vr = kv_at(v_cache, off, half);
+                        const void *kr = kv_at(k_cache, off, kv), *vr = kv_at(v_cache, off, kv);
                         for (int64_t d = 0; d < D; d++) {
-                            kt[d * KT + j] = kv_load1(kv_at(kr, d, half), half);
-                            if (half) vt[j * D + d] = kv_load1(kv_at(vr, d, half), half);
+                            kt[d * KT + j] = kv_load1(kv_at(kr, d, kv), kv);
+                            if (kv) vt[j * D + d] = kv_load1(kv_at(vr, d, kv), kv);
                         }
-                        vrow[j] = half ? vt + j * D : (const float *)vr;
+                        vrow[j] = kv ? vt + j * D : (const float *)vr;
                     }
                     for (int64_t j = nk; j < KT; j++)
                         for (int64_t d = 0; d < D; d++) kt[d * KT + j] = 0.f;
@@ -1708,22 +1822,29 @@ static inline __attribute__((always_inline)) void paged_prefill(const float *q, 
     free(parts);
 }
 
-void agora_paged_prefill_attention(const float *q, const float *k_cache, const float *v_cache,
-                                   const int64_t *block_tables, int64_t bt_stride, const int64_t *q_offsets,
-                                   const int64_t *ctx_starts, int64_t B, int64_t H, int64_t Hkv, int64_t D,
-                                   int64_t BS, int64_t window, float scale, float *out, int64_t nthreads,
-                                   int64_t amx) {
-    TIMED(paged_prefill(q, k_cache, v_cache, block_tables, bt_stride, q_offsets, ctx_starts, B, H, Hkv, D, BS, window,
-                  scale, out, nthreads, 0, amx != 0));
+static void paged_prefill_kv(const float *q, const void *k_cache, const void *v_cache, const int64_t *block_tables,
+                             int64_t bt_stride, const int64_t *q_offsets, const int64_t *ctx_starts, int64_t B,
+                             int64_t H, int64_t Hkv, int64_t D, int64_t BS, int64_t window, float scale, float *out,
+                             int64_t nthreads, int64_t kv, int amx) {
+    if (kv == KV_F16)
+        paged_prefill(q, k_cache, v_cache, block_tables, bt_stride, q_offsets, ctx_starts, B, H, Hkv, D, BS, window,
+                      scale, out, nthreads, KV_F16, amx);
+    else if (kv == KV_BF16)
+        paged_prefill(q, k_cache, v_cache, block_tables, bt_stride, q_offsets, ctx_starts, B, H, Hkv, D, BS, window,
+                      scale, out, nthreads, KV_BF16, amx);
+    else
+        paged_prefill(q, k_cache, v_cache, block_tables, bt_stride, q_offsets, ctx_starts, B, H, Hkv, D, BS, window,
+                      scale, out, nthreads, KV_F32, amx);
 }
 
-void agora_paged_prefill_attention_f16(const float *q, const uint16_t *k_cache, const uint16_t *v_cache,
-                                       const int64_t *block_tables, int64_t bt_stride, const int64_t *q_offsets,
-                                       const int64_t *ctx_starts, int64_t B, int64_t H, int64_t Hkv, int64_t D,
-                                       int64_t BS, int64_t window, float scale, float *out, int64_t nthreads,
-                                       int64_t amx) {
-    TIMED(paged_prefill(q, k_cache, v_cache, block_tables, bt_stride, q_offsets, ctx_starts, B, H, Hkv, D, BS, window,
-                  scale, out, nthreads, 1, amx != 0));
+/* kv: the caches' element type (KV_F32, KV_F16, KV_BF16); amx: the products in bf16 on AMX where it can */
+void agora_paged_prefill_attention(const float *q, const void *k_cache, const void *v_cache,
+                                   const int64_t *block_tables, int64_t bt_stride, const int64_t *q_offsets,
+                                   const int64_t *ctx_starts, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                                   int64_t BS, int64_t window, float scale, float *out, int64_t nthreads, int64_t kv,
+                                   int64_t amx) {
+    TIMED(paged_prefill_kv(q, k_cache, v_cache, block_tables, bt_stride, q_offsets, ctx_starts, B, H, Hkv, D, BS,
+                           window, scale, out, nthreads, kv, amx != 0));
 }
 
 /* Rotary embedding in place, "rotate half" layout (HF Llama): for i < D/2,
@@ -1942,7 +2063,7 @@ typedef struct {
     void *const *k_caches, *const *v_caches; /* per layer: [blocks, block_size, kv_heads, head_dim] */
     const int64_t *windows; /* per layer: 0 or a sliding window */
     const int64_t *slots; /* [T] cache slot of each token of the step */
-    int64_t block_size, half; /* half: fp16 caches, else fp32 */
+    int64_t block_size, kv; /* the caches' element type: KV_F32, KV_F16 or KV_BF16 */
     int64_t amx; /* prefill attention's products in bf16 on AMX (--dtype bfloat16) */
     float scale;
     int64_t n_groups;
@@ -1976,6 +2097,14 @@ static inline uint16_t float_to_half(float f) {
 #endif
 }
 
+/* Rounded to the nearest bf16, ties to even, as PyTorch's .to(torch.bfloat16) (a NaN as its 0xffff). */
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return 0xffff;
+    return (uint16_t)((x + 0x7fffu + ((x >> 16) & 1)) >> 16);
+}
+
 static void qlinear(const agora_qlinear *l, const float *x, int64_t M, float *y, float *i8_scratch,
                     int64_t nthreads) {
     if (l->i8)
@@ -2001,21 +2130,12 @@ static void layer_attention(const agora_llama_weights *L, const agora_attention 
             memcpy(qbuf + i * qd, qkv + t * stride, sizeof(float) * qd);
         }
         float *out = g->token_index ? obuf : attn;
-        if (g->decode) {
-            if (A->half)
-                paged_decode(qbuf, kc, vc, g->block_tables, g->bt_stride, g->seq_lens, g->batch, H, Hkv, D,
-                             A->block_size, window, A->scale, out, nthreads, 1);
-            else
-                paged_decode(qbuf, kc, vc, g->block_tables, g->bt_stride, g->seq_lens, g->batch, H, Hkv, D,
-                             A->block_size, window, A->scale, out, nthreads, 0);
-        } else {
-            if (A->half)
-                paged_prefill(qbuf, kc, vc, g->block_tables, g->bt_stride, g->q_offsets, g->ctx_starts, g->batch, H,
-                              Hkv, D, A->block_size, window, A->scale, out, nthreads, 1, A->amx != 0);
-            else
-                paged_prefill(qbuf, kc, vc, g->block_tables, g->bt_stride, g->q_offsets, g->ctx_starts, g->batch, H,
-                              Hkv, D, A->block_size, window, A->scale, out, nthreads, 0, A->amx != 0);
-        }
+        if (g->decode)
+            paged_decode_kv(qbuf, kc, vc, g->block_tables, g->bt_stride, g->seq_lens, g->batch, H, Hkv, D,
+                            A->block_size, window, A->scale, out, nthreads, A->kv);
+        else
+            paged_prefill_kv(qbuf, kc, vc, g->block_tables, g->bt_stride, g->q_offsets, g->ctx_starts, g->batch, H,
+                             Hkv, D, A->block_size, window, A->scale, out, nthreads, A->kv, A->amx != 0);
         if (g->token_index)
             for (int64_t i = 0; i < g->n_tokens; i++)
                 memcpy(attn + g->token_index[i] * qd, obuf + i * qd, sizeof(float) * qd);
@@ -2044,7 +2164,10 @@ static void llama_layer(const agora_llama_weights *L, const agora_attention *A, 
     for (int64_t t = 0; t < T; t++) {
         const float *k = qkv + t * stride + qd, *v = k + kvd;
         const int64_t off = A->slots[t] * kvd;
-        if (A->half) {
+        if (A->kv == KV_BF16) {
+            uint16_t *kd = (uint16_t *)kc + off, *vd = (uint16_t *)vc + off;
+            for (int64_t i = 0; i < kvd; i++) kd[i] = float_to_bf16(k[i]), vd[i] = float_to_bf16(v[i]);
+        } else if (A->kv) {
             uint16_t *kd = (uint16_t *)kc + off, *vd = (uint16_t *)vc + off;
             for (int64_t i = 0; i < kvd; i++) kd[i] = float_to_half(k[i]), vd[i] = float_to_half(v[i]);
         } else {

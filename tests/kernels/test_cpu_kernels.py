@@ -212,7 +212,7 @@ def _paged_case(seed: int, batch: int, heads: int, kv_heads: int, head_dim: int,
 )
 @pytest.mark.parametrize("window", [None, 5, 40])
 @pytest.mark.parametrize("batch", [1, 3, 6])
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_paged_decode_attention_matches_sdpa_path(
     heads: int, kv_heads: int, head_dim: int, window, batch: int, kv_dtype: torch.dtype
 ) -> None:
@@ -233,7 +233,7 @@ def test_paged_decode_attention_matches_sdpa_path(
 @pytest.mark.parametrize("threads", [1, 2, 4])
 @pytest.mark.parametrize("lens", [[1300], [700, 3], [2000, 257, 1], [600]])
 @pytest.mark.parametrize("window", [None, 300])
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_paged_decode_attention_splits_long_keys_across_threads(
     threads: int, lens: list[int], window, kv_dtype: torch.dtype
 ) -> None:
@@ -260,7 +260,7 @@ def test_paged_decode_attention_splits_long_keys_across_threads(
     ("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 40), (8, 2, 128), (4, 1, 24), (2, 1, 256)]
 )
 @pytest.mark.parametrize("window", [None, 5, 40])
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_paged_prefill_attention_matches_sdpa_path(
     heads: int, kv_heads: int, head_dim: int, window, kv_dtype: torch.dtype
 ) -> None:
@@ -282,7 +282,7 @@ def test_paged_prefill_attention_matches_sdpa_path(
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (8, 2, 128), (4, 1, 24)])
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_paged_prefill_attention_is_the_same_however_the_work_is_split(
     heads: int, kv_heads: int, head_dim: int, kv_dtype: torch.dtype
 ) -> None:
@@ -313,7 +313,7 @@ def test_paged_prefill_attention_is_the_same_however_the_work_is_split(
 @pytest.mark.parametrize("threads", [1, 2, 3, 4])
 @pytest.mark.parametrize(("query_lens", "starts"), [([8], [1300]), ([6, 6], [900, 2000]), ([20], [700]), ([3], [0])])
 @pytest.mark.parametrize("window", [None, 300])
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_paged_prefill_attention_cuts_long_keys_of_few_tasks(
     threads: int, query_lens: list[int], starts: list[int], window, kv_dtype: torch.dtype
 ) -> None:
@@ -339,7 +339,7 @@ def test_paged_prefill_attention_cuts_long_keys_of_few_tasks(
 
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (8, 2, 128), (4, 1, 256), (4, 4, 32)])
 @pytest.mark.parametrize("window", [None, 40])
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
 # a step of chunks, drafts and tails; one agent's drafts after a long context (few tasks: its keys cut in chunks)
 @pytest.mark.parametrize(("query_lens", "starts"), [([1, 17, 150, 9, 3], [0, 0, 70, 1300, 61]), ([8], [1300])])
 def test_bf16_prefill_attention_is_attention_on_rounded_operands(
@@ -499,22 +499,25 @@ def test_argmax_matches_torch(rows: int, n: int, case: str) -> None:
         assert torch.equal(kernels.argmax(view), view.argmax(dim=-1))
 
 
-def test_fp16_cache_engine_decodes_through_the_kernel() -> None:
-    """A float16 KV cache on CPU: the decode kernel is used, and a backend fed the same steps with
-    the cache upcast to fp32 gives the same output (the kernel reads fp16 exactly)."""
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16])
+def test_two_byte_caches_are_read_exactly(kv_dtype: torch.dtype) -> None:
+    """An fp16 or bf16 KV cache on CPU: the kernels read it, and what they compute is what they compute on
+    the same values widened to fp32 (both widenings are exact; the compiler may contract a tail's products
+    differently, so to an ulp or so): decode and prefill."""
     q, k, v, tables = _paged_case(5, 2, 9, 3, 64, [30, 50])
-    backend = TorchPagedAttention([(k.half(), v.half())], 0.125, [None])
+    k2, v2 = k.to(kv_dtype), v.to(kv_dtype)
+    backend = TorchPagedAttention([(k2, v2)], 0.125, [None])
     assert backend.paged_kernels
     group = build_group(None, [1, 1], [29, 49], tables, 16, {None}, CPU, paged_kernels=True)
-    got = kernels.paged_decode_attention(q, k.half(), v.half(), group.block_tables, group.seq_lens, None, 0.125)
-    ref = kernels.paged_decode_attention(
-        q, k.half().float(), v.half().float(), group.block_tables, group.seq_lens, None, 0.125
-    )
+    got = kernels.paged_decode_attention(q, k2, v2, group.block_tables, group.seq_lens, None, 0.125)
+    ref = kernels.paged_decode_attention(q, k2.float(), v2.float(), group.block_tables, group.seq_lens, None, 0.125)
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    chunks = build_group(None, [7, 20], [23, 30], tables, 16, {None}, CPU, paged_kernels=True)
+    qs = torch.randn(27, 9, 64, generator=torch.Generator().manual_seed(3))
+    for bf16 in (False, True):  # the fp32 kernel, and (where there is AMX) --dtype bfloat16's products
+        args = (chunks.block_tables, chunks.query_offsets, chunks.context_starts, None, 0.125)
+        got = kernels.paged_prefill_attention(qs, k2, v2, *args, bf16=bf16)
+        ref = kernels.paged_prefill_attention(qs, k2.float(), v2.float(), *args, bf16=bf16)
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
     # a half-precision query (an fp16 model on CPU) is computed in fp32 and returned in its dtype
-    assert (
-        TorchPagedAttention([(k.half(), v.half())], 0.125, [None])
-        ._group(group, q.half(), k.half(), v.half(), None)
-        .dtype
-        == torch.float16
-    )
+    assert backend._group(group, q.half(), k2, v2, None).dtype == torch.float16

@@ -1,6 +1,6 @@
 """One native call per decoder layer (models.native) gives bit for bit what the module path gives:
 the same hidden states and the same KV cache, for every kind of step it takes over (decode,
-chunks of drafts, both at once), for fp32 and fp16 caches, and for the Llama family's switches."""
+chunks of drafts, both at once), for fp32, fp16 and bf16 caches, and for the Llama family's switches."""
 
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ SWITCHES = {
     [(False, ("Q4_1", "Q8_0")), (True, ("Q4_1", "Q8_0")), (False, ("Q5_0", "Q4_0"))],
     ids=["fp32 activations", "int8 activations", "QU8 blocks"],
 )
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("switches", list(SWITCHES), ids=list(SWITCHES))
 def test_native_layers_equal_the_module_path_bit_for_bit(
     switches: str, kv_dtype: torch.dtype, int8: bool, qtypes: tuple[str, ...]
@@ -195,8 +195,8 @@ def test_native_layers_take_only_small_cpu_fp32_steps() -> None:
     bf16 = quantized_llama(gemm_dtype=torch.bfloat16)  # bf16 GEMMs are faster past a decode batch
     assert bf16.build_native_layers() and bf16.model.native.max_rows == MAX_KERNEL_ROWS_BF16_GEMM
     # Without a cache the kernels read, the backend describes nothing and the model keeps its modules.
-    bf16 = TorchPagedAttention(caches(model, torch.bfloat16), model.attention_scale, model.layer_sliding_windows)
-    assert bf16.bind(AttentionMetadata(torch.tensor([0]), [])).native() is None
+    f64 = TorchPagedAttention(caches(model, torch.float64), model.attention_scale, model.layer_sliding_windows)
+    assert f64.bind(AttentionMetadata(torch.tensor([0]), [])).native() is None
 
 
 def test_bf16_gemm_weights_leave_the_native_layers_exact() -> None:
@@ -213,7 +213,7 @@ def test_bf16_gemm_weights_leave_the_native_layers_exact() -> None:
     )
 
 
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_bf16_attention_is_the_same_in_the_native_layers(kv_dtype: torch.dtype) -> None:
     """--dtype bfloat16's attention (its products on AMX where the CPU has it, else the fp32 kernel): the one-call
     layers pass it to the kernel as the module path does, so both give the same bits; chunks and drafts alike."""
@@ -281,7 +281,7 @@ def quantized_gemma(seed: int = 0) -> Gemma3ForCausalLM:
     return model
 
 
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gemma_native_layers_equal_the_module_path_bit_for_bit(kv_dtype: torch.dtype) -> None:
     # prompts of 9 to 30 tokens pass the sliding window of 7: the local layers see only their window
     assert_native_steps_equal_module_steps(quantized_gemma(), kv_dtype)
