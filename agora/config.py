@@ -102,11 +102,12 @@ class CacheConfig:
     num_blocks: int | None = None  # overrides kv_cache_memory_bytes (tests, exact sizing)
     enable_prefix_caching: bool = option(True, "reuse the KV blocks of earlier prompts' shared prefixes",
                                          action=argparse.BooleanOptionalAction)  # fmt: skip
-    # auto: the model's dtype. float16 halves the cache's memory and the bytes a long-context decode step reads
-    # (agora's CPU attention kernel reads fp16 directly), at fp16 rounding of K/V.
-    kv_cache_dtype: str = option("auto", "KV cache element type (auto: the model's dtype; float16 halves its memory "
-                                 "and the bytes a long-context decode step reads, at fp16 rounding of K/V)",
-                                 choices=DTYPES)  # fmt: skip
+    # auto: the model's dtype (bf16 for --dtype bfloat16 on a CPU, whose activations stay fp32). float16 or
+    # bfloat16 halve the cache's memory and the bytes a long-context decode step reads (agora's CPU attention
+    # kernels read both directly), at their rounding of K/V.
+    kv_cache_dtype: str = option("auto", "KV cache element type (auto: the model's dtype, bfloat16 with --dtype "
+                                 "bfloat16; float16 or bfloat16 halve its memory and the bytes a long-context decode "
+                                 "step reads, at their rounding of K/V)", choices=DTYPES)  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size > 256:

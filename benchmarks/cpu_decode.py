@@ -8,10 +8,10 @@ default model (SmolLM2-135M-Instruct, Q4_1 GGUF) or ``--model gemma3-270m`` (Q4_
 Q5_0, Q6_K and Q8_0 layers):
 
 - kernels: the native kernels, each decoder layer one native call (the default);
-- kernels_fp16_kv: the same with ``--kv-cache-dtype float16``;
+- kernels_fp16_kv, kernels_bf16_kv: the same with ``--kv-cache-dtype float16`` or ``bfloat16``;
 - kernels_per_op: the same kernels called op by op from the modules (bit for bit the same numbers);
 - bf16_gemms: ``--dtype bfloat16``: bf16 weights for the layers' GEMMs (prefill), fp32
-  activations, the decode steps still on the block kernels' fp32 math;
+  activations, the decode steps still on the block kernels' fp32 math; a bf16 KV cache;
 - int8_activations: ``--gguf-activations int8``: the block kernels quantize their input to
   int8 in blocks of 32 (llama.cpp's numerics), decode and steps up to 64 tokens;
 - pytorch: ``AGORA_CPU_KERNELS=0``, PyTorch's fp32 paths only;
@@ -69,6 +69,7 @@ class Setup:
 PATHS = {
     "kernels": Setup("1"),
     "kernels_fp16_kv": Setup("1", kv_dtype="float16"),
+    "kernels_bf16_kv": Setup("1", kv_dtype="bfloat16"),
     "kernels_per_op": Setup("1", native=False),
     "bf16_gemms": Setup("1", dtype="bfloat16"),
     "int8_activations": Setup("1", activations="int8"),
@@ -77,7 +78,7 @@ PATHS = {
 }
 DEFAULT_PATHS = ("kernels", "kernels_fp16_kv", "kernels_per_op", "bf16_gemms", "int8_activations", "pytorch")
 # Paths whose numbers differ from the fp32 PyTorch path's (kernels_per_op computes what kernels does).
-ACCURACY_PATHS = ("kernels", "kernels_fp16_kv", "bf16_gemms", "int8_activations")
+ACCURACY_PATHS = ("kernels", "kernels_fp16_kv", "kernels_bf16_kv", "bf16_gemms", "int8_activations")
 
 
 def speed_worker(args: argparse.Namespace) -> dict[str, float]:
@@ -144,7 +145,7 @@ def accuracy_worker(args: argparse.Namespace) -> dict[str, int]:
 
     from agora import kernels
     from agora.engine.attention import AttentionMetadata, TorchPagedAttention, build_group
-    from agora.engine.device import pick_precision
+    from agora.engine.device import pick_kv_dtype, pick_precision
     from agora.engine.tokenizer import Tokenizer
     from agora.models.catalog import CATALOG, fetch_packaged_model
     from agora.models.loader import inspect_model, load_model
@@ -155,8 +156,8 @@ def accuracy_worker(args: argparse.Namespace) -> dict[str, int]:
     files = inspect_model(path)
     ids = Tokenizer(files.tokenizer_dir).encode(TEXT)
     cpu = torch.device("cpu")
-    kv_dtype = torch.float32 if args.kv_dtype == "auto" else getattr(torch, args.kv_dtype)
     precision = pick_precision(args.dtype, cpu)
+    kv_dtype = pick_kv_dtype(args.kv_dtype, precision)
     model = load_model(files, precision.dtype, cpu, gemm_dtype=precision.gemm_dtype,
                        int8_activations=args.gguf_activations == "int8")  # fmt: skip
     assert any(isinstance(m, GGUFLinear) for m in model.modules()) == kernels.available()

@@ -43,6 +43,8 @@ class Precision:
     # prefill and verification attention's two products in bf16 on AMX where the CPU has it (fp32 softmax
     # and accumulation): --dtype bfloat16 on a CPU
     bf16_attention: bool = False
+    # the KV cache's ``auto`` where it is not ``dtype``: bf16 for --dtype bfloat16 on a CPU, as on a GPU
+    kv_dtype: torch.dtype | None = None
 
 
 def pick_precision(name: str, device: torch.device) -> Precision:
@@ -50,7 +52,8 @@ def pick_precision(name: str, device: torch.device) -> Precision:
     norms and cache, and gives the decoder layers' linears and the lm_head bf16 weights: prefill
     GEMMs run in bf16 (oneDNN; about 2.3x fp32 on AVX512-BF16 or AMX), while steps the GGUF
     block kernels take (decode, up to 64 tokens) keep their fp32 math; with AMX, prefill and
-    verification attention multiply in bf16 too (decode attention stays fp32)."""
+    verification attention multiply in bf16 too. The KV cache is bf16 (as the model's dtype makes it on
+    a GPU): half the bytes a decode step's attention reads, which it widens to fp32 for its fp32 math."""
     if name == "auto":
         # bf16 is emulated (slow) on most CPUs; accelerators want it.
         return Precision(torch.float32 if device.type == "cpu" else torch.bfloat16)
@@ -60,7 +63,7 @@ def pick_precision(name: str, device: torch.device) -> Precision:
                 "--dtype bfloat16: this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 GEMMs are emulated "
                 "and likely slower than fp32; --dtype float32 is exact and faster here"
             )
-        return Precision(torch.float32, torch.bfloat16, bf16_attention=True)
+        return Precision(torch.float32, torch.bfloat16, bf16_attention=True, kv_dtype=torch.bfloat16)
     return Precision(getattr(torch, name))
 
 
@@ -69,9 +72,12 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def pick_kv_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
-    """The KV cache's element type; ``auto`` keeps the model's, so attention sees what it computed."""
-    return model_dtype if name == "auto" else getattr(torch, name)
+def pick_kv_dtype(name: str, precision: Precision) -> torch.dtype:
+    """The KV cache's element type; ``auto`` keeps the model's, so attention sees what it computed (bf16 for
+    ``--dtype bfloat16`` on a CPU, whose activations are fp32: see ``pick_precision``)."""
+    if name != "auto":
+        return getattr(torch, name)
+    return precision.kv_dtype or precision.dtype
 
 
 def kv_cache_budget(device: torch.device, requested: int | None, utilization: float) -> int:

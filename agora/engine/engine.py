@@ -139,7 +139,7 @@ class Engine:
         self.vocab_size = model.config.vocab_size  # type: ignore[union-attr]
 
         cache = config.cache
-        self.kv_dtype = pick_kv_dtype(cache.kv_cache_dtype, self.dtype)
+        self.kv_dtype = pick_kv_dtype(cache.kv_cache_dtype, precision)
         block_bytes = kv_bytes_per_block(model, cache.block_size, self.kv_dtype)
         if cache.num_blocks is None:
             budget = kv_cache_budget(self.device, cache.kv_cache_memory_bytes, cache.gpu_memory_utilization)

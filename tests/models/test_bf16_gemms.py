@@ -7,14 +7,17 @@ import pytest
 import torch
 
 from agora import LLM, SamplingParams, kernels
-from agora.engine.device import Precision, pick_precision
+from agora.engine.device import Precision, pick_kv_dtype, pick_precision
 from agora.models.quant import GGUFLinear, LowPrecisionLinear, attach_gguf_blocks, cast_gemm_weights, gemm
 
 CPU = torch.device("cpu")
 
 
 def test_bfloat16_on_a_cpu_means_bf16_gemm_weights_and_fp32_activations():
-    assert pick_precision("bfloat16", CPU) == Precision(torch.float32, torch.bfloat16, bf16_attention=True)
+    bf16 = pick_precision("bfloat16", CPU)
+    assert bf16 == Precision(torch.float32, torch.bfloat16, bf16_attention=True, kv_dtype=torch.bfloat16)
+    assert pick_kv_dtype("auto", bf16) == torch.bfloat16 and pick_kv_dtype("float16", bf16) == torch.float16
+    assert pick_kv_dtype("auto", pick_precision("auto", CPU)) == torch.float32  # exact fp32: an fp32 cache
     assert pick_precision("auto", CPU) == Precision(torch.float32)
     assert pick_precision("float16", CPU) == Precision(torch.float16)  # unchanged: the whole model
     assert pick_precision("bfloat16", torch.device("cuda")) == Precision(torch.bfloat16)
@@ -69,11 +72,14 @@ def test_block_layers_keep_fp32_math_for_small_steps_and_bf16_above():
         assert not torch.equal(layer(large), large @ w.T)
 
 
-def test_engine_in_bf16_keeps_fp32_activations_and_cache(tiny_model_dir):
+def test_engine_in_bf16_keeps_fp32_activations_with_a_bf16_cache(tiny_model_dir):
     ref = LLM(str(tiny_model_dir), num_blocks=64)
     llm = LLM(str(tiny_model_dir), num_blocks=64, dtype="bfloat16")
     engine = llm.engine
-    assert (engine.dtype, engine.kv_dtype) == (torch.float32, torch.float32)
+    assert (engine.dtype, engine.kv_dtype) == (torch.float32, torch.bfloat16)
+    assert engine.runner.kv_caches[0][0].dtype == torch.bfloat16
+    # the kernels read it (the decode and prefill attention kernels, and the native layers' cache writes)
+    assert engine.runner.attention.paged_kernels == kernels.available()
     layer = engine.model.model.layers[0]
     assert isinstance(layer.mlp.down_proj, LowPrecisionLinear) and layer.mlp.down_proj.weight.dtype == torch.bfloat16
     # the lm_head's GEMM too, on its own copy: the embedding it was tied to stays fp32
