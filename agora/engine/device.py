@@ -35,7 +35,7 @@ def pick_device(name: str) -> torch.device:
 
 @dataclass(frozen=True)
 class Precision:
-    """What a model computes in: ``dtype`` for activations (and the KV cache's ``auto``), and
+    """What a model computes in: ``dtype`` for activations (and the KV cache's ``auto`` unless ``kv_dtype``), and
     ``gemm_dtype`` for the weights of the decoder layers' matrix multiplies where it differs."""
 
     dtype: torch.dtype
@@ -48,8 +48,8 @@ class Precision:
 
 
 def pick_precision(name: str, device: torch.device) -> Precision:
-    """``auto``: fp32 on a CPU, bf16 elsewhere. ``bfloat16`` on a CPU keeps fp32 activations,
-    norms and cache, and gives the decoder layers' linears and the lm_head bf16 weights: prefill
+    """``auto``: fp32 on a CPU, bf16 elsewhere. ``bfloat16`` on a CPU keeps fp32 activations
+    and norms, and gives the decoder layers' linears and the lm_head bf16 weights: prefill
     GEMMs run in bf16 (oneDNN; about 2.3x fp32 on AVX512-BF16 or AMX), while steps the GGUF
     block kernels take (decode, up to 64 tokens) keep their fp32 math; with AMX, prefill and
     verification attention multiply in bf16 too. The KV cache is bf16 (as the model's dtype makes it on
