@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from kernels_at import attention_kernel, kernels_at
 
 from agora import kernels
 
@@ -50,22 +51,7 @@ def build(out_dir: str, defines: list[str]) -> ctypes.CDLL:
     cmd = [cc, *kernels.FLAGS, *(f"-D{d}" for d in defines), str(kernels.SOURCE), "-o", str(so), "-lm"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     lib = ctypes.CDLL(str(so))
-    fn = lib.agora_paged_decode_attention
-    fn.argtypes, fn.restype = kernels._SIGNATURES["agora_paged_decode_attention"]
     return lib
-
-
-def decode_fn(lib: ctypes.CDLL, dtype: torch.dtype):  # noqa: ANN201
-    """The library's decode kernel as f(*args) for a cache of ``dtype``, or None where it has none for it: before
-    the element type was an argument, an fp16 cache had a kernel of its own and a bf16 one none."""
-    if not hasattr(lib, "agora_paged_decode_attention_f16"):
-        fn = lib.agora_paged_decode_attention
-        return lambda *args: fn(*args, kernels.kv_kind(dtype))
-    if dtype == torch.bfloat16:
-        return None
-    fn = getattr(lib, "agora_paged_decode_attention" + ("_f16" if dtype == torch.float16 else ""))
-    fn.argtypes = kernels._SIGNATURES["agora_paged_decode_attention"][0][:-1]
-    return fn
 
 
 def measure(libs: dict[str, ctypes.CDLL], batch: int, context: int, dtype: torch.dtype, repeats: int) -> dict:
@@ -78,7 +64,8 @@ def measure(libs: dict[str, ctypes.CDLL], batch: int, context: int, dtype: torch
     seq_lens = torch.full((batch,), context, dtype=torch.int64)
     q = torch.randn(batch, HEADS, DIM)
     threads = torch.get_num_threads()
-    fns = {label: fn for label, lib in libs.items() if (fn := decode_fn(lib, dtype)) is not None}
+    kernel = "agora_paged_decode_attention"
+    fns = {label: fn for label, lib in libs.items() if (fn := attention_kernel(lib, kernel, dtype)) is not None}
     times: dict[str, list[float]] = {n: [] for n in fns}
     outs = {}
     for _ in range(repeats + 1):
@@ -119,8 +106,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         libs = {"prefetch": build(tmp, []), "no_prefetch": build(tmp, ["AGORA_NO_PREFETCH"])}
         if args.against:
-            from kernels_at import kernels_at
-
             libs["against"] = kernels_at(args.against)
         results = []
         for batch, context, dtype in CASES:

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from kernels_at import kernels_at
+from kernels_at import attention_kernel, kernels_at
 
 from agora import kernels
 from agora.bench.report import cpu_description
@@ -68,16 +68,12 @@ def measure(query_lens: list[int], contexts: list[int], repeats: int, copies: in
 
     def run_lib(lib: ctypes.CDLL, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(q)
-        # before 2-byte caches took an element-type argument, fp16 had a kernel of its own (and bf16 none)
-        old = hasattr(lib, KERNEL + "_f16")
-        kv = () if old else (kernels.kv_kind(kv_dtype),)
-        fn = getattr(lib, KERNEL + ("_f16" if old and kv_dtype == torch.float16 else ""))
-        if old:
-            fn.argtypes = kernels._SIGNATURES[KERNEL][0][:-1]  # one argument fewer
+        fn = attention_kernel(lib, KERNEL, kv_dtype, tail=1)
+        assert fn is not None, "that revision's kernel does not read this cache"
         fn(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), kernel.block_tables.data_ptr(), kernel.block_tables.shape[1],
             kernel.query_offsets.data_ptr(), kernel.context_starts.data_ptr(), len(query_lens), heads, kv_heads, dim,
-            block, 0, dim**-0.5, out.data_ptr(), torch.get_num_threads(), *kv, 0,  # fp32 products (older: ignored)
+            block, 0, dim**-0.5, out.data_ptr(), torch.get_num_threads(), 0,  # fp32 products (older: ignored)
         )  # fmt: skip
         return out
 

@@ -1,7 +1,8 @@
 """The CPU kernels (``agora/kernels/cpu.c``) as of a git revision, for side-by-side benchmarks.
 
-``--against REV`` in ``cpu_prefill_attention.py`` and ``cpu_linear_rows.py``: the source of that
-revision compiled with today's flags, every exported function typed as ``agora.kernels`` types its own.
+``--against REV`` in ``cpu_prefill_attention.py``, ``cpu_decode_attention.py`` and ``cpu_linear_rows.py``: the
+source of that revision compiled with today's flags, every exported function typed as ``agora.kernels`` types its
+own (``attention_kernel``: an attention kernel of a revision from before the caches' element type was an argument).
 """
 
 from __future__ import annotations
@@ -9,7 +10,10 @@ from __future__ import annotations
 import ctypes
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from agora import kernels
 
@@ -27,3 +31,21 @@ def kernels_at(rev: str) -> ctypes.CDLL:
         if fn is not None:
             fn.argtypes, fn.restype = args, res
     return lib
+
+
+def attention_kernel(lib: ctypes.CDLL, name: str, dtype: torch.dtype, tail: int = 0) -> Callable[..., None] | None:
+    """``name`` (``agora_paged_decode_attention`` or ``agora_paged_prefill_attention``) of ``lib`` for a cache of
+    ``dtype``, called with today's arguments less the element type (``tail``: how many come after it, prefill's
+    ``amx``); None where that revision cannot read such a cache. Before the element type was an argument, an fp16
+    cache had a kernel of its own (``name_f16``) and a bf16 one none."""
+    signature = kernels._SIGNATURES[name][0]
+    at = len(signature) - 1 - tail  # the element type's place
+    if not hasattr(lib, name + "_f16"):
+        fn, kind = getattr(lib, name), kernels.kv_kind(dtype)
+        fn.argtypes = signature
+        return lambda *args: fn(*args[:at], kind, *args[at:])
+    if dtype == torch.bfloat16:
+        return None
+    fn = getattr(lib, name + ("_f16" if dtype == torch.float16 else ""))
+    fn.argtypes = signature[:at] + signature[at + 1 :]
+    return fn
