@@ -776,6 +776,12 @@ static inline int64_t kv_row_bytes(int64_t G, int64_t group, int64_t D, int kv) 
 /* AVX-512 decode attention: NH (1..3, a constant) query heads that share a KV head, 16 lanes at a time, each key
  * (or value) slice widened once for all NH of them. */
 
+/* How many query heads from head g on one pass takes: those of g's KV head left, at most 3. */
+static inline int heads_in_pass(int64_t g, int64_t group) {
+    const int64_t left = group - g % group;
+    return left < 3 ? (int)left : 3;
+}
+
 /* scores[h * n + j] for keys i .. i + 8: NH heads' queries q + h * D against the slices at kp[j] + off. */
 static inline __attribute__((always_inline)) void score_keys8(const float *q, const void **kp, int64_t i, int64_t n,
                                                               int64_t off, int64_t D, __m256 vs, float *scores,
@@ -836,13 +842,14 @@ static inline __attribute__((always_inline)) void attn_scores(const float *qh, c
         const int64_t row_bytes = kv_row_bytes(G, group, D, kv);
         for (; i + 8 <= n; i += 8) {
             for (int64_t j = i + KEY_PREFETCH; j < i + KEY_PREFETCH + 8 && j < n; j++) prefetch_row(kp[j], row_bytes);
-            for (int64_t g = 0; g < G;) { /* up to 3 heads of one KV head at a time */
-                const int64_t left = group - g % group, off = (g / group) * D;
+            for (int64_t g = 0; g < G;) {
+                const int nh = heads_in_pass(g, group);
+                const int64_t off = (g / group) * D;
                 const float *q = qh + g * D;
-                if (left >= 3) score_keys8(q, kp, i, n, off, D, vs, scores + g * n, kv, 3);
-                else if (left == 2) score_keys8(q, kp, i, n, off, D, vs, scores + g * n, kv, 2);
+                if (nh == 3) score_keys8(q, kp, i, n, off, D, vs, scores + g * n, kv, 3);
+                else if (nh == 2) score_keys8(q, kp, i, n, off, D, vs, scores + g * n, kv, 2);
                 else score_keys8(q, kp, i, n, off, D, vs, scores + g * n, kv, 1);
-                g += left >= 3 ? 3 : left;
+                g += nh;
             }
         }
     }
@@ -938,8 +945,8 @@ static inline __attribute__((always_inline)) void attn_values(const float *probs
         for (int64_t i0 = 0; i0 < n; i0 += 64) {
             const int64_t i1 = i0 + 64 < n ? i0 + 64 : n;
             for (int64_t g = 0; g < G;) {
-                const int64_t left = group - g % group, off = (g / group) * D;
-                const int nh = left >= 3 ? 3 : (int)left;
+                const int nh = heads_in_pass(g, group);
+                const int64_t off = (g / group) * D;
                 for (int64_t dc = 0; dc < D; dc += 64) {
                     const int pf = g == 0 && dc == 0;
                     float *o = out + g * D + dc;
