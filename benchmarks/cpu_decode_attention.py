@@ -10,7 +10,8 @@ order), one cache per layer for all 30 layers so that every step reads cold memo
 figure is the median of ``--repeats`` steps; GB/s counts the K and V bytes a step must read.
 ``--against REV`` also builds the kernel of that git revision (as the engine would) and runs it beside them
 (``over_against``: this tree's time over its; ``max_abs_diff_against``: how far apart their outputs are), on
-the cases its kernel reads (no bf16 cache before it had one).
+the cases its kernel reads (no bf16 cache before it had one). ``--isa avx2`` builds all of them for AVX2, FMA and
+F16C only, as on an AMD Zen 3 host, so that path can be timed on a CPU with AVX-512 too (``built_for``).
 """
 
 from __future__ import annotations
@@ -19,14 +20,13 @@ import argparse
 import ctypes
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from kernels_at import attention_kernel, kernels_at
+from kernels_at import ISA_FLAGS, attention_kernel, build, kernels_at
 
 from agora import kernels
 
@@ -41,17 +41,6 @@ CASES = [
     (1, 8000, torch.float32),  # one long-context agent
 ]
 LAYERS, HEADS, KV_HEADS, DIM, BLOCK = 30, 9, 3, 64, 16
-
-
-def build(out_dir: str, defines: list[str]) -> ctypes.CDLL:
-    cc = kernels._compiler()
-    if cc is None:
-        raise SystemExit("no C compiler: the kernels cannot be built here")
-    so = Path(out_dir) / f"kernels{'-'.join(defines)}.so"
-    cmd = [cc, *kernels.FLAGS, *(f"-D{d}" for d in defines), str(kernels.SOURCE), "-o", str(so), "-lm"]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
-    lib = ctypes.CDLL(str(so))
-    return lib
 
 
 def measure(libs: dict[str, ctypes.CDLL], batch: int, context: int, dtype: torch.dtype, repeats: int) -> dict:
@@ -96,17 +85,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--against", metavar="REV", help="also time the kernel of this git revision")
+    ap.add_argument(
+        "--isa",
+        choices=sorted(ISA_FLAGS),
+        default="native",
+        help="build every kernel for this host (as the engine does) or for AVX2 only (AMD Zen 3's paths)",
+    )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.peers.compare import host_summary, memory_bandwidth
 
     bandwidth = memory_bandwidth()
-    print(f"{host_summary()}; a bare read of 256 MB runs at {bandwidth / 1e9:.1f} GB/s here")
+    print(
+        f"{host_summary()}; a bare read of 256 MB runs at {bandwidth / 1e9:.1f} GB/s here; kernels built for "
+        + ("this host" if args.isa == "native" else "AVX2 only")
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        libs = {"prefetch": build(tmp, []), "no_prefetch": build(tmp, ["AGORA_NO_PREFETCH"])}
+        out = Path(tmp)
+        libs = {
+            "prefetch": build(kernels.SOURCE, out / "kernels.so", args.isa),
+            "no_prefetch": build(kernels.SOURCE, out / "kernels-np.so", args.isa, ("AGORA_NO_PREFETCH",)),
+        }
         if args.against:
-            libs["against"] = kernels_at(args.against)
+            libs["against"] = kernels_at(args.against, args.isa)
         results = []
         for batch, context, dtype in CASES:
             r = measure(libs, batch, context, dtype, args.repeats)
@@ -126,6 +128,7 @@ def main() -> None:
         report = {
             "command": "python " + " ".join(sys.argv),
             "host": host_summary(),
+            "built_for": args.isa,
             "read_bandwidth_GB_per_s": round(bandwidth / 1e9, 1),
             "threads": torch.get_num_threads(),
             "layers": LAYERS,

@@ -1,7 +1,8 @@
 """The CPU kernels (``agora/kernels/cpu.c``) as of a git revision, for side-by-side benchmarks.
 
 ``--against REV`` in ``cpu_prefill_attention.py``, ``cpu_decode_attention.py`` and ``cpu_linear_rows.py``: the
-source of that revision compiled with today's flags, every exported function typed as ``agora.kernels`` types its
+source of that revision compiled with today's compiler and flags (``build``; ``isa="avx2"``: for an AVX2 host's
+paths), every exported function typed as ``agora.kernels`` types its
 own (``attention_kernel``: an attention kernel of a revision from before the caches' element type was an argument).
 """
 
@@ -17,20 +18,35 @@ import torch
 
 from agora import kernels
 
+# What a build targets: this host (as the engine builds), or only what an AVX2 host has (AMD Zen 3: AVX2, FMA,
+# F16C, no AVX-512), to time that host's paths on a newer CPU.
+ISA_FLAGS = {"native": ["-march=native"], "avx2": ["-march=x86-64-v3", "-mtune=native"]}
 
-def kernels_at(rev: str) -> ctypes.CDLL:
-    """Compile ``agora/kernels/cpu.c`` as of ``rev`` and load it (functions it lacks stay untyped)."""
-    source = subprocess.run(["git", "show", f"{rev}:agora/kernels/cpu.c"], capture_output=True, text=True, check=True,
-                            cwd=Path(__file__).parent).stdout  # fmt: skip
-    tmp = Path(tempfile.mkdtemp(prefix="agora-against-"))
-    (tmp / "cpu.c").write_text(source)
-    subprocess.run(["cc", *kernels.FLAGS, str(tmp / "cpu.c"), "-o", str(tmp / "cpu.so"), "-lm"], check=True)
-    lib = ctypes.CDLL(str(tmp / "cpu.so"))
+
+def build(source: Path, out: Path, isa: str = "native", defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Compile ``source`` as the engine compiles ``cpu.c`` (its compiler, ``CC``, and flags), for ``isa``, and load it
+    with the kernels' signatures (functions it lacks stay untyped)."""
+    cc = kernels._compiler()
+    if cc is None:
+        raise SystemExit("no C compiler: the kernels cannot be built here")
+    flags = [f for f in kernels.FLAGS if f != "-march=native"] + ISA_FLAGS[isa]
+    cmd = [cc, *flags, *(f"-D{d}" for d in defines), str(source), "-o", str(out), "-lm"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    lib = ctypes.CDLL(str(out))
     for name, (args, res) in kernels._SIGNATURES.items():
         fn = getattr(lib, name, None)
         if fn is not None:
             fn.argtypes, fn.restype = args, res
     return lib
+
+
+def kernels_at(rev: str, isa: str = "native") -> ctypes.CDLL:
+    """``agora/kernels/cpu.c`` as of ``rev``, built by ``build``."""
+    source = subprocess.run(["git", "show", f"{rev}:agora/kernels/cpu.c"], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).parent).stdout  # fmt: skip
+    tmp = Path(tempfile.mkdtemp(prefix="agora-against-"))
+    (tmp / "cpu.c").write_text(source)
+    return build(tmp / "cpu.c", tmp / "cpu.so", isa)
 
 
 def attention_kernel(lib: ctypes.CDLL, name: str, dtype: torch.dtype, tail: int = 0) -> Callable[..., None] | None:

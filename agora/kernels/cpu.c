@@ -772,15 +772,62 @@ static inline int64_t kv_row_bytes(int64_t G, int64_t group, int64_t D, int kv) 
     return (G + group - 1) / group * D * (kv ? 2 : 4);
 }
 
-#if AGORA_AVX2 && defined(__AVX512F__)
-/* AVX-512 decode attention: NH (1..3, a constant) query heads that share a KV head, 16 lanes at a time, each key
- * (or value) slice widened once for all NH of them. */
-
-/* How many query heads from head g on one pass takes: those of g's KV head left, at most 3. */
+/* Decode attention takes NH (1..3, a constant in each call) query heads that share a KV head in one pass, each key
+ * (or value) slice loaded and widened once for all NH of them: 16 lanes at a time with AVX-512, 8 with AVX2.
+ * How many query heads from head g on one pass takes: those of g's KV head left, at most 3. */
 static inline int heads_in_pass(int64_t g, int64_t group) {
     const int64_t left = group - g % group;
     return left < 3 ? (int)left : 3;
 }
+
+#if AGORA_AVX2
+/* scores[h * n + i ..] for keys i .. i + 4: NH heads' queries q + h * D against the slices at kp[j] + off, 8 lanes.
+ * 3 heads x 4 keys of accumulators, 3 queries and a key: all 16 registers. Each score is summed as hsum8 sums it. */
+static inline __attribute__((always_inline)) void score_keys4(const float *q, const void **kp, int64_t i, int64_t n,
+                                                              int64_t off, int64_t D, __m128 vs, float *scores,
+                                                              int kv, int NH) {
+    __m256 acc[3][4];
+    for (int h = 0; h < NH; h++)
+        for (int j = 0; j < 4; j++) acc[h][j] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+        __m256 qv[3];
+        for (int h = 0; h < NH; h++) qv[h] = _mm256_loadu_ps(q + h * D + d);
+        for (int j = 0; j < 4; j++) {
+            const __m256 k = kv_load8(kv_at(kp[i + j], off + d, kv), kv);
+            for (int h = 0; h < NH; h++) acc[h][j] = _mm256_fmadd_ps(qv[h], k, acc[h][j]);
+        }
+    }
+    for (int h = 0; h < NH; h++) {
+        const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(acc[h][0], acc[h][1]), _mm256_hadd_ps(acc[h][2], acc[h][3]));
+        const __m128 sum = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+        _mm_storeu_ps(scores + h * n + i, _mm_mul_ps(sum, vs));
+    }
+}
+
+/* o[h * D + dc .. + 32] += sum_{i0 <= i < i1} probs[h * n + i] * v_i[off + dc .. + 32] for NH heads, 8 lanes. */
+static inline __attribute__((always_inline)) void value_rows32(const float *probs, const void **vp, int64_t i0,
+                                                               int64_t i1, int64_t n, int64_t off, int64_t D,
+                                                               float *o, int prefetch, int64_t row_bytes, int kv,
+                                                               int NH) {
+    __m256 a[3][4];
+    for (int h = 0; h < NH; h++)
+        for (int u = 0; u < 4; u++) a[h][u] = _mm256_loadu_ps(o + h * D + 8 * u);
+    for (int64_t i = i0; i < i1; i++) {
+        if (prefetch && i + VALUE_PREFETCH < n) prefetch_row(vp[i + VALUE_PREFETCH], row_bytes);
+        const void *v = kv_at(vp[i], off, kv);
+        __m256 p[3];
+        for (int h = 0; h < NH; h++) p[h] = _mm256_set1_ps(probs[h * n + i]);
+        for (int u = 0; u < 4; u++) {
+            const __m256 x = kv_load8(kv_at(v, 8 * u, kv), kv);
+            for (int h = 0; h < NH; h++) a[h][u] = _mm256_fmadd_ps(p[h], x, a[h][u]);
+        }
+    }
+    for (int h = 0; h < NH; h++)
+        for (int u = 0; u < 4; u++) _mm256_storeu_ps(o + h * D + 8 * u, a[h][u]);
+}
+#endif
+
+#if AGORA_AVX2 && defined(__AVX512F__)
 
 /* scores[h * n + j] for keys i .. i + 8: NH heads' queries q + h * D against the slices at kp[j] + off. */
 static inline __attribute__((always_inline)) void score_keys8(const float *q, const void **kp, int64_t i, int64_t n,
@@ -856,21 +903,20 @@ static inline __attribute__((always_inline)) void attn_scores(const float *qh, c
 #endif
 #if AGORA_AVX2
     if (D % 8 == 0) {
-        const __m256 vs = _mm256_set1_ps(scale);
+        const __m128 vs = _mm_set1_ps(scale);
         const int64_t row_bytes = kv_row_bytes(G, group, D, kv);
         for (; i + 8 <= n; i += 8) {
             for (int64_t j = i + KEY_PREFETCH; j < i + KEY_PREFETCH + 8 && j < n; j++) prefetch_row(kp[j], row_bytes);
-            for (int64_t g = 0; g < G; g++) {
-                const float *qg = qh + g * D;
+            for (int64_t g = 0; g < G;) {
+                const int nh = heads_in_pass(g, group);
                 const int64_t off = (g / group) * D;
-                __m256 acc[8];
-                for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
-                for (int64_t d = 0; d < D; d += 8) {
-                    __m256 qv = _mm256_loadu_ps(qg + d);
-                    for (int j = 0; j < 8; j++)
-                        acc[j] = _mm256_fmadd_ps(qv, kv_load8(kv_at(kp[i + j], off + d, kv), kv), acc[j]);
+                const float *q = qh + g * D;
+                for (int64_t j = i; j < i + 8; j += 4) {
+                    if (nh == 3) score_keys4(q, kp, j, n, off, D, vs, scores + g * n, kv, 3);
+                    else if (nh == 2) score_keys4(q, kp, j, n, off, D, vs, scores + g * n, kv, 2);
+                    else score_keys4(q, kp, j, n, off, D, vs, scores + g * n, kv, 1);
                 }
-                _mm256_storeu_ps(scores + g * n + i, _mm256_mul_ps(hsum8(acc), vs));
+                g += nh;
             }
         }
     }
@@ -961,38 +1007,24 @@ static inline __attribute__((always_inline)) void attn_values(const float *probs
     }
 #endif
 #if AGORA_AVX2
-    if (D % 64 == 0) {
-        /* Tiles of 64 tokens (their V rows stay in L2 while each head passes over them); per head
-         * and 64-wide slice of D, eight accumulators live in registers. The first pass over a
-         * tile prefetches the rows VALUE_PREFETCH tokens on. */
+    if (D % 32 == 0) {
+        /* Tiles of 64 tokens (their V rows stay in L2 while the heads pass over them); per pass of up to 3 heads
+         * and 32-wide slice of D, their accumulators live in registers. The first pass over a tile prefetches
+         * the rows VALUE_PREFETCH tokens on. */
         const int64_t row_bytes = kv_row_bytes(G, group, D, kv);
         for (int64_t i0 = 0; i0 < n; i0 += 64) {
             const int64_t i1 = i0 + 64 < n ? i0 + 64 : n;
-            for (int64_t g = 0; g < G; g++) {
-                const float *pg = probs + g * n;
-                for (int64_t dc = 0; dc < D; dc += 64) {
+            for (int64_t g = 0; g < G;) {
+                const int nh = heads_in_pass(g, group);
+                const int64_t off = (g / group) * D;
+                for (int64_t dc = 0; dc < D; dc += 32) {
+                    const int pf = g == 0 && dc == 0;
                     float *o = out + g * D + dc;
-                    const int64_t off = (g / group) * D + dc;
-                    __m256 a0 = _mm256_loadu_ps(o), a1 = _mm256_loadu_ps(o + 8), a2 = _mm256_loadu_ps(o + 16),
-                           a3 = _mm256_loadu_ps(o + 24), a4 = _mm256_loadu_ps(o + 32), a5 = _mm256_loadu_ps(o + 40),
-                           a6 = _mm256_loadu_ps(o + 48), a7 = _mm256_loadu_ps(o + 56);
-                    for (int64_t i = i0; i < i1; i++) {
-                        if (g == 0 && dc == 0 && i + VALUE_PREFETCH < n) prefetch_row(vp[i + VALUE_PREFETCH], row_bytes);
-                        const __m256 p = _mm256_set1_ps(pg[i]);
-                        const void *v = kv_at(vp[i], off, kv);
-                        a0 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 0, kv), kv), a0);
-                        a1 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 8, kv), kv), a1);
-                        a2 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 16, kv), kv), a2);
-                        a3 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 24, kv), kv), a3);
-                        a4 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 32, kv), kv), a4);
-                        a5 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 40, kv), kv), a5);
-                        a6 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 48, kv), kv), a6);
-                        a7 = _mm256_fmadd_ps(p, kv_load8(kv_at(v, 56, kv), kv), a7);
-                    }
-                    _mm256_storeu_ps(o, a0), _mm256_storeu_ps(o + 8, a1), _mm256_storeu_ps(o + 16, a2);
-                    _mm256_storeu_ps(o + 24, a3), _mm256_storeu_ps(o + 32, a4), _mm256_storeu_ps(o + 40, a5);
-                    _mm256_storeu_ps(o + 48, a6), _mm256_storeu_ps(o + 56, a7);
+                    if (nh == 3) value_rows32(probs + g * n, vp, i0, i1, n, off + dc, D, o, pf, row_bytes, kv, 3);
+                    else if (nh == 2) value_rows32(probs + g * n, vp, i0, i1, n, off + dc, D, o, pf, row_bytes, kv, 2);
+                    else value_rows32(probs + g * n, vp, i0, i1, n, off + dc, D, o, pf, row_bytes, kv, 1);
                 }
+                g += nh;
             }
         }
         return;
