@@ -39,6 +39,19 @@ def cpu_kernels() -> bool:
     return os.environ.get("AGORA_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
+CPU_ISAS = ("native", "avx2", "generic")
+
+
+def cpu_isa() -> str:
+    """What the native CPU kernels are built for (AGORA_CPU_ISA): ``native`` (default: this CPU, -march=native),
+    ``avx2`` (x86-64 with AVX2, FMA and F16C, no AVX-512: an AMD Zen 3's paths, or one build for a mixed fleet) or
+    ``generic`` (no SIMD intrinsics: the plain C paths)."""
+    isa = os.environ.get("AGORA_CPU_ISA", "native").strip().lower() or "native"
+    if isa not in CPU_ISAS:
+        raise ValueError(f"AGORA_CPU_ISA={isa!r}: expected one of {', '.join(CPU_ISAS)}")
+    return isa
+
+
 def mkl_packed() -> bool:
     """fp32 GEMM weights packed once for MKL (agora.kernels.mkl) unless AGORA_MKL_PACKED is 0/false/off."""
     return os.environ.get("AGORA_MKL_PACKED", "1").strip().lower() not in ("0", "false", "off", "no")

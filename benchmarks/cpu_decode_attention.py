@@ -10,8 +10,9 @@ order), one cache per layer for all 30 layers so that every step reads cold memo
 figure is the median of ``--repeats`` steps; GB/s counts the K and V bytes a step must read.
 ``--against REV`` also builds the kernel of that git revision (as the engine would) and runs it beside them
 (``over_against``: this tree's time over its; ``max_abs_diff_against``: how far apart their outputs are), on
-the cases its kernel reads (no bf16 cache before it had one). ``--isa avx2`` builds all of them for AVX2, FMA and
-F16C only, as on an AMD Zen 3 host, so that path can be timed on a CPU with AVX-512 too (``built_for``).
+the cases its kernel reads (no bf16 cache before it had one). With ``AGORA_CPU_ISA=avx2`` in the environment all
+of them are built for AVX2, FMA and F16C only, as on an AMD Zen 3 host, so that path can be timed on a CPU with
+AVX-512 too (``built_for``).
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ import time
 from pathlib import Path
 
 import torch
-from kernels_at import ISA_FLAGS, attention_kernel, build, kernels_at
+from kernels_at import attention_kernel, build, kernels_at
 
-from agora import kernels
+from agora import envs, kernels
 
 # (requests, context tokens per request, KV cache dtype)
 CASES = [
@@ -85,12 +86,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--against", metavar="REV", help="also time the kernel of this git revision")
-    ap.add_argument(
-        "--isa",
-        choices=sorted(ISA_FLAGS),
-        default="native",
-        help="build every kernel for this host (as the engine does) or for AVX2 only (AMD Zen 3's paths)",
-    )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -99,16 +94,16 @@ def main() -> None:
     bandwidth = memory_bandwidth()
     print(
         f"{host_summary()}; a bare read of 256 MB runs at {bandwidth / 1e9:.1f} GB/s here; kernels built for "
-        + ("this host" if args.isa == "native" else "AVX2 only")
+        + {"native": "this host", "avx2": "AVX2 only", "generic": "no SIMD"}[envs.cpu_isa()]
     )
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         libs = {
-            "prefetch": build(kernels.SOURCE, out / "kernels.so", args.isa),
-            "no_prefetch": build(kernels.SOURCE, out / "kernels-np.so", args.isa, ("AGORA_NO_PREFETCH",)),
+            "prefetch": build(kernels.SOURCE, out / "kernels.so"),
+            "no_prefetch": build(kernels.SOURCE, out / "kernels-np.so", defines=("AGORA_NO_PREFETCH",)),
         }
         if args.against:
-            libs["against"] = kernels_at(args.against, args.isa)
+            libs["against"] = kernels_at(args.against)
         results = []
         for batch, context, dtype in CASES:
             r = measure(libs, batch, context, dtype, args.repeats)
@@ -128,7 +123,7 @@ def main() -> None:
         report = {
             "command": "python " + " ".join(sys.argv),
             "host": host_summary(),
-            "built_for": args.isa,
+            "built_for": envs.cpu_isa(),
             "read_bandwidth_GB_per_s": round(bandwidth / 1e9, 1),
             "threads": torch.get_num_threads(),
             "layers": LAYERS,

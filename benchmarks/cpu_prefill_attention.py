@@ -14,6 +14,7 @@ Caches are cold as in the engine, where a step's 30 layers of K/V do not fit in 
 call reads one of ``--copies`` separate copies of the layer's K/V, in turn (``--copies 1``: hot).
 Where the CPU has AMX, ``--dtype bfloat16``'s kernel (its two products in bf16 on the tile unit) runs
 beside them too (``kernel_bf16_ms``, ``bf16_over_fp32``, ``bf16_max_abs_diff``).
+With ``AGORA_CPU_ISA=avx2`` in the environment every kernel here is built for an AVX2 host's paths (``built_for``).
 ``--against REV`` compiles ``agora/kernels/cpu.c`` as of that git revision with the same flags and
 times its kernel beside the current one, both called straight through ctypes so that neither pays for
 the engine's Python around the call (``kernel_over_against``; ``same_as_against``: whether their outputs
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 from kernels_at import attention_kernel, kernels_at
 
-from agora import kernels
+from agora import envs, kernels
 from agora.bench.report import cpu_description
 from agora.engine.attention import TorchPagedAttention, build_group
 
@@ -153,7 +154,8 @@ def main() -> None:
               f"{r['kernel_useful_gflops']:.0f} GFLOP/s useful), max diff {r['max_abs_diff']:.1e}{extra}")  # fmt: skip
     if args.out:
         result = {"host": cpu_description(), "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
-                  "kv_cache_dtype": args.kv_cache_dtype, "copies": args.copies, "against": args.against, "cases": rows}  # fmt: skip
+                  "built_for": envs.cpu_isa(), "kv_cache_dtype": args.kv_cache_dtype, "copies": args.copies,
+                  "against": args.against, "cases": rows}  # fmt: skip
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 

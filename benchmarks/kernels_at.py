@@ -2,7 +2,7 @@
 
 ``--against REV`` in ``cpu_prefill_attention.py``, ``cpu_decode_attention.py`` and ``cpu_linear_rows.py``: the
 source of that revision compiled with today's compiler and flags (``build``; ``isa="avx2"``: for an AVX2 host's
-paths), every exported function typed as ``agora.kernels`` types its
+paths, as ``AGORA_CPU_ISA=avx2`` builds the engine's), every exported function typed as ``agora.kernels`` types its
 own (``attention_kernel``: an attention kernel of a revision from before the caches' element type was an argument).
 """
 
@@ -18,19 +18,15 @@ import torch
 
 from agora import kernels
 
-# What a build targets: this host (as the engine builds), or only what an AVX2 host has (AMD Zen 3: AVX2, FMA,
-# F16C, no AVX-512), to time that host's paths on a newer CPU.
-ISA_FLAGS = {"native": ["-march=native"], "avx2": ["-march=x86-64-v3", "-mtune=native"]}
 
-
-def build(source: Path, out: Path, isa: str = "native", defines: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """Compile ``source`` as the engine compiles ``cpu.c`` (its compiler, ``CC``, and flags), for ``isa``, and load it
-    with the kernels' signatures (functions it lacks stay untyped)."""
+def build(source: Path, out: Path, isa: str | None = None, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Compile ``source`` as the engine compiles ``cpu.c`` (its compiler, ``CC``, and flags), for ``isa``
+    (``kernels.ISA_FLAGS``; default: as the engine would, ``AGORA_CPU_ISA``), and load it with the kernels'
+    signatures (functions it lacks stay untyped)."""
     cc = kernels._compiler()
     if cc is None:
         raise SystemExit("no C compiler: the kernels cannot be built here")
-    flags = [f for f in kernels.FLAGS if f != "-march=native"] + ISA_FLAGS[isa]
-    cmd = [cc, *flags, *(f"-D{d}" for d in defines), str(source), "-o", str(out), "-lm"]
+    cmd = [cc, *kernels.flags(isa), *(f"-D{d}" for d in defines), str(source), "-o", str(out), "-lm"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     lib = ctypes.CDLL(str(out))
     for name, (args, res) in kernels._SIGNATURES.items():
@@ -40,7 +36,7 @@ def build(source: Path, out: Path, isa: str = "native", defines: tuple[str, ...]
     return lib
 
 
-def kernels_at(rev: str, isa: str = "native") -> ctypes.CDLL:
+def kernels_at(rev: str, isa: str | None = None) -> ctypes.CDLL:
     """``agora/kernels/cpu.c`` as of ``rev``, built by ``build``."""
     source = subprocess.run(["git", "show", f"{rev}:agora/kernels/cpu.c"], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).parent).stdout  # fmt: skip

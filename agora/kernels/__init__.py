@@ -2,8 +2,8 @@
 
 The build takes about a second and lands in ``$AGORA_CACHE_DIR/kernels/``, keyed by
 the source, the flags, the compiler and this CPU's feature flags (it is built with
-``-march=native``). Without a compiler, or with ``AGORA_CPU_KERNELS=0``, ``lib()``
-returns None and every caller keeps its PyTorch path.
+``-march=native``, or for ``AGORA_CPU_ISA``: ``avx2`` or ``generic``). Without a compiler, or with
+``AGORA_CPU_KERNELS=0``, ``lib()`` returns None and every caller keeps its PyTorch path.
 """
 
 from __future__ import annotations
@@ -26,7 +26,16 @@ from agora import envs
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-fno-math-errno"]
+_BASE_FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-fno-math-errno"]
+# envs.cpu_isa(): this CPU; x86-64-v3 (AVX2, FMA, F16C and no AVX-512, as on AMD Zen 3); no SIMD paths
+ISA_FLAGS = {"native": ["-march=native"], "avx2": ["-march=x86-64-v3", "-mtune=native"], "generic": []}
+
+
+def flags(isa: str | None = None) -> list[str]:
+    """The compiler flags of a build for ``isa`` (default: ``AGORA_CPU_ISA``'s, else this CPU)."""
+    return [*_BASE_FLAGS, *ISA_FLAGS[isa or envs.cpu_isa()]]
+
+
 # Block formats the linear kernel reads: GGUF's Q4_1 and Q8_0 as the file stores them, and QU8, the other GGUF
 # formats repacked at load time (agora.models.gguf_repack: fp32 scale and offset per 16 weights, uint8 codes).
 QTYPES = ("Q4_1", "Q8_0", "QU8")
@@ -44,6 +53,7 @@ _tried = False
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "agora_kernels_avx2": ([], ctypes.c_int),
+    "agora_kernels_avx512": ([], ctypes.c_int),
     "agora_linear_q4_1": ([_P, _I, _I, _P, _I, _P, _P, _I], None),
     "agora_linear_q8_0": ([_P, _I, _I, _P, _I, _P, _P, _I], None),
     "agora_linear_qu8": ([_P, _I, _I, _P, _I, _P, _P, _I], None),
@@ -176,8 +186,9 @@ def _compiler() -> str | None:
 
 def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    build_flags = flags()
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_signature()]).encode()
+        "\0".join([SOURCE.read_text(), " ".join(build_flags), version, _cpu_signature()]).encode()
     ).hexdigest()[:16]
     out = envs.cache_dir() / "kernels" / f"agora-cpu-{key}.so"
     if out.is_file():
@@ -187,7 +198,8 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".build-", suffix=".so")
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([cc, *build_flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
         os.replace(tmp, out)  # atomic: a concurrent build of the same key writes the same bytes

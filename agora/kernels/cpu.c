@@ -69,6 +69,13 @@ static inline int64_t fmt_bytes(int fmt) { return fmt == FMT_Q8_0 ? Q8_0_BYTES :
 #endif
 
 int agora_kernels_avx2(void) { return AGORA_AVX2; }
+int agora_kernels_avx512(void) {
+#if AGORA_AVX2 && defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 /* 1 where this build has the AMX attention path and Linux lets this process use the tile registers
  * (asked once: arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA; oneDNN asks the same for its GEMMs). */
@@ -1227,6 +1234,16 @@ typedef __m512 pvec;
 #define pv_fma _mm512_fmadd_ps
 #define pv_mul _mm512_mul_ps
 #define PBLOCKED 1
+#elif AGORA_AVX2
+typedef __m256 pvec;
+#define PVW 8
+#define PB 3 /* 3 rows x 4 vectors of accumulators and a query, of 16 registers (keys: the FMAs' memory operands) */
+#define pv_load _mm256_loadu_ps
+#define pv_store _mm256_storeu_ps
+#define pv_set1 _mm256_set1_ps
+#define pv_fma _mm256_fmadd_ps
+#define pv_mul _mm256_mul_ps
+#define PBLOCKED 1
 #else
 #define PBLOCKED 0
 #endif
@@ -1294,7 +1311,8 @@ static inline __attribute__((always_inline)) void pv_block(const float *s, const
         for (int v = 0; v < 4; v++) pv_store(o + (r0 + i) * D + dc + v * PVW, acc[i][v]);
 }
 
-/* The row count as a constant in each call, so the loops over rows unroll into registers. */
+/* The row count (1 .. PB) as a constant in each call, so the loops over rows unroll into registers. */
+#if PB == 6
 #define BY_ROWS(nr, call)                                                                                              \
     switch (nr) {                                                                                                      \
     case 1: { const int NR = 1; call; } break;                                                                         \
@@ -1304,6 +1322,14 @@ static inline __attribute__((always_inline)) void pv_block(const float *s, const
     case 5: { const int NR = 5; call; } break;                                                                         \
     default: { const int NR = 6; call; } break;                                                                        \
     }
+#else
+#define BY_ROWS(nr, call)                                                                                              \
+    switch (nr) {                                                                                                      \
+    case 1: { const int NR = 1; call; } break;                                                                         \
+    case 2: { const int NR = 2; call; } break;                                                                         \
+    default: { const int NR = 3; call; } break;                                                                        \
+    }
+#endif
 #define BLOCKED_D(D) ((D) % PW == 0) /* the head sizes the micro-kernels take */
 #else
 #define BLOCKED_D(D) 0
