@@ -1,6 +1,6 @@
-"""The kernel tests again, with the kernels built for the CPUs this host is not: AVX2 without AVX-512 (AMD Zen 3's
+"""The kernel tests again, with the kernels built for CPUs other than this one: AVX2 without AVX-512 (AMD Zen 3's
 paths) and no SIMD at all. The engine builds for its own CPU, so without this a change to the 8-lane or plain C
-paths would go untested on an AVX-512 host (and the AVX-512 and AMX paths untested elsewhere: CI's hosts vary)."""
+paths would go untested on an AVX-512 host."""
 
 from __future__ import annotations
 
