@@ -787,6 +787,14 @@ static inline int heads_in_pass(int64_t g, int64_t group) {
     return left < 3 ? (int)left : 3;
 }
 
+/* The pass's head count (heads_in_pass) as a constant NH in each call, so its loops over heads unroll. */
+#define BY_HEADS(nh, call)                                                                                             \
+    switch (nh) {                                                                                                      \
+    case 3: { const int NH = 3; call; } break;                                                                         \
+    case 2: { const int NH = 2; call; } break;                                                                         \
+    default: { const int NH = 1; call; } break;                                                                        \
+    }
+
 #if AGORA_AVX2
 /* scores[h * n + i ..] for keys i .. i + 4: NH heads' queries q + h * D against the slices at kp[j] + off, 8 lanes.
  * 3 heads x 4 keys of accumulators, 3 queries and a key: all 16 registers. Each score is summed as hsum8 sums it. */
@@ -900,9 +908,7 @@ static inline __attribute__((always_inline)) void attn_scores(const float *qh, c
                 const int nh = heads_in_pass(g, group);
                 const int64_t off = (g / group) * D;
                 const float *q = qh + g * D;
-                if (nh == 3) score_keys8(q, kp, i, n, off, D, vs, scores + g * n, kv, 3);
-                else if (nh == 2) score_keys8(q, kp, i, n, off, D, vs, scores + g * n, kv, 2);
-                else score_keys8(q, kp, i, n, off, D, vs, scores + g * n, kv, 1);
+                BY_HEADS(nh, score_keys8(q, kp, i, n, off, D, vs, scores + g * n, kv, NH));
                 g += nh;
             }
         }
@@ -919,9 +925,7 @@ static inline __attribute__((always_inline)) void attn_scores(const float *qh, c
                 const int64_t off = (g / group) * D;
                 const float *q = qh + g * D;
                 for (int64_t j = i; j < i + 8; j += 4) {
-                    if (nh == 3) score_keys4(q, kp, j, n, off, D, vs, scores + g * n, kv, 3);
-                    else if (nh == 2) score_keys4(q, kp, j, n, off, D, vs, scores + g * n, kv, 2);
-                    else score_keys4(q, kp, j, n, off, D, vs, scores + g * n, kv, 1);
+                    BY_HEADS(nh, score_keys4(q, kp, j, n, off, D, vs, scores + g * n, kv, NH));
                 }
                 g += nh;
             }
@@ -1003,9 +1007,7 @@ static inline __attribute__((always_inline)) void attn_values(const float *probs
                 for (int64_t dc = 0; dc < D; dc += 64) {
                     const int pf = g == 0 && dc == 0;
                     float *o = out + g * D + dc;
-                    if (nh == 3) value_rows64(probs + g * n, vp, i0, i1, n, off + dc, D, o, pf, row_bytes, kv, 3);
-                    else if (nh == 2) value_rows64(probs + g * n, vp, i0, i1, n, off + dc, D, o, pf, row_bytes, kv, 2);
-                    else value_rows64(probs + g * n, vp, i0, i1, n, off + dc, D, o, pf, row_bytes, kv, 1);
+                    BY_HEADS(nh, value_rows64(probs + g * n, vp, i0, i1, n, off + dc, D, o, pf, row_bytes, kv, NH));
                 }
                 g += nh;
             }
@@ -1027,9 +1029,7 @@ static inline __attribute__((always_inline)) void attn_values(const float *probs
                 for (int64_t dc = 0; dc < D; dc += 32) {
                     const int pf = g == 0 && dc == 0;
                     float *o = out + g * D + dc;
-                    if (nh == 3) value_rows32(probs + g * n, vp, i0, i1, n, off + dc, D, o, pf, row_bytes, kv, 3);
-                    else if (nh == 2) value_rows32(probs + g * n, vp, i0, i1, n, off + dc, D, o, pf, row_bytes, kv, 2);
-                    else value_rows32(probs + g * n, vp, i0, i1, n, off + dc, D, o, pf, row_bytes, kv, 1);
+                    BY_HEADS(nh, value_rows32(probs + g * n, vp, i0, i1, n, off + dc, D, o, pf, row_bytes, kv, NH));
                 }
                 g += nh;
             }
