@@ -18,7 +18,7 @@ from agora.router.semantic.embedder import SentenceEmbedder
 
 def cached_embeddings(embedder: SentenceEmbedder, texts: list[str], tag: str) -> np.ndarray:
     """Embeddings of ``texts``, from ``$AGORA_CACHE_DIR/semantic/`` when this exact list was seen before."""
-    key = hashlib.sha256(("\x00".join(texts) + f"\x01{embedder.dim}").encode()).hexdigest()[:24]
+    key = hashlib.sha256(("\x00".join(texts) + f"\x01{embedder.fingerprint}").encode()).hexdigest()[:24]
     path = envs.cache_dir() / "semantic" / f"{tag}-{key}.npy"
     if path.is_file():
         try:
