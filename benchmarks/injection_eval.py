@@ -153,18 +153,18 @@ def main() -> None:
         help="evaluate the committed model instead of training one (same data, same result on its host)",
     )
     args = p.parse_args()
-    embedder = default_embedder(None)
+    encoder, embedder = inj.default_encoder(), default_embedder(None)  # the detector's, and the one it replaced
     examples = inj.load_examples()
     t = time.perf_counter()
     if args.committed:
         model, train_s = inj.load_model(), None
     else:
         say = lambda step: print(f"training [{time.perf_counter() - t:5.0f} s] {step}", flush=True)  # noqa: E731
-        model = inj.train(embedder, examples, tuner=tune_layers, progress=say)
+        model = inj.train(encoder, examples, tuner=tune_layers, progress=say)
         train_s = round(time.perf_counter() - t, 1)
     oof = {"out_of_fold_recall": round(model.out_of_fold[0], 4),
            "out_of_fold_false_positive_rate": round(model.out_of_fold[1], 4)}  # fmt: skip
-    detector = inj.InjectionDetector(embedder, model)
+    detector = inj.InjectionDetector(encoder, model)
     test = [e for e in examples if e.split == "test"]
     y = np.array([e.label for e in test])
     scores = np.array([detector.scan([e.text])[0].score for e in test])  # one request each: the real budget

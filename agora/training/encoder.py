@@ -1,6 +1,6 @@
 """Fine-tune the top layers of the router's sentence encoder for one binary label, in torch.
 
-The injection detector reads segments with all-MiniLM-L6-v2's lower layers as they are and its top
+The injection detector reads segments with multilingual-e5-small's lower layers as they are and its top
 layers tuned on agora's labeled set (``agora.router.semantic.injection.train``). The router runs the
 encoder in numpy and never imports torch, so the tuning lives here and speaks numpy: it takes the
 frozen lower layers' token states and the layers to start from, in ``SentenceEmbedder.layers``' layout

@@ -1975,12 +1975,11 @@ def train_model() -> None:
     import time
 
     from agora.router.semantic import injection
-    from agora.router.semantic.embedder import default_embedder
     from agora.training.encoder import tune_layers
 
     t = time.perf_counter()
     say = lambda step: print(f"[{time.perf_counter() - t:5.0f} s] {step}", flush=True)  # noqa: E731
-    model = injection.train(default_embedder(None), injection.load_examples(OUT), tuner=tune_layers, progress=say)
+    model = injection.train(injection.default_encoder(), injection.load_examples(OUT), tuner=tune_layers, progress=say)
     path = OUT.with_name(injection.MODEL_FILE)
     model.save(path)
     print(

