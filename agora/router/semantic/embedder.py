@@ -92,10 +92,16 @@ class SentenceEmbedder:
         ids, mask = self.token_ids(texts)
         return self.pool(self.states(self.layers if layers is None else layers, mask, ids=ids), mask)
 
+    def encodings(self, texts: list[str]) -> list:
+        """The tokenizer's encodings of ``texts``; an empty text reads as a space, and a lone surrogate (JSON lets
+        a client send one, the tokenizer refuses it) as "?"."""
+        texts = [t.encode("utf-8", "replace").decode("utf-8") if t else " " for t in texts]
+        with self._lock:
+            return self.tokenizer.encode_batch(texts)
+
     def token_ids(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, mask)``, padded to the longest text: ``[n, length]`` each."""
-        with self._lock:
-            encodings = self.tokenizer.encode_batch([t or " " for t in texts])
+        encodings = self.encodings(texts)
         n, length = len(encodings), max(len(e.ids) for e in encodings)
         ids = np.zeros((n, length), np.int64)
         mask = np.zeros((n, length), np.float32)

@@ -730,8 +730,7 @@ def _length_batches(lengths: list[int], size: int = 64) -> list[np.ndarray]:
 
 def _token_states(embedder: SentenceEmbedder, layers: list[tuple], texts: list[str]) -> list[np.ndarray]:
     """Each text's token states ``[tokens, dim]`` after ``layers`` (batched by length, so little padding)."""
-    with embedder._lock:
-        lengths = [len(e.ids) for e in embedder.tokenizer.encode_batch([t or " " for t in texts])]
+    lengths = [len(e.ids) for e in embedder.encodings(texts)]
     out: list[np.ndarray] = [np.zeros(0)] * len(texts)
     for b in _length_batches(lengths):
         ids, mask = embedder.token_ids([texts[i] for i in b])
