@@ -106,7 +106,7 @@ class _Tokenizer:
 class E5Embedder(SentenceEmbedder):
     """``embed(texts) -> [n, 384]`` unit vectors from multilingual-e5-small's 4-bit file (see the module)."""
 
-    def __init__(self, path: str | Path) -> None:  # noqa: PLR0915 - one pass over the file's sections
+    def __init__(self, path: str | Path) -> None:
         data = Path(path).read_bytes()
         if data[:4] != MAGIC:
             raise ValueError(f"{path}: not a multilingual-e5 4-bit model file (no {MAGIC!r} header)")
