@@ -9,8 +9,9 @@ never installed: agora runs its own numpy forward (``SentenceEmbedder.states``),
 The file: ``E5S1``, a version, the dimensions; the tokenizer (pieces with their unigram scores, and a map from
 code points to their normalized form); a directory of tensors, each fp32 or Q4_0 (blocks of 32 weights: an
 fp16 scale and 16 bytes, weight ``j`` in the low nibble of byte ``j`` and weight ``j + 16`` in the high one,
-both stored plus 8). The encoder's layers are dequantized to fp32 once; the word embeddings (250,037 rows)
-stay 4-bit and are dequantized per lookup, so the encoder holds ~150 MB, not 480.
+both stored plus 8: GGML's Q4_0, so ``gguf`` dequantizes it). The encoder's layers are dequantized to fp32
+once; the word embeddings (250,037 rows) stay 4-bit and are dequantized per lookup, so the encoder holds
+~150 MB, not 480.
 
 Tokenization is XLM-R's: the normalization map, runs of spaces made one, SentencePiece's metaspace, a
 Viterbi search over the unigram pieces (``tokenizers``' Unigram model, whose unknown-piece penalty is
@@ -19,21 +20,21 @@ SentencePiece's), then ``<s> ... </s>``. Texts are embedded with e5's ``"query: 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import struct
 import threading
 from pathlib import Path
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize
 
-from agora.router.semantic.embedder import SentenceEmbedder
+from agora.router.semantic.embedder import SentenceEmbedder, bert_layer
 
 MAGIC = b"E5S1"
 PREFIX = "query: "  # e5 reads a text as a query or a passage; a segment is read as a query
-_QK = 32  # weights in a Q4_0 block
-_Q4_BLOCK = 2 + _QK // 2  # bytes in a Q4_0 block
-_FP32, _Q4_0 = 0, 1
+_QK, _Q4_BLOCK = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_0]  # weights and bytes in a block: GGML's Q4_0
+_FP32 = 0  # a tensor's kind in the directory (1: Q4_0)
 
 
 class _Reader:
@@ -55,26 +56,17 @@ class _Reader:
         return self.buf[self.at - n : self.at]
 
 
-def _q4_rows(blocks: np.ndarray) -> np.ndarray:
-    """Q4_0 blocks ``[..., 18]`` (uint8) as fp32 weights ``[..., 32]``."""
-    scale = np.ascontiguousarray(blocks[..., :2]).view(np.float16).astype(np.float32)
-    q = blocks[..., 2:]
-    nibbles = np.concatenate([q & 15, q >> 4], axis=-1).astype(np.float32) - np.float32(8)
-    return nibbles * scale
-
-
 class Q4Rows:
     """A Q4_0 matrix ``[rows, cols]`` whose rows are dequantized when indexed (``word[ids]``)."""
 
     def __init__(self, blocks: np.ndarray, rows: int, cols: int) -> None:
-        self.blocks = blocks.reshape(rows, cols // _QK, _Q4_BLOCK)
+        self.blocks = blocks.reshape(rows, cols // _QK * _Q4_BLOCK)  # a row's blocks, as bytes
         self.shape = (rows, cols)
 
     def __getitem__(self, ids) -> np.ndarray:
         ids = np.asarray(ids)
         unique, inverse = np.unique(ids, return_inverse=True)
-        rows = _q4_rows(self.blocks[unique]).reshape(len(unique), self.shape[1])
-        return rows[inverse.reshape(ids.shape)]
+        return dequantize(self.blocks[unique], GGMLQuantizationType.Q4_0)[inverse.reshape(ids.shape)]
 
 
 class _Tokenizer:
@@ -133,37 +125,31 @@ class E5Embedder(SentenceEmbedder):
             kind, count, offset, _size = r.take("BIQQ")
             tensors[name] = (kind, count, offset)
 
-        def tensor(name: str, *shape: int) -> np.ndarray:
+        def tensor(name: str) -> np.ndarray:
+            """A tensor, flat: fp32 as stored, Q4_0 as its bytes (dequantize them)."""
             kind, count, offset = tensors[name]
             if kind == _FP32:
-                return np.frombuffer(data, np.float32, count, offset).reshape(shape).copy()
-            blocks = np.frombuffer(data, np.uint8, count // _QK * _Q4_BLOCK, offset).reshape(-1, _Q4_BLOCK)
-            return _q4_rows(blocks).reshape(shape)
+                return np.frombuffer(data, np.float32, count, offset).copy()
+            return np.frombuffer(data, np.uint8, count // _QK * _Q4_BLOCK, offset)
 
-        kind, count, offset = tensors["emb.word"]
-        self.word = Q4Rows(np.frombuffer(data, np.uint8, count // _QK * _Q4_BLOCK, offset), vocab, dim)
-        self._word_digest = hashlib.blake2b(self.word.blocks.data, digest_size=16).digest()
-        self.pos = tensor("emb.pos", max_positions, dim)
-        self.type0 = tensor("emb.type", -1, dim)[0]
-        self.emb_ln = (tensor("emb.ln.w", dim), tensor("emb.ln.b", dim))
+        def pair(name: str, cols: int = dim) -> tuple[np.ndarray, np.ndarray]:
+            """A layer's (weight ``[out, cols]``, bias), or a LayerNorm's (weight, bias)."""
+            w = tensor(name + ".w")
+            w = dequantize(w, GGMLQuantizationType.Q4_0).reshape(-1, cols) if w.dtype == np.uint8 else w
+            return w, tensor(name + ".b")
+
+        self.word = Q4Rows(tensor("emb.word"), vocab, dim)
+        self.pos = tensor("emb.pos").reshape(max_positions, dim)
+        self.type0 = tensor("emb.type")[:dim]
+        self.emb_ln = pair("emb.ln")
         self.heads, self.dim = heads, dim
-        self.layers = []
-        for i in range(n_layers):
-            t = lambda part, *shape, i=i: tensor(f"l{i}.{part}", *shape)  # noqa: E731
-            self.layers.append((
-                np.concatenate([t(f"{n}.w", dim, dim) for n in "qkv"]).T.copy(),
-                np.concatenate([t(f"{n}.b", dim) for n in "qkv"]),
-                t("ao.w", dim, dim).T.copy(), t("ao.b", dim), t("aln.w", dim), t("aln.b", dim),
-                t("fi.w", ffn, dim).T.copy(), t("fi.b", ffn), t("fo.w", dim, ffn).T.copy(), t("fo.b", dim),
-                t("oln.w", dim), t("oln.b", dim),
-            ))  # fmt: skip
+        self.layers = [bert_layer(*(pair(f"l{i}.{part}") for part in ("q", "k", "v", "ao", "aln", "fi")),
+                                  pair(f"l{i}.fo", ffn), pair(f"l{i}.oln")) for i in range(n_layers)]  # fmt: skip
         self.max_tokens = max_positions
         self.tokenizer = _Tokenizer(pieces, scores, unk, bos, eos, normalized, max_positions)
         self._lock = threading.Lock()
 
-    @functools.cached_property
-    def fingerprint(self) -> str:
-        h = hashlib.blake2b(self._word_digest, digest_size=16)
-        for a in (self.pos, *(a for layer in self.layers for a in layer)):
-            h.update(np.ascontiguousarray(a).view(np.uint8).data)
-        return h.hexdigest()
+    def _fingerprinted(self) -> tuple:
+        """The word rows as a digest of their 4-bit bytes (54 MB), then the rest as ``SentenceEmbedder`` digests it."""
+        words = hashlib.blake2b(self.word.blocks.data, digest_size=16).digest()
+        return (np.frombuffer(words, np.uint8), *super()._fingerprinted()[1:])

@@ -38,6 +38,13 @@ def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.n
     return (x - mean) / np.sqrt(var + eps) * w + b
 
 
+def bert_layer(q, k, v, o, ln1, up, down, ln2) -> tuple:  # noqa: ANN001
+    """One layer in ``SentenceEmbedder.layers``' layout from its (weight, bias) pairs as BERT stores them (weights
+    ``[out, in]``): query, key, value, attention output, its LayerNorm, intermediate, output, its LayerNorm."""
+    return (np.concatenate([q[0], k[0], v[0]]).T.copy(), np.concatenate([q[1], k[1], v[1]]), o[0].T.copy(), o[1],
+            *ln1, up[0].T.copy(), up[1], down[0].T.copy(), down[1], *ln2)  # fmt: skip
+
+
 class SentenceEmbedder:
     """``embed(texts) -> [n, 384]`` unit vectors. Thread-safe; numpy's BLAS releases the GIL."""
 
@@ -60,17 +67,10 @@ class SentenceEmbedder:
         self.emb_ln = (w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"])
         self.layers = []
         for i in range(int(cfg["num_hidden_layers"])):
-            p = f"encoder.layer.{i}."
-            qkv_w = np.concatenate([w[p + f"attention.self.{n}.weight"] for n in ("query", "key", "value")]).T.copy()
-            qkv_b = np.concatenate([w[p + f"attention.self.{n}.bias"] for n in ("query", "key", "value")])
-            self.layers.append((
-                qkv_w, qkv_b,
-                w[p + "attention.output.dense.weight"].T.copy(), w[p + "attention.output.dense.bias"],
-                w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"],
-                w[p + "intermediate.dense.weight"].T.copy(), w[p + "intermediate.dense.bias"],
-                w[p + "output.dense.weight"].T.copy(), w[p + "output.dense.bias"],
-                w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"],
-            ))  # fmt: skip
+            pair = lambda name, i=i: (w[f"encoder.layer.{i}.{name}.weight"], w[f"encoder.layer.{i}.{name}.bias"])  # noqa: E731
+            self.layers.append(bert_layer(*map(pair, (
+                "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                "attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm"))))  # fmt: skip
         self.max_tokens = min(MAX_TOKENS, self.pos.shape[0])
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.tokenizer.enable_truncation(self.max_tokens)
@@ -81,9 +81,13 @@ class SentenceEmbedder:
     def fingerprint(self) -> str:
         """A digest of the weights (models trained on this encoder's vectors check it)."""
         h = hashlib.blake2b(digest_size=16)
-        for a in (self.word, self.pos, *(a for layer in self.layers for a in layer)):
+        for a in self._fingerprinted():
             h.update(np.ascontiguousarray(a).view(np.uint8).data)
         return h.hexdigest()
+
+    def _fingerprinted(self) -> tuple:
+        """The arrays the fingerprint digests, in order."""
+        return (self.word, self.pos, *(a for layer in self.layers for a in layer))
 
     def embed(self, texts: list[str], layers: list[tuple] | None = None) -> np.ndarray:
         """Unit sentence vectors; ``layers`` replaces the encoder's (the injection detector's tuned top)."""
