@@ -253,14 +253,47 @@ def test_a_buried_attack_is_found_in_a_megabyte_and_the_encoder_budget_holds(emb
 def test_held_out_split_beats_the_pattern_detector_it_replaced(embedder) -> None:
     """Not the issue's target (see benchmarks/injection_eval.py for the numbers), but a floor that catches a
     broken model file, a broken normalizer, a broken encoder or a train/test leak going the wrong way (the pattern
-    detector gets 0.02; the detector 0.86 since it reads with multilingual-e5-small, 0.77 with all-MiniLM-L6-v2)."""
+    detector gets 0.02; the detector 0.90 since its gate lets the encoder read one benign segment in five, 0.86 with
+    one in ten, 0.77 with all-MiniLM-L6-v2)."""
     d = inj.InjectionDetector(embedder)
     test = [e for e in inj.load_examples() if e.split == "test"]
     assert {e.group for e in test}.isdisjoint({e.group for e in inj.load_examples() if e.split == "train"})
     scores = np.array([d.scan([e.text])[0].score for e in test])
     y = np.array([e.label for e in test])
     recall, fp = (scores[y == 1] >= d.threshold).mean(), (scores[y == 0] >= d.threshold).mean()
-    assert recall >= 0.8 and fp <= 0.05, (recall, fp)
+    assert recall >= 0.85 and fp <= 0.05, (recall, fp)
+
+
+@pytest.mark.parametrize("apart", [2.0, 8.0])
+def test_calibration_gate_and_threshold(apart: float) -> None:
+    """From out-of-fold logits: the gate lets the encoder read no more than _ENCODER_SHARE of the benign segments,
+    nor more than the attacks' top 99% need; the threshold flags at most _MAX_FALSE_POSITIVES of the benign
+    texts; a text's score is its best segment's, stacked where the gate lets it through, lexical where not."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    y = np.repeat(np.arange(n // 2) % 2, 2).astype(np.float64)  # text i: segments 2i and 2i + 1, label i % 2
+    lex = rng.normal(apart * (y - 0.5), 1.5, n)
+    emb = rng.normal(3.0 * y - 1.5, 1.0, n)
+    data = [inj.Example(i % 2, "k/plain", f"g{i}", "train", f"text {i}") for i in range(n // 2)]
+    rows = [[2 * i, 2 * i + 1] for i in range(n // 2)]
+    fold = np.arange(n) % 5
+    lex_oof, emb_oof = np.tile(lex, (5, 1)), np.tile(emb, (5, 1))
+    known = np.ones(n, bool)
+    stack, lexical_only, gate, threshold, oof, scores = inj._calibrate(
+        data, rows, [e.text for e in data], lex_oof, emb_oof, fold, known, y, [0] * len(data)
+    )
+    p_lex = 1 / (1 + np.exp(-(lexical_only[0] * lex + lexical_only[1])))
+    benign_read, attacks_read = (p_lex[y == 0] >= gate).mean(), (p_lex[y == 1] >= gate).mean()
+    if apart == 2.0:  # close: the benign share binds, and some attack segments are left to the lexical model
+        assert abs(benign_read - inj._ENCODER_SHARE) < 0.01 and attacks_read < 0.95
+    else:  # far apart: 99% of the attack segments need fewer benign ones read
+        assert abs(attacks_read - 0.99) < 0.01 and benign_read < inj._ENCODER_SHARE
+    label = np.array([e.label for e in data])
+    assert (scores[label == 0] >= threshold).mean() <= inj._MAX_FALSE_POSITIVES
+    assert oof == ((scores[label == 1] >= threshold).mean(), (scores[label == 0] >= threshold).mean())
+    stacked = 1 / (1 + np.exp(-(stack[0] * lex + stack[1] * emb + stack[2])))
+    best = np.where(p_lex >= gate, stacked, p_lex).reshape(-1, 2).max(1)
+    np.testing.assert_allclose(scores, best)
 
 
 # -- decisions, in-process --------------------------------------------------------------------------

@@ -69,6 +69,9 @@ _BUCKETS = 1 << 16  # hashed n-gram features
 _FOLDS = 5
 _REMEMBERED = 50_000  # texts whose score is kept
 _MAX_FALSE_POSITIVES = 0.05  # the shipped threshold's false-positive rate on out-of-fold training scores
+# the share of benign training segments (out of fold) the lexical gate lets through to the encoder: one in ten
+# gated out 11% of the attack segments there and cost 2 points of recall; one in five gates out 3% and costs none
+_ENCODER_SHARE = 0.2
 FORMAT = 7  # the model file's layout, features and encoder; a file of another format is refused
 FROZEN_LAYERS = 8  # the encoder's lower layers, read as they are; the detector tunes the ones after them
 TUNED_LAYERS = 4  # the layers after them, tuned on the labeled set
@@ -657,7 +660,26 @@ def train(embedder: SentenceEmbedder, examples: list[Example], tuner: Tuner | No
         lex_oof[k] = [_lex_logit(wl, f) for f in feats]
         _, emb = encode(tr)
         emb_oof[k] = np.hstack([emb, np.ones((len(texts), 1))]) @ _fit_dense(emb[tr], y[tr])
-    own = np.arange(len(texts))
+    stack, lexical_only, gate, threshold, out_of_fold, scores = _calibrate(
+        data, text_rows, prepared, lex_oof, emb_oof, seg_fold, known, y, [fold_of(e.group) for e in data]
+    )
+    say(
+        f"threshold {threshold:.4f}, out of fold: recall {out_of_fold[0]:.4f}, false positives {out_of_fold[1]:.4f}; "
+        + ", ".join(f"{k} {v:.3f}" for k, v in correct_by_family(data, scores, threshold).items())
+    )
+    say("the models on every group")
+    lexical = _fit_sparse([f for f, t in zip(feats, known, strict=True) if t], y[known])
+    tuned, emb = encode(known)
+    return InjectionModel(lexical, _fit_dense(emb[known], y[known]), stack, gate, round(threshold, 4), lexical_only,
+                          FROZEN_LAYERS if tuned else 0, tuned, embedder.fingerprint, out_of_fold)  # fmt: skip
+
+
+def _calibrate(data: list[Example], text_rows: list[list[int]], prepared: list[str], lex_oof: np.ndarray,
+               emb_oof: np.ndarray, seg_fold: np.ndarray, known: np.ndarray, y: np.ndarray,
+               text_fold: list[int]):  # fmt: skip
+    """From out-of-fold logits (``[fold, segment]``): the stacker, the lexical calibration, the gate, the
+    threshold, its out-of-fold recall and false positives, and each text's out-of-fold score."""
+    own = np.arange(lex_oof.shape[1])
     seg_lex, seg_emb = lex_oof[seg_fold, own][known], emb_oof[seg_fold, own][known]
     ys = y[known]
     stack = _fit_dense(np.stack([seg_lex, seg_emb], 1) / 10.0, ys, l2=0.0, steps=3000)
@@ -665,16 +687,16 @@ def train(embedder: SentenceEmbedder, examples: list[Example], tuner: Tuner | No
     lexical_only = _fit_dense(seg_lex[:, None] / 10.0, ys, l2=0.0, steps=3000)
     lexical_only = np.array([lexical_only[0] / 10.0, lexical_only[1]])
     p_lex = _sigmoid(lexical_only[0] * seg_lex + lexical_only[1])
-    # the gate: the encoder reads a segment only when the lexical score says it might be an attack; at most
-    # one benign segment in ten (out of fold) gets that far, and any attack the lexical model rates above its
-    # lowest one percent does
-    gate = max(float(np.quantile(p_lex[ys == 1], 0.01)), float(np.quantile(p_lex[ys == 0], 0.90)))
+    # the gate: the encoder reads a segment only when the lexical score says it might be an attack. The gate is
+    # no lower than lets _ENCODER_SHARE of the benign segments (out of fold) that far, nor than the attack
+    # segments need for all but their lowest one percent to get there
+    gate = max(float(np.quantile(p_lex[ys == 1], 0.01)), float(np.quantile(p_lex[ys == 0], 1.0 - _ENCODER_SHARE)))
     scores = np.zeros(len(data))
-    for i, (e, rows) in enumerate(zip(data, text_rows, strict=True)):
+    for i, rows in enumerate(text_rows):
         if rules(prepared[i]):
             scores[i] = 1.0
             continue
-        k = fold_of(e.group)
+        k = text_fold[i]
         lx, em = lex_oof[k, rows], emb_oof[k, rows]
         p = _sigmoid(lexical_only[0] * lx + lexical_only[1])
         p = np.where(p >= gate, _sigmoid(stack[0] * lx + stack[1] * em + stack[2]), p)
@@ -685,15 +707,7 @@ def train(embedder: SentenceEmbedder, examples: list[Example], tuner: Tuner | No
     threshold = float(np.nextafter(benign[allowed], np.inf)) if allowed < len(benign) else 0.5
     attack = np.array([e.label == 1 for e in data])  # how that threshold does on them, each out of its fold
     out_of_fold = (float((scores[attack] >= threshold).mean()), float((scores[~attack] >= threshold).mean()))
-    say(
-        f"threshold {threshold:.4f}, out of fold: recall {out_of_fold[0]:.4f}, false positives {out_of_fold[1]:.4f}; "
-        + ", ".join(f"{k} {v:.3f}" for k, v in correct_by_family(data, scores, threshold).items())
-    )
-    say("the models on every group")
-    lexical = _fit_sparse([f for f, t in zip(feats, known, strict=True) if t], y[known])
-    tuned, emb = encode(known)
-    return InjectionModel(lexical, _fit_dense(emb[known], y[known]), stack, gate, round(threshold, 4), lexical_only,
-                          FROZEN_LAYERS if tuned else 0, tuned, embedder.fingerprint, out_of_fold)  # fmt: skip
+    return stack, lexical_only, gate, threshold, out_of_fold, scores
 
 
 def correct_by_family(examples: list[Example], scores: np.ndarray, threshold: float) -> dict[str, float]:
