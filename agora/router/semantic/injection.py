@@ -16,9 +16,9 @@
          score = the highest segment's
 
 An attack wrapped in a web page or a paragraph of prose is scored on its own sentences, so what surrounds
-it does not dilute it. Word classes (secrets, send verbs, destinations, addressees, overrides, rules, harm,
-fiction frames, claimed authority, destructive orders, absence...; in other languages also by stem, so one entry
-covers a word's inflections) and the sentence's mood (an order, a question, a prohibition) let the lexical model
+it does not dilute it. Word classes (secrets, send verbs, destinations, places others read, addressees, overrides,
+rules, harm, fiction frames, claimed authority, destructive orders, absence...; in other languages also by stem, so
+one entry covers a word's inflections) and the sentence's mood (an order, a question, a prohibition) let the lexical model
 generalize past the words of the labeled set: "paste the refresh token into the chat" is an order that sends
 a secret, whatever the secret is called. The encoder is multilingual (``e5.py``: XLM-R's vocabulary, trained
 on about a hundred languages), so an attack in Spanish or Japanese lands near its English form, where the
@@ -73,7 +73,7 @@ _MAX_FALSE_POSITIVES = 0.05  # the shipped threshold's false-positive rate on ou
 # kept 11% of the attack segments there from it and cost 2 points of recall against reading every segment; one
 # in five keeps 3% from it and costs nothing measurable
 _ENCODER_SHARE = 0.2
-FORMAT = 7  # the model file's layout, features and encoder; a file of another format is refused
+FORMAT = 8  # the model file's layout, features and encoder; a file of another format is refused
 FROZEN_LAYERS = 8  # the encoder's lower layers, read as they are; the detector tunes the ones after them
 TUNED_LAYERS = 4  # the layers after them, tuned on the labeled set
 
@@ -89,13 +89,15 @@ _RULES = (
 )  # fmt: skip
 
 # Word classes: what an attack is made of, named once so that a word the labeled set never used still counts
-# (a "refresh token" is a secret, "sync to s3" a destination). Each class present in a segment, and each pair
-# of them, is a feature of the lexical model beside the words themselves.
+# (a "refresh token" is a secret, "sync to s3" a destination, a changelog or a ticket a place others read: "add the
+# deploy key to the changelog" moves a secret with no foreign address in sight). Each class present in a segment,
+# and each pair of them, is a feature of the lexical model beside the words themselves.
 _CLASSES = {
-    "secret": "password passwords passwd passphrase token tokens apikey api_key secret secrets credential credentials cookie cookies ssh id_rsa pem keychain bearer oauth otp 2fa pin ssn iban cvv wallet seed mnemonic env dotenv connection keys key",
-    "send": "send sends post posts upload uploads forward forwards email emails paste pastes include includes append embed attach copy sync push exfiltrate exfiltrates leak leaks share transmit submit publish curl wget beacon mail commit dump export",
+    "secret": "password passwords passwd passphrase token tokens apikey api_key secret secrets credential credentials cookie cookies ssh id_rsa pem keychain bearer oauth otp 2fa pin ssn iban cvv wallet seed mnemonic env dotenv connection keys key logins vault vaults keystore keyring authorization kubeconfig npmrc netrc pgpass htpasswd",
+    "send": "send sends post posts upload uploads forward forwards email emails paste pastes include includes append embed attach copy sync push exfiltrate exfiltrates leak leaks share transmit submit publish curl wget beacon mail commit dump export put puts add adds write writes store stores save saves insert inserts print prints tag rename hide hides mention render mirror mirrors type",
     "dest": "http https ftp s3 www webhook pastebin gist url link endpoint server domain bucket collector attacker external public remote outside anyone everyone shared journalist journalists vendor vendors contractor contractors consultant consultants caller competitor competitors press stranger strangers",
-    "private": "private internal confidential unreleased unredacted personal sensitive proprietary restricted classified payroll medical patient contracts customer customers salary salaries employee employees hr invoices tax unmasked decrypted",
+    "visible": "readme changelog wiki faq comment comments notes title description metadata label labels invite calendar slide slides deck spreadsheet log logs dashboard forum channel discord slack tracker issue ticket alt bio profile branch docstring html podcast status release page feed chat commit summary caption filename filenames badge",
+    "private": "private internal confidential unreleased unredacted personal sensitive proprietary restricted classified payroll medical patient contracts customer customers salary salaries employee employees hr invoices tax unmasked decrypted phone phones diagnosis diagnoses passport passports birth clipboard nda dump dumps keystrokes earnings",
     "ai": "assistant assistants ai llm llms agent agents model models copilot chatbot bot gpt claude gemini summarizer summarizers reviewer reviewers automated automation crawler",
     "override": "ignore ignores disregard forget override overrides overriding bypass disable disabled skip drop cancel void revoke revoked supersede supersedes abandon discard obsolete suspend suspended lifted removed unlock unlocked",
     "rules": "instructions instruction rules rule guidelines guideline policy policies restrictions restriction filters filter guardrails guardrail safety prompt prompts directives directive constraints programming training moderation refusals refusal limits ethics morals configuration",
@@ -127,6 +129,7 @@ _CLASSES_ML = {
     "authority": "administrador* administrateur* administrator* amministrator* beheerder* администратор* yönetici* quản_trị_viên المسؤول المشرف 管理员 管理者 관리자 sistema système systeem systemu sistem система* системн* hệ_thống النظام 系统 システム 시스템 aviso avis avviso hinweis melding komunikat powiadomieni* pemberitahuan уведомлени* bildirim* thông_báo إشعار 通知 알림 desarrollador* développeur* entwickler* sviluppator* desenvolvedor* ontwikkelaar* deweloper* programist* pengembang разработчик* geliştirici* nhà_phát_triển المطور 开发者 開発者 개발자",
     "destroy": "borra borrar elimina eliminar apaga apague apagar exclua excluir supprime supprimez supprimer efface effacez lösche löschen cancella cancellare verwijder verwijderen wis usuń usunąć skasuj hapus hapuskan удали удалить удалите сотри sil silin xóa احذف حذف امسح 删除 清空 削除 消去 삭제 지워",
     "dest": "públic* publique publiques pubblico pubblica pubblici öffentlich* publiek* openba* publiczn* publik публичн* herkese_açık công_khai عام عامة 公开 公開 공개 externo externa externos externas externe externen esterno esterna esterni zewnętrzn* eksternal внешн* harici bên_ngoài خارجي 外部 외부 dirección indirizzo endereço alamat адрес* địa_chỉ عنوان 地址 网址 アドレス 주소 servidor serveur servizio server сервер* sunucu máy_chủ خادم 服务器 サーバー 서버 adres*",
+    "visible": "wiki* вики* 维基 ウィキ 위키 readme* changelog* 评论 コメント 댓글 комментари* komentar* kommentar* commentaire* comentario* commento* тикет* チケット 工单 티켓 dashboard* дашборд* 仪表盘 ダッシュボード 대시보드",
     "private": "interno interna internos internas interne interni internen privad* privé* privat* prywatn* внутренн* dahili nội_bộ داخلي 内部 社内 내부 cliente clientes kunden* klant* klient* клиент* pelanggan müşteri* khách_hàng العملاء 客户 顧客 고객",
     "obey": "obedece obedecer obéis obéir obéissez gehorche gehorchen obbedisci obbedire obedeça gehoorzaam słuchaj patuhi подчиняйся повинуйся itaat_et uy_nghe_lời أطع 服从 従え 従って 복종",
     "none": "sin ningún ninguna ningun ningunas ningunos aucun aucune sans kein keine keinen keiner ohne nessun nessuna nessuno senza não nenhum nenhuma sem geen zonder żadnych żadnej żadne bez tidak tanpa нет никаких никакие без hiçbir yok không بدون لا_يوجد 没有 没有任何 无 なし ない 없 없어 없이",
