@@ -153,7 +153,8 @@ def test_stems_cover_a_word_s_inflections_and_identifiers_their_parts() -> None:
     for name in (w[:-1] for words in inj._CLASSES_ML.values() for w in words.split() if w.endswith("*")):
         assert inj._spaced_script(name) and "_" not in name, name
         assert inj._STEM_LENGTHS[0] <= len(name) <= inj._STEM_LENGTHS[1], name
-    for name, words in inj._CLASSES_ML.items():  # a word its class's stem already covers is not listed again
+    # a word its class's stem already covers is not listed again, in either table
+    for name, words in (*inj._CLASSES.items(), *inj._CLASSES_ML.items()):
         for w in (w for w in words.split() if "*" not in w and "_" not in w and inj._spaced_script(w)):
             stems = (w[:n] for n in range(inj._STEM_LENGTHS[0], len(w) + 1))
             assert not any(name in inj._STEMS.get(stem, ()) for stem in stems), (name, w)
