@@ -19,6 +19,7 @@ from agora.openai.common import (
     StrictModel,
     Usage,
     omitted,
+    text_parts_only,
 )
 from agora.openai.errors import bad_request
 from agora.schemas import schema_problem
@@ -54,6 +55,8 @@ class ChatMessage(StrictModel):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = Field(default=None, max_length=256)
     refusal: str | None = None
+
+    _parts = text_parts_only("content", accepted=("text",))
 
     @model_validator(mode="after")
     def _check(self) -> ChatMessage:

@@ -28,15 +28,61 @@ def new_id(prefix: str, nbytes: int = 24) -> str:
     return f"{prefix}_{secrets.token_hex(nbytes)}"
 
 
+def telling_error(errors: list[Any]) -> dict[str, Any]:
+    """Of pydantic's errors about the first parameter it faults, the one that says most: the deepest.
+
+    A value that fits no branch of a union (``str | list[Item]``) gets one error per branch, and
+    the first is the plain string's ("Input should be a valid string") even when the client sent
+    a list and one item in it is wrong; the error about that item lies deepest.
+    """
+    if not errors:
+        return {}
+
+    def where(error: dict[str, Any]) -> tuple[Any, ...]:
+        loc = tuple(error.get("loc", ()))
+        return loc[1:] if loc[:1] == ("body",) else loc  # FastAPI puts a request body's errors under "body"
+
+    top = where(errors[0])[:1]
+    return max((e for e in errors if where(e)[:1] == top), key=lambda e: len(where(e)))
+
+
 def first_error(exc: Exception) -> str:
-    """pydantic's first complaint, with where it is (``messages.0.content: ...``)."""
+    """pydantic's most telling complaint, with where it is (``messages.0.content: ...``)."""
     errors = getattr(exc, "errors", None)
     if callable(errors):
-        found = errors()
-        first = found[0] if found else {}
+        first = telling_error(errors())
         where = ".".join(str(x) for x in first.get("loc", ()))
-        return f"{where}: {first.get('msg', exc)}" if where else str(first.get("msg", exc))
+        said = str(first.get("msg", exc)).removeprefix("Value error, ")
+        return f"{where}: {said}" if where else said
     return str(exc)
+
+
+# Content parts that carry media rather than text, in any of the three APIs.
+MEDIA_PARTS = frozenset({"image_url", "input_image", "image", "input_audio", "audio", "file", "input_file", "document",
+                         "video_url", "input_video"})  # fmt: skip
+
+
+def text_parts_only(*fields: str, accepted: tuple[str, ...]) -> Any:
+    """A validator refusing, by its type, a part of ``fields``' content lists that is not in ``accepted``.
+
+    Without it pydantic reports the union's first branch ("Input should be a valid string") for an
+    image, which tells a client nothing. Media parts say the server reads text only.
+    """
+
+    def check(value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        for i, part in enumerate(value):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if not isinstance(kind, str) or kind in accepted:
+                continue
+            if kind in MEDIA_PARTS:
+                raise ValueError(f"part {i} is {kind!r} content: the models this server runs read text only")
+            names = ", ".join(repr(a) for a in accepted)
+            raise ValueError(f"part {i} has type {kind[:64]!r}; a part here is one of {names}")
+        return value
+
+    return field_validator(*fields, mode="before")(check)
 
 
 def _is_none(value: Any) -> bool:

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, StrictBool, StrictInt, Tag
 
 from agora.openai.chat import ChatCompletionChunk, ChatCompletionRequest
-from agora.openai.common import Number, OpenModel, StrictModel, Usage, first_error, new_id
+from agora.openai.common import Number, OpenModel, StrictModel, Usage, first_error, new_id, text_parts_only
 from agora.openai.errors import APIError, bad_request
 
 MAX_STOP_SEQUENCES = 16
@@ -60,6 +60,8 @@ class ToolResultBlock(StrictModel):
     is_error: StrictBool | None = None
     cache_control: dict[str, Any] | None = None
 
+    _parts = text_parts_only("content", accepted=("text",))
+
     def text(self) -> str:
         body = self.content if isinstance(self.content, str) else "".join(b.text for b in self.content or [])
         return f"Error: {body}" if self.is_error else body
@@ -88,9 +90,14 @@ Block = Annotated[
 ]  # fmt: skip
 
 
+BLOCK_TYPES = ("text", "tool_use", "tool_result", "thinking", "redacted_thinking")
+
+
 class Message(StrictModel):
     role: Literal["user", "assistant"]
     content: list[Block] | str
+
+    _parts = text_parts_only("content", accepted=BLOCK_TYPES)
 
 
 class Tool(StrictModel):
@@ -160,6 +167,8 @@ class MessagesRequest(StrictModel):
     diagnostics: Any = None
     mcp_servers: Any = None
     context_management: dict[str, Any] | None = None
+
+    _system_parts = text_parts_only("system", accepted=("text",))
 
     def check(self) -> None:
         """What agora does not do, named (a 400 in Anthropic's shape)."""

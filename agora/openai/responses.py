@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, StrictBool, StrictInt, Tag, field_validator
 
 from agora.openai.chat import ChatCompletionChunk, ChatCompletionRequest
-from agora.openai.common import Number, OpenModel, StrictModel, Usage, first_error, new_id
+from agora.openai.common import Number, OpenModel, StrictModel, Usage, first_error, new_id, text_parts_only
 from agora.openai.errors import bad_request
 
 MAX_INPUT_ITEMS = 4096
@@ -32,6 +32,9 @@ HOSTED_TOOLS = ("web_search", "web_search_preview", "file_search", "computer_use
 
 
 # -- request --------------------------------------------------------------------------------------
+
+
+TEXT_PART_TYPES = ("input_text", "output_text", "text")
 
 
 class TextPart(StrictModel):
@@ -48,6 +51,8 @@ class MessageItem(StrictModel):
     id: str | None = None
     status: str | None = None
     phase: str | None = None
+
+    _parts = text_parts_only("content", accepted=TEXT_PART_TYPES)
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -68,6 +73,8 @@ class FunctionCallOutputItem(StrictModel):
     output: str | list[TextPart]
     id: str | None = None
     status: str | None = None
+
+    _parts = text_parts_only("output", accepted=TEXT_PART_TYPES)
 
     def text(self) -> str:
         return self.output if isinstance(self.output, str) else "".join(p.text for p in self.output)

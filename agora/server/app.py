@@ -26,6 +26,7 @@ import agora
 from agora import envs
 from agora.config import ServerConfig
 from agora.engine.client import EngineClient
+from agora.openai.common import telling_error
 from agora.openai.errors import APIError, bad_request
 from agora.openai.messages import anthropic_error
 from agora.openai.tokenize import DetokenizeRequest, TokenizeRequest
@@ -56,9 +57,9 @@ def api_error_response(request: Request, exc: APIError) -> JSONResponse:
 
 
 def validation_error(exc: RequestValidationError) -> APIError:
-    """pydantic's first error as a 400 naming the top-level parameter in ``param``."""
+    """pydantic's most telling error as a 400 naming the top-level parameter in ``param``."""
     errors = exc.errors()
-    first = errors[0] if errors else {}
+    first = telling_error(errors)
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     # OpenAI names the top-level parameter; pydantic's union branches ("str", "list[int]") are noise.
     param = loc[0] if loc else None
@@ -70,7 +71,10 @@ def validation_error(exc: RequestValidationError) -> APIError:
     elif first.get("type") == "missing":
         message = f"missing required parameter: {where or param}"
     else:
-        message = f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg", "invalid request")
+        said = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+        message = f"{where}: {said}" if where else said
+    if first.get("type") == "json_invalid":
+        param = None  # its loc is a position in the body, not a parameter
     return APIError(400, message, "invalid_request_error", param)
 
 

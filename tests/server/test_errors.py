@@ -9,7 +9,10 @@ from tests.server.conftest import MODEL, start_server, stop_server
 
 CHAT = "/v1/chat/completions"
 COMP = "/v1/completions"
+RESP = "/v1/responses"
+MESS = "/v1/messages"
 MSG = [{"role": "user", "content": "hi"}]
+TEXT_ONLY = "content: the models this server runs read text only"
 
 
 def _deep(levels: int) -> dict:
@@ -53,9 +56,45 @@ CASES = [
         CHAT,
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
         400,
+        "messages.0.content: part 0 is 'image_url' content: the models this server runs read text only",
         "messages",
+    ),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "frob"}]}]}, 400, "part 0 has type 'frob'", "messages"),
+    (CHAT, {"messages": [{"role": "user", "content": None}]}, 400, "messages.0: a user message needs content", None),
+    (
+        RESP,
+        {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+        400,
+        TEXT_ONLY,
+        "input",
+    ),
+    (
+        RESP,
+        {
+            "input": [
+                {"type": "function_call_output", "call_id": "c", "output": [{"type": "input_file", "file_id": "f"}]}
+            ]
+        },
+        400,
+        "part 0 is 'input_file' content",
+        "input",
+    ),
+    (MESS, {"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, 400, TEXT_ONLY, None),
+    (
+        MESS,
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "tool_result", "tool_use_id": "t", "content": [{"type": "image"}]}],
+                }
+            ]
+        },
+        400,
+        "part 0 is 'image' content",
         None,
     ),
+    (MESS, {"system": [{"type": "document"}], "messages": MSG}, 400, "system: part 0 is 'document' content", None),
     (CHAT, {"messages": MSG, "top_logprobs": 5}, 400, "requires logprobs", "top_logprobs"),
     (CHAT, {"messages": MSG, "logprobs": True, "top_logprobs": 30}, 400, "between 0 and 20", "top_logprobs"),
     (
@@ -193,6 +232,8 @@ CASES = [
 
 @pytest.mark.parametrize("path,body,status,fragment,param", CASES)
 def test_bad_request(server, path, body, status, fragment, param):
+    if path == MESS:
+        body = {"model": MODEL, "max_tokens": 8, **body}
     r = httpx.post(f"{server.url}{path}", json=body, timeout=30)
     assert r.status_code == status, r.text
     err = r.json()["error"]
@@ -206,7 +247,13 @@ def test_bad_request(server, path, body, status, fragment, param):
 def test_invalid_json_and_wrong_content(server):
     r = httpx.post(f"{server.url}{COMP}", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400
-    assert "error" in r.json()
+    # the parser's position in the body is not a parameter
+    assert r.json()["error"] == {
+        "message": "the request body is not valid JSON",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
     r = httpx.post(f"{server.url}{COMP}", content=b"\xff\xfe\x00", headers={"content-type": "application/json"})
     assert r.status_code == 400
 
