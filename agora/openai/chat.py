@@ -8,7 +8,7 @@ each). Sampling ranges are checked by the engine's ``SamplingParams``.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, PrivateAttr, StrictBool, StrictInt, field_validator, model_validator
 
@@ -37,6 +37,11 @@ class TextPart(StrictModel):
     text: str
 
 
+class RefusalPart(StrictModel):
+    type: Literal["refusal"]
+    refusal: str
+
+
 class FunctionCall(StrictModel):
     name: str
     arguments: str
@@ -50,13 +55,13 @@ class ToolCall(StrictModel):
 
 class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[Annotated[TextPart | RefusalPart, Field(discriminator="type")]] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = Field(default=None, max_length=256)
     refusal: str | None = None
 
-    _parts = text_parts_only("content", accepted=("text",))
+    _parts = text_parts_only("content", accepted=("text", "refusal"))
 
     @model_validator(mode="after")
     def _check(self) -> ChatMessage:
@@ -64,15 +69,19 @@ class ChatMessage(StrictModel):
             raise ValueError(f"a {self.role} message needs content")
         if self.tool_calls and self.role != "assistant":
             raise ValueError("only assistant messages carry tool_calls")
+        refused = self.refusal is not None or any(isinstance(p, RefusalPart) for p in self.content or [])
+        if refused and self.role != "assistant":
+            raise ValueError("only assistant messages carry a refusal")
         if self.role == "tool" and not self.tool_call_id:
             raise ValueError("a tool message needs the tool_call_id it answers")
         return self
 
     def text(self) -> str:
+        """What the message says; an assistant's refusal is what it said."""
         content = self.content
         if isinstance(content, list):
-            return "".join(part.text for part in content)
-        return content or ""
+            return "".join(part.text if isinstance(part, TextPart) else part.refusal for part in content)
+        return content or self.refusal or ""
 
 
 class FunctionDefinition(StrictModel):

@@ -109,7 +109,13 @@ def build_app(engine: EngineClient, config: ServerConfig | None = None) -> FastA
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return api_error_response(request, APIError(exc.status_code, str(exc.detail), kind))
+        message = str(exc.detail)
+        path = request.url.path[:200]
+        if exc.status_code == 404 and message == "Not Found":  # the router's own, not a route's
+            message = f"no route for {request.method} {path}"  # the gateway's words
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {path}"
+        return api_error_response(request, APIError(exc.status_code, message, kind))
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -221,3 +221,19 @@ def test_continuous_usage_stats(server):
     counts = [e["usage"]["completion_tokens"] for e in events]
     assert counts == sorted(counts) and counts[-1] == 5 and len(events) >= 5
     assert all(e["usage"]["prompt_tokens"] == events[0]["usage"]["prompt_tokens"] > 0 for e in events)
+
+
+def test_an_assistant_refusal_is_what_it_said(server):
+    """OpenAI takes an assistant's refusal as a ``refusal`` field or as refusal parts; either is rendered as its
+    words, as a text part would be."""
+    ask = {"role": "user", "content": "Hi"}
+
+    def tokens(assistant: dict) -> list[int]:
+        return post(server, "/tokenize", {"messages": [ask, assistant]}).json()["tokens"]
+
+    said = tokens({"role": "assistant", "content": "I can't help with that."})
+    assert tokens({"role": "assistant", "refusal": "I can't help with that."}) == said
+    parts = [{"type": "text", "text": "I can't "}, {"type": "refusal", "refusal": "help with that."}]
+    assert tokens({"role": "assistant", "content": parts}) == said
+    r = httpx.post(f"{server.url}/tokenize", json={"messages": [{"role": "user", "content": [parts[1]]}]})
+    assert r.status_code == 400 and "only assistant messages carry a refusal" in r.json()["error"]["message"]

@@ -275,7 +275,11 @@ def test_oversized_body_is_413(server):
 
 def test_unknown_route_is_404_json(server):
     r = httpx.get(f"{server.url}/v1/nothing")
-    assert r.status_code == 404 and "error" in r.json()
+    assert r.status_code == 404 and r.json()["error"]["message"] == "no route for GET /v1/nothing"
+    r = httpx.post(f"{server.url}/v1/embeddings", json={"input": "x"})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    r = httpx.delete(f"{server.url}/v1/chat/completions")
+    assert r.status_code == 405 and r.json()["error"]["message"] == "DELETE is not allowed on /v1/chat/completions"
 
 
 def test_api_key(tiny_model_dir):
