@@ -296,10 +296,15 @@ class ServerConfig:
         "one machine share it)", metavar="PATH")  # fmt: skip
     responses_ttl_s: float = 30 * 86400.0
     responses_max: int = 100_000
+    shutdown_timeout_s: float = option(
+        30.0, "on SIGTERM or Ctrl-C, how long requests in flight have to finish (new ones are refused); then "
+        "each ends with an error in its API's shape", flag="--shutdown-timeout", metavar="SECONDS")  # fmt: skip
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be between 0 and 65535, got {self.port}")
+        if not 0 <= self.shutdown_timeout_s <= 3600:
+            raise ValueError(f"shutdown timeout must be between 0 and 3600 seconds, got {self.shutdown_timeout_s}")
         if self.responses_ttl_s <= 0 or self.responses_max < 1:
             raise ValueError("responses_ttl_s must be > 0 and responses_max >= 1")
 

@@ -48,6 +48,8 @@ def test_plain_kubernetes_manifests() -> None:
 
     args = _parse(_container(engine)["command"])
     assert args.command == "serve" and args.host == "0.0.0.0"
+    # the engine ends what is left of its requests before Kubernetes kills it (default grace: 30 s)
+    assert engine["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= args.shutdown_timeout_s + 10
     engine_port = _port(_container(engine), "http")
     assert args.port == engine_port
     _check_probes_and_scrape(engine, engine_port)
