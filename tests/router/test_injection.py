@@ -448,6 +448,15 @@ def test_data_file_and_model_are_in_step(tmp_path) -> None:  # noqa: ANN001
             "tool_injection", "prompt_questions", "technical_ignore", "fiction", "security_education"} <= kinds  # fmt: skip
     model = inj.load_model()
     assert 0 < model.threshold < 1 and 0 < model.gate < 1
+    # edited data without a retrain (or a model trained on other data) fails here
+    assert model.data == inj.training_digest(examples)
+    first = next(i for i, e in enumerate(examples) if e.split == "train")
+    moved = [inj.Example(e.label, e.kind, e.group, e.split, e.text + " ") if i == first else e
+             for i, e in enumerate(examples)]  # fmt: skip
+    assert inj.training_digest(moved) != model.data
+    held_out = [inj.Example(e.label, e.kind, e.group, e.split, e.text + " ") if e.split == "test" else e
+                for e in examples]  # fmt: skip
+    assert inj.training_digest(held_out) == model.data  # the held-out split is no part of training
     old = tmp_path / "old.npz"
     np.savez(old, lexical=model.lexical, embedding=model.embedding, stack=model.stack,
              lexical_only=model.lexical_only, scalars=np.array([model.gate, model.threshold]))  # fmt: skip

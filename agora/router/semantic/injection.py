@@ -73,7 +73,7 @@ _MAX_FALSE_POSITIVES = 0.05  # the shipped threshold's false-positive rate on ou
 # kept 11% of the attack segments there from it and cost 2 points of recall against reading every segment; one
 # in five keeps 3% from it and costs nothing measurable
 _ENCODER_SHARE = 0.2
-FORMAT = 8  # the model file's layout, features and encoder; a file of another format is refused
+FORMAT = 9  # the model file's layout, features and encoder; a file of another format is refused
 FROZEN_LAYERS = 8  # the encoder's lower layers, read as they are; the detector tunes the ones after them
 TUNED_LAYERS = 4  # the layers after them, tuned on the labeled set
 
@@ -523,6 +523,7 @@ class InjectionModel:
     tuned: tuple[tuple[tuple[np.ndarray, np.ndarray], ...], ...] = ()
     encoder: str = ""  # SentenceEmbedder.fingerprint of the encoder it was trained on
     out_of_fold: tuple[float, float] = (0.0, 0.0)  # the threshold's recall and false positives on training texts
+    data: str = ""  # training_digest of the examples it was trained on
 
     def layers(self, embedder: SentenceEmbedder) -> list[tuple] | None:
         """The encoder the embedding model reads segments with (None: the embedder's own)."""
@@ -539,7 +540,8 @@ class InjectionModel:
         np.savez_compressed(tmp, lexical=self.lexical.astype(np.float32), embedding=self.embedding,
                             stack=self.stack, lexical_only=self.lexical_only,
                             scalars=np.array([self.gate, self.threshold, FORMAT, self.frozen, len(self.tuned)]),
-                            encoder=np.array(self.encoder), out_of_fold=np.array(self.out_of_fold), **tuned)  # fmt: skip
+                            encoder=np.array(self.encoder), out_of_fold=np.array(self.out_of_fold),
+                            data=np.array(self.data), **tuned)  # fmt: skip
         tmp.replace(path)
 
     @classmethod
@@ -555,7 +557,8 @@ class InjectionModel:
             tuned = tuple(tuple((z[f"tuned_{i}_{j}_q"], z[f"tuned_{i}_{j}_scale"]) for j in range(_LAYER_ARRAYS))
                           for i in range(int(n_tuned)))  # fmt: skip
             return cls(z["lexical"].astype(np.float64), z["embedding"], z["stack"], gate, threshold, z["lexical_only"],
-                       int(frozen), tuned, str(z["encoder"]), tuple(float(v) for v in z["out_of_fold"]))  # fmt: skip
+                       int(frozen), tuned, str(z["encoder"]), tuple(float(v) for v in z["out_of_fold"]),
+                       str(z["data"]))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -579,6 +582,15 @@ def load_examples(path: Path | None = None) -> list[Example]:
         label, kind, group, split, body = line.split("\t", 4)
         out.append(Example(1 if label == "attack" else 0, kind, group, split, body.replace("\\n", "\n")))
     return out
+
+
+def training_digest(examples: list[Example]) -> str:
+    """sha256 of what training reads: the ``train`` split's labels, groups and texts, in order."""
+    h = hashlib.sha256()
+    for e in examples:
+        if e.split == "train":
+            h.update(f"{e.label}\t{e.kind}\t{e.group}\t{e.text}\n".encode())
+    return h.hexdigest()
 
 
 def _labeled_segments(data: list[Example]):
@@ -675,7 +687,8 @@ def train(embedder: SentenceEmbedder, examples: list[Example], tuner: Tuner | No
     lexical = _fit_sparse([f for f, t in zip(feats, known, strict=True) if t], y[known])
     tuned, emb = encode(known)
     return InjectionModel(lexical, _fit_dense(emb[known], y[known]), stack, gate, round(threshold, 4), lexical_only,
-                          FROZEN_LAYERS if tuned else 0, tuned, embedder.fingerprint, out_of_fold)  # fmt: skip
+                          FROZEN_LAYERS if tuned else 0, tuned, embedder.fingerprint, out_of_fold,
+                          training_digest(examples))  # fmt: skip
 
 
 def _calibrate(data: list[Example], text_rows: list[list[int]], prepared: list[str], lex_oof: np.ndarray,
