@@ -585,7 +585,7 @@ def load_examples(path: Path | None = None) -> list[Example]:
 
 
 def training_digest(examples: list[Example]) -> str:
-    """sha256 of what training reads: the ``train`` split's labels, groups and texts, in order."""
+    """sha256 of what training reads: the ``train`` split's labels, kinds, groups and texts, in order."""
     h = hashlib.sha256()
     for e in examples:
         if e.split == "train":
