@@ -46,13 +46,18 @@ def telling_error(errors: list[Any]) -> dict[str, Any]:
     return max((e for e in errors if where(e)[:1] == top), key=lambda e: len(where(e)))
 
 
+def error_words(error: dict[str, Any], default: object = "invalid value") -> str:
+    """One pydantic error's message, without the "Value error, " pydantic puts before a validator's own words."""
+    return str(error.get("msg", default)).removeprefix("Value error, ")
+
+
 def first_error(exc: Exception) -> str:
     """pydantic's most telling complaint, with where it is (``messages.0.content: ...``)."""
     errors = getattr(exc, "errors", None)
     if callable(errors):
         first = telling_error(errors())
         where = ".".join(str(x) for x in first.get("loc", ()))
-        said = str(first.get("msg", exc)).removeprefix("Value error, ")
+        said = error_words(first, exc)
         return f"{where}: {said}" if where else said
     return str(exc)
 

@@ -26,7 +26,7 @@ import agora
 from agora import envs
 from agora.config import ServerConfig
 from agora.engine.client import EngineClient
-from agora.openai.common import telling_error
+from agora.openai.common import error_words, telling_error
 from agora.openai.errors import APIError, bad_request
 from agora.openai.messages import anthropic_error
 from agora.openai.tokenize import DetokenizeRequest, TokenizeRequest
@@ -68,13 +68,11 @@ def validation_error(exc: RequestValidationError) -> APIError:
         message = f"Unrecognized request argument supplied: {where or param}"
     elif first.get("type") == "json_invalid":
         message = "the request body is not valid JSON"
+        param = None  # its loc is a position in the body, not a parameter
     elif first.get("type") == "missing":
         message = f"missing required parameter: {where or param}"
     else:
-        said = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-        message = f"{where}: {said}" if where else said
-    if first.get("type") == "json_invalid":
-        param = None  # its loc is a position in the body, not a parameter
+        message = f"{where}: {error_words(first)}" if where else error_words(first)
     return APIError(400, message, "invalid_request_error", param)
 
 
