@@ -107,9 +107,10 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def run_server(config: ServeConfig, log_level: str = "warning") -> int:
-    """One engine server in this process, until Ctrl-C."""
-    import uvicorn
+    """One engine server in this process, until Ctrl-C or SIGTERM (then it drains: agora.draining)."""
+    import asyncio
 
+    from agora.draining import draining_server
     from agora.engine.async_engine import AsyncEngine
     from agora.engine.engine import Engine
     from agora.server.app import build_app
@@ -125,40 +126,13 @@ def run_server(config: ServeConfig, log_level: str = "warning") -> int:
     server = config.server
     logging.getLogger("agora").info("serving %s on http://%s:%d/v1 (max_model_len=%d)", info.served_model_name,
                                     server.host, server.port, info.max_model_len)  # fmt: skip
-    options = uvicorn.Config(app, host=server.host, port=server.port, log_level=log_level,
-                             timeout_graceful_shutdown=server.shutdown_timeout_s + _SHUTDOWN_MARGIN_S)  # fmt: skip
-    _draining_server(options, async_engine, server.shutdown_timeout_s).run()
+
+    def end_requests() -> None:  # stopping the engine ends each request it runs with an error; it joins the
+        asyncio.get_running_loop().run_in_executor(None, async_engine.shutdown)  # engine thread: not on the loop
+
+    draining_server(app, server.shutdown_timeout_s, end_requests, host=server.host, port=server.port,
+                    log_level=log_level).run()  # fmt: skip
     return 0
-
-
-_SHUTDOWN_MARGIN_S = 10.0  # past the drain: the ended requests' last events, then uvicorn cancels what is left
-
-
-def _draining_server(config, engine, drain_s: float):  # noqa: ANN001, ANN202
-    """A uvicorn server that, on SIGTERM or Ctrl-C, refuses new connections, lets the requests in flight run
-    for ``drain_s`` seconds, then stops the engine, so each one still running ends with an error in its own
-    API's shape (an SSE error event; a 503 for a whole answer) rather than a connection cut mid-stream."""
-    import asyncio
-
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        async def shutdown(self, sockets=None) -> None:  # noqa: ANN001
-            loop = asyncio.get_running_loop()
-
-            def end_requests() -> None:
-                if engine.stats.num_running or engine.stats.num_waiting:
-                    logging.getLogger("agora").warning("shutting down: ending the requests still in flight after "
-                                                       "%.0f s", drain_s)  # fmt: skip
-                loop.run_in_executor(None, engine.shutdown)  # joins the engine thread: not on the event loop
-
-            timer = loop.call_later(drain_s, end_requests)
-            try:
-                await super().shutdown(sockets)
-            finally:
-                timer.cancel()
-
-    return Server(config)
 
 
 def build_parser() -> argparse.ArgumentParser:

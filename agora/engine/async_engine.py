@@ -239,7 +239,7 @@ class AsyncEngine:
             for loop, items in by_stream.items():
                 loop.call_soon_threadsafe(_put_all, items)
         for rid in list(self._streams):
-            self._deliver(rid, EngineDeadError("the engine was shut down"))
+            self._deliver(rid, EngineDeadError("the server is shutting down; retry the request"))
 
 
 class RequestStream:

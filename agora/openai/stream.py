@@ -43,7 +43,7 @@ def sse_named(event: dict[str, Any]) -> str:
     return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
 
 
-def stream_error(api: str, message: str) -> str:
+def stream_error(api: str, message: str, code: str = "upstream_error") -> str:
     """The event that ends a stream which cannot go on, in each API's own shape: chat and completions
     (an ``error`` object, which the openai SDK raises), Responses (an ``error`` event), Messages (Anthropic's
     ``error`` event, which the anthropic SDK raises)."""
@@ -52,7 +52,7 @@ def stream_error(api: str, message: str) -> str:
     if api == "responses":
         return sse_named({"type": "error", "code": "server_error", "message": message, "param": None,
                           "sequence_number": 0})  # fmt: skip
-    return sse({"error": {"message": message, "type": "server_error", "param": None, "code": "upstream_error"}})
+    return sse({"error": {"message": message, "type": "server_error", "param": None, "code": code}})
 
 
 def sse_data(payload: str) -> Iterator[str]:

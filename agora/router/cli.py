@@ -29,6 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "to the model NAME; repeatable")  # fmt: skip
     p.add_argument("--db", default=None, help="governance store (keys, budgets, audit): sqlite:///path or "
                    "postgresql://...; default: governance.db in the agora cache folder")  # fmt: skip
+    p.add_argument("--shutdown-timeout", type=float, default=None, metavar="SECONDS",
+                   help="on SIGTERM, how long requests in flight may run before they end with an error in their "
+                        "API's shape (default 30)")  # fmt: skip
     p.add_argument("--uvicorn-log-level", default="warning")
 
 
@@ -39,9 +42,10 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
     data["endpoints"] = [*data.get("endpoints", []), *(EndpointSpec(url=u).model_dump(exclude_unset=True)
                                                       for u in args.endpoint)]  # fmt: skip
     gateway = data.setdefault("gateway", {})
-    for key in ("host", "port", "api_key"):
-        if getattr(args, key) is not None:
-            gateway[key] = getattr(args, key)
+    for key, flag in (("host", "host"), ("port", "port"), ("api_key", "api_key"),
+                      ("shutdown_timeout_s", "shutdown_timeout")):  # fmt: skip
+        if getattr(args, flag, None) is not None:
+            gateway[key] = getattr(args, flag)
     if gateway.get("api_key") is None:
         gateway["api_key"] = envs.api_key()
     if args.profile is not None:
@@ -58,30 +62,24 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
 
 def run_gateway(config: RouterConfig, endpoints=None, log_level: str = "warning",  # noqa: ANN001
                 config_path: str | None = None, discover=None, sock=None) -> None:  # noqa: ANN001  # fmt: skip
-    """Serve the gateway until Ctrl-C; ``discover`` (agora.cluster) keeps its endpoint set current. ``sock``:
-    a socket already bound to the gateway's address (held while replicas start, so nothing takes the port)."""
-    import uvicorn
-
+    """Serve the gateway until Ctrl-C or SIGTERM (then it drains: agora.draining); ``discover`` (agora.cluster)
+    keeps its endpoint set current. ``sock``: a socket already bound to the gateway's address (held while
+    replicas start, so nothing takes the port)."""
+    from agora.draining import draining_server
     from agora.router.gateway import Gateway
 
     app = Gateway(config, endpoints, config_path, discover)
     s = config.gateway
     print(f"agora gateway on http://{s.host}:{s.port}/v1 (profile {config.profile})", file=sys.stderr, flush=True)
-
-    class GatewayServer(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            # Open dashboard feeds never end by themselves: end them now, or shutting down waits for them.
-            app.closing()
-            super().handle_exit(sig, frame)
-
-    options = {"log_level": log_level, "lifespan": "on", "timeout_graceful_shutdown": 30}
+    # Open dashboard feeds never end by themselves: they end at the signal, or shutting down waits for them.
+    options: dict[str, Any] = {"log_level": log_level, "lifespan": "on"}
     if sock is None:
-        server = GatewayServer(uvicorn.Config(app, host=s.host, port=s.port, **options))
-        server.run()
+        draining_server(app, s.shutdown_timeout_s, app.end_requests, app.closing, host=s.host, port=s.port,
+                        **options).run()  # fmt: skip
         return
     # The socket itself, not its fd: uvicorn takes an fd for a Unix socket, and asyncio then leaves Nagle's
     # algorithm on for the accepted TCP connections (40 ms stalls per request).
-    server = GatewayServer(uvicorn.Config(app, **options))
+    server = draining_server(app, s.shutdown_timeout_s, app.end_requests, app.closing, **options)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on (uvicorn.run swallows it too)

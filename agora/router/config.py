@@ -129,6 +129,8 @@ class GatewaySettings(_Strict):
     eject_backoff_max_s: float = Field(30.0, gt=0)
     session_header: str = "x-session-id"
     max_header_bytes: int = Field(32 << 10, ge=1024, description="all request headers together; beyond: 431")
+    shutdown_timeout_s: float = Field(30.0, ge=0, le=3600, description="on SIGTERM: how long requests in flight "
+                                      "may run before they end with an error in their API's shape")  # fmt: skip
     seed: int | None = None
 
     @field_validator("max_body_bytes", mode="before")

@@ -75,6 +75,7 @@ _CACHEABLE_FINISH = ("stop", "length", "tool_calls")  # answers that ran to a na
 _MAX_METERED_BYTES = 8 << 20  # a JSON answer larger than this is counted from its deltas' estimate only
 _MAX_TARPITS = 256  # clients held back at once for sending wrong keys
 _MAX_CHAINS = 100_000  # response ids remembered for previous_response_id affinity
+_SHUTTING_DOWN = "the gateway is shutting down; retry the request"
 
 
 class _ClientGone(Exception):
@@ -114,6 +115,7 @@ class Gateway:
         self.live = self.dashboard.live if self.dashboard is not None else None
         self.pipeline = Pipeline(pipeline_stages(self), self._forward)
         self._tarpits = 0
+        self._in_flight: dict[asyncio.Task, RequestContext] = {}  # proxied requests, for end_requests
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -136,6 +138,16 @@ class Gateway:
         """The server was asked to stop (a signal handler, any thread): end the long-lived dashboard feeds."""
         if self.dashboard is not None:
             self.dashboard.close()
+
+    def end_requests(self) -> None:
+        """The shutdown's drain ran out (on the event loop): every proxied request still running ends now, in its
+        API's shape: a stream with an error event after what it already sent, a request not yet answered
+        (queued, or waiting on its endpoint) with a 503. Closing the upstream connection aborts its work."""
+        for task, ctx in list(self._in_flight.items()):
+            ctx.ended_by_shutdown = True
+            if not ctx.responded:
+                ctx.status = 503
+            task.cancel()
 
     async def _discover_once(self) -> None:
         assert self.discover is not None
@@ -345,14 +357,27 @@ class Gateway:
     async def _proxy(self, scope: dict[str, Any], headers: dict[bytes, bytes], receive: Any, send: Any) -> None:
         path = scope["path"]
         rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or f"gw-{uuid.uuid4().hex}"
-        ctx = RequestContext(scope, headers, receive, send, path, api_of(path), _client(scope), rid)
+
+        async def send_noted(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                ctx.responded = True
+            await send(message)
+
+        ctx = RequestContext(scope, headers, receive, send_noted, path, api_of(path), _client(scope), rid)
+        task = asyncio.current_task()
+        assert task is not None
+        self._in_flight[task] = ctx
         try:
             await self.pipeline.run(ctx)
         except asyncio.CancelledError:
-            if not ctx.client_gone:
+            if ctx.client_gone:
+                self.metrics.disconnects.inc()
+            elif ctx.ended_by_shutdown and not ctx.responded:
+                raise APIError(503, _SHUTTING_DOWN, "service_unavailable", code="shutting_down") from None
+            else:
                 raise
-            self.metrics.disconnects.inc()
         finally:
+            del self._in_flight[task]
             if ctx.watcher is not None:
                 ctx.watcher.cancel()
 
@@ -493,6 +518,12 @@ class Gateway:
                         break
                 if splitter is not None and (rest := splitter.rest()):
                     await send({"type": "http.response.body", "body": rest, "more_body": True})
+            except asyncio.CancelledError:
+                if not ctx.ended_by_shutdown or ctx.client_gone or splitter is None:
+                    raise  # a whole body cut short stays broken: the client must not take it for complete
+                await send({"type": "http.response.body", "body": stream_error(api_of(ctx.path), _SHUTTING_DOWN,
+                                                                      "shutting_down").encode(), "more_body": False})  # fmt: skip
+                return
             except (TimeoutError, aiohttp.ClientError) as exc:
                 # Bytes already went out: no retry. An event stream ends with an error event in its API's
                 # shape (the SDKs raise it); any other body ends without a final chunk, so that the client

@@ -81,6 +81,8 @@ class RequestContext:
     reason: str | None = None  # why it was blocked or limited
     complete: bool = False  # the whole answer reached the client
     client_gone: bool = False
+    responded: bool = False  # the answer's status line went out (the client has bytes of it)
+    ended_by_shutdown: bool = False  # still running when the gateway's drain ran out (Gateway.end_requests)
     meter: UsageMeter | None = None
     prompt_tokens_header: str | None = None
     kept: bytes | None = None  # the answer's bytes, for the cache
@@ -159,7 +161,8 @@ class Pipeline:
             ctx.reason = ctx.reason or getattr(exc, "limit", None) or exc.code or exc.type
             raise
         except asyncio.CancelledError:
-            ctx.reason = ctx.reason or ("client_gone" if ctx.client_gone else "cancelled")
+            ctx.reason = ctx.reason or ("client_gone" if ctx.client_gone else
+                                        "shutdown" if ctx.ended_by_shutdown else "cancelled")  # fmt: skip
             raise
         except Exception:
             ctx.status, ctx.reason = 500, "gateway_error"

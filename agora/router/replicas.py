@@ -117,7 +117,9 @@ def gateway_config(serve: ServeConfig, profile: str | None, router_config: str |
     base = load_config(router_config) if router_config else RouterConfig()
     data = base.model_dump(by_alias=True, exclude_unset=True)
     s = serve.server
-    data.setdefault("gateway", {}).update({"host": s.host, "port": s.port, "api_key": s.api_key})
+    data.setdefault("gateway", {}).update(
+        {"host": s.host, "port": s.port, "api_key": s.api_key, "shutdown_timeout_s": s.shutdown_timeout_s}
+    )
     if profile is not None:
         data["profile"] = profile
     if s.model_aliases:  # --model-alias: the gateway maps the names before admission (the replicas too)

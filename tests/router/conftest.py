@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +46,41 @@ def wait_http(url: str, timeout: float = 30.0, ok=(200,)) -> None:  # noqa: ANN0
             pass
         time.sleep(0.05)
     raise RuntimeError(f"{url} did not answer")
+
+
+def requests_in_flight(url: str, bodies: list[tuple[str, dict]]) -> tuple[list, threading.Event]:
+    """The requests sent at once; returns when each stream has sent its first event (a whole answer: when it is
+    sent). Each result: a stream's SSE data lines, a whole answer's response, or the exception that ended it;
+    the event is set when all are over."""
+    results: list = [None] * len(bodies)
+    under_way = [threading.Event() for _ in bodies]
+
+    def one(i: int, path: str, body: dict) -> None:
+        try:
+            if not body.get("stream"):
+                under_way[i].set()
+                results[i] = httpx.post(url + path, json=body, timeout=120)
+                return
+            lines: list[str] = []
+            with httpx.stream("POST", url + path, json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        lines.append(line[6:])
+                        under_way[i].set()
+            results[i] = lines
+        except Exception as exc:  # noqa: BLE001 - what the client saw
+            results[i] = exc
+        finally:
+            under_way[i].set()
+
+    threads = [threading.Thread(target=one, args=(i, *b)) for i, b in enumerate(bodies)]
+    for t in threads:
+        t.start()
+    for e in under_way:
+        e.wait(60)
+    done = threading.Event()
+    threading.Thread(target=lambda: ([t.join() for t in threads], done.set())).start()
+    return results, done
 
 
 class Procs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -12,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.router.conftest import Procs, metric, metric_when
+from tests.router.conftest import Procs, metric, metric_when, requests_in_flight
 
 
 def chat(url: str, content: str, model: str = "m", stream: bool = False, **kw) -> httpx.Response:  # noqa: ANN003
@@ -262,3 +263,58 @@ def test_gateway_never_imports_torch_the_engine_or_the_server() -> None:
             "print(bad); sys.exit(bool(bad))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], timeout=60, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _stream_body(path: str, model: str = "m") -> tuple[str, dict]:
+    if path == "/v1/completions":
+        return path, {"model": model, "prompt": "hi", "stream": True}
+    return path, {"model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_lets_requests_in_flight_finish(procs: Procs) -> None:
+    a = procs.fake("a", tokens=30, delay_ms=50)  # 1.5 s a stream
+    gw = procs.gateway({"endpoints": endpoints(("a", a))})
+    results, done = requests_in_flight(gw.url, [_stream_body("/v1/chat/completions")] * 3)
+    gw.proc.send_signal(signal.SIGTERM)
+    assert done.wait(30)
+    for lines in results:
+        assert isinstance(lines, list) and lines[-1] == "[DONE]", lines
+        assert json.loads(lines[-2])["choices"][0]["finish_reason"] == "stop"
+    assert gw.proc.wait(15) in (0, -signal.SIGTERM)
+    assert a.stats()["served"] == 3 and a.stats()["aborted"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_ends_what_outlasts_the_drain_in_its_api_shape(procs: Procs) -> None:
+    import openai
+
+    a = procs.fake("a", tokens=1000, delay_ms=50)  # 50 s a stream, or a whole answer
+    gw = procs.gateway({"endpoints": endpoints(("a", a)), "gateway": {"shutdown_timeout_s": 1}})
+    whole = ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    results, done = requests_in_flight(gw.url, [_stream_body("/v1/chat/completions"),
+                                                _stream_body("/v1/completions"), whole])  # fmt: skip
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0)
+    sdk_stream = client.chat.completions.create(model="m", messages=whole[1]["messages"], stream=True)
+    next(iter(sdk_stream))
+    assert metric_when(gw.url, "agora_gateway_endpoint_in_flight", 'endpoint="a"', want=4) == 4
+    t0 = time.monotonic()
+    gw.proc.send_signal(signal.SIGTERM)
+    with pytest.raises(openai.APIError, match="the gateway is shutting down; retry the request"):
+        for _ in sdk_stream:  # the SDK raises the error event: the stream did not just stop
+            pass
+    assert done.wait(30)
+    chat_lines, completion_lines, answer = results
+    for lines in (chat_lines, completion_lines):
+        assert isinstance(lines, list) and "[DONE]" not in lines, lines
+        error = json.loads(lines[-1])["error"]
+        assert error == {"message": "the gateway is shutting down; retry the request", "type": "server_error",
+                         "param": None, "code": "shutting_down"}  # fmt: skip
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"]["type"] == "service_unavailable" and answer.json()["error"]["code"] == "shutting_down"
+    assert gw.proc.wait(15) in (0, -signal.SIGTERM)
+    assert time.monotonic() - t0 < 10  # the drain's second, not uvicorn's margin
+    deadline = time.monotonic() + 5  # the endpoint saw each stream's client go: their work stopped
+    while a.stats()["aborted"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert a.stats()["aborted"] == 3

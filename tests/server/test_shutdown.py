@@ -7,13 +7,12 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
 import pytest
 
-from tests.router.conftest import free_port, wait_http
+from tests.router.conftest import free_port, requests_in_flight, wait_http
 
 
 def _serve(model_dir, timeout_s: float) -> tuple[subprocess.Popen, str]:  # noqa: ANN001
@@ -26,41 +25,6 @@ def _serve(model_dir, timeout_s: float) -> tuple[subprocess.Popen, str]:  # noqa
     return proc, url
 
 
-def _requests(url: str, bodies: list[tuple[str, dict]]) -> tuple[list, threading.Event]:
-    """The requests sent at once; returns when each stream has sent its first event (a whole answer: when it is
-    sent). Each result: a stream's SSE data lines, a whole answer's response, or the exception that ended it;
-    the event is set when all are over."""
-    results: list = [None] * len(bodies)
-    under_way = [threading.Event() for _ in bodies]
-
-    def one(i: int, path: str, body: dict) -> None:
-        try:
-            if not body.get("stream"):
-                under_way[i].set()
-                results[i] = httpx.post(url + path, json=body, timeout=120)
-                return
-            lines: list[str] = []
-            with httpx.stream("POST", url + path, json=body, timeout=120) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        lines.append(line[6:])
-                        under_way[i].set()
-            results[i] = lines
-        except Exception as exc:  # noqa: BLE001 - what the client saw
-            results[i] = exc
-        finally:
-            under_way[i].set()
-
-    threads = [threading.Thread(target=one, args=(i, *b)) for i, b in enumerate(bodies)]
-    for t in threads:
-        t.start()
-    for e in under_way:
-        e.wait(60)
-    done = threading.Event()
-    threading.Thread(target=lambda: ([t.join() for t in threads], done.set())).start()
-    return results, done
-
-
 def _chat(max_tokens: int, stream: bool = True) -> tuple[str, dict]:
     return "/v1/chat/completions", {"model": "tiny", "max_tokens": max_tokens, "ignore_eos": True, "stream": stream,
                                     "messages": [{"role": "user", "content": "Tell me a long story."}]}  # fmt: skip
@@ -70,7 +34,7 @@ def _chat(max_tokens: int, stream: bool = True) -> tuple[str, dict]:
 def test_requests_in_flight_finish_and_new_ones_are_refused(tiny_model_dir) -> None:  # noqa: ANN001
     proc, url = _serve(tiny_model_dir, 60)
     try:
-        results, done = _requests(url, [_chat(48)] * 4)
+        results, done = requests_in_flight(url, [_chat(48)] * 4)
         proc.send_signal(signal.SIGTERM)
         assert done.wait(60)
         for lines in results:  # whole answers: the last chunk says why they stopped, then [DONE]
@@ -89,14 +53,14 @@ def test_what_runs_past_the_shutdown_timeout_ends_with_an_error_in_its_api_shape
     try:
         completion = ("/v1/completions", {"model": "tiny", "prompt": "Once", "max_tokens": 4000, "ignore_eos": True,
                                           "stream": True})  # fmt: skip
-        results, done = _requests(url, [_chat(4000), _chat(4000), completion, _chat(4000, stream=False)])
+        results, done = requests_in_flight(url, [_chat(4000), _chat(4000), completion, _chat(4000, stream=False)])
         time.sleep(0.5)  # the whole answer's request reaches the engine
         proc.send_signal(signal.SIGTERM)
         assert done.wait(60)
         *streams, whole = results
         for lines in streams:
             assert isinstance(lines, list) and lines[-1] != "[DONE]", lines
-            assert json.loads(lines[-1])["error"]["message"] == "the engine was shut down", lines
+            assert json.loads(lines[-1])["error"]["message"] == "the server is shutting down; retry the request", lines
         assert whole.status_code == 503 and whole.json()["error"]["type"] == "service_unavailable", whole.text
         assert proc.wait(30) in (0, -signal.SIGTERM)
     finally:
