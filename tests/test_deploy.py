@@ -65,6 +65,7 @@ def test_plain_kubernetes_manifests() -> None:
     g = _container(gateway)
     gargs = _parse(g["command"])
     assert gargs.command == "route"
+    assert gateway["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= gargs.shutdown_timeout + 10
     mount = next(m for m in g["volumeMounts"] if gargs.config.startswith(m["mountPath"] + "/"))
     volume = next(v for v in gateway["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
     cm = docs[("ConfigMap", volume["configMap"]["name"])]
