@@ -56,6 +56,7 @@ class Endpoint:
     api_key: str | None = None
     declared_models: frozenset[str] | None = None  # from the config; None = ask /v1/models
     models: frozenset[str] = frozenset()
+    max_model_len: dict[str, int] = field(default_factory=dict)  # as /v1/models says (vLLM and agora do)
     # scraped
     running: int = 0
     waiting: int = 0
@@ -280,8 +281,9 @@ class EndpointPool:
             return False
         if ep.declared_models is None:
             data = json.loads(body)
-            ids = [m.get("id") for m in data.get("data", []) if isinstance(m, dict)]
-            ep.models = frozenset(str(i) for i in ids if i)
+            cards = [m for m in data.get("data", []) if isinstance(m, dict) and m.get("id")]
+            ep.models = frozenset(str(m["id"]) for m in cards)
+            ep.max_model_len = {str(m["id"]): n for m in cards if type(n := m.get("max_model_len")) is int and n > 0}
             self._last_models[ep.name] = time.monotonic()
         return True
 

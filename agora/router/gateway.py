@@ -223,7 +223,7 @@ class Gateway:
         headers = dict(scope["headers"])  # lower-case byte names; a repeated header keeps its last value
         client = _client(scope)
         if method == "POST" and (path.startswith("/v1/") or path in ("/tokenize", "/detokenize")) and \
-                path != "/v1/classify":  # fmt: skip
+                path != "/v1/classify" and not path.startswith("/v1/responses/"):  # fmt: skip
             await self._proxy(scope, headers, receive, send)
         elif path.startswith("/admin/"):
             self.require_admin(await self.identify(headers, client), client, "the admin API")
@@ -240,7 +240,7 @@ class Gateway:
         elif method == "POST" and path == "/v1/classify":
             await self.identify(headers, client)
             await self._classify(headers, receive, send)
-        elif method in ("GET", "DELETE") and path.startswith("/v1/responses/"):
+        elif method in ("GET", "DELETE", "POST") and path.startswith("/v1/responses/"):  # POST: .../cancel
             identity = await self.identify(headers, client)
             await self._stored(scope, headers, identity, send)
         elif method == "GET" and path == "/health":
@@ -276,7 +276,13 @@ class Gateway:
         return models
 
     def _card(self, model: str) -> dict[str, Any]:
-        return {"id": model, "object": "model", "created": self._created, "owned_by": "agora"}
+        """A model's card; with ``max_model_len`` (vLLM's field, which clients size prompts by) when its
+        endpoints say it: the smallest, since a request may go to any of them."""
+        card: dict[str, Any] = {"id": model, "object": "model", "created": self._created, "owned_by": "agora"}
+        lengths = [ep.max_model_len[model] for ep in self.pool if model in ep.max_model_len]
+        if lengths:
+            card["max_model_len"] = min(lengths)
+        return card
 
     async def identify(self, headers: dict[bytes, bytes], client: str, ctx: RequestContext | None = None) -> Identity:
         """The caller (``Authorization: Bearer KEY`` or Anthropic's ``x-api-key: KEY``), or a 401. A client
@@ -567,8 +573,8 @@ class Gateway:
 
     async def _stored(self, scope: dict[str, Any], headers: dict[bytes, bytes], identity: Identity,
                       send: Any) -> None:  # fmt: skip
-        """GET / DELETE of a stored response: first where the chain was last served, then elsewhere
-        (the replicas of one machine share one store; separate machines each hold their own)."""
+        """GET / DELETE of a stored response (and POST .../cancel): first where the chain was last served, then
+        elsewhere (the replicas of one machine share one store; separate machines each hold their own)."""
         assert self.session is not None
         rid = scope["path"].removeprefix("/v1/responses/").split("/", 1)[0]
         known = self.chains.get(rid)

@@ -7,6 +7,7 @@
     GET    /v1/responses/{id}             the stored response (404 for another key's)
     DELETE /v1/responses/{id}
     GET    /v1/responses/{id}/input_items
+    POST   /v1/responses/{id}/cancel      400: only a background response can be cancelled, and none runs here
 """
 
 from __future__ import annotations
@@ -74,11 +75,21 @@ def add_routes(app: FastAPI, serving: Serving, store: ResponseStore) -> None:
                                     headers=headers)  # fmt: skip
 
     @app.get("/v1/responses/{response_id}")
-    async def get(response_id: str, request: Request) -> JSONResponse:
+    async def get(response_id: str, request: Request, stream: str | None = None) -> JSONResponse:
         found = await asyncio.to_thread(store.get, response_id, serving.owner(request))
         if found is None:
             raise missing(response_id)
+        if stream is not None and stream.lower() not in ("false", "0"):
+            raise APIError(400, "only a background response's events can be streamed again, and this server runs "
+                                "none (background: true is refused); get the response without stream", param="stream")  # fmt: skip
         return JSONResponse(found[0])
+
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def cancel(response_id: str, request: Request) -> JSONResponse:
+        if await asyncio.to_thread(store.get, response_id, serving.owner(request)) is None:
+            raise missing(response_id)
+        raise APIError(400, f"the response {response_id!r} was not created with background: true, so it cannot be "
+                            "cancelled (to stop a response being generated, close its connection)")  # fmt: skip
 
     @app.delete("/v1/responses/{response_id}")
     async def delete(response_id: str, request: Request) -> JSONResponse:

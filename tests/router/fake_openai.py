@@ -25,9 +25,10 @@ from typing import Any
 
 class FakeOpenAI:
     def __init__(self, name: str, models: list[str], tokens: int, delay_ms: float, health: bool, metrics: bool,
-                 done_linger_ms: float = 0.0) -> None:  # fmt: skip
+                 done_linger_ms: float = 0.0, max_model_len: int | None = None) -> None:  # fmt: skip
         self.name, self.models, self.tokens, self.delay = name, models, tokens, delay_ms / 1000
         self.done_linger = done_linger_ms / 1000
+        self.card = {"max_model_len": max_model_len} if max_model_len is not None else {}
         self.health, self.with_metrics = health, metrics
         self.mode = "ok"
         self.waiting = 0
@@ -51,7 +52,9 @@ class FakeOpenAI:
         if path == "/health" and method == "GET":
             await _json(send, 200 if self.health else 404, {})
         elif path == "/v1/models":
-            await _json(send, 200, {"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]})
+            await _json(
+                send, 200, {"object": "list", "data": [{"id": m, "object": "model", **self.card} for m in self.models]}
+            )
         elif path == "/metrics":
             if not self.with_metrics:
                 await _json(send, 404, {})
@@ -197,9 +200,10 @@ def main() -> None:
     p.add_argument("--no-health", action="store_true", help="answer 404 on /health, like servers without one")
     p.add_argument("--no-metrics", action="store_true")
     p.add_argument("--done-linger-ms", type=float, default=0.0)
+    p.add_argument("--max-model-len", type=int, default=None, help="said in /v1/models, as vLLM does")
     args = p.parse_args()
     app = FakeOpenAI(args.name, args.model, args.tokens, args.delay_ms, not args.no_health, not args.no_metrics,
-                     args.done_linger_ms)  # fmt: skip
+                     args.done_linger_ms, args.max_model_len)  # fmt: skip
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="error", lifespan="off")
 
 

@@ -31,10 +31,13 @@ def endpoints(*fakes) -> list[dict]:  # noqa: ANN002
 
 
 def test_routes_by_model_and_lists_the_union(procs: Procs) -> None:
-    a, b = procs.fake("a", ("m1",)), procs.fake("b", ("m1", "m2"))
+    a = procs.fake("a", ("m1",), flags=("--max-model-len", "2048"))
+    b = procs.fake("b", ("m1", "m2"), flags=("--max-model-len", "8192"))
     gw = procs.gateway({"endpoints": endpoints(("a", a), ("b", b))})
     models = httpx.get(f"{gw.url}/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["m1", "m2"]
+    # the context a request can count on wherever it goes: the smallest of the endpoints serving the model
+    assert [m["max_model_len"] for m in models["data"]] == [2048, 8192]
     assert httpx.get(f"{gw.url}/v1/models/m2").json()["id"] == "m2"
     assert httpx.get(f"{gw.url}/v1/models/m3").status_code == 404
     for i in range(6):

@@ -52,6 +52,8 @@ def test_responses_chain_and_messages_across_replicas(tiny_long_model_dir, tmp_p
             input=[{"type": "function_call_output", "call_id": call.call_id, "output": "cold"}])  # fmt: skip
         assert second.headers["x-agora-endpoint"] == served_by  # the chain stays where its prefix is cached
         assert client.responses.retrieve(response.id).id == response.id
+        with pytest.raises(openai.BadRequestError, match="not created with background"):  # passed on, no body
+            client.responses.cancel(response.id)
 
         # the replica holding the chain dies: the next turn is served by the other one, from the shared store
         def served(child: psutil.Process) -> float:  # the replica's own /metrics (open, as for any probe)

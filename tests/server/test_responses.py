@@ -68,6 +68,14 @@ def test_function_calls_round_trip_through_previous_response_id(client) -> None:
     assert client.responses.retrieve(first.id).output[0].call_id == calls[0].call_id
     items = client.responses.input_items.list(second.id)
     assert [i.type for i in items.data] == ["function_call_output"]
+    # only background responses can be cancelled or streamed again, and none runs here: said, not a bare 404
+    with pytest.raises(openai.BadRequestError, match="not created with background: true"):
+        client.responses.cancel(second.id)
+    with pytest.raises(openai.BadRequestError, match="only a background response's events") as refused:
+        client.responses.retrieve(second.id, stream=True)
+    assert refused.value.param == "stream"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.cancel("resp_nope")
     client.responses.delete(second.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(second.id)
