@@ -107,12 +107,12 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def run_server(config: ServeConfig, log_level: str = "warning") -> int:
-    """One engine server in this process, until Ctrl-C or SIGTERM (then it drains: agora.draining)."""
+    """One engine server in this process, until Ctrl-C or SIGTERM (then it drains: agora.http_server)."""
     import asyncio
 
-    from agora.draining import draining_server
     from agora.engine.async_engine import AsyncEngine
     from agora.engine.engine import Engine
+    from agora.http_server import ENGINE_HEAD_BYTES, draining_server
     from agora.server.app import build_app
 
     try:
@@ -131,7 +131,8 @@ def run_server(config: ServeConfig, log_level: str = "warning") -> int:
         asyncio.get_running_loop().run_in_executor(None, async_engine.shutdown)  # engine thread: not on the loop
 
     draining_server(app, server.shutdown_timeout_s, end_requests, host=server.host, port=server.port,
-                    log_level=log_level).run()  # fmt: skip
+                    log_level=log_level, max_head_bytes=ENGINE_HEAD_BYTES,
+                    client_timeout_s=server.client_timeout_s).run()  # fmt: skip
     return 0
 
 

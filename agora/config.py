@@ -299,12 +299,17 @@ class ServerConfig:
     shutdown_timeout_s: float = option(
         30.0, "on SIGTERM or Ctrl-C, how long requests in flight have to finish (new ones are refused); then "
         "each ends with an error in its API's shape", flag="--shutdown-timeout", metavar="SECONDS")  # fmt: skip
+    client_timeout_s: float = option(
+        60.0, "how long a client may take to send a request's headers, and the longest pause in its body; slower "
+        "connections are closed (408)", flag="--client-timeout", metavar="SECONDS")  # fmt: skip
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be between 0 and 65535, got {self.port}")
         if not 0 <= self.shutdown_timeout_s <= 3600:
             raise ValueError(f"shutdown timeout must be between 0 and 3600 seconds, got {self.shutdown_timeout_s}")
+        if not 0 < self.client_timeout_s <= 3600:
+            raise ValueError(f"client timeout must be above 0 and at most 3600 seconds, got {self.client_timeout_s}")
         if self.responses_ttl_s <= 0 or self.responses_max < 1:
             raise ValueError("responses_ttl_s must be > 0 and responses_max >= 1")
 

@@ -68,6 +68,7 @@ class EngineReplica:
 
         from agora.engine.async_engine import AsyncEngine
         from agora.engine.engine import Engine
+        from agora.http_server import ENGINE_HEAD_BYTES, guarded_protocol
         from agora.server.app import build_app
 
         config = ServeConfig.from_json(config_json)
@@ -87,7 +88,8 @@ class EngineReplica:
         sock.bind((self.ip, 0))  # the node's address: reachable from the gateway's node, key-protected
         self.url = f"http://{self.ip}:{sock.getsockname()[1]}"
         self.app = _Counting(build_app(self.engine, config.server))
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="off",
+        guarded = guarded_protocol(ENGINE_HEAD_BYTES, config.server.client_timeout_s)  # as agora serve's
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="off", http=guarded,
                                                     timeout_graceful_shutdown=5))  # fmt: skip
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
                                        name="agora-http", daemon=True)  # fmt: skip

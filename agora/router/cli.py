@@ -62,17 +62,18 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
 
 def run_gateway(config: RouterConfig, endpoints=None, log_level: str = "warning",  # noqa: ANN001
                 config_path: str | None = None, discover=None, sock=None) -> None:  # noqa: ANN001  # fmt: skip
-    """Serve the gateway until Ctrl-C or SIGTERM (then it drains: agora.draining); ``discover`` (agora.cluster)
+    """Serve the gateway until Ctrl-C or SIGTERM (then it drains: agora.http_server); ``discover`` (agora.cluster)
     keeps its endpoint set current. ``sock``: a socket already bound to the gateway's address (held while
     replicas start, so nothing takes the port)."""
-    from agora.draining import draining_server
+    from agora.http_server import HEAD_SLACK, draining_server
     from agora.router.gateway import Gateway
 
     app = Gateway(config, endpoints, config_path, discover)
     s = config.gateway
     print(f"agora gateway on http://{s.host}:{s.port}/v1 (profile {config.profile})", file=sys.stderr, flush=True)
     # Open dashboard feeds never end by themselves: they end at the signal, or shutting down waits for them.
-    options: dict[str, Any] = {"log_level": log_level, "lifespan": "on"}
+    options: dict[str, Any] = {"log_level": log_level, "lifespan": "on", "client_timeout_s": s.client_timeout_s,
+                               "max_head_bytes": s.max_header_bytes + HEAD_SLACK}  # the 431 is the gateway's  # fmt: skip
     if sock is None:
         draining_server(app, s.shutdown_timeout_s, app.end_requests, app.closing, host=s.host, port=s.port,
                         **options).run()  # fmt: skip

@@ -131,6 +131,8 @@ class GatewaySettings(_Strict):
     max_header_bytes: int = Field(32 << 10, ge=1024, description="all request headers together; beyond: 431")
     shutdown_timeout_s: float = Field(30.0, ge=0, le=3600, description="on SIGTERM: how long requests in flight "
                                       "may run before they end with an error in their API's shape")  # fmt: skip
+    client_timeout_s: float = Field(60.0, gt=0, le=3600, description="a request's head must arrive within this, "
+                                    "and its body pause no longer; slower connections are closed (408)")  # fmt: skip
     seed: int | None = None
 
     @field_validator("max_body_bytes", mode="before")

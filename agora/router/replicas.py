@@ -118,8 +118,9 @@ def gateway_config(serve: ServeConfig, profile: str | None, router_config: str |
     data = base.model_dump(by_alias=True, exclude_unset=True)
     s = serve.server
     data.setdefault("gateway", {}).update(
-        {"host": s.host, "port": s.port, "api_key": s.api_key, "shutdown_timeout_s": s.shutdown_timeout_s}
-    )
+        {"host": s.host, "port": s.port, "api_key": s.api_key, "shutdown_timeout_s": s.shutdown_timeout_s,
+         "client_timeout_s": s.client_timeout_s}
+    )  # fmt: skip
     if profile is not None:
         data["profile"] = profile
     if s.model_aliases:  # --model-alias: the gateway maps the names before admission (the replicas too)

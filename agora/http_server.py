@@ -1,0 +1,130 @@
+"""The uvicorn server that `agora serve` (the engine server) and `agora route` (the gateway) both run.
+
+Two things uvicorn does not do by itself:
+
+- **It drains.** On SIGTERM or Ctrl-C it refuses new connections, lets the requests in flight run for a while,
+  then asks the application to end what is still running, so that each such request ends with an error in its
+  own API's shape (an SSE error event; a 503 for a whole answer) rather than a connection cut mid-stream.
+- **It holds clients to a size and a pace while it waits on them.** uvicorn buffers a request's head for as long
+  as it keeps coming and waits for it forever, so one connection could grow the process by gigabytes of header
+  lines, and a few thousand idle or trickling ones could hold every file descriptor. Here a request's head
+  (request line and headers) may take at most ``max_head_bytes`` (431 beyond), a new connection or request must
+  complete its head within ``client_timeout_s``, and its body may pause no longer than that (408, connection
+  closed). Once a request is read, nothing is timed: an answer may take as long as it takes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+logger = logging.getLogger("agora")
+
+MARGIN_S = 10.0  # past the drain: the ended requests' last events go out, then uvicorn cancels what is left
+ENGINE_HEAD_BYTES = 64 << 10  # an engine server's request head (the gateway's follows its max_header_bytes)
+HEAD_SLACK = 16 << 10  # the request line and separators, beyond the headers' own limit (checked by the apps)
+
+
+def _refusal(status: int, reason: str, message: str, code: str) -> bytes:
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                 "code": code}}).encode()  # fmt: skip
+    head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n")  # fmt: skip
+    return head.encode("latin-1") + body
+
+
+def guarded_protocol(max_head_bytes: int, client_timeout_s: float,
+                     base: type[asyncio.Protocol] = AutoHTTPProtocol) -> type[asyncio.Protocol]:  # fmt: skip
+    """uvicorn's HTTP protocol ``base`` (its default: httptools, else h11) with the head limit and the client
+    timeout above."""
+
+    class Guarded(base):  # type: ignore[misc, valid-type]
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+            super().connection_made(transport)  # type: ignore[arg-type]
+            self._head_bytes = 0  # of the request whose head is being read
+            self._deadline: float | None = self.loop.time() + client_timeout_s  # its first request, or None
+            self._timer = self.loop.call_later(client_timeout_s, self._check_pace)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._timer.cancel()
+            super().connection_lost(exc)
+
+        def _reading_head(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def data_received(self, data: bytes) -> None:
+            reading_head = self._reading_head()
+            if reading_head and self._head_bytes == 0:  # a request begins: its head has client_timeout_s
+                self._deadline = self.loop.time() + client_timeout_s
+            super().data_received(data)
+            if self.transport.is_closing():
+                return
+            if not self._reading_head():  # the head is in: the body may pause at most client_timeout_s
+                self._head_bytes = 0
+                self._deadline = self.loop.time() + client_timeout_s if self.cycle.more_body else None
+            elif reading_head:
+                self._head_bytes += len(data)
+                if self._head_bytes > max_head_bytes:
+                    self._refuse(431, "Request Header Fields Too Large", f"the request's head exceeds "
+                                 f"{max_head_bytes} bytes", "request_header_fields_too_large")  # fmt: skip
+
+        def _refuse(self, status: int, reason: str, message: str, code: str) -> None:
+            if self.cycle is None or (self.cycle.response_complete and not self.cycle.more_body):
+                self.transport.write(_refusal(status, reason, message, code))
+            # else: an answered request's body is still arriving; the client has its answer already
+            self.transport.close()
+
+        def _check_pace(self) -> None:
+            if self.transport.is_closing():
+                return
+            now = self.loop.time()
+            reading_head = self._reading_head()
+            if self._deadline is None or not (reading_head or self.cycle.more_body) or now < self._deadline:
+                due = self._deadline is not None and now < self._deadline
+                self._timer = self.loop.call_later(self._deadline - now if due else client_timeout_s,
+                                                   self._check_pace)  # fmt: skip
+                return
+            if reading_head and self._head_bytes:
+                self._refuse(408, "Request Timeout", f"the request did not arrive within {client_timeout_s:g} s",
+                             "request_timeout")  # fmt: skip
+            else:  # a connection that never sent a byte is just closed; a stalled body: the app sees the client go
+                self.transport.close()
+
+    return Guarded
+
+
+def draining_server(app: Any, drain_s: float, end_requests: Callable[[], None],
+                    on_signal: Callable[[], None] | None = None, *, max_head_bytes: int, client_timeout_s: float,
+                    **options: Any) -> uvicorn.Server:  # fmt: skip
+    """A server for ``app`` (uvicorn ``options``) that calls ``end_requests`` (on the event loop, must not block)
+    ``drain_s`` seconds after a shutdown began, if requests are still running then; ``on_signal`` (any thread)
+    runs as soon as the signal arrives."""
+    config = uvicorn.Config(app, timeout_graceful_shutdown=drain_s + MARGIN_S,
+                            http=guarded_protocol(max_head_bytes, client_timeout_s), **options)  # fmt: skip
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if on_signal is not None:
+                on_signal()
+            super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets: list | None = None) -> None:
+            def end() -> None:
+                if self.server_state.tasks:
+                    logger.warning("shutting down: ending the %d requests still in flight after %.0f s",
+                                   len(self.server_state.tasks), drain_s)  # fmt: skip
+                end_requests()
+
+            timer = asyncio.get_running_loop().call_later(drain_s, end)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
+
+    return Server(config)

@@ -1,0 +1,135 @@
+"""agora.http_server's guard against clients that never finish a request: a head beyond its limit is a 431, a
+head that stalls a 408, an idle connection or a stalled body is closed; answers that take long, bodies that
+pause briefly and keep-alive are untouched. Over real sockets, for both of uvicorn's HTTP implementations."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from agora.http_server import guarded_protocol
+
+TIMEOUT_S = 0.5
+HEAD_LIMIT = 4096
+seen: list[str] = []  # what the app saw: "body <bytes>", "gone"
+
+
+async def app(scope: dict, receive, send) -> None:  # noqa: ANN001
+    if scope["type"] != "http":
+        return
+    body = b""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            seen.append("gone")
+            return
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    seen.append(f"body {len(body)}")
+    if scope["path"] == "/slow":
+        await asyncio.sleep(3 * TIMEOUT_S)  # an answer may take longer than the client timeout
+    payload = json.dumps({"path": scope["path"], "bytes": len(body)}).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})  # fmt: skip
+    await send({"type": "http.response.body", "body": payload})
+
+
+@pytest.fixture(scope="module", params=[HttpToolsProtocol, H11Protocol], ids=["httptools", "h11"])
+def port(request: pytest.FixtureRequest) -> Iterator[int]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    protocol = guarded_protocol(HEAD_LIMIT, TIMEOUT_S, request.param)
+    server = uvicorn.Server(uvicorn.Config(app, http=protocol, log_level="critical", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    yield sock.getsockname()[1]
+    server.should_exit = True
+    thread.join(10)
+
+
+def _connect(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port))
+    s.settimeout(10)
+    return s
+
+
+def _read_all(s: socket.socket) -> bytes:
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    return out
+
+
+def _request(path: str, body: bytes = b"") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+            .encode() + body)  # fmt: skip
+
+
+def test_a_head_past_its_limit_is_a_431(port: int, request: pytest.FixtureRequest) -> None:
+    s = _connect(port)
+    s.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n")
+    try:
+        for _ in range(1000):  # 1 MB of header lines, or until the server closes
+            s.sendall(b"x-filler: " + b"a" * 1000 + b"\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    answer = _read_all(s)
+    if answer.startswith(b"HTTP/1.1 400 ") and request.node.callspec.id == "h11":
+        return  # h11 holds a head to 16 KiB by itself and may refuse first, with its own 400
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+    assert error["code"] == "request_header_fields_too_large" and str(HEAD_LIMIT) in error["message"]
+
+
+def test_a_stalled_head_is_a_408_and_an_idle_connection_is_closed(port: int) -> None:
+    stalled, idle = _connect(port), _connect(port)
+    stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+    t0 = time.monotonic()
+    answer = _read_all(stalled)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+    assert _read_all(idle) == b""  # nothing asked, nothing said: just closed
+    assert time.monotonic() - t0 < 5 * TIMEOUT_S
+
+
+def test_a_body_may_pause_but_not_stall(port: int) -> None:
+    body = json.dumps({"text": "x" * 3000}).encode()
+    s = _connect(port)
+    s.sendall(_request("/paused", b"")[:-2].replace(b"content-length: 0", f"content-length: {len(body)}".encode())
+              + b"\r\n")  # fmt: skip
+    for i in range(0, len(body), 1000):  # three pauses, each shorter than the timeout: 1.2 s in all
+        time.sleep(0.4 * TIMEOUT_S * 2)
+        s.sendall(body[i : i + 1000])
+    answer = s.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200 ") and b'"bytes": %d' % len(body) in answer, answer
+    seen.clear()
+    stalled = _connect(port)
+    stalled.sendall(_request("/stalled", b"")[:-2].replace(b"content-length: 0", b"content-length: 100") + b"\r\n")
+    stalled.sendall(b'{"half": ')
+    assert _read_all(stalled) == b""  # closed: the app saw the client go and answered nothing
+    deadline = time.monotonic() + 5
+    while "gone" not in seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen == ["gone"]
+
+
+def test_a_slow_answer_and_keep_alive_are_untouched(port: int) -> None:
+    s = _connect(port)
+    s.sendall(_request("/slow", b"{}"))
+    assert s.recv(65536).startswith(b"HTTP/1.1 200 ")  # 1.5 s to answer, three times the client timeout
+    time.sleep(0.6 * TIMEOUT_S)
+    s.sendall(_request("/again", b"{}"))  # the same connection, kept alive
+    answer = s.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200 ") and b'"/again"' in answer
