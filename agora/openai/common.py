@@ -8,6 +8,7 @@ Optional response fields marked with :func:`omitted` leave the JSON when they ar
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from typing import Annotated, Any, Literal
 
@@ -26,6 +27,63 @@ MAX_CHOICE_CHARS = 1024
 def new_id(prefix: str, nbytes: int = 24) -> str:
     """A random object id in the API's style: ``resp_…``, ``msg_…``, ``toolu_…``."""
     return f"{prefix}_{secrets.token_hex(nbytes)}"
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def lone_surrogate(body: bytes, data: Any = None) -> str | None:
+    """Where a JSON body holds a lone UTF-16 surrogate, as a dotted path (``messages.0.content``); else None.
+
+    JSON writes characters outside the basic plane as escaped surrogate pairs, and a client that cuts a
+    string between the two halves (a JavaScript ``slice`` through an emoji) sends half a character. That
+    is not text: tokenizers and grammar compilers refuse it. Only bodies with such an escape are looked
+    through: ``data``, the body already parsed, or else parsed here (a body that does not parse is left to
+    the JSON reader's own error).
+    """
+    if not _SURROGATE_ESCAPE.search(body):
+        return None
+    if data is None:
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError):
+            return None
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "body"
+        elif isinstance(node, dict):
+            for key, value in reversed(node.items()):  # the first field first: it is popped first
+                stack.append((value, f"{path}.{key}" if path else str(key)))
+                stack.append((key, f"{path}.{key}" if path else str(key)))
+        elif isinstance(node, list):
+            stack.extend((value, f"{path}.{i}" if path else str(i)) for i, value in reversed(list(enumerate(node))))
+    return None
+
+
+def surrogate_error(path: str) -> str:
+    return (f"{path}: holds half of a UTF-16 surrogate pair (an escape between \\ud800 and \\udfff without its "
+            "other half), which is not text; send whole characters")  # fmt: skip
+
+
+DEEP_JSON = "the request body nests too deeply to read (about 1000 levels at most)"
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """A request body that must be one JSON object, or the APIError (400) that says why it is not."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request(None, "the request body is not valid JSON") from None
+    except RecursionError:
+        raise bad_request(None, DEEP_JSON) from None
+    if not isinstance(data, dict):
+        raise bad_request(None, "the request body must be a JSON object")
+    return data
 
 
 def telling_error(errors: list[Any]) -> dict[str, Any]:

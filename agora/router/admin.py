@@ -21,6 +21,7 @@ import json
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote
 
+from agora.openai.common import json_object
 from agora.openai.errors import APIError
 from agora.router.governance import audit, service
 
@@ -76,13 +77,7 @@ async def handle(gw: Gateway, method: str, path: str, query: bytes, body: bytes)
 
 
 def _json(body: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(body or b"{}")
-    except (ValueError, UnicodeDecodeError):
-        raise APIError(400, "the request body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    return data
+    return json_object(body or b"{}")
 
 
 def _int(q: dict[str, str], name: str, default: int) -> int:

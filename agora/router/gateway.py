@@ -35,6 +35,7 @@ from typing import Any
 import aiohttp
 
 import agora
+from agora.openai.common import json_object
 from agora.openai.errors import APIError, error_body
 from agora.openai.messages import Reply, anthropic_error
 from agora.openai.stream import stream_error
@@ -608,12 +609,7 @@ class Gateway:
     async def _classify(self, headers: dict[bytes, bytes], receive: Any, send: Any) -> None:
         if self.semantic is None:
             raise APIError(404, "semantic routing is not configured (no semantic: section)", "not_found_error")
-        try:
-            data = json.loads(await self.read_body(headers, receive))
-        except (ValueError, UnicodeDecodeError):
-            raise APIError(400, "the request body is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise APIError(400, "the request body must be a JSON object")
+        data = json_object(await self.read_body(headers, receive))
         semantic = self.semantic
         await send_json(send, 200, await asyncio.to_thread(semantic.classify, data))
 

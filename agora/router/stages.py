@@ -11,6 +11,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
+from agora.openai.common import json_object, lone_surrogate, surrogate_error
 from agora.openai.errors import APIError
 from agora.router.governance.audit import new_record
 from agora.router.governance.meter import UsageMeter
@@ -92,12 +93,9 @@ class AdmitStage(Stage):
         gw = self.gw
         ctx.body = await gw.read_body(ctx.headers, ctx.receive)
         ctx.watch_disconnect()
-        try:
-            data = json.loads(ctx.body)
-        except (ValueError, UnicodeDecodeError):
-            raise APIError(400, "the request body is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise APIError(400, "the request body must be a JSON object")
+        data = json_object(ctx.body)
+        if (where := lone_surrogate(ctx.body, data)) is not None:  # not text: no stage and no model could read it
+            raise APIError(400, surrogate_error(where), param=where)
         model = data.get("model")
         if model is not None and not isinstance(model, str):
             raise APIError(400, "model must be a string", param="model")

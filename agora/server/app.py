@@ -26,12 +26,12 @@ import agora
 from agora import envs
 from agora.config import ServerConfig
 from agora.engine.client import EngineClient
-from agora.openai.common import error_words, telling_error
+from agora.openai.common import DEEP_JSON, error_words, telling_error
 from agora.openai.errors import APIError, bad_request
 from agora.openai.messages import anthropic_error
 from agora.openai.tokenize import DetokenizeRequest, TokenizeRequest
 from agora.server import chat, completions, messages, responses
-from agora.server.http import APIKeyGuard, BodySizeLimit, error_response
+from agora.server.http import APIKeyGuard, BodyGuard, error_response
 from agora.server.metrics import ServerMetrics
 from agora.server.serving import Serving
 from agora.server.store import ResponseStore
@@ -113,6 +113,10 @@ def build_app(engine: EngineClient, config: ServerConfig | None = None) -> FastA
             message = f"no route for {request.method} {path}"  # the gateway's words
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {path}"
+        elif isinstance(exc.__cause__, RecursionError):  # FastAPI's "There was an error parsing the body"
+            message = DEEP_JSON
+        elif isinstance(exc.__cause__, ValueError):  # e.g. a number of more digits than Python reads
+            message = f"the request body is not valid JSON: {str(exc.__cause__).split(';')[0]}"
         return api_error_response(request, APIError(exc.status_code, message, kind))
 
     @app.exception_handler(Exception)
@@ -178,6 +182,6 @@ def build_app(engine: EngineClient, config: ServerConfig | None = None) -> FastA
                           config.responses_max)  # fmt: skip
     app.state.responses = store
     responses.add_routes(app, serving, store)
-    app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(BodyGuard, max_bytes=config.max_body_bytes)
     app.add_middleware(APIKeyGuard, api_key=config.api_key)  # added last: runs first, before any body is read
     return app

@@ -1,11 +1,12 @@
-"""HTTP pieces of the engine server: the OpenAI error response and the body-size limit."""
+"""HTTP pieces of the engine server: the OpenAI error response, the key check and the body's guard."""
 
 from __future__ import annotations
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agora.openai.errors import APIError, bearer_token_matches
+from agora.openai.common import lone_surrogate, surrogate_error
+from agora.openai.errors import APIError, bad_request, bearer_token_matches
 from agora.openai.messages import anthropic_error
 
 
@@ -13,35 +14,32 @@ def error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), exc.status, headers=exc.headers)
 
 
-class BodySizeLimit:
-    """Refuse request bodies over ``max_bytes`` with 413, whether or not they declare a length."""
+class BodyGuard:
+    """Refuse request bodies over ``max_bytes`` with 413, whether or not they declare a length, and a JSON body
+    holding half a UTF-16 surrogate pair with a 400 that names the parameter (it is not text: the tokenizer
+    would fail on it deep inside the request). Each refusal in the API's own shape."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
-        error = APIError(413, f"request body exceeds {self.max_bytes} bytes", code="request_too_large")
-        if scope.get("path", "").startswith("/v1/messages"):  # Anthropic's API, Anthropic's error shape
-            status, body = anthropic_error(error)
-            too_big = JSONResponse(body, status)
-        else:
-            too_big = error_response(error)
-        declared: int | None = None
+
+        def refusal(error: APIError) -> JSONResponse:
+            if scope.get("path", "").startswith("/v1/messages"):  # Anthropic's API, Anthropic's error shape
+                status, body = anthropic_error(error)
+                return JSONResponse(body, status)
+            return error_response(error)
+
         for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                declared = int(value) if value.isdigit() else self.max_bytes + 1
-                break
-        if declared is not None:
-            if declared > self.max_bytes:
-                await too_big(scope, receive, send)
-            else:
-                await self.app(scope, receive, send)  # the HTTP server enforces the declared length
-            return
-        # No declared length (chunked upload): read it here, within the limit, then replay it.
+            if name == b"content-length" and (not value.isdigit() or int(value) > self.max_bytes):
+                error = APIError(413, f"request body exceeds {self.max_bytes} bytes", code="request_too_large")
+                await refusal(error)(scope, receive, send)
+                return
+        # Read it here, within the limit (a chunked upload declares none), then replay it.
         body = bytearray()
         while True:
             message = await receive()
@@ -49,10 +47,14 @@ class BodySizeLimit:
                 return  # client went away
             body += message.get("body", b"")
             if len(body) > self.max_bytes:
-                await too_big(scope, receive, send)
+                error = APIError(413, f"request body exceeds {self.max_bytes} bytes", code="request_too_large")
+                await refusal(error)(scope, receive, send)
                 return
             if not message.get("more_body", False):
                 break
+        if (path := lone_surrogate(bytes(body))) is not None:
+            await refusal(bad_request(path, surrogate_error(path)))(scope, receive, send)
+            return
         replayed = False
 
         async def replay() -> Message:

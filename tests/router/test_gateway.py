@@ -236,6 +236,13 @@ def test_bad_requests_and_api_key(procs: Procs) -> None:
     assert resp.status_code == 400
     resp = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": 3}, headers=auth)
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "model"
+    resp = httpx.post(f"{gw.url}/v1/chat/completions", content=b'{"a": ' + b"[" * 1500 + b"]" * 1500 + b"}",
+                      headers=auth)  # fmt: skip
+    assert resp.status_code == 400 and "nests too deeply" in resp.json()["error"]["message"]
+    half_emoji = b'{"model": "m", "messages": [{"role": "user", "content": "cut \\ud83d"}]}'
+    resp = httpx.post(f"{gw.url}/v1/chat/completions", content=half_emoji, headers=auth)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "messages.0.content", resp.text
+    assert len(a.stats()["prompts"]) == 1  # refused here: nothing was forwarded
     resp = chat(gw.url, "x" * 5000, headers=auth)
     assert resp.status_code == 413
 

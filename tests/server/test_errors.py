@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -256,6 +258,30 @@ def test_invalid_json_and_wrong_content(server):
     }
     r = httpx.post(f"{server.url}{COMP}", content=b"\xff\xfe\x00", headers={"content-type": "application/json"})
     assert r.status_code == 400
+
+
+def test_bodies_no_reader_can_take_are_400s_that_say_why(server):
+    def post(path: str, text: str) -> httpx.Response:
+        return httpx.post(f"{server.url}{path}", content=text.encode(), headers={"content-type": "application/json"},
+                          timeout=30)  # fmt: skip
+
+    deep = post(CHAT, f'{{"model": "{MODEL}", "messages": {"[" * 5000 + "]" * 5000}}}')
+    assert deep.status_code == 400 and "nests too deeply" in deep.json()["error"]["message"]
+    long_number = post(COMP, f'{{"model": "{MODEL}", "prompt": "x", "max_tokens": 1{"0" * 5000}}}')
+    assert long_number.status_code == 400, long_number.text
+    assert long_number.json()["error"]["message"].startswith("the request body is not valid JSON: Exceeds the limit")
+    # half an emoji (a string cut between the two escapes of its surrogate pair): not text, named where it is
+    chat = json.dumps({"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "cut \ud83d"}]})
+    assert "\\ud83d" in chat  # json.dumps writes it as the escape a client would send
+    r = post(CHAT, chat)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content", r.text
+    assert "half of a UTF-16 surrogate pair" in r.json()["error"]["message"]
+    r = post(MESS, json.dumps({"model": MODEL, "max_tokens": 2, "system": "s \udc00", "messages": []}))
+    assert r.status_code == 400 and r.json()["type"] == "error", r.text  # Anthropic's shape
+    assert r.json()["error"]["message"].startswith("system: holds half")
+    whole = post(CHAT, chat.replace("\\ud83d", "\\ud83d\\ude00"))  # the whole emoji, escaped: fine
+    assert whole.status_code == 200, whole.text
+    assert httpx.get(f"{server.url}/health").status_code == 200
 
 
 def test_oversized_body_is_413(server):
