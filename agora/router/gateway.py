@@ -79,6 +79,20 @@ _MAX_CHAINS = 100_000  # response ids remembered for previous_response_id affini
 _SHUTTING_DOWN = "the gateway is shutting down; retry the request"
 
 
+class _Send:
+    """One request's ASGI ``send``, noting whether its answer has begun (``started``)."""
+
+    __slots__ = ("send", "started")
+
+    def __init__(self, send: Any) -> None:
+        self.send, self.started = send, False
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self.send(message)
+
+
 class _ClientGone(Exception):
     pass
 
@@ -185,6 +199,7 @@ class Gateway:
             return
         if scope["type"] != "http":
             return
+        send = _Send(send)
         try:
             size = sum(len(k) + len(v) for k, v in scope["headers"])
             if size > self.settings.max_header_bytes:
@@ -194,13 +209,24 @@ class Gateway:
         except APIError as exc:
             if exc.status != 401:
                 self.metrics.rejected.labels(str(exc.status)).inc()
-            if scope["path"].startswith("/v1/messages"):  # Anthropic's API: Anthropic's error shape
-                status, body = anthropic_error(exc)
-                await send_json(send, status, body, exc.headers)
-            else:
-                await send_json(send, exc.status, exc.body(), exc.headers)
+            await self._send_error(scope, send, exc)
         except _ClientGone:
             self.metrics.disconnects.inc()
+        except Exception:
+            logger.exception("gateway error on %s %s", scope.get("method"), scope.get("path", "")[:200])
+            await self._send_error(scope, send, APIError(500, "internal gateway error", "internal_error"))
+
+    async def _send_error(self, scope: dict[str, Any], send: _Send, exc: APIError) -> None:
+        """The error in its API's shape; once an answer has begun, nothing can be said over it."""
+        if send.started:
+            logger.warning("%s %s: an error after the answer began: %s", scope.get("method"),
+                           scope.get("path", "")[:200], exc.message)  # fmt: skip
+            return
+        if scope["path"].startswith("/v1/messages"):  # Anthropic's API: Anthropic's error shape
+            status, body = anthropic_error(exc)
+            await send_json(send, status, body, exc.headers)
+        else:
+            await send_json(send, exc.status, exc.body(), exc.headers)
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         while True:
@@ -364,13 +390,7 @@ class Gateway:
     async def _proxy(self, scope: dict[str, Any], headers: dict[bytes, bytes], receive: Any, send: Any) -> None:
         path = scope["path"]
         rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or f"gw-{uuid.uuid4().hex}"
-
-        async def send_noted(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                ctx.responded = True
-            await send(message)
-
-        ctx = RequestContext(scope, headers, receive, send_noted, path, api_of(path), _client(scope), rid)
+        ctx = RequestContext(scope, headers, receive, send, path, api_of(path), _client(scope), rid)
         task = asyncio.current_task()
         assert task is not None
         self._in_flight[task] = ctx

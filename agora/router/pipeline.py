@@ -81,7 +81,6 @@ class RequestContext:
     reason: str | None = None  # why it was blocked or limited
     complete: bool = False  # the whole answer reached the client
     client_gone: bool = False
-    responded: bool = False  # the answer's status line went out (the client has bytes of it)
     ended_by_shutdown: bool = False  # still running when the gateway's drain ran out (Gateway.end_requests)
     meter: UsageMeter | None = None
     prompt_tokens_header: str | None = None
@@ -90,6 +89,11 @@ class RequestContext:
     first_byte: float | None = None
     finished: float | None = None
     watcher: asyncio.Future | None = None
+
+    @property
+    def responded(self) -> bool:
+        """The answer's status line went out (the client has bytes of it)."""
+        return getattr(self.send, "started", False)
 
     def tokens(self) -> tuple[int, int]:
         """(in, out) as the response really used them; nothing for a request that was never forwarded or

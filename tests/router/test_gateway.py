@@ -328,3 +328,33 @@ def test_sigterm_ends_what_outlasts_the_drain_in_its_api_shape(procs: Procs) -> 
     while a.stats()["aborted"] < 3 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert a.stats()["aborted"] == 3
+
+
+async def test_an_unexpected_error_is_a_json_500_in_the_api_shape(procs: Procs) -> None:
+    from agora.router.config import parse_config
+    from agora.router.gateway import Gateway
+
+    a = procs.fake("a")
+    gw = Gateway(parse_config({"endpoints": endpoints(("a", a))}, "test"))
+    await gw.startup()
+    forward = gw.pipeline.forward
+
+    async def broken(ctx) -> None:  # noqa: ANN001 - a bug somewhere past admission
+        if ctx.data.get("max_tokens") == 13:
+            raise RuntimeError("a bug")
+        await forward(ctx)
+
+    gw.pipeline.forward = broken
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw), base_url="http://gw") as client:
+            body = {"model": "m", "max_tokens": 13, "messages": [{"role": "user", "content": "hi"}]}
+            r = await client.post("/v1/chat/completions", json=body)
+            assert r.status_code == 500 and r.json()["error"] == {"message": "internal gateway error",
+                                                                  "type": "internal_error", "param": None,
+                                                                  "code": None}  # fmt: skip
+            r = await client.post("/v1/messages", json=body)
+            assert r.status_code == 500 and r.json()["type"] == "error"  # Anthropic's shape
+            body["max_tokens"] = 5
+            assert (await client.post("/v1/chat/completions", json=body)).status_code == 200  # still serving
+    finally:
+        await gw.shutdown()
