@@ -65,6 +65,34 @@ def parse_aliases(items: list[str]) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def parse_origins(text: str) -> tuple[str, ...]:
+    """Allowed browser origins: vLLM's spelling, a JSON list (``'["https://app.example.com"]'``, ``'["*"]'``),
+    or the same comma-separated. Each is ``*``, ``null`` (pages opened from files) or ``scheme://host[:port]``."""
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except ValueError:
+            raise ValueError(f"allowed origins {text!r}: not a JSON list") from None
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ValueError(f"allowed origins {text!r}: give a JSON list of strings")
+    else:
+        items = text.split(",")
+    return check_origins([i.strip() for i in items if i.strip()])
+
+
+def check_origins(items: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The origins as compared (lower case, no trailing slash); ValueError names a malformed one."""
+    out = []
+    for item in items:
+        origin = item.rstrip("/")
+        scheme, sep, rest = origin.partition("://")
+        if origin not in ("*", "null") and (not sep or scheme not in ("http", "https") or not rest or "/" in rest):
+            raise ValueError(f"allowed origin {item!r}: give scheme://host[:port] (no path), '*' or 'null'")
+        out.append(origin.lower())
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model: str = DEFAULT_MODEL  # packaged model name, HF folder or .gguf file (the positional argument)
@@ -299,6 +327,10 @@ class ServerConfig:
     shutdown_timeout_s: float = option(
         30.0, "on SIGTERM or Ctrl-C, how long requests in flight have to finish (new ones are refused); then "
         "each ends with an error in its API's shape", flag="--shutdown-timeout", metavar="SECONDS")  # fmt: skip
+    allowed_origins: tuple[str, ...] = option(
+        (), "browser pages from these origins may call the server (CORS), as vLLM spells it: a JSON list, e.g. "
+        '\'["https://app.example.com"]\' or \'["*"]\'; default none: other sites\' pages are refused (403)',
+        parse=lambda text: _flag_value(parse_origins, text), metavar="JSON")  # fmt: skip
     client_timeout_s: float = option(
         60.0, "how long a client may take to send a request's headers, and the longest pause in its body; slower "
         "connections are closed (408)", flag="--client-timeout", metavar="SECONDS")  # fmt: skip
@@ -308,6 +340,7 @@ class ServerConfig:
             raise ValueError(f"port must be between 0 and 65535, got {self.port}")
         if not 0 <= self.shutdown_timeout_s <= 3600:
             raise ValueError(f"shutdown timeout must be between 0 and 3600 seconds, got {self.shutdown_timeout_s}")
+        object.__setattr__(self, "allowed_origins", check_origins(self.allowed_origins))
         if not 0 < self.client_timeout_s <= 3600:
             raise ValueError(f"client timeout must be above 0 and at most 3600 seconds, got {self.client_timeout_s}")
         if self.responses_ttl_s <= 0 or self.responses_max < 1:

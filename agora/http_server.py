@@ -128,3 +128,105 @@ def draining_server(app: Any, drain_s: float, end_requests: Callable[[], None],
                 timer.cancel()
 
     return Server(config)
+
+
+# -- browsers from other sites ---------------------------------------------------------------------------------
+
+_SAFE_METHODS = ("GET", "HEAD")
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
+def _netloc(scheme: str, netloc: str) -> str:
+    host, _, port = netloc.lower().rpartition(":") if netloc.rpartition(":")[2].isdigit() else (netloc.lower(), "", "")
+    return host if not port or port == _DEFAULT_PORTS.get(scheme) else f"{host}:{port}"
+
+
+def _same_origin(origin: str, headers: dict[bytes, bytes]) -> bool:
+    """The page was served by this server: its origin names the host the request was sent to (``Host``, or the
+    ``X-Forwarded-Host`` a reverse proxy sets), whichever scheme the proxy in front of it speaks."""
+    scheme, sep, netloc = origin.partition("://")
+    if not sep:
+        return False
+    for name in (b"host", b"x-forwarded-host"):
+        value = headers.get(name, b"").decode("latin-1").split(",")[0].strip()
+        if value and any(_netloc(scheme, netloc) == _netloc(s, value) for s in ("http", "https")):
+            return True
+    return False
+
+
+class CrossOrigin:
+    """What pages from other sites may do with this server, which browsers otherwise let any page try.
+
+    A page's ``fetch`` POST with a text or bodyless request reaches a server without asking first, and a
+    server on 127.0.0.1 is reachable from every page the user opens: any site could drive a local model,
+    or the gateway's admin API (open to this machine when no keys are set), without reading the answers.
+    So a browser request that changes something (any method but GET and HEAD) from another origin is a 403
+    unless ``allowed`` lists that origin (``*``: any); the same page's own requests (the dashboard) pass.
+    Allowed origins also get CORS: preflights answered, answers readable, their headers exposed. Clients
+    that are not browsers send no ``Origin`` and are untouched.
+    """
+
+    def __init__(self, app: Any, allowed: tuple[str, ...] | list[str] = ()) -> None:
+        self.app = app
+        self.allowed = frozenset(allowed)
+        self.any = "*" in self.allowed
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        method = scope["method"]
+        raw = headers.get(b"origin")
+        if raw is None:
+            if method not in _SAFE_METHODS and headers.get(b"sec-fetch-site") == b"cross-site":
+                await self._refuse(scope, send, "another site")
+                return
+            await self.app(scope, receive, send)
+            return
+        origin = raw.decode("latin-1")
+        same = _same_origin(origin, headers)
+        allowed = same or self.any or origin.lower().rstrip("/") in self.allowed
+        if method == "OPTIONS" and b"access-control-request-method" in headers:  # a preflight
+            if not allowed:
+                await self._refuse(scope, send, origin)
+                return
+            wanted = headers.get(b"access-control-request-headers", b"")
+            out = [(b"access-control-allow-origin", raw), (b"vary", b"Origin"),
+                   (b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
+                   (b"access-control-allow-headers", wanted), (b"access-control-max-age", b"600"),
+                   (b"content-length", b"0")]  # fmt: skip
+            await send({"type": "http.response.start", "status": 204, "headers": out})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        if not allowed and method not in _SAFE_METHODS:
+            await self._refuse(scope, send, origin)
+            return
+        if not allowed or same:
+            await self.app(scope, receive, send)
+            return
+
+        async def with_cors(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                names = b", ".join(k for k, _ in message.get("headers", []) if k.lower() != b"content-type")
+                extra = [(b"access-control-allow-origin", raw), (b"vary", b"Origin")]
+                if names:
+                    extra.append((b"access-control-expose-headers", names))
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, with_cors)
+
+    @staticmethod
+    async def _refuse(scope: dict[str, Any], send: Any, origin: str) -> None:
+        message = (f"a browser page from {origin[:200]} may not call this server; to allow it, list its origin in "
+                   "--allowed-origins (the gateway: gateway.allowed_origins)")  # fmt: skip
+        if scope["path"].startswith("/v1/messages"):
+            body = {"type": "error", "error": {"type": "permission_error", "message": message}}
+        else:
+            body = {"error": {"message": message, "type": "permission_error", "param": None,
+                              "code": "origin_not_allowed"}}  # fmt: skip
+        data = json.dumps(body).encode()
+        await send({"type": "http.response.start", "status": 403, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})  # fmt: skip
+        await send({"type": "http.response.body", "body": data})

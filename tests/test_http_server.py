@@ -133,3 +133,78 @@ def test_a_slow_answer_and_keep_alive_are_untouched(port: int) -> None:
     s.sendall(_request("/again", b"{}"))  # the same connection, kept alive
     answer = s.recv(65536)
     assert answer.startswith(b"HTTP/1.1 200 ") and b'"/again"' in answer
+
+
+# -- pages of other sites ------------------------------------------------------------------------------------
+
+
+async def _echo(scope: dict, receive, send) -> None:  # noqa: ANN001
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"x-agora-endpoint", b"e1")]})  # fmt: skip
+    await send({"type": "http.response.body", "body": b'{"ok": true}'})
+
+
+def _client(allowed: tuple[str, ...] = ()):  # noqa: ANN202
+    import httpx
+
+    from agora.http_server import CrossOrigin
+
+    transport = httpx.ASGITransport(app=CrossOrigin(_echo, allowed))
+    return httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000")
+
+
+async def test_another_sites_page_may_not_change_anything() -> None:
+    async with _client() as client:
+        # what any page can send without asking first: a text POST, with the page's origin
+        r = await client.post("/admin/reload", content=b"{}", headers={"origin": "https://evil.example",
+                                                                       "content-type": "text/plain"})  # fmt: skip
+        assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
+        assert (
+            "https://evil.example" in r.json()["error"]["message"]
+            and "--allowed-origins" in r.json()["error"]["message"]
+        )
+        r = await client.post("/v1/messages", headers={"origin": "null"})  # a page opened from a file
+        assert r.status_code == 403 and r.json()["type"] == "error"  # Anthropic's shape on its path
+        r = await client.post("/v1/chat/completions", headers={"sec-fetch-site": "cross-site"})  # no Origin sent
+        assert r.status_code == 403
+        r = await client.options("/v1/chat/completions", headers={"origin": "https://evil.example",
+                                                                  "access-control-request-method": "POST"})  # fmt: skip
+        assert r.status_code == 403
+        # reading is the browser's to stop: a GET passes, without CORS headers the page cannot read it
+        r = await client.get("/v1/models", headers={"origin": "https://evil.example"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+        # the server's own page (the dashboard) and clients that are not browsers pass
+        r = await client.post("/dashboard/login", headers={"origin": "http://127.0.0.1:8000"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+        assert (await client.post("/v1/chat/completions")).status_code == 200
+
+
+async def test_allowed_origins_get_cors() -> None:
+    async with _client(("https://app.example",)) as client:
+        r = await client.options("/v1/chat/completions", headers={
+            "origin": "https://app.example", "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization, content-type, x-stainless-lang"})  # fmt: skip
+        assert r.status_code == 204
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+        assert r.headers["access-control-allow-headers"] == "authorization, content-type, x-stainless-lang"
+        assert "POST" in r.headers["access-control-allow-methods"]
+        r = await client.post("/v1/chat/completions", headers={"origin": "https://app.example"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+        assert r.headers["access-control-expose-headers"] == "x-agora-endpoint" and r.headers["vary"] == "Origin"
+        r = await client.post("/v1/chat/completions", headers={"origin": "https://other.example"})
+        assert r.status_code == 403
+    async with _client(("*",)) as client:
+        r = await client.post("/v1/chat/completions", headers={"origin": "null"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "null"
+
+
+def test_origins_as_vllm_spells_them() -> None:
+    from agora.config import parse_origins
+
+    assert parse_origins('["https://App.example/", "*"]') == ("https://app.example", "*")
+    assert parse_origins("http://localhost:3000, null") == ("http://localhost:3000", "null")
+    for bad in ('["ftp://x"]', "https://x/path", "[1]", "[nope"):
+        with pytest.raises(ValueError):
+            parse_origins(bad)

@@ -35,7 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agora import envs
-from agora.config import parse_size
+from agora.config import check_origins, parse_size
 from agora.router.endpoints import Endpoint, HealthSettings, base_url, endpoint_names, resolve_endpoints
 from agora.router.plugins import PLUGIN_TYPES, Filter, Picker, Plugin, Scorer
 from agora.router.profile import SchedulingProfile, WeightedScorer
@@ -131,6 +131,8 @@ class GatewaySettings(_Strict):
     max_header_bytes: int = Field(32 << 10, ge=1024, description="all request headers together; beyond: 431")
     shutdown_timeout_s: float = Field(30.0, ge=0, le=3600, description="on SIGTERM: how long requests in flight "
                                       "may run before they end with an error in their API's shape")  # fmt: skip
+    allowed_origins: list[str] = Field(default_factory=list, description="browser pages from these origins may "
+                                       "call the gateway (CORS; '*': any); others' changes are refused")  # fmt: skip
     client_timeout_s: float = Field(60.0, gt=0, le=3600, description="a request's head must arrive within this, "
                                     "and its body pause no longer; slower connections are closed (408)")  # fmt: skip
     seed: int | None = None
@@ -139,6 +141,11 @@ class GatewaySettings(_Strict):
     @classmethod
     def _size(cls, v: Any) -> Any:
         return parse_size(v) if isinstance(v, str) else v
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        return list(check_origins(v))
 
     def health(self) -> HealthSettings:
         return HealthSettings(

@@ -119,7 +119,7 @@ def gateway_config(serve: ServeConfig, profile: str | None, router_config: str |
     s = serve.server
     data.setdefault("gateway", {}).update(
         {"host": s.host, "port": s.port, "api_key": s.api_key, "shutdown_timeout_s": s.shutdown_timeout_s,
-         "client_timeout_s": s.client_timeout_s}
+         "client_timeout_s": s.client_timeout_s, "allowed_origins": list(s.allowed_origins)}
     )  # fmt: skip
     if profile is not None:
         data["profile"] = profile

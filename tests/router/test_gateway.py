@@ -358,3 +358,21 @@ async def test_an_unexpected_error_is_a_json_500_in_the_api_shape(procs: Procs) 
             assert (await client.post("/v1/chat/completions", json=body)).status_code == 200  # still serving
     finally:
         await gw.shutdown()
+
+
+def test_pages_of_other_sites_and_allowed_origins(procs: Procs) -> None:
+    a = procs.fake("a")
+    gw = procs.gateway({"endpoints": endpoints(("a", a)), "gateway": {"allowed_origins": ["http://localhost:3000"]}})
+    # an open gateway's admin API is open to this machine, and so to any page its browser opens: not to them
+    evil = {"origin": "https://evil.example", "content-type": "text/plain"}
+    r = httpx.post(f"{gw.url}/admin/keys", content=b'{"name": "x"}', headers=evil)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
+    assert httpx.get(f"{gw.url}/admin/keys").json()["data"] == []  # no key was made: the gateway stays open
+    assert chat(gw.url, "hi", headers={"origin": "https://evil.example"}).status_code == 403
+    page = {"origin": "http://localhost:3000"}
+    preflight = httpx.options(f"{gw.url}/v1/chat/completions", headers={**page,
+                              "access-control-request-method": "POST", "access-control-request-headers": "authorization"})  # fmt: skip
+    assert preflight.status_code == 204 and preflight.headers["access-control-allow-origin"] == "http://localhost:3000"
+    r = chat(gw.url, "hi", headers=page)
+    assert answered_by(r) == "a" and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "x-agora-endpoint" in r.headers["access-control-expose-headers"]

@@ -318,3 +318,11 @@ def test_api_key(tiny_model_dir):
         assert httpx.get(f"{r.url}/health").status_code == 200  # probes need no key
     finally:
         stop_server(r)
+
+
+def test_another_sites_page_is_refused(server):
+    # any page the user opens could post to a server on this machine: not without --allowed-origins
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 1}
+    r = httpx.post(f"{server.url}{COMP}", json=body, headers={"origin": "https://evil.example"}, timeout=30)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed", r.text
+    assert httpx.post(f"{server.url}{COMP}", json=body, timeout=30).status_code == 200  # not a browser: fine
