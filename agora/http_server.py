@@ -16,6 +16,7 @@ Two things uvicorn does not do by itself:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 from collections.abc import Callable
@@ -154,6 +155,21 @@ def _same_origin(origin: str, headers: dict[bytes, bytes]) -> bool:
     return False
 
 
+def loopback_name(host: str) -> bool:
+    """A name or address of this machine: ``localhost`` (and ``*.localhost``), 127.0.0.0/8, ``::1``."""
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 class CrossOrigin:
     """What pages from other sites may do with this server, which browsers otherwise let any page try.
 
@@ -164,12 +180,19 @@ class CrossOrigin:
     unless ``allowed`` lists that origin (``*``: any); the same page's own requests (the dashboard) pass.
     Allowed origins also get CORS: preflights answered, answers readable, their headers exposed. Clients
     that are not browsers send no ``Origin`` and are untouched.
+
+    A server listening on loopback only (``local``) also refuses a browser's request whose ``Host`` is not a
+    name of this machine, nor that of an allowed origin (a proxy in front that keeps its own name): a site
+    whose name an attacker points at 127.0.0.1 (DNS rebinding) would otherwise be this server's own origin
+    in the browser, free to read every answer and to post as the server's own page.
     """
 
-    def __init__(self, app: Any, allowed: tuple[str, ...] | list[str] = ()) -> None:
+    def __init__(self, app: Any, allowed: tuple[str, ...] | list[str] = (), local: bool = False) -> None:
         self.app = app
         self.allowed = frozenset(allowed)
         self.any = "*" in self.allowed
+        self.local = local and not self.any
+        self.hosts = {_netloc(*o.split("://", 1)) for o in self.allowed if "://" in o}
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -177,6 +200,9 @@ class CrossOrigin:
             return
         headers = dict(scope["headers"])
         method = scope["method"]
+        if self.local and (b"origin" in headers or b"sec-fetch-mode" in headers) and not self._local_host(headers):
+            await self._refuse(scope, send, None, headers.get(b"host", b"").decode("latin-1"))
+            return
         raw = headers.get(b"origin")
         if raw is None:
             if method not in _SAFE_METHODS and headers.get(b"sec-fetch-site") == b"cross-site":
@@ -217,15 +243,24 @@ class CrossOrigin:
 
         await self.app(scope, receive, with_cors)
 
+    def _local_host(self, headers: dict[bytes, bytes]) -> bool:
+        host = headers.get(b"host", b"localhost").decode("latin-1")
+        return loopback_name(host) or any(_netloc(s, host) in self.hosts for s in ("http", "https"))
+
     @staticmethod
-    async def _refuse(scope: dict[str, Any], send: Any, origin: str) -> None:
-        message = (f"a browser page from {origin[:200]} may not call this server; to allow it, list its origin in "
-                   "--allowed-origins (the gateway: gateway.allowed_origins)")  # fmt: skip
+    async def _refuse(scope: dict[str, Any], send: Any, origin: str | None, host: str = "") -> None:
+        if origin is None:
+            message = (f"this server listens on this machine only, and {host[:200]!r} is not one of its names: a "
+                       "page may not reach it under another name; a proxy in front that keeps its own name: list "
+                       "that origin in --allowed-origins (the gateway: gateway.allowed_origins)")  # fmt: skip
+        else:
+            message = (f"a browser page from {origin[:200]} may not call this server; to allow it, list its origin "
+                       "in --allowed-origins (the gateway: gateway.allowed_origins)")  # fmt: skip
         if scope["path"].startswith("/v1/messages"):
             body = {"type": "error", "error": {"type": "permission_error", "message": message}}
         else:
             body = {"error": {"message": message, "type": "permission_error", "param": None,
-                              "code": "origin_not_allowed"}}  # fmt: skip
+                              "code": "host_not_allowed" if origin is None else "origin_not_allowed"}}  # fmt: skip
         data = json.dumps(body).encode()
         await send({"type": "http.response.start", "status": 403, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})  # fmt: skip

@@ -146,12 +146,12 @@ async def _echo(scope: dict, receive, send) -> None:  # noqa: ANN001
     await send({"type": "http.response.body", "body": b'{"ok": true}'})
 
 
-def _client(allowed: tuple[str, ...] = ()):  # noqa: ANN202
+def _client(allowed: tuple[str, ...] = (), local: bool = False):  # noqa: ANN202
     import httpx
 
     from agora.http_server import CrossOrigin
 
-    transport = httpx.ASGITransport(app=CrossOrigin(_echo, allowed))
+    transport = httpx.ASGITransport(app=CrossOrigin(_echo, allowed, local))
     return httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000")
 
 
@@ -198,6 +198,28 @@ async def test_allowed_origins_get_cors() -> None:
     async with _client(("*",)) as client:
         r = await client.post("/v1/chat/completions", headers={"origin": "null"})
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "null"
+
+
+async def test_a_name_pointed_at_this_machine_is_refused_to_browsers() -> None:
+    # DNS rebinding: evil.example resolves to 127.0.0.1, so its page is "same-origin" with the server
+    rebound = {"host": "evil.example:8000", "origin": "http://evil.example:8000", "sec-fetch-mode": "cors"}
+    async with _client(local=True) as client:
+        r = await client.post("/admin/keys", headers=rebound)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
+        r = await client.get("/admin/usage", headers={"host": "evil.example:8000", "sec-fetch-mode": "cors"})
+        assert r.status_code == 403  # a same-origin GET carries no Origin: Sec-Fetch-Mode says it is a browser
+        # not a browser (an SDK through a proxy that keeps its name): untouched; this machine's names: fine
+        assert (await client.get("/v1/models", headers={"host": "api.example"})).status_code == 200
+        for host in ("localhost:8000", "127.0.0.1:8000", "[::1]:8000"):
+            r = await client.post("/v1/chat/completions", headers={"host": host, "origin": f"http://{host}"})
+            assert r.status_code == 200, host
+    async with _client(("https://dash.example",), local=True) as client:  # a proxy's name, allowed
+        r = await client.get("/dashboard", headers={"host": "dash.example", "sec-fetch-mode": "navigate"})
+        assert r.status_code == 200
+    async with _client(local=False) as client:  # listening on every address: names are the network's business
+        assert (
+            await client.get("/v1/models", headers={"host": "evil.example", "sec-fetch-mode": "cors"})
+        ).status_code == 200
 
 
 def test_origins_as_vllm_spells_them() -> None:

@@ -65,7 +65,7 @@ def run_gateway(config: RouterConfig, endpoints=None, log_level: str = "warning"
     """Serve the gateway until Ctrl-C or SIGTERM (then it drains: agora.http_server); ``discover`` (agora.cluster)
     keeps its endpoint set current. ``sock``: a socket already bound to the gateway's address (held while
     replicas start, so nothing takes the port)."""
-    from agora.http_server import HEAD_SLACK, CrossOrigin, draining_server
+    from agora.http_server import HEAD_SLACK, CrossOrigin, draining_server, loopback_name
     from agora.router.gateway import Gateway
 
     app = Gateway(config, endpoints, config_path, discover)
@@ -74,7 +74,7 @@ def run_gateway(config: RouterConfig, endpoints=None, log_level: str = "warning"
     # Open dashboard feeds never end by themselves: they end at the signal, or shutting down waits for them.
     options: dict[str, Any] = {"log_level": log_level, "lifespan": "on", "client_timeout_s": s.client_timeout_s,
                                "max_head_bytes": s.max_header_bytes + HEAD_SLACK}  # the 431 is the gateway's  # fmt: skip
-    served = CrossOrigin(app, s.allowed_origins)  # pages of other sites: refused unless allowed (CORS)
+    served = CrossOrigin(app, s.allowed_origins, local=loopback_name(s.host))  # other sites' pages: refused
     if sock is None:
         draining_server(served, s.shutdown_timeout_s, app.end_requests, app.closing, host=s.host, port=s.port,
                         **options).run()  # fmt: skip

@@ -26,7 +26,7 @@ import agora
 from agora import envs
 from agora.config import ServerConfig
 from agora.engine.client import EngineClient
-from agora.http_server import CrossOrigin
+from agora.http_server import CrossOrigin, loopback_name
 from agora.openai.common import DEEP_JSON, error_words, telling_error
 from agora.openai.errors import APIError, bad_request
 from agora.openai.messages import anthropic_error
@@ -186,5 +186,5 @@ def build_app(engine: EngineClient, config: ServerConfig | None = None) -> FastA
     app.add_middleware(BodyGuard, max_bytes=config.max_body_bytes)
     app.add_middleware(APIKeyGuard, api_key=config.api_key)  # runs before any body is read
     # added last, so it runs first: a browser's preflight carries no key, and another site's page is refused
-    app.add_middleware(CrossOrigin, allowed=config.allowed_origins)
+    app.add_middleware(CrossOrigin, allowed=config.allowed_origins, local=loopback_name(config.host))
     return app
