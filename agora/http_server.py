@@ -222,6 +222,8 @@ class CrossOrigin:
                    (b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
                    (b"access-control-allow-headers", wanted), (b"access-control-max-age", b"600"),
                    (b"content-length", b"0")]  # fmt: skip
+            if headers.get(b"access-control-request-private-network") == b"true":  # a public page to this machine
+                out.append((b"access-control-allow-private-network", b"true"))  # (Chrome's Private Network Access)
             await send({"type": "http.response.start", "status": 204, "headers": out})
             await send({"type": "http.response.body", "body": b""})
             return

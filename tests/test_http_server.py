@@ -190,6 +190,10 @@ async def test_allowed_origins_get_cors() -> None:
         assert r.headers["access-control-allow-origin"] == "https://app.example"
         assert r.headers["access-control-allow-headers"] == "authorization, content-type, x-stainless-lang"
         assert "POST" in r.headers["access-control-allow-methods"]
+        assert "access-control-allow-private-network" not in r.headers
+        r = await client.options("/v1/models", headers={"origin": "https://app.example", "access-control-request-method":
+                                 "GET", "access-control-request-private-network": "true"})  # fmt: skip
+        assert r.headers["access-control-allow-private-network"] == "true"  # a public page to a local server
         r = await client.post("/v1/chat/completions", headers={"origin": "https://app.example"})
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
         assert r.headers["access-control-expose-headers"] == "x-agora-endpoint" and r.headers["vary"] == "Origin"
