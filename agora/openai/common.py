@@ -70,6 +70,20 @@ def surrogate_error(path: str) -> str:
             "other half), which is not text; send whole characters")  # fmt: skip
 
 
+def not_json_type(content_type: bytes | None) -> str | None:
+    """The content type of a body sent as something other than JSON (a form, text), or None when it is JSON
+    or unnamed (read as JSON, as FastAPI does)."""
+    kind = (content_type or b"").split(b";")[0].strip().lower().decode("latin-1")
+    if not kind or kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json")):
+        return None
+    return kind
+
+
+def not_json_error(kind: str) -> str:
+    return (f"the request body must be JSON, sent with content-type: application/json (it came as {kind[:100]}; "
+            "with curl, add -H 'content-type: application/json')")  # fmt: skip
+
+
 DEEP_JSON = "the request body nests too deeply to read (about 1000 levels at most)"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agora.openai.common import lone_surrogate, surrogate_error
+from agora.openai.common import lone_surrogate, not_json_error, not_json_type, surrogate_error
 from agora.openai.errors import APIError, bad_request, bearer_token_matches
 from agora.openai.messages import anthropic_error
 
@@ -15,9 +15,10 @@ def error_response(exc: APIError) -> JSONResponse:
 
 
 class BodyGuard:
-    """Refuse request bodies over ``max_bytes`` with 413, whether or not they declare a length, and a JSON body
-    holding half a UTF-16 surrogate pair with a 400 that names the parameter (it is not text: the tokenizer
-    would fail on it deep inside the request). Each refusal in the API's own shape."""
+    """Refuse request bodies over ``max_bytes`` with 413, whether or not they declare a length; a body sent as
+    something other than JSON (a form, text) with 415; and a JSON body holding half a UTF-16 surrogate pair
+    with a 400 that names the parameter (it is not text: the tokenizer would fail on it deep inside the
+    request). Each refusal in the API's own shape."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -34,11 +35,15 @@ class BodyGuard:
                 return JSONResponse(body, status)
             return error_response(error)
 
-        for name, value in scope.get("headers", []):
-            if name == b"content-length" and (not value.isdigit() or int(value) > self.max_bytes):
-                error = APIError(413, f"request body exceeds {self.max_bytes} bytes", code="request_too_large")
-                await refusal(error)(scope, receive, send)
-                return
+        headers = dict(scope.get("headers", []))
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            error = APIError(413, f"request body exceeds {self.max_bytes} bytes", code="request_too_large")
+            await refusal(error)(scope, receive, send)
+            return
+        if length != b"0" and (kind := not_json_type(headers.get(b"content-type"))) is not None:
+            await refusal(APIError(415, not_json_error(kind), code="unsupported_media_type"))(scope, receive, send)
+            return
         # Read it here, within the limit (a chunked upload declares none), then replay it.
         body = bytearray()
         while True:
@@ -55,6 +60,8 @@ class BodyGuard:
         if (path := lone_surrogate(bytes(body))) is not None:
             await refusal(bad_request(path, surrogate_error(path)))(scope, receive, send)
             return
+        if body and b"content-type" not in headers:  # unnamed: read as JSON, as the gateway does
+            scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
         replayed = False
 
         async def replay() -> Message:

@@ -234,6 +234,9 @@ def test_bad_requests_and_api_key(procs: Procs) -> None:
     assert resp.status_code == 400 and "not valid JSON" in resp.json()["error"]["message"]
     resp = httpx.post(f"{gw.url}/v1/chat/completions", json=[1], headers=auth)
     assert resp.status_code == 400
+    form = {**auth, "content-type": "application/x-www-form-urlencoded"}  # curl -d without -H
+    resp = httpx.post(f"{gw.url}/v1/chat/completions", content=b'{"model": "m", "messages": []}', headers=form)
+    assert resp.status_code == 415 and "content-type: application/json" in resp.json()["error"]["message"]
     resp = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": 3}, headers=auth)
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "model"
     resp = httpx.post(f"{gw.url}/v1/chat/completions", content=b'{"a": ' + b"[" * 1500 + b"]" * 1500 + b"}",

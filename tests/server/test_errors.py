@@ -258,6 +258,15 @@ def test_invalid_json_and_wrong_content(server):
     }
     r = httpx.post(f"{server.url}{COMP}", content=b"\xff\xfe\x00", headers={"content-type": "application/json"})
     assert r.status_code == 400
+    # curl -d without -H sends a form: said so, with the fix
+    body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 1}).encode()
+    r = httpx.post(f"{server.url}{COMP}", content=body, headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415 and "content-type: application/json" in r.json()["error"]["message"], r.text
+    r = httpx.post(f"{server.url}/v1/messages", content=body, headers={"content-type": "text/plain"})
+    assert r.status_code == 415 and r.json()["type"] == "error"  # Anthropic's shape
+    for fine in ("application/json; charset=utf-8", "application/vnd.api+json", None):  # unnamed: read as JSON
+        headers = {"content-type": fine} if fine else {}
+        assert httpx.post(f"{server.url}{COMP}", content=body, headers=headers, timeout=30).status_code == 200, fine
 
 
 def test_bodies_no_reader_can_take_are_400s_that_say_why(server):
