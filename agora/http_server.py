@@ -1,6 +1,6 @@
 """The uvicorn server that `agora serve` (the engine server) and `agora route` (the gateway) both run.
 
-Two things uvicorn does not do by itself:
+Three things uvicorn does not do by itself:
 
 - **It drains.** On SIGTERM or Ctrl-C it refuses new connections, lets the requests in flight run for a while,
   then asks the application to end what is still running, so that each such request ends with an error in its
@@ -11,6 +11,9 @@ Two things uvicorn does not do by itself:
   (request line and headers) may take at most ``max_head_bytes`` (431 beyond), a new connection or request must
   complete its head within ``client_timeout_s``, and its body may pause no longer than that (408, connection
   closed). Once a request is read, nothing is timed: an answer may take as long as it takes.
+- **It keeps other sites' pages out** (``CrossOrigin``, the apps' outermost layer): a browser lets any page post
+  to a server on this machine; here only the server's own pages and the origins it allows may change anything,
+  and the allowed ones get CORS.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, field_validator, model_validator
 
-from agora.openai.errors import bad_request
+from agora.openai.errors import APIError, bad_request
 
 # Bounds on what a client controls in the structured-output fields (bytes of JSON or text).
 MAX_SCHEMA_BYTES = 64 << 10
@@ -87,8 +87,11 @@ def not_json_error(kind: str) -> str:
 DEEP_JSON = "the request body nests too deeply to read (about 1000 levels at most)"
 
 
-def json_object(body: bytes) -> dict[str, Any]:
-    """A request body that must be one JSON object, or the APIError (400) that says why it is not."""
+def json_object(body: bytes, content_type: bytes | None = None) -> dict[str, Any]:
+    """A request body that must be one JSON object, or the APIError that says why it is not: 415 for a body
+    sent as something other than JSON (``content_type``, when given), 400 for any other fault."""
+    if body and (kind := not_json_type(content_type)) is not None:
+        raise APIError(415, not_json_error(kind), code="unsupported_media_type")
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):

@@ -35,7 +35,7 @@ from typing import Any
 import aiohttp
 
 import agora
-from agora.openai.common import json_object, not_json_error, not_json_type
+from agora.openai.common import json_object
 from agora.openai.errors import APIError, error_body
 from agora.openai.messages import Reply, anthropic_error
 from agora.openai.stream import stream_error
@@ -629,10 +629,7 @@ class Gateway:
     async def _classify(self, headers: dict[bytes, bytes], receive: Any, send: Any) -> None:
         if self.semantic is None:
             raise APIError(404, "semantic routing is not configured (no semantic: section)", "not_found_error")
-        body = await self.read_body(headers, receive)
-        if body and (kind := not_json_type(headers.get(b"content-type"))) is not None:
-            raise APIError(415, not_json_error(kind), code="unsupported_media_type")
-        data = json_object(body)
+        data = json_object(await self.read_body(headers, receive), headers.get(b"content-type"))
         semantic = self.semantic
         await send_json(send, 200, await asyncio.to_thread(semantic.classify, data))
 

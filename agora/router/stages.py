@@ -11,7 +11,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from agora.openai.common import json_object, lone_surrogate, not_json_error, not_json_type, surrogate_error
+from agora.openai.common import json_object, lone_surrogate, surrogate_error
 from agora.openai.errors import APIError
 from agora.router.governance.audit import new_record
 from agora.router.governance.meter import UsageMeter
@@ -93,9 +93,7 @@ class AdmitStage(Stage):
         gw = self.gw
         ctx.body = await gw.read_body(ctx.headers, ctx.receive)
         ctx.watch_disconnect()
-        if ctx.body and (kind := not_json_type(ctx.headers.get(b"content-type"))) is not None:
-            raise APIError(415, not_json_error(kind), code="unsupported_media_type")
-        data = json_object(ctx.body)
+        data = json_object(ctx.body, ctx.headers.get(b"content-type"))
         if (where := lone_surrogate(ctx.body, data)) is not None:  # not text: no stage and no model could read it
             raise APIError(400, surrogate_error(where), param=where)
         model = data.get("model")
