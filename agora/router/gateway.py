@@ -76,7 +76,7 @@ _CACHEABLE_FINISH = ("stop", "length", "tool_calls")  # answers that ran to a na
 _MAX_METERED_BYTES = 8 << 20  # a JSON answer larger than this is counted from its deltas' estimate only
 _MAX_TARPITS = 256  # clients held back at once for sending wrong keys
 _MAX_CHAINS = 100_000  # response ids remembered for previous_response_id affinity
-_SHUTTING_DOWN = "the gateway is shutting down; retry the request"
+_SHUTTING_DOWN = "the server is shutting down; retry the request"  # the engines say the same
 
 
 class _Send:

@@ -313,7 +313,7 @@ def test_sigterm_ends_what_outlasts_the_drain_in_its_api_shape(procs: Procs) -> 
     assert metric_when(gw.url, "agora_gateway_endpoint_in_flight", 'endpoint="a"', want=4) == 4
     t0 = time.monotonic()
     gw.proc.send_signal(signal.SIGTERM)
-    with pytest.raises(openai.APIError, match="the gateway is shutting down; retry the request"):
+    with pytest.raises(openai.APIError, match="the server is shutting down; retry the request"):
         for _ in sdk_stream:  # the SDK raises the error event: the stream did not just stop
             pass
     assert done.wait(30)
@@ -321,7 +321,7 @@ def test_sigterm_ends_what_outlasts_the_drain_in_its_api_shape(procs: Procs) -> 
     for lines in (chat_lines, completion_lines):
         assert isinstance(lines, list) and "[DONE]" not in lines, lines
         error = json.loads(lines[-1])["error"]
-        assert error == {"message": "the gateway is shutting down; retry the request", "type": "server_error",
+        assert error == {"message": "the server is shutting down; retry the request", "type": "server_error",
                          "param": None, "code": "shutting_down"}  # fmt: skip
     assert answer.status_code == 503, answer.text
     assert answer.json()["error"]["type"] == "service_unavailable" and answer.json()["error"]["code"] == "shutting_down"
