@@ -43,15 +43,15 @@ def sse_named(event: dict[str, Any]) -> str:
     return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
 
 
-def stream_error(api: str, message: str, code: str = "upstream_error") -> str:
+def stream_error(api: str, message: str, code: str = "upstream_error", sequence_number: int = 0) -> str:
     """The event that ends a stream which cannot go on, in each API's own shape: chat and completions
     (an ``error`` object, which the openai SDK raises), Responses (an ``error`` event), Messages (Anthropic's
-    ``error`` event, which the anthropic SDK raises)."""
+    ``error`` event, which the anthropic SDK raises). ``sequence_number``: a Responses stream's next."""
     if api == "messages":
         return sse_named({"type": "error", "error": {"type": "api_error", "message": message}})
     if api == "responses":
         return sse_named({"type": "error", "code": "server_error", "message": message, "param": None,
-                          "sequence_number": 0})  # fmt: skip
+                          "sequence_number": sequence_number})  # fmt: skip
     return sse({"error": {"message": message, "type": "server_error", "param": None, "code": code}})
 
 

@@ -46,7 +46,7 @@ from agora.router.config import ConfigError, RouterConfig, load_config
 from agora.router.dashboard import Dashboard
 from agora.router.endpoints import Endpoint, EndpointPool
 from agora.router.governance.fairness import FairQueue
-from agora.router.governance.meter import EventSplitter, api_of
+from agora.router.governance.meter import EventSplitter, UsageMeter, api_of
 from agora.router.governance.runtime import Governance, Identity, is_loopback
 from agora.router.governance.store import Limits
 from agora.router.metrics import GatewayMetrics
@@ -77,6 +77,10 @@ _MAX_METERED_BYTES = 8 << 20  # a JSON answer larger than this is counted from i
 _MAX_TARPITS = 256  # clients held back at once for sending wrong keys
 _MAX_CHAINS = 100_000  # response ids remembered for previous_response_id affinity
 _SHUTTING_DOWN = "the server is shutting down; retry the request"  # the engines say the same
+
+
+def _next_sequence(meter: UsageMeter | None) -> int:
+    return meter.next_sequence if meter is not None else 0
 
 
 class _Send:
@@ -548,8 +552,8 @@ class Gateway:
             except asyncio.CancelledError:
                 if not ctx.ended_by_shutdown or ctx.client_gone or splitter is None:
                     raise  # a whole body cut short stays broken: the client must not take it for complete
-                await send({"type": "http.response.body", "body": stream_error(api_of(ctx.path), _SHUTTING_DOWN,
-                                                                      "shutting_down").encode(), "more_body": False})  # fmt: skip
+                event = stream_error(api_of(ctx.path), _SHUTTING_DOWN, "shutting_down", _next_sequence(meter))
+                await send({"type": "http.response.body", "body": event.encode(), "more_body": False})
                 return
             except (TimeoutError, aiohttp.ClientError) as exc:
                 # Bytes already went out: no retry. An event stream ends with an error event in its API's
@@ -561,7 +565,7 @@ class Gateway:
                 ctx.reason = "upstream_broke"
                 if splitter is not None:
                     event = stream_error(api_of(ctx.path), f"the model server {ep.name} stopped mid-answer; "
-                                                           "retry the request")  # fmt: skip
+                                         "retry the request", sequence_number=_next_sequence(meter))  # fmt: skip
                     await send({"type": "http.response.body", "body": event.encode(), "more_body": False})
                 return
             await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -113,10 +113,21 @@ class FakeOpenAI:
             self.running -= 1
 
     async def _agent_api(self, req: dict[str, Any], send: Any, path: str) -> None:
-        """A whole (non-streamed) answer in the Responses or the Anthropic Messages shape, its text our name."""
+        """A whole answer in the Responses or the Anthropic Messages shape, its text our name; a Responses stream:
+        numbered events, ``--tokens`` deltas ``--delay-ms`` apart, never completed (what a cut stream looks like)."""
         self.stats["last_body"] = req
         self.stats["served"] += 1
-        if path == "/v1/responses":
+        if path == "/v1/responses" and req.get("stream"):
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream")]})  # fmt: skip
+            events = [{"type": "response.created"}, {"type": "response.in_progress"}]
+            events += [{"type": "response.output_text.delta", "delta": "."} for _ in range(self.tokens)]
+            for seq, event in enumerate(events):
+                body = f"event: {event['type']}\ndata: {json.dumps({**event, 'sequence_number': seq})}\n\n"
+                await send({"type": "http.response.body", "body": body.encode(), "more_body": True})
+                await asyncio.sleep(self.delay)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        elif path == "/v1/responses":
             await _json(send, 200, {"id": "resp_x", "object": "response", "created_at": int(time.time()),
                                     "status": "completed", "model": req.get("model"), "output": [
                                         {"type": "message", "id": "msg_x", "role": "assistant", "status": "completed",

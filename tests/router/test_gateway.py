@@ -305,19 +305,23 @@ def test_sigterm_ends_what_outlasts_the_drain_in_its_api_shape(procs: Procs) -> 
     a = procs.fake("a", tokens=1000, delay_ms=50)  # 50 s a stream, or a whole answer
     gw = procs.gateway({"endpoints": endpoints(("a", a)), "gateway": {"shutdown_timeout_s": 1}})
     whole = ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    responses = ("/v1/responses", {"model": "m", "input": "hi", "stream": True})
     results, done = requests_in_flight(gw.url, [_stream_body("/v1/chat/completions"),
-                                                _stream_body("/v1/completions"), whole])  # fmt: skip
+                                                _stream_body("/v1/completions"), whole, responses])  # fmt: skip
     client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0)
     sdk_stream = client.chat.completions.create(model="m", messages=whole[1]["messages"], stream=True)
     next(iter(sdk_stream))
-    assert metric_when(gw.url, "agora_gateway_endpoint_in_flight", 'endpoint="a"', want=4) == 4
+    assert metric_when(gw.url, "agora_gateway_endpoint_in_flight", 'endpoint="a"', want=5) == 5
     t0 = time.monotonic()
     gw.proc.send_signal(signal.SIGTERM)
     with pytest.raises(openai.APIError, match="the server is shutting down; retry the request"):
         for _ in sdk_stream:  # the SDK raises the error event: the stream did not just stop
             pass
     assert done.wait(30)
-    chat_lines, completion_lines, answer = results
+    chat_lines, completion_lines, answer, response_events = results
+    last = json.loads(response_events[-1])  # the Responses API's error event, numbered after what came before
+    assert last["type"] == "error" and last["message"] == "the server is shutting down; retry the request"
+    assert last["sequence_number"] == json.loads(response_events[-2])["sequence_number"] + 1 > 2
     for lines in (chat_lines, completion_lines):
         assert isinstance(lines, list) and "[DONE]" not in lines, lines
         error = json.loads(lines[-1])["error"]

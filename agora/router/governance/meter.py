@@ -36,6 +36,7 @@ class UsageMeter:
         self.first_delta: float | None = None  # perf_counter() when the first piece of output went by
         self.text: list[str] = []
         self._text_len = 0
+        self.next_sequence = 0  # a Responses stream's: what an event the gateway adds (an error) is numbered
 
     # -- a stream ----------------------------------------------------------------------
 
@@ -75,6 +76,8 @@ class UsageMeter:
             return True
         kind = obj.get("type")
         if api == "responses":
+            if type(seq := obj.get("sequence_number")) is int:
+                self.next_sequence = seq + 1
             if kind in ("response.completed", "response.incomplete", "response.failed"):
                 usage = (obj.get("response") or {}).get("usage")
                 if isinstance(usage, dict):
