@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from agora import envs
-from agora.config import parse_aliases
+from agora.config import parse_aliases, parse_origins
 from agora.router.config import SHIPPED_PROFILES, ConfigError, EndpointSpec, RouterConfig, load_config, parse_config
 
 
@@ -32,7 +32,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=None, metavar="SECONDS",
                    help="on SIGTERM, how long requests in flight may run before they end with an error in their "
                         "API's shape (default 30)")  # fmt: skip
+    p.add_argument("--client-timeout", type=float, default=None, metavar="SECONDS",
+                   help="how long a client may take to send a request's headers, and the longest pause in its "
+                        "body (default 60)")  # fmt: skip
+    p.add_argument("--allowed-origins", type=_origins, default=None, metavar="JSON",
+                   help='browser pages from these origins may call the gateway (CORS), e.g. \'["https://app.example.com"]\' '
+                        "or '[\"*\"]'; default none")  # fmt: skip
     p.add_argument("--uvicorn-log-level", default="warning")
+
+
+def _origins(text: str) -> list[str]:
+    try:
+        return list(parse_origins(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_config(args: argparse.Namespace) -> RouterConfig:
@@ -42,8 +55,8 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
     data["endpoints"] = [*data.get("endpoints", []), *(EndpointSpec(url=u).model_dump(exclude_unset=True)
                                                       for u in args.endpoint)]  # fmt: skip
     gateway = data.setdefault("gateway", {})
-    for key, flag in (("host", "host"), ("port", "port"), ("api_key", "api_key"),
-                      ("shutdown_timeout_s", "shutdown_timeout")):  # fmt: skip
+    for key, flag in (("host", "host"), ("port", "port"), ("api_key", "api_key"), ("allowed_origins", "allowed_origins"),
+                      ("shutdown_timeout_s", "shutdown_timeout"), ("client_timeout_s", "client_timeout")):  # fmt: skip
         if getattr(args, flag, None) is not None:
             gateway[key] = getattr(args, flag)
     if gateway.get("api_key") is None:

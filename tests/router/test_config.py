@@ -111,3 +111,23 @@ def test_gateway_key_comes_from_the_flag_then_the_config_then_the_environment(tm
     assert key(*plain) == "-from-env"
     assert key("route", "--config", str(with_key)) == "from-config"
     assert key("route", "--config", str(with_key), "--api-key", "from-flag") == "from-flag"
+
+
+def test_route_flags_override_the_gateway_section(tmp_path) -> None:
+    import argparse
+
+    from agora.router.cli import add_parser, build_config
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    path = tmp_path / "router.yaml"
+    path.write_text("endpoints: [{url: 'http://127.0.0.1:8001/v1'}]\n"
+                    "gateway: {allowed_origins: ['https://a.example'], client_timeout_s: 30, shutdown_timeout_s: 5}\n")  # fmt: skip
+    g = build_config(parser.parse_args(["route", "--config", str(path)])).gateway
+    assert (g.allowed_origins, g.client_timeout_s, g.shutdown_timeout_s) == (["https://a.example"], 30, 5)
+    g = build_config(parser.parse_args(["route", "--config", str(path), "--allowed-origins", '["*"]',
+                                        "--client-timeout", "9", "--shutdown-timeout", "0"])).gateway  # fmt: skip
+    assert (g.allowed_origins, g.client_timeout_s, g.shutdown_timeout_s) == (["*"], 9, 0)
+    with pytest.raises(ConfigError, match="allowed origin 'https://a.example/x'"):
+        parse_config({"endpoints": [{"url": "http://x:1/v1"}], "gateway": {"allowed_origins": ["https://a.example/x"]}},
+                     "router.yaml")  # fmt: skip
