@@ -137,6 +137,7 @@ def draining_server(app: Any, drain_s: float, end_requests: Callable[[], None],
 # -- browsers from other sites ---------------------------------------------------------------------------------
 
 _SAFE_METHODS = ("GET", "HEAD")
+_MAX_TOLD = 100  # refused origins logged (a page that tries again, or many pages, do not flood the log)
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
 
 
@@ -196,6 +197,7 @@ class CrossOrigin:
         self.any = "*" in self.allowed
         self.local = local and not self.any
         self.hosts = {_netloc(*o.split("://", 1)) for o in self.allowed if "://" in o}
+        self._told: set[str] = set()  # origins whose refusal was logged
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -252,8 +254,12 @@ class CrossOrigin:
         host = headers.get(b"host", b"localhost").decode("latin-1")
         return loopback_name(host) or any(_netloc(s, host) in self.hosts for s in ("http", "https"))
 
-    @staticmethod
-    async def _refuse(scope: dict[str, Any], send: Any, origin: str | None, host: str = "") -> None:
+    async def _refuse(self, scope: dict[str, Any], send: Any, origin: str | None, host: str = "") -> None:
+        who = origin or f"a page under the name {host[:200]!r}"
+        if who not in self._told and len(self._told) < _MAX_TOLD:  # the page's own console shows only "CORS error"
+            self._told.add(who)
+            logger.warning("refused %s %s from %s (not in --allowed-origins; each origin is logged once)",
+                           scope["method"], scope["path"][:200], who[:200])  # fmt: skip
         if origin is None:
             message = (f"this server listens on this machine only, and {host[:200]!r} is not one of its names: a "
                        "page may not reach it under another name; a proxy in front that keeps its own name: list "

@@ -155,7 +155,7 @@ def _client(allowed: tuple[str, ...] = (), local: bool = False):  # noqa: ANN202
     return httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000")
 
 
-async def test_another_sites_page_may_not_change_anything() -> None:
+async def test_another_sites_page_may_not_change_anything(caplog: pytest.LogCaptureFixture) -> None:
     async with _client() as client:
         # what any page can send without asking first: a text POST, with the page's origin
         r = await client.post("/admin/reload", content=b"{}", headers={"origin": "https://evil.example",
@@ -179,6 +179,13 @@ async def test_another_sites_page_may_not_change_anything() -> None:
         r = await client.post("/dashboard/login", headers={"origin": "http://127.0.0.1:8000"})
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
         assert (await client.post("/v1/chat/completions")).status_code == 200
+    # the page's console shows only a CORS error: the server's log says why, once per origin
+    told = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused ")]
+    assert (
+        told[0]
+        == "refused POST /admin/reload from https://evil.example (not in --allowed-origins; each origin is logged once)"
+    )
+    assert len(told) == 3  # evil.example (three times refused), null, a cross-site page without an Origin
 
 
 async def test_allowed_origins_get_cors() -> None:
