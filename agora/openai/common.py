@@ -65,9 +65,10 @@ def lone_surrogate(body: bytes, data: Any = None) -> str | None:
     return None
 
 
-def surrogate_error(path: str) -> str:
-    return (f"{path}: holds half of a UTF-16 surrogate pair (an escape between \\ud800 and \\udfff without its "
-            "other half), which is not text; send whole characters")  # fmt: skip
+def surrogate_error(path: str) -> APIError:
+    """The 400 for the parameter ``lone_surrogate`` found."""
+    return bad_request(path, f"{path}: holds half of a UTF-16 surrogate pair (an escape between \\ud800 and "
+                             "\\udfff without its other half), which is not text; send whole characters")  # fmt: skip
 
 
 def not_json_type(content_type: bytes | None) -> str | None:
@@ -79,9 +80,11 @@ def not_json_type(content_type: bytes | None) -> str | None:
     return kind
 
 
-def not_json_error(kind: str) -> str:
-    return (f"the request body must be JSON, sent with content-type: application/json (it came as {kind[:100]}; "
-            "with curl, add -H 'content-type: application/json')")  # fmt: skip
+def not_json_error(kind: str) -> APIError:
+    """The 415 for a body sent as ``kind`` (what ``not_json_type`` found)."""
+    return APIError(415, f"the request body must be JSON, sent with content-type: application/json (it came as "
+                         f"{kind[:100]}; with curl, add -H 'content-type: application/json')",
+                    code="unsupported_media_type")  # fmt: skip
 
 
 DEEP_JSON = "the request body nests too deeply to read (about 1000 levels at most)"
@@ -91,7 +94,7 @@ def json_object(body: bytes, content_type: bytes | None = None) -> dict[str, Any
     """A request body that must be one JSON object, or the APIError that says why it is not: 415 for a body
     sent as something other than JSON (``content_type``, when given), 400 for any other fault."""
     if body and (kind := not_json_type(content_type)) is not None:
-        raise APIError(415, not_json_error(kind), code="unsupported_media_type")
+        raise not_json_error(kind)
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):

@@ -95,7 +95,7 @@ class AdmitStage(Stage):
         ctx.watch_disconnect()
         data = json_object(ctx.body, ctx.headers.get(b"content-type"))
         if (where := lone_surrogate(ctx.body, data)) is not None:  # not text: no stage and no model could read it
-            raise APIError(400, surrogate_error(where), param=where)
+            raise surrogate_error(where)
         model = data.get("model")
         if model is not None and not isinstance(model, str):
             raise APIError(400, "model must be a string", param="model")

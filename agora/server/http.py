@@ -6,7 +6,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agora.openai.common import lone_surrogate, not_json_error, not_json_type, surrogate_error
-from agora.openai.errors import APIError, bad_request, bearer_token_matches
+from agora.openai.errors import APIError, bearer_token_matches
 from agora.openai.messages import anthropic_error
 
 
@@ -35,14 +35,14 @@ class BodyGuard:
                 return JSONResponse(body, status)
             return error_response(error)
 
+        too_big = APIError(413, f"request body exceeds {self.max_bytes} bytes", code="request_too_large")
         headers = dict(scope.get("headers", []))
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            error = APIError(413, f"request body exceeds {self.max_bytes} bytes", code="request_too_large")
-            await refusal(error)(scope, receive, send)
+            await refusal(too_big)(scope, receive, send)
             return
         if length != b"0" and (kind := not_json_type(headers.get(b"content-type"))) is not None:
-            await refusal(APIError(415, not_json_error(kind), code="unsupported_media_type"))(scope, receive, send)
+            await refusal(not_json_error(kind))(scope, receive, send)
             return
         # Read it here, within the limit (a chunked upload declares none), then replay it.
         body = bytearray()
@@ -52,13 +52,13 @@ class BodyGuard:
                 return  # client went away
             body += message.get("body", b"")
             if len(body) > self.max_bytes:
-                error = APIError(413, f"request body exceeds {self.max_bytes} bytes", code="request_too_large")
-                await refusal(error)(scope, receive, send)
+                await refusal(too_big)(scope, receive, send)
                 return
             if not message.get("more_body", False):
                 break
-        if (path := lone_surrogate(bytes(body))) is not None:
-            await refusal(bad_request(path, surrogate_error(path)))(scope, receive, send)
+        whole = bytes(body)
+        if (path := lone_surrogate(whole)) is not None:
+            await refusal(surrogate_error(path))(scope, receive, send)
             return
         if body and b"content-type" not in headers:  # unnamed: read as JSON, as the gateway does
             scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
@@ -68,7 +68,7 @@ class BodyGuard:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
+                return {"type": "http.request", "body": whole, "more_body": False}
             return await receive()
 
         await self.app(scope, replay, send)
