@@ -30,6 +30,11 @@ POLICY = "agora.cluster.autoscale:engine_load_policy"
 # Serve's replicas report their request metrics every 100 ms by default; agora's requests never pass
 # through Serve, so those metrics are empty, and the loop is CPU the engines do not get on a small machine.
 QUIET = {"RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "2000"}
+# Every Ray head node offers this resource. The registry and the ingress reserve no CPU, so Serve would spread
+# them over any node; on a worker they die with it, and the gateways lose the replica list (and `agora status`
+# its answer) until Serve has restarted them elsewhere and every replica has registered again. The head outlives
+# every worker: a cluster ends with it.
+ON_HEAD = {"node:__internal_head__": 0.001}
 
 
 @dataclass(frozen=True)
@@ -147,9 +152,10 @@ class AgoraApp:
 
 def build(deployments: list[ModelDeployment], cluster: ClusterConfig, key: str,
           gateway_json: str | None = None, gateway_resource: str | None = None) -> Any:  # fmt: skip
-    """The application. With ``gateway_resource`` the ingress (and so the gateway) is placed on the node that
-    offers that custom resource (under KubeRay: the head pod, where the gateway's Service points)."""
-    quiet = {"num_cpus": 0, "runtime_env": {"env_vars": QUIET}}
+    """The application. The registry and the ingress run on the head node; with ``gateway_resource`` the
+    ingress (and so the gateway) is placed on the node that offers that custom resource instead (under KubeRay:
+    the head pod, where the gateway's Service points)."""
+    quiet = {"num_cpus": 0, "resources": ON_HEAD, "runtime_env": {"env_vars": QUIET}}
     registry = Registry.options(ray_actor_options=quiet).bind()
     engines = [_engine(d, cluster, key, registry) for d in deployments]
     ingress = AgoraApp.options(ray_actor_options=quiet)

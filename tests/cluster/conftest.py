@@ -135,3 +135,14 @@ def start_app(ray_cluster: RayCluster, tmp_path: Path, app_name: str, *flags: st
             pass
         assert time.monotonic() < deadline, "the gateway did not come up:\n" + app.tail()
         time.sleep(0.5)
+
+
+def control_actors(app_name: str) -> dict[str, tuple[str, bool]]:
+    """The app's Registry and AgoraApp replicas that are alive: class name -> (actor id, on the head node)."""
+    heads = {n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"]}
+    out = {}
+    for actor_id, a in ray._private.state.actors().items():  # no dashboard in the test cluster: ask the GCS
+        for name in ("Registry", "AgoraApp"):
+            if a["State"] == "ALIVE" and a["ActorClassName"] == f"ServeReplica:{app_name}:{name}":
+                out[name] = (actor_id, a["Address"]["NodeID"] in heads)
+    return out

@@ -12,7 +12,7 @@ import openai
 import pytest
 import ray
 
-from tests.cluster.conftest import SERVED, App, RayCluster, start_app
+from tests.cluster.conftest import SERVED, App, RayCluster, control_actors, start_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -127,6 +127,9 @@ def test_killed_replica_loses_no_request_and_comes_back(app: App) -> None:
 
 def test_killed_worker_node_loses_no_request(app: App, ray_cluster: RayCluster) -> None:
     app.wait_replicas(2)
+    control = control_actors(app.app_name)
+    # the registry and the ingress hold no CPU: Serve would spread them, and a worker's death would take them along
+    assert control == {name: (control[name][0], True) for name in ("Registry", "AgoraApp")}
     with Load(app.url) as load:
         load.wait_ok(6)
         ray_cluster.replace_worker()  # the node dies with its replica; a fresh node joins
@@ -134,3 +137,4 @@ def test_killed_worker_node_loses_no_request(app: App, ray_cluster: RayCluster) 
         rows = app.wait_replicas(2, timeout=240)
         assert len({r["node_id"] for r in rows}) == 2
     assert load.outcomes["failed"] == 0, f"{load.failures}\n{app.tail()}"
+    assert control_actors(app.app_name) == control  # never restarted
