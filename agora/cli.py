@@ -131,8 +131,8 @@ def run_server(config: ServeConfig, log_level: str = "warning") -> int:
         asyncio.get_running_loop().run_in_executor(None, async_engine.shutdown)  # engine thread: not on the loop
 
     draining_server(app, server.shutdown_timeout_s, end_requests, host=server.host, port=server.port,
-                    log_level=log_level, max_head_bytes=ENGINE_HEAD_BYTES,
-                    client_timeout_s=server.client_timeout_s).run()  # fmt: skip
+                    log_level=log_level, max_head_bytes=ENGINE_HEAD_BYTES, client_timeout_s=server.client_timeout_s,
+                    refused=app.state.metrics.refused).run()  # fmt: skip
     return 0
 
 

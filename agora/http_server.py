@@ -33,6 +33,16 @@ logger = logging.getLogger("agora")
 MARGIN_S = 10.0  # past the drain: the ended requests' last events go out, then uvicorn cancels what is left
 ENGINE_HEAD_BYTES = 64 << 10  # an engine server's request head (the gateway's follows its max_header_bytes)
 HEAD_SLACK = 16 << 10  # the request line and separators, beyond the headers' own limit (checked by the apps)
+# What this layer refuses before any application sees the request, as counted in each server's /metrics (by the
+# ``refused`` callback): a head too large (431) or too slow (408), a body that stalled (closed), another site's
+# page (403) or a page under a name that is not this machine's (403).
+REFUSALS = ("request_header_fields_too_large", "request_timeout", "body_timeout", "origin_not_allowed",
+            "host_not_allowed")  # fmt: skip
+Refused = Callable[[str], None]
+
+
+def _ignore(reason: str) -> None:
+    pass
 
 
 def _refusal(status: int, reason: str, message: str, code: str) -> bytes:
@@ -43,15 +53,16 @@ def _refusal(status: int, reason: str, message: str, code: str) -> bytes:
     return head.encode("latin-1") + body
 
 
-def guarded_protocol(max_head_bytes: int, client_timeout_s: float,
-                     base: type[asyncio.Protocol] = AutoHTTPProtocol) -> type[asyncio.Protocol]:  # fmt: skip
+def guarded_protocol(max_head_bytes: int, client_timeout_s: float, base: type[asyncio.Protocol] = AutoHTTPProtocol,
+                     refused: Refused = _ignore) -> type[asyncio.Protocol]:  # fmt: skip
     """uvicorn's HTTP protocol ``base`` (its default: httptools, else h11) with the head limit and the client
-    timeout above."""
+    timeout above; ``refused`` is told each refusal's reason (one of `REFUSALS`)."""
 
     class Guarded(base):  # type: ignore[misc, valid-type]
         def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
             super().connection_made(transport)  # type: ignore[arg-type]
             self._head_bytes = 0  # of the request whose head is being read
+            self._tail = b""  # its last bytes so far
             self._deadline: float | None = self.loop.time() + client_timeout_s  # its first request, or None
             self._timer = self.loop.call_later(client_timeout_s, self._check_pace)
 
@@ -64,8 +75,17 @@ def guarded_protocol(max_head_bytes: int, client_timeout_s: float,
 
         def data_received(self, data: bytes) -> None:
             reading_head = self._reading_head()
-            if reading_head and self._head_bytes == 0:  # a request begins: its head has client_timeout_s
-                self._deadline = self.loop.time() + client_timeout_s
+            if reading_head:
+                if self._head_bytes == 0:  # a request begins: its head has client_timeout_s
+                    self._deadline = self.loop.time() + client_timeout_s
+                    self._tail = b""
+                # measured before the parser sees it: a head that ends in this chunk counts up to its blank line
+                end = (self._tail + data).find(b"\r\n\r\n")
+                size = self._head_bytes + (len(data) if end < 0 else end + 4 - len(self._tail))
+                if size > max_head_bytes:
+                    self._refuse(431, "Request Header Fields Too Large", f"the request's head exceeds "
+                                 f"{max_head_bytes} bytes", "request_header_fields_too_large")  # fmt: skip
+                    return
             super().data_received(data)
             if self.transport.is_closing():
                 return
@@ -74,11 +94,10 @@ def guarded_protocol(max_head_bytes: int, client_timeout_s: float,
                 self._deadline = self.loop.time() + client_timeout_s if self.cycle.more_body else None
             elif reading_head:
                 self._head_bytes += len(data)
-                if self._head_bytes > max_head_bytes:
-                    self._refuse(431, "Request Header Fields Too Large", f"the request's head exceeds "
-                                 f"{max_head_bytes} bytes", "request_header_fields_too_large")  # fmt: skip
+                self._tail = (self._tail + data)[-3:]  # a blank line may arrive split over two chunks
 
         def _refuse(self, status: int, reason: str, message: str, code: str) -> None:
+            refused(code)
             if self.cycle is None or (self.cycle.response_complete and not self.cycle.more_body):
                 self.transport.write(_refusal(status, reason, message, code))
             # else: an answered request's body is still arriving; the client has its answer already
@@ -98,6 +117,8 @@ def guarded_protocol(max_head_bytes: int, client_timeout_s: float,
                 self._refuse(408, "Request Timeout", f"the request did not arrive within {client_timeout_s:g} s",
                              "request_timeout")  # fmt: skip
             else:  # a connection that never sent a byte is just closed; a stalled body: the app sees the client go
+                if not reading_head:
+                    refused("body_timeout")
                 self.transport.close()
 
     return Guarded
@@ -105,12 +126,12 @@ def guarded_protocol(max_head_bytes: int, client_timeout_s: float,
 
 def draining_server(app: Any, drain_s: float, end_requests: Callable[[], None],
                     on_signal: Callable[[], None] | None = None, *, max_head_bytes: int, client_timeout_s: float,
-                    **options: Any) -> uvicorn.Server:  # fmt: skip
+                    refused: Refused = _ignore, **options: Any) -> uvicorn.Server:  # fmt: skip
     """A server for ``app`` (uvicorn ``options``) that calls ``end_requests`` (on the event loop, must not block)
     ``drain_s`` seconds after a shutdown began, if requests are still running then; ``on_signal`` (any thread)
-    runs as soon as the signal arrives."""
-    config = uvicorn.Config(app, timeout_graceful_shutdown=drain_s + MARGIN_S,
-                            http=guarded_protocol(max_head_bytes, client_timeout_s), **options)  # fmt: skip
+    runs as soon as the signal arrives; ``refused`` counts the protocol's refusals."""
+    protocol = guarded_protocol(max_head_bytes, client_timeout_s, refused=refused)
+    config = uvicorn.Config(app, timeout_graceful_shutdown=drain_s + MARGIN_S, http=protocol, **options)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
@@ -189,10 +210,14 @@ class CrossOrigin:
     name of this machine, nor that of an allowed origin (a proxy in front that keeps its own name): a site
     whose name an attacker points at 127.0.0.1 (DNS rebinding) would otherwise be this server's own origin
     in the browser, free to read every answer and to post as the server's own page.
+
+    ``refused`` is told each refusal's code (``origin_not_allowed``, ``host_not_allowed``).
     """
 
-    def __init__(self, app: Any, allowed: tuple[str, ...] | list[str] = (), local: bool = False) -> None:
+    def __init__(self, app: Any, allowed: tuple[str, ...] | list[str] = (), local: bool = False,
+                 refused: Refused = _ignore) -> None:  # fmt: skip
         self.app = app
+        self.refused = refused
         self.allowed = frozenset(allowed)
         self.any = "*" in self.allowed
         self.local = local and not self.any
@@ -255,6 +280,8 @@ class CrossOrigin:
         return loopback_name(host) or any(_netloc(s, host) in self.hosts for s in ("http", "https"))
 
     async def _refuse(self, scope: dict[str, Any], send: Any, origin: str | None, host: str = "") -> None:
+        code = "host_not_allowed" if origin is None else "origin_not_allowed"
+        self.refused(code)
         who = origin or f"a page under the name {host[:200]!r}"
         if who not in self._told and len(self._told) < _MAX_TOLD:  # the page's own console shows only "CORS error"
             self._told.add(who)
@@ -270,8 +297,7 @@ class CrossOrigin:
         if scope["path"].startswith("/v1/messages"):
             body = {"type": "error", "error": {"type": "permission_error", "message": message}}
         else:
-            body = {"error": {"message": message, "type": "permission_error", "param": None,
-                              "code": "host_not_allowed" if origin is None else "origin_not_allowed"}}  # fmt: skip
+            body = {"error": {"message": message, "type": "permission_error", "param": None, "code": code}}
         data = json.dumps(body).encode()
         await send({"type": "http.response.start", "status": 403, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})  # fmt: skip

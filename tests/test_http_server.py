@@ -5,6 +5,7 @@ pause briefly and keep-alive are untouched. Over real sockets, for both of uvico
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import socket
 import threading
@@ -21,6 +22,7 @@ from agora.http_server import guarded_protocol
 TIMEOUT_S = 0.5
 HEAD_LIMIT = 4096
 seen: list[str] = []  # what the app saw: "body <bytes>", "gone"
+refused: list[str] = []  # what the guard told its ``refused`` callback (the servers count it in /metrics)
 
 
 async def app(scope: dict, receive, send) -> None:  # noqa: ANN001
@@ -48,7 +50,7 @@ async def app(scope: dict, receive, send) -> None:  # noqa: ANN001
 def port(request: pytest.FixtureRequest) -> Iterator[int]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    protocol = guarded_protocol(HEAD_LIMIT, TIMEOUT_S, request.param)
+    protocol = guarded_protocol(HEAD_LIMIT, TIMEOUT_S, request.param, refused=refused.append)
     server = uvicorn.Server(uvicorn.Config(app, http=protocol, log_level="critical", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -78,6 +80,7 @@ def _request(path: str, body: bytes = b"") -> bytes:
 
 
 def test_a_head_past_its_limit_is_a_431(port: int, request: pytest.FixtureRequest) -> None:
+    refused.clear()
     s = _connect(port)
     s.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n")
     try:
@@ -91,9 +94,27 @@ def test_a_head_past_its_limit_is_a_431(port: int, request: pytest.FixtureReques
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
     assert error["code"] == "request_header_fields_too_large" and str(HEAD_LIMIT) in error["message"]
+    assert refused == ["request_header_fields_too_large"]
+
+
+def test_the_head_limit_is_exact_whole_or_in_pieces(port: int) -> None:
+    def head(size: int) -> bytes:
+        start = b"GET /exact HTTP/1.1\r\nhost: x\r\nx-filler: "
+        return start + b"a" * (size - len(start) - 4) + b"\r\n\r\n"
+
+    for size, status in ((HEAD_LIMIT, b"200"), (HEAD_LIMIT + 1, b"431")):
+        for pieces in (1, 3):  # in one send, or in three (the blank line split between the last two)
+            data, cut = head(size), [0, size // 2, size - 2, size][:: 3 // pieces]
+            s = _connect(port)
+            for a, b in itertools.pairwise(cut):
+                s.sendall(data[a:b])
+                time.sleep(0.05)
+            assert s.recv(65536).startswith(b"HTTP/1.1 " + status), (size, pieces)
+            s.close()
 
 
 def test_a_stalled_head_is_a_408_and_an_idle_connection_is_closed(port: int) -> None:
+    refused.clear()
     stalled, idle = _connect(port), _connect(port)
     stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
     t0 = time.monotonic()
@@ -102,6 +123,7 @@ def test_a_stalled_head_is_a_408_and_an_idle_connection_is_closed(port: int) -> 
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
     assert _read_all(idle) == b""  # nothing asked, nothing said: just closed
     assert time.monotonic() - t0 < 5 * TIMEOUT_S
+    assert refused == ["request_timeout"]  # an idle connection closed is no refusal
 
 
 def test_a_body_may_pause_but_not_stall(port: int) -> None:
@@ -115,6 +137,7 @@ def test_a_body_may_pause_but_not_stall(port: int) -> None:
     answer = s.recv(65536)
     assert answer.startswith(b"HTTP/1.1 200 ") and b'"bytes": %d' % len(body) in answer, answer
     seen.clear()
+    refused.clear()
     stalled = _connect(port)
     stalled.sendall(_request("/stalled", b"")[:-2].replace(b"content-length: 0", b"content-length: 100") + b"\r\n")
     stalled.sendall(b'{"half": ')
@@ -123,9 +146,11 @@ def test_a_body_may_pause_but_not_stall(port: int) -> None:
     while "gone" not in seen and time.monotonic() < deadline:
         time.sleep(0.01)
     assert seen == ["gone"]
+    assert refused == ["body_timeout"]
 
 
 def test_a_slow_answer_and_keep_alive_are_untouched(port: int) -> None:
+    refused.clear()
     s = _connect(port)
     s.sendall(_request("/slow", b"{}"))
     assert s.recv(65536).startswith(b"HTTP/1.1 200 ")  # 1.5 s to answer, three times the client timeout
@@ -133,6 +158,7 @@ def test_a_slow_answer_and_keep_alive_are_untouched(port: int) -> None:
     s.sendall(_request("/again", b"{}"))  # the same connection, kept alive
     answer = s.recv(65536)
     assert answer.startswith(b"HTTP/1.1 200 ") and b'"/again"' in answer
+    assert refused == []
 
 
 # -- pages of other sites ------------------------------------------------------------------------------------
@@ -151,7 +177,8 @@ def _client(allowed: tuple[str, ...] = (), local: bool = False):  # noqa: ANN202
 
     from agora.http_server import CrossOrigin
 
-    transport = httpx.ASGITransport(app=CrossOrigin(_echo, allowed, local))
+    refused.clear()
+    transport = httpx.ASGITransport(app=CrossOrigin(_echo, allowed, local, refused.append))
     return httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000")
 
 
@@ -186,6 +213,7 @@ async def test_another_sites_page_may_not_change_anything(caplog: pytest.LogCapt
         == "refused POST /admin/reload from https://evil.example (not in --allowed-origins; each origin is logged once)"
     )
     assert len(told) == 3  # evil.example (three times refused), null, a cross-site page without an Origin
+    assert refused == ["origin_not_allowed"] * 4  # every refusal is counted (the servers' /metrics)
 
 
 async def test_allowed_origins_get_cors() -> None:
@@ -219,6 +247,7 @@ async def test_a_name_pointed_at_this_machine_is_refused_to_browsers() -> None:
         assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
         r = await client.get("/admin/usage", headers={"host": "evil.example:8000", "sec-fetch-mode": "cors"})
         assert r.status_code == 403  # a same-origin GET carries no Origin: Sec-Fetch-Mode says it is a browser
+        assert refused == ["host_not_allowed"] * 2
         # not a browser (an SDK through a proxy that keeps its name): untouched; this machine's names: fine
         assert (await client.get("/v1/models", headers={"host": "api.example"})).status_code == 200
         for host in ("localhost:8000", "127.0.0.1:8000", "[::1]:8000"):

@@ -87,8 +87,10 @@ class EngineReplica:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.ip, 0))  # the node's address: reachable from the gateway's node, key-protected
         self.url = f"http://{self.ip}:{sock.getsockname()[1]}"
-        self.app = _Counting(build_app(self.engine, config.server))
-        guarded = guarded_protocol(ENGINE_HEAD_BYTES, config.server.client_timeout_s)  # as agora serve's
+        app = build_app(self.engine, config.server)
+        self.app = _Counting(app)
+        guarded = guarded_protocol(ENGINE_HEAD_BYTES, config.server.client_timeout_s,
+                                   refused=app.state.metrics.refused)  # as agora serve's  # fmt: skip
         self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="off", http=guarded,
                                                     timeout_graceful_shutdown=5))  # fmt: skip
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},

@@ -86,8 +86,10 @@ def run_gateway(config: RouterConfig, endpoints=None, log_level: str = "warning"
     print(f"agora gateway on http://{s.host}:{s.port}/v1 (profile {config.profile})", file=sys.stderr, flush=True)
     # Open dashboard feeds never end by themselves: they end at the signal, or shutting down waits for them.
     options: dict[str, Any] = {"log_level": log_level, "lifespan": "on", "client_timeout_s": s.client_timeout_s,
-                               "max_head_bytes": s.max_header_bytes + HEAD_SLACK}  # the 431 is the gateway's  # fmt: skip
-    served = CrossOrigin(app, s.allowed_origins, local=loopback_name(s.host))  # other sites' pages: refused
+                               "max_head_bytes": s.max_header_bytes + HEAD_SLACK,  # the 431 is the gateway's
+                               "refused": app.metrics.refused}  # fmt: skip
+    # other sites' pages: refused
+    served = CrossOrigin(app, s.allowed_origins, local=loopback_name(s.host), refused=app.metrics.refused)
     if sock is None:
         draining_server(served, s.shutdown_timeout_s, app.end_requests, app.closing, host=s.host, port=s.port,
                         **options).run()  # fmt: skip

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from agora.http_server import REFUSALS
 from agora.router.endpoints import EndpointPool
 from agora.router.profile import SchedulingProfile
 
@@ -103,6 +104,12 @@ class GatewayMetrics:
                                        buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)  # fmt: skip
         self.auth_throttled = Counter("agora_gateway_auth_throttled", "Requests refused because their client "
                                       "sent too many invalid keys.", registry=r)  # fmt: skip
+        self.http_refused = Counter("agora_gateway_http_refused", "Requests and connections the HTTP layer refused "
+                                    "before the gateway saw them, by reason: request_header_fields_too_large (431), "
+                                    "request_timeout (408), body_timeout (closed), origin_not_allowed and "
+                                    "host_not_allowed (403, browser pages).", ["reason"], registry=r)  # fmt: skip
+        for reason in REFUSALS:
+            self.http_refused.labels(reason)
         self.max_tenants = max_tenants
         self._tenant_labels: set[str] = set()
         self.endpoint_prefix: dict[str, tuple[int, int]] = {}  # endpoint -> (hit, queried) blocks
@@ -147,6 +154,10 @@ class GatewayMetrics:
             self.tenant_blocked.labels(label, ctx.reason).inc()
         if ctx.slot is not None and ctx.slot.waited:
             self.tenant_queue.labels(label).inc(ctx.slot.waited)
+
+    def refused(self, reason: str) -> None:
+        """agora.http_server's ``refused`` callback."""
+        self.http_refused.labels(reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

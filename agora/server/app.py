@@ -186,5 +186,6 @@ def build_app(engine: EngineClient, config: ServerConfig | None = None) -> FastA
     app.add_middleware(BodyGuard, max_bytes=config.max_body_bytes)
     app.add_middleware(APIKeyGuard, api_key=config.api_key)  # runs before any body is read
     # added last, so it runs first: a browser's preflight carries no key, and another site's page is refused
-    app.add_middleware(CrossOrigin, allowed=config.allowed_origins, local=loopback_name(config.host))
+    app.add_middleware(CrossOrigin, allowed=config.allowed_origins, local=loopback_name(config.host),
+                       refused=metrics.refused)  # fmt: skip
     return app

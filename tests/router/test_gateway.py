@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -369,7 +370,8 @@ async def test_an_unexpected_error_is_a_json_500_in_the_api_shape(procs: Procs) 
 
 def test_pages_of_other_sites_and_allowed_origins(procs: Procs) -> None:
     a = procs.fake("a")
-    gw = procs.gateway({"endpoints": endpoints(("a", a)), "gateway": {"allowed_origins": ["http://localhost:3000"]}})
+    gw = procs.gateway({"endpoints": endpoints(("a", a)),
+                        "gateway": {"allowed_origins": ["http://localhost:3000"], "client_timeout_s": 1}})  # fmt: skip
     # an open gateway's admin API is open to this machine, and so to any page its browser opens: not to them
     evil = {"origin": "https://evil.example", "content-type": "text/plain"}
     r = httpx.post(f"{gw.url}/admin/keys", content=b'{"name": "x"}', headers=evil)
@@ -383,3 +385,11 @@ def test_pages_of_other_sites_and_allowed_origins(procs: Procs) -> None:
     r = chat(gw.url, "hi", headers=page)
     assert answered_by(r) == "a" and r.headers["access-control-allow-origin"] == "http://localhost:3000"
     assert "x-agora-endpoint" in r.headers["access-control-expose-headers"]
+    # what the HTTP layer refused before the gateway saw it is counted: the two pages, and a head that never ended
+    with socket.create_connection(("127.0.0.1", int(gw.url.rsplit(":", 1)[1])), timeout=10) as stalled:
+        stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        assert stalled.recv(65536).startswith(b"HTTP/1.1 408 ")
+    refused = "agora_gateway_http_refused_total"
+    assert metric(gw.url, refused, 'reason="origin_not_allowed"') == 2
+    assert metric(gw.url, refused, 'reason="request_timeout"') == 1
+    assert metric(gw.url, refused, 'reason="request_header_fields_too_large"') == 0

@@ -335,3 +335,34 @@ def test_another_sites_page_is_refused(server):
     r = httpx.post(f"{server.url}{COMP}", json=body, headers={"origin": "https://evil.example"}, timeout=30)
     assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed", r.text
     assert httpx.post(f"{server.url}{COMP}", json=body, timeout=30).status_code == 200  # not a browser: fine
+    refused = [line for line in httpx.get(f"{server.url}/metrics").text.splitlines()
+               if line.startswith("agora:http_refused_total{")]  # fmt: skip
+    assert f'agora:http_refused_total{{model_name="{MODEL}",reason="origin_not_allowed"}} 1.0' in refused
+    assert len(refused) == 5  # every reason exported from the start
+
+
+@pytest.mark.timeout(180)
+def test_agora_serve_counts_what_its_http_layer_refuses(tiny_model_dir) -> None:  # noqa: ANN001
+    import socket
+    import subprocess
+    import sys
+
+    from tests.router.conftest import free_port, wait_http
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "agora.cli", "serve", str(tiny_model_dir), "--port", str(port),
+                             "--kv-cache-memory", "32MiB", "--client-timeout", "1"])  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/health", timeout=120)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as stalled:  # a head that never ends
+            stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+            assert stalled.recv(65536).startswith(b"HTTP/1.1 408 ")
+        r = httpx.get(f"{url}/v1/models", headers={"x-filler": "a" * (70 << 10)})  # past the engine's 64 KiB
+        assert r.status_code == 431
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'reason="request_timeout"} 1.0' in metrics
+        assert 'reason="request_header_fields_too_large"} 1.0' in metrics
+    finally:
+        proc.terminate()
+        proc.wait(60)
