@@ -69,7 +69,8 @@ class ChatMessage(StrictModel):
             raise ValueError(f"a {self.role} message needs content")
         if self.tool_calls and self.role != "assistant":
             raise ValueError("only assistant messages carry tool_calls")
-        refused = self.refusal is not None or any(isinstance(p, RefusalPart) for p in self.content or [])
+        parts = self.content if isinstance(self.content, list) else []  # (a string is not walked by character)
+        refused = self.refusal is not None or any(isinstance(p, RefusalPart) for p in parts)
         if refused and self.role != "assistant":
             raise ValueError("only assistant messages carry a refusal")
         if self.role == "tool" and not self.tool_call_id:
