@@ -95,15 +95,22 @@ def json_object(body: bytes, content_type: bytes | None = None) -> dict[str, Any
     sent as something other than JSON (``content_type``, when given), 400 for any other fault."""
     if body and (kind := not_json_type(content_type)) is not None:
         raise not_json_error(kind)
+    if not body.strip():
+        raise bad_request(None, "the request body is empty: send a JSON object")
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise bad_request(None, "the request body is not valid JSON") from None
+    except ValueError as exc:  # a number of more digits than Python reads
+        raise bad_request(None, f"the request body is not valid JSON: {str(exc).split(';')[0]}") from None
     except RecursionError:
         raise bad_request(None, DEEP_JSON) from None
     if not isinstance(data, dict):
-        raise bad_request(None, "the request body must be a JSON object")
+        raise bad_request(None, f"the request body must be a JSON object, not {_JSON_TYPES.get(type(data), 'null')}")
     return data
+
+
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
 
 
 def telling_error(errors: list[Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -28,12 +28,12 @@ from agora import envs
 from agora.config import ServerConfig
 from agora.engine.client import EngineClient
 from agora.http_server import CrossOrigin, loopback_name
-from agora.openai.common import DEEP_JSON, error_words, telling_error
+from agora.openai.common import error_words, telling_error
 from agora.openai.errors import APIError, bad_request
 from agora.openai.messages import anthropic_error
 from agora.openai.tokenize import DetokenizeRequest, TokenizeRequest
 from agora.server import chat, completions, messages, responses
-from agora.server.http import APIKeyGuard, BodyGuard, error_response
+from agora.server.http import APIKeyGuard, BodyGuard, document_bodies, error_response, json_body
 from agora.server.metrics import ServerMetrics
 from agora.server.serving import Serving
 from agora.server.store import ResponseStore
@@ -115,10 +115,6 @@ def build_app(engine: EngineClient, config: ServerConfig | None = None) -> FastA
             message = f"no route for {request.method} {path}"  # the gateway's words
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {path}"
-        elif isinstance(exc.__cause__, RecursionError):  # FastAPI's "There was an error parsing the body"
-            message = DEEP_JSON
-        elif isinstance(exc.__cause__, ValueError):  # e.g. a number of more digits than Python reads
-            message = f"the request body is not valid JSON: {str(exc.__cause__).split(';')[0]}"
         return api_error_response(request, APIError(exc.status_code, message, kind))
 
     @app.exception_handler(Exception)
@@ -157,7 +153,7 @@ def build_app(engine: EngineClient, config: ServerConfig | None = None) -> FastA
         return model_card(model_id)
 
     @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest) -> Response:
+    async def tokenize(req: TokenizeRequest = Depends(json_body(TokenizeRequest))) -> Response:
         serving.check_model(req.model)
         tok = serving.need_tokenizer()
 
@@ -174,7 +170,7 @@ def build_app(engine: EngineClient, config: ServerConfig | None = None) -> FastA
         return Response(await asyncio.to_thread(run), media_type="application/json")
 
     @app.post("/detokenize")
-    async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
+    async def detokenize(req: DetokenizeRequest = Depends(json_body(DetokenizeRequest))) -> dict[str, Any]:
         serving.check_model(req.model)
         tok = serving.need_tokenizer()
 
@@ -193,6 +189,7 @@ def build_app(engine: EngineClient, config: ServerConfig | None = None) -> FastA
                           config.responses_max)  # fmt: skip
     app.state.responses = store
     responses.add_routes(app, serving, store)
+    document_bodies(app)
     app.add_middleware(BodyGuard, max_bytes=config.max_body_bytes)
     app.add_middleware(APIKeyGuard, api_key=config.api_key)  # runs before any body is read
     # added last, so it runs first: a browser's preflight carries no key, and another site's page is refused

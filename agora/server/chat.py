@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 
 from agora.engine.client import OutputStream
@@ -16,6 +16,7 @@ from agora.openai.accumulate import ChatStream
 from agora.openai.chat import ChatCompletionRequest
 from agora.openai.errors import APIError
 from agora.openai.stream import merge_chat_chunks
+from agora.server.http import json_body
 from agora.server.params import sampling_params, strict_schema, structured_params
 from agora.server.serving import OpenAIAnswer, Serving, prompt_header
 from agora.server.tools import ChatTools, chat_tools
@@ -83,7 +84,9 @@ async def start_chat(serving: Serving, req: ChatCompletionRequest, prefix: str =
 
 def add_routes(app: FastAPI, serving: Serving) -> None:
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+    async def chat_completions(
+        request: Request, req: ChatCompletionRequest = Depends(json_body(ChatCompletionRequest))
+    ) -> Response:
         serving.check_model(req.model)
         run = await start_chat(serving, req, tenant=serving.tenant(request))
         answer = OpenAIAnswer(run.acc, merge_chat_chunks, req.stream_usage()[0])

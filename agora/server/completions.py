@@ -6,13 +6,14 @@ import asyncio
 import time
 import uuid
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 
 from agora.openai.accumulate import CompletionStream
 from agora.openai.completions import CompletionRequest
 from agora.openai.errors import bad_request
 from agora.openai.stream import merge_completion_chunks
+from agora.server.http import json_body
 from agora.server.params import sampling_params, strict_schema, structured_params
 from agora.server.serving import OpenAIAnswer, Serving, prompt_header
 
@@ -22,7 +23,7 @@ MAX_CHOICES_PER_REQUEST = 64
 
 def add_routes(app: FastAPI, serving: Serving) -> None:
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request) -> Response:
+    async def completions(request: Request, req: CompletionRequest = Depends(json_body(CompletionRequest))) -> Response:
         serving.check_model(req.model)
         req.check()
         found = req.constraint()

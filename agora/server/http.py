@@ -1,11 +1,19 @@
-"""HTTP pieces of the engine server: the OpenAI error response, the key check and the body's guard."""
+"""HTTP pieces of the engine server: the OpenAI error response, the key check, the body's guard, and the
+body read as an API's request model."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agora.openai.common import lone_surrogate, not_json_error, not_json_type, surrogate_error
+from agora.openai.common import json_object, lone_surrogate, not_json_error, not_json_type, surrogate_error
 from agora.openai.errors import APIError, bearer_token_matches
 from agora.openai.messages import anthropic_error
 
@@ -101,3 +109,64 @@ class APIKeyGuard:
             await JSONResponse(body, status)(scope, receive, send)
         else:
             await error_response(error)(scope, receive, send)
+
+
+# -- the body as a request model -------------------------------------------------------------------------------
+
+INLINE_BODY_BYTES = 64 << 10  # bodies up to this are read on the event loop; larger ones in a thread
+M = TypeVar("M", bound=BaseModel)
+
+
+def json_body(model: type[M]) -> Callable[[Request], Awaitable[M]]:
+    """A FastAPI dependency that gives the request body as ``model``, with the errors a body parameter would
+    raise. A body over `INLINE_BODY_BYTES` is parsed and validated in a thread: a few megabytes (200,000 chat
+    messages) take most of a second, which on the event loop every running stream would wait out; in a thread
+    the loop waits at most for the one C call that parses the JSON. (`document_bodies` puts ``model`` in the
+    OpenAPI document, where a body parameter would be.)"""
+
+    async def body(request: Request) -> M:
+        raw = await request.body()
+        if len(raw) <= INLINE_BODY_BYTES:
+            return _validated(model, raw)
+        return await asyncio.to_thread(_validated, model, raw)
+
+    body.model = model  # type: ignore[attr-defined]
+    return body
+
+
+def _validated(model: type[M], raw: bytes) -> M:
+    data = json_object(raw)  # an APIError (400) for a body that is not one JSON object, worded as the gateway's
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        ) from None
+
+
+def document_bodies(app: FastAPI) -> None:
+    """Bodies read through `json_body` are no parameters FastAPI sees: give each route its body's schema in the
+    OpenAPI document (``/docs``), as a body parameter would have."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        doc = build()
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for route in app.routes:
+            for dep in getattr(getattr(route, "dependant", None), "dependencies", []):
+                model = getattr(dep.call, "model", None)
+                if model is None:
+                    continue
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                for name, sub in schema.pop("$defs", {}).items():
+                    schemas.setdefault(name, sub)
+                schemas.setdefault(model.__name__, schema)
+                for method in route.methods:
+                    doc["paths"][route.path_format][method.lower()]["requestBody"] = {"required": True, "content": {
+                        "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}  # fmt: skip
+        app.openapi_schema = doc
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]

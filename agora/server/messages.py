@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 
 from agora.openai.common import new_id
@@ -16,6 +16,7 @@ from agora.openai.messages import (
     ThinkSplitter,
 )
 from agora.server.chat import render_prompt, start_chat
+from agora.server.http import json_body
 from agora.server.serving import EventsAnswer, Serving, prompt_header, renamed
 
 
@@ -26,7 +27,7 @@ def _has_thinking_mode(serving: Serving) -> bool:
 
 def add_routes(app: FastAPI, serving: Serving) -> None:
     @app.post("/v1/messages")
-    async def create(req: MessagesRequest, request: Request) -> Response:
+    async def create(request: Request, req: MessagesRequest = Depends(json_body(MessagesRequest))) -> Response:
         serving.check_model(req.model)
         reasoning = _has_thinking_mode(serving)
         with renamed(RENAME):
@@ -39,7 +40,7 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
                                     start=run.start, headers=prompt_header(run.prompt_tokens))  # fmt: skip
 
     @app.post("/v1/messages/count_tokens")
-    async def count_tokens(req: CountTokensRequest) -> dict[str, int]:
+    async def count_tokens(req: CountTokensRequest = Depends(json_body(CountTokensRequest))) -> dict[str, int]:
         serving.check_model(req.model)
         with renamed(RENAME):
             _, ids, _ = await render_prompt(serving, req.to_chat(_has_thinking_mode(serving)))

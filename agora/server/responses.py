@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from agora.openai.common import new_id
@@ -28,6 +28,7 @@ from agora.openai.responses import (
     new_response,
 )
 from agora.server.chat import start_chat
+from agora.server.http import json_body
 from agora.server.serving import EventsAnswer, Serving, prompt_header, renamed
 from agora.server.store import ResponseStore
 
@@ -48,7 +49,7 @@ def add_routes(app: FastAPI, serving: Serving, store: ResponseStore) -> None:
         return APIError(404, f"No response with id {response_id!r} found.", "not_found_error", param)
 
     @app.post("/v1/responses")
-    async def create(req: ResponsesRequest, request: Request) -> Response:
+    async def create(request: Request, req: ResponsesRequest = Depends(json_body(ResponsesRequest))) -> Response:
         serving.check_model(req.model)
         req.check()
         owner = serving.owner(request)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import pytest
@@ -267,6 +268,46 @@ def test_invalid_json_and_wrong_content(server):
     for fine in ("application/json; charset=utf-8", "application/vnd.api+json", None):  # unnamed: read as JSON
         headers = {"content-type": fine} if fine else {}
         assert httpx.post(f"{server.url}{COMP}", content=body, headers=headers, timeout=30).status_code == 200, fine
+
+
+@pytest.mark.parametrize("path", [CHAT, COMP, MESS, "/v1/messages/count_tokens", "/v1/responses", "/tokenize",
+                                  "/detokenize"])  # fmt: skip
+def test_a_body_that_is_no_json_object_is_a_400_that_says_what_it_is(server, path):
+    for raw, words in ((b"", "the request body is empty: send a JSON object"),
+                       (b"[]", "the request body must be a JSON object, not an array"),
+                       (b"null", "the request body must be a JSON object, not null"),
+                       (b'"hi"', "the request body must be a JSON object, not a string")):  # fmt: skip
+        r = httpx.post(f"{server.url}{path}", content=raw, headers={"content-type": "application/json"}, timeout=30)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["message"] == words and error["type"] == "invalid_request_error", error
+        assert (r.json().get("type") == "error") == path.startswith(MESS)  # Anthropic's shape on its paths
+
+
+def test_a_large_body_is_read_as_a_small_one(server):
+    # bodies over 64 KiB are parsed and validated off the event loop: the same answers and the same errors
+    big = "word " * 20_000
+    small = {"model": MODEL, "max_tokens": "x", "messages": [{"role": "user", "content": "hi"}]}
+    large = {**small, "messages": [{"role": "user", "content": big}]}
+    errors = [httpx.post(f"{server.url}{CHAT}", json=b, timeout=30) for b in (small, large)]
+    assert [r.status_code for r in errors] == [400, 400]
+    assert errors[0].json() == errors[1].json() and errors[0].json()["error"]["param"] == "max_tokens"
+    r = httpx.post(f"{server.url}{CHAT}", json={**large, "max_tokens": 1}, timeout=60)
+    assert r.status_code == 400 and "context length" in r.json()["error"]["message"], r.text  # read, then measured
+    r = httpx.post(f"{server.url}/tokenize", json={"prompt": big}, timeout=60)
+    assert r.status_code == 200 and r.json()["count"] == len(r.json()["tokens"]) > 10_000
+    r = httpx.post(f"{server.url}{MESS}", json={"model": MODEL, "max_tokens": 1, "messages": "x" * 100_000}, timeout=30)
+    assert r.status_code == 400 and r.json()["type"] == "error" and r.json()["error"]["message"].startswith("messages")
+
+
+def test_the_openapi_document_shows_each_body(server):
+    doc = httpx.get(f"{server.url}/openapi.json").json()
+    for path in (CHAT, COMP, MESS, "/v1/messages/count_tokens", "/v1/responses", "/tokenize", "/detokenize"):
+        ref = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        assert ref.rsplit("/", 1)[1] in doc["components"]["schemas"], path
+    refs = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(doc)))
+    assert refs <= set(doc["components"]["schemas"])  # every reference resolves
+    assert "messages" in doc["components"]["schemas"]["ChatCompletionRequest"]["properties"]
 
 
 def test_bodies_no_reader_can_take_are_400s_that_say_why(server):
