@@ -124,12 +124,31 @@ def guarded_protocol(max_head_bytes: int, client_timeout_s: float, base: type[as
     return Guarded
 
 
+def raise_open_files_limit(target: int = 65536) -> None:
+    """A server holds a file descriptor per connection (the gateway two: the client's and the endpoint's), and
+    the usual soft limit of 1024 caps it near a thousand clients, past which new connections are reset. Raise
+    the soft limit toward the hard one (vLLM does the same)."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = target if hard == resource.RLIM_INFINITY else min(target, hard)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError) as exc:
+        logger.warning("could not raise the open files limit from %d to %d: %s", soft, want, exc)
+
+
 def draining_server(app: Any, drain_s: float, end_requests: Callable[[], None],
                     on_signal: Callable[[], None] | None = None, *, max_head_bytes: int, client_timeout_s: float,
                     refused: Refused = _ignore, **options: Any) -> uvicorn.Server:  # fmt: skip
     """A server for ``app`` (uvicorn ``options``) that calls ``end_requests`` (on the event loop, must not block)
     ``drain_s`` seconds after a shutdown began, if requests are still running then; ``on_signal`` (any thread)
     runs as soon as the signal arrives; ``refused`` counts the protocol's refusals."""
+    raise_open_files_limit()
     protocol = guarded_protocol(max_head_bytes, client_timeout_s, refused=refused)
     config = uvicorn.Config(app, timeout_graceful_shutdown=drain_s + MARGIN_S, http=protocol, **options)
 

@@ -68,7 +68,7 @@ class EngineReplica:
 
         from agora.engine.async_engine import AsyncEngine
         from agora.engine.engine import Engine
-        from agora.http_server import ENGINE_HEAD_BYTES, guarded_protocol
+        from agora.http_server import ENGINE_HEAD_BYTES, guarded_protocol, raise_open_files_limit
         from agora.server.app import build_app
 
         config = ServeConfig.from_json(config_json)
@@ -87,6 +87,7 @@ class EngineReplica:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.ip, 0))  # the node's address: reachable from the gateway's node, key-protected
         self.url = f"http://{self.ip}:{sock.getsockname()[1]}"
+        raise_open_files_limit()
         app = build_app(self.engine, config.server)
         self.app = _Counting(app)
         guarded = guarded_protocol(ENGINE_HEAD_BYTES, config.server.client_timeout_s,

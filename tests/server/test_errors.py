@@ -384,18 +384,26 @@ def test_another_sites_page_is_refused(server):
 
 @pytest.mark.timeout(180)
 def test_agora_serve_counts_what_its_http_layer_refuses(tiny_model_dir) -> None:  # noqa: ANN001
+    import resource
     import socket
     import subprocess
     import sys
+    from pathlib import Path
 
     from tests.router.conftest import free_port, wait_http
 
     port = free_port()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     proc = subprocess.Popen([sys.executable, "-m", "agora.cli", "serve", str(tiny_model_dir), "--port", str(port),
-                             "--kv-cache-memory", "32MiB", "--client-timeout", "1"])  # fmt: skip
+                             "--kv-cache-memory", "32MiB", "--client-timeout", "1"],
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard)))  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/health", timeout=120)
+        # started under a soft limit of 256 open files (a few hundred clients): raised toward the hard limit
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        soft = int(next(line for line in limits.splitlines() if line.startswith("Max open files")).split()[3])
+        assert soft == (65536 if hard == resource.RLIM_INFINITY else min(65536, hard))
         with socket.create_connection(("127.0.0.1", port), timeout=10) as stalled:  # a head that never ends
             stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
             assert stalled.recv(65536).startswith(b"HTTP/1.1 408 ")
