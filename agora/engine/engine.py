@@ -39,13 +39,13 @@ def check_request(vocab_size: int, max_model_len: int, has_grammars: bool, promp
     n = len(prompt_token_ids)
     if n == 0:
         raise ParamError("prompt", "the prompt is empty")
-    bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise ParamError("prompt", f"token id {bad} is out of the vocabulary (0..{vocab_size - 1})")
-    if n >= max_model_len:
+    if n >= max_model_len:  # first: a prompt of a million ids is not walked to be refused
         raise ParamError("prompt",
             f"the prompt has {n} tokens, but this model's context length is {max_model_len}; shorten the prompt"
         )  # fmt: skip
+    if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab_size:
+        bad = next(t for t in prompt_token_ids if not 0 <= t < vocab_size)
+        raise ParamError("prompt", f"token id {bad} is out of the vocabulary (0..{vocab_size - 1})")
     if params.max_tokens is not None and n + params.max_tokens > max_model_len:
         raise ParamError("max_tokens",
             f"this model's maximum context length is {max_model_len} tokens, but you requested "
