@@ -439,8 +439,10 @@ class MessageEvents:
         events = self._close()
         self.reply.usage = MessageUsage.of(usage)
         delta = {"stop_reason": self.reply.stop_reason or "end_turn", "stop_sequence": self.reply.stop_sequence}
+        # cumulative, as Anthropic's: the prompt's cached part is known only now (message_start counted it all
+        # as input), and the SDKs take each count given here over message_start's
         return events + [
-            {"type": "message_delta", "delta": delta, "usage": {"output_tokens": usage.completion_tokens}},
+            {"type": "message_delta", "delta": delta, "usage": self.reply.usage.model_dump(mode="json")},
             {"type": "message_stop"},
         ]
 
@@ -483,7 +485,8 @@ def reply_from_sse(payload: str) -> Reply | None:
         elif kind == "message_delta":
             reply.stop_reason = event["delta"].get("stop_reason")
             reply.stop_sequence = event["delta"].get("stop_sequence")
-            reply.usage.output_tokens = event.get("usage", {}).get("output_tokens", reply.usage.output_tokens)
+            usage = event.get("usage") or {}  # cumulative counts: each one given replaces message_start's
+            reply.usage = reply.usage.model_copy(update={k: v for k, v in usage.items() if isinstance(v, int)})
         elif kind == "message_stop":
             return reply
     return None
@@ -509,6 +512,6 @@ def reply_events(reply: Reply) -> list[dict[str, Any]]:
         events.append({"type": "content_block_delta", "index": i, "delta": delta})
         events.append({"type": "content_block_stop", "index": i})
     events.append({"type": "message_delta", "delta": {"stop_reason": reply.stop_reason,
-                   "stop_sequence": reply.stop_sequence}, "usage": {"output_tokens": reply.usage.output_tokens}})  # fmt: skip
+                   "stop_sequence": reply.stop_sequence}, "usage": reply.usage.model_dump(mode="json")})  # fmt: skip
     events.append({"type": "message_stop"})
     return events

@@ -52,6 +52,10 @@ def test_message_events_and_the_cache_round_trip() -> None:
     reply = events.reply
     assert reply.stop_reason == "tool_use" and reply.content[1]["input"] == {"city": "Oslo"}
     assert reply.usage.cache_read_input_tokens == 4 and reply.usage.input_tokens == 6
+    # message_start counted the whole prompt as input; the cached part is known at the end, and said there
+    assert out[0]["message"]["usage"]["input_tokens"] == 10
+    assert out[-2]["usage"] == {"input_tokens": 6, "output_tokens": 5, "cache_creation_input_tokens": 0,
+                                "cache_read_input_tokens": 4}  # fmt: skip
     replayed = reply_from_sse("".join(sse_named(e) for e in reply_events(reply)))
     assert replayed is not None and replayed.model_dump() == reply.model_dump()
 

@@ -63,6 +63,16 @@ def test_forced_tool_use_and_its_result(client) -> None:
                                      {"type": "text", "text": "Thanks."}]}])  # fmt: skip
     assert follow.stop_reason in ("end_turn", "max_tokens", "tool_use")
     assert follow.usage.cache_read_input_tokens > 0  # the conversation so far came from the prefix cache
+    again = dict(model=MODEL, max_tokens=5, tools=TOOLS, messages=ASK + [{"role": "user", "content": "Once more."}],
+                 extra_body=GREEDY)  # fmt: skip
+    client.messages.create(**again)
+    with client.messages.stream(**again) as s:  # the streamed message's usage says the same
+        streamed = s.get_final_message().usage
+    whole = client.messages.create(**again).usage
+    assert streamed.cache_read_input_tokens > 0 and streamed.output_tokens == whole.output_tokens
+    assert (
+        streamed.input_tokens + streamed.cache_read_input_tokens == whole.input_tokens + whole.cache_read_input_tokens
+    )
 
 
 def test_stop_sequences_output_config_and_count_tokens(client) -> None:

@@ -90,11 +90,11 @@ class UsageMeter:
             if kind == "message_start":
                 usage = (obj.get("message") or {}).get("usage")
                 if isinstance(usage, dict):
-                    self._usage(usage.get("input_tokens"), None)
+                    self._usage(_anthropic_input(usage), None)
             elif kind == "message_delta":
                 usage = obj.get("usage")
                 if isinstance(usage, dict):
-                    self._usage(usage.get("input_tokens"), usage.get("output_tokens"))
+                    self._usage(_anthropic_input(usage), usage.get("output_tokens"))
             elif kind == "content_block_delta":
                 self._delta()
                 delta = obj.get("delta") or {}
@@ -121,6 +121,8 @@ class UsageMeter:
         if isinstance(usage, dict):
             if self.api in ("chat", "completions"):
                 self._usage(usage.get("prompt_tokens"), usage.get("completion_tokens"))
+            elif self.api == "messages":
+                self._usage(_anthropic_input(usage), usage.get("output_tokens"))
             else:
                 self._usage(usage.get("input_tokens"), usage.get("output_tokens"))
         if not self.keep_text:
@@ -201,3 +203,16 @@ class EventSplitter:
     def rest(self) -> bytes:
         rest, self.buf = self.buf, b""
         return rest
+
+
+def _anthropic_input(usage: dict[str, Any]) -> Any:
+    """The prompt's tokens from Anthropic's usage, whose ``input_tokens`` leaves out the cached ones (the other
+    APIs count a prompt whole: so does the meter, whatever the cache did)."""
+    tokens = usage.get("input_tokens")
+    if not isinstance(tokens, int) or isinstance(tokens, bool):
+        return tokens
+    for cached in ("cache_read_input_tokens", "cache_creation_input_tokens"):
+        value = usage.get(cached)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            tokens += value
+    return tokens
