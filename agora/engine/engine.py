@@ -82,6 +82,8 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
+    # With ``prompt_logprobs``, on a sequence's first output: prompt tokens 1.. (the first has none)
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass
@@ -292,6 +294,9 @@ class Engine:
 
     def _emit(self, sched_out: SchedulerOutput, result: RunnerOutput, drafted: dict[str, int]) -> list[RequestOutput]:
         """The step's tokens applied to its requests: outputs, stop strings, finished sequences, next drafts."""
+        for s in sched_out.scheduled:
+            if got := result.prompt_logprobs.get(s.request.request_id):
+                s.request.prompt_logprobs.extend(got)
         updated = self.scheduler.update(sched_out, result.sampled)
         if self.policy is not None:
             self.policy.begin_step(self.scheduler.num_running)
@@ -335,6 +340,9 @@ class Engine:
             tokens = tokens[:emitted]
             self.generation_tokens += emitted
             lps = result.logprobs.get(rid, [])[:emitted]
+            prompt_lps = None
+            if req.sampling_params.prompt_logprobs is not None and not req.prompt_logprobs_sent:
+                prompt_lps, req.prompt_logprobs_sent = list(req.prompt_logprobs), True
             outputs.append(
                 RequestOutput(
                     request_id=seq.parent_id,
@@ -349,6 +357,7 @@ class Engine:
                     num_prompt_tokens=req.num_prompt_tokens,
                     num_output_tokens=req.num_output_tokens,
                     num_cached_tokens=req.num_cached_tokens,
+                    prompt_logprobs=prompt_lps,
                 )
             )
             if finished:
@@ -412,8 +421,11 @@ class GenerationResult:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprobs] | None = None  # with params.prompt_logprobs: prompt tokens 1..
 
     def absorb(self, out: RequestOutput) -> None:
+        if out.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = out.prompt_logprobs
         c = self.outputs[out.index]
         c.text += out.text
         c.token_ids.extend(out.token_ids)

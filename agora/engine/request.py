@@ -52,9 +52,18 @@ class Request:
     # Speculative decoding: guesses of the next tokens, verified in the next step (granted as budget
     # after the one token that is due). Dropped on preemption; never part of all_token_ids until accepted.
     spec_token_ids: list[int] = field(default_factory=list)
+    # With ``sampling_params.prompt_logprobs``: the logprobs of prompt tokens 1.. (the runner's TokenLogprobs), in
+    # order. Until they are all in, the prompt is computed whole (no prefix-cache hit: a cached token has no logits).
+    prompt_logprobs: list[Any] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.sampling_params.prompt_logprobs is not None and \
+            len(self.prompt_logprobs) < len(self.prompt_token_ids) - 1  # fmt: skip
 
     @property
     def num_prompt_tokens(self) -> int:

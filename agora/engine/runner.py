@@ -16,7 +16,7 @@ drafts the model agrees with.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -32,6 +32,32 @@ logger = logging.getLogger(__name__)
 class RunnerOutput:
     sampled: dict[str, list[int]]  # one token, or the accepted drafts and one more
     logprobs: dict[str, list[TokenLogprobs]]
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # the next prompt tokens'
+
+
+_PROMPT_ROWS = 256  # prompt positions whose logits are computed at once (a row is a vocabulary of floats)
+
+
+def prompt_logprobs(compute_logits, hidden: torch.Tensor, rows: list[int], targets: list[int],  # noqa: ANN001
+                    k: list[int]) -> list[TokenLogprobs]:  # fmt: skip
+    """Logprobs of ``targets`` (the prompt token after each row's position) under the raw distribution at
+    ``rows`` of ``hidden``, with each row's top ``k``, a few hundred rows at a time."""
+    out: list[TokenLogprobs] = []
+    for at in range(0, len(rows), _PROMPT_ROWS):
+        index = torch.tensor(rows[at : at + _PROMPT_ROWS], device=hidden.device)
+        logp = torch.log_softmax(compute_logits(hidden[index]).float(), dim=-1)
+        want = torch.tensor(targets[at : at + _PROMPT_ROWS], device=hidden.device)
+        chosen = logp.gather(1, want[:, None])
+        ranks = (logp > chosen).sum(dim=1) + 1
+        top_k = max(k[at : at + _PROMPT_ROWS])
+        top = logp.topk(top_k, dim=-1) if top_k else None
+        chosen_l, ranks_l = chosen[:, 0].tolist(), ranks.tolist()
+        top_v, top_i = (top.values.tolist(), top.indices.tolist()) if top is not None else ([], [])
+        for j, token in enumerate(targets[at : at + _PROMPT_ROWS]):
+            n = k[at + j]
+            pairs = list(zip(top_i[j][:n], top_v[j][:n], strict=True)) if n else []
+            out.append(TokenLogprobs(token, chosen_l[j], ranks_l[j], pairs))
+    return out
 
 
 def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
@@ -82,6 +108,7 @@ class ModelRunner:
 
     def _metadata(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         bs = self.block_size
+        self._prompt_rows: list[tuple[str, int, int, int]] = []  # (request id, row, next prompt token, top k)
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -93,6 +120,11 @@ class ModelRunner:
             start = req.num_computed_tokens
             end = start + s.num_tokens
             drafts = s.draft_token_ids
+            if req.wants_prompt_logprobs:  # rows at prompt positions p predict prompt token p + 1
+                first = len(input_ids)
+                for p in range(max(start, len(req.prompt_logprobs)), min(end, req.num_prompt_tokens - 1)):
+                    self._prompt_rows.append((req.request_id, first + p - start, req.all_token_ids[p + 1],
+                                              req.sampling_params.prompt_logprobs))  # fmt: skip
             input_ids.extend(req.all_token_ids[start : end - len(drafts)])
             input_ids.extend(drafts)
             positions.extend(range(start, end))
@@ -139,16 +171,23 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         if out.is_empty:
             return RunnerOutput({}, {})
-        if self.graphs is not None and self.graphs.can_run(out):
+        prompt_lps: dict[str, list[TokenLogprobs]] = {}
+        wants_prompt = any(s.request.wants_prompt_logprobs for s in out.scheduled)
+        if self.graphs is not None and not wants_prompt and self.graphs.can_run(out):
             # Decode-only step: every row samples.
             logits = self.model.compute_logits(self.graphs.run(out))  # type: ignore[operator]
             sampling = [s.request for s in out.scheduled]
         else:
             ids, pos, meta, sample_rows = self._metadata(out)
             hidden = self.model(ids, pos, self.attention.bind(meta))
+            if self._prompt_rows:
+                rids, rows, targets, ks = zip(*self._prompt_rows, strict=True)
+                lps = prompt_logprobs(self.model.compute_logits, hidden, list(rows), list(targets), list(ks))
+                for rid, lp in zip(rids, lps, strict=True):
+                    prompt_lps.setdefault(rid, []).append(lp)
             sampling = [s.request for s in out.scheduled if s.samples]
             if not sampling:
-                return RunnerOutput({}, {})
+                return RunnerOutput({}, {}, prompt_lps)
             logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])  # type: ignore[operator]
         reqs = [
             SampleRequest(
@@ -169,8 +208,8 @@ class ModelRunner:
             logprobs = {
                 r.request_id: lps for r, (_, lps) in zip(sampling, verified, strict=True) if lps and lps[0] is not None
             }
-            return RunnerOutput(sampled, logprobs)  # type: ignore[arg-type]
+            return RunnerOutput(sampled, logprobs, prompt_lps)  # type: ignore[arg-type]
         result = sample(logits, reqs)
         sampled = {r.request_id: [t] for r, t in zip(sampling, result.token_ids, strict=True)}
         logprobs = {r.request_id: [lp] for r, lp in zip(sampling, result.logprobs, strict=True) if lp is not None}
-        return RunnerOutput(sampled, logprobs)
+        return RunnerOutput(sampled, logprobs, prompt_lps)

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from agora.config import SchedulerConfig
-from agora.engine.kv_cache import KVCacheManager
+from agora.engine.kv_cache import ComputedBlocks, KVCacheManager
 from agora.engine.request import Request, RequestStatus
 
 __all__ = ["ScheduledRequest", "Scheduler", "SchedulerConfig", "SchedulerOutput"]
@@ -140,7 +140,8 @@ class Scheduler:
         # 2. Admit waiting requests while there is room (not in a step that preempted).
         while self.waiting and budget > 0 and not out.preempted_ids and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            computed = self.kv.computed_blocks(request)
+            # prompt logprobs need every prompt token's logits: such a prompt takes no prefix-cache hit
+            computed = ComputedBlocks() if request.wants_prompt_logprobs else self.kv.computed_blocks(request)
             num_new = min(request.num_tokens - computed.num_tokens, budget)
             if self.kv.allocate(request, num_new, computed) is None:
                 break

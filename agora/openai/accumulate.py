@@ -131,10 +131,17 @@ class CompletionStream:
     """
 
     def __init__(self, request_id: str, model: str, n: int, prompt_tokens: int, echo_texts: list[str], *,
-                 logprobs: bool, token_text: Callable[[int], str], usage_every_chunk: bool = False) -> None:  # fmt: skip
+                 logprobs: bool, token_text: Callable[[int], str], usage_every_chunk: bool = False,
+                 echo_ids: list[list[int]] | None = None, prompt_only: bool = False) -> None:  # fmt: skip
         self.id, self.model, self.n = request_id, model, n
         self.created = int(time.time())
         self.echo_texts = echo_texts
+        # echo with logprobs: each choice's echoed prompt carries its tokens' logprobs, which come with the
+        # sequence's first output (the engine's prompt_logprobs), so the echo waits for them
+        self.echo_ids = echo_ids
+        self.echoed: set[int] = set()
+        # echo with max_tokens 0 (scoring a text): the engine makes one token, which no choice shows or counts
+        self.prompt_only = prompt_only
         self.logprobs = logprobs
         self.token_text = token_text
         self.usage_every_chunk = usage_every_chunk
@@ -148,16 +155,24 @@ class CompletionStream:
 
     def start(self) -> list[Completion]:
         """With echo, the prompt text of every choice (the whole prompt, never an empty chunk)."""
+        if self.echo_ids is not None:
+            return []  # sent with each choice's first output, its logprobs with it
         return [
             self._chunk([CompletionChoice(index=i * self.n + j, text=text)])
             for i, text in enumerate(self.echo_texts) if text for j in range(self.n)
         ]  # fmt: skip
 
     def feed(self, prompt_index: int, out: EngineOutput) -> list[Completion]:
+        index = prompt_index * self.n + out.index
+        echo = self._echo(prompt_index, index, getattr(out, "prompt_logprobs", None))
+        if self.prompt_only:
+            self.counts.cached = max(self.counts.cached, out.num_cached_tokens)
+            if not out.finished:
+                return echo
+            return [*echo, self._chunk([CompletionChoice(index=index, text="", finish_reason="length")])]
         self.counts.add(out)
         if not out.text and not out.finished and not out.logprobs:
-            return []
-        index = prompt_index * self.n + out.index
+            return echo
         lps = None
         if self.logprobs and out.logprobs:
             starts = None
@@ -167,7 +182,21 @@ class CompletionStream:
         self.offsets[index] += len(out.text)
         choice = CompletionChoice(index=index, text=out.text, logprobs=lps, finish_reason=out.finish_reason,
                                   stop_reason=out.stop_reason)  # fmt: skip
-        return [self._chunk([choice])]
+        return [*echo, self._chunk([choice])]
+
+    def _echo(self, prompt_index: int, index: int, prompt_lps: Sequence[TokenLogprobs] | None) -> list[Completion]:
+        """The echoed prompt of choice ``index`` with its tokens' logprobs (the first token has none)."""
+        if self.echo_ids is None or index in self.echoed or prompt_lps is None:
+            return []
+        self.echoed.add(index)
+        ids = self.echo_ids[prompt_index]
+        lps = _completion_logprobs(prompt_lps, self.token_text, len(self.token_text(ids[0])), None)
+        lps.tokens.insert(0, self.token_text(ids[0]))
+        lps.token_logprobs.insert(0, None)
+        lps.top_logprobs.insert(0, None)
+        lps.text_offset.insert(0, 0)
+        text = self.echo_texts[prompt_index]
+        return [self._chunk([CompletionChoice(index=index, text=text, logprobs=lps)])]
 
     def usage(self) -> Usage:
         return self.counts.usage()

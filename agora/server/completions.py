@@ -28,7 +28,10 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
         req.check()
         found = req.constraint()
         structured = structured_params(found[0], strict_schema(req)) if found is not None else None
-        params = sampling_params(req, req.max_tokens, req.logprobs, structured=structured)
+        prompt_only = req.echo and req.max_tokens == 0  # scoring a text: its echo (and logprobs), nothing after
+        params = sampling_params(req, 1 if prompt_only else req.max_tokens, req.logprobs, structured=structured)
+        if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get their logprobs too
+            params.prompt_logprobs = req.logprobs
         raw_prompts = req.prompts()
         if len(raw_prompts) > MAX_PROMPTS_PER_REQUEST:
             raise bad_request("prompt", f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request")
@@ -54,7 +57,9 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
         at_end, every_chunk = req.stream_usage()
         acc = CompletionStream(rid, serving.model_name, params.n, sum(len(p) for p in prompt_ids), echo_texts,
                                logprobs=params.logprobs is not None, token_text=serving.token_text,
-                               usage_every_chunk=every_chunk)  # fmt: skip
+                               usage_every_chunk=every_chunk,
+                               echo_ids=prompt_ids if params.prompt_logprobs is not None else None,
+                               prompt_only=prompt_only)  # fmt: skip
         answer = OpenAIAnswer(acc, merge_completion_chunks, at_end)
         return await serving.answer(request, streams, answer, stream=req.stream, start=start,
                                     headers=prompt_header(sum(len(p) for p in prompt_ids)))  # fmt: skip

@@ -92,6 +92,40 @@ def test_tiny_llama_matches_transformers_batched_with_prefix_caching(tiny):
     assert stats.kv_cache_usage == 0.0
 
 
+def test_prompt_logprobs_match_transformers(tiny):
+    # each prompt token's logprob under the model, and the top 3 there: in chunks (48 tokens a step), batched,
+    # and again once the prompts are in the prefix cache (a prompt that wants its logprobs computes them anyway)
+    path, prompts, _ = tiny
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    llm = LLM(str(path), dtype="float32", block_size=4, num_blocks=512, max_num_batched_tokens=48)
+    params = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=3)
+    for _ in range(2):
+        for prompt, result in zip(prompts, llm.generate(prompts, params), strict=True):
+            with torch.no_grad():
+                ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
+            got = result.prompt_logprobs
+            assert [x.token_id for x in got] == prompt[1:]
+            want = ref[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+            assert torch.allclose(torch.tensor([x.logprob for x in got]), want, atol=2e-4)
+            top = ref[:-1].topk(3, dim=-1)
+            for i, x in enumerate(got):
+                assert [t for t, _ in x.top] == top.indices[i].tolist()
+                assert torch.allclose(torch.tensor([v for _, v in x.top]), top.values[i], atol=2e-4)
+                assert x.rank == 1 + int((ref[i] > ref[i, prompt[i + 1]]).sum())
+    assert llm.engine.stats().prefix_cache_hits == 0  # shared prefixes, cached prompts: none was taken
+    assert llm.engine.kv.usage() == 0.0
+    # preempted mid-prompt and computed again: each prompt token's logprob given once, the same
+    calm = [[x.logprob for x in r.prompt_logprobs] for r in llm.generate(prompts, params)]
+    small = LLM(str(path), dtype="float32", block_size=4, num_blocks=60, max_num_batched_tokens=64)
+    params = SamplingParams(temperature=0.0, max_tokens=24, min_tokens=24, prompt_logprobs=0)
+    crowded = [[x.logprob for x in r.prompt_logprobs] for r in small.generate(prompts, params)]
+    assert small.engine.scheduler.num_preemptions > 0
+    assert [len(c) for c in crowded] == [len(c) for c in calm]
+    assert all(torch.allclose(torch.tensor(a), torch.tensor(b), atol=2e-4) for a, b in zip(crowded, calm, strict=True))
+
+
 def test_tiny_llama_matches_transformers_under_preemption(tiny):
     path, prompts, expected = tiny
     # 6 sequences of up to 204 tokens need ~250 blocks of 4; give them 60.

@@ -63,3 +63,36 @@ def test_errors_map_to_openai_exceptions(client):
     assert "maximum context length" in str(exc.value)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=[], max_tokens=1)
+
+
+def test_echo_scores_a_text_with_its_prompt_logprobs(client, server, tiny_model_dir):
+    # what lm-evaluation-harness and perplexity scripts send: echo, logprobs, max_tokens 0 (or 1)
+    import httpx
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    text = "Once upon a time there was a small town by the sea"
+    ids = httpx.post(f"{server.url}/tokenize", json={"model": MODEL, "prompt": text}).json()["tokens"]
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0], dim=-1)
+    want = ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    kw = dict(model=MODEL, prompt=text, echo=True, logprobs=2, temperature=0)
+    scored = client.completions.create(max_tokens=0, **kw)
+    choice = scored.choices[0]
+    assert choice.text == text and choice.finish_reason == "length" and scored.usage.completion_tokens == 0
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert torch.allclose(torch.tensor(lp.token_logprobs[1:]), want, atol=2e-4)
+    # (keyed by text: two byte tokens that both show as '\ufffd' are one entry)
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs[1:]) and lp.text_offset == sorted(lp.text_offset)
+    streamed = list(client.completions.create(max_tokens=0, stream=True, **kw))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == text
+    assert [x for c in streamed if c.choices and c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs] \
+        == lp.token_logprobs  # fmt: skip
+    more = client.completions.create(max_tokens=3, extra_body={"ignore_eos": True}, **kw).choices[0]
+    assert more.text.startswith(text) and len(more.logprobs.tokens) == len(ids) + 3
+    assert more.logprobs.token_logprobs[: len(ids)] == lp.token_logprobs
+    assert more.logprobs.text_offset[len(ids)] == len(text)  # the generated tokens follow the echoed prompt
+    with pytest.raises(openai.BadRequestError):  # max_tokens 0 means something only with echo
+        client.completions.create(model=MODEL, prompt=text, max_tokens=0)
