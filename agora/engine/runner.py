@@ -106,9 +106,11 @@ class ModelRunner:
                 scratch_slot=num_blocks * block_size, device=device,
             )  # fmt: skip
 
-    def _metadata(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+    def _metadata(
+        self, out: SchedulerOutput
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[tuple[str, int, int, int]]]:
         bs = self.block_size
-        self._prompt_rows: list[tuple[str, int, int, int]] = []  # (request id, row, next prompt token, top k)
+        prompt_rows: list[tuple[str, int, int, int]] = []  # (request id, row, next prompt token, top k)
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -123,7 +125,7 @@ class ModelRunner:
             if req.wants_prompt_logprobs:  # rows at prompt positions p predict prompt token p + 1
                 first = len(input_ids)
                 for p in range(max(start, len(req.prompt_logprobs)), min(end, req.num_prompt_tokens - 1)):
-                    self._prompt_rows.append((req.request_id, first + p - start, req.all_token_ids[p + 1],
+                    prompt_rows.append((req.request_id, first + p - start, req.all_token_ids[p + 1],
                                               req.sampling_params.prompt_logprobs))  # fmt: skip
             input_ids.extend(req.all_token_ids[start : end - len(drafts)])
             input_ids.extend(drafts)
@@ -165,7 +167,7 @@ class ModelRunner:
         meta = AttentionMetadata(torch.tensor(slots, dtype=torch.long, device=dev), groups)
         ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        return ids, pos, meta, sample_rows
+        return ids, pos, meta, sample_rows, prompt_rows
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
@@ -178,10 +180,10 @@ class ModelRunner:
             logits = self.model.compute_logits(self.graphs.run(out))  # type: ignore[operator]
             sampling = [s.request for s in out.scheduled]
         else:
-            ids, pos, meta, sample_rows = self._metadata(out)
+            ids, pos, meta, sample_rows, prompt_rows = self._metadata(out)
             hidden = self.model(ids, pos, self.attention.bind(meta))
-            if self._prompt_rows:
-                rids, rows, targets, ks = zip(*self._prompt_rows, strict=True)
+            if prompt_rows:
+                rids, rows, targets, ks = zip(*prompt_rows, strict=True)
                 lps = prompt_logprobs(self.model.compute_logits, hidden, list(rows), list(targets), list(ks))
                 for rid, lp in zip(rids, lps, strict=True):
                     prompt_lps.setdefault(rid, []).append(lp)

@@ -178,13 +178,17 @@ def gguf_reference():
 
     models: dict[str, torch.nn.Module] = {}
 
-    def reference(path, prompts: list[list[int]]) -> list[list[int]]:
+    def model(path) -> torch.nn.Module:
         if str(path) not in models:
             with _gguf_parsed_once():
                 hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
             models[str(path)] = hf.eval()
-        return hf_greedy(models[str(path)], prompts)
+        return models[str(path)]
 
+    def reference(path, prompts: list[list[int]]) -> list[list[int]]:
+        return hf_greedy(model(path), prompts)
+
+    reference.model = model  # the transformers model itself
     yield reference
     models.clear()
 
@@ -221,6 +225,20 @@ def test_smollm2_matches_transformers(smollm2_gguf, smollm2_reference):
                   speculative_config=spec)  # fmt: skip
         assert engine_greedy(llm, prompts) == expected
         assert llm.engine.stats().prefix_cache_hits > 0  # the shared system prompt
+
+
+def test_smollm2_prompt_logprobs_match_transformers(smollm2_gguf, smollm2_reference, gguf_reference):
+    prompts, _ = smollm2_reference
+    hf = gguf_reference.model(smollm2_gguf)
+    llm = LLM(str(smollm2_gguf), dtype="float32", num_blocks=256, max_num_batched_tokens=96)
+    results = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1))
+    for prompt, result in zip(prompts, results, strict=True):
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
+        got = result.prompt_logprobs
+        want = ref[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+        assert torch.allclose(torch.tensor([x.logprob for x in got]), want, atol=1e-3)
+        assert [x.top[0][0] for x in got] == ref[:-1].argmax(dim=-1).tolist()
 
 
 @pytest.mark.slow
