@@ -189,13 +189,19 @@ class CompletionStream:
         if self.echo_ids is None or index in self.echoed or prompt_lps is None:
             return []
         self.echoed.add(index)
-        ids = self.echo_ids[prompt_index]
-        lps = _completion_logprobs(prompt_lps, self.token_text, len(self.token_text(ids[0])), None)
+        ids, text = self.echo_ids[prompt_index], self.echo_texts[prompt_index]
+        # each token begins where the text before it ends; one the text does not show (a BOS token) takes no room
+        starts, at = [], 0
+        for token in ids:
+            starts.append(at)
+            piece = self.token_text(token)
+            if text.startswith(piece, at):
+                at += len(piece)
+        lps = _completion_logprobs(prompt_lps, self.token_text, 0, starts[1:])
         lps.tokens.insert(0, self.token_text(ids[0]))
         lps.token_logprobs.insert(0, None)
         lps.top_logprobs.insert(0, None)
         lps.text_offset.insert(0, 0)
-        text = self.echo_texts[prompt_index]
         return [self._chunk([CompletionChoice(index=index, text=text, logprobs=lps)])]
 
     def usage(self) -> Usage:
