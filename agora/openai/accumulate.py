@@ -25,6 +25,7 @@ MIN_LOGPROB = -9999.0  # OpenAI clamps -inf
 class TokenLogprobs(Protocol):
     token_id: int
     logprob: float
+    rank: int
     top: list[tuple[int, float]]
 
 
@@ -65,9 +66,10 @@ class ChatStream:
 
     def __init__(self, request_id: str, model: str, n: int, prompt_tokens: int, *, logprobs: bool,
                  token_text: Callable[[int], str], tool_parser: Callable[[], ToolParser] | None = None,
-                 usage_every_chunk: bool = False) -> None:  # fmt: skip
+                 usage_every_chunk: bool = False, prompt_k: int | None = None) -> None:  # fmt: skip
         self.id, self.model, self.n = request_id, model, n
         self.created = int(time.time())
+        self.prompt_k = prompt_k  # vLLM's prompt_logprobs asked for: the answer carries them, once
         self.logprobs = logprobs
         self.token_text = token_text
         self.parsers = [tool_parser() for _ in range(n)] if tool_parser is not None else None
@@ -88,13 +90,17 @@ class ChatStream:
         """``prompt_index`` is always 0: a chat request has one prompt (the same signature as text completions)."""
         self.counts.add(out)
         content, calls = out.text, []
+        chunks = []
+        if self.prompt_k is not None and (prompt := getattr(out, "prompt_logprobs", None)) is not None:
+            chunks.append(self._chunk([]).model_copy(update={"prompt_logprobs": vllm_prompt_logprobs(
+                prompt, self.token_text, self.prompt_k)}))  # fmt: skip
+            self.prompt_k = None
         parser = self.parsers[out.index] if self.parsers is not None else None
         if parser is not None:
             parsed = parser.feed(out.text)
             if out.finished:
                 parsed = parsed.then(parser.finish())
             content, calls = parsed.content, parsed.calls
-        chunks = []
         lps = _chat_logprobs(out.logprobs, self.token_text) if self.logprobs and out.logprobs else None
         if content or calls or lps is not None:
             deltas = [
@@ -132,14 +138,18 @@ class CompletionStream:
 
     def __init__(self, request_id: str, model: str, n: int, prompt_tokens: int, echo_texts: list[str], *,
                  logprobs: bool, token_text: Callable[[int], str], usage_every_chunk: bool = False,
-                 echo_ids: list[list[int]] | None = None, prompt_only: bool = False) -> None:  # fmt: skip
+                 echo_ids: list[list[int]] | None = None, prompt_only: bool = False, echo_k: int | None = None,
+                 prompt_k: int | None = None) -> None:  # fmt: skip
         self.id, self.model, self.n = request_id, model, n
         self.created = int(time.time())
         self.echo_texts = echo_texts
         # echo with logprobs: each choice's echoed prompt carries its tokens' logprobs, which come with the
         # sequence's first output (the engine's prompt_logprobs), so the echo waits for them
         self.echo_ids = echo_ids
+        self.echo_k = echo_k  # the top logprobs the echo shows (the engine may have computed more)
         self.echoed: set[int] = set()
+        self.prompt_k = prompt_k  # vLLM's prompt_logprobs asked for: each choice's first chunk carries them
+        self.prompt_lps: dict[int, list[dict[str, Any] | None]] = {}
         # echo with max_tokens 0 (scoring a text): the engine makes one token, which no choice shows or counts
         self.prompt_only = prompt_only
         self.logprobs = logprobs
@@ -164,14 +174,18 @@ class CompletionStream:
 
     def feed(self, prompt_index: int, out: EngineOutput) -> list[Completion]:
         index = prompt_index * self.n + out.index
-        echo = self._echo(prompt_index, index, getattr(out, "prompt_logprobs", None))
+        prompt = getattr(out, "prompt_logprobs", None)
+        echo = self._echo(prompt_index, index, prompt)
+        if self.prompt_k is not None and prompt is not None:
+            self.prompt_lps[index] = vllm_prompt_logprobs(prompt, self.token_text, self.prompt_k)
         if self.prompt_only:
             self.counts.cached = max(self.counts.cached, out.num_cached_tokens)
             if not out.finished:
                 return echo
-            return [*echo, self._chunk([CompletionChoice(index=index, text="", finish_reason="length")])]
+            return [*echo, self._chunk([CompletionChoice(index=index, text="", finish_reason="length",
+                                                         prompt_logprobs=self.prompt_lps.pop(index, None))])]  # fmt: skip
         self.counts.add(out)
-        if not out.text and not out.finished and not out.logprobs:
+        if not out.text and not out.finished and not out.logprobs and index not in self.prompt_lps:
             return echo
         lps = None
         if self.logprobs and out.logprobs:
@@ -181,7 +195,7 @@ class CompletionStream:
             lps = _completion_logprobs(out.logprobs, self.token_text, self.offsets[index], starts)
         self.offsets[index] += len(out.text)
         choice = CompletionChoice(index=index, text=out.text, logprobs=lps, finish_reason=out.finish_reason,
-                                  stop_reason=out.stop_reason)  # fmt: skip
+                                  stop_reason=out.stop_reason, prompt_logprobs=self.prompt_lps.pop(index, None))  # fmt: skip
         return [*echo, self._chunk([choice])]
 
     def _echo(self, prompt_index: int, index: int, prompt_lps: Sequence[TokenLogprobs] | None) -> list[Completion]:
@@ -197,7 +211,7 @@ class CompletionStream:
             piece = self.token_text(token)
             if text.startswith(piece, at):
                 at += len(piece)
-        lps = _completion_logprobs(prompt_lps, self.token_text, 0, starts[1:])
+        lps = _completion_logprobs(prompt_lps, self.token_text, 0, starts[1:], self.echo_k)
         lps.tokens.insert(0, self.token_text(ids[0]))
         lps.token_logprobs.insert(0, None)
         lps.top_logprobs.insert(0, None)
@@ -225,7 +239,7 @@ def _chat_logprobs(items: Sequence[TokenLogprobs], token_text: Callable[[int], s
 
 
 def _completion_logprobs(items: Sequence[TokenLogprobs], token_text: Callable[[int], str], offset: int,
-                         starts: Sequence[int] | None) -> CompletionLogprobs:  # fmt: skip
+                         starts: Sequence[int] | None, top_k: int | None = None) -> CompletionLogprobs:  # fmt: skip
     """Legacy logprobs; ``starts`` are the tokens' text offsets where the decoder gave them, else each
     token is taken to begin where the previous token's own text ends."""
     out = CompletionLogprobs()
@@ -233,7 +247,23 @@ def _completion_logprobs(items: Sequence[TokenLogprobs], token_text: Callable[[i
         text = token_text(x.token_id)
         out.tokens.append(text)
         out.token_logprobs.append(max(x.logprob, MIN_LOGPROB))
-        out.top_logprobs.append({token_text(t): max(v, MIN_LOGPROB) for t, v in x.top} if x.top else None)
+        top = x.top if top_k is None else x.top[:top_k]
+        out.top_logprobs.append({token_text(t): max(v, MIN_LOGPROB) for t, v in top} if top else None)
         out.text_offset.append(starts[i] if starts is not None else offset)
         offset += len(text)
+    return out
+
+
+def vllm_prompt_logprobs(items: Sequence[TokenLogprobs], token_text: Callable[[int], str],
+                         k: int) -> list[dict[str, Any] | None]:  # fmt: skip
+    """vLLM's ``prompt_logprobs``: for each prompt position (the first has none) the prompt token there and the
+    ``k`` most likely, by token id: ``{"logprob", "rank", "decoded_token"}``."""
+    out: list[dict[str, Any] | None] = [None]
+    for x in items:
+        entry = {str(x.token_id): {"logprob": max(x.logprob, MIN_LOGPROB), "rank": x.rank,
+                                   "decoded_token": token_text(x.token_id)}}  # fmt: skip
+        for rank, (token, logprob) in enumerate(x.top[:k], 1):
+            entry.setdefault(str(token), {"logprob": max(logprob, MIN_LOGPROB), "rank": rank,
+                                          "decoded_token": token_text(token)})  # fmt: skip
+        out.append(entry)
     return out

@@ -294,6 +294,7 @@ class ChatCompletion(OpenModel):
     model: str = ""
     choices: list[ChatChoice]
     usage: Usage | None = omitted()
+    prompt_logprobs: list[dict[str, Any] | None] | None = omitted()  # vLLM's, when asked for
 
 
 class FunctionCallDelta(OpenModel):
@@ -329,3 +330,4 @@ class ChatCompletionChunk(OpenModel):
     model: str = ""
     choices: list[ChatChunkChoice]
     usage: Usage | None = omitted()
+    prompt_logprobs: list[dict[str, Any] | None] | None = omitted()  # carried to the whole answer (never streamed)

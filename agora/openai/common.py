@@ -339,6 +339,7 @@ class SamplingFields(StrictModel):
     stop_token_ids: list[StrictInt] | None = None
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
+    prompt_logprobs: StrictInt | None = None  # vLLM's: each prompt token's logprob and the top k there
     cache_salt: str | None = Field(default=None, max_length=256)
     structured_outputs: StructuredOutputs | None = None
     # vLLM's older spelling of structured_outputs, still sent by many clients

@@ -3,7 +3,7 @@ has the response's shape, one choice's delta at a time)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import StrictBool, StrictInt
 
@@ -50,6 +50,7 @@ class CompletionChoice(OpenModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = omitted()
+    prompt_logprobs: list[dict[str, Any] | None] | None = omitted()  # vLLM's, when asked for
 
 
 class Completion(OpenModel):

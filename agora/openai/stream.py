@@ -78,9 +78,11 @@ def merge_chat_chunks(chunks: Iterable[ChatCompletionChunk], usage: Usage | None
     calls: dict[int, dict[int, dict[str, Any]]] = {}
     lps: dict[int, list] = {}
     finish: dict[int, ChatChunkChoice] = {}
+    prompt_lps = None
     for chunk in chunks:
         first = first or chunk
         usage = chunk.usage or usage
+        prompt_lps = chunk.prompt_logprobs or prompt_lps
         for c in chunk.choices:
             texts.setdefault(c.index, [])
             if c.delta.content:
@@ -113,7 +115,8 @@ def merge_chat_chunks(chunks: Iterable[ChatCompletionChunk], usage: Usage | None
             index=i, message=message, logprobs=ChoiceLogprobs(content=lps[i]) if i in lps else None,
             finish_reason=end.finish_reason if end else None, stop_reason=end.stop_reason if end else None,
         ))  # fmt: skip
-    return ChatCompletion(id=first.id, created=first.created, model=first.model, choices=choices, usage=usage)
+    return ChatCompletion(id=first.id, created=first.created, model=first.model, choices=choices, usage=usage,
+                          prompt_logprobs=prompt_lps)  # fmt: skip
 
 
 def chat_chunks(completion: ChatCompletion, include_usage: bool = False) -> list[ChatCompletionChunk]:
@@ -153,6 +156,7 @@ def merge_completion_chunks(chunks: Iterable[Completion], usage: Usage | None = 
     texts: dict[int, list[str]] = {}
     lps: dict[int, CompletionLogprobs] = {}
     finish: dict[int, CompletionChoice] = {}
+    prompt_lps: dict[int, list] = {}
     for chunk in chunks:
         first = first or chunk
         usage = chunk.usage or usage
@@ -166,6 +170,8 @@ def merge_completion_chunks(chunks: Iterable[Completion], usage: Usage | None = 
                 acc.text_offset += c.logprobs.text_offset
             if c.finish_reason is not None:
                 finish[c.index] = c
+            if c.prompt_logprobs is not None:
+                prompt_lps[c.index] = c.prompt_logprobs
     if first is None:
         raise ValueError("no chunks")
     choices = [
@@ -175,6 +181,7 @@ def merge_completion_chunks(chunks: Iterable[Completion], usage: Usage | None = 
             logprobs=lps.get(i),
             finish_reason=finish[i].finish_reason if i in finish else None,
             stop_reason=finish[i].stop_reason if i in finish else None,
+            prompt_logprobs=prompt_lps.get(i),
         )  # fmt: skip
         for i, t in sorted(texts.items())
     ]

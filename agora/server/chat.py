@@ -78,7 +78,8 @@ async def start_chat(serving: Serving, req: ChatCompletionRequest, prefix: str =
     streams = serving.submit([prompt_ids], params, serving.salt(tenant, req.cache_salt), rid, RENAME, constraint)
     _, every_chunk = req.stream_usage()
     acc = ChatStream(rid, serving.model_name, params.n, len(prompt_ids), logprobs=params.logprobs is not None,
-                     token_text=serving.token_text, tool_parser=tools.parser, usage_every_chunk=every_chunk)  # fmt: skip
+                     token_text=serving.token_text, tool_parser=tools.parser, usage_every_chunk=every_chunk,
+                     prompt_k=params.prompt_logprobs)  # fmt: skip
     return ChatRun(streams, acc, start, len(prompt_ids), text)
 
 

@@ -30,8 +30,10 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
         structured = structured_params(found[0], strict_schema(req)) if found is not None else None
         prompt_only = req.echo and req.max_tokens == 0  # scoring a text: its echo (and logprobs), nothing after
         params = sampling_params(req, 1 if prompt_only else req.max_tokens, req.logprobs, structured=structured)
-        if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get their logprobs too
-            params.prompt_logprobs = req.logprobs
+        echo_k = req.logprobs if req.echo else None  # the echoed prompt's tokens get their logprobs too
+        wanted = [k for k in (echo_k, req.prompt_logprobs) if k is not None]
+        if wanted:
+            params.prompt_logprobs = max(wanted)
         raw_prompts = req.prompts()
         if len(raw_prompts) > MAX_PROMPTS_PER_REQUEST:
             raise bad_request("prompt", f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request")
@@ -58,8 +60,8 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
         acc = CompletionStream(rid, serving.model_name, params.n, sum(len(p) for p in prompt_ids), echo_texts,
                                logprobs=params.logprobs is not None, token_text=serving.token_text,
                                usage_every_chunk=every_chunk,
-                               echo_ids=prompt_ids if params.prompt_logprobs is not None else None,
-                               prompt_only=prompt_only)  # fmt: skip
+                               echo_ids=prompt_ids if echo_k is not None else None, echo_k=echo_k,
+                               prompt_only=prompt_only, prompt_k=req.prompt_logprobs)  # fmt: skip
         answer = OpenAIAnswer(acc, merge_completion_chunks, at_end)
         return await serving.answer(request, streams, answer, stream=req.stream, start=start,
                                     headers=prompt_header(sum(len(p) for p in prompt_ids)))  # fmt: skip

@@ -33,6 +33,8 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
                     rename: dict[str, str] | None = None,
                     structured: StructuredOutputsParams | None = None) -> SamplingParams:  # fmt: skip
     """``rename`` maps an engine parameter name to the one this API calls it (chat: logprobs -> top_logprobs)."""
+    if req.prompt_logprobs is not None and req.stream:  # vLLM's rule too
+        raise bad_request("prompt_logprobs", "prompt_logprobs are not available when stream is true")
     bias = None
     if req.logit_bias:
         try:
@@ -57,6 +59,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
             min_tokens=req.min_tokens,
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=req.prompt_logprobs,
             skip_special_tokens=req.skip_special_tokens,
             logit_bias=bias,
             structured_outputs=structured,

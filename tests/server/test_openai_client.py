@@ -96,3 +96,34 @@ def test_echo_scores_a_text_with_its_prompt_logprobs(client, server, tiny_model_
     assert more.logprobs.text_offset[len(ids)] == len(text)  # the generated tokens follow the echoed prompt
     with pytest.raises(openai.BadRequestError):  # max_tokens 0 means something only with echo
         client.completions.create(model=MODEL, prompt=text, max_tokens=0)
+
+
+def test_vllm_prompt_logprobs_on_completions_and_chat(client, server, tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    text = "Once upon a time there was a small town by the sea"
+    scored = client.completions.create(model=MODEL, prompt=text, max_tokens=1, temperature=0,
+                                       extra_body={"prompt_logprobs": 2})  # fmt: skip
+    plp = scored.choices[0].model_extra["prompt_logprobs"]
+    import httpx
+
+    ids = httpx.post(f"{server.url}/tokenize", json={"model": MODEL, "prompt": text}).json()["tokens"]
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0], dim=-1)
+    assert len(plp) == len(ids) and plp[0] is None
+    for i, token in enumerate(ids[1:]):
+        entry = plp[i + 1]
+        assert abs(entry[str(token)]["logprob"] - ref[i, token].item()) < 2e-4
+        assert entry[str(token)]["rank"] == 1 + int((ref[i] > ref[i, token]).sum())
+        best = int(ref[i].argmax())
+        assert entry[str(best)]["rank"] == 1 and 1 <= len(entry) <= 3
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                          extra_body={"prompt_logprobs": 0})  # fmt: skip
+    assert len(chat.model_extra["prompt_logprobs"]) == chat.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError, match="prompt_logprobs"):  # vLLM's rule: not with stream
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                       stream=True, extra_body={"prompt_logprobs": 1})  # fmt: skip
+    plain = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert "prompt_logprobs" not in plain.model_dump_json()
