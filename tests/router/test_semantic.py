@@ -320,6 +320,12 @@ def test_cache_keys_bounds_and_expiry() -> None:
     body = chat_body("q", model="m", temperature=0)
     assert cache.key("/v1/chat/completions", chat_body("q", model="m"), "t") is None  # temperature 1 by default
     assert cache.key("/v1/chat/completions", {**body, "n": 2}, "t") is None
+    # an answer that shows its own prompt: a similar prompt's would show the wrong one
+    completion = {"model": "m", "prompt": "q", "temperature": 0}
+    assert cache.key("/v1/completions", completion, "t") is not None
+    assert cache.key("/v1/completions", {**completion, "echo": True}, "t") is None
+    assert cache.key("/v1/completions", {**completion, "prompt_logprobs": 0}, "t") is None
+    assert cache.key("/v1/chat/completions", {**body, "prompt_logprobs": 1}, "t") is None
     keys = [cache.key("/v1/chat/completions", chat_body(f"q{i}", model="m", temperature=0), "t") for i in range(3)]
     assert cache.key("/v1/chat/completions", {**body, "stream": True}, "t") == \
         cache.key("/v1/chat/completions", body, "t")  # fmt: skip

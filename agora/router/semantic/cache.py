@@ -99,8 +99,11 @@ class SemanticCache:
         self._lock = threading.Lock()  # lookups run in worker threads, stores on the event loop
 
     def key(self, path: str, body: dict[str, Any], tenant: str) -> CacheKey | None:
-        """The request's cache key, or None when it must not be cached (sampled, n > 1, logprobs...)."""
+        """The request's cache key, or None when it must not be cached (sampled, n > 1, logprobs, an answer that
+        repeats its own prompt: echo, prompt_logprobs...)."""
         if body.get("n", 1) != 1 or body.get("best_of", 1) != 1 or body.get("logprobs") or body.get("top_logprobs"):
+            return None
+        if body.get("echo") or body.get("prompt_logprobs") is not None:  # a similar prompt's answer shows that prompt
             return None
         temperature = body.get("temperature", 1.0)  # OpenAI's default is 1
         if not isinstance(temperature, (int, float)) or (temperature > 0 and not self.spec.include_sampled):
