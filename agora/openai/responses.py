@@ -35,6 +35,7 @@ HOSTED_TOOLS = ("web_search", "web_search_preview", "file_search", "computer_use
 
 
 TEXT_PART_TYPES = ("input_text", "output_text", "text")
+LOGPROBS = "message.output_text.logprobs"  # the include that asks for the output text's logprobs
 
 
 class TextPart(StrictModel):
@@ -157,6 +158,10 @@ class ResponsesRequest(StrictModel):
             raise ValueError(f"at most {MAX_INPUT_ITEMS} input items")
         return value
 
+    def wants_logprobs(self) -> bool:
+        """The output text's tokens with their logprobs (``include``), and ``top_logprobs`` alternatives each."""
+        return LOGPROBS in (self.include or []) or self.top_logprobs is not None
+
     def check(self) -> None:
         """The 400s that need no engine: what agora does not implement, named."""
         for name in ("conversation", "prompt", "context_management", "prompt_cache_retention"):
@@ -167,7 +172,7 @@ class ResponsesRequest(StrictModel):
         if self.truncation == "auto":
             raise bad_request("truncation", "truncation 'auto' is not supported: the input must fit the context")
         # Agents ask for the encrypted reasoning of reasoning models; with no reasoning items there is none to add.
-        unsupported = [i for i in self.include or [] if i != "reasoning.encrypted_content"]
+        unsupported = [i for i in self.include or [] if i not in ("reasoning.encrypted_content", LOGPROBS)]
         if unsupported:
             raise bad_request("include", f"include {unsupported[0]!r} is not supported")
         # a summary of reasoning that does not happen is empty (Codex asks for one); an effort cannot be honoured
@@ -178,8 +183,6 @@ class ResponsesRequest(StrictModel):
             raise bad_request("service_tier", "service_tier: only 'auto' and 'default' are available")
         if self.max_tool_calls is not None:
             raise bad_request("max_tool_calls", "max_tool_calls is not supported")
-        if self.top_logprobs is not None:
-            raise bad_request("top_logprobs", "top_logprobs is not supported on /v1/responses (use chat completions)")
         if self.stream_options is not None and (not self.stream or self.stream_options.include_obfuscation):
             raise bad_request("stream_options", "stream_options: only include_obfuscation false, with stream true")
         if self.text is not None and self.text.verbosity is not None:
@@ -247,6 +250,8 @@ class ResponsesRequest(StrictModel):
                 output = FunctionCallOutputItem.model_validate(item)
                 messages.append({"role": "tool", "tool_call_id": output.call_id, "content": output.text()})
         body: dict[str, Any] = {"model": self.model, "messages": messages, "stream": self.stream}
+        if self.wants_logprobs():
+            body.update(logprobs=True, top_logprobs=self.top_logprobs or 0)
         for name in ("temperature", "top_p", "user", "parallel_tool_calls"):
             if getattr(self, name) is not None:
                 body[name] = getattr(self, name)
@@ -399,6 +404,7 @@ class ResponseEvents:
         self.text: OutputMessage | None = None  # the message item being written
         self.call: FunctionCallOut | None = None  # the function call being written
         self.calls: dict[int, FunctionCallOut] = {}
+        self.pending: list[dict[str, Any]] = []  # logprobs of tokens whose text has not come out yet
 
     def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
         event = {"type": kind, "sequence_number": self.seq, **fields}
@@ -420,10 +426,12 @@ class ResponseEvents:
         if item is None:
             return []
         i, part = self._index(item), item.content[0]
+        part.logprobs += self.pending
+        self.pending = []
         item.status = "completed"
         return [
             self._event("response.output_text.done", item_id=item.id, output_index=i, content_index=0,
-                        text=part.text, logprobs=[]),
+                        text=part.text, logprobs=part.logprobs),
             self._event("response.content_part.done", item_id=item.id, output_index=i, content_index=0,
                         part=part.model_dump(mode="json")),
             self._event("response.output_item.done", output_index=i, item=item.model_dump(mode="json")),
@@ -445,6 +453,8 @@ class ResponseEvents:
         events: list[dict[str, Any]] = []
         for choice in chunk.choices:
             delta = choice.delta
+            if choice.logprobs is not None and choice.logprobs.content and not delta.tool_calls:
+                self.pending += [lp.model_dump(mode="json") for lp in choice.logprobs.content]  # the chat shape's
             if delta.content:
                 events += self._close_call()
                 if self.text is None:
@@ -456,11 +466,14 @@ class ResponseEvents:
                     events.append(self._event("response.content_part.added", item_id=self.text.id, output_index=i,
                                               content_index=0, part=OutputText().model_dump(mode="json")))  # fmt: skip
                 self.text.content[0].text += delta.content
+                lps, self.pending = self.pending, []
+                self.text.content[0].logprobs += lps
                 events.append(self._event("response.output_text.delta", item_id=self.text.id,
                                           output_index=self._index(self.text), content_index=0, delta=delta.content,
-                                          logprobs=[]))  # fmt: skip
+                                          logprobs=lps))  # fmt: skip
             for tc in delta.tool_calls or []:
                 if tc.index not in self.calls:
+                    self.pending = []  # the call's markup tokens: not output text
                     events += self._close_text() + self._close_call()
                     name = tc.function.name if tc.function is not None else None
                     self.call = FunctionCallOut(id=new_id("fc"), call_id=tc.id or new_id("call"), name=name or "",

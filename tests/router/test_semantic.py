@@ -326,6 +326,9 @@ def test_cache_keys_bounds_and_expiry() -> None:
     assert cache.key("/v1/completions", {**completion, "echo": True}, "t") is None
     assert cache.key("/v1/completions", {**completion, "prompt_logprobs": 0}, "t") is None
     assert cache.key("/v1/chat/completions", {**body, "prompt_logprobs": 1}, "t") is None
+    assert cache.key("/v1/completions", {**completion, "logprobs": 0}, "t") is None  # the chosen token's, asked
+    assert cache.key("/v1/chat/completions", {**body, "logprobs": False}, "t") is not None
+    assert cache.key("/v1/chat/completions", {**body, "top_logprobs": 0}, "t") is None
     keys = [cache.key("/v1/chat/completions", chat_body(f"q{i}", model="m", temperature=0), "t") for i in range(3)]
     assert cache.key("/v1/chat/completions", {**body, "stream": True}, "t") == \
         cache.key("/v1/chat/completions", body, "t")  # fmt: skip

@@ -29,6 +29,32 @@ def client(server):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="k1", max_retries=0)
 
 
+def test_output_text_logprobs(client) -> None:
+    kw = dict(model=MODEL, input="Hello there", max_output_tokens=6, temperature=0, top_logprobs=2,
+              include=["message.output_text.logprobs"])  # fmt: skip
+    whole = client.responses.create(**kw)
+    part = whole.output[0].content[0]
+    assert len(part.logprobs) == whole.usage.output_tokens > 0
+    assert all(len(lp.top_logprobs) == 2 and lp.logprob <= lp.top_logprobs[0].logprob + 1e-6 for lp in part.logprobs)
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hello there"}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    assert [lp.token for lp in part.logprobs] == [lp.token for lp in chat.choices[0].logprobs.content]
+    events = list(client.responses.create(stream=True, **kw))
+    deltas = [lp.token for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    final = events[-1].response.output[0].content[0]  # response.incomplete (max_output_tokens) or completed
+    assert [lp.token for lp in final.logprobs] == [lp.token for lp in part.logprobs]
+    assert deltas == [lp.token for lp in part.logprobs][: len(deltas)] and deltas  # a token with no text: at the end
+    assert client.responses.retrieve(whole.id).output[0].content[0].logprobs == part.logprobs  # stored with them
+    plain = client.responses.create(model=MODEL, input="Hello there", max_output_tokens=3)
+    assert plain.output[0].content[0].logprobs == []
+
+
 def test_create_and_stream_agree(client) -> None:
     kw = dict(model=MODEL, input="Hello there", max_output_tokens=4, temperature=0)
     whole = client.responses.create(**kw)
@@ -106,7 +132,8 @@ def test_another_key_cannot_see_a_stored_response(server, tiny_long_model_dir) -
 @pytest.mark.parametrize("body,status,param", [
     ({"input": "x", "previous_response_id": "resp_nope"}, 404, "previous_response_id"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, 400, "tools"),
-    ({"input": "x", "include": ["message.output_text.logprobs"]}, 400, "include"),
+    ({"input": "x", "include": ["file_search_call.results"]}, 400, "include"),
+    ({"input": "x", "top_logprobs": 21}, 400, "top_logprobs"),
     ({"input": "x", "background": True}, 400, "background"),
     ({"input": "x", "reasoning": {"effort": "high"}}, 400, "reasoning"),
     ({"input": "x", "tools": [{"type": "namespace", "name": "multi_agent_v1"}]}, 400, "tools"),
