@@ -32,6 +32,13 @@ from agora.models.loader import inspect_model, load_model
 logger = logging.getLogger(__name__)
 
 
+def out_of_vocabulary(token_ids: list[int], vocab_size: int) -> int | None:
+    """The first id in ``token_ids`` that is no token of a ``vocab_size`` vocabulary (min and max first, in C)."""
+    if not token_ids or (min(token_ids) >= 0 and max(token_ids) < vocab_size):
+        return None
+    return next(t for t in token_ids if not 0 <= t < vocab_size)
+
+
 def check_request(vocab_size: int, max_model_len: int, has_grammars: bool, prompt_token_ids: list[int],
                   params: SamplingParams) -> None:  # fmt: skip
     """ParamError if a request can never run on a model of this vocabulary and context length: the engine's
@@ -43,8 +50,7 @@ def check_request(vocab_size: int, max_model_len: int, has_grammars: bool, promp
         raise ParamError("prompt",
             f"the prompt has {n} tokens, but this model's context length is {max_model_len}; shorten the prompt"
         )  # fmt: skip
-    if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab_size:
-        bad = next(t for t in prompt_token_ids if not 0 <= t < vocab_size)
+    if (bad := out_of_vocabulary(prompt_token_ids, vocab_size)) is not None:
         raise ParamError("prompt", f"token id {bad} is out of the vocabulary (0..{vocab_size - 1})")
     if params.max_tokens is not None and n + params.max_tokens > max_model_len:
         raise ParamError("max_tokens",
@@ -311,6 +317,7 @@ class Engine:
                 if self.policy is not None:
                     self.policy.record(rid, drafted[rid], accepted)
             tokens = req.output_token_ids[len(req.output_token_ids) - kept :]
+            first = len(req.output_token_ids) == kept  # the sequence's first output (kept across preemption)
             finished = req.is_finished
             text = ""
             emitted = 0
@@ -340,9 +347,9 @@ class Engine:
             tokens = tokens[:emitted]
             self.generation_tokens += emitted
             lps = result.logprobs.get(rid, [])[:emitted]
-            prompt_lps = None
-            if req.sampling_params.prompt_logprobs is not None and not req.prompt_logprobs_sent:
-                prompt_lps, req.prompt_logprobs_sent = list(req.prompt_logprobs), True
+            prompt_lps = (
+                list(req.prompt_logprobs) if first and req.sampling_params.prompt_logprobs is not None else None
+            )
             outputs.append(
                 RequestOutput(
                     request_id=seq.parent_id,

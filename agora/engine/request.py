@@ -55,7 +55,6 @@ class Request:
     # With ``sampling_params.prompt_logprobs``: the logprobs of prompt tokens 1.. (the runner's TokenLogprobs), in
     # order. Until they are all in, the prompt is computed whole (no prefix-cache hit: a cached token has no logits).
     prompt_logprobs: list[Any] = field(default_factory=list)
-    prompt_logprobs_sent: bool = False
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

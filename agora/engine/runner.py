@@ -174,8 +174,8 @@ class ModelRunner:
         if out.is_empty:
             return RunnerOutput({}, {})
         prompt_lps: dict[str, list[TokenLogprobs]] = {}
-        wants_prompt = any(s.request.wants_prompt_logprobs for s in out.scheduled)
-        if self.graphs is not None and not wants_prompt and self.graphs.can_run(out):
+        if (self.graphs is not None and not any(s.request.wants_prompt_logprobs for s in out.scheduled)
+                and self.graphs.can_run(out)):  # fmt: skip
             # Decode-only step: every row samples.
             logits = self.model.compute_logits(self.graphs.run(out))  # type: ignore[operator]
             sampling = [s.request for s in out.scheduled]

@@ -27,6 +27,7 @@ import agora
 from agora import envs
 from agora.config import ServerConfig
 from agora.engine.client import EngineClient
+from agora.engine.engine import out_of_vocabulary
 from agora.http_server import CrossOrigin, loopback_name
 from agora.openai.common import error_words, telling_error
 from agora.openai.errors import APIError, bad_request
@@ -175,8 +176,7 @@ def build_app(engine: EngineClient, config: ServerConfig | None = None) -> FastA
         tok = serving.need_tokenizer()
 
         def run() -> str:
-            bad = next((t for t in req.tokens if not 0 <= t < core.vocab_size), None)
-            if bad is not None:
+            if (bad := out_of_vocabulary(req.tokens, core.vocab_size)) is not None:
                 raise bad_request("tokens", f"token id {bad} is out of the vocabulary (0..{core.vocab_size - 1})")
             return tok.decode(req.tokens)
 

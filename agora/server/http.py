@@ -68,8 +68,6 @@ class BodyGuard:
         if (path := lone_surrogate(whole)) is not None:
             await refusal(surrogate_error(path))(scope, receive, send)
             return
-        if body and b"content-type" not in headers:  # unnamed: read as JSON, as the gateway does
-            scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
         replayed = False
 
         async def replay() -> Message:

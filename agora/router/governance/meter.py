@@ -154,9 +154,9 @@ class UsageMeter:
         return "".join(self.text)[:_MAX_TEXT]
 
     def _usage(self, tokens_in: Any, tokens_out: Any) -> None:
-        if isinstance(tokens_in, int) and not isinstance(tokens_in, bool) and tokens_in >= 0:
+        if _count(tokens_in):
             self.tokens_in = tokens_in
-        if isinstance(tokens_out, int) and not isinstance(tokens_out, bool) and tokens_out >= 0:
+        if _count(tokens_out):
             self.tokens_out = tokens_out
 
     def _keep(self, piece: str) -> None:
@@ -209,10 +209,12 @@ def _anthropic_input(usage: dict[str, Any]) -> Any:
     """The prompt's tokens from Anthropic's usage, whose ``input_tokens`` leaves out the cached ones (the other
     APIs count a prompt whole: so does the meter, whatever the cache did)."""
     tokens = usage.get("input_tokens")
-    if not isinstance(tokens, int) or isinstance(tokens, bool):
+    if not _count(tokens):
         return tokens
-    for cached in ("cache_read_input_tokens", "cache_creation_input_tokens"):
-        value = usage.get(cached)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            tokens += value
-    return tokens
+    return tokens + sum(v for k in ("cache_read_input_tokens", "cache_creation_input_tokens")
+                        if _count(v := usage.get(k)))  # fmt: skip
+
+
+def _count(value: Any) -> bool:
+    """A token count as JSON carries one: a non-negative integer (not a boolean)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
