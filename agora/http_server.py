@@ -38,6 +38,9 @@ HEAD_SLACK = 16 << 10  # the request line and separators, beyond the headers' ow
 # page (403) or a page under a name that is not this machine's (403).
 REFUSALS = ("request_header_fields_too_large", "request_timeout", "body_timeout", "origin_not_allowed",
             "host_not_allowed")  # fmt: skip
+REFUSALS_HELP = ("Requests and connections the HTTP layer refused before the API saw them, by reason: "
+                 "request_header_fields_too_large (431), request_timeout (408), body_timeout (closed), "
+                 "origin_not_allowed and host_not_allowed (403, browser pages).")  # fmt: skip
 Refused = Callable[[str], None]
 
 

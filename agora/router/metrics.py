@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from agora.http_server import REFUSALS
+from agora.http_server import REFUSALS, REFUSALS_HELP
 from agora.router.endpoints import EndpointPool
 from agora.router.profile import SchedulingProfile
 
@@ -104,10 +104,7 @@ class GatewayMetrics:
                                        buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)  # fmt: skip
         self.auth_throttled = Counter("agora_gateway_auth_throttled", "Requests refused because their client "
                                       "sent too many invalid keys.", registry=r)  # fmt: skip
-        self.http_refused = Counter("agora_gateway_http_refused", "Requests and connections the HTTP layer refused "
-                                    "before the gateway saw them, by reason: request_header_fields_too_large (431), "
-                                    "request_timeout (408), body_timeout (closed), origin_not_allowed and "
-                                    "host_not_allowed (403, browser pages).", ["reason"], registry=r)  # fmt: skip
+        self.http_refused = Counter("agora_gateway_http_refused", REFUSALS_HELP, ["reason"], registry=r)
         for reason in REFUSALS:
             self.http_refused.labels(reason)
         self.max_tenants = max_tenants

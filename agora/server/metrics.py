@@ -15,7 +15,7 @@ from prometheus_client.registry import Collector
 
 from agora.engine.engine import EngineStats
 from agora.engine.spec import SpecStats
-from agora.http_server import REFUSALS
+from agora.http_server import REFUSALS, REFUSALS_HELP
 
 _LATENCY_BUCKETS = (
     0.001,
@@ -140,12 +140,8 @@ class ServerMetrics:
         )  # fmt: skip
         for status in ("413", "429", "503"):
             self.rejected.labels(model_name, status)
-        self.http_refused = Counter(
-            "agora:http_refused", "Requests and connections the HTTP layer refused before the API saw them, by "
-            "reason: request_header_fields_too_large (431), request_timeout (408), body_timeout (closed), "
-            "origin_not_allowed and host_not_allowed (403, browser pages).", ["model_name", "reason"],
-            registry=self.registry,
-        )  # fmt: skip
+        self.http_refused = Counter("agora:http_refused", REFUSALS_HELP, ["model_name", "reason"],
+                                    registry=self.registry)  # fmt: skip
         for reason in REFUSALS:
             self.http_refused.labels(model_name, reason)
 
