@@ -64,8 +64,25 @@ def check_request(vocab_size: int, max_model_len: int, has_grammars: bool, promp
     for t in params.logit_bias or {}:
         if not 0 <= t < vocab_size:
             raise ParamError("logit_bias", f"logit_bias: token id {t} is out of the vocabulary")
+    if params.allowed_token_ids is not None and (bad := out_of_vocabulary(params.allowed_token_ids, vocab_size)) \
+            is not None:  # fmt: skip
+        raise ParamError("allowed_token_ids", f"allowed_token_ids: token id {bad} is out of the vocabulary")
+    for ids in params.bad_words_token_ids:
+        if (bad := out_of_vocabulary(ids, vocab_size)) is not None:
+            raise ParamError("bad_words", f"bad_words_token_ids: token id {bad} is out of the vocabulary")
     if params.structured_outputs is not None and not has_grammars:
         raise ParamError("structured_outputs", "structured outputs need a tokenizer, and this model has none")
+
+
+def bad_words_token_ids(tokenizer: Tokenizer, words: list[str]) -> list[list[int]]:
+    """Each word's tokens as it starts the output and as it follows a space (vLLM's two spellings), each once."""
+    out: list[list[int]] = []
+    for word in words:
+        for text in (word.lstrip(), " " + word.lstrip()):
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            if ids and ids not in out:
+                out.append(ids)
+    return out
 
 
 @dataclass
@@ -207,7 +224,12 @@ class Engine:
     # -- requests ------------------------------------------------------------
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ParamError (a client error naming the parameter) if the request can never run."""
+        """Raise ParamError (a client error naming the parameter) if the request can never run. Tokenizes
+        ``params.bad_words`` into ``params.bad_words_token_ids`` (once)."""
+        if params.bad_words and not params.bad_words_token_ids:
+            if self.tokenizer is None:
+                raise ParamError("bad_words", "bad_words need a tokenizer, and this model has none")
+            params.bad_words_token_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
         check_request(self.vocab_size, self.max_model_len, self.grammars is not None, prompt_token_ids, params)
 
     def compile_grammar(self, params: SamplingParams) -> Constraint:

@@ -3,7 +3,7 @@
 One call handles every request that samples this step::
 
     logits ─▶ logits processors, in chain order, each over the whole batch:
-              bias ─▶ penalties ─▶ min_tokens ─▶ grammar masks
+              bias ─▶ allowed tokens ─▶ bad words ─▶ penalties ─▶ min_tokens ─▶ grammar masks
            ─▶ pick: greedy, or temperature + top-k/top-p/min-p + an exponential race
            ─▶ grammars take the picked tokens (and may swap one to keep a valid ending in budget)
            ─▶ logprobs of the raw distribution
@@ -15,7 +15,7 @@ in the batch, and whether or not speculative decoding verified them.
 
 ``verify`` is the speculative step: a sequence with k draft tokens has k + 1 rows of
 logits (one per draft position, and the bonus one after the last), each row is sampled
-as if the drafts before it had been sampled (penalties and min_tokens see them), and the
+as if the drafts before it had been sampled (penalties, bad words and min_tokens see them), and the
 longest prefix of drafts equal to the sampled tokens is kept plus the sampled token after
 it. With a single-token guess per position that is exact rejection sampling: a draft is
 kept with probability p(draft), and a rejected position keeps the token sampled from p,
@@ -131,6 +131,48 @@ class LogitBias:
         return logits + bias
 
 
+class AllowedTokens:
+    """``allowed_token_ids``: every other token of the row's vocabulary is masked out."""
+
+    def wanted(self, reqs: Sequence[SampleRequest]) -> bool:
+        return any(r.params.allowed_token_ids is not None for r in reqs)
+
+    def __call__(self, logits: torch.Tensor, reqs: Sequence[SampleRequest]) -> torch.Tensor:
+        keep = torch.ones_like(logits, dtype=torch.bool)
+        for i, r in enumerate(reqs):
+            if r.params.allowed_token_ids is not None:
+                keep[i] = False
+                keep[i, torch.tensor(r.params.allowed_token_ids, device=logits.device)] = True
+        return logits.masked_fill(~keep, float("-inf"))
+
+
+class BadWords:
+    """``bad_words``: a word's last token is banned wherever the output so far ends with the tokens before it
+    (a one-token word is banned everywhere), so the output never spells the word in those tokens."""
+
+    @staticmethod
+    def _banned(r: SampleRequest) -> list[int]:
+        out = r.output_token_ids
+        return [
+            ids[-1]
+            for ids in r.params.bad_words_token_ids
+            if len(ids) == 1 or (len(out) >= len(ids) - 1 and out[len(out) - len(ids) + 1 :] == ids[:-1])
+        ]
+
+    def wanted(self, reqs: Sequence[SampleRequest]) -> bool:
+        return any(r.params.bad_words_token_ids for r in reqs)
+
+    def __call__(self, logits: torch.Tensor, reqs: Sequence[SampleRequest]) -> torch.Tensor:
+        banned = [(i, self._banned(r)) for i, r in enumerate(reqs) if r.params.bad_words_token_ids]
+        if not any(ids for _, ids in banned):
+            return logits
+        logits = logits.clone()
+        for i, ids in banned:
+            if ids:
+                logits[i, torch.tensor(ids, device=logits.device)] = float("-inf")
+        return logits
+
+
 class Penalties:
     """Repetition (over prompt and output, as HF), presence and frequency (over the output)."""
 
@@ -217,7 +259,7 @@ class GrammarMask:
         return logits
 
 
-CHAIN: tuple[LogitsProcessor, ...] = (LogitBias(), Penalties(), MinTokens(), GrammarMask())
+CHAIN: tuple[LogitsProcessor, ...] = (LogitBias(), AllowedTokens(), BadWords(), Penalties(), MinTokens(), GrammarMask())
 
 
 def _apply_truncation(logits: torch.Tensor, reqs: list[SampleRequest]) -> torch.Tensor:
@@ -329,7 +371,7 @@ def verify(logits: torch.Tensor, reqs: list[SampleRequest], drafts: list[list[in
         index: list[int] = []
         for i in plain:
             r, d = reqs[i], drafts[i]
-            history = r.params.uses_penalties or r.params.min_tokens > len(r.output_token_ids)
+            history = r.params.uses_history or r.params.min_tokens > len(r.output_token_ids)
             base = r.index
             for j in range(len(d) + 1):
                 out_ids = r.output_token_ids + d[:j] if history and j else r.output_token_ids

@@ -10,6 +10,8 @@ MAX_LOGPROBS = 20
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_STRING_LEN = 256
 MAX_SEED = 2**63 - 1
+MAX_BAD_WORDS = 128
+MAX_BAD_WORD_LEN = 256
 
 
 class ParamError(ValueError):
@@ -83,6 +85,11 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for each prompt token after the first (vLLM's name)
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None  # only these tokens may be sampled
+    # Words that must not appear in the output (vLLM's): the engine tokenizes each with and without a leading
+    # space into ``bad_words_token_ids``; a sequence's last token is banned where the output ends with the rest.
+    bad_words: list[str] = field(default_factory=list)
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)
     structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
@@ -90,6 +97,12 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+        self.bad_words = list(self.bad_words)
+        self.bad_words_token_ids = [list(ids) for ids in self.bad_words_token_ids]
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
@@ -137,6 +150,15 @@ class SamplingParams:
             bad("stop_token_ids", "at most 1024 stop_token_ids are allowed")
         if self.logit_bias is not None and len(self.logit_bias) > 1024:
             bad("logit_bias", "logit_bias may hold at most 1024 entries")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            bad("allowed_token_ids", "allowed_token_ids must not be empty (leave it out to allow every token)")
+        if len(self.bad_words) > MAX_BAD_WORDS:
+            bad("bad_words", f"at most {MAX_BAD_WORDS} bad_words are allowed, got {len(self.bad_words)}")
+        for w in self.bad_words:
+            if not isinstance(w, str) or not w.strip() or len(w) > MAX_BAD_WORD_LEN:
+                bad("bad_words", f"bad_words must be non-blank strings of at most {MAX_BAD_WORD_LEN} characters")
+        if len(self.bad_words_token_ids) > 2 * MAX_BAD_WORDS or any(not ids for ids in self.bad_words_token_ids):
+            bad("bad_words", f"bad_words_token_ids takes at most {2 * MAX_BAD_WORDS} non-empty token sequences")
 
     @property
     def greedy(self) -> bool:
@@ -145,6 +167,12 @@ class SamplingParams:
     @property
     def uses_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def uses_history(self) -> bool:
+        """Whether a token's logits depend on the output before it (penalties, bad words): speculative
+        verification then gives each draft position the drafts before it."""
+        return self.uses_penalties or bool(self.bad_words_token_ids)
 
     @property
     def uses_truncation(self) -> bool:

@@ -111,6 +111,24 @@ def test_logit_bias():
     assert sample(lg, [row(SamplingParams(temperature=0, logit_bias={2: 5.0}))]).token_ids == [2]
 
 
+def test_allowed_token_ids_mask_every_other_token_of_their_row_only():
+    lg = logits_of([5.0, 1.0, 0.0, 3.0], [5.0, 1.0, 0.0, 3.0])
+    reqs = [row(SamplingParams(temperature=0, allowed_token_ids=[1, 2])), row(SamplingParams(temperature=0))]
+    assert sample(lg, reqs).token_ids == [1, 0]
+    sampled = _frequencies(SamplingParams(temperature=1.0, allowed_token_ids=[2, 3]), [5.0, 1.0, 0.0, 3.0], 500)
+    assert sampled[0] == sampled[1] == 0 and sampled[3] > sampled[2] > 0
+
+
+def test_bad_words_ban_a_word_s_last_token_only_after_the_rest_of_it():
+    lg = logits_of(*[[0.0, 1.0, 2.0, 3.0, 4.0]] * 4)
+    params = SamplingParams(temperature=0, bad_words_token_ids=[[1, 4], [3]])
+    # [1, 4]: token 4 is banned only right after token 1; [3]: token 3 is banned everywhere
+    reqs = [row(params, out=[2, 1]), row(params, out=[1, 2]), row(params), row(SamplingParams(temperature=0), out=[1])]
+    assert sample(lg, reqs).token_ids == [2, 4, 4, 4]
+    # the prompt does not count: a word may be split across prompt and output (vLLM's rule too)
+    assert sample(lg[:1], [row(params, prompt=[1])]).token_ids == [4]
+
+
 def test_logprobs_are_the_raw_distribution():
     lg = logits_of([2.0, 1.0, 0.5, -1.0], [0.0, 0.0, 3.0, 0.0])
     reqs = [row(SamplingParams(temperature=0, logprobs=2)), row(SamplingParams(temperature=0))]
@@ -127,7 +145,8 @@ def test_logprobs_are_the_raw_distribution():
 @pytest.mark.parametrize(
     "kwargs",
     [dict(n=0), dict(n=17), dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_tokens=0),
-     dict(logprobs=21), dict(min_tokens=5, max_tokens=2), dict(stop=[""]), dict(seed=-1), dict(min_p=1.5)],
+     dict(logprobs=21), dict(min_tokens=5, max_tokens=2), dict(stop=[""]), dict(seed=-1), dict(min_p=1.5),
+     dict(allowed_token_ids=[]), dict(bad_words=[" "]), dict(bad_words=["x"] * 129), dict(bad_words_token_ids=[[]])],
 )  # fmt: skip
 def test_invalid_params_raise_value_error(kwargs):
     with pytest.raises(ValueError):

@@ -180,6 +180,13 @@ def test_penalties_see_the_drafts_before_them():
     assert verify(lg, [_row(p)], [[2]])[0][0] == [2, 3]
 
 
+def test_bad_words_see_the_drafts_before_them():
+    # Row 1 would pick token 3, but the draft at row 0 is token 2, and [2, 3] is a bad word.
+    lg = torch.tensor([[0.0, 0.0, 9.0, 0.0], [0.0, 0.0, 1.0, 2.0]])
+    p = SamplingParams(temperature=0, bad_words_token_ids=[[2, 3]])
+    assert verify(lg, [_row(p)], [[2]])[0][0] == [2, 2]
+
+
 # -- the engine: speculation on gives the tokens speculation off gives ------------------------------
 
 
@@ -296,6 +303,28 @@ def test_an_answer_that_ends_on_accepted_drafts_is_in_the_prefix_cache_for_the_n
         if config is not None:
             assert llm.engine.stats().spec.num_accepted_tokens > 20  # the answer was mostly drafts
     assert cached["suffix"] == cached["off"] == (len(prompt) + 40 - 1) // 4 * 4  # all but the last token's
+
+
+def test_bad_words_and_allowed_tokens_with_speculation_equal_speculation_off(tiny_model_dir, tiny_reference):
+    """Drafts that would spell a bad word or use a token outside allowed_token_ids are rejected: the output is
+    speculation off's, which never shows the word (a bigram the unconstrained answer repeats)."""
+    prompts, expected = tiny_reference
+    word = expected[0][10:12]
+    allowed = sorted({t for out in expected for t in out})[::2]
+    base = LLM(str(tiny_model_dir), dtype="float32", num_blocks=256, block_size=4, speculative_config=None)
+    spec = LLM(str(tiny_model_dir), dtype="float32", num_blocks=256, block_size=4, speculative_config=SUFFIX)
+    _untimed(spec)
+    for kwargs in ({"bad_words_token_ids": [word]}, {"allowed_token_ids": allowed}):
+        params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, **kwargs)
+        for _ in range(2):  # the second time, the suffix corpus drafts the first run's answers
+            a = [r.outputs[0].token_ids for r in base.generate(prompts, params)]
+            b = [r.outputs[0].token_ids for r in spec.generate(prompts, params)]
+            assert a == b and a != expected
+            if "allowed_token_ids" in kwargs:
+                assert set().union(*a) <= set(allowed)
+            else:
+                assert not any(out[i : i + 2] == word for out in a for i in range(len(out)))
+    assert spec.engine.stats().spec.num_accepted_tokens > 20
 
 
 def test_drafts_never_run_past_max_tokens(tiny_model_dir):
