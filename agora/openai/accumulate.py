@@ -66,12 +66,19 @@ class ChatStream:
 
     def __init__(self, request_id: str, model: str, n: int, prompt_tokens: int, *, logprobs: bool,
                  token_text: Callable[[int], str], tool_parser: Callable[[], ToolParser] | None = None,
-                 usage_every_chunk: bool = False, prompt_k: int | None = None) -> None:  # fmt: skip
+                 usage_every_chunk: bool = False, prompt_k: int | None = None,
+                 prompt_ids: list[int] | None = None, label: Callable[[int], str] | None = None,
+                 echo: str = "") -> None:  # fmt: skip
+        """``prompt_ids``: vLLM's ``return_token_ids`` (the prompt's ids on the first chunk, each chunk's own
+        token ids on its choice); ``label``: how logprobs name a token (default: its text); ``echo``: the text
+        every choice starts with (vLLM's chat ``echo``)."""
         self.id, self.model, self.n = request_id, model, n
         self.created = int(time.time())
         self.prompt_k = prompt_k  # vLLM's prompt_logprobs asked for: the answer carries them, once
         self.logprobs = logprobs
         self.token_text = token_text
+        self.label = label or token_text
+        self.prompt_ids, self.echo = prompt_ids, echo
         self.parsers = [tool_parser() for _ in range(n)] if tool_parser is not None else None
         self.usage_every_chunk = usage_every_chunk
         self.counts = _Counts(prompt_tokens)
@@ -82,9 +89,13 @@ class ChatStream:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
 
     def start(self) -> list[ChatCompletionChunk]:
-        """The role chunk of every choice."""
-        return [self._chunk([ChatChunkChoice(index=j, delta=ChatDelta(role="assistant", content=""))])
-                for j in range(self.n)]  # fmt: skip
+        """The role chunk of every choice (the first with the prompt's token ids, where they are asked for)."""
+        chunks = [self._chunk([ChatChunkChoice(index=j, delta=ChatDelta(role="assistant", content=self.echo),
+                                               token_ids=[] if self.prompt_ids is not None else None)])
+                  for j in range(self.n)]  # fmt: skip
+        if self.prompt_ids is not None:
+            chunks[0].prompt_token_ids = self.prompt_ids
+        return chunks
 
     def feed(self, prompt_index: int, out: EngineOutput) -> list[ChatCompletionChunk]:
         """``prompt_index`` is always 0: a chat request has one prompt (the same signature as text completions)."""
@@ -95,14 +106,15 @@ class ChatStream:
             chunks.append(self._chunk([]).model_copy(update={"prompt_logprobs": vllm_prompt_logprobs(
                 prompt, self.token_text, self.prompt_k)}))  # fmt: skip
             self.prompt_k = None
+        ids = list(out.token_ids) if self.prompt_ids is not None else None  # return_token_ids: this chunk's
         parser = self.parsers[out.index] if self.parsers is not None else None
         if parser is not None:
             parsed = parser.feed(out.text)
             if out.finished:
                 parsed = parsed.then(parser.finish())
             content, calls = parsed.content, parsed.calls
-        lps = _chat_logprobs(out.logprobs, self.token_text) if self.logprobs and out.logprobs else None
-        if content or calls or lps is not None:
+        lps = _chat_logprobs(out.logprobs, self.label) if self.logprobs and out.logprobs else None
+        if content or calls or lps is not None or ids:
             deltas = [
                 ToolCallDelta(
                     index=c.index,
@@ -113,7 +125,7 @@ class ChatStream:
                 for c in calls
             ]
             delta = ChatDelta(content=content if content or not deltas else None, tool_calls=deltas or None)
-            chunks.append(self._chunk([ChatChunkChoice(index=out.index, delta=delta, logprobs=lps)]))
+            chunks.append(self._chunk([ChatChunkChoice(index=out.index, delta=delta, logprobs=lps, token_ids=ids)]))
         if out.finished:
             reason = out.finish_reason
             if reason == "stop" and parser is not None and parser.has_calls:
@@ -139,7 +151,10 @@ class CompletionStream:
     def __init__(self, request_id: str, model: str, n: int, prompt_tokens: int, echo_texts: list[str], *,
                  logprobs: bool, token_text: Callable[[int], str], usage_every_chunk: bool = False,
                  echo_ids: list[list[int]] | None = None, prompt_only: bool = False, echo_k: int | None = None,
-                 prompt_k: int | None = None) -> None:  # fmt: skip
+                 prompt_k: int | None = None, prompt_ids: list[list[int]] | None = None,
+                 label: Callable[[int], str] | None = None) -> None:  # fmt: skip
+        """``prompt_ids``: vLLM's ``return_token_ids`` (each choice's first chunk carries its prompt's ids, every
+        chunk its own token ids); ``label``: how logprobs name a token (default: its text)."""
         self.id, self.model, self.n = request_id, model, n
         self.created = int(time.time())
         self.echo_texts = echo_texts
@@ -154,6 +169,9 @@ class CompletionStream:
         self.prompt_only = prompt_only
         self.logprobs = logprobs
         self.token_text = token_text
+        self.label = label or token_text
+        self.prompt_ids = prompt_ids
+        self.ids_sent: set[int] = set()  # choices whose prompt ids went out
         self.usage_every_chunk = usage_every_chunk
         self.counts = _Counts(prompt_tokens)
         self.offsets = [len(echo_texts[i]) for i in range(len(echo_texts)) for _ in range(n)]
@@ -161,6 +179,12 @@ class CompletionStream:
     def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> Completion:
         if usage is None and self.usage_every_chunk:
             usage = self.counts.usage()
+        if self.prompt_ids is not None:  # return_token_ids: a choice's first chunk names its prompt's tokens
+            for c in choices:
+                c.token_ids = c.token_ids or []
+                if c.index not in self.ids_sent:
+                    self.ids_sent.add(c.index)
+                    c.prompt_token_ids = self.prompt_ids[c.index // self.n]
         return Completion(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
 
     def start(self) -> list[Completion]:
@@ -185,17 +209,19 @@ class CompletionStream:
             return [*echo, self._chunk([CompletionChoice(index=index, text="", finish_reason="length",
                                                          prompt_logprobs=self.prompt_lps.pop(index, None))])]  # fmt: skip
         self.counts.add(out)
-        if not out.text and not out.finished and not out.logprobs and index not in self.prompt_lps:
+        ids = list(out.token_ids) if self.prompt_ids is not None else None
+        if not out.text and not out.finished and not out.logprobs and index not in self.prompt_lps and not ids:
             return echo
         lps = None
         if self.logprobs and out.logprobs:
             starts = None
             if len(out.text_offsets) >= len(out.logprobs):  # the decoder's own offsets, past the echoed prompt
                 starts = [len(self.echo_texts[prompt_index]) + o for o in out.text_offsets]
-            lps = _completion_logprobs(out.logprobs, self.token_text, self.offsets[index], starts)
+            lps = _completion_logprobs(out.logprobs, self.token_text, self.offsets[index], starts, label=self.label)
         self.offsets[index] += len(out.text)
         choice = CompletionChoice(index=index, text=out.text, logprobs=lps, finish_reason=out.finish_reason,
-                                  stop_reason=out.stop_reason, prompt_logprobs=self.prompt_lps.pop(index, None))  # fmt: skip
+                                  stop_reason=out.stop_reason, prompt_logprobs=self.prompt_lps.pop(index, None),
+                                  token_ids=ids)  # fmt: skip
         return [*echo, self._chunk([choice])]
 
     def _echo(self, prompt_index: int, index: int, prompt_lps: Sequence[TokenLogprobs] | None) -> list[Completion]:
@@ -211,8 +237,8 @@ class CompletionStream:
             piece = self.token_text(token)
             if text.startswith(piece, at):
                 at += len(piece)
-        lps = _completion_logprobs(prompt_lps, self.token_text, 0, starts[1:], self.echo_k)
-        lps.tokens.insert(0, self.token_text(ids[0]))
+        lps = _completion_logprobs(prompt_lps, self.token_text, 0, starts[1:], self.echo_k, self.label)
+        lps.tokens.insert(0, self.label(ids[0]))
         lps.token_logprobs.insert(0, None)
         lps.top_logprobs.insert(0, None)
         lps.text_offset.insert(0, 0)
@@ -239,18 +265,21 @@ def _chat_logprobs(items: Sequence[TokenLogprobs], token_text: Callable[[int], s
 
 
 def _completion_logprobs(items: Sequence[TokenLogprobs], token_text: Callable[[int], str], offset: int,
-                         starts: Sequence[int] | None, top_k: int | None = None) -> CompletionLogprobs:  # fmt: skip
+                         starts: Sequence[int] | None, top_k: int | None = None,
+                         label: Callable[[int], str] | None = None) -> CompletionLogprobs:  # fmt: skip
     """Legacy logprobs; ``starts`` are the tokens' text offsets where the decoder gave them, else each
-    token is taken to begin where the previous token's own text ends."""
+    token is taken to begin where the previous token's own text ends. ``label`` names the tokens (default:
+    their text)."""
+    label = label or token_text
     out = CompletionLogprobs()
     for i, x in enumerate(items):
-        text = token_text(x.token_id)
-        out.tokens.append(text)
+        out.tokens.append(label(x.token_id))
         out.token_logprobs.append(max(x.logprob, MIN_LOGPROB))
         top = x.top if top_k is None else x.top[:top_k]
-        out.top_logprobs.append({token_text(t): max(v, MIN_LOGPROB) for t, v in top} if top else None)
+        out.top_logprobs.append({label(t): max(v, MIN_LOGPROB) for t, v in top} if top else None)
         out.text_offset.append(starts[i] if starts is not None else offset)
-        offset += len(text)
+        if starts is None:
+            offset += len(token_text(x.token_id))
     return out
 
 

@@ -26,6 +26,13 @@ from agora.schemas import schema_problem
 
 MAX_TOOLS = 128
 MAX_TOOL_SCHEMA_BYTES = 64 << 10
+MAX_DOCUMENTS_BYTES = 1 << 20
+# Arguments of the tokenizer's apply_chat_template, not variables of the template: a request does not set them.
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs",
+})  # fmt: skip
 TOOL_NAME_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.:"
 
 
@@ -170,10 +177,18 @@ class ChatCompletionRequest(SamplingFields):
     prediction: dict[str, Any] | None = None
     reasoning_effort: str | None = None
     web_search_options: dict[str, Any] | None = None
+    prompt_cache_key: str | None = Field(default=None, max_length=256)  # the gateway's session for cache affinity
+    safety_identifier: str | None = Field(default=None, max_length=256)
+    verbosity: str | None = None
     # vLLM's extras
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None
+    documents: list[dict[str, str]] | None = None  # for templates that take them (RAG), as vLLM passes them
+    add_special_tokens: StrictBool = False  # the template writes the BOS token itself
+    echo: StrictBool = False  # the reply starts with the final message's text, when that message is the assistant's
+    include_reasoning: StrictBool = True  # this model does not reason: there is never reasoning to include
 
     def check(self) -> None:
         """Every 400 that needs no engine: unimplemented parameters, conflicting ones."""
@@ -190,12 +205,24 @@ class ChatCompletionRequest(SamplingFields):
             raise bad_request("service_tier", "service_tier: only 'auto' and 'default' are available")
         if self.reasoning_effort is not None:
             raise bad_request("reasoning_effort", "reasoning_effort is not supported by this model")
+        if self.verbosity not in (None, "medium"):  # OpenAI's answer for its models without the setting
+            raise bad_request("verbosity", f"verbosity {self.verbosity!r} is not supported by this model; "
+                                           "only 'medium' is")  # fmt: skip
+        if self.chat_template is not None:
+            raise bad_request("chat_template", "a chat template from the request is not accepted: the server "
+                                               "renders the model's own")  # fmt: skip
+        if self.documents and len(json.dumps(self.documents)) > MAX_DOCUMENTS_BYTES:
+            raise bad_request("documents", f"documents are larger than {MAX_DOCUMENTS_BYTES} bytes")
         if not self.messages:
             raise bad_request("messages", "messages must not be empty")
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs", "top_logprobs requires logprobs to be true")
         if self.chat_template_kwargs and len(json.dumps(self.chat_template_kwargs, default=str)) > 4096:
             raise bad_request("chat_template_kwargs", "chat_template_kwargs is too large")
+        if reserved := sorted(set(self.chat_template_kwargs or {}) & RESERVED_TEMPLATE_KWARGS):
+            # chat_template among them would render a template the client wrote (a loop of loops holds a thread)
+            raise bad_request("chat_template_kwargs", f"chat_template_kwargs may not set {reserved[0]!r}: it is "
+                                                      "the server's (or a request field of its own)")  # fmt: skip
         if self.continue_final_message and (not self.messages or self.messages[-1].role != "assistant"):
             raise bad_request("continue_final_message", "continue_final_message needs a final assistant message")
         use = self.tool_use()
@@ -204,6 +231,11 @@ class ChatCompletionRequest(SamplingFields):
         if use.mode in ("required", "named") and self.constraint() is not None:
             raise bad_request("response_format", "a required or named tool_choice already fixes the output; "
                                                  "drop response_format")  # fmt: skip
+
+    def echo_text(self) -> str:
+        """vLLM's chat ``echo``: the reply starts with the final message's text where the assistant wrote it."""
+        last = self.messages[-1]
+        return last.text() if self.echo and last.role == "assistant" else ""
 
     def max_output_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -285,6 +317,7 @@ class ChatChoice(OpenModel):
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # vLLM: the stop string or token id that ended the choice
+    token_ids: list[int] | None = omitted()  # vLLM's return_token_ids: the choice's tokens
 
 
 class ChatCompletion(OpenModel):
@@ -295,6 +328,7 @@ class ChatCompletion(OpenModel):
     choices: list[ChatChoice]
     usage: Usage | None = omitted()
     prompt_logprobs: list[dict[str, Any] | None] | None = omitted()  # vLLM's, when asked for
+    prompt_token_ids: list[int] | None = omitted()  # vLLM's return_token_ids
 
 
 class FunctionCallDelta(OpenModel):
@@ -321,6 +355,7 @@ class ChatChunkChoice(OpenModel):
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = omitted()
+    token_ids: list[int] | None = omitted()  # vLLM's return_token_ids: this chunk's tokens
 
 
 class ChatCompletionChunk(OpenModel):
@@ -331,3 +366,4 @@ class ChatCompletionChunk(OpenModel):
     choices: list[ChatChunkChoice]
     usage: Usage | None = omitted()
     prompt_logprobs: list[dict[str, Any] | None] | None = omitted()  # carried to the whole answer (never streamed)
+    prompt_token_ids: list[int] | None = omitted()  # vLLM's return_token_ids: on the first chunk

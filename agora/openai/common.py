@@ -341,6 +341,17 @@ class SamplingFields(StrictModel):
     skip_special_tokens: StrictBool = True
     prompt_logprobs: StrictInt | None = None  # vLLM's: each prompt token's logprob and the top k there
     cache_salt: str | None = Field(default=None, max_length=256)
+    allowed_token_ids: list[StrictInt] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: StrictInt | None = None  # keep the prompt's last k tokens (-1: the context length)
+    return_token_ids: StrictBool | None = None  # the prompt's and each choice's token ids beside the text
+    return_tokens_as_token_ids: StrictBool | None = None  # logprobs name tokens "token_id:{id}"
+    request_id: str | None = Field(default=None, min_length=1, max_length=128)  # the answer's id carries it
+    best_of: StrictInt | None = None
+    use_beam_search: StrictBool = False
+    length_penalty: Number = 1.0
+    priority: StrictInt = 0
+    spaces_between_special_tokens: StrictBool = True
     structured_outputs: StructuredOutputs | None = None
     # vLLM's older spelling of structured_outputs, still sent by many clients
     guided_json: dict[str, Any] | bool | str | None = None
@@ -362,6 +373,23 @@ class SamplingFields(StrictModel):
             raise bad_request("stream_options", "stream_options is only allowed when stream is true")
         if self.guided_decoding_backend not in (None, "auto", "xgrammar"):
             raise bad_request("guided_decoding_backend", "guided_decoding_backend: only 'xgrammar' is available")
+        if self.best_of is not None and self.best_of != self.n:
+            raise bad_request("best_of", "best_of is not supported (only best_of equal to n)")
+        if self.use_beam_search:
+            raise bad_request("use_beam_search", "beam search is not supported")
+        if self.length_penalty != 1.0:
+            raise bad_request("length_penalty", "length_penalty applies to beam search, which is not supported")
+        if self.priority != 0:
+            raise bad_request("priority", "priority scheduling is not enabled on this server (the gateway's "
+                                          "tenant priority bands order requests across tenants)")  # fmt: skip
+        if not self.spaces_between_special_tokens:
+            raise bad_request("spaces_between_special_tokens", "spaces_between_special_tokens: false is not "
+                                                               "supported (special tokens decode as the tokenizer "
+                                                               "writes them)")  # fmt: skip
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1 \
+                and self.truncate_prompt_tokens != -1:  # fmt: skip
+            raise bad_request("truncate_prompt_tokens", "truncate_prompt_tokens must be -1 (the context length) "
+                                                        "or at least 1")  # fmt: skip
 
     _constraint: Any = PrivateAttr(default=None)
     _constraint_known: bool = PrivateAttr(default=False)  # None is a valid answer: remember having asked

@@ -18,13 +18,11 @@ class CompletionRequest(SamplingFields):
     max_tokens: StrictInt | None = 16
     logprobs: StrictInt | None = None
     echo: StrictBool = False
-    best_of: StrictInt | None = None
     suffix: str | None = None
+    add_special_tokens: StrictBool = True  # vLLM's: the tokenizer's BOS (and the like) on a text prompt
 
     def check(self) -> None:
         self.check_common()
-        if self.best_of is not None and self.best_of != self.n:
-            raise bad_request("best_of", "best_of is not supported (only best_of equal to n)")
         if self.suffix:
             raise bad_request("suffix", "suffix (insertion) is not supported")
         if not self.prompts():
@@ -51,6 +49,8 @@ class CompletionChoice(OpenModel):
     finish_reason: str | None = None
     stop_reason: int | str | None = omitted()
     prompt_logprobs: list[dict[str, Any] | None] | None = omitted()  # vLLM's, when asked for
+    prompt_token_ids: list[int] | None = omitted()  # vLLM's return_token_ids (a stream: on a choice's first chunk)
+    token_ids: list[int] | None = omitted()  # the same: the choice's tokens (a stream: this chunk's)
 
 
 class Completion(OpenModel):

@@ -78,13 +78,17 @@ def merge_chat_chunks(chunks: Iterable[ChatCompletionChunk], usage: Usage | None
     calls: dict[int, dict[int, dict[str, Any]]] = {}
     lps: dict[int, list] = {}
     finish: dict[int, ChatChunkChoice] = {}
-    prompt_lps = None
+    token_ids: dict[int, list[int]] = {}
+    prompt_lps = prompt_ids = None
     for chunk in chunks:
         first = first or chunk
         usage = chunk.usage or usage
         prompt_lps = chunk.prompt_logprobs or prompt_lps
+        prompt_ids = chunk.prompt_token_ids if chunk.prompt_token_ids is not None else prompt_ids
         for c in chunk.choices:
             texts.setdefault(c.index, [])
+            if c.token_ids is not None:
+                token_ids.setdefault(c.index, []).extend(c.token_ids)
             if c.delta.content:
                 texts[c.index].append(c.delta.content)
             for tc in c.delta.tool_calls or []:
@@ -114,9 +118,10 @@ def merge_chat_chunks(chunks: Iterable[ChatCompletionChunk], usage: Usage | None
         choices.append(ChatChoice(
             index=i, message=message, logprobs=ChoiceLogprobs(content=lps[i]) if i in lps else None,
             finish_reason=end.finish_reason if end else None, stop_reason=end.stop_reason if end else None,
+            token_ids=token_ids.get(i),
         ))  # fmt: skip
     return ChatCompletion(id=first.id, created=first.created, model=first.model, choices=choices, usage=usage,
-                          prompt_logprobs=prompt_lps)  # fmt: skip
+                          prompt_logprobs=prompt_lps, prompt_token_ids=prompt_ids)  # fmt: skip
 
 
 def chat_chunks(completion: ChatCompletion, include_usage: bool = False) -> list[ChatCompletionChunk]:
@@ -157,11 +162,17 @@ def merge_completion_chunks(chunks: Iterable[Completion], usage: Usage | None = 
     lps: dict[int, CompletionLogprobs] = {}
     finish: dict[int, CompletionChoice] = {}
     prompt_lps: dict[int, list] = {}
+    prompt_ids: dict[int, list[int]] = {}
+    token_ids: dict[int, list[int]] = {}
     for chunk in chunks:
         first = first or chunk
         usage = chunk.usage or usage
         for c in chunk.choices:
             texts.setdefault(c.index, []).append(c.text)
+            if c.prompt_token_ids is not None:
+                prompt_ids[c.index] = c.prompt_token_ids
+            if c.token_ids is not None:
+                token_ids.setdefault(c.index, []).extend(c.token_ids)
             if c.logprobs is not None:
                 acc = lps.setdefault(c.index, CompletionLogprobs())
                 acc.tokens += c.logprobs.tokens
@@ -182,6 +193,8 @@ def merge_completion_chunks(chunks: Iterable[Completion], usage: Usage | None = 
             finish_reason=finish[i].finish_reason if i in finish else None,
             stop_reason=finish[i].stop_reason if i in finish else None,
             prompt_logprobs=prompt_lps.get(i),
+            prompt_token_ids=prompt_ids.get(i),
+            token_ids=token_ids.get(i),
         )  # fmt: skip
         for i, t in sorted(texts.items())
     ]

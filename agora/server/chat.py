@@ -50,9 +50,11 @@ async def render_prompt(serving: Serving, req: ChatCompletionRequest) -> tuple[s
     req.check()
     tok = serving.need_tokenizer()
     tools = chat_tools(req, tok.chat_template_text(tools=bool(req.tools)), serving.config.tool_call_parser)
+    kwargs = {**(req.chat_template_kwargs or {}), **({"documents": req.documents} if req.documents else {})}
     text = await asyncio.to_thread(render_chat, tok, tools.messages, req.add_generation_prompt,
-                                   req.chat_template_kwargs, req.continue_final_message, tools.template_tools)  # fmt: skip
-    return text, await asyncio.to_thread(tok.encode, text, False), tools
+                                   kwargs, req.continue_final_message, tools.template_tools)  # fmt: skip
+    ids = await asyncio.to_thread(tok.encode, text, req.add_special_tokens)
+    return text, serving.truncate(ids, req.truncate_prompt_tokens), tools
 
 
 async def start_chat(serving: Serving, req: ChatCompletionRequest, prefix: str = "chatcmpl",
@@ -77,9 +79,11 @@ async def start_chat(serving: Serving, req: ChatCompletionRequest, prefix: str =
     start = time.monotonic()
     streams = serving.submit([prompt_ids], params, serving.salt(tenant, req.cache_salt), rid, RENAME, constraint)
     _, every_chunk = req.stream_usage()
-    acc = ChatStream(rid, serving.model_name, params.n, len(prompt_ids), logprobs=params.logprobs is not None,
+    answer_id = f"{prefix}-{req.request_id}" if req.request_id else rid  # the engine's ids stay unique
+    acc = ChatStream(answer_id, serving.model_name, params.n, len(prompt_ids), logprobs=params.logprobs is not None,
                      token_text=serving.token_text, tool_parser=tools.parser, usage_every_chunk=every_chunk,
-                     prompt_k=params.prompt_logprobs)  # fmt: skip
+                     prompt_k=params.prompt_logprobs, prompt_ids=prompt_ids if req.return_token_ids else None,
+                     label=serving.token_label(req.return_tokens_as_token_ids), echo=req.echo_text())  # fmt: skip
     return ChatRun(streams, acc, start, len(prompt_ids), text)
 
 

@@ -45,23 +45,30 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
                 if not p:
                     raise bad_request("prompt", "prompt must not be empty")
                 # Off the event loop: a long prompt takes a while to tokenize.
-                prompt_ids.append(await asyncio.to_thread(serving.need_tokenizer().encode, p))
+                prompt_ids.append(await asyncio.to_thread(serving.need_tokenizer().encode, p, req.add_special_tokens))
             else:
                 prompt_ids.append(p)
+        truncated = [serving.truncate(ids, req.truncate_prompt_tokens) for ids in prompt_ids]
+        cut = [len(a) != len(b) for a, b in zip(truncated, prompt_ids, strict=True)]
+        prompt_ids = truncated
         constraint = await serving.compile(params, found[1]) if found is not None else None
         rid = f"cmpl-{uuid.uuid4().hex}"
+        answer_id = f"cmpl-{req.request_id}" if req.request_id else rid  # the engine's ids stay unique
         start = time.monotonic()
         salt = serving.salt(serving.tenant(request), req.cache_salt)
         streams = serving.submit(prompt_ids, params, salt, rid, constraint=constraint)  # checks token ids
         echo_texts = [""] * len(prompt_ids)
-        if req.echo:
-            echo_texts = [p if isinstance(p, str) else serving.need_tokenizer().decode(p) for p in raw_prompts]
+        if req.echo:  # the prompt as sent, or as the model saw it when truncated
+            echo_texts = [p if isinstance(p, str) and not c else serving.need_tokenizer().decode(ids)
+                          for p, ids, c in zip(raw_prompts, prompt_ids, cut, strict=True)]  # fmt: skip
         at_end, every_chunk = req.stream_usage()
-        acc = CompletionStream(rid, serving.model_name, params.n, sum(len(p) for p in prompt_ids), echo_texts,
+        acc = CompletionStream(answer_id, serving.model_name, params.n, sum(len(p) for p in prompt_ids), echo_texts,
                                logprobs=params.logprobs is not None, token_text=serving.token_text,
                                usage_every_chunk=every_chunk,
                                echo_ids=prompt_ids if echo_k is not None else None, echo_k=echo_k,
-                               prompt_only=prompt_only, prompt_k=req.prompt_logprobs)  # fmt: skip
+                               prompt_only=prompt_only, prompt_k=req.prompt_logprobs,
+                               prompt_ids=prompt_ids if req.return_token_ids else None,
+                               label=serving.token_label(req.return_tokens_as_token_ids))  # fmt: skip
         answer = OpenAIAnswer(acc, merge_completion_chunks, at_end)
         return await serving.answer(request, streams, answer, stream=req.stream, start=start,
                                     headers=prompt_header(sum(len(p) for p in prompt_ids)))  # fmt: skip

@@ -62,6 +62,8 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
             prompt_logprobs=req.prompt_logprobs,
             skip_special_tokens=req.skip_special_tokens,
             logit_bias=bias,
+            allowed_token_ids=req.allowed_token_ids,
+            bad_words=list(req.bad_words or []),
             structured_outputs=structured,
         )
     except ParamError as exc:

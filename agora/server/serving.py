@@ -245,6 +245,21 @@ class Serving:
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.token_to_str(token_id) if self.tokenizer is not None else str(token_id)
 
+    def token_label(self, as_ids: bool | None) -> Callable[[int], str]:
+        """How logprobs name a token: its text, or vLLM's ``token_id:{id}`` (``return_tokens_as_token_ids``)."""
+        return token_id_label if as_ids else self.token_text
+
+    def truncate(self, prompt_ids: list[int], keep: int | None) -> list[int]:
+        """vLLM's ``truncate_prompt_tokens``: the prompt's last ``keep`` tokens (-1: as many as the context holds)."""
+        if keep is None:
+            return prompt_ids
+        limit = self.info.max_model_len
+        if keep > limit:
+            raise bad_request("truncate_prompt_tokens", f"truncate_prompt_tokens ({keep}) is larger than this "
+                                                        f"model's context length ({limit})")  # fmt: skip
+        keep = limit if keep == -1 else keep
+        return prompt_ids[-keep:] if len(prompt_ids) > keep else prompt_ids
+
     # -- submit and answer ----------------------------------------------------------------
 
     async def compile(self, params: SamplingParams, param: str) -> Constraint | None:
@@ -347,6 +362,10 @@ class Serving:
                 task.cancel()
             for s in streams:
                 await s.aclose()
+
+
+def token_id_label(token_id: int) -> str:
+    return f"token_id:{token_id}"
 
 
 def prompt_header(tokens: int) -> dict[str, str]:

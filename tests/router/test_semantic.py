@@ -326,6 +326,11 @@ def test_cache_keys_bounds_and_expiry() -> None:
     assert cache.key("/v1/completions", {**completion, "echo": True}, "t") is None
     assert cache.key("/v1/completions", {**completion, "prompt_logprobs": 0}, "t") is None
     assert cache.key("/v1/chat/completions", {**body, "prompt_logprobs": 1}, "t") is None
+    assert cache.key("/v1/chat/completions", {**body, "return_token_ids": True}, "t") is None  # the prompt's ids
+    assert cache.key("/v1/completions", {**completion, "return_token_ids": True}, "t") is None
+    assert cache.key("/v1/chat/completions", {**body, "return_token_ids": False}, "t") is not None
+    # the answer's id is the client's
+    assert cache.key("/v1/chat/completions", {**body, "request_id": "r1"}, "t") is None
     assert cache.key("/v1/completions", {**completion, "logprobs": 0}, "t") is None  # the chosen token's, asked
     assert cache.key("/v1/chat/completions", {**body, "logprobs": False}, "t") is not None
     assert cache.key("/v1/chat/completions", {**body, "top_logprobs": 0}, "t") is None

@@ -100,15 +100,17 @@ class SemanticCache:
 
     def key(self, path: str, body: dict[str, Any], tenant: str) -> CacheKey | None:
         """The request's cache key, or None when it must not be cached (sampled, n > 1, logprobs, an answer that
-        repeats its own prompt: echo, prompt_logprobs...)."""
+        repeats its own prompt: echo, prompt_logprobs, return_token_ids...)."""
         if body.get("n", 1) != 1 or body.get("best_of", 1) != 1:
             return None
         logprobs = body.get("logprobs")  # chat: true; completions: a count, 0 included
         if logprobs is True or (isinstance(logprobs, int) and not isinstance(logprobs, bool)) or \
                 body.get("top_logprobs") is not None:  # fmt: skip
             return None  # a similar prompt's answer carries that prompt's logprobs
-        if body.get("echo") or body.get("prompt_logprobs") is not None:  # a similar prompt's answer shows that prompt
-            return None
+        if body.get("echo") or body.get("prompt_logprobs") is not None or body.get("return_token_ids"):
+            return None  # a similar prompt's answer shows that prompt (its text, its tokens)
+        if body.get("request_id") is not None:
+            return None  # the answer's id is the client's: a replay would give it another request's
         temperature = body.get("temperature", 1.0)  # OpenAI's default is 1
         if not isinstance(temperature, (int, float)) or (temperature > 0 and not self.spec.include_sampled):
             return None
