@@ -64,9 +64,12 @@ def check_request(vocab_size: int, max_model_len: int, has_grammars: bool, promp
     for t in params.logit_bias or {}:
         if not 0 <= t < vocab_size:
             raise ParamError("logit_bias", f"logit_bias: token id {t} is out of the vocabulary")
-    if params.allowed_token_ids is not None and (bad := out_of_vocabulary(params.allowed_token_ids, vocab_size)) \
-            is not None:  # fmt: skip
-        raise ParamError("allowed_token_ids", f"allowed_token_ids: token id {bad} is out of the vocabulary")
+    if params.allowed_token_ids is not None:
+        if len(params.allowed_token_ids) > vocab_size:
+            raise ParamError("allowed_token_ids", f"allowed_token_ids lists more ids than the vocabulary has "
+                                                  f"({vocab_size})")  # fmt: skip
+        if (bad := out_of_vocabulary(params.allowed_token_ids, vocab_size)) is not None:
+            raise ParamError("allowed_token_ids", f"allowed_token_ids: token id {bad} is out of the vocabulary")
     for ids in params.bad_words_token_ids:
         if (bad := out_of_vocabulary(ids, vocab_size)) is not None:
             raise ParamError("bad_words", f"bad_words_token_ids: token id {bad} is out of the vocabulary")
