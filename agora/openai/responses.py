@@ -185,8 +185,9 @@ class ResponsesRequest(StrictModel):
             raise bad_request("max_tool_calls", "max_tool_calls is not supported")
         if self.stream_options is not None and (not self.stream or self.stream_options.include_obfuscation):
             raise bad_request("stream_options", "stream_options: only include_obfuscation false, with stream true")
-        if self.text is not None and self.text.verbosity is not None:
-            raise bad_request("text", "text.verbosity is not supported")
+        if self.text is not None and self.text.verbosity not in (None, "medium"):  # as chat's verbosity
+            raise bad_request("text", f"text.verbosity {self.text.verbosity!r} is not supported by this model; "
+                                      "only 'medium' is")  # fmt: skip
         if self.metadata is not None and (len(self.metadata) > MAX_METADATA or any(
                 len(k) > 64 or len(v) > 512 for k, v in self.metadata.items())):  # fmt: skip
             raise bad_request("metadata", f"metadata: at most {MAX_METADATA} keys of 64 characters, values of 512")
@@ -370,9 +371,8 @@ class Response(OpenModel):
 
 def new_response(req: ResponsesRequest, model: str) -> Response:
     """The response object as it starts (status in_progress, no output), echoing the request."""
-    text = (
-        req.text.model_dump(by_alias=True, exclude_none=True) if req.text is not None else {"format": {"type": "text"}}
-    )
+    given = req.text.model_dump(by_alias=True, exclude_none=True) if req.text is not None else {}
+    text = {"format": {"type": "text"}, **given}  # the format is always echoed, as OpenAI's is
     return Response(
         id=new_id("resp"), created_at=int(time.time()), model=model, instructions=req.instructions,
         max_output_tokens=req.max_output_tokens, metadata=req.metadata or {},

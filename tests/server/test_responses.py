@@ -114,6 +114,15 @@ def test_structured_text_format(client) -> None:
     assert out.status == "completed" and set(json.loads(out.output_text)) == {"name"}
 
 
+def test_text_verbosity_medium_is_the_only_one(client) -> None:
+    # OpenAI's answer for a model without the setting: its default is accepted (and echoed), others refused
+    out = client.responses.create(model=MODEL, input="hi", text={"verbosity": "medium"}, max_output_tokens=2)
+    assert out.text.verbosity == "medium" and out.text.format.type == "text"
+    with pytest.raises(openai.BadRequestError, match="verbosity") as refused:
+        client.responses.create(model=MODEL, input="hi", text={"verbosity": "low"}, max_output_tokens=2)
+    assert refused.value.param == "text"
+
+
 def test_another_key_cannot_see_a_stored_response(server, tiny_long_model_dir) -> None:
     # one server key, two tenants behind a gateway: the gateway names the tenant, the store keeps them apart
     headers = {"authorization": "Bearer k1", "x-agora-tenant": "alice"}
