@@ -38,7 +38,6 @@ from agora.server.http import APIKeyGuard, BodyGuard, document_bodies, error_res
 from agora.server.metrics import ServerMetrics
 from agora.server.serving import Serving
 from agora.server.store import ResponseStore
-from agora.server.tools import template_message
 
 logger = logging.getLogger(__name__)
 
@@ -158,17 +157,19 @@ def build_app(engine: EngineClient, config: ServerConfig | None = None) -> FastA
         serving.check_model(req.model)
         tok = serving.need_tokenizer()
 
-        def run() -> bytes:  # in a thread: a body's worth of text is seconds of tokenizing and serializing
-            if req.messages is not None:
-                messages = [template_message(m, knows_tools=True) for m in req.messages]
-                text = chat.render_chat(tok, messages, req.add_generation_prompt, None, False)
-                ids = tok.encode(text, add_special_tokens=False)
-            else:
-                ids = tok.encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
-            body = {"count": len(ids), "max_model_len": core.max_model_len, "tokens": ids}
-            return json.dumps(body, separators=(",", ":")).encode()
+        ids = None
+        if req.messages is not None:  # the chat route's own rendering, in threads
+            _, ids, _ = await chat.render_prompt(serving, req.chat_request())
 
-        return Response(await asyncio.to_thread(run), media_type="application/json")
+        def run(ids: list[int] | None) -> bytes:  # in a thread: a body's worth of text is seconds of work
+            if ids is None:
+                ids = tok.encode(req.prompt or "", add_special_tokens=req.add_special_tokens is not False)
+            body: dict[str, Any] = {"count": len(ids), "max_model_len": core.max_model_len, "tokens": ids}
+            if req.return_token_strs:
+                body["token_strs"] = tok.hf.convert_ids_to_tokens(ids)
+            return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+        return Response(await asyncio.to_thread(run, ids), media_type="application/json")
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest = Depends(json_body(DetokenizeRequest))) -> dict[str, Any]:

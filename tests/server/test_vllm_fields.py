@@ -228,3 +228,21 @@ def test_add_special_tokens(tmp_path, tiny_model_dir):
         assert twice.model_extra["prompt_token_ids"] == [bos_id, *chat.model_extra["prompt_token_ids"]]
     finally:
         stop_server(r)
+
+
+def test_tokenize_messages_counts_what_chat_sends(client, server):
+    """/tokenize renders messages as the chat route does (tools, documents, template arguments included), so a
+    client that counts before sending counts the prompt the chat request gets."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    for extra in ({}, {"tools": tools}, {"continue_final_message": True, "add_generation_prompt": False}):
+        messages = MESSAGES + ([{"role": "assistant", "content": "Once"}] if "continue_final_message" in extra else [])
+        counted = httpx.post(f"{server.url}/tokenize", json={"messages": messages, **extra}).json()
+        sent = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, tools=extra.get("tools",
+            openai.NOT_GIVEN), extra_body={"return_token_ids": True, **{k: v for k, v in extra.items() if k != "tools"}})  # fmt: skip
+        assert (
+            counted["tokens"] == sent.model_extra["prompt_token_ids"] and counted["count"] == sent.usage.prompt_tokens
+        )
+    strs = httpx.post(f"{server.url}/tokenize", json={"prompt": "Once upon", "return_token_strs": True}).json()
+    assert len(strs["token_strs"]) == strs["count"] and all(isinstance(s, str) for s in strs["token_strs"])
+    for body in ({"prompt": "x", "tools": tools}, {"messages": MESSAGES, "chat_template_kwargs": {"tokenize": 1}}):
+        assert httpx.post(f"{server.url}/tokenize", json=body).status_code == 400
