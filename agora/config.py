@@ -150,6 +150,9 @@ class CacheConfig:
             raise ValueError("num_blocks must be >= 1")
 
 
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
+
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     """The scheduler's own limits. The context length is the model's (``ModelConfig.max_model_len``, resolved
@@ -157,12 +160,17 @@ class SchedulerConfig:
 
     max_num_seqs: int = option(64, "most requests in one batch")
     max_num_batched_tokens: int = option(2048, "token budget of one step")
+    scheduling_policy: str = option("fcfs", "fcfs: requests in arrival order; priority: by each request's "
+                                    "priority (lower first; vLLM's), then arrival, and a step short of KV "
+                                    "blocks preempts the lowest", choices=SCHEDULING_POLICIES)  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}")
 
 
 @dataclass(frozen=True, slots=True)

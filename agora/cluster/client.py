@@ -21,7 +21,7 @@ import ray
 from agora.config import EngineConfig, from_dict, to_dict
 from agora.engine.async_engine import EngineDeadError, QueueFullError
 from agora.engine.client import ModelInfo
-from agora.engine.engine import EngineStats, RequestOutput, check_request
+from agora.engine.engine import PRIORITY_OFF, EngineStats, RequestOutput, check_request
 from agora.engine.sampling import ParamError, SamplingParams
 
 _STATS_EVERY_S = 0.2
@@ -42,7 +42,8 @@ class EngineActor:
         e = self.engine.engine
         return {"served_model_name": e.served_model_name, "model": e.config.model.model,
                 "max_model_len": e.max_model_len, "vocab_size": e.vocab_size, "has_grammars": e.grammars is not None,
-                "max_waiting_requests": self.engine.max_waiting_requests}  # fmt: skip
+                "max_waiting_requests": self.engine.max_waiting_requests,
+                "priority_scheduling": e.priority_scheduling}  # fmt: skip
 
     def stats(self) -> tuple[EngineStats, bool]:
         return self.engine.stats, self.engine.is_healthy
@@ -51,9 +52,9 @@ class EngineActor:
         await self.engine.compile(params)  # compiled here and cached: generate() finds it at once
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       cache_salt: str | None) -> AsyncIterator[RequestOutput]:  # fmt: skip
+                       cache_salt: str | None, priority: int = 0) -> AsyncIterator[RequestOutput]:  # fmt: skip
         constraint = await self.engine.compile(params)
-        stream = self.engine.submit(request_id, prompt_token_ids, params, cache_salt, constraint)
+        stream = self.engine.submit(request_id, prompt_token_ids, params, cache_salt, constraint, priority)
         try:
             async for out in stream:
                 yield out
@@ -119,7 +120,7 @@ class RayEngineClient:
         files = inspect_model(resolve_model(meta["model"])[0])  # the tokenizer, read where the server runs
         tokenizer = Tokenizer(files.tokenizer_dir, files.eos_token_ids) if files.tokenizer_dir else None
         self._info = ModelInfo(meta["served_model_name"], meta["model"], meta["max_model_len"], meta["vocab_size"],
-                               tokenizer)  # fmt: skip
+                               tokenizer, meta.get("priority_scheduling", False))  # fmt: skip
         self._has_grammars = meta["has_grammars"]
         self.max_waiting_requests = meta["max_waiting_requests"]
         self._stats, self._healthy = ray.get(actor.stats.remote())
@@ -166,16 +167,18 @@ class RayEngineClient:
         return None  # the constraint stays with the actor, which compiled (and cached) it
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-               cache_salt: str | None = None, constraint: Any = None) -> _RemoteStream:  # fmt: skip
+               cache_salt: str | None = None, constraint: Any = None, priority: int = 0) -> _RemoteStream:  # fmt: skip
         if not self.is_healthy:
             raise EngineDeadError("the engine actor is not running")
         check_request(self._info.vocab_size, self._info.max_model_len, self._has_grammars, prompt_token_ids, params)
+        if priority != 0 and not self._info.priority_scheduling:
+            raise ParamError("priority", PRIORITY_OFF)
         if self._stats.num_waiting + self._pending >= self.max_waiting_requests:
             raise QueueFullError(f"the server is at capacity ({self.max_waiting_requests} requests waiting); "
                                  "retry later")  # fmt: skip
         self._pending += 1
         gen = self.actor.generate.options(num_returns="streaming").remote(request_id, prompt_token_ids,
-                                                                          params, cache_salt)  # fmt: skip
+                                                                          params, cache_salt, priority)  # fmt: skip
         return _RemoteStream(self, request_id, gen)
 
     def abort(self, request_id: str) -> None:

@@ -47,6 +47,7 @@ class _Add:
     params: SamplingParams
     cache_salt: str | None
     constraint: Constraint | None
+    priority: int = 0
 
 
 @dataclass
@@ -90,7 +91,8 @@ class AsyncEngine:
     @property
     def model_info(self) -> ModelInfo:
         e = self.engine
-        return ModelInfo(e.served_model_name, e.config.model.model, e.max_model_len, e.vocab_size, e.tokenizer)
+        return ModelInfo(e.served_model_name, e.config.model.model, e.max_model_len, e.vocab_size, e.tokenizer,
+                         e.priority_scheduling)  # fmt: skip
 
     @property
     def stats(self) -> EngineStats:
@@ -127,6 +129,7 @@ class AsyncEngine:
         params: SamplingParams,
         cache_salt: str | None = None,
         constraint: Constraint | None = None,
+        priority: int = 0,
     ) -> RequestStream:
         """Queue a request and return its stream; errors are raised here, before any
         output: ValueError for a request that can never run, QueueFullError when the
@@ -139,6 +142,7 @@ class AsyncEngine:
         if request_id in self._streams:
             raise ValueError(f"duplicate request id {request_id!r}")
         self.engine.validate(prompt_token_ids, params)
+        self.engine.check_priority(priority)
         with self._pending_lock:
             if self._stats.num_waiting + self._pending_adds >= self.max_waiting_requests:
                 raise QueueFullError(
@@ -147,7 +151,7 @@ class AsyncEngine:
             self._pending_adds += 1
         stream = RequestStream(self, request_id, params.n)
         self._streams[request_id] = (asyncio.get_running_loop(), stream.queue)
-        self._inbox.put(_Add(request_id, prompt_token_ids, params, cache_salt, constraint))
+        self._inbox.put(_Add(request_id, prompt_token_ids, params, cache_salt, constraint, priority))
         return stream
 
     async def generate(
@@ -206,7 +210,7 @@ class AsyncEngine:
                     continue  # the client left before the engine saw it
                 try:
                     self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.cache_salt,
-                                            cmd.constraint)  # fmt: skip
+                                            cmd.constraint, cmd.priority)  # fmt: skip
                 except Exception as exc:  # noqa: BLE001 - surfaced to the client
                     self._deliver(cmd.request_id, exc)
             else:

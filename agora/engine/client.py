@@ -26,6 +26,7 @@ class ModelInfo:
     max_model_len: int  # resolved against the model and the KV cache
     vocab_size: int
     tokenizer: Any  # agora.engine.tokenizer.Tokenizer, or None for a model loaded without one
+    priority_scheduling: bool = False  # whether requests' priorities order them (else any priority but 0 is a 400)
 
 
 class OutputStream(Protocol):
@@ -56,9 +57,10 @@ class EngineClient(Protocol):
         ...
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-               cache_salt: str | None = None, constraint: Any = None) -> OutputStream:  # fmt: skip
-        """Queue a request: ParamError / ValueError for one that can never run, QueueFullError at capacity,
-        EngineDeadError when the engine is gone; all raised here, before any output."""
+               cache_salt: str | None = None, constraint: Any = None, priority: int = 0) -> OutputStream:  # fmt: skip
+        """Queue a request: ParamError / ValueError for one that can never run (a ``priority`` other than 0
+        without priority scheduling among them), QueueFullError at capacity, EngineDeadError when the engine
+        is gone; all raised here, before any output."""
         ...
 
     def abort(self, request_id: str) -> None: ...

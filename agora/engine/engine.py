@@ -77,6 +77,12 @@ def check_request(vocab_size: int, max_model_len: int, has_grammars: bool, promp
         raise ParamError("structured_outputs", "structured outputs need a tokenizer, and this model has none")
 
 
+PRIORITY_OFF = (
+    "priority scheduling is not enabled on this server (agora serve --scheduling-policy priority); "
+    "the gateway's tenant priority bands order requests across tenants"
+)
+
+
 def bad_words_token_ids(tokenizer: Tokenizer, words: list[str]) -> list[list[int]]:
     """Each word's tokens as it starts the output and as it follows a space (vLLM's two spellings), each once."""
     out: list[list[int]] = []
@@ -235,6 +241,14 @@ class Engine:
             params.bad_words_token_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
         check_request(self.vocab_size, self.max_model_len, self.grammars is not None, prompt_token_ids, params)
 
+    @property
+    def priority_scheduling(self) -> bool:
+        return self.scheduler.by_priority
+
+    def check_priority(self, priority: int) -> None:
+        if priority != 0 and not self.priority_scheduling:
+            raise ParamError("priority", PRIORITY_OFF)
+
     def compile_grammar(self, params: SamplingParams) -> Constraint:
         """Compile a request's constraint here and now (the offline API; the server compiles off the
         step loop through ``grammars.compile``). Raises ParamError for a constraint that cannot work."""
@@ -251,9 +265,12 @@ class Engine:
         params: SamplingParams,
         cache_salt: str | None = None,
         constraint: Constraint | None = None,
+        priority: int = 0,
     ) -> None:
-        """``constraint``: the compiled ``params.structured_outputs`` (compiled here if not given)."""
+        """``constraint``: the compiled ``params.structured_outputs`` (compiled here if not given); ``priority``:
+        lower is served first, under the priority scheduling policy (any other value is refused under fcfs)."""
         self.validate(prompt_token_ids, params)
+        self.check_priority(priority)
         if request_id in self.children:
             raise ValueError(f"duplicate request id {request_id!r}")
         if params.structured_outputs is not None and constraint is None:
@@ -272,6 +289,7 @@ class Engine:
                 eos_token_ids=self.eos_token_ids,
                 max_total_tokens=self.max_model_len,
                 cache_salt=cache_salt,
+                priority=priority,
             )
             if constraint is not None:
                 req.grammar = GrammarState(constraint, stop_ids)  # one matcher per sequence

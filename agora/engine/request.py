@@ -37,6 +37,7 @@ class Request:
     max_total_tokens: int = 2**31  # context length cap: prompt + output
     cache_salt: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    priority: int = 0  # under the priority scheduling policy: lower is served first (vLLM's)
     # structured.GrammarState of a constrained sequence. It advances only with sampled tokens, so it
     # needs nothing on chunked prefill, prefix-cache hits or preemption (outputs are kept and recomputed).
     grammar: Any = None

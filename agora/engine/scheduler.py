@@ -7,10 +7,17 @@ with more tokens already computed. When KV blocks run out, the most recently adm
 request is preempted: its blocks are freed and it is recomputed later from its
 prompt plus what it generated so far (nothing is lost, and its freed blocks stay
 in the prefix cache, so recomputing is often cheap).
+
+Under the ``priority`` policy (vLLM's) the waiting and running requests are kept in order of
+(priority, arrival): the most urgent are admitted and granted budget first, and the request
+preempted is the least urgent (the latest of the lowest priority), which goes back to its
+place in the waiting queue. Under ``fcfs`` that order is arrival (admission, for the running).
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -61,6 +68,9 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.by_priority = config.scheduling_policy == "priority"
+        self._arrivals = itertools.count()
+        self._order: dict[str, tuple[int, int]] = {}  # request id -> (priority, arrival): the priority policy's
 
     # -- queue management -------------------------------------------------
 
@@ -69,7 +79,18 @@ class Scheduler:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self._order[request.request_id] = (request.priority, next(self._arrivals))
+        if self.by_priority:
+            self._insert(self.waiting, request)
+        else:
+            self.waiting.append(request)
+
+    def _key(self, request: Request) -> tuple[int, int]:
+        return self._order[request.request_id]
+
+    def _insert(self, queue: deque[Request] | list[Request], request: Request) -> None:
+        """Into ``queue`` (kept in (priority, arrival) order) after every request at least as urgent."""
+        queue.insert(bisect.bisect_right(queue, self._key(request), key=self._key), request)  # type: ignore[arg-type]
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
         """Remove requests (finished or aborted) and free their blocks. Unknown ids are ignored."""
@@ -84,6 +105,7 @@ class Scheduler:
                 self.waiting.remove(request)
             request.status = status
             self.kv.free(rid)
+            self._order.pop(rid, None)
             done.append(request)
         return done
 
@@ -107,7 +129,7 @@ class Scheduler:
 
         drafts: dict[str, list[int]] = {}
 
-        # 1. Running requests first, in admission order.
+        # 1. Running requests first, in admission order (priority order, under that policy).
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -150,7 +172,10 @@ class Scheduler:
             if request.num_preemptions == 0:
                 request.num_cached_tokens = computed.num_tokens
             request.status = RequestStatus.RUNNING
-            self.running.append(request)
+            if self.by_priority:
+                self._insert(self.running, request)
+            else:
+                self.running.append(request)
             granted[request.request_id] = num_new
             budget -= num_new
 
@@ -171,7 +196,10 @@ class Scheduler:
         request.spec_token_ids = []
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        if self.by_priority:
+            self._insert(self.waiting, request)
+        else:
+            self.waiting.appendleft(request)
 
     def update(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> list[tuple[Request, int]]:
         """Advance ``num_computed_tokens`` and append sampled tokens (one, or under speculative decoding

@@ -350,7 +350,7 @@ class SamplingFields(StrictModel):
     best_of: StrictInt | None = None
     use_beam_search: StrictBool = False
     length_penalty: Number = 1.0
-    priority: StrictInt = 0
+    priority: StrictInt = Field(default=0, ge=-(2**31), le=2**31 - 1)  # lower first (--scheduling-policy priority)
     spaces_between_special_tokens: StrictBool = True
     structured_outputs: StructuredOutputs | None = None
     # vLLM's older spelling of structured_outputs, still sent by many clients
@@ -379,9 +379,6 @@ class SamplingFields(StrictModel):
             raise bad_request("use_beam_search", "beam search is not supported")
         if self.length_penalty != 1.0:
             raise bad_request("length_penalty", "length_penalty applies to beam search, which is not supported")
-        if self.priority != 0:
-            raise bad_request("priority", "priority scheduling is not enabled on this server (the gateway's "
-                                          "tenant priority bands order requests across tenants)")  # fmt: skip
         if not self.spaces_between_special_tokens:
             raise bad_request("spaces_between_special_tokens", "spaces_between_special_tokens: false is not "
                                                                "supported (special tokens decode as the tokenizer "

@@ -77,7 +77,8 @@ async def start_chat(serving: Serving, req: ChatCompletionRequest, prefix: str =
     constraint = await serving.compile(params, found[1]) if found is not None else None
     rid = f"{prefix}-{uuid.uuid4().hex}"
     start = time.monotonic()
-    streams = serving.submit([prompt_ids], params, serving.salt(tenant, req.cache_salt), rid, RENAME, constraint)
+    streams = serving.submit([prompt_ids], params, serving.salt(tenant, req.cache_salt), rid, RENAME, constraint,
+                             req.priority)  # fmt: skip
     _, every_chunk = req.stream_usage()
     answer_id = f"{prefix}-{req.request_id}" if req.request_id else rid  # the engine's ids stay unique
     acc = ChatStream(answer_id, serving.model_name, params.n, len(prompt_ids), logprobs=params.logprobs is not None,

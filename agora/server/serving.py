@@ -270,12 +270,13 @@ class Serving:
             raise bad_request(param, f"{param}: {exc}") from None
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, salt: str | None, base_id: str,
-               rename: dict[str, str] | None = None, constraint: Constraint | None = None) -> list[OutputStream]:  # fmt: skip
+               rename: dict[str, str] | None = None, constraint: Constraint | None = None,
+               priority: int = 0) -> list[OutputStream]:  # fmt: skip
         """One engine request per prompt; ``rename`` maps engine parameter names to this API's."""
         streams: list[OutputStream] = []
         try:
             for i, ids in enumerate(prompts):
-                streams.append(self.engine.submit(f"{base_id}-{i}", ids, params, salt, constraint))
+                streams.append(self.engine.submit(f"{base_id}-{i}", ids, params, salt, constraint, priority))
         except BaseException as exc:
             for s in streams:
                 s.close()

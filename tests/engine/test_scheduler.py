@@ -10,14 +10,14 @@ from agora.engine.scheduler import Scheduler, SchedulerConfig
 EOS = 0
 
 
-def make(num_blocks: int, block_size: int = 4, budget: int = 64, max_seqs: int = 8) -> Scheduler:
-    cfg = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget)
+def make(num_blocks: int, block_size: int = 4, budget: int = 64, max_seqs: int = 8, policy: str = "fcfs") -> Scheduler:
+    cfg = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, scheduling_policy=policy)
     return Scheduler(cfg, KVCacheManager(num_blocks, block_size))
 
 
-def req(rid: str, n_prompt: int, start: int = 1, max_tokens: int = 100, **kw) -> Request:
+def req(rid: str, n_prompt: int, start: int = 1, max_tokens: int = 100, priority: int = 0, **kw) -> Request:
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, **kw)
-    return Request(rid, list(range(start, start + n_prompt)), params, eos_token_ids=frozenset({EOS}))
+    return Request(rid, list(range(start, start + n_prompt)), params, eos_token_ids=frozenset({EOS}), priority=priority)
 
 
 def step(s: Scheduler, token: int = 7) -> dict[str, int]:
@@ -198,3 +198,51 @@ def test_preemption_drops_drafts():
     b.spec_token_ids = [1, 2]
     out = s.schedule()  # a needs a third block: b is preempted
     assert out.preempted_ids == ["b"] and b.spec_token_ids == []
+
+
+# -- the priority policy ---------------------------------------------------------------------------
+
+
+def test_priority_admits_the_most_urgent_first_and_arrival_breaks_ties():
+    s = make(num_blocks=32, budget=100, max_seqs=2, policy="priority")
+    for rid, p in (("low", 5), ("mid1", 1), ("high", -3), ("mid2", 1)):
+        s.add_request(req(rid, 5, start=10 * len(s.requests) + 1, priority=p))
+    assert [r.request_id for r in s.waiting] == ["high", "mid1", "mid2", "low"]
+    assert step(s) == {"high": 5, "mid1": 5}
+    s.finish_requests(["high"], RequestStatus.FINISHED_ABORTED)
+    assert step(s) == {"mid1": 1, "mid2": 5}
+    fcfs = make(num_blocks=32, budget=100, max_seqs=2)
+    for rid, p in (("low", 5), ("high", -3)):
+        fcfs.add_request(req(rid, 5, priority=p))
+    assert [r.request_id for r in fcfs.waiting] == ["low", "high"]  # fcfs: priorities do not reorder
+
+
+def test_priority_grants_budget_to_the_most_urgent_running_request_first():
+    s = make(num_blocks=32, budget=8, max_seqs=4, policy="priority")
+    s.add_request(req("low", 20, priority=2))
+    assert step(s) == {"low": 8}
+    s.add_request(req("high", 12, start=100, priority=0))
+    assert step(s) == {"low": 8}  # high is admitted only where budget is left: none
+    assert step(s) == {"low": 4, "high": 4}
+    assert [r.request_id for r in s.running] == ["high", "low"]  # running kept in priority order
+    assert step(s) == {"high": 8}  # the rest of high's prompt comes before low's decode token
+    assert step(s) == {"high": 1, "low": 1}
+
+
+def test_priority_preempts_the_least_urgent_request_not_the_newest():
+    s = make(num_blocks=4, budget=64, policy="priority")
+    a, b = req("a", 7, priority=1), req("b", 7, start=100, priority=0)
+    s.add_request(a)
+    s.add_request(b)
+    assert step(s) == {"b": 7, "a": 7}  # 2 blocks each: the pool is full
+    assert step(s) == {"b": 1, "a": 1}
+    out = s.schedule()  # b (the more urgent, admitted second) needs a third block: a goes, though older
+    assert out.num_scheduled_tokens == {"b": 1}
+    assert out.preempted_ids == ["a"]
+    assert a.status == RequestStatus.PREEMPTED and a.output_token_ids == [7, 7]
+    s.update(out, {"b": [7]})
+    s.add_request(req("c", 3, start=200, priority=1))  # the same priority as a, later: it waits behind a
+    assert [r.request_id for r in s.waiting] == ["a", "c"]
+    s.finish_requests(["b"], RequestStatus.FINISHED_ABORTED)
+    assert step(s) == {"a": 5, "c": 3}  # a's first block survived in the prefix cache
+    s.kv.check_integrity()

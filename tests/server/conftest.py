@@ -51,12 +51,15 @@ def start_server(model_dir, max_waiting: int = 64, max_num_seqs: int = 16, max_b
                  api_key: str | None = None, structured: StructuredOutputsConfig | None = None,
                  served_model_name: str = MODEL, tool_call_parser: str | None = None,
                  responses_store: str | None = None, model_aliases: tuple = (),
-                 engine_client=None, speculative_config="auto") -> Running:  # noqa: ANN001  # fmt: skip
+                 engine_client=None, speculative_config="auto",
+                 scheduling_policy: str = "fcfs") -> Running:  # noqa: ANN001  # fmt: skip
     """A real server over the model; ``engine_client(config)`` gives it another EngineClient than AsyncEngine."""
     config = EngineConfig(
         model=ModelConfig(model=str(model_dir), served_model_name=served_model_name, dtype="float32"),
         cache=CacheConfig(block_size=16, num_blocks=512),
-        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=512),
+        scheduler=SchedulerConfig(
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=512, scheduling_policy=scheduling_policy
+        ),  # fmt: skip
         max_waiting_requests=max_waiting,
         structured=structured or StructuredOutputsConfig(),
         speculative_config=speculative_config,

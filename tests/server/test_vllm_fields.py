@@ -246,3 +246,32 @@ def test_tokenize_messages_counts_what_chat_sends(client, server):
     assert len(strs["token_strs"]) == strs["count"] and all(isinstance(s, str) for s in strs["token_strs"])
     for body in ({"prompt": "x", "tools": tools}, {"messages": MESSAGES, "chat_template_kwargs": {"tokenize": 1}}):
         assert httpx.post(f"{server.url}/tokenize", json=body).status_code == 400
+
+
+def test_priority_scheduling_orders_the_engine_s_queue(tiny_model_dir):
+    """--scheduling-policy priority: with one sequence at a time, a request of priority -1 added after four of
+    priority 5 runs as soon as the running one ends, before the four (under fcfs it runs last); the server
+    takes the field (on an fcfs server any priority but 0 is a 400, above)."""
+    from agora import LLM, SamplingParams
+
+    order = {}
+    for policy in ("fcfs", "priority"):
+        llm = LLM(str(tiny_model_dir), dtype="float32", num_blocks=256, max_num_seqs=1, scheduling_policy=policy,
+                  speculative_config=None)  # fmt: skip
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        engine, done = llm.engine, []
+        for i, (name, priority) in enumerate([("first", 5), ("low1", 5), ("low2", 5), ("urgent", -1)]):
+            engine.add_request(name, [5 + i, 6, 7], params, priority=priority if policy == "priority" else 0)
+            if i == 0:
+                engine.step()  # first is running
+        while engine.has_unfinished_requests():
+            done += [o.request_id for o in engine.step() if o.finished]
+        order[policy] = done
+    assert order == {"fcfs": ["first", "low1", "low2", "urgent"], "priority": ["first", "urgent", "low1", "low2"]}
+    r = start_server(tiny_model_dir, scheduling_policy="priority")
+    try:
+        client = openai.OpenAI(base_url=f"{r.url}/v1", api_key="unused", max_retries=0)
+        out = client.completions.create(model=MODEL, prompt="hi", max_tokens=2, extra_body={"priority": -7})
+        assert out.choices[0].text is not None
+    finally:
+        stop_server(r)
