@@ -169,8 +169,6 @@ class ResponsesRequest(StrictModel):
                 raise bad_request(name, f"{name} is not supported")
         if self.background:
             raise bad_request("background", "background responses are not supported")
-        if self.truncation == "auto":
-            raise bad_request("truncation", "truncation 'auto' is not supported: the input must fit the context")
         # Agents ask for the encrypted reasoning of reasoning models; with no reasoning items there is none to add.
         unsupported = [i for i in self.include or [] if i not in ("reasoning.encrypted_content", LOGPROBS)]
         if unsupported:
@@ -220,10 +218,14 @@ class ResponsesRequest(StrictModel):
             return {"type": "allowed_tools", "allowed_tools": {"mode": choice.get("mode"), "tools": tools}}
         raise bad_request("tool_choice", f"tool_choice of type {kind!r} is not supported (function tools only)")
 
-    def to_chat(self, history: list[dict[str, Any]]) -> ChatCompletionRequest:
+    def to_chat(self, history: list[dict[str, Any]], drop: int = 0) -> ChatCompletionRequest:
         """The chat request this response is: ``history`` (the stored items of the previous responses,
-        as input items) then this request's input, behind its instructions."""
-        items = history + input_items(self)
+        as input items) then this request's input, behind its instructions. ``drop``: leave out that many
+        items from the beginning (``truncation: auto``), and with them the outputs of calls they held."""
+        items = (history + input_items(self))[drop:]
+        if drop:
+            called = {item["call_id"] for item in items if item.get("type") == "function_call"}
+            items = [i for i in items if i.get("type") != "function_call_output" or i["call_id"] in called]
         messages: list[dict[str, Any]] = []
         if self.instructions:
             messages.append({"role": "system", "content": self.instructions})
@@ -378,7 +380,7 @@ def new_response(req: ResponsesRequest, model: str) -> Response:
         max_output_tokens=req.max_output_tokens, metadata=req.metadata or {},
         parallel_tool_calls=req.parallel_tool_calls is not False, previous_response_id=req.previous_response_id,
         store=req.store, temperature=req.temperature, text=text, tool_choice=req.tool_choice or "auto",
-        tools=req.tools or [], top_p=req.top_p, user=req.user,
+        tools=req.tools or [], top_p=req.top_p, user=req.user, truncation=req.truncation or "disabled",
     )  # fmt: skip
 
 

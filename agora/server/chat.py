@@ -58,12 +58,14 @@ async def render_prompt(serving: Serving, req: ChatCompletionRequest) -> tuple[s
 
 
 async def start_chat(serving: Serving, req: ChatCompletionRequest, prefix: str = "chatcmpl",
-                     ceiling: bool = False, tenant: str | None = None) -> ChatRun:  # fmt: skip
+                     ceiling: bool = False, tenant: str | None = None,
+                     rendered: tuple[str, list[int], ChatTools] | None = None) -> ChatRun:  # fmt: skip
     """Check, render (tools included), compile the constraint, submit. The Responses and Messages APIs
     come through here too, as the chat requests they translate into. ``ceiling``: their maximum output
     is an upper bound, so it shrinks to the context left (chat refuses what does not fit, as vLLM does).
-    ``tenant`` (from the gateway) salts the prefix cache, so no tenant's prompts are cached for another."""
-    text, prompt_ids, tools = await render_prompt(serving, req)
+    ``tenant`` (from the gateway) salts the prefix cache, so no tenant's prompts are cached for another.
+    ``rendered``: ``render_prompt``'s answer for ``req``, where the caller has it already."""
+    text, prompt_ids, tools = rendered or await render_prompt(serving, req)
     found = (tools.constraint, "tools") if tools.constraint is not None else req.constraint()
     structured = structured_params(found[0], strict_schema(req)) if found is not None else None
     logprobs = (req.top_logprobs or 0) if req.logprobs else None

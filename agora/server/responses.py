@@ -3,7 +3,8 @@
 ::
 
     POST   /v1/responses                  previous_response_id → the stored chain as input items →
-                                          to_chat() → start_chat → ResponseEvents → store (store: true)
+                                          to_chat() (truncation auto: fit_context) → start_chat →
+                                          ResponseEvents → store (store: true)
     GET    /v1/responses/{id}             the stored response (404 for another key's)
     DELETE /v1/responses/{id}
     GET    /v1/responses/{id}/input_items
@@ -18,6 +19,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from agora.openai.chat import ChatCompletionRequest
 from agora.openai.common import new_id
 from agora.openai.errors import APIError
 from agora.openai.responses import (
@@ -27,10 +29,11 @@ from agora.openai.responses import (
     input_items,
     new_response,
 )
-from agora.server.chat import start_chat
+from agora.server.chat import render_prompt, start_chat
 from agora.server.http import json_body
 from agora.server.serving import EventsAnswer, Serving, prompt_header, renamed
 from agora.server.store import ResponseStore
+from agora.server.tools import ChatTools
 
 
 def _with_ids(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -42,6 +45,35 @@ def _with_ids(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         )
         out.append({"id": new_id(prefix), **item} if not item.get("id") else item)
     return out
+
+
+async def fit_context(serving: Serving, req: ResponsesRequest,
+                      history: list[dict[str, Any]]) -> tuple[ChatCompletionRequest, tuple[str, list[int], ChatTools]]:  # fmt: skip
+    """``truncation: auto``: the chat request with the fewest items dropped from the beginning of the
+    conversation whose prompt leaves room for output (its last item is always kept; if even that does not
+    fit, the request is what it is and the context check refuses it)."""
+    limit = serving.info.max_model_len
+
+    async def render(drop: int) -> tuple[ChatCompletionRequest, tuple[str, list[int], ChatTools]]:
+        chat = req.to_chat(history, drop)
+        return chat, await render_prompt(serving, chat)
+
+    best = await render(0)
+    if len(best[1][1]) < limit:
+        return best
+    lo, hi = 1, len(history) + len(input_items(req)) - 1  # the fewest dropped that fits lies in [lo, hi]
+    last = await render(hi)
+    if len(last[1][1]) >= limit:
+        return last
+    best = last
+    while lo < hi:  # a binary search: fewer renders than items
+        mid = (lo + hi) // 2
+        found = await render(mid)
+        if len(found[1][1]) < limit:
+            hi, best = mid, found
+        else:
+            lo = mid + 1
+    return best
 
 
 def add_routes(app: FastAPI, serving: Serving, store: ResponseStore) -> None:
@@ -60,8 +92,11 @@ def add_routes(app: FastAPI, serving: Serving, store: ResponseStore) -> None:
                 raise missing(req.previous_response_id, "previous_response_id")
             history = chain
         with renamed(RENAME):
-            run = await start_chat(serving, req.to_chat(history), prefix="resp", ceiling=True,
-                                   tenant=serving.tenant(request))  # fmt: skip
+            chat, rendered = req.to_chat(history), None
+            if req.truncation == "auto":
+                chat, rendered = await fit_context(serving, req, history)
+            run = await start_chat(serving, chat, prefix="resp", ceiling=True, tenant=serving.tenant(request),
+                                   rendered=rendered)  # fmt: skip
         events = ResponseEvents(new_response(req, serving.model_name))
         answer = EventsAnswer(run.acc, events)
         own_input = _with_ids(input_items(req))

@@ -181,3 +181,41 @@ async def test_agents_sdk_default_responses_model(server) -> None:
     result = await agents.Runner.run(agent, "Weather in Paris?", max_turns=4)
     assert seen and isinstance(result.final_output, str)
     await client.close()
+
+
+def test_truncation_auto_drops_the_oldest_items_to_fit(tiny_model_dir, tmp_path) -> None:
+    """A previous_response_id chain that outgrows the context (512 tokens here): with truncation "auto" each turn
+    drops the fewest items from the beginning of the conversation to leave room for output; without it, a 400."""
+    r = start_server(tiny_model_dir, responses_store=str(tmp_path / "r.db"))
+    try:
+        client = openai.OpenAI(base_url=f"{r.url}/v1", api_key="unused", max_retries=0)
+        words = " ".join(["cat"] * 60)
+        prev, sizes = None, []
+        for turn in range(8):
+            out = client.responses.create(model=MODEL, input=f"turn {turn}: {words}", previous_response_id=prev,
+                                          max_output_tokens=4, temperature=0, truncation="auto")  # fmt: skip
+            assert out.truncation == "auto" and out.status in ("completed", "incomplete")
+            prev = out.id
+            sizes.append(out.usage.input_tokens)
+        assert sizes[1] > sizes[0] and max(sizes) < 512  # it grew, then items were dropped to fit (see the 400 below)
+        with pytest.raises(openai.BadRequestError) as refused:  # the same chain, without truncation
+            client.responses.create(model=MODEL, input="one more", previous_response_id=prev, max_output_tokens=4)
+        assert refused.value.param == "input"
+        with pytest.raises(openai.BadRequestError, match="context length") as alone:  # one item too long: no cure
+            client.responses.create(model=MODEL, input=words * 12, max_output_tokens=4, truncation="auto")
+        assert alone.value.param == "input"
+    finally:
+        stop_server(r)
+
+
+def test_truncated_conversation_leaves_no_output_without_its_call() -> None:
+    from agora.openai.responses import ResponsesRequest
+
+    req = ResponsesRequest.model_validate({"input": [
+        {"type": "message", "role": "user", "content": "weather?"},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+        {"type": "message", "role": "user", "content": "and tomorrow?"},
+    ]})  # fmt: skip
+    assert [m.role for m in req.to_chat([], drop=1).messages] == ["assistant", "tool", "user"]
+    assert [m.role for m in req.to_chat([], drop=2).messages] == ["user"]  # the output went with its call
