@@ -120,6 +120,17 @@ class LogitsProcessor(Protocol):
     def __call__(self, logits: torch.Tensor, reqs: Sequence[SampleRequest]) -> torch.Tensor: ...
 
 
+def _ban(logits: torch.Tensor, rows: Sequence[tuple[int, list[int]]]) -> torch.Tensor:
+    """``logits`` with the given tokens of each row made impossible (a copy, or the same tensor when none are)."""
+    if not any(ids for _, ids in rows):
+        return logits
+    logits = logits.clone()
+    for i, ids in rows:
+        if ids:
+            logits[i, torch.tensor(ids, device=logits.device)] = float("-inf")
+    return logits
+
+
 class LogitBias:
     def wanted(self, reqs: Sequence[SampleRequest]) -> bool:
         return any(r.params.logit_bias for r in reqs)
@@ -183,14 +194,7 @@ class BadWords:
         return any(r.params.bad_words_token_ids for r in reqs)
 
     def __call__(self, logits: torch.Tensor, reqs: Sequence[SampleRequest]) -> torch.Tensor:
-        banned = [(i, self._banned(r)) for i, r in enumerate(reqs) if r.params.bad_words_token_ids]
-        if not any(ids for _, ids in banned):
-            return logits
-        logits = logits.clone()
-        for i, ids in banned:
-            if ids:
-                logits[i, torch.tensor(ids, device=logits.device)] = float("-inf")
-        return logits
+        return _ban(logits, [(i, self._banned(r)) for i, r in enumerate(reqs) if r.params.bad_words_token_ids])
 
 
 class Penalties:
@@ -237,14 +241,7 @@ class MinTokens:
         return any(len(r.output_token_ids) < r.params.min_tokens for r in reqs)
 
     def __call__(self, logits: torch.Tensor, reqs: Sequence[SampleRequest]) -> torch.Tensor:
-        blocked = self._blocked(reqs)
-        if not blocked:
-            return logits
-        logits = logits.clone()
-        for i, ids in blocked:
-            if ids:
-                logits[i, torch.tensor(ids, device=logits.device)] = float("-inf")
-        return logits
+        return _ban(logits, self._blocked(reqs))
 
 
 class GrammarMask:
