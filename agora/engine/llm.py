@@ -58,20 +58,24 @@ class LLM:
         prompts: Prompt | list[Prompt],
         params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        priority: list[int] | None = None,
     ) -> list[GenerationResult]:
-        """Generate for every prompt (text or token ids), batched; results in input order."""
+        """Generate for every prompt (text or token ids), batched; results in input order. ``priority``: one
+        per prompt, lower first (``scheduling_policy="priority"``; vLLM's)."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         prompt_list: list[Prompt] = list(prompts)  # type: ignore[arg-type]
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompt_list)
         if len(params_list) != len(prompt_list):
             raise ValueError("one SamplingParams per prompt, or a single one for all")
+        if priority is not None and len(priority) != len(prompt_list):
+            raise ValueError("one priority per prompt")
         results: dict[str, GenerationResult] = {}
         order = []
-        for prompt, p in zip(prompt_list, params_list, strict=True):
+        for i, (prompt, p) in enumerate(zip(prompt_list, params_list, strict=True)):
             rid = f"llm-{next(self._ids)}"
             ids = self._encode(prompt)
-            self.engine.add_request(rid, ids, p)
+            self.engine.add_request(rid, ids, p, priority=priority[i] if priority is not None else 0)
             results[rid] = GenerationResult(rid, ids, [CompletionOutput(i) for i in range(p.n)])
             order.append(rid)
         remaining = sum(p.n for p in params_list)

@@ -268,6 +268,20 @@ def test_priority_scheduling_orders_the_engine_s_queue(tiny_model_dir):
             done += [o.request_id for o in engine.step() if o.finished]
         order[policy] = done
     assert order == {"fcfs": ["first", "low1", "low2", "urgent"], "priority": ["first", "urgent", "low1", "low2"]}
+    # the Python API: one priority per prompt (one sequence at a time: they finish in priority order)
+    finished, step = [], llm.engine.step
+
+    def recording_step():  # noqa: ANN202
+        outs = step()
+        finished.extend(o.request_id for o in outs if o.finished)
+        return outs
+
+    llm.engine.step = recording_step
+    outs = llm.generate([[5, 6], [7, 8], [9, 10]], SamplingParams(temperature=0, max_tokens=3), priority=[3, -2, 0])
+    assert [len(o.outputs[0].token_ids) for o in outs] == [3, 3, 3]
+    assert finished == [outs[1].request_id, outs[2].request_id, outs[0].request_id]
+    with pytest.raises(ValueError, match="one priority per prompt"):
+        llm.generate([[5, 6]], priority=[1, 2])
     r = start_server(tiny_model_dir, scheduling_policy="priority")
     try:
         client = openai.OpenAI(base_url=f"{r.url}/v1", api_key="unused", max_retries=0)
