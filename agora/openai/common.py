@@ -16,6 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, Stri
 
 from agora.openai.errors import APIError, bad_request
 
+# The gateway's priority bands, most urgent first: it names a request's band to the engines in x-agora-priority,
+# and an engine scheduling by priority serves a band before the next (a request's own priority orders it within).
+PRIORITY_BANDS = ("interactive", "batch", "sheddable")
+
 # Bounds on what a client controls in the structured-output fields (bytes of JSON or text).
 MAX_SCHEMA_BYTES = 64 << 10
 MAX_REGEX_CHARS = 4096

@@ -173,7 +173,7 @@ class MessagesRequest(StrictModel):
     def check(self) -> None:
         """What agora does not do, named (a 400 in Anthropic's shape)."""
         for name in ("container", "inference_geo", "diagnostics", "mcp_servers"):
-            if getattr(self, name) is not None:
+            if getattr(self, name) is not None and getattr(self, name) != []:  # no MCP servers is what agora has
                 raise bad_request(name, f"{name} is not supported")
         for edit in (self.context_management or {}).get("edits") or []:
             # thinking from earlier turns never reaches the model here (templates drop it), so clearing it holds

@@ -357,10 +357,12 @@ class Gateway:
         now = time.monotonic()
         return sum(1 for ep in self.pool if ep.serves(model) and ep.available(now))
 
-    def _upstream_headers(self, headers: dict[bytes, bytes], identity: Identity | None) -> dict[str, str]:
+    def _upstream_headers(self, headers: dict[bytes, bytes], identity: Identity | None,
+                          band: str | None = None) -> dict[str, str]:  # fmt: skip
         """What reaches the endpoints: a few client headers, the client's key (only on an open gateway), the
-        tenant (its cache scope, the engines' prefix-cache salt) and the owner of stored responses (the key),
-        which endpoints trust from the gateway."""
+        tenant (its cache scope, the engines' prefix-cache salt), the owner of stored responses (the key) and
+        the request's priority band (engines that schedule by priority serve a band before the next), which
+        endpoints trust from the gateway."""
         out = {k.decode(): v.decode("latin-1") for k, v in headers.items() if k in _FORWARD_REQUEST}
         if self.governance.open:
             for name in (b"authorization", b"x-api-key"):
@@ -369,6 +371,8 @@ class Gateway:
         if identity is not None:
             out["x-agora-tenant"] = identity.scope
             out["x-agora-owner"] = identity.owner
+            if band is not None:
+                out["x-agora-priority"] = band
         return out
 
     # -- proxying ----------------------------------------------------------------------
@@ -422,7 +426,7 @@ class Gateway:
             known = self.chains.get(previous) if isinstance(previous, str) else None
             session = known[0] if known is not None else f"chain-{uuid.uuid4().hex}"
         ctx.info = req = RequestInfo.from_body(ctx.path, data, session)
-        upstream_headers = self._upstream_headers(ctx.headers, ctx.identity)
+        upstream_headers = self._upstream_headers(ctx.headers, ctx.identity, ctx.band)
         query = ctx.scope.get("query_string")
         path = ctx.path + (f"?{query.decode('latin-1')}" if query else "")
         await self._exchange(ctx, req, path, upstream_headers)

@@ -59,12 +59,13 @@ async def render_prompt(serving: Serving, req: ChatCompletionRequest) -> tuple[s
 
 async def start_chat(serving: Serving, req: ChatCompletionRequest, prefix: str = "chatcmpl",
                      ceiling: bool = False, tenant: str | None = None,
-                     rendered: tuple[str, list[int], ChatTools] | None = None) -> ChatRun:  # fmt: skip
+                     rendered: tuple[str, list[int], ChatTools] | None = None, priority: int = 0) -> ChatRun:  # fmt: skip
     """Check, render (tools included), compile the constraint, submit. The Responses and Messages APIs
     come through here too, as the chat requests they translate into. ``ceiling``: their maximum output
     is an upper bound, so it shrinks to the context left (chat refuses what does not fit, as vLLM does).
     ``tenant`` (from the gateway) salts the prefix cache, so no tenant's prompts are cached for another.
-    ``rendered``: ``render_prompt``'s answer for ``req``, where the caller has it already."""
+    ``rendered``: ``render_prompt``'s answer for ``req``, where the caller has it already; ``priority``: the
+    engine's (``Serving.priority``)."""
     text, prompt_ids, tools = rendered or await render_prompt(serving, req)
     found = (tools.constraint, "tools") if tools.constraint is not None else req.constraint()
     structured = structured_params(found[0], strict_schema(req)) if found is not None else None
@@ -80,7 +81,7 @@ async def start_chat(serving: Serving, req: ChatCompletionRequest, prefix: str =
     rid = f"{prefix}-{uuid.uuid4().hex}"
     start = time.monotonic()
     streams = serving.submit([prompt_ids], params, serving.salt(tenant, req.cache_salt), rid, RENAME, constraint,
-                             req.priority)  # fmt: skip
+                             priority)  # fmt: skip
     _, every_chunk = req.stream_usage()
     answer_id = f"{prefix}-{req.request_id}" if req.request_id else rid  # the engine's ids stay unique
     acc = ChatStream(answer_id, serving.model_name, params.n, len(prompt_ids), logprobs=params.logprobs is not None,
@@ -96,7 +97,8 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
         request: Request, req: ChatCompletionRequest = Depends(json_body(ChatCompletionRequest))
     ) -> Response:
         serving.check_model(req.model)
-        run = await start_chat(serving, req, tenant=serving.tenant(request))
+        run = await start_chat(serving, req, tenant=serving.tenant(request),
+                               priority=serving.priority(request, req.priority))  # fmt: skip
         answer = OpenAIAnswer(run.acc, merge_chat_chunks, req.stream_usage()[0])
         return await serving.answer(request, run.streams, answer, stream=req.stream, start=run.start,
                                     headers=prompt_header(run.prompt_tokens))  # fmt: skip

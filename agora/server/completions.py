@@ -56,7 +56,8 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
         answer_id = f"cmpl-{req.request_id}" if req.request_id else rid  # the engine's ids stay unique
         start = time.monotonic()
         salt = serving.salt(serving.tenant(request), req.cache_salt)
-        streams = serving.submit(prompt_ids, params, salt, rid, constraint=constraint, priority=req.priority)
+        priority = serving.priority(request, req.priority)
+        streams = serving.submit(prompt_ids, params, salt, rid, constraint=constraint, priority=priority)
         echo_texts = [""] * len(prompt_ids)
         if req.echo:  # the prompt as sent, or as the model saw it when truncated
             echo_texts = [p if isinstance(p, str) and not c else serving.need_tokenizer().decode(ids)

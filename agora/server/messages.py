@@ -32,7 +32,7 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
         reasoning = _has_thinking_mode(serving)
         with renamed(RENAME):
             run = await start_chat(serving, req.to_chat(reasoning), prefix="msg", ceiling=True,
-                                   tenant=serving.tenant(request))  # fmt: skip
+                                   tenant=serving.tenant(request), priority=serving.priority(request, 0))  # fmt: skip
         thinking = reasoning and req.thinking is not None and req.thinking.type in ("enabled", "adaptive")
         think = ThinkSplitter(run.prompt_text.rstrip().endswith(ThinkSplitter.OPEN)) if thinking else None
         events = MessageEvents(Reply(id=new_id("msg", 12), model=serving.model_name), run.prompt_tokens, think)

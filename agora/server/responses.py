@@ -96,7 +96,7 @@ def add_routes(app: FastAPI, serving: Serving, store: ResponseStore) -> None:
             if req.truncation == "auto":
                 chat, rendered = await fit_context(serving, req, history)
             run = await start_chat(serving, chat, prefix="resp", ceiling=True, tenant=serving.tenant(request),
-                                   rendered=rendered)  # fmt: skip
+                                   rendered=rendered, priority=serving.priority(request, 0))  # fmt: skip
         events = ResponseEvents(new_response(req, serving.model_name))
         answer = EventsAnswer(run.acc, events)
         own_input = _with_ids(input_items(req))

@@ -33,7 +33,7 @@ from agora.engine.engine import RequestOutput
 from agora.engine.sampling import ParamError, SamplingParams
 from agora.engine.structured import Constraint
 from agora.models.catalog import CATALOG
-from agora.openai.common import Usage
+from agora.openai.common import PRIORITY_BANDS, Usage
 from agora.openai.errors import APIError, bad_request, error_body
 from agora.openai.stream import SSE_DONE, sse, sse_named
 from agora.server.metrics import ServerMetrics
@@ -230,6 +230,17 @@ class Serving:
             return None
         return request.headers.get("x-agora-tenant") or None
 
+    def priority(self, request: Request, asked: int) -> int:
+        """The engine priority of a request: its own (``asked``), within the gateway's band where the engine
+        schedules by priority and trusts the gateway (as for the tenant): every request of a band comes before
+        the next band's, whatever priority a client asks for."""
+        if self.config.api_key is None or not self.info.priority_scheduling:
+            return asked
+        band = request.headers.get("x-agora-priority")
+        if band not in PRIORITY_BANDS:
+            return asked
+        return PRIORITY_BANDS.index(band) * BAND_STRIDE + asked
+
     @staticmethod
     def salt(tenant: str | None, cache_salt: str | None) -> str | None:
         """The prefix-cache salt: the tenant's, and the request's own ``cache_salt`` within it."""
@@ -363,6 +374,9 @@ class Serving:
                 task.cancel()
             for s in streams:
                 await s.aclose()
+
+
+BAND_STRIDE = 1 << 32  # wider than a request's own priority (a 32-bit integer): bands never overlap
 
 
 def token_id_label(token_id: int) -> str:

@@ -3,7 +3,8 @@
 It answers chat and text completions with its own name as the text (so a test
 sees which endpoint answered), streams ``--tokens`` chunks ``--delay-ms`` apart,
 exports vLLM's load gauges on /metrics, and counts what happened on /stats.
-``/v1/responses`` and ``/v1/messages`` answer whole, in their APIs' shapes, and record the body too.
+``/v1/responses`` and ``/v1/messages`` answer whole, in their APIs' shapes, and record the body too;
+/stats shows the ``x-agora-*`` headers of the last chat or text completion.
 ``POST /admin/mode`` switches it between ``ok``, ``error500`` (every request fails),
 ``error500_cut`` (a 500 whose body breaks off: the connection drops mid-body) and ``break``
 (streams stop after the first chunk by dropping the connection).
@@ -73,6 +74,9 @@ class FakeOpenAI:
             self.waiting = int(data.get("waiting", self.waiting))
             await _json(send, 200, {"mode": self.mode})
         elif path in ("/v1/chat/completions", "/v1/completions") and method == "POST":
+            # what the gateway tells its endpoints about the request (tenant, owner, band), last request's
+            self.stats["agora_headers"] = {k.decode(): v.decode() for k, v in scope["headers"]
+                                           if k.startswith(b"x-agora-")}  # fmt: skip
             await self._complete(json.loads(body), receive, send, chat=path.endswith("chat/completions"))
         elif path in ("/v1/responses", "/v1/messages") and method == "POST":
             await self._agent_api(json.loads(body), send, path)

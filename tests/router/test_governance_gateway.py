@@ -267,3 +267,22 @@ def test_no_key_or_key_hash_reaches_the_log(tmp_path) -> None:
     assert "gateway profile" in text  # the log was written
     for secret in (key["key"], key["key"] + "x", hashlib.sha256(key["key"].encode()).hexdigest()):
         assert secret not in text
+
+
+def test_the_key_s_band_reaches_the_endpoints(procs, tmp_path) -> None:
+    """The gateway names each request's band (the key's, or a lower one asked for) in x-agora-priority; an engine
+    that schedules by priority serves a band before the next (tests/server/test_vllm_fields.py)."""
+    fake = procs.fake("a", models=("m",))
+    gw = procs.gateway({"endpoints": [{"url": fake.url}]})
+    db = _db_of(tmp_path, gw)
+    batch = _agora(db, "keys", "create", "--tenant", "acme", "--priority", "batch")
+    assert _live(gw.url, batch["key"])
+
+    def seen(**extra) -> dict:  # noqa: ANN003
+        assert _chat(gw.url, batch["key"], **extra).status_code == 200
+        return httpx.get(f"{fake.url}/stats").json()["agora_headers"]
+
+    assert seen()["x-agora-priority"] == "batch"
+    assert seen(headers={"x-agora-priority": "sheddable"})["x-agora-priority"] == "sheddable"
+    assert _chat(gw.url, batch["key"], headers={"x-agora-priority": "interactive"}).status_code == 403
+    assert set(seen()) == {"x-agora-tenant", "x-agora-owner", "x-agora-priority"}

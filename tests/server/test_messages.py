@@ -104,6 +104,8 @@ def test_stop_sequences_output_config_and_count_tokens(client) -> None:
     ({"model": MODEL, "max_tokens": 5, "messages": ASK, "tools": [{"type": "web_search_20250305",
       "name": "web_search"}]}, 400, "invalid_request_error", "server tool"),
     ({"model": "gpt-4", "max_tokens": 5, "messages": ASK}, 404, "not_found_error", "does not exist"),
+    ({"model": MODEL, "max_tokens": 5, "messages": ASK, "mcp_servers": [{"type": "url", "url": "https://x",
+      "name": "x"}]}, 400, "invalid_request_error", "mcp_servers is not supported"),
     ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "x" * 100_000}]}, 400,
      "invalid_request_error", "context length"),
 ])  # fmt: skip
@@ -113,6 +115,12 @@ def test_errors_in_anthropic_shape(server, body, status, kind, fragment) -> None
     err = r.json()
     assert err["type"] == "error" and err["error"]["type"] == kind and fragment in err["error"]["message"], err
     assert server.metric("vllm:num_requests_running") == 0
+
+
+def test_an_empty_mcp_servers_list_is_no_mcp_server(server) -> None:
+    r = httpx.post(f"{server.url}/v1/messages", headers={"x-api-key": "k1"}, timeout=60,
+                   json={"model": MODEL, "max_tokens": 2, "messages": ASK, "mcp_servers": []})  # fmt: skip
+    assert r.status_code == 200, r.text
 
 
 def test_the_key_comes_first(server) -> None:

@@ -289,3 +289,39 @@ def test_priority_scheduling_orders_the_engine_s_queue(tiny_model_dir):
         assert out.choices[0].text is not None
     finally:
         stop_server(r)
+
+
+def test_the_gateway_s_band_orders_requests_before_their_own_priority(tiny_model_dir):
+    """Behind the gateway (which authenticates with the engine's key), x-agora-priority names the tenant's band:
+    under priority scheduling every request of a band comes before the next band's, whatever priority it asks
+    for; the header is trusted only where the engine has a key (as the tenant's), and means nothing to fcfs."""
+    from agora.server.serving import BAND_STRIDE
+
+    seen: list[int] = []
+    for policy in ("priority", "fcfs"):
+        r = start_server(tiny_model_dir, api_key="k1", scheduling_policy=policy)
+
+        def recording(*a, add=r.engine.add_request, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+            seen.append(a[5] if len(a) > 5 else kw.get("priority", 0))
+            return add(*a, **kw)
+
+        r.engine.add_request = recording
+        try:
+            gateway = {"authorization": "Bearer k1", "x-agora-tenant": "t", "x-agora-priority": "batch"}
+            bodies = [({"priority": -5}, gateway), ({}, {**gateway, "x-agora-priority": "interactive"}),
+                      ({}, {**gateway, "x-agora-priority": "bogus"})]  # fmt: skip
+            for body, headers in bodies:
+                if policy == "fcfs":
+                    body = {}
+                out = httpx.post(f"{r.url}/v1/completions", headers=headers, timeout=60,
+                                 json={"model": MODEL, "prompt": "hi", "max_tokens": 1, **body})  # fmt: skip
+                assert out.status_code == 200, out.text
+            chat = httpx.post(
+                f"{r.url}/v1/messages",
+                headers={**gateway, "anthropic-version": "2023-06-01"},
+                json={"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]},
+            )
+            assert chat.status_code == 200, chat.text
+        finally:
+            stop_server(r)
+    assert seen == [BAND_STRIDE - 5, 0, 0, BAND_STRIDE, 0, 0, 0, 0]

@@ -31,9 +31,10 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from agora import envs
+from agora.openai.common import PRIORITY_BANDS
 
 ROLES = ("admin", "user")
-BANDS = ("interactive", "batch", "sheddable")  # dispatch order; sheddable is refused first when saturated
+BANDS = PRIORITY_BANDS  # dispatch order; sheddable is refused first when saturated
 LIMIT_FIELDS = ("rpm", "tpm", "max_parallel", "budget_tokens", "budget_window_s", "session_requests",
                 "session_tokens")  # fmt: skip
 
