@@ -56,6 +56,9 @@ def _refusal(status: int, reason: str, message: str, code: str) -> bytes:
     return head.encode("latin-1") + body
 
 
+LINGER_S = 2.0  # how long a refused connection keeps reading (and dropping) what its client sends
+
+
 def guarded_protocol(max_head_bytes: int, client_timeout_s: float, base: type[asyncio.Protocol] = AutoHTTPProtocol,
                      refused: Refused = _ignore) -> type[asyncio.Protocol]:  # fmt: skip
     """uvicorn's HTTP protocol ``base`` (its default: httptools, else h11) with the head limit and the client
@@ -68,6 +71,7 @@ def guarded_protocol(max_head_bytes: int, client_timeout_s: float, base: type[as
             self._tail = b""  # its last bytes so far
             self._deadline: float | None = self.loop.time() + client_timeout_s  # its first request, or None
             self._timer = self.loop.call_later(client_timeout_s, self._check_pace)
+            self._lingering = False
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._timer.cancel()
@@ -77,6 +81,8 @@ def guarded_protocol(max_head_bytes: int, client_timeout_s: float, base: type[as
             return self.cycle is None or self.cycle.response_complete
 
         def data_received(self, data: bytes) -> None:
+            if self._lingering:
+                return  # refused: what the client still sends is read and dropped
             reading_head = self._reading_head()
             if reading_head:
                 if self._head_bytes == 0:  # a request begins: its head has client_timeout_s
@@ -103,8 +109,27 @@ def guarded_protocol(max_head_bytes: int, client_timeout_s: float, base: type[as
             refused(code)
             if self.cycle is None or (self.cycle.response_complete and not self.cycle.more_body):
                 self.transport.write(_refusal(status, reason, message, code))
-            # else: an answered request's body is still arriving; the client has its answer already
-            self.transport.close()
+                self._linger()
+            else:  # an answered request's body is still arriving; the client has its answer already
+                self.transport.close()
+
+        def _linger(self) -> None:
+            """Close gently after a refusal: send it and our end of the stream, then read and drop what the client
+            is still sending for up to ``LINGER_S``. Closed at once with its data unread, the connection is reset,
+            and a reset can destroy the refusal before the client reads it (a client still writing a huge head
+            then saw "connection reset" instead of the 431)."""
+            self._lingering = True
+            self._timer.cancel()
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.transport.resume_reading()
+            self._timer = self.loop.call_later(LINGER_S, self.transport.close)
+
+        def eof_received(self) -> bool | None:
+            if self._lingering:
+                self.transport.close()  # the client read the refusal and is done too
+                return None
+            return super().eof_received()
 
         def _check_pace(self) -> None:
             if self.transport.is_closing():

@@ -97,6 +97,21 @@ def test_a_head_past_its_limit_is_a_431(port: int, request: pytest.FixtureReques
     assert refused == ["request_header_fields_too_large"]
 
 
+def test_a_refused_client_that_keeps_sending_is_cut_off(port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a refusal the server reads and drops what the client still sends (so the refusal is not lost to a
+    reset), but only for LINGER_S: a client that never stops sending is then disconnected."""
+    monkeypatch.setattr("agora.http_server.LINGER_S", 0.3)
+    s = _connect(port)
+    s.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nx-filler: " + b"a" * (2 * HEAD_LIMIT))
+    start = time.monotonic()
+    with pytest.raises((BrokenPipeError, ConnectionResetError)):
+        while time.monotonic() - start < 10:
+            s.sendall(b"a" * 1000)
+            time.sleep(0.01)
+    assert time.monotonic() - start < 5
+    s.close()
+
+
 def test_the_head_limit_is_exact_whole_or_in_pieces(port: int) -> None:
     def head(size: int) -> bytes:
         start = b"GET /exact HTTP/1.1\r\nhost: x\r\nx-filler: "
