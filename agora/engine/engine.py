@@ -239,6 +239,7 @@ class Engine:
             if self.tokenizer is None:
                 raise ParamError("bad_words", "bad_words need a tokenizer, and this model has none")
             params.bad_words_token_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
+            params.validate()  # their tokens' bounds
         check_request(self.vocab_size, self.max_model_len, self.grammars is not None, prompt_token_ids, params)
 
     @property

@@ -12,6 +12,7 @@ MAX_STOP_STRING_LEN = 256
 MAX_SEED = 2**63 - 1
 MAX_BAD_WORDS = 128
 MAX_BAD_WORD_LEN = 256
+MAX_BAD_WORD_TOKENS = 4096  # all bad words' tokens together: each step compares them with the output's end
 
 
 class ParamError(ValueError):
@@ -105,9 +106,11 @@ class SamplingParams:
             self.allowed_token_ids = list(self.allowed_token_ids)
         if self.top_k == -1:
             self.top_k = 0
-        self._validate()
+        self.validate()
 
-    def _validate(self) -> None:
+    def validate(self) -> None:
+        """Raise ParamError for a value that can never work (run on creation, and again after a change)."""
+
         def bad(param: str, msg: str) -> None:
             raise ParamError(param, msg)
 
@@ -159,6 +162,8 @@ class SamplingParams:
                 bad("bad_words", f"bad_words must be non-blank strings of at most {MAX_BAD_WORD_LEN} characters")
         if len(self.bad_words_token_ids) > 2 * MAX_BAD_WORDS or any(not ids for ids in self.bad_words_token_ids):
             bad("bad_words", f"bad_words_token_ids takes at most {2 * MAX_BAD_WORDS} non-empty token sequences")
+        if sum(len(ids) for ids in self.bad_words_token_ids) > MAX_BAD_WORD_TOKENS:
+            bad("bad_words", f"the bad words are more than {MAX_BAD_WORD_TOKENS} tokens together")
 
     @property
     def greedy(self) -> bool:

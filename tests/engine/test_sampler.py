@@ -146,7 +146,8 @@ def test_logprobs_are_the_raw_distribution():
     "kwargs",
     [dict(n=0), dict(n=17), dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_tokens=0),
      dict(logprobs=21), dict(min_tokens=5, max_tokens=2), dict(stop=[""]), dict(seed=-1), dict(min_p=1.5),
-     dict(allowed_token_ids=[]), dict(bad_words=[" "]), dict(bad_words=["x"] * 129), dict(bad_words_token_ids=[[]])],
+     dict(allowed_token_ids=[]), dict(bad_words=[" "]), dict(bad_words=["x"] * 129), dict(bad_words_token_ids=[[]]),
+     dict(bad_words_token_ids=[[1] * 100] * 41)],
 )  # fmt: skip
 def test_invalid_params_raise_value_error(kwargs):
     with pytest.raises(ValueError):

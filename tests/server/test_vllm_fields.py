@@ -132,7 +132,8 @@ def test_allowed_token_ids_and_bad_words(client, server):
         got = out.model_extra["token_ids"]
         assert not any(got[i : i + len(seq)] == seq for i in range(len(got)))
     for body, param in (({"allowed_token_ids": [10**9]}, "allowed_token_ids"), ({"allowed_token_ids": []},
-                        "allowed_token_ids"), ({"bad_words": ["  "]}, "bad_words")):  # fmt: skip
+                        "allowed_token_ids"), ({"bad_words": ["  "]}, "bad_words"),
+                        ({"bad_words": [f"xyzzy{i} " * 40 for i in range(128)]}, "bad_words")):  # fmt: skip
         with pytest.raises(openai.BadRequestError) as exc:
             client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1, extra_body=body)
         assert exc.value.body["param"] == param
