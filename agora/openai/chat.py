@@ -18,6 +18,7 @@ from agora.openai.common import (
     SamplingFields,
     StrictModel,
     Usage,
+    check_prompt_cache,
     omitted,
     text_parts_only,
 )
@@ -178,6 +179,8 @@ class ChatCompletionRequest(SamplingFields):
     reasoning_effort: str | None = None
     web_search_options: dict[str, Any] | None = None
     prompt_cache_key: str | None = Field(default=None, max_length=256)  # the gateway's session for cache affinity
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
     safety_identifier: str | None = Field(default=None, max_length=256)
     verbosity: str | None = None
     # vLLM's extras
@@ -205,6 +208,7 @@ class ChatCompletionRequest(SamplingFields):
             raise bad_request("service_tier", "service_tier: only 'auto' and 'default' are available")
         if self.reasoning_effort is not None:
             raise bad_request("reasoning_effort", "reasoning_effort is not supported by this model")
+        check_prompt_cache(self.prompt_cache_retention, self.prompt_cache_options)
         if self.verbosity not in (None, "medium"):  # OpenAI's answer for its models without the setting
             raise bad_request("verbosity", f"verbosity {self.verbosity!r} is not supported by this model; "
                                            "only 'medium' is")  # fmt: skip

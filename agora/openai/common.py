@@ -318,6 +318,17 @@ def check_structured_outputs(spec: StructuredOutputs, param: str) -> None:
         raise bad_request(param, f"{param}: structural_tag is larger than {MAX_SCHEMA_BYTES} bytes")
 
 
+def check_prompt_cache(retention: Any, options: Any) -> None:
+    """OpenAI's prompt-cache settings: agora caches every prefix of every prompt, in memory only (so
+    ``prompt_cache_retention: "in_memory"`` holds); a longer retention or explicit breakpoints it cannot promise."""
+    if retention not in (None, "in_memory"):
+        raise bad_request("prompt_cache_retention", "prompt_cache_retention: only 'in_memory' is available (every "
+                                                    "prefix is cached in memory, for as long as memory allows)")  # fmt: skip
+    if options is not None:
+        raise bad_request("prompt_cache_options", "prompt_cache_options is not supported: every prefix is cached "
+                                                  "automatically")  # fmt: skip
+
+
 class SamplingFields(StrictModel):
     """Fields of both chat and text completions (OpenAI's, then vLLM's extras)."""
 

@@ -21,7 +21,16 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, StrictBool, StrictInt, Tag, field_validator
 
 from agora.openai.chat import ChatCompletionChunk, ChatCompletionRequest
-from agora.openai.common import Number, OpenModel, StrictModel, Usage, first_error, new_id, text_parts_only
+from agora.openai.common import (
+    Number,
+    OpenModel,
+    StrictModel,
+    Usage,
+    check_prompt_cache,
+    first_error,
+    new_id,
+    text_parts_only,
+)
 from agora.openai.errors import bad_request
 
 MAX_INPUT_ITEMS = 4096
@@ -149,6 +158,7 @@ class ResponsesRequest(StrictModel):
     top_logprobs: StrictInt | None = None
     context_management: Any = None
     prompt_cache_retention: Any = None
+    prompt_cache_options: Any = None
     client_metadata: dict[str, str] | None = None  # the client's own labels (Codex: thread and turn ids)
 
     @field_validator("input")
@@ -164,9 +174,10 @@ class ResponsesRequest(StrictModel):
 
     def check(self) -> None:
         """The 400s that need no engine: what agora does not implement, named."""
-        for name in ("conversation", "prompt", "context_management", "prompt_cache_retention"):
+        for name in ("conversation", "prompt", "context_management"):
             if getattr(self, name) is not None:
                 raise bad_request(name, f"{name} is not supported")
+        check_prompt_cache(self.prompt_cache_retention, self.prompt_cache_options)
         if self.background:
             raise bad_request("background", "background responses are not supported")
         # Agents ask for the encrypted reasoning of reasoning models; with no reasoning items there is none to add.
@@ -179,8 +190,8 @@ class ResponsesRequest(StrictModel):
             raise bad_request("reasoning", "reasoning effort is not supported by this model")
         if self.service_tier not in (None, "auto", "default"):
             raise bad_request("service_tier", "service_tier: only 'auto' and 'default' are available")
-        if self.max_tool_calls is not None:
-            raise bad_request("max_tool_calls", "max_tool_calls is not supported")
+        if self.max_tool_calls is not None and self.max_tool_calls < 0:  # it caps built-in tools' calls: none here
+            raise bad_request("max_tool_calls", "max_tool_calls must be at least 0")
         if self.stream_options is not None and (not self.stream or self.stream_options.include_obfuscation):
             raise bad_request("stream_options", "stream_options: only include_obfuscation false, with stream true")
         if self.text is not None and self.text.verbosity not in (None, "medium"):  # as chat's verbosity

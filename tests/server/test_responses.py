@@ -114,6 +114,16 @@ def test_structured_text_format(client) -> None:
     assert out.status == "completed" and set(json.loads(out.output_text)) == {"name"}
 
 
+def test_built_in_tool_cap_and_in_memory_cache_retention_hold_trivially(client) -> None:
+    # max_tool_calls caps calls to OpenAI's built-in tools, of which agora has none; its prefix cache is in memory
+    out = client.responses.create(model=MODEL, input="hi", max_output_tokens=2, max_tool_calls=3,
+                                  prompt_cache_retention="in_memory")  # fmt: skip
+    assert out.status in ("completed", "incomplete")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model=MODEL, input="hi", max_output_tokens=2, prompt_cache_retention="24h")
+    assert refused.value.param == "prompt_cache_retention"
+
+
 def test_text_verbosity_medium_is_the_only_one(client) -> None:
     # OpenAI's answer for a model without the setting: its default is accepted (and echoed), others refused
     out = client.responses.create(model=MODEL, input="hi", text={"verbosity": "medium"}, max_output_tokens=2)

@@ -176,6 +176,13 @@ def test_openai_s_newer_chat_fields(client):
     with pytest.raises(openai.BadRequestError) as exc:
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, verbosity="low")
     assert exc.value.body["param"] == "verbosity"
+    # agora caches every prefix, in memory: that retention holds, a longer one or explicit breakpoints do not
+    client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, prompt_cache_retention="in_memory")
+    for kw, param in (({"prompt_cache_retention": "24h"}, "prompt_cache_retention"),
+                      ({"prompt_cache_options": {"mode": "explicit"}}, "prompt_cache_options")):  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, **kw)
+        assert exc.value.body["param"] == param
 
 
 @pytest.mark.parametrize(
