@@ -83,6 +83,16 @@ PRIORITY_OFF = (
 )
 
 
+def tokenize_bad_words(tokenizer: Tokenizer | None, params: SamplingParams) -> None:
+    """``params.bad_words`` into ``params.bad_words_token_ids`` (once), their bounds checked: the engine's step, and a
+    remote engine's client's (which has the tokenizer, and must refuse before submitting)."""
+    if params.bad_words and not params.bad_words_token_ids:
+        if tokenizer is None:
+            raise ParamError("bad_words", "bad_words need a tokenizer, and this model has none")
+        params.bad_words_token_ids = bad_words_token_ids(tokenizer, params.bad_words)
+        params.validate()  # their tokens' bounds
+
+
 def bad_words_token_ids(tokenizer: Tokenizer, words: list[str]) -> list[list[int]]:
     """Each word's tokens as it starts the output and as it follows a space (vLLM's two spellings), each once."""
     out: list[list[int]] = []
@@ -235,11 +245,7 @@ class Engine:
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ParamError (a client error naming the parameter) if the request can never run. Tokenizes
         ``params.bad_words`` into ``params.bad_words_token_ids`` (once)."""
-        if params.bad_words and not params.bad_words_token_ids:
-            if self.tokenizer is None:
-                raise ParamError("bad_words", "bad_words need a tokenizer, and this model has none")
-            params.bad_words_token_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
-            params.validate()  # their tokens' bounds
+        tokenize_bad_words(self.tokenizer, params)
         check_request(self.vocab_size, self.max_model_len, self.grammars is not None, prompt_token_ids, params)
 
     @property

@@ -37,7 +37,8 @@ def test_same_answers_as_the_in_process_engine(servers) -> None:  # noqa: ANN001
     assert a.status_code == b.status_code == 200, b.text
     assert a.json()["choices"] == b.json()["choices"] and a.json()["usage"] == b.json()["usage"]
 
-    comp = {"prompt": "one two three", "max_tokens": 6, "n": 2, "temperature": 0.8, "seed": 7, "logprobs": 1}
+    comp = {"prompt": "one two three", "max_tokens": 6, "n": 2, "temperature": 0.8, "seed": 7, "logprobs": 1,
+            "bad_words": ["four"], "return_token_ids": True}  # fmt: skip
     a, b = _post(local, "/v1/completions", comp), _post(remote, "/v1/completions", comp)
     assert a.json()["choices"] == b.json()["choices"]
 
@@ -61,7 +62,9 @@ def test_same_errors_before_any_output(servers) -> None:  # noqa: ANN001
     local, remote = servers
     for body in ({"prompt": "x", "max_tokens": 10**6}, {"prompt": [10**7], "max_tokens": 2},
                  {"prompt": "x", "max_tokens": 2, "response_format": {"type": "json_schema", "json_schema": {
-                     "name": "bad", "schema": {"type": "object", "minProperties": "many"}}}}):  # fmt: skip
+                     "name": "bad", "schema": {"type": "object", "minProperties": "many"}}}},
+                 {"prompt": "x", "max_tokens": 2, "priority": 3},  # fcfs
+                 {"prompt": "x", "max_tokens": 2, "bad_words": [f"xyzzy{i} " * 40 for i in range(128)]}):  # fmt: skip
         a, b = _post(local, "/v1/completions", body), _post(remote, "/v1/completions", body)
         assert a.status_code == b.status_code == 400, (a.text, b.text)
         assert a.json()["error"]["param"] == b.json()["error"]["param"]
