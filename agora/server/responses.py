@@ -50,8 +50,9 @@ def _with_ids(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 async def fit_context(serving: Serving, req: ResponsesRequest,
                       history: list[dict[str, Any]]) -> tuple[ChatCompletionRequest, tuple[str, list[int], ChatTools]]:  # fmt: skip
     """``truncation: auto``: the chat request with the fewest items dropped from the beginning of the
-    conversation whose prompt leaves room for output (its last item is always kept; if even that does not
-    fit, the request is what it is and the context check refuses it)."""
+    conversation whose prompt leaves room for output. What is left starts at a user message (templates such as
+    Gemma's and Mistral's refuse a conversation that opens with the assistant or a tool); if even the last user
+    message on does not fit, the request is what it is and the context check refuses it."""
     limit = serving.info.max_model_len
 
     async def render(drop: int) -> tuple[ChatCompletionRequest, tuple[str, list[int], ChatTools]]:
@@ -59,16 +60,18 @@ async def fit_context(serving: Serving, req: ResponsesRequest,
         return chat, await render_prompt(serving, chat)
 
     best = await render(0)
-    if len(best[1][1]) < limit:
+    items = history + input_items(req)
+    starts = [k for k, item in enumerate(items) if k and item.get("type", "message") == "message"
+              and item.get("role") == "user"]  # fmt: skip
+    if len(best[1][1]) < limit or not starts:
         return best
-    lo, hi = 1, len(history) + len(input_items(req)) - 1  # the fewest dropped that fits lies in [lo, hi]
-    last = await render(hi)
+    last = await render(starts[-1])
     if len(last[1][1]) >= limit:
         return last
-    best = last
-    while lo < hi:  # a binary search: fewer renders than items
+    lo, hi, best = 0, len(starts) - 1, last  # the fewest dropped that fits is one of starts[lo..hi]
+    while lo < hi:  # a binary search: fewer renders than turns
         mid = (lo + hi) // 2
-        found = await render(mid)
+        found = await render(starts[mid])
         if len(found[1][1]) < limit:
             hi, best = mid, found
         else:

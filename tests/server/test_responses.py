@@ -195,8 +195,17 @@ async def test_agents_sdk_default_responses_model(server) -> None:
 
 def test_truncation_auto_drops_the_oldest_items_to_fit(tiny_model_dir, tmp_path) -> None:
     """A previous_response_id chain that outgrows the context (512 tokens here): with truncation "auto" each turn
-    drops the fewest items from the beginning of the conversation to leave room for output; without it, a 400."""
-    r = start_server(tiny_model_dir, responses_store=str(tmp_path / "r.db"))
+    drops the fewest items from the beginning of the conversation to leave room for output; without it, a 400.
+    What is left opens with a user message: the template here refuses any other start, as Gemma's does."""
+    import shutil
+
+    model = tmp_path / "strict"
+    shutil.copytree(tiny_model_dir, model)
+    template = (model / "chat_template.jinja").read_text()
+    (model / "chat_template.jinja").write_text("{% if messages[0]['role'] != 'user' %}{{ raise_exception("
+                                               "'Conversation roles must alternate user/assistant') }}{% endif %}"
+                                               + template)  # fmt: skip
+    r = start_server(model, responses_store=str(tmp_path / "r.db"))
     try:
         client = openai.OpenAI(base_url=f"{r.url}/v1", api_key="unused", max_retries=0)
         words = " ".join(["cat"] * 60)
