@@ -21,7 +21,7 @@ import ray
 from agora.config import EngineConfig, from_dict, to_dict
 from agora.engine.async_engine import EngineDeadError, QueueFullError
 from agora.engine.client import ModelInfo
-from agora.engine.engine import PRIORITY_OFF, EngineStats, RequestOutput, check_request, tokenize_bad_words
+from agora.engine.engine import EngineStats, RequestOutput, check_priority, check_request, tokenize_bad_words
 from agora.engine.sampling import ParamError, SamplingParams
 
 _STATS_EVERY_S = 0.2
@@ -172,8 +172,7 @@ class RayEngineClient:
             raise EngineDeadError("the engine actor is not running")
         tokenize_bad_words(self._info.tokenizer, params)
         check_request(self._info.vocab_size, self._info.max_model_len, self._has_grammars, prompt_token_ids, params)
-        if priority != 0 and not self._info.priority_scheduling:
-            raise ParamError("priority", PRIORITY_OFF)
+        check_priority(self._info.priority_scheduling, priority)
         if self._stats.num_waiting + self._pending >= self.max_waiting_requests:
             raise QueueFullError(f"the server is at capacity ({self.max_waiting_requests} requests waiting); "
                                  "retry later")  # fmt: skip

@@ -77,10 +77,13 @@ def check_request(vocab_size: int, max_model_len: int, has_grammars: bool, promp
         raise ParamError("structured_outputs", "structured outputs need a tokenizer, and this model has none")
 
 
-PRIORITY_OFF = (
-    "priority scheduling is not enabled on this server (agora serve --scheduling-policy priority); "
-    "the gateway's tenant priority bands order requests across tenants"
-)
+def check_priority(priority_scheduling: bool, priority: int) -> None:
+    """ParamError for a priority an engine that schedules first come, first served cannot honour: the engine's
+    check, and a remote engine's client's."""
+    if priority != 0 and not priority_scheduling:
+        raise ParamError("priority", "priority scheduling is not enabled on this server (agora serve "
+                                     "--scheduling-policy priority); the gateway's tenant priority bands order "
+                                     "requests across tenants")  # fmt: skip
 
 
 def tokenize_bad_words(tokenizer: Tokenizer | None, params: SamplingParams) -> None:
@@ -253,8 +256,7 @@ class Engine:
         return self.scheduler.by_priority
 
     def check_priority(self, priority: int) -> None:
-        if priority != 0 and not self.priority_scheduling:
-            raise ParamError("priority", PRIORITY_OFF)
+        check_priority(self.priority_scheduling, priority)
 
     def compile_grammar(self, params: SamplingParams) -> Constraint:
         """Compile a request's constraint here and now (the offline API; the server compiles off the

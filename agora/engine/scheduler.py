@@ -17,7 +17,6 @@ place in the waiting queue. Under ``fcfs`` that order is arrival (admission, for
 from __future__ import annotations
 
 import bisect
-import itertools
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -60,6 +59,11 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+def _urgency(request: Request) -> tuple[int, float]:
+    """The priority policy's order: priority (lower first), then arrival."""
+    return request.priority, request.arrival_time
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager) -> None:
         self.config = config
@@ -69,8 +73,6 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self.by_priority = config.scheduling_policy == "priority"
-        self._arrivals = itertools.count()
-        self._order: dict[str, tuple[int, int]] = {}  # request id -> (priority, arrival): the priority policy's
 
     # -- queue management -------------------------------------------------
 
@@ -79,18 +81,16 @@ class Scheduler:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
-        self._order[request.request_id] = (request.priority, next(self._arrivals))
         if self.by_priority:
             self._insert(self.waiting, request)
         else:
             self.waiting.append(request)
 
-    def _key(self, request: Request) -> tuple[int, int]:
-        return self._order[request.request_id]
-
-    def _insert(self, queue: deque[Request] | list[Request], request: Request) -> None:
+    @staticmethod
+    def _insert(queue: deque[Request] | list[Request], request: Request) -> None:
         """Into ``queue`` (kept in (priority, arrival) order) after every request at least as urgent."""
-        queue.insert(bisect.bisect_right(queue, self._key(request), key=self._key), request)  # type: ignore[arg-type]
+        key = _urgency(request)
+        queue.insert(bisect.bisect_right(queue, key, key=_urgency), request)  # type: ignore[arg-type]
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
         """Remove requests (finished or aborted) and free their blocks. Unknown ids are ignored."""
@@ -105,7 +105,6 @@ class Scheduler:
                 self.waiting.remove(request)
             request.status = status
             self.kv.free(rid)
-            self._order.pop(rid, None)
             done.append(request)
         return done
 
