@@ -73,6 +73,44 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.T
 
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# The shape of every Llama 3.x release's scaling (3.1: factor 8, 3.2: factor 32).
+LLAMA3_ROPE_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def llama3_scaling_from_factors(factors: torch.Tensor, theta: float, head_dim: int) -> dict[str, Any] | None:
+    """The Llama 3 rope scaling that divides each frequency by ``factors`` (llama.cpp's ``rope_freqs``
+    tensor, which a GGUF stores instead of the config's four numbers), as ``_llama3_inv_freq`` computes it;
+    None where every factor is 1. A ValueError where no Llama 3 scaling divides by these factors."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    f = factors.detach().to(torch.float64).flatten()
+    if f.shape != inv_freq.shape or not bool(torch.isfinite(f).all()) or float(f.min()) <= 0:
+        raise ValueError(
+            f"rope_freqs holds {f.numel()} factors; a head of {head_dim} has {inv_freq.numel()} frequencies"
+        )
+    if bool((f == 1).all()):
+        return None
+    factor = float(f.max())
+    candidates = [{"rope_type": "llama3", "factor": factor, **LLAMA3_ROPE_DEFAULTS}]
+    between = (f > 1 + 1e-6) & (f < factor * (1 - 1e-6))
+    if int(between.sum()) >= 2 and factor > 1:
+        # Between the bands, s = (old / wavelen - low) / (high - low) is linear in 1 / wavelen, where
+        # 1 / f = (1 - s) / factor + s. Only old / (high - low) and low / (high - low) matter: low is set to 1.
+        x = inv_freq.to(torch.float64)[between] / (2 * math.pi)
+        s = (1 / f[between] - 1 / factor) / (1 - 1 / factor)
+        slope = float(((x - x.mean()) * (s - s.mean())).sum() / ((x - x.mean()) ** 2).sum())
+        intercept = float(s.mean() - slope * x.mean())  # = -low / (high - low)
+        if slope > 0 and intercept < 0:
+            span = -1 / intercept  # high - low, with low = 1
+            old = slope * span
+            candidates.append({"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+                               "high_freq_factor": round(1 + span, 4),
+                               "original_max_position_embeddings": round(old)})  # fmt: skip
+    want = inv_freq.to(torch.float64) / f
+    for scaling in candidates:
+        got = _llama3_inv_freq(inv_freq, scaling).to(torch.float64)
+        if torch.allclose(got, want, rtol=1e-4, atol=0.0):
+            return scaling
+    raise ValueError("the rope_freqs tensor is not a Llama 3 rope scaling (the only kind of rope_freqs supported)")
 
 
 class RotaryEmbedding(nn.Module):

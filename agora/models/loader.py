@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from agora import envs
 from agora.models.gguf_file import GGUFFile
+from agora.models.layers import llama3_scaling_from_factors
 from agora.models.registry import GGUF_ARCHITECTURES, model_class
 
 logger = logging.getLogger(__name__)
@@ -154,9 +155,8 @@ def _gguf_config(gguf: GGUFFile) -> tuple[str, dict[str, Any]]:
 
     heads = meta("attention.head_count")
     hidden = meta("embedding_length")
-    tensor_names = {t.name for t in gguf.tensors}
-    if "rope_freqs.weight" in tensor_names:
-        raise ValueError("GGUF files with a rope_freqs tensor (Llama 3.1 style RoPE) are not supported yet")
+    tensors = {t.name: t for t in gguf.tensors}
+    tensor_names = set(tensors)
     vocab = meta("vocab_size") or len(gguf.metadata.get("tokenizer.ggml.tokens", ()))
     cfg: dict[str, Any] = {
         "architectures": [GGUF_ARCHITECTURES[arch]],
@@ -175,6 +175,11 @@ def _gguf_config(gguf: GGUFFile) -> tuple[str, dict[str, Any]]:
         "bos_token_id": gguf.metadata.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": gguf.metadata.get("tokenizer.ggml.eos_token_id"),
     }
+    rotary = meta("rope.dimension_count")
+    if rotary is not None and int(rotary) != cfg["head_dim"]:
+        raise ValueError(
+            f"GGUF rope over {rotary} of a head's {cfg['head_dim']} dimensions (partial rotary) is not supported"
+        )
     if arch == "gemma3":
         # What llama.cpp hard-codes for Gemma 3: every 6th layer global, local RoPE base 1e4.
         cfg.update(
@@ -190,7 +195,31 @@ def _gguf_config(gguf: GGUFFile) -> tuple[str, dict[str, Any]]:
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(meta("rope.scaling.factor"))}
     elif scaling_type not in (None, "none"):
         raise ValueError(f"unsupported GGUF rope scaling {scaling_type!r}")
+    if "rope_freqs.weight" in tensors:  # Llama 3.1 and later: the scaled frequencies' divisors
+        if "rope_scaling" in cfg:
+            raise ValueError("a GGUF with both rope_freqs and a rope scaling type is not supported")
+        factors = torch.from_numpy(np.array(tensors["rope_freqs.weight"].data, dtype=np.float32))
+        scaling = llama3_scaling_from_factors(factors, cfg["rope_theta"], cfg["head_dim"])
+        if scaling is not None:
+            cfg["rope_scaling"] = scaling
     return arch, cfg
+
+
+# What ends a turn whatever a file names as its EOS: llama.cpp stops at these too (an instruct model's
+# file often names only one of them: Llama 3's <|eot_id|> but not <|eom_id|> after a tool call).
+END_OF_GENERATION = frozenset(
+    s.encode() for s in ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+                         "<|end_of_text|>", "<EOT>", "<end_of_utterance>")
+)  # fmt: skip
+
+
+def _end_of_generation_ids(gguf: GGUFFile) -> list[int]:
+    """The ids of the special tokens (control or user-defined) that are in ``END_OF_GENERATION``."""
+    tokens, types = gguf.metadata.get("tokenizer.ggml.tokens"), gguf.metadata.get("tokenizer.ggml.token_type")
+    if tokens is None or types is None or len(types) != len(tokens):
+        return []
+    special = np.flatnonzero((np.asarray(types) == 3) | (np.asarray(types) == 4))  # CONTROL, USER_DEFINED
+    return [int(i) for i in special if tokens.raw(int(i)) in END_OF_GENERATION]
 
 
 def _gguf_tokenizer_dir(path: Path, arch: str) -> Path:
@@ -221,10 +250,7 @@ def _gguf_files(path: Path) -> ModelFiles:
     gguf = GGUFFile(path)
     arch, cfg = _gguf_config(gguf)
     eos = [cfg["eos_token_id"]] if cfg.get("eos_token_id") is not None else []
-    if arch == "gemma3":
-        # Chat turns end with <end_of_turn>, which the GGUF does not list as EOS.
-        tokens = gguf.metadata.get("tokenizer.ggml.tokens", ())
-        eos += [i for i in range(min(1024, len(tokens))) if tokens.raw(i) == b"<end_of_turn>"][:1]
+    eos += [i for i in _end_of_generation_ids(gguf) if i not in eos]
     return ModelFiles(path, cfg, cfg["architectures"][0], None, eos, is_gguf=True, gguf_arch=arch)
 
 
@@ -244,6 +270,8 @@ def _read_gguf(
     weights: dict[str, torch.Tensor] = {}
     blocks: dict[str, tuple[str, torch.Tensor]] = {}
     for t in tqdm(gguf.tensors, desc=f"dequantizing {path.name}", unit="tensor", leave=False):
+        if t.name == "rope_freqs.weight":  # read into the config (_gguf_config)
+            continue
         name = gguf_to_hf_name(t.name, arch)
         arr = dequantize(t.data, t.qtype)
         qtype, raw = t.qtype.name, None

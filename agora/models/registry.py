@@ -17,7 +17,9 @@ _MODELS: dict[str, tuple[str, str]] = {
 
 # GGUF general.architecture -> Hugging Face architecture
 GGUF_ARCHITECTURES: dict[str, str] = {
-    "llama": "LlamaForCausalLM",
+    "llama": "LlamaForCausalLM",  # Llama 2 and 3.x, Mistral, SmolLM2
+    "qwen2": "Qwen2ForCausalLM",  # Qwen2, Qwen2.5 (and their coder and distilled variants)
+    "qwen3": "Qwen3ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
 }
 

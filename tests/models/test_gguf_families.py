@@ -1,0 +1,145 @@
+"""GGUF files of the Llama 3, Qwen2 and Qwen3 families, as llama.cpp's converter writes them
+(``gguf_convert``), load and decode the greedy tokens transformers decodes on the same weights.
+
+Each tiny model is written with Q8_0 weights, so the CPU kernels and the native layers run it
+as they run a downloaded file; the reference is transformers on the Q8_0 round trip of the
+same weights. The packaged models cover the ``llama`` (SmolLM2) and ``gemma3`` files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from agora import LLM
+from agora.models.layers import LLAMA3_ROPE_DEFAULTS, _llama3_inv_freq, llama3_scaling_from_factors
+from agora.models.loader import inspect_model, load_model
+from tests.conftest import build_tiny_model, build_tokenizer
+from tests.models.gguf_convert import _llama3_rope_factors, _rope, convert, reference_folder
+from tests.models.test_parity import engine_greedy, hf_greedy, shared_prefix_prompts
+
+# name -> (HF model_type, config overrides, the architecture the loader should report)
+FAMILIES = {
+    "llama3-rope-tied": ("llama", {
+        "tie_word_embeddings": True, "rope_theta": 10000.0, "head_dim": 32,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    }, "LlamaForCausalLM"),
+    "qwen2-qkv-bias-tied": ("qwen2", {"tie_word_embeddings": True, "rope_theta": 1000000.0}, "Qwen2ForCausalLM"),
+    "qwen3-qk-norm": ("qwen3", {"head_dim": 32}, "Qwen3ForCausalLM"),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    model_type, overrides, architecture = FAMILIES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    hf_dir = root / "hf"
+    hf_dir.mkdir()
+    build_tokenizer(hf_dir)
+    vocab = len(json.loads((hf_dir / "tokenizer.json").read_text())["model"]["vocab"])
+    build_tiny_model(hf_dir, vocab, model_type, **overrides)
+    gguf = convert(hf_dir, root / f"{request.param}.gguf")
+    ref_dir = reference_folder(hf_dir, root / "reference")
+    hf = AutoModelForCausalLM.from_pretrained(str(ref_dir), dtype=torch.float32).eval()
+    # the same turn ends as the file's (<|endoftext|> too): min_tokens holds them all back
+    hf.generation_config.eos_token_id = inspect_model(gguf).eos_token_ids
+    prompts = shared_prefix_prompts(vocab)
+    return gguf, hf_dir, architecture, prompts, hf_greedy(hf, prompts)
+
+
+def test_a_gguf_of_the_family_matches_transformers(family):
+    gguf, _, architecture, prompts, expected = family
+    assert inspect_model(gguf).architecture == architecture
+    llm = LLM(str(gguf), dtype="float32", block_size=4, num_blocks=512, max_num_batched_tokens=48)
+    assert engine_greedy(llm, prompts) == expected
+    assert engine_greedy(llm, prompts) == expected  # from the prefix cache
+    assert llm.engine.stats().prefix_cache_hits > 0
+
+
+def test_a_gguf_of_the_family_runs_on_the_native_layers(family):
+    gguf, *_ = family
+    model = load_model(inspect_model(gguf), torch.float32, torch.device("cpu"))
+    from agora import kernels
+
+    if not kernels.available():
+        pytest.skip("no CPU kernels on this host")
+    assert model.model.native is not None  # every linear reads its Q8_0 blocks: one native call per layer
+
+
+def test_a_gguf_of_the_family_carries_its_tokenizer_and_turn_ends(family):
+    from transformers import AutoTokenizer
+
+    gguf, hf_dir, *_ = family
+    files = inspect_model(gguf)
+    theirs, ours = AutoTokenizer.from_pretrained(str(hf_dir)), AutoTokenizer.from_pretrained(str(files.tokenizer_dir))
+    # (no digits: transformers splits them one by one for a qwen3 file, as Qwen's own tokenizer does)
+    text = "Hello world! Paged attention keeps the KV cache in fixed-size blocks. 🎉 façade"
+    assert ours(text)["input_ids"] == theirs(text)["input_ids"]
+    messages = [{"role": "user", "content": "Hi"}]
+    assert ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
+        theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    )
+    # the file's EOS (<|im_end|>) first, then <|endoftext|>, which llama.cpp also stops at
+    assert files.eos_token_ids == [
+        theirs.convert_tokens_to_ids("<|im_end|>"),
+        theirs.convert_tokens_to_ids("<|endoftext|>"),
+    ]
+
+
+def test_the_rope_config_of_a_llama3_gguf(family):
+    gguf, hf_dir, architecture, *_ = family
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    got = inspect_model(gguf).hf_config.get("rope_scaling")
+    if architecture != "LlamaForCausalLM":
+        assert got is None
+        return
+    theta, want = _rope(cfg)
+    assert got == {k: v for k, v in want.items() if k != "rope_theta"}  # 8, 1, 4 and 64, read back
+    head_dim = cfg["head_dim"]
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    assert torch.allclose(_llama3_inv_freq(inv, got), _llama3_inv_freq(inv, want), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize(
+    "theta, head_dim, scaling",
+    [
+        (500000.0, 128, {"factor": 8.0, **LLAMA3_ROPE_DEFAULTS}),  # Llama 3.1 8B
+        (500000.0, 64, {"factor": 32.0, **LLAMA3_ROPE_DEFAULTS}),  # Llama 3.2 1B
+        (
+            500000.0,
+            128,
+            {"factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 6.0, "original_max_position_embeddings": 4096},
+        ),
+        (
+            500000.0,
+            128,
+            {"factor": 16.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0, "original_max_position_embeddings": 8192},
+        ),  # (the same scaling as 1, 4, 4096)
+    ],
+)
+def test_llama3_scaling_is_read_back_from_llama_cpp_factors(theta, head_dim, scaling):
+    scaling = {"rope_type": "llama3", **scaling}
+    factors = torch.from_numpy(_llama3_rope_factors({"rope_theta": theta, "rope_scaling": scaling}, head_dim))
+    got = llama3_scaling_from_factors(factors, theta, head_dim)
+    assert got is not None and got["factor"] == scaling["factor"]
+    if scaling["low_freq_factor"] == 1.0:
+        assert got == scaling  # the converter's numbers, exactly
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    want = inv.double() / factors.double()
+    assert torch.allclose(_llama3_inv_freq(inv, got).double(), want, rtol=1e-5, atol=0)
+    # and the positions the model rotates by differ from the original's by float rounding only
+    assert math.isclose(float((_llama3_inv_freq(inv, got) * 8000).max()), float((want * 8000).max()), rel_tol=1e-5)
+
+
+def test_rope_freqs_that_are_no_llama3_scaling_are_refused():
+    assert llama3_scaling_from_factors(torch.ones(32), 500000.0, 64) is None
+    with pytest.raises(ValueError, match="not a Llama 3 rope scaling"):
+        llama3_scaling_from_factors(torch.linspace(1.0, 3.0, 32).flip(0), 500000.0, 64)
+    with pytest.raises(ValueError, match="32 frequencies"):
+        llama3_scaling_from_factors(torch.ones(16), 500000.0, 64)
