@@ -24,6 +24,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 GGUF_ACTIVATIONS = ("float32", "int8")
+GGUF_WEIGHTS = ("auto", "fp32", "blocks")
 
 
 def option(default: Any, help: str, *, flag: str | None = None, parse: Any = None, choices: Any = None,
@@ -104,6 +105,11 @@ class ModelConfig:
         "float32", "what a GGUF model's Q4_1/Q8_0 layers multiply on the CPU kernels, in steps of up to 64 tokens: "
         "float32 (exact fp32 math) or int8 (x quantized in blocks of 32, llama.cpp's numerics: faster, not exact)",
         choices=GGUF_ACTIVATIONS)  # fmt: skip
+    gguf_weights: str = option(
+        "auto", "whether a GGUF model on the CPU kernels also keeps its weights in fp32 for the GEMMs of long steps "
+        "(prefill chunks): fp32 (4 bytes a weight more), blocks (the file's blocks only: every step on the kernels, "
+        "prefill about 1.6x slower; a model several times larger fits), auto (fp32 where those copies take at most "
+        "40%% of the memory available, else blocks)", choices=GGUF_WEIGHTS)  # fmt: skip
     max_model_len: int | None = option(None, "context length (default: the model's)")
     served_model_name: str | None = None  # set from --served-model-name's first name
     seed: int = option(0, "seed of sampling and of random weights")
@@ -116,6 +122,8 @@ class ModelConfig:
             raise ValueError(
                 f"gguf_activations must be one of {', '.join(GGUF_ACTIVATIONS)}, got {self.gguf_activations!r}"
             )
+        if self.gguf_weights not in GGUF_WEIGHTS:
+            raise ValueError(f"gguf_weights must be one of {', '.join(GGUF_WEIGHTS)}, got {self.gguf_weights!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be >= 2")
 

@@ -16,7 +16,10 @@ Q5_0, Q6_K and Q8_0 layers):
   int8 in blocks of 32 (llama.cpp's numerics), decode and steps up to 64 tokens;
 - pytorch: ``AGORA_CPU_KERNELS=0``, PyTorch's fp32 paths only;
 - no_qu8: the kernels, but the GGUF formats other than Q4_1/Q8_0 not repacked to QU8
-  (``agora.models.gguf_repack``): those layers on PyTorch's fp32 GEMM, as before QU8 existed.
+  (``agora.models.gguf_repack``): those layers on PyTorch's fp32 GEMM, as before QU8 existed;
+- blocks_only: ``--gguf-weights blocks``: the kernels with no fp32 copy of the block layers'
+  weights, so prefill steps multiply with the blocks too (the process's peak memory is reported
+  for every path, ``rss_peak_mib``).
 
 Each process starts ``batch`` requests of ``context`` prompt tokens, lets them prefill, then
 times decode steps (the figure: the median step over every repeat), then times the prefill
@@ -38,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -64,6 +68,7 @@ class Setup:
     native: bool = True  # one native call per decoder layer (else the same kernels op by op)
     activations: str = "float32"  # --gguf-activations (int8: llama.cpp's numerics)
     repack: bool = True  # other GGUF formats repacked to QU8 for the block kernel (else fp32 GEMM)
+    weights: str = "fp32"  # --gguf-weights (blocks: no fp32 GEMM weights, every step on the kernels)
 
 
 PATHS = {
@@ -75,10 +80,11 @@ PATHS = {
     "int8_activations": Setup("1", activations="int8"),
     "pytorch": Setup("0", native=False),
     "no_qu8": Setup("1", repack=False),
+    "blocks_only": Setup("1", weights="blocks"),
 }
 DEFAULT_PATHS = ("kernels", "kernels_fp16_kv", "kernels_per_op", "bf16_gemms", "int8_activations", "pytorch")
 # Paths whose numbers differ from the fp32 PyTorch path's (kernels_per_op computes what kernels does).
-ACCURACY_PATHS = ("kernels", "kernels_fp16_kv", "kernels_bf16_kv", "bf16_gemms", "int8_activations")
+ACCURACY_PATHS = ("kernels", "kernels_fp16_kv", "kernels_bf16_kv", "bf16_gemms", "int8_activations", "blocks_only")
 
 
 def speed_worker(args: argparse.Namespace) -> dict[str, float]:
@@ -89,7 +95,8 @@ def speed_worker(args: argparse.Namespace) -> dict[str, float]:
     _set_repack(args)
     batches = [int(b) for b in args.batches.split(",")]
     llm = LLM(model=args.model, max_num_seqs=max(batches), max_model_len=4096, kv_cache_dtype=args.kv_dtype, dtype=args.dtype,
-              gguf_activations=args.gguf_activations, speculative_config=None)  # fmt: skip  # plain decode steps
+              gguf_activations=args.gguf_activations, gguf_weights=args.gguf_weights,
+              speculative_config=None)  # fmt: skip  # plain decode steps
     engine = llm.engine
     if args.per_op:
         engine.model.model.native = None
@@ -126,6 +133,7 @@ def speed_worker(args: argparse.Namespace) -> dict[str, float]:
         prefill.append(time.perf_counter() - start)
     out["prefill"] = statistics.median(prefill) * 1000
     out["threads"] = torch.get_num_threads()
+    out["rss_peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
 
@@ -159,7 +167,7 @@ def accuracy_worker(args: argparse.Namespace) -> dict[str, int]:
     precision = pick_precision(args.dtype, cpu)
     kv_dtype = pick_kv_dtype(args.kv_dtype, precision)
     model = load_model(files, precision.dtype, cpu, gemm_dtype=precision.gemm_dtype,
-                       int8_activations=args.gguf_activations == "int8")  # fmt: skip
+                       int8_activations=args.gguf_activations == "int8", gguf_weights=args.gguf_weights)  # fmt: skip
     assert any(isinstance(m, GGUFLinear) for m in model.modules()) == kernels.available()
     hkv, d = model.kv_shape
     blocks = -(-len(ids) // 16)
@@ -219,7 +227,8 @@ def run_worker(kind: str, path: str, args: argparse.Namespace, logits_file: str 
     env = {**os.environ, "AGORA_CPU_KERNELS": p.kernels, "AGORA_LOG_LEVEL": "WARNING"}
     cmd = [sys.executable, __file__, "--worker", kind, "--batches", args.batches, "--context", str(args.context),
            "--steps", str(args.steps), "--prefill", str(args.prefill), "--kv-dtype", p.kv_dtype, "--dtype", p.dtype,
-           "--gguf-activations", p.activations, "--logits-file", logits_file, "--model", args.model]  # fmt: skip
+           "--gguf-activations", p.activations, "--gguf-weights", p.weights, "--logits-file", logits_file,
+           "--model", args.model]  # fmt: skip
     if not p.native:
         cmd.append("--per-op")
     if not p.repack:
@@ -246,6 +255,7 @@ def main() -> None:
     ap.add_argument("--kv-dtype", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--gguf-activations", default="float32", help=argparse.SUPPRESS)
+    ap.add_argument("--gguf-weights", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--logits-file", default="", help=argparse.SUPPRESS)
     ap.add_argument("--per-op", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--no-repack", action="store_true", help=argparse.SUPPRESS)
@@ -290,6 +300,8 @@ def main() -> None:
     prefill = {name: median(name, "prefill") for name in paths}
     print(f"prefill of a fresh {args.prefill}-token prompt, median ms: "
           + ", ".join(f"{name} {ms:.0f}" for name, ms in prefill.items()))  # fmt: skip
+    print("peak memory of the process, median MiB: "
+          + ", ".join(f"{name} {median(name, 'rss_peak_mib'):.0f}" for name in paths))  # fmt: skip
     accuracy = accuracy_of_paths(args)
     print(
         f"accuracy over {accuracy['tokens']} tokens against the fp32 PyTorch path's decode logits "

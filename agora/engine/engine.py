@@ -177,7 +177,8 @@ class Engine:
         torch.manual_seed(config.model.seed)
         t0 = time.perf_counter()
         int8 = config.model.gguf_activations == "int8"
-        model = load_model(files, self.dtype, self.device, gemm_dtype=precision.gemm_dtype, int8_activations=int8)
+        model = load_model(files, self.dtype, self.device, gemm_dtype=precision.gemm_dtype, int8_activations=int8,
+                           gguf_weights=config.model.gguf_weights)  # fmt: skip
         logger.info("loaded %s (%s) on %s in %.1fs", path, files.architecture, self.device, time.perf_counter() - t0)
         self.tokenizer = Tokenizer(files.tokenizer_dir, files.eos_token_ids) if files.tokenizer_dir else None
         self.eos_token_ids = (

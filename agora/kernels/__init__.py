@@ -57,6 +57,9 @@ _SIGNATURES = {
     "agora_linear_q4_1": ([_P, _I, _I, _P, _I, _P, _P, _I], None),
     "agora_linear_q8_0": ([_P, _I, _I, _P, _I, _P, _P, _I], None),
     "agora_linear_qu8": ([_P, _I, _I, _P, _I, _P, _P, _I], None),
+    "agora_dequant_q4_1": ([_P, _I, _I, _P, _I], None),
+    "agora_dequant_q8_0": ([_P, _I, _I, _P, _I], None),
+    "agora_dequant_qu8": ([_P, _I, _I, _P, _I], None),
     "agora_linear_q4_1_i8": ([_P, _I, _I, _P, _I, _P, _P, _P, _I], None),
     "agora_linear_q8_0_i8": ([_P, _I, _I, _P, _I, _P, _P, _P, _I], None),
     "agora_linear_i8_scratch_floats": ([_I, _I], _I),
@@ -310,6 +313,22 @@ def linear(
         fn = {"Q4_1": k.agora_linear_q4_1, "Q8_0": k.agora_linear_q8_0, "QU8": k.agora_linear_qu8}[qtype]
         fn(x2.data_ptr(), m, kdim, qweight.data_ptr(), n, bias_ptr, y.data_ptr(), threads)
     return y.view(*shape[:-1], n)
+
+
+def dequantize(qweight: torch.Tensor, qtype: str, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W ``[N, k]`` in fp32 from its GGUF blocks ``[N, k / 32 * block_bytes]`` (Q4_1, Q8_0 or QU8): the
+    weights ``linear`` multiplies with, into ``out`` (its first N * k floats) where given."""
+    lib_ = lib()
+    assert lib_ is not None, "CPU kernels are not available"
+    n = qweight.shape[0]
+    if out is None:
+        out = torch.empty(n, k, dtype=torch.float32)
+    else:
+        assert out.dtype == torch.float32 and out.is_contiguous() and out.numel() >= n * k
+        out = out.view(-1)[: n * k].view(n, k)
+    fn = {"Q4_1": lib_.agora_dequant_q4_1, "Q8_0": lib_.agora_dequant_q8_0, "QU8": lib_.agora_dequant_qu8}[qtype]
+    fn(qweight.contiguous().data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def kv_kind(dtype: torch.dtype) -> int:

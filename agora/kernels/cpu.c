@@ -440,6 +440,44 @@ void agora_linear_qu8(const float *x, int64_t M, int64_t K, const uint8_t *w, in
     TIMED(linear_blocks(FMT_QU8, x, M, K, w, N, bias, y, nthreads));
 }
 
+/* W [N, K] in fp32 from its blocks: the very weights the block kernels multiply with (the same unpacking),
+ * for the GEMM of a long step through a layer that keeps no fp32 copy (--gguf-weights blocks). */
+static void dequant_blocks(int fmt, const uint8_t *w, int64_t N, int64_t K, float *out, int64_t nthreads) {
+    const int64_t nb = K / QK, bytes = fmt_bytes(fmt);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = w + n * nb * bytes;
+        float *o = out + n * K;
+        for (int64_t b = 0; b < nb; b++) {
+#if AGORA_AVX2
+            __m256 v[4];
+            if (fmt == FMT_Q8_0)
+                unpack_q8_0(row + b * bytes, v);
+            else if (fmt == FMT_QU8)
+                unpack_qu8(row + b * bytes, v);
+            else
+                unpack_q4_1(row + b * bytes, v);
+            for (int i = 0; i < 4; i++) _mm256_storeu_ps(o + b * QK + 8 * i, v[i]);
+#else
+            unpack_block(fmt, row + b * bytes, o + b * QK);
+#endif
+        }
+    }
+}
+
+/* w: [N, K / 32] blocks of the format its name says; out: [N, K] fp32. K % 32 == 0. */
+void agora_dequant_q4_1(const uint8_t *w, int64_t N, int64_t K, float *out, int64_t nthreads) {
+    TIMED(dequant_blocks(FMT_Q4_1, w, N, K, out, nthreads));
+}
+
+void agora_dequant_q8_0(const uint8_t *w, int64_t N, int64_t K, float *out, int64_t nthreads) {
+    TIMED(dequant_blocks(FMT_Q8_0, w, N, K, out, nthreads));
+}
+
+void agora_dequant_qu8(const uint8_t *w, int64_t N, int64_t K, float *out, int64_t nthreads) {
+    TIMED(dequant_blocks(FMT_QU8, w, N, K, out, nthreads));
+}
+
 /* ---- int8 activations (opt-in: --gguf-activations int8) ---------------------------------------
  *
  * llama.cpp's numerics: each row of x is cut into blocks of 32 and quantized to int8 with one

@@ -158,11 +158,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
-def load_named_weights(model: nn.Module, weights: dict[str, torch.Tensor], tied_embeddings: bool) -> None:
-    """Copy an HF-named state dict into ``model``; a missing or unexpected tensor is an error."""
+def load_named_weights(
+    model: nn.Module, weights: dict[str, torch.Tensor], tied_embeddings: bool, elsewhere: frozenset[str] = frozenset()
+) -> None:
+    """Copy an HF-named state dict into ``model``; a missing or unexpected tensor is an error, but for the
+    ``elsewhere`` ones (a GGUF's blocks only: their layers never read the fp32 weight, left unwritten)."""
     params = dict(model.named_parameters())
     skip = {"lm_head.weight"} if tied_embeddings else set()
-    missing = set(params) - set(weights) - skip
+    missing = set(params) - set(weights) - skip - elsewhere
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
     for name, tensor in weights.items():
@@ -208,8 +211,8 @@ class PagedCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        load_named_weights(self, weights, self.config.tie_word_embeddings)
+    def load_weights(self, weights: dict[str, torch.Tensor], elsewhere: frozenset[str] = frozenset()) -> None:
+        load_named_weights(self, weights, self.config.tie_word_embeddings, elsewhere)
 
     def build_native_layers(self) -> bool:
         """Run each decoder layer as one native call where the family can (its model has a

@@ -255,11 +255,12 @@ def _gguf_files(path: Path) -> ModelFiles:
 
 
 def _read_gguf(
-    path: Path, cfg: dict[str, Any], keep_blocks: bool = False
+    path: Path, cfg: dict[str, Any], keep_blocks: bool = False, blocks_only: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, torch.Tensor]]]:
     """HF-named fp32 tensors, and (with ``keep_blocks``) the raw rows of the tensors stored
     in a block format the CPU kernels read (Q4_1, Q8_0; the other formats repacked to QU8), with the
-    same row order."""
+    same row order. ``blocks_only``: a tensor whose blocks are kept has no fp32 copy (but the embedding,
+    which its lookup reads), each dequantized only while it is read."""
     from gguf.quants import dequantize
 
     from agora import kernels
@@ -285,10 +286,56 @@ def _read_gguf(
             raw = None if raw is None else unpermute_qk(raw, heads)  # whole rows move, blocks stay intact
         elif arch == "gemma3" and name.endswith("norm.weight"):
             arr = arr - 1.0  # llama.cpp stores Gemma's (1 + w) norm scale; HF keeps w
-        weights[name] = torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))  # writable copy
         if raw is not None:
             blocks[name] = (qtype, torch.from_numpy(np.array(raw, dtype=np.uint8, order="C")))
+            if blocks_only and name != "model.embed_tokens.weight":
+                continue
+        weights[name] = torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))  # writable copy
     return weights, blocks
+
+
+# --gguf-weights auto keeps fp32 copies of the block layers' weights while they take at most this share
+# of the memory available at load.
+FP32_COPIES_SHARE = 0.4
+
+
+def available_memory_bytes() -> int | None:
+    """What this process may still take: /proc/meminfo's MemAvailable, less where a cgroup limits memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            meminfo = {line.split(":")[0]: line.split()[1] for line in f}
+        available = int(meminfo["MemAvailable"]) * 1024
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def _fp32_copy_bytes(path: Path) -> int:
+    """The bytes the fp32 copies of a GGUF's 2-D weights would take (the embedding's is kept regardless)."""
+    return sum(
+        4 * int(np.prod(t.dims)) for t in GGUFFile(path).tensors if len(t.dims) == 2 and t.name != "token_embd.weight"
+    )
+
+
+def keeps_fp32_copies(path: Path, gguf_weights: str) -> bool:
+    """``--gguf-weights``: whether a GGUF's block layers also keep fp32 weights for long steps' GEMMs."""
+    if gguf_weights != "auto":
+        return gguf_weights == "fp32"
+    need, available = _fp32_copy_bytes(path), available_memory_bytes()
+    if available is None or need <= FP32_COPIES_SHARE * available:
+        return True
+    logger.info(
+        "%s: its layers multiply with their GGUF blocks only (fp32 copies for prefill GEMMs would take %.1f GiB of "
+        "%.1f GiB available; --gguf-weights fp32 keeps them)", path.name, need / 2**30, available / 2**30,
+    )  # fmt: skip
+    return False
 
 
 # -- entry points -----------------------------------------------------------------
@@ -326,19 +373,24 @@ def load_model(
     cpu_kernels: bool = True,
     gemm_dtype: torch.dtype | None = None,
     int8_activations: bool = False,
+    gguf_weights: str = "auto",
 ) -> nn.Module:
     """Build the registered model class and load its weights, on ``device`` in ``dtype``;
     ``gemm_dtype`` gives the decoder layers' linear weights and the lm_head's another dtype (bf16 on a CPU);
     ``int8_activations`` has the GGUF block kernels quantize their inputs to int8 (an error where
-    no layer runs on them). ``cpu_kernels=False`` keeps plain ``nn.Linear`` layers (for exporting)."""
+    no layer runs on them). ``gguf_weights`` (``keeps_fp32_copies``): whether the layers that read GGUF blocks
+    keep fp32 weights too, for long steps' GEMMs. ``cpu_kernels=False`` keeps plain ``nn.Linear`` layers
+    (for exporting)."""
     cls = model_class(files.architecture)
     config = cls.config_class.from_hf(files.hf_config)  # type: ignore[attr-defined]
     from agora import kernels
     from agora.models.quant import (
         PACK_GEMM_WEIGHTS,
+        GGUFLinear,
         attach_gguf_blocks,
         cast_gemm_weights,
         cast_lm_head,
+        drop_fp32_weights,
         fuse_projections,
         pack_gemm_weights,
     )
@@ -348,13 +400,15 @@ def load_model(
         cpu_kernels and files.is_gguf and device.type == "cpu" and dtype == torch.float32 and kernels.available()
     )
     blocks: dict[str, tuple[str, torch.Tensor]] = {}
+    blocks_only = keep_blocks and not keeps_fp32_copies(files.source, gguf_weights)
     if files.is_gguf:
-        weights, blocks = _read_gguf(files.source, files.hf_config, keep_blocks)
+        weights, blocks = _read_gguf(files.source, files.hf_config, keep_blocks, blocks_only)
     else:
         weights = _read_safetensors(files.source)
     with _weights_uninitialized():
-        model = cls(config)
-    model.load_weights(weights)  # type: ignore[operator]
+        model = cls(config)  # (the weights only blocks hold are allocated, never written: no memory taken)
+    elsewhere = frozenset(blocks) - set(weights)  # (blocks only: the layers that never read an fp32 weight)
+    model.load_weights(weights, elsewhere)  # type: ignore[operator]
     del weights
     model = model.to(device=device, dtype=dtype).eval()
     if gemm_dtype is not None and gemm_dtype != dtype:
@@ -368,8 +422,17 @@ def load_model(
         )
     if blocks:
         attach_gguf_blocks(model, blocks, bool(files.hf_config.get("tie_word_embeddings")), int8_activations)
+        if blocks_only:
+            drop_fp32_weights(model)
+            unread = sorted(
+                n for n in elsewhere if not isinstance(model.get_submodule(n.rpartition(".")[0]), GGUFLinear)
+            )
+            if unread:  # a tensor with blocks but no layer to read them: its weight was never loaded
+                raise ValueError(
+                    f"{files.source.name}: no layer reads the blocks of {unread[:3]}; try --gguf-weights fp32"
+                )
         fuse_projections(model)
-        if PACK_GEMM_WEIGHTS:
+        if PACK_GEMM_WEIGHTS and not blocks_only:
             pack_gemm_weights(model)
         model.build_native_layers()  # type: ignore[operator]
     return model

@@ -14,6 +14,7 @@ in fp32), while the block kernel's steps keep their fp32 math.
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -101,25 +102,43 @@ class GGUFLinear(nn.Linear):
         return MAX_KERNEL_ROWS_PACKED_GEMM if self.packed is not None and not self.int8 else MAX_KERNEL_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            x.dtype == torch.float32
-            and x.device.type == "cpu"
-            and x.numel() <= self.kernel_rows * self.in_features
-            and not torch.is_grad_enabled()
-        ):
-            return kernels.linear(x, self.blocks, self.qtype, self.bias, self.int8)
+        if x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled():
+            if x.numel() <= self.kernel_rows * self.in_features:
+                return kernels.linear(x, self.blocks, self.qtype, self.bias, self.int8)
+            if self.packed is None and self.weight.numel() == 0:  # blocks only (drop_fp32_weights)
+                if self.int8:  # (blocks in the int8 kernel's layout)
+                    return kernels.linear(x, self.blocks, self.qtype, self.bias, self.int8)
+                # a long step: the weight in fp32 for this GEMM only, in a buffer every such layer reuses
+                w = kernels.dequantize(self.blocks, self.qtype, self.in_features, _scratch(self.weight_numel))
+                return F.linear(x, w, self.bias)
         if self.packed is not None and x.dtype == torch.float32 and x.device.type == "cpu":
             return mkl.linear(x, self.packed, self.bias)  # (inference only: no autograd through it)
         if self.weight.numel() == 0:
             raise RuntimeError(
-                f"{self}: its fp32 weight was packed for MKL by pack_gemm_weights, into this layer's `packed` "
-                "(fp32 inputs on the CPU) or, for a part of a fused layer, into the fused one, which the model calls"
+                f"{self}: it has no fp32 weight (packed for MKL by pack_gemm_weights, or dropped by drop_fp32_weights: "
+                "--gguf-weights blocks), so it takes fp32 inputs on the CPU, without autograd, only"
             )
         return gemm(x, self.weight, self.bias, fp32_products=self.is_lm_head and LM_HEAD_FP32_PRODUCTS)
+
+    @property
+    def weight_numel(self) -> int:
+        return self.in_features * self.out_features
 
     def extra_repr(self) -> str:
         packed = ", GEMM weight packed for MKL" if self.packed is not None else ""
         return f"{super().extra_repr()}, gguf={self.qtype}{', int8 activations' if self.int8 else ''}{packed}"
+
+
+_scratch_local = threading.local()
+
+
+def _scratch(numel: int) -> torch.Tensor:
+    """An fp32 buffer of at least ``numel`` floats, this thread's, kept for the next long step (a fresh one
+    each call would fault its pages in again: as long as the dequantization itself)."""
+    buf = getattr(_scratch_local, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch_local.buf = torch.empty(numel, dtype=torch.float32)
+    return buf
 
 
 def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fp32_products: bool = False) -> torch.Tensor:
@@ -210,6 +229,21 @@ def pack_gemm_weights(model: nn.Module) -> int:
     mkl.release_freed_memory()
     logger.debug("%d GEMM weights packed for MKL", len(owners))
     return len(owners)
+
+
+def drop_fp32_weights(model: nn.Module) -> int:
+    """Give each GGUFLinear an empty fp32 weight (``--gguf-weights blocks``): short steps multiply with its
+    blocks as before, a long step's GEMM with the weight dequantized into a buffer the layers share
+    (``kernels.dequantize``). A weight another module reads (a tied lm_head's, the embedding's) stays.
+    Call it after ``attach_gguf_blocks``, before ``fuse_projections``. Returns the count."""
+    others = {t.untyped_storage().data_ptr() for m in model.modules() if not isinstance(m, GGUFLinear)
+              for t in m.parameters(recurse=False)}  # fmt: skip
+    dropped = 0
+    for m in model.modules():
+        if isinstance(m, GGUFLinear) and m.weight.untyped_storage().data_ptr() not in others:
+            m.weight = nn.Parameter(torch.empty(0, m.in_features), requires_grad=False)
+            dropped += 1
+    return dropped
 
 
 def attach_gguf_blocks(

@@ -117,6 +117,37 @@ def test_int8_activations_skip_layers_without_whole_groups_of_rows() -> None:
     assert torch.equal(model[0].blocks, blocks)  # 12 rows: the fp32 block kernel, blocks as the file has them
 
 
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+def test_dequantize_gives_the_weights_the_kernel_multiplies_with(qtype: str) -> None:
+    blocks, w = quantized(333, 160, qtype, seed=3)
+    torch.testing.assert_close(kernels.dequantize(blocks, qtype, 160), w, rtol=1e-6, atol=0)
+    x = torch.randn(9, 160)
+    torch.testing.assert_close(F.linear(x, kernels.dequantize(blocks, qtype, 160)), kernels.linear(x, blocks, qtype, None),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    out = torch.full((333 * 160 + 7,), float("nan"))
+    got = kernels.dequantize(blocks, qtype, 160, out=out)  # into the start of a larger buffer
+    assert got.data_ptr() == out.data_ptr() and got.shape == (333, 160)
+    torch.testing.assert_close(got, w, rtol=1e-6, atol=0)
+    assert torch.isnan(out[333 * 160 :]).all()
+
+
+def test_a_layer_without_fp32_weights_dequantizes_for_long_steps() -> None:
+    from agora.models.quant import drop_fp32_weights
+
+    blocks, w = quantized(64, 128, "Q8_0")
+    base = torch.nn.Linear(128, 64)
+    with torch.no_grad():
+        base.weight.copy_(w)
+    model = torch.nn.Sequential(GGUFLinear(base, blocks, "Q8_0"))
+    assert drop_fp32_weights(model) == 1 and model[0].weight.numel() == 0
+    with torch.no_grad():
+        for rows in (3, MAX_KERNEL_ROWS + 5, 2 * MAX_KERNEL_ROWS):  # the kernel, then the GEMM on a dequantized copy
+            x = torch.randn(rows, 128)
+            torch.testing.assert_close(model(x), F.linear(x, w, base.bias), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="no fp32 weight"):
+        model(torch.randn(3, 128, requires_grad=True))
+
+
 def test_linear_keeps_leading_dims() -> None:
     blocks, w = quantized(64, 64, "Q4_1")
     x = torch.randn(2, 3, 64)

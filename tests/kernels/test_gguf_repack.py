@@ -78,6 +78,14 @@ def test_qu8_linear_matches_fp32_on_the_file_s_weights(qtype: str, m: int, n: in
     assert ((F.linear(x, w, bias).double() - exact).abs() <= bound).all()  # what torch's fp32 GEMM meets too
 
 
+@pytest.mark.skipif(not kernels.available(), reason="no C compiler: CPU kernels unavailable")
+@pytest.mark.parametrize("qtype", gguf_repack.FORMATS)
+def test_qu8_dequantizes_to_the_file_s_weights(qtype: str) -> None:
+    rows = random_rows(200, 512, qtype, seed=1)
+    w = torch.from_numpy(dequantize(rows, getattr(gguf.GGMLQuantizationType, qtype)).reshape(200, 512).copy())
+    assert torch.equal(kernels.dequantize(torch.from_numpy(gguf_repack.repack(rows, qtype)), "QU8", 512), w)
+
+
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
 def test_the_formats_read_as_stored_repack_exactly_too(qtype: str) -> None:
     """What fusing layers of different formats does (Gemma's v in Q8_0 beside q and k in Q5_0): QU8 for all."""

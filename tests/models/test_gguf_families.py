@@ -143,3 +143,31 @@ def test_rope_freqs_that_are_no_llama3_scaling_are_refused():
         llama3_scaling_from_factors(torch.linspace(1.0, 3.0, 32).flip(0), 500000.0, 64)
     with pytest.raises(ValueError, match="32 frequencies"):
         llama3_scaling_from_factors(torch.ones(16), 500000.0, 64)
+
+
+def test_blocks_only_every_step_on_the_kernels_matches_transformers(family):
+    """``--gguf-weights blocks``: no fp32 copy of a block layer's weight kept, so a prefill step past the
+    kernels' row limit (all six prompts in one 512-token step) multiplies with weights dequantized for it."""
+    from agora.models.quant import GGUFLinear
+
+    gguf, _, _, prompts, expected = family
+    llm = LLM(str(gguf), dtype="float32", gguf_weights="blocks", max_num_batched_tokens=512, num_blocks=512)
+    model = llm.engine.runner.model
+    layers = [m for m in model.modules() if isinstance(m, GGUFLinear)]
+    assert layers and all(m.weight.numel() == 0 for m in layers if m is not model.lm_head)
+    assert sum(len(p) for p in prompts) > max(m.kernel_rows for m in layers)
+    assert engine_greedy(llm, prompts) == expected
+
+
+def test_gguf_weights_auto_keeps_fp32_copies_while_they_fit(family, monkeypatch):
+    from agora.models import loader
+
+    gguf, *_ = family
+    need = loader._fp32_copy_bytes(gguf)
+    monkeypatch.setattr(loader, "available_memory_bytes", lambda: int(need / loader.FP32_COPIES_SHARE) + 1)
+    assert loader.keeps_fp32_copies(gguf, "auto")
+    monkeypatch.setattr(loader, "available_memory_bytes", lambda: int(need / loader.FP32_COPIES_SHARE) - 1)
+    assert not loader.keeps_fp32_copies(gguf, "auto")
+    assert loader.keeps_fp32_copies(gguf, "fp32") and not loader.keeps_fp32_copies(gguf, "blocks")
+    monkeypatch.setattr(loader, "available_memory_bytes", lambda: None)  # unknown: as before
+    assert loader.keeps_fp32_copies(gguf, "auto")

@@ -225,6 +225,10 @@ def test_smollm2_matches_transformers(smollm2_gguf, smollm2_reference):
                   speculative_config=spec)  # fmt: skip
         assert engine_greedy(llm, prompts) == expected
         assert llm.engine.stats().prefix_cache_hits > 0  # the shared system prompt
+    # --gguf-weights blocks: no fp32 weights kept, the prompts' one 512-token step dequantizes them for its GEMMs
+    llm = LLM(str(smollm2_gguf), dtype="float32", num_blocks=256, max_num_batched_tokens=512, gguf_weights="blocks")
+    assert sum(len(p) for p in prompts) > llm.engine.runner.model.lm_head.kernel_rows
+    assert engine_greedy(llm, prompts) == expected
 
 
 def test_smollm2_prompt_logprobs_match_transformers(smollm2_gguf, smollm2_reference, gguf_reference):
