@@ -259,8 +259,8 @@ def _read_gguf(
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, torch.Tensor]]]:
     """HF-named fp32 tensors, and (with ``keep_blocks``) the raw rows of the tensors stored
     in a block format the CPU kernels read (Q4_1, Q8_0; the other formats repacked to QU8), with the
-    same row order. ``blocks_only``: a tensor whose blocks are kept has no fp32 copy (but the embedding,
-    which its lookup reads), each dequantized only while it is read."""
+    same row order. ``blocks_only``: a tensor whose blocks are kept has no fp32 copy, each dequantized only
+    while it is read."""
     from gguf.quants import dequantize
 
     from agora import kernels
@@ -288,7 +288,7 @@ def _read_gguf(
             arr = arr - 1.0  # llama.cpp stores Gemma's (1 + w) norm scale; HF keeps w
         if raw is not None:
             blocks[name] = (qtype, torch.from_numpy(np.array(raw, dtype=np.uint8, order="C")))
-            if blocks_only and name != "model.embed_tokens.weight":
+            if blocks_only:
                 continue
         weights[name] = torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))  # writable copy
     return weights, blocks
@@ -318,10 +318,8 @@ def available_memory_bytes() -> int | None:
 
 
 def _fp32_copy_bytes(path: Path) -> int:
-    """The bytes the fp32 copies of a GGUF's 2-D weights would take (the embedding's is kept regardless)."""
-    return sum(
-        4 * int(np.prod(t.dims)) for t in GGUFFile(path).tensors if len(t.dims) == 2 and t.name != "token_embd.weight"
-    )
+    """The bytes the fp32 copies of a GGUF's 2-D weights (the embedding's too) would take."""
+    return sum(4 * int(np.prod(t.dims)) for t in GGUFFile(path).tensors if len(t.dims) == 2)
 
 
 def keeps_fp32_copies(path: Path, gguf_weights: str) -> bool:
@@ -386,6 +384,7 @@ def load_model(
     from agora import kernels
     from agora.models.quant import (
         PACK_GEMM_WEIGHTS,
+        GGUFEmbedding,
         GGUFLinear,
         attach_gguf_blocks,
         cast_gemm_weights,
@@ -400,7 +399,9 @@ def load_model(
         cpu_kernels and files.is_gguf and device.type == "cpu" and dtype == torch.float32 and kernels.available()
     )
     blocks: dict[str, tuple[str, torch.Tensor]] = {}
-    blocks_only = keep_blocks and not keeps_fp32_copies(files.source, gguf_weights)
+    if int8_activations and gguf_weights == "blocks":  # long steps stay exact fp32 GEMMs there, on fp32 copies
+        raise ValueError("--gguf-weights blocks does not go with --gguf-activations int8, whose blocks are repacked")
+    blocks_only = keep_blocks and not int8_activations and not keeps_fp32_copies(files.source, gguf_weights)
     if files.is_gguf:
         weights, blocks = _read_gguf(files.source, files.hf_config, keep_blocks, blocks_only)
     else:
@@ -423,10 +424,9 @@ def load_model(
     if blocks:
         attach_gguf_blocks(model, blocks, bool(files.hf_config.get("tie_word_embeddings")), int8_activations)
         if blocks_only:
-            drop_fp32_weights(model)
-            unread = sorted(
-                n for n in elsewhere if not isinstance(model.get_submodule(n.rpartition(".")[0]), GGUFLinear)
-            )
+            drop_fp32_weights(model, blocks)
+            readers = (GGUFLinear, GGUFEmbedding)
+            unread = sorted(n for n in elsewhere if not isinstance(model.get_submodule(n.rpartition(".")[0]), readers))
             if unread:  # a tensor with blocks but no layer to read them: its weight was never loaded
                 raise ValueError(
                     f"{files.source.name}: no layer reads the blocks of {unread[:3]}; try --gguf-weights fp32"

@@ -106,7 +106,7 @@ class GGUFLinear(nn.Linear):
             if x.numel() <= self.kernel_rows * self.in_features:
                 return kernels.linear(x, self.blocks, self.qtype, self.bias, self.int8)
             if self.packed is None and self.weight.numel() == 0:  # blocks only (drop_fp32_weights)
-                if self.int8:  # (blocks in the int8 kernel's layout)
+                if self.is_lm_head:  # (the largest weight: no buffer for it)
                     return kernels.linear(x, self.blocks, self.qtype, self.bias, self.int8)
                 # a long step: the weight in fp32 for this GEMM only, in a buffer every such layer reuses
                 w = kernels.dequantize(self.blocks, self.qtype, self.in_features, _scratch(self.weight_numel))
@@ -231,19 +231,45 @@ def pack_gemm_weights(model: nn.Module) -> int:
     return len(owners)
 
 
-def drop_fp32_weights(model: nn.Module) -> int:
-    """Give each GGUFLinear an empty fp32 weight (``--gguf-weights blocks``): short steps multiply with its
-    blocks as before, a long step's GEMM with the weight dequantized into a buffer the layers share
-    (``kernels.dequantize``). A weight another module reads (a tied lm_head's, the embedding's) stays.
-    Call it after ``attach_gguf_blocks``, before ``fuse_projections``. Returns the count."""
+class GGUFEmbedding(nn.Module):
+    """An embedding that keeps its GGUF blocks only (``--gguf-weights blocks``): a step dequantizes the rows
+    of its tokens (``kernels.dequantize``), the values ``nn.Embedding`` holds with an fp32 copy."""
+
+    def __init__(self, blocks: torch.Tensor, qtype: str, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.qtype = num_embeddings, embedding_dim, qtype
+        self.register_buffer("blocks", blocks, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.blocks.index_select(0, input_ids.reshape(-1))
+        return kernels.dequantize(rows, self.qtype, self.embedding_dim).view(*input_ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, gguf={self.qtype}"
+
+
+def drop_fp32_weights(model: nn.Module, blocks: dict[str, tuple[str, torch.Tensor]]) -> int:
+    """``--gguf-weights blocks``: the embedding whose blocks ``blocks`` (HF name -> (qtype, rows)) holds becomes a
+    ``GGUFEmbedding``, and each GGUFLinear gets an empty fp32 weight: short steps multiply with its blocks as
+    before, a long step's GEMM with the weight dequantized into a buffer the layers share (but the lm_head's,
+    on the kernel at any size: its weight is the largest). A weight another module still reads stays. Call it
+    after ``attach_gguf_blocks``, before ``fuse_projections``. Returns the count of layers changed."""
+    changed = 0
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Embedding and f"{name}.weight" in blocks and kernels.available():
+            qtype, rows = blocks[f"{name}.weight"]
+            if qtype in kernels.QTYPES:
+                parent, _, child = name.rpartition(".")
+                embedding = GGUFEmbedding(rows, qtype, module.num_embeddings, module.embedding_dim)
+                setattr(model.get_submodule(parent) if parent else model, child, embedding)
+                changed += 1
     others = {t.untyped_storage().data_ptr() for m in model.modules() if not isinstance(m, GGUFLinear)
               for t in m.parameters(recurse=False)}  # fmt: skip
-    dropped = 0
     for m in model.modules():
         if isinstance(m, GGUFLinear) and m.weight.untyped_storage().data_ptr() not in others:
             m.weight = nn.Parameter(torch.empty(0, m.in_features), requires_grad=False)
-            dropped += 1
-    return dropped
+            changed += 1
+    return changed
 
 
 def attach_gguf_blocks(

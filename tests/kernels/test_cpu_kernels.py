@@ -139,7 +139,7 @@ def test_a_layer_without_fp32_weights_dequantizes_for_long_steps() -> None:
     with torch.no_grad():
         base.weight.copy_(w)
     model = torch.nn.Sequential(GGUFLinear(base, blocks, "Q8_0"))
-    assert drop_fp32_weights(model) == 1 and model[0].weight.numel() == 0
+    assert drop_fp32_weights(model, {}) == 1 and model[0].weight.numel() == 0
     with torch.no_grad():
         for rows in (3, MAX_KERNEL_ROWS + 5, 2 * MAX_KERNEL_ROWS):  # the kernel, then the GEMM on a dequantized copy
             x = torch.randn(rows, 128)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from agora import kernels
 from agora.kernels import mkl
 
 pytestmark = pytest.mark.skipif(not mkl.available(), reason="this PyTorch's MKL exports no packed GEMM")
@@ -60,8 +61,11 @@ def test_pack_gemm_weights_packs_the_layers_the_model_calls_and_frees_their_fp32
     assert all(m.kernel_rows == MAX_KERNEL_ROWS_PACKED_GEMM for m in layers if m.packed is not None)  # sooner GEMMs
     for b, a in zip(before, after, strict=True):
         torch.testing.assert_close(a, b)
-    with pytest.raises(RuntimeError, match="packed for MKL"), torch.no_grad():
-        mlp.gate_proj(x)  # a part the fused layer replaced: the model never calls it
+    with torch.no_grad():  # a part the fused layer replaced (the model never calls it) still reads its blocks
+        part = mlp.gate_proj
+        torch.testing.assert_close(part(x), kernels.linear(x, part.blocks, part.qtype, part.bias))
+    with pytest.raises(RuntimeError, match="packed for MKL"):
+        part(x.requires_grad_())  # but no autograd without an fp32 weight
 
 
 def test_a_tied_lm_head_is_packed_and_keeps_the_embedding_weight() -> None:

@@ -146,15 +146,18 @@ def test_rope_freqs_that_are_no_llama3_scaling_are_refused():
 
 
 def test_blocks_only_every_step_on_the_kernels_matches_transformers(family):
-    """``--gguf-weights blocks``: no fp32 copy of a block layer's weight kept, so a prefill step past the
-    kernels' row limit (all six prompts in one 512-token step) multiplies with weights dequantized for it."""
-    from agora.models.quant import GGUFLinear
+    """``--gguf-weights blocks``: no fp32 copy of a block layer's weight kept, the embedding's neither, so a
+    prefill step past the kernels' row limit (all six prompts in one 512-token step) multiplies with weights
+    dequantized for it, and the lm_head runs on the kernel."""
+    from agora.models.quant import GGUFEmbedding, GGUFLinear
 
     gguf, _, _, prompts, expected = family
     llm = LLM(str(gguf), dtype="float32", gguf_weights="blocks", max_num_batched_tokens=512, num_blocks=512)
     model = llm.engine.runner.model
     layers = [m for m in model.modules() if isinstance(m, GGUFLinear)]
-    assert layers and all(m.weight.numel() == 0 for m in layers if m is not model.lm_head)
+    assert layers and all(m.weight.numel() == 0 for m in layers)  # the lm_head too, tied or not
+    assert isinstance(model.model.embed_tokens, GGUFEmbedding)  # each step dequantizes its tokens' rows
+    assert not any(p.numel() > 4096 for p in model.parameters())  # norms and biases only
     assert sum(len(p) for p in prompts) > max(m.kernel_rows for m in layers)
     assert engine_greedy(llm, prompts) == expected
 
@@ -171,3 +174,14 @@ def test_gguf_weights_auto_keeps_fp32_copies_while_they_fit(family, monkeypatch)
     assert loader.keeps_fp32_copies(gguf, "fp32") and not loader.keeps_fp32_copies(gguf, "blocks")
     monkeypatch.setattr(loader, "available_memory_bytes", lambda: None)  # unknown: as before
     assert loader.keeps_fp32_copies(gguf, "auto")
+
+
+def test_int8_activations_keep_fp32_copies(family):
+    """--gguf-activations int8 repacks the blocks for its kernel and keeps prefill on exact fp32 GEMMs."""
+    gguf, *_ = family
+    files = inspect_model(gguf)
+    with pytest.raises(ValueError, match="does not go with --gguf-activations int8"):
+        load_model(files, torch.float32, torch.device("cpu"), int8_activations=True, gguf_weights="blocks")
+    model = load_model(files, torch.float32, torch.device("cpu"), int8_activations=True, gguf_weights="auto")
+    assert isinstance(model.model.embed_tokens, torch.nn.Embedding)
+    assert model.lm_head.weight.numel() > 0 or model.lm_head.packed is not None  # an fp32 GEMM weight (or MKL's)
