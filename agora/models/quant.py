@@ -63,6 +63,13 @@ PACK_GEMM_WEIGHTS = kernels.cpu_vendor() == "GenuineIntel"
 # against 222, 8 x 8 rows 127 against 143; level at 40-48 rows, the kernels ahead at 24-32). The int8 kernel,
 # faster per row, keeps MAX_KERNEL_ROWS.
 MAX_KERNEL_ROWS_PACKED_GEMM = 48
+# With the blocks only (--gguf-weights blocks) a long step's GEMM first dequantizes the weight (kernels.dequantize),
+# which moves the crossing later than against a kept fp32 weight, but not as far as MAX_KERNEL_ROWS on Intel. Intel
+# Xeon with AMX, 2 cores, medians of 7 calls per layer of layer 0 (kernel against dequantize + F.linear): SmolLM2's
+# Q4_1 gate_up 64 rows 1.08 ms against 1.17, 96 rows 1.62 against 1.26; down 64 rows 0.60 against 0.55; Gemma 3's
+# QU8 gate_up 64 rows 1.56 against 1.72, 96 rows 2.32 against 1.95; down 64 rows 1.02 against 0.84. Elsewhere
+# (no such host measured) MAX_KERNEL_ROWS holds.
+MAX_KERNEL_ROWS_BLOCKS_ONLY = 64 if _INTEL_AVX512 and kernels.tile_rows() > 8 else MAX_KERNEL_ROWS
 # Against bf16 GEMM weights (--dtype bfloat16), about twice as fast per row as fp32 ones, the
 # kernels keep the earlier limit (benchmarks/cpu_linear_rows.py: level from 64 to 128 rows).
 MAX_KERNEL_ROWS_BF16_GEMM = 64
@@ -99,6 +106,8 @@ class GGUFLinear(nn.Linear):
         """Rows of x up to which the block kernel runs (past them, the GEMM on ``weight``)."""
         if self.weight.dtype != torch.float32:
             return MAX_KERNEL_ROWS_BF16_LM_HEAD if self.is_lm_head else MAX_KERNEL_ROWS_BF16_GEMM
+        if self.packed is None and self.weight.numel() == 0 and not self.is_lm_head:  # blocks only
+            return MAX_KERNEL_ROWS_BLOCKS_ONLY
         return MAX_KERNEL_ROWS_PACKED_GEMM if self.packed is not None and not self.int8 else MAX_KERNEL_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

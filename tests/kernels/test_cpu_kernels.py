@@ -15,6 +15,7 @@ from agora.models.quant import (
     MAX_KERNEL_ROWS,
     MAX_KERNEL_ROWS_BF16_GEMM,
     MAX_KERNEL_ROWS_BF16_LM_HEAD,
+    MAX_KERNEL_ROWS_BLOCKS_ONLY,
     GGUFLinear,
     attach_gguf_blocks,
     cast_lm_head,
@@ -140,8 +141,10 @@ def test_a_layer_without_fp32_weights_dequantizes_for_long_steps() -> None:
         base.weight.copy_(w)
     model = torch.nn.Sequential(GGUFLinear(base, blocks, "Q8_0"))
     assert drop_fp32_weights(model, {}) == 1 and model[0].weight.numel() == 0
+    assert model[0].kernel_rows == MAX_KERNEL_ROWS_BLOCKS_ONLY
     with torch.no_grad():
-        for rows in (3, MAX_KERNEL_ROWS + 5, 2 * MAX_KERNEL_ROWS):  # the kernel, then the GEMM on a dequantized copy
+        for rows in (3, MAX_KERNEL_ROWS_BLOCKS_ONLY, MAX_KERNEL_ROWS_BLOCKS_ONLY + 5, 2 * MAX_KERNEL_ROWS):
+            # the kernel, then the GEMM on a dequantized copy
             x = torch.randn(rows, 128)
             torch.testing.assert_close(model(x), F.linear(x, w, base.bias), rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="no fp32 weight"):
