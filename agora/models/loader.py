@@ -322,16 +322,18 @@ def _fp32_copy_bytes(path: Path) -> int:
     return sum(4 * int(np.prod(t.dims)) for t in GGUFFile(path).tensors if len(t.dims) == 2)
 
 
-def keeps_fp32_copies(path: Path, gguf_weights: str) -> bool:
-    """``--gguf-weights``: whether a GGUF's block layers also keep fp32 weights for long steps' GEMMs."""
+def keeps_fp32_copies(path: Path, gguf_weights: str, processes: int = 1) -> bool:
+    """``--gguf-weights``: whether a GGUF's block layers also keep fp32 weights for long steps' GEMMs
+    (``auto``: while ``processes`` engines' copies take at most ``FP32_COPIES_SHARE`` of the memory available)."""
     if gguf_weights != "auto":
         return gguf_weights == "fp32"
-    need, available = _fp32_copy_bytes(path), available_memory_bytes()
+    need, available = _fp32_copy_bytes(path) * processes, available_memory_bytes()
     if available is None or need <= FP32_COPIES_SHARE * available:
         return True
     logger.info(
-        "%s: its layers multiply with their GGUF blocks only (fp32 copies for prefill GEMMs would take %.1f GiB of "
-        "%.1f GiB available; --gguf-weights fp32 keeps them)", path.name, need / 2**30, available / 2**30,
+        "%s: its layers keep their GGUF blocks only (fp32 copies for prefill GEMMs would take %.1f GiB of "
+        "%.1f GiB available%s; --gguf-weights fp32 keeps them)", path.name, need / 2**30, available / 2**30,
+        f", for {processes} engines" if processes > 1 else "",
     )  # fmt: skip
     return False
 

@@ -110,6 +110,21 @@ def prepare_model(model: str) -> None:
     inspect_model(path)
 
 
+def settle_gguf_weights(serve: ServeConfig, replicas: int) -> ServeConfig:
+    """``--gguf-weights auto`` decided once for the replicas on this machine together (each alone would count
+    the memory the others are about to take as free): ``fp32`` or ``blocks`` in the config they start with."""
+    from agora.models.catalog import resolve_model
+    from agora.models.loader import inspect_model, keeps_fp32_copies
+
+    model = serve.engine.model
+    path, _ = resolve_model(model.model)
+    if model.gguf_weights != "auto" or not inspect_model(path).is_gguf:
+        return serve
+    settled = "fp32" if keeps_fp32_copies(path, "auto", processes=replicas) else "blocks"
+    engine = dataclasses.replace(serve.engine, model=dataclasses.replace(model, gguf_weights=settled))
+    return dataclasses.replace(serve, engine=engine)
+
+
 def gateway_config(serve: ServeConfig, profile: str | None, router_config: str | None,
                    db: str | None) -> RouterConfig:  # fmt: skip
     """The gateway in front of replicas: the YAML (if any) with the serve command's address, key, aliases,
@@ -147,6 +162,7 @@ def serve_replicas(serve: ServeConfig, replicas: int, profile: str | None, route
     try:
         config = gateway_config(serve, profile, router_config, db)
         prepare_model(serve.engine.model.model)
+        serve = settle_gguf_weights(serve, replicas)
     except (ConfigError, ValueError, OSError) as exc:
         print(f"agora serve: error: {exc}", file=sys.stderr)
         return 2

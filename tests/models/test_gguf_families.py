@@ -185,3 +185,22 @@ def test_int8_activations_keep_fp32_copies(family):
     model = load_model(files, torch.float32, torch.device("cpu"), int8_activations=True, gguf_weights="auto")
     assert isinstance(model.model.embed_tokens, torch.nn.Embedding)
     assert model.lm_head.weight.numel() > 0 or model.lm_head.packed is not None  # an fp32 GEMM weight (or MKL's)
+
+
+def test_replicas_settle_gguf_weights_auto_together(family, monkeypatch):
+    """``agora serve --replicas N``: auto is decided once, for the N engines' copies together."""
+    from agora.config import EngineConfig, ModelConfig, ServeConfig
+    from agora.models import loader
+    from agora.router.replicas import settle_gguf_weights
+
+    gguf, *_ = family
+    need = loader._fp32_copy_bytes(gguf)
+    monkeypatch.setattr(loader, "available_memory_bytes", lambda: int(2 * need / loader.FP32_COPIES_SHARE))
+
+    def settled(replicas: int, mode: str = "auto", model: str = str(gguf)) -> str:
+        serve = ServeConfig(engine=EngineConfig(model=ModelConfig(model=model, gguf_weights=mode)))
+        return settle_gguf_weights(serve, replicas).engine.model.gguf_weights
+
+    assert settled(1) == settled(2) == "fp32"
+    assert settled(3) == "blocks"  # three engines' copies would pass the share
+    assert settled(3, "fp32") == "fp32" and settled(1, "blocks") == "blocks"  # asked for: kept
