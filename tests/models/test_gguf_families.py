@@ -204,3 +204,17 @@ def test_replicas_settle_gguf_weights_auto_together(family, monkeypatch):
     assert settled(1) == settled(2) == "fp32"
     assert settled(3) == "blocks"  # three engines' copies would pass the share
     assert settled(3, "fp32") == "fp32" and settled(1, "blocks") == "blocks"  # asked for: kept
+
+
+def test_agora_export_of_the_gguf_runs_in_transformers(family, tmp_path):
+    """``agora export``: the GGUF written as a Hugging Face folder (Llama 3's rope_freqs back as its config's
+    llama3 scaling), which transformers loads and decodes as it decodes the reference."""
+    from transformers import AutoModelForCausalLM
+
+    from agora.models.export import export_hf_folder
+
+    gguf, _, _, prompts, expected = family
+    out = export_hf_folder(str(gguf), tmp_path / "exported")
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = inspect_model(gguf).eos_token_ids
+    assert hf_greedy(hf, prompts[:3]) == expected[:3]
