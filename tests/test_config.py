@@ -53,6 +53,12 @@ def test_flags_set_their_fields_and_bad_values_name_the_flag() -> None:
         _args("--gguf-activations", "int4")
     with pytest.raises(ValueError, match="gguf_activations must be one of float32, int8"):
         ModelConfig(gguf_activations="fp8")
+    assert serve_config(_args("--gguf-weights", "blocks")).engine.model.gguf_weights == "blocks"
+    assert ModelConfig().gguf_weights == "auto"
+    with pytest.raises(SystemExit):
+        _args("--gguf-weights", "int4")
+    with pytest.raises(ValueError, match="gguf_weights must be one of auto, fp32, blocks"):
+        ModelConfig(gguf_weights="none")
     with pytest.raises(ValueError, match="max_num_seqs"):
         serve_config(_args("--max-num-seqs", "0"))
     assert not hasattr(SchedulerConfig(), "max_model_len")  # the context length lives in ModelConfig only
