@@ -107,8 +107,8 @@ class ModelConfig:
         choices=GGUF_ACTIVATIONS)  # fmt: skip
     gguf_weights: str = option(
         "auto", "whether a GGUF model on the CPU kernels also keeps its weights in fp32 for the GEMMs of long steps "
-        "(prefill chunks): fp32 (4 bytes a weight more), blocks (the file's blocks only: every step on the kernels, "
-        "prefill about 1.6x slower; a model several times larger fits), auto (fp32 where those copies take at most "
+        "(prefill chunks): fp32 (4 bytes a weight more), blocks (the file's blocks only: a long step dequantizes a "
+        "layer's weight for its GEMM; a model several times larger fits), auto (fp32 where those copies take at most "
         "40%% of the memory available, else blocks)", choices=GGUF_WEIGHTS)  # fmt: skip
     max_model_len: int | None = option(None, "context length (default: the model's)")
     served_model_name: str | None = None  # set from --served-model-name's first name

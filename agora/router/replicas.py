@@ -118,8 +118,8 @@ def settle_gguf_weights(serve: ServeConfig, replicas: int) -> ServeConfig:
 
     model = serve.engine.model
     path, _ = resolve_model(model.model)
-    if model.gguf_weights != "auto" or not inspect_model(path).is_gguf:
-        return serve
+    if model.gguf_weights != "auto" or model.gguf_activations == "int8" or not inspect_model(path).is_gguf:
+        return serve  # (int8 activations keep the copies: auto is fp32 there, blocks an error)
     settled = "fp32" if keeps_fp32_copies(path, "auto", processes=replicas) else "blocks"
     engine = dataclasses.replace(serve.engine, model=dataclasses.replace(model, gguf_weights=settled))
     return dataclasses.replace(serve, engine=engine)

@@ -197,12 +197,13 @@ def test_replicas_settle_gguf_weights_auto_together(family, monkeypatch):
     need = loader._fp32_copy_bytes(gguf)
     monkeypatch.setattr(loader, "available_memory_bytes", lambda: int(2 * need / loader.FP32_COPIES_SHARE))
 
-    def settled(replicas: int, mode: str = "auto", model: str = str(gguf)) -> str:
-        serve = ServeConfig(engine=EngineConfig(model=ModelConfig(model=model, gguf_weights=mode)))
-        return settle_gguf_weights(serve, replicas).engine.model.gguf_weights
+    def settled(replicas: int, mode: str = "auto", activations: str = "float32") -> str:
+        model = ModelConfig(model=str(gguf), gguf_weights=mode, gguf_activations=activations)
+        return settle_gguf_weights(ServeConfig(engine=EngineConfig(model=model)), replicas).engine.model.gguf_weights
 
     assert settled(1) == settled(2) == "fp32"
     assert settled(3) == "blocks"  # three engines' copies would pass the share
+    assert settled(3, activations="int8") == "auto"  # int8 keeps its copies (blocks would be refused)
     assert settled(3, "fp32") == "fp32" and settled(1, "blocks") == "blocks"  # asked for: kept
 
 
