@@ -187,6 +187,16 @@ static inline void unpack_q8_0(const uint8_t *blk, __m256 w[4]) {
     w[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), d);
 }
 
+/* One block of the format `fmt` into w[0..3]. */
+static inline __attribute__((always_inline)) void unpack_fmt(int fmt, const uint8_t *blk, __m256 w[4]) {
+    if (fmt == FMT_Q8_0)
+        unpack_q8_0(blk, w);
+    else if (fmt == FMT_QU8)
+        unpack_qu8(blk, w);
+    else
+        unpack_q4_1(blk, w);
+}
+
 #if defined(__AVX512F__)
 /* Unpack one block into w[0..1] (16 floats each): the same d * q + m (one rounding, fused) as the
  * 8-wide unpackers, so the weights are bit for bit theirs. */
@@ -213,6 +223,16 @@ static inline void unpack16_q8_0(const uint8_t *blk, __m512 w[2]) {
     w[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), d);
 }
 
+/* One block of the format `fmt` into w[0..1]. */
+static inline __attribute__((always_inline)) void unpack16_fmt(int fmt, const uint8_t *blk, __m512 w[2]) {
+    if (fmt == FMT_Q8_0)
+        unpack16_q8_0(blk, w);
+    else if (fmt == FMT_QU8)
+        unpack16_qu8(blk, w);
+    else
+        unpack16_q4_1(blk, w);
+}
+
 /* One weight row against R (1..ROWS = 16, a constant after inlining) rows of x, 16 lanes wide: half
  * the FMAs and conversions of the 8-wide loop below, which bound the batched steps. Up to 8 rows, two
  * accumulators a row (one per half block), so one row is not a single chain of dependent FMAs; past
@@ -231,12 +251,7 @@ static inline __attribute__((always_inline)) void row_dot(int fmt, const uint8_t
         __m512 w[2];
         if (PF_BYTES)
             _mm_prefetch((const char *)(wrow + b * bytes + PF_BYTES), _MM_HINT_T0);
-        if (fmt == FMT_Q8_0)
-            unpack16_q8_0(wrow + b * bytes, w);
-        else if (fmt == FMT_QU8)
-            unpack16_qu8(wrow + b * bytes, w);
-        else
-            unpack16_q4_1(wrow + b * bytes, w);
+        unpack16_fmt(fmt, wrow + b * bytes, w);
         const float *xb = x + b * QK;
         for (int r = 0; r < R; r++) {
             const float *xr = xb + r * ldx;
@@ -285,12 +300,7 @@ static inline __attribute__((always_inline)) void row_dot(int fmt, const uint8_t
         __m256 w[4];
         if (PF_BYTES)
             _mm_prefetch((const char *)(wrow + b * bytes + PF_BYTES), _MM_HINT_T0);
-        if (fmt == FMT_Q8_0)
-            unpack_q8_0(wrow + b * bytes, w);
-        else if (fmt == FMT_QU8)
-            unpack_qu8(wrow + b * bytes, w);
-        else
-            unpack_q4_1(wrow + b * bytes, w);
+        unpack_fmt(fmt, wrow + b * bytes, w);
         const float *xb = x + b * QK;
         for (int r = 0; r < R; r++) {
             const float *xr = xb + r * ldx;
@@ -451,12 +461,7 @@ static void dequant_blocks(int fmt, const uint8_t *w, int64_t N, int64_t K, floa
         for (int64_t b = 0; b < nb; b++) {
 #if AGORA_AVX2
             __m256 v[4];
-            if (fmt == FMT_Q8_0)
-                unpack_q8_0(row + b * bytes, v);
-            else if (fmt == FMT_QU8)
-                unpack_qu8(row + b * bytes, v);
-            else
-                unpack_q4_1(row + b * bytes, v);
+            unpack_fmt(fmt, row + b * bytes, v);
             for (int i = 0; i < 4; i++) _mm256_storeu_ps(o + b * QK + 8 * i, v[i]);
 #else
             unpack_block(fmt, row + b * bytes, o + b * QK);
