@@ -404,6 +404,8 @@ def load_model(
     if int8_activations and gguf_weights == "blocks":  # long steps stay exact fp32 GEMMs there, on fp32 copies
         raise ValueError("--gguf-weights blocks does not go with --gguf-activations int8, whose blocks are repacked")
     blocks_only = keep_blocks and not int8_activations and not keeps_fp32_copies(files.source, gguf_weights)
+    if blocks_only and gguf_weights == "blocks":  # (auto says why when it chooses so)
+        logger.info("%s: its layers keep their GGUF blocks only (--gguf-weights blocks)", files.source.name)
     if files.is_gguf:
         weights, blocks = _read_gguf(files.source, files.hf_config, keep_blocks, blocks_only)
     else:
