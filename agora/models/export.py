@@ -33,6 +33,10 @@ def export_hf_folder(model: str, out_dir: str | Path, dtype: torch.dtype = torch
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = dict(files.hf_config)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if config["architectures"][0] == "Phi3ForCausalLM":  # its weights are split (q/k/v, gate/up): a Llama, or a
+        windowed = bool(config.get("sliding_window"))  # Mistral where it has a sliding window, to transformers
+        config.update(architectures=["MistralForCausalLM" if windowed else "LlamaForCausalLM"],
+                      model_type="mistral" if windowed else "llama")  # fmt: skip
     (out / "config.json").write_text(json.dumps(config, indent=2))
     gen = {"eos_token_id": files.eos_token_ids}
     if config.get("bos_token_id") is not None:

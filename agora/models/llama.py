@@ -52,6 +52,11 @@ class LlamaConfig:
         if act != "silu":
             raise ValueError(f"unsupported hidden_act {act!r} for the Llama family (only 'silu')")
         model_type = cfg.get("model_type", "llama")
+        partial = cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
+        if partial != 1.0:
+            raise ValueError(
+                f"rope over part of each head (partial_rotary_factor {partial}, e.g. Phi-4-mini) is not supported"
+            )
         bias = bool(cfg.get("attention_bias", False))
         qkv_bias, o_bias = bias, bias
         if model_type == "qwen2":
@@ -183,3 +188,30 @@ class LlamaForCausalLM(PagedCausalLM):
     def layer_sliding_windows(self) -> list[int | None]:
         """Per layer: how many most recent positions a query sees (None = all)."""
         return [self.config.sliding_window] * self.config.num_hidden_layers
+
+
+class Phi3ForCausalLM(LlamaForCausalLM):
+    """Phi-3 (and Phi-4): a Llama, or a Mistral with its sliding window, whose checkpoints store q/k/v as one
+    ``qkv_proj`` and gate/up as one ``gate_up_proj``: split here into the Llama layers' own weights (fused again
+    for the CPU kernels, as any family's are). Long-context Phi-3 (``longrope``) is refused by the rotary."""
+
+    def load_weights(self, weights: dict[str, torch.Tensor], elsewhere: frozenset[str] = frozenset()) -> None:
+        super().load_weights(split_phi3_weights(weights, self.config), elsewhere)
+
+
+def split_phi3_weights(weights: dict[str, Any], cfg: LlamaConfig) -> dict[str, Any]:
+    """Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` rows as the Llama names ``q_proj``, ``k_proj``, ``v_proj``
+    and ``gate_proj``, ``up_proj`` (row slices: a GGUF's block rows split the same way)."""
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    out: dict[str, Any] = {}
+    for name, w in weights.items():
+        if name.endswith("self_attn.qkv_proj.weight"):
+            base = name.removesuffix("qkv_proj.weight")
+            out.update({f"{base}q_proj.weight": w[:q], f"{base}k_proj.weight": w[q : q + kv],
+                        f"{base}v_proj.weight": w[q + kv : q + 2 * kv]})  # fmt: skip
+        elif name.endswith("mlp.gate_up_proj.weight"):
+            base, half = name.removesuffix("gate_up_proj.weight"), w.shape[0] // 2
+            out.update({f"{base}gate_proj.weight": w[:half], f"{base}up_proj.weight": w[half:]})
+        else:
+            out[name] = w
+    return out

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from agora import envs
 from agora.models.gguf_file import GGUFFile
 from agora.models.layers import llama3_scaling_from_factors
+from agora.models.llama import LlamaConfig, split_phi3_weights
 from agora.models.registry import GGUF_ARCHITECTURES, model_class
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,11 @@ _GGUF_TENSOR_NAMES = [
     (r"^blk\.(\d+)\.ffn_up\.weight$", r"model.layers.\1.mlp.up_proj.weight"),
     (r"^blk\.(\d+)\.ffn_down\.weight$", r"model.layers.\1.mlp.down_proj.weight"),
 ]
+# Phi-3 keeps q/k/v and gate/up fused, as its Hugging Face checkpoints do (split by the model's load_weights).
+_GGUF_PHI3_NAMES = [
+    (r"^blk\.(\d+)\.attn_qkv\.weight$", r"model.layers.\1.self_attn.qkv_proj.weight"),
+    (r"^blk\.(\d+)\.ffn_up\.weight$", r"model.layers.\1.mlp.gate_up_proj.weight"),
+]
 # Gemma has a norm after attention and around the MLP; llama.cpp's "ffn_norm" is its pre-MLP norm.
 _GGUF_GEMMA3_NAMES = [
     (r"^blk\.(\d+)\.ffn_norm\.weight$", r"model.layers.\1.pre_feedforward_layernorm.weight"),
@@ -128,7 +134,8 @@ GEMMA_CHAT_TEMPLATE = (
 
 
 def gguf_to_hf_name(name: str, arch: str = "llama") -> str:
-    table = (_GGUF_GEMMA3_NAMES + _GGUF_TENSOR_NAMES) if arch == "gemma3" else _GGUF_TENSOR_NAMES
+    extra = {"gemma3": _GGUF_GEMMA3_NAMES, "phi3": _GGUF_PHI3_NAMES}.get(arch, [])
+    table = extra + _GGUF_TENSOR_NAMES
     for pattern, repl in table:
         if re.match(pattern, name):
             return re.sub(pattern, repl, name)
@@ -180,6 +187,12 @@ def _gguf_config(gguf: GGUFFile) -> tuple[str, dict[str, Any]]:
         raise ValueError(
             f"GGUF rope over {rotary} of a head's {cfg['head_dim']} dimensions (partial rotary) is not supported"
         )
+    if arch == "phi3":
+        if "rope_factors_long.weight" in tensors:
+            raise ValueError(
+                "long-context Phi-3 GGUFs (longrope: rope_factors_long) are not supported; the 4k ones are"
+            )
+        cfg["sliding_window"] = int(meta("attention.sliding_window", 0)) or None  # (0: Phi-4, no window)
     if arch == "gemma3":
         # What llama.cpp hard-codes for Gemma 3: every 6th layer global, local RoPE base 1e4.
         cfg.update(
@@ -220,6 +233,11 @@ def _end_of_generation_ids(gguf: GGUFFile) -> list[int]:
         return []
     special = np.flatnonzero((np.asarray(types) == 3) | (np.asarray(types) == 4))  # CONTROL, USER_DEFINED
     return [int(i) for i in special if tokens.raw(int(i)) in END_OF_GENERATION]
+
+
+def config_of_gguf(cfg: dict[str, Any]) -> LlamaConfig:
+    """The Llama-family config a GGUF's HF-style config describes (its head counts and sizes)."""
+    return LlamaConfig.from_hf(cfg)
 
 
 def _gguf_tokenizer_dir(path: Path, arch: str) -> Path:
@@ -280,17 +298,26 @@ def _read_gguf(
             raw = t.data
         elif keep_blocks and t.data.ndim == 2 and qtype in gguf_repack.FORMATS:
             raw, qtype = gguf_repack.repack(t.data, qtype, arr.reshape(t.data.shape[0], -1)), "QU8"
-        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = cfg["num_attention_heads"] if name.endswith("q_proj.weight") else cfg["num_key_value_heads"]
-            arr = unpermute_qk(arr, heads)
-            raw = None if raw is None else unpermute_qk(raw, heads)  # whole rows move, blocks stay intact
-        elif arch == "gemma3" and name.endswith("norm.weight"):
-            arr = arr - 1.0  # llama.cpp stores Gemma's (1 + w) norm scale; HF keeps w
-        if raw is not None:
-            blocks[name] = (qtype, torch.from_numpy(np.array(raw, dtype=np.uint8, order="C")))
-            if blocks_only:
-                continue
-        weights[name] = torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))  # writable copy
+        if arch == "phi3" and name.endswith(("qkv_proj.weight", "gate_up_proj.weight")):
+            # fused rows split into the Llama layers' (whole rows: the blocks split alike)
+            phi3 = config_of_gguf(cfg)
+            arrs = split_phi3_weights({name: arr}, phi3)
+            raws = split_phi3_weights({name: raw}, phi3) if raw is not None else dict.fromkeys(arrs)
+            parts = [(part, arrs[part], raws[part]) for part in arrs]
+        else:
+            parts = [(name, arr, raw)]
+        for name, arr, raw in parts:
+            if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = cfg["num_attention_heads"] if name.endswith("q_proj.weight") else cfg["num_key_value_heads"]
+                arr = unpermute_qk(arr, heads)
+                raw = None if raw is None else unpermute_qk(raw, heads)  # whole rows move, blocks stay intact
+            elif arch == "gemma3" and name.endswith("norm.weight"):
+                arr = arr - 1.0  # llama.cpp stores Gemma's (1 + w) norm scale; HF keeps w
+            if raw is not None:
+                blocks[name] = (qtype, torch.from_numpy(np.array(raw, dtype=np.uint8, order="C")))
+                if blocks_only:
+                    continue
+            weights[name] = torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))  # writable copy
     return weights, blocks
 
 

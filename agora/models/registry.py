@@ -12,6 +12,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("agora.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("agora.models.llama", "LlamaForCausalLM"),
     "Qwen3ForCausalLM": ("agora.models.llama", "LlamaForCausalLM"),
+    "Phi3ForCausalLM": ("agora.models.llama", "Phi3ForCausalLM"),
     "Gemma3ForCausalLM": ("agora.models.gemma3", "Gemma3ForCausalLM"),
 }
 
@@ -20,6 +21,7 @@ GGUF_ARCHITECTURES: dict[str, str] = {
     "llama": "LlamaForCausalLM",  # Llama 2 and 3.x, Mistral, SmolLM2
     "qwen2": "Qwen2ForCausalLM",  # Qwen2, Qwen2.5 (and their coder and distilled variants)
     "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",  # Phi-3 (4k context), Phi-4; read as the Llama (or Mistral) it is once q/k/v are split
     "gemma3": "Gemma3ForCausalLM",
 }
 

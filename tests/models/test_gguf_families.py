@@ -1,4 +1,4 @@
-"""GGUF files of the Llama 3, Qwen2 and Qwen3 families, as llama.cpp's converter writes them
+"""GGUF files of the Llama 3, Qwen2, Qwen3 and Phi-3 families, as llama.cpp's converter writes them
 (``gguf_convert``), load and decode the greedy tokens transformers decodes on the same weights.
 
 Each tiny model is written with Q8_0 weights, so the CPU kernels and the native layers run it
@@ -30,6 +30,7 @@ FAMILIES = {
     }, "LlamaForCausalLM"),
     "qwen2-qkv-bias-tied": ("qwen2", {"tie_word_embeddings": True, "rope_theta": 1000000.0}, "Qwen2ForCausalLM"),
     "qwen3-qk-norm": ("qwen3", {"head_dim": 32}, "Qwen3ForCausalLM"),
+    "phi3-fused-sliding-window": ("phi3", {"sliding_window": 24}, "Phi3ForCausalLM"),
 }  # fmt: skip
 
 
@@ -219,3 +220,22 @@ def test_agora_export_of_the_gguf_runs_in_transformers(family, tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = inspect_model(gguf).eos_token_ids
     assert hf_greedy(hf, prompts[:3]) == expected[:3]
+
+
+def test_phi3_variants_agora_cannot_run_are_refused_by_name(family, tmp_path):
+    import numpy as np
+
+    from agora.models.llama import LlamaConfig, Phi3ForCausalLM
+
+    gguf, hf_dir, architecture, *_ = family
+    if architecture != "Phi3ForCausalLM":
+        pytest.skip("Phi-3 only")
+    long_rope = convert(hf_dir, tmp_path / "long.gguf", extra={"rope_factors_long.weight": np.ones(8, np.float32)})
+    with pytest.raises(ValueError, match="long-context Phi-3"):
+        inspect_model(long_rope)
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    with pytest.raises(ValueError, match="partial_rotary_factor 0.75"):  # Phi-4-mini
+        LlamaConfig.from_hf({**cfg, "partial_rotary_factor": 0.75})
+    longrope = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}
+    with pytest.raises(ValueError, match="longrope"):  # Phi-3.5-mini, Phi-3-mini-128k
+        Phi3ForCausalLM(LlamaConfig.from_hf({**cfg, "rope_scaling": longrope}))

@@ -62,6 +62,7 @@ TINY_VARIANTS = {
     "mistral-sliding-window": ("mistral", {"sliding_window": 24, "head_dim": 16}),
     "qwen2-qkv-bias": ("qwen2", {"tie_word_embeddings": True, "rope_theta": 1000000.0}),
     "qwen3-qk-norm": ("qwen3", {"head_dim": 32}),
+    "phi3-fused-sliding-window": ("phi3", {"sliding_window": 28, "rope_theta": 50000.0}),
     "gemma3-local-global": ("gemma3_text", {
         "head_dim": 32, "sliding_window": 24, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
         "num_hidden_layers": 3, "query_pre_attn_scalar": 24, "rope_local_base_freq": 10000.0,
