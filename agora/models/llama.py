@@ -196,13 +196,15 @@ class Phi3ForCausalLM(LlamaForCausalLM):
     for the CPU kernels, as any family's are). Long-context Phi-3 (``longrope``) is refused by the rotary."""
 
     def load_weights(self, weights: dict[str, torch.Tensor], elsewhere: frozenset[str] = frozenset()) -> None:
-        super().load_weights(split_phi3_weights(weights, self.config), elsewhere)
+        cfg = self.config
+        q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        super().load_weights(split_phi3_weights(weights, q, kv), elsewhere)
 
 
-def split_phi3_weights(weights: dict[str, Any], cfg: LlamaConfig) -> dict[str, Any]:
+def split_phi3_weights(weights: dict[str, Any], q: int, kv: int) -> dict[str, Any]:
     """Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` rows as the Llama names ``q_proj``, ``k_proj``, ``v_proj``
-    and ``gate_proj``, ``up_proj`` (row slices: a GGUF's block rows split the same way)."""
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    (``q``, ``kv`` and ``kv`` rows) and ``gate_proj``, ``up_proj`` (row slices: a GGUF's block rows split the
+    same way)."""
     out: dict[str, Any] = {}
     for name, w in weights.items():
         if name.endswith("self_attn.qkv_proj.weight"):

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from agora import envs
 from agora.models.gguf_file import GGUFFile
 from agora.models.layers import llama3_scaling_from_factors
-from agora.models.llama import LlamaConfig, split_phi3_weights
+from agora.models.llama import split_phi3_weights
 from agora.models.registry import GGUF_ARCHITECTURES, model_class
 
 logger = logging.getLogger(__name__)
@@ -235,11 +235,6 @@ def _end_of_generation_ids(gguf: GGUFFile) -> list[int]:
     return [int(i) for i in special if tokens.raw(int(i)) in END_OF_GENERATION]
 
 
-def config_of_gguf(cfg: dict[str, Any]) -> LlamaConfig:
-    """The Llama-family config a GGUF's HF-style config describes (its head counts and sizes)."""
-    return LlamaConfig.from_hf(cfg)
-
-
 def _gguf_tokenizer_dir(path: Path, arch: str) -> Path:
     """Convert a GGUF's tokenizer to HF files once (transformers does the conversion,
     which takes seconds), then reuse the cached folder."""
@@ -288,6 +283,8 @@ def _read_gguf(
     arch = gguf.metadata["general.architecture"]
     weights: dict[str, torch.Tensor] = {}
     blocks: dict[str, tuple[str, torch.Tensor]] = {}
+    q_rows = cfg["num_attention_heads"] * cfg["head_dim"]  # (where Phi-3's fused q/k/v rows split)
+    kv_rows = cfg["num_key_value_heads"] * cfg["head_dim"]
     for t in tqdm(gguf.tensors, desc=f"dequantizing {path.name}", unit="tensor", leave=False):
         if t.name == "rope_freqs.weight":  # read into the config (_gguf_config)
             continue
@@ -300,9 +297,8 @@ def _read_gguf(
             raw, qtype = gguf_repack.repack(t.data, qtype, arr.reshape(t.data.shape[0], -1)), "QU8"
         if arch == "phi3" and name.endswith(("qkv_proj.weight", "gate_up_proj.weight")):
             # fused rows split into the Llama layers' (whole rows: the blocks split alike)
-            phi3 = config_of_gguf(cfg)
-            arrs = split_phi3_weights({name: arr}, phi3)
-            raws = split_phi3_weights({name: raw}, phi3) if raw is not None else dict.fromkeys(arrs)
+            arrs = split_phi3_weights({name: arr}, q_rows, kv_rows)
+            raws = split_phi3_weights({name: raw}, q_rows, kv_rows) if raw is not None else dict.fromkeys(arrs)
             parts = [(part, arrs[part], raws[part]) for part in arrs]
         else:
             parts = [(name, arr, raw)]
