@@ -48,6 +48,7 @@ class ModelFiles:
     eos_token_ids: list[int] = field(default_factory=list)
     is_gguf: bool = False
     gguf_arch: str | None = None
+    gguf_fp32_bytes: int = 0  # what fp32 copies of a GGUF's 2-D weights (the embedding's too) would take
 
     @property
     def max_position_embeddings(self) -> int:
@@ -264,7 +265,8 @@ def _gguf_files(path: Path) -> ModelFiles:
     arch, cfg = _gguf_config(gguf)
     eos = [cfg["eos_token_id"]] if cfg.get("eos_token_id") is not None else []
     eos += [i for i in _end_of_generation_ids(gguf) if i not in eos]
-    return ModelFiles(path, cfg, cfg["architectures"][0], None, eos, is_gguf=True, gguf_arch=arch)
+    fp32_bytes = sum(4 * int(np.prod(t.dims)) for t in gguf.tensors if len(t.dims) == 2)
+    return ModelFiles(path, cfg, cfg["architectures"][0], None, eos, True, arch, fp32_bytes)
 
 
 def _read_gguf(
@@ -340,22 +342,17 @@ def available_memory_bytes() -> int | None:
     return available
 
 
-def _fp32_copy_bytes(path: Path) -> int:
-    """The bytes the fp32 copies of a GGUF's 2-D weights (the embedding's too) would take."""
-    return sum(4 * int(np.prod(t.dims)) for t in GGUFFile(path).tensors if len(t.dims) == 2)
-
-
-def keeps_fp32_copies(path: Path, gguf_weights: str, processes: int = 1) -> bool:
+def keeps_fp32_copies(files: ModelFiles, gguf_weights: str, processes: int = 1) -> bool:
     """``--gguf-weights``: whether a GGUF's block layers also keep fp32 weights for long steps' GEMMs
     (``auto``: while ``processes`` engines' copies take at most ``FP32_COPIES_SHARE`` of the memory available)."""
     if gguf_weights != "auto":
         return gguf_weights == "fp32"
-    need, available = _fp32_copy_bytes(path) * processes, available_memory_bytes()
+    need, available = files.gguf_fp32_bytes * processes, available_memory_bytes()
     if available is None or need <= FP32_COPIES_SHARE * available:
         return True
     logger.info(
         "%s: its layers keep their GGUF blocks only (fp32 copies for prefill GEMMs would take %.1f GiB of "
-        "%.1f GiB available%s; --gguf-weights fp32 keeps them)", path.name, need / 2**30, available / 2**30,
+        "%.1f GiB available%s; --gguf-weights fp32 keeps them)", files.source.name, need / 2**30, available / 2**30,
         f", for {processes} engines" if processes > 1 else "",
     )  # fmt: skip
     return False
@@ -426,7 +423,7 @@ def load_model(
     blocks: dict[str, tuple[str, torch.Tensor]] = {}
     if int8_activations and gguf_weights == "blocks":  # long steps stay exact fp32 GEMMs there, on fp32 copies
         raise ValueError("--gguf-weights blocks does not go with --gguf-activations int8, whose blocks are repacked")
-    blocks_only = keep_blocks and not int8_activations and not keeps_fp32_copies(files.source, gguf_weights)
+    blocks_only = keep_blocks and not int8_activations and not keeps_fp32_copies(files, gguf_weights)
     if blocks_only and gguf_weights == "blocks":  # (auto says why when it chooses so)
         logger.info("%s: its layers keep their GGUF blocks only (--gguf-weights blocks)", files.source.name)
     if files.is_gguf:

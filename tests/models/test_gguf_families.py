@@ -167,14 +167,17 @@ def test_gguf_weights_auto_keeps_fp32_copies_while_they_fit(family, monkeypatch)
     from agora.models import loader
 
     gguf, *_ = family
-    need = loader._fp32_copy_bytes(gguf)
+    files = inspect_model(gguf)
+    need = files.gguf_fp32_bytes
+    assert need == sum(4 * p.numel() for p in load_model(files, torch.float32, torch.device("cpu"),
+                                                         cpu_kernels=False).parameters() if p.dim() == 2)  # fmt: skip
     monkeypatch.setattr(loader, "available_memory_bytes", lambda: int(need / loader.FP32_COPIES_SHARE) + 1)
-    assert loader.keeps_fp32_copies(gguf, "auto")
+    assert loader.keeps_fp32_copies(files, "auto")
     monkeypatch.setattr(loader, "available_memory_bytes", lambda: int(need / loader.FP32_COPIES_SHARE) - 1)
-    assert not loader.keeps_fp32_copies(gguf, "auto")
-    assert loader.keeps_fp32_copies(gguf, "fp32") and not loader.keeps_fp32_copies(gguf, "blocks")
+    assert not loader.keeps_fp32_copies(files, "auto")
+    assert loader.keeps_fp32_copies(files, "fp32") and not loader.keeps_fp32_copies(files, "blocks")
     monkeypatch.setattr(loader, "available_memory_bytes", lambda: None)  # unknown: as before
-    assert loader.keeps_fp32_copies(gguf, "auto")
+    assert loader.keeps_fp32_copies(files, "auto")
 
 
 def test_int8_activations_keep_fp32_copies(family):
@@ -192,15 +195,17 @@ def test_replicas_settle_gguf_weights_auto_together(family, monkeypatch):
     """``agora serve --replicas N``: auto is decided once, for the N engines' copies together."""
     from agora.config import EngineConfig, ModelConfig, ServeConfig
     from agora.models import loader
-    from agora.router.replicas import settle_gguf_weights
+    from agora.router.replicas import prepare_model, settle_gguf_weights
 
     gguf, *_ = family
-    need = loader._fp32_copy_bytes(gguf)
+    files = prepare_model(str(gguf))
+    need = files.gguf_fp32_bytes
     monkeypatch.setattr(loader, "available_memory_bytes", lambda: int(2 * need / loader.FP32_COPIES_SHARE))
 
     def settled(replicas: int, mode: str = "auto", activations: str = "float32") -> str:
         model = ModelConfig(model=str(gguf), gguf_weights=mode, gguf_activations=activations)
-        return settle_gguf_weights(ServeConfig(engine=EngineConfig(model=model)), replicas).engine.model.gguf_weights
+        serve = ServeConfig(engine=EngineConfig(model=model))
+        return settle_gguf_weights(serve, files, replicas).engine.model.gguf_weights
 
     assert settled(1) == settled(2) == "fp32"
     assert settled(3) == "blocks"  # three engines' copies would pass the share
