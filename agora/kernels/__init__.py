@@ -57,9 +57,7 @@ _SIGNATURES = {
     "agora_linear_q4_1": ([_P, _I, _I, _P, _I, _P, _P, _I], None),
     "agora_linear_q8_0": ([_P, _I, _I, _P, _I, _P, _P, _I], None),
     "agora_linear_qu8": ([_P, _I, _I, _P, _I, _P, _P, _I], None),
-    "agora_dequant_q4_1": ([_P, _I, _I, _P, _I], None),
-    "agora_dequant_q8_0": ([_P, _I, _I, _P, _I], None),
-    "agora_dequant_qu8": ([_P, _I, _I, _P, _I], None),
+    "agora_dequant": ([_I, _P, _I, _I, _P, _I], None),
     "agora_linear_q4_1_i8": ([_P, _I, _I, _P, _I, _P, _P, _P, _I], None),
     "agora_linear_q8_0_i8": ([_P, _I, _I, _P, _I, _P, _P, _P, _I], None),
     "agora_linear_i8_scratch_floats": ([_I, _I], _I),
@@ -326,8 +324,7 @@ def dequantize(qweight: torch.Tensor, qtype: str, k: int, out: torch.Tensor | No
     else:
         assert out.dtype == torch.float32 and out.is_contiguous() and out.numel() >= n * k
         out = out.view(-1)[: n * k].view(n, k)
-    fn = {"Q4_1": lib_.agora_dequant_q4_1, "Q8_0": lib_.agora_dequant_q8_0, "QU8": lib_.agora_dequant_qu8}[qtype]
-    fn(qweight.contiguous().data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
+    lib_.agora_dequant(_FORMATS[qtype], qweight.contiguous().data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
     return out
 
 

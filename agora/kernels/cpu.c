@@ -470,17 +470,9 @@ static void dequant_blocks(int fmt, const uint8_t *w, int64_t N, int64_t K, floa
     }
 }
 
-/* w: [N, K / 32] blocks of the format its name says; out: [N, K] fp32. K % 32 == 0. */
-void agora_dequant_q4_1(const uint8_t *w, int64_t N, int64_t K, float *out, int64_t nthreads) {
-    TIMED(dequant_blocks(FMT_Q4_1, w, N, K, out, nthreads));
-}
-
-void agora_dequant_q8_0(const uint8_t *w, int64_t N, int64_t K, float *out, int64_t nthreads) {
-    TIMED(dequant_blocks(FMT_Q8_0, w, N, K, out, nthreads));
-}
-
-void agora_dequant_qu8(const uint8_t *w, int64_t N, int64_t K, float *out, int64_t nthreads) {
-    TIMED(dequant_blocks(FMT_QU8, w, N, K, out, nthreads));
+/* fmt: FMT_*; w: [N, K / 32] blocks of that format; out: [N, K] fp32. K % 32 == 0. */
+void agora_dequant(int64_t fmt, const uint8_t *w, int64_t N, int64_t K, float *out, int64_t nthreads) {
+    TIMED(dequant_blocks((int)fmt, w, N, K, out, nthreads));
 }
 
 /* ---- int8 activations (opt-in: --gguf-activations int8) ---------------------------------------

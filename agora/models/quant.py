@@ -102,11 +102,16 @@ class GGUFLinear(nn.Linear):
         self.is_lm_head = False  # (its own limit against a bf16 weight)
 
     @property
+    def blocks_only(self) -> bool:
+        """No fp32 weight of its own or packed for MKL (``drop_fp32_weights``): its blocks are all it has."""
+        return self.packed is None and self.weight.numel() == 0
+
+    @property
     def kernel_rows(self) -> int:
         """Rows of x up to which the block kernel runs (past them, the GEMM on ``weight``)."""
         if self.weight.dtype != torch.float32:
             return MAX_KERNEL_ROWS_BF16_LM_HEAD if self.is_lm_head else MAX_KERNEL_ROWS_BF16_GEMM
-        if self.packed is None and self.weight.numel() == 0 and not self.is_lm_head:  # blocks only
+        if self.blocks_only and not self.is_lm_head:
             return MAX_KERNEL_ROWS_BLOCKS_ONLY
         return MAX_KERNEL_ROWS_PACKED_GEMM if self.packed is not None and not self.int8 else MAX_KERNEL_ROWS
 
@@ -114,7 +119,7 @@ class GGUFLinear(nn.Linear):
         if x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled():
             if x.numel() <= self.kernel_rows * self.in_features:
                 return kernels.linear(x, self.blocks, self.qtype, self.bias, self.int8)
-            if self.packed is None and self.weight.numel() == 0:  # blocks only (drop_fp32_weights)
+            if self.blocks_only:
                 if self.is_lm_head:  # (the largest weight: no buffer for it)
                     return kernels.linear(x, self.blocks, self.qtype, self.bias, self.int8)
                 # a long step: the weight in fp32 for this GEMM only, in a buffer every such layer reuses
