@@ -622,6 +622,8 @@ class FormatEnding:
             yield i if i < len(text) else Tail("")
             if i < len(text):
                 yield from self.parse(node["content"], text, i)
+        elif t == "tag" and _free(node["content"]):
+            yield from self._text_tag(_lit(node["begin"]), _lit(node["end"]), text, i)
         elif t == "tag":
             yield from self._seq([{"type": "const_string", "value": _lit(node["begin"])}, node["content"],
                                   {"type": "const_string", "value": _lit(node["end"])}], text, i)  # fmt: skip
@@ -629,10 +631,25 @@ class FormatEnding:
             yield from self._tags(node, text, i, 0)
         elif t == "triggered_tags":
             yield from self._triggered(node, text, i, 0)
-        elif t == "any_text" and not node.get("excludes") and node.get("max_chars") is None:
+        elif t == "any_text" and _free(node):
             yield Tail("")  # any text may stop anywhere
         else:
             raise Unsupported(f"format {t!r}")
+
+    @staticmethod
+    def _text_tag(begin: str, end: str, text: str, i: int) -> Iterator[Outcome]:
+        """A tag around free text (a reasoning model's thinking): the text runs to the first ``end``."""
+        for out in _const(begin, text, i):
+            if isinstance(out, Tail):
+                yield Tail(out.suffix + end)
+                continue
+            k = text.find(end, out)
+            if k != -1:
+                yield k + len(end)
+                continue
+            rest = text[out:]  # the text stops inside the tag: what is missing of the end closes it
+            have = next((n for n in range(min(len(rest), len(end) - 1), 0, -1) if end.startswith(rest[-n:])), 0)
+            yield Tail(end[have:])
 
     def _seq(self, elements: list[dict[str, Any]], text: str, i: int) -> Iterator[Outcome]:
         if not elements:
@@ -701,6 +718,11 @@ class FormatEnding:
             raise
         except (Unsupported, RecursionError, KeyError, TypeError, ValueError, IndexError):
             return None
+
+
+def _free(node: dict[str, Any]) -> bool:
+    """Text without limits (``any_text`` with no excluded strings and no length cap)."""
+    return node.get("type") == "any_text" and not node.get("excludes") and node.get("max_chars") is None
 
 
 def _lit(value: Any) -> str:
