@@ -10,6 +10,7 @@ import sys
 from agora import __version__, envs
 from agora.config import (
     DEFAULT_MODEL,
+    REASONING_PARSERS,
     CacheConfig,
     ClusterConfig,
     EngineConfig,
@@ -33,7 +34,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     from agora.openai.tool_parsers import PARSERS
 
     # Every engine and server flag comes from its config field (agora.config): one default, one check.
-    add_arguments(p, ServerConfig, {"tool_call_parser": {"choices": sorted(PARSERS)}})
+    add_arguments(p, ServerConfig, {"tool_call_parser": {"choices": sorted(PARSERS)},
+                                    "reasoning_parser": {"choices": REASONING_PARSERS}})  # fmt: skip
     p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="model id(s) the API answers to; the first is the one it reports")  # fmt: skip
     p.add_argument("--model-alias", action="append", default=[], metavar="PATTERN=NAME",

@@ -323,6 +323,10 @@ class EngineConfig:
             raise ValueError("max_waiting_requests must be >= 1")
 
 
+# --reasoning-parser: auto (from the chat template), none (never split), and vLLM's names of the <think> format
+REASONING_PARSERS = ("auto", "none", "qwen3", "deepseek_r1")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = option("127.0.0.1", "bind address (default: 127.0.0.1, this machine only)")
@@ -333,6 +337,10 @@ class ServerConfig:
     tool_call_parser: str | None = option(
         None, "the tool-call format to read and enforce (default: from the chat template; hermes for templates "
         "that know no tools)")  # fmt: skip
+    reasoning_parser: str = option(
+        "auto", "how a reasoning model's thinking (<think>...</think>) is told from its answer: auto (when the chat "
+        "template writes <think>), none (never: the thinking stays in the answer), or vLLM's qwen3 / deepseek_r1 "
+        "(the same tags, whatever the template says)")  # fmt: skip
     served_model_aliases: tuple[str, ...] = ()  # more names the model answers to (agents send their own)
     model_aliases: tuple[tuple[str, str], ...] = ()  # (name or glob, served name), e.g. ("claude-*", ...)
     responses_store: str | None = option(
@@ -359,6 +367,9 @@ class ServerConfig:
         object.__setattr__(self, "allowed_origins", check_origins(self.allowed_origins))
         if not 0 < self.client_timeout_s <= 3600:
             raise ValueError(f"client timeout must be above 0 and at most 3600 seconds, got {self.client_timeout_s}")
+        if self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"reasoning parser {self.reasoning_parser!r} is not one of "
+                             f"{', '.join(REASONING_PARSERS)}")  # fmt: skip
         if self.responses_ttl_s <= 0 or self.responses_max < 1:
             raise ValueError("responses_ttl_s must be > 0 and responses_max >= 1")
 

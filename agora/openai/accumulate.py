@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from agora.openai.chat import ChatChunkChoice, ChatCompletionChunk, ChatDelta, FunctionCallDelta, ToolCallDelta
 from agora.openai.common import ChoiceLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob, Usage
 from agora.openai.completions import Completion, CompletionChoice
+from agora.openai.reasoning import ThinkSplitter
 from agora.openai.tool_parsers.base import ToolParser
 
 MIN_LOGPROB = -9999.0  # OpenAI clamps -inf
@@ -44,15 +45,45 @@ class EngineOutput(Protocol):
 
 
 class _Counts:
-    def __init__(self, prompt_tokens: int) -> None:
+    def __init__(self, prompt_tokens: int, reasons: bool = False) -> None:
         self.prompt, self.completion, self.cached = prompt_tokens, 0, 0
+        self.reasoning = 0 if reasons else None  # the thinking's tokens, tags included, of a reasoning model
 
     def add(self, out: EngineOutput) -> None:
         self.completion += len(out.token_ids)
         self.cached = max(self.cached, out.num_cached_tokens)
 
     def usage(self) -> Usage:
-        return Usage.of(self.prompt, self.completion, self.cached)
+        return Usage.of(self.prompt, self.completion, self.cached, self.reasoning)
+
+
+class _Thinking:
+    """One choice's output split into thinking and answer, counting the thinking's tokens."""
+
+    def __init__(self, starts: str) -> None:
+        self.splitter = ThinkSplitter(starts)
+        self.emitted = 0  # characters of the choice's text so far (the engine's text offsets count from 0)
+
+    def split(self, out: EngineOutput) -> tuple[str, str, int]:
+        """(thinking, answer, thinking tokens) of one output. Each token's text goes through the splitter on its
+        own where the engine gave offsets, so a step of several tokens (speculation) that crosses ``</think>``
+        counts each token on its side; a token is thinking if the splitter thinks before or after it, or it
+        opened thinking (the tags are thinking's)."""
+        text, n = out.text, len(out.token_ids)
+        cuts = [0, len(text)]
+        if len(out.text_offsets) == n and n > 1:
+            cuts = [0, *(min(max(o - self.emitted, 0), len(text)) for o in out.text_offsets[1:]), len(text)]
+        self.emitted += len(text)
+        thinking, answer, tokens = [], [], 0
+        for j in range(len(cuts) - 1):
+            before, opened = self.splitter.thinking, self.splitter.opened
+            last = j == len(cuts) - 2
+            for kind, piece in self.splitter.feed(text[cuts[j] : cuts[j + 1]], final=out.finished and last):
+                (thinking if kind == "thinking" else answer).append(piece)
+            tokens += int(before or self.splitter.thinking or self.splitter.opened != opened)
+        if len(cuts) == 2:
+            tokens = n if tokens else 0
+        return "".join(thinking), "".join(answer), tokens
 
 
 class ChatStream:
@@ -61,17 +92,20 @@ class ChatStream:
     With a tool parser, each choice's text goes through its own parser: tool-call markup
     never reaches ``content``; calls leave as ``delta.tool_calls`` (id, type and name in
     a call's first delta, then argument fragments), and a choice that called tools ends
-    with ``finish_reason: "tool_calls"``.
+    with ``finish_reason: "tool_calls"``. A reasoning model's thinking is split out first
+    (``delta.reasoning``, vLLM's field): only the answer is parsed for calls.
     """
 
     def __init__(self, request_id: str, model: str, n: int, prompt_tokens: int, *, logprobs: bool,
                  token_text: Callable[[int], str], tool_parser: Callable[[], ToolParser] | None = None,
                  usage_every_chunk: bool = False, prompt_k: int | None = None,
                  prompt_ids: list[int] | None = None, label: Callable[[int], str] | None = None,
-                 echo: str = "") -> None:  # fmt: skip
+                 echo: str = "", think: str | None = None, include_reasoning: bool = True) -> None:  # fmt: skip
         """``prompt_ids``: vLLM's ``return_token_ids`` (the prompt's ids on the first chunk, each chunk's own
         token ids on its choice); ``label``: how logprobs name a token (default: its text); ``echo``: the text
-        every choice starts with (vLLM's chat ``echo``)."""
+        every choice starts with (vLLM's chat ``echo``); ``think``: where a reasoning model's output starts
+        (``Reasoning.starts``; None: the model does not reason), ``include_reasoning`` whether its thinking is
+        sent (vLLM's field; it is counted either way)."""
         self.id, self.model, self.n = request_id, model, n
         self.created = int(time.time())
         self.prompt_k = prompt_k  # vLLM's prompt_logprobs asked for: the answer carries them, once
@@ -81,7 +115,9 @@ class ChatStream:
         self.prompt_ids, self.echo = prompt_ids, echo
         self.parsers = [tool_parser() for _ in range(n)] if tool_parser is not None else None
         self.usage_every_chunk = usage_every_chunk
-        self.counts = _Counts(prompt_tokens)
+        self.counts = _Counts(prompt_tokens, reasons=think is not None)
+        self.thinking = [_Thinking(think) for _ in range(n)] if think is not None else None
+        self.include_reasoning = include_reasoning
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         if usage is None and self.usage_every_chunk:
@@ -100,7 +136,11 @@ class ChatStream:
     def feed(self, prompt_index: int, out: EngineOutput) -> list[ChatCompletionChunk]:
         """``prompt_index`` is always 0: a chat request has one prompt (the same signature as text completions)."""
         self.counts.add(out)
-        content, calls = out.text, []
+        content, calls, reasoning = out.text, [], ""
+        if self.thinking is not None:
+            reasoning, content, tokens = self.thinking[out.index].split(out)
+            self.counts.reasoning += tokens
+            reasoning = reasoning if self.include_reasoning else ""
         chunks = []
         if self.prompt_k is not None and (prompt := getattr(out, "prompt_logprobs", None)) is not None:
             chunks.append(self._chunk([]).model_copy(update={"prompt_logprobs": vllm_prompt_logprobs(
@@ -109,12 +149,12 @@ class ChatStream:
         ids = list(out.token_ids) if self.prompt_ids is not None else None  # return_token_ids: this chunk's
         parser = self.parsers[out.index] if self.parsers is not None else None
         if parser is not None:
-            parsed = parser.feed(out.text)
+            parsed = parser.feed(content)
             if out.finished:
                 parsed = parsed.then(parser.finish())
             content, calls = parsed.content, parsed.calls
         lps = _chat_logprobs(out.logprobs, self.label) if self.logprobs and out.logprobs else None
-        if content or calls or lps is not None or ids:
+        if content or calls or reasoning or lps is not None or ids:
             deltas = [
                 ToolCallDelta(
                     index=c.index,
@@ -124,7 +164,8 @@ class ChatStream:
                 )  # fmt: skip
                 for c in calls
             ]
-            delta = ChatDelta(content=content if content or not deltas else None, tool_calls=deltas or None)
+            delta = ChatDelta(reasoning=reasoning or None, content=content if content or not (deltas or reasoning)
+                              else None, tool_calls=deltas or None)  # fmt: skip
             chunks.append(self._chunk([ChatChunkChoice(index=out.index, delta=delta, logprobs=lps, token_ids=ids)]))
         if out.finished:
             reason = out.finish_reason

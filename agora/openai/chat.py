@@ -68,6 +68,8 @@ class ChatMessage(StrictModel):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = Field(default=None, max_length=256)
     refusal: str | None = None
+    reasoning: str | None = None  # an assistant turn's thinking, as vLLM sends it back (reasoning_content: as
+    reasoning_content: str | None = None  # DeepSeek and older vLLM do); the template writes it where it may
 
     _parts = text_parts_only("content", accepted=("text", "refusal"))
 
@@ -81,9 +83,15 @@ class ChatMessage(StrictModel):
         refused = self.refusal is not None or any(isinstance(p, RefusalPart) for p in parts)
         if refused and self.role != "assistant":
             raise ValueError("only assistant messages carry a refusal")
+        if (self.reasoning is not None or self.reasoning_content is not None) and self.role != "assistant":
+            raise ValueError("only assistant messages carry reasoning")
         if self.role == "tool" and not self.tool_call_id:
             raise ValueError("a tool message needs the tool_call_id it answers")
         return self
+
+    def thinking(self) -> str | None:
+        """An assistant turn's reasoning, whichever field it came in."""
+        return self.reasoning if self.reasoning is not None else self.reasoning_content
 
     def text(self) -> str:
         """What the message says; an assistant's refusal is what it said."""
@@ -191,7 +199,7 @@ class ChatCompletionRequest(SamplingFields):
     documents: list[dict[str, str]] | None = None  # for templates that take them (RAG), as vLLM passes them
     add_special_tokens: StrictBool = False  # the template writes the BOS token itself
     echo: StrictBool = False  # the reply starts with the final message's text, when that message is the assistant's
-    include_reasoning: StrictBool = True  # this model does not reason: there is never reasoning to include
+    include_reasoning: StrictBool = True  # a reasoning model's thinking in the answer (vLLM's field)
 
     def check(self) -> None:
         """Every 400 that needs no engine: unimplemented parameters, conflicting ones."""
@@ -206,8 +214,6 @@ class ChatCompletionRequest(SamplingFields):
             raise bad_request("store", "store is not supported")
         if self.service_tier not in (None, "auto", "default"):
             raise bad_request("service_tier", "service_tier: only 'auto' and 'default' are available")
-        if self.reasoning_effort is not None:
-            raise bad_request("reasoning_effort", "reasoning_effort is not supported by this model")
         check_prompt_cache(self.prompt_cache_retention, self.prompt_cache_options)
         if self.verbosity not in (None, "medium"):  # OpenAI's answer for its models without the setting
             raise bad_request("verbosity", f"verbosity {self.verbosity!r} is not supported by this model; "
@@ -310,6 +316,7 @@ class ToolCallOut(OpenModel):
 
 class AssistantMessage(OpenModel):
     role: Literal["assistant"] = "assistant"
+    reasoning: str | None = omitted()  # a reasoning model's thinking (vLLM's field)
     content: str | None = None
     refusal: str | None = None
     tool_calls: list[ToolCallOut] | None = omitted()
@@ -349,6 +356,7 @@ class ToolCallDelta(OpenModel):
 
 class ChatDelta(OpenModel):
     role: Literal["assistant"] | None = omitted()
+    reasoning: str | None = omitted()
     content: str | None = omitted()
     tool_calls: list[ToolCallDelta] | None = omitted()
 

@@ -213,16 +213,23 @@ class PromptTokensDetails(OpenModel):
     cached_tokens: int = 0
 
 
+class CompletionTokensDetails(OpenModel):
+    reasoning_tokens: int = 0
+
+
 class Usage(OpenModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
     prompt_tokens_details: PromptTokensDetails | None = omitted()
+    completion_tokens_details: CompletionTokensDetails | None = omitted()  # a reasoning model's
 
     @classmethod
-    def of(cls, prompt: int, completion: int, cached: int) -> Usage:
+    def of(cls, prompt: int, completion: int, cached: int, reasoning: int | None = None) -> Usage:
+        details = CompletionTokensDetails(reasoning_tokens=reasoning) if reasoning is not None else None
         return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))  # fmt: skip
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+                   completion_tokens_details=details)  # fmt: skip
 
 
 class TopLogprob(OpenModel):

@@ -19,6 +19,7 @@ from pydantic import Discriminator, Field, StrictBool, StrictInt, Tag
 from agora.openai.chat import ChatCompletionChunk, ChatCompletionRequest
 from agora.openai.common import Number, OpenModel, StrictModel, Usage, first_error, new_id, text_parts_only
 from agora.openai.errors import APIError, bad_request
+from agora.openai.reasoning import Reasoning
 
 MAX_STOP_SEQUENCES = 16
 
@@ -201,8 +202,9 @@ class MessagesRequest(StrictModel):
                 raise bad_request("tools", f"tools: {first_error(exc)}") from None
         return out
 
-    def to_chat(self, reasoning: bool) -> ChatCompletionRequest:
-        """The chat request this message is. ``reasoning``: the model's template has a thinking switch."""
+    def to_chat(self, reasoning: Reasoning | None) -> ChatCompletionRequest:
+        """The chat request this message is. ``reasoning``: the served model's (None: it does not reason).
+        Thinking blocks come back only where ``thinking`` asks for them; a model with a switch thinks only then."""
         if self.max_tokens < 1:
             raise bad_request("max_tokens", "max_tokens: must be at least 1")
         if len(self.stop_sequences or []) > MAX_STOP_SEQUENCES:
@@ -210,11 +212,11 @@ class MessagesRequest(StrictModel):
         if not self.messages:
             raise bad_request("messages", "messages: at least one message is required")
         self.check()
-        thinking = self.thinking is not None and self.thinking.type == "enabled"
-        if thinking and not reasoning:
-            raise bad_request("thinking", "thinking is not supported by this model (its chat template has no "
-                                          "thinking mode); Claude Code: set MAX_THINKING_TOKENS=0")  # fmt: skip
-        thinking = thinking or (reasoning and self.thinking is not None and self.thinking.type == "adaptive")
+        kind = self.thinking.type if self.thinking is not None else None
+        if kind == "enabled" and reasoning is None:
+            raise bad_request("thinking", "thinking is not supported by this model (it does not reason: its chat "
+                                          "template has no thinking mode); Claude Code: set MAX_THINKING_TOKENS=0")  # fmt: skip
+        thinking = reasoning is not None and kind in ("enabled", "adaptive")
         messages: list[dict[str, Any]] = []
         if self.system:
             system = self.system if isinstance(self.system, str) else "\n".join(b.text for b in self.system)
@@ -231,6 +233,8 @@ class MessagesRequest(StrictModel):
                 msg: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
                 if calls:
                     msg["tool_calls"] = calls
+                if thought := "".join(b.thinking for b in blocks if isinstance(b, ThinkingBlock)):
+                    msg["reasoning"] = thought
                 messages.append(msg)
                 continue
             for b in blocks:
@@ -245,7 +249,7 @@ class MessagesRequest(StrictModel):
             if text or not any(isinstance(b, ToolResultBlock) for b in blocks):
                 messages.append({"role": "user", "content": text})
         body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
-                                "stream": self.stream}  # fmt: skip
+                                "stream": self.stream, "include_reasoning": thinking}  # fmt: skip
         for name in ("temperature", "top_p", "top_k"):
             if getattr(self, name) is not None:
                 body[name] = getattr(self, name)
@@ -253,7 +257,7 @@ class MessagesRequest(StrictModel):
             body["stop"] = self.stop_sequences
         if self.metadata is not None and self.metadata.user_id:
             body["user"] = self.metadata.user_id
-        if reasoning:
+        if reasoning is not None and reasoning.switch:
             body["chat_template_kwargs"] = {"enable_thinking": thinking}
         tools = self.custom_tools()
         if tools:
@@ -323,43 +327,12 @@ class Reply(OpenModel):
 _STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "abort": "end_turn"}
 
 
-class ThinkSplitter:
-    """Text of a reasoning model split into thinking (inside ``<think>...</think>``) and the answer."""
-
-    OPEN, CLOSE = "<think>", "</think>"
-
-    def __init__(self, starts_thinking: bool) -> None:
-        self.thinking = starts_thinking  # templates often open the tag in the prompt
-        self.held = ""
-
-    def feed(self, text: str, final: bool = False) -> list[tuple[str, str]]:
-        """(kind, text) pieces, kind "thinking" or "text"."""
-        text, out = self.held + text, []
-        self.held = ""
-        while text:
-            tag = self.CLOSE if self.thinking else self.OPEN
-            idx = text.find(tag)
-            if idx == -1:
-                keep = 0 if final else next((n for n in range(min(len(text), len(tag) - 1), 0, -1)
-                                             if tag.startswith(text[-n:])), 0)  # fmt: skip
-                body, self.held = text[: len(text) - keep], text[len(text) - keep :]
-                if body:
-                    out.append(("thinking" if self.thinking else "text", body))
-                break
-            if idx:
-                out.append(("thinking" if self.thinking else "text", text[:idx]))
-            text = text[idx + len(tag) :]
-            self.thinking = not self.thinking
-        return out
-
-
 class MessageEvents:
     """Chat chunks of one choice -> Anthropic's event stream, and the message they build."""
 
-    def __init__(self, reply: Reply, prompt_tokens: int, think: ThinkSplitter | None = None) -> None:
+    def __init__(self, reply: Reply, prompt_tokens: int) -> None:
         self.reply = reply
         self.prompt_tokens = prompt_tokens
-        self.think = think
         self.open: str | None = None  # the kind of the block being written: text, thinking, tool_use
         self.calls: dict[int, int] = {}  # chat call index -> block index
         self.args: dict[int, str] = {}  # block index -> the arguments' JSON so far
@@ -405,10 +378,10 @@ class MessageEvents:
         events: list[dict[str, Any]] = []
         for choice in chunk.choices:
             delta = choice.delta
+            if delta.reasoning:
+                events += self._text("thinking", delta.reasoning)
             if delta.content:
-                pieces = self.think.feed(delta.content) if self.think is not None else [("text", delta.content)]
-                for kind, text in pieces:
-                    events += self._text(kind, text)
+                events += self._text("text", delta.content)
             for tc in delta.tool_calls or []:
                 if tc.index not in self.calls:
                     events += self._close()
@@ -426,9 +399,6 @@ class MessageEvents:
                     events.append({"type": "content_block_delta", "index": index,
                                    "delta": {"type": "input_json_delta", "partial_json": piece}})  # fmt: skip
             if choice.finish_reason is not None:
-                if self.think is not None:
-                    for kind, text in self.think.feed("", final=True):
-                        events += self._text(kind, text)
                 stop = choice.stop_reason if isinstance(choice.stop_reason, str) else None
                 self.reply.stop_reason = "stop_sequence" if stop and choice.finish_reason == "stop" else \
                     _STOP.get(choice.finish_reason, "end_turn")  # fmt: skip

@@ -15,6 +15,7 @@ whole one cannot differ: the whole one is the last event's ``response``.
 
 from __future__ import annotations
 
+import base64
 import time
 from typing import Annotated, Any, Literal
 
@@ -29,6 +30,7 @@ from agora.openai.common import (
     check_prompt_cache,
     first_error,
     new_id,
+    omitted,
     text_parts_only,
 )
 from agora.openai.errors import bad_request
@@ -90,6 +92,54 @@ class FunctionCallOutputItem(StrictModel):
         return self.output if isinstance(self.output, str) else "".join(p.text for p in self.output)
 
 
+class SummaryPart(StrictModel):
+    type: Literal["summary_text"]
+    text: str
+
+
+class ReasoningTextPart(StrictModel):
+    type: Literal["reasoning_text"]
+    text: str
+
+
+class ReasoningItem(StrictModel):
+    """A reasoning item sent back: its thinking goes to the assistant turn after it (a reasoning model's
+    template writes it where the model expects it, mid tool loop)."""
+
+    type: Literal["reasoning"]
+    id: str | None = None
+    summary: list[SummaryPart] = Field(default_factory=list)
+    content: list[ReasoningTextPart] | None = None
+    encrypted_content: str | None = None
+    status: str | None = None
+
+    def text(self) -> str:
+        if self.content:
+            return "".join(p.text for p in self.content)
+        if self.encrypted_content is not None and (text := reasoning_from_blob(self.encrypted_content)) is not None:
+            return text
+        return "\n".join(p.text for p in self.summary)
+
+
+# encrypted_content of agora's reasoning items: the text itself, since agora shows the thinking anyway (OpenAI
+# hides it); a client keeping no store (store: false, Codex) sends it back to carry the thinking between turns
+_BLOB = "agora-reasoning-v1:"
+
+
+def reasoning_blob(text: str) -> str:
+    return _BLOB + base64.b64encode(text.encode()).decode()
+
+
+def reasoning_from_blob(blob: str) -> str | None:
+    """The text of an ``encrypted_content`` agora wrote (another server's cannot be read: None)."""
+    if not blob.startswith(_BLOB):
+        return None
+    try:
+        return base64.b64decode(blob[len(_BLOB) :], validate=True).decode()
+    except ValueError:
+        return None
+
+
 def _item_kind(value: Any) -> str:
     if isinstance(value, dict):
         return value.get("type", "message")  # an "easy" message has no type
@@ -98,7 +148,7 @@ def _item_kind(value: Any) -> str:
 
 InputItem = Annotated[
     Annotated[MessageItem, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
-    | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")] | Annotated[ReasoningItem, Tag("reasoning")],
     Discriminator(_item_kind),
 ]  # fmt: skip
 
@@ -180,14 +230,18 @@ class ResponsesRequest(StrictModel):
         check_prompt_cache(self.prompt_cache_retention, self.prompt_cache_options)
         if self.background:
             raise bad_request("background", "background responses are not supported")
-        # Agents ask for the encrypted reasoning of reasoning models; with no reasoning items there is none to add.
+        # Agents ask for the encrypted reasoning of reasoning models: reasoning items carry it (reasoning_blob).
         unsupported = [i for i in self.include or [] if i not in ("reasoning.encrypted_content", LOGPROBS)]
         if unsupported:
             raise bad_request("include", f"include {unsupported[0]!r} is not supported")
-        # a summary of reasoning that does not happen is empty (Codex asks for one); an effort cannot be honoured
+        # the effort is the model's to honour (Serving.template_kwargs); a summary is asked for by Codex, and
+        # agora's reasoning items carry the whole thinking in their content instead
+        extra = set(self.reasoning or {}) - {"effort", "summary", "generate_summary"}
+        if extra:
+            raise bad_request("reasoning", f"reasoning.{sorted(extra)[0]} is not supported")
         effort = (self.reasoning or {}).get("effort")
-        if effort not in (None, "none") or set(self.reasoning or {}) - {"effort", "summary", "generate_summary"}:
-            raise bad_request("reasoning", "reasoning effort is not supported by this model")
+        if effort is not None and not isinstance(effort, str):
+            raise bad_request("reasoning", "reasoning.effort must be a string")
         if self.service_tier not in (None, "auto", "default"):
             raise bad_request("service_tier", "service_tier: only 'auto' and 'default' are available")
         if self.max_tool_calls is not None and self.max_tool_calls < 0:  # it caps built-in tools' calls: none here
@@ -241,22 +295,36 @@ class ResponsesRequest(StrictModel):
         if self.instructions:
             messages.append({"role": "system", "content": self.instructions})
         known_calls: set[str] = set()
+        thought: list[str] = []  # reasoning items' text, for the assistant turn they lead to
+
+        def assistant(msg: dict[str, Any]) -> dict[str, Any]:
+            if thought:
+                msg["reasoning"] = "\n".join(thought)
+                thought.clear()
+            messages.append(msg)
+            return msg
+
         for item in items:
             kind = item.get("type", "message")
-            if kind == "message":
+            if kind == "reasoning":
+                if text := ReasoningItem.model_validate(item).text():
+                    thought.append(text)
+            elif kind == "message":
                 msg = MessageItem.model_validate(item)
-                messages.append({"role": msg.role, "content": msg.text()})
+                if msg.role == "assistant":
+                    assistant({"role": "assistant", "content": msg.text()})
+                else:
+                    thought.clear()  # reasoning that led to no answer of its own
+                    messages.append({"role": msg.role, "content": msg.text()})
             elif kind == "function_call":
                 call = {"id": item["call_id"], "type": "function",
                         "function": {"name": item["name"], "arguments": item["arguments"]}}  # fmt: skip
                 known_calls.add(item["call_id"])
                 last = messages[-1] if messages else None
-                if last is not None and last["role"] == "assistant" and "tool_calls" in last:
-                    last["tool_calls"].append(call)
-                elif last is not None and last["role"] == "assistant":
-                    last["tool_calls"] = [call]
+                if last is not None and last["role"] == "assistant" and not thought:
+                    last.setdefault("tool_calls", []).append(call)
                 else:
-                    messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                    assistant({"role": "assistant", "content": None, "tool_calls": [call]})
             else:
                 if item["call_id"] not in known_calls:
                     raise bad_request("input", f"function_call_output {item['call_id']!r} answers no function_call "
@@ -264,6 +332,8 @@ class ResponsesRequest(StrictModel):
                 output = FunctionCallOutputItem.model_validate(item)
                 messages.append({"role": "tool", "tool_call_id": output.call_id, "content": output.text()})
         body: dict[str, Any] = {"model": self.model, "messages": messages, "stream": self.stream}
+        if (self.reasoning or {}).get("effort") is not None:
+            body["reasoning_effort"] = self.reasoning["effort"]
         if self.wants_logprobs():
             body.update(logprobs=True, top_logprobs=self.top_logprobs or 0)
         for name in ("temperature", "top_p", "user", "parallel_tool_calls"):
@@ -298,7 +368,8 @@ def input_items(req: ResponsesRequest) -> list[dict[str, Any]]:
 
 # Chat parameter names as this API calls them (for the engine's and the chat layer's 400s).
 RENAME = {"messages": "input", "prompt": "input", "max_tokens": "max_output_tokens",
-          "max_completion_tokens": "max_output_tokens", "response_format": "text", "logprobs": "top_logprobs"}  # fmt: skip
+          "max_completion_tokens": "max_output_tokens", "response_format": "text", "logprobs": "top_logprobs",
+          "reasoning_effort": "reasoning"}  # fmt: skip
 
 
 # -- response ---------------------------------------------------------------------------------------
@@ -328,11 +399,21 @@ class FunctionCallOut(OpenModel):
     status: str = "completed"
 
 
-OutputItem = Annotated[OutputMessage | FunctionCallOut, Field(discriminator="type")]
+class ReasoningOut(OpenModel):
+    type: Literal["reasoning"] = "reasoning"
+    id: str
+    summary: list[dict[str, Any]] = Field(default_factory=list)
+    content: list[dict[str, Any]] = Field(default_factory=list)  # one reasoning_text part: the thinking
+    encrypted_content: str | None = omitted()  # include: ["reasoning.encrypted_content"]
+    status: str = "completed"
+
+
+OutputItem = Annotated[OutputMessage | FunctionCallOut | ReasoningOut, Field(discriminator="type")]
 
 
 class InputTokensDetails(OpenModel):
     cached_tokens: int = 0
+    cache_write_tokens: int = 0  # the prompt's tokens computed here: agora caches every prefix it computes
 
 
 class OutputTokensDetails(OpenModel):
@@ -349,8 +430,12 @@ class ResponseUsage(OpenModel):
     @classmethod
     def of(cls, usage: Usage) -> ResponseUsage:
         cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
+        reasoning = usage.completion_tokens_details.reasoning_tokens if usage.completion_tokens_details else 0
         return cls(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
-                   total_tokens=usage.total_tokens, input_tokens_details=InputTokensDetails(cached_tokens=cached))  # fmt: skip
+                   total_tokens=usage.total_tokens,
+                   input_tokens_details=InputTokensDetails(cached_tokens=cached,
+                                                           cache_write_tokens=usage.prompt_tokens - cached),
+                   output_tokens_details=OutputTokensDetails(reasoning_tokens=reasoning))  # fmt: skip
 
 
 class Response(OpenModel):
@@ -376,6 +461,7 @@ class Response(OpenModel):
     truncation: str = "disabled"
     usage: ResponseUsage | None = None
     user: str | None = None
+    reasoning: dict[str, Any] | None = None
 
     @property
     def output_text(self) -> str:
@@ -392,6 +478,7 @@ def new_response(req: ResponsesRequest, model: str) -> Response:
         parallel_tool_calls=req.parallel_tool_calls is not False, previous_response_id=req.previous_response_id,
         store=req.store, temperature=req.temperature, text=text, tool_choice=req.tool_choice or "auto",
         tools=req.tools or [], top_p=req.top_p, user=req.user, truncation=req.truncation or "disabled",
+        reasoning=req.reasoning,
     )  # fmt: skip
 
 
@@ -404,6 +491,8 @@ class ResponseEvents:
     ::
 
         response.created, response.in_progress
+        thinking:      output_item.added (reasoning) → content_part.added → reasoning_text.delta* →
+                       reasoning_text.done → content_part.done → output_item.done
         per text run:  output_item.added (message) → content_part.added → output_text.delta* →
                        output_text.done → content_part.done → output_item.done
         per call:      output_item.added (function_call) → function_call_arguments.delta* →
@@ -411,9 +500,12 @@ class ResponseEvents:
         response.completed | response.incomplete (max_output_tokens) | response.failed
     """
 
-    def __init__(self, response: Response) -> None:
+    def __init__(self, response: Response, encrypted: bool = False) -> None:
+        """``encrypted``: reasoning items carry ``encrypted_content`` (``include``)."""
         self.response = response
         self.seq = 0
+        self.encrypted = encrypted
+        self.thought: ReasoningOut | None = None  # the reasoning item being written
         self.text: OutputMessage | None = None  # the message item being written
         self.call: FunctionCallOut | None = None  # the function call being written
         self.calls: dict[int, FunctionCallOut] = {}
@@ -433,6 +525,22 @@ class ResponseEvents:
 
     def _index(self, item: Any) -> int:
         return self.response.output.index(item)
+
+    def _close_thought(self) -> list[dict[str, Any]]:
+        item, self.thought = self.thought, None
+        if item is None:
+            return []
+        i, part = self._index(item), item.content[0]
+        item.status = "completed"
+        if self.encrypted:
+            item.encrypted_content = reasoning_blob(part["text"])
+        return [
+            self._event("response.reasoning_text.done", item_id=item.id, output_index=i, content_index=0,
+                        text=part["text"]),
+            self._event("response.content_part.done", item_id=item.id, output_index=i, content_index=0,
+                        part=dict(part)),
+            self._event("response.output_item.done", output_index=i, item=item.model_dump(mode="json")),
+        ]  # fmt: skip
 
     def _close_text(self) -> list[dict[str, Any]]:
         item, self.text = self.text, None
@@ -468,8 +576,25 @@ class ResponseEvents:
             delta = choice.delta
             if choice.logprobs is not None and choice.logprobs.content and not delta.tool_calls:
                 self.pending += [lp.model_dump(mode="json") for lp in choice.logprobs.content]  # the chat shape's
+            if delta.reasoning:
+                self.pending = []  # the thinking's tokens: not output text
+                if self.thought is None:
+                    events += self._close_text() + self._close_call()
+                    self.thought = ReasoningOut(id=new_id("rs"), status="in_progress",
+                                                content=[{"type": "reasoning_text", "text": ""}])  # fmt: skip
+                    self.response.output.append(self.thought)
+                    i = self._index(self.thought)
+                    events.append(self._event("response.output_item.added", output_index=i,
+                                              item={**self.thought.model_dump(mode="json"), "content": []}))  # fmt: skip
+                    events.append(self._event("response.content_part.added", item_id=self.thought.id,
+                                              output_index=i, content_index=0,
+                                              part={"type": "reasoning_text", "text": ""}))  # fmt: skip
+                self.thought.content[0]["text"] += delta.reasoning
+                events.append(self._event("response.reasoning_text.delta", item_id=self.thought.id,
+                                          output_index=self._index(self.thought), content_index=0,
+                                          delta=delta.reasoning))  # fmt: skip
             if delta.content:
-                events += self._close_call()
+                events += self._close_thought() + self._close_call()
                 if self.text is None:
                     self.text = OutputMessage(id=new_id("msg"), status="in_progress", content=[OutputText()])
                     self.response.output.append(self.text)
@@ -487,7 +612,7 @@ class ResponseEvents:
             for tc in delta.tool_calls or []:
                 if tc.index not in self.calls:
                     self.pending = []  # the call's markup tokens: not output text
-                    events += self._close_text() + self._close_call()
+                    events += self._close_thought() + self._close_text() + self._close_call()
                     name = tc.function.name if tc.function is not None else None
                     self.call = FunctionCallOut(id=new_id("fc"), call_id=tc.id or new_id("call"), name=name or "",
                                                 status="in_progress")  # fmt: skip
@@ -502,7 +627,7 @@ class ResponseEvents:
                     events.append(self._event("response.function_call_arguments.delta", item_id=call.id,
                                               output_index=self._index(call), delta=piece))  # fmt: skip
             if choice.finish_reason is not None:
-                events += self._close_text() + self._close_call()
+                events += self._close_thought() + self._close_text() + self._close_call()
                 if choice.finish_reason == "length":
                     self.response.status = "incomplete"
                     self.response.incomplete_details = {"reason": "max_output_tokens"}
@@ -511,7 +636,7 @@ class ResponseEvents:
         return events
 
     def finish(self, usage: Usage) -> list[dict[str, Any]]:
-        events = self._close_text() + self._close_call()
+        events = self._close_thought() + self._close_text() + self._close_call()
         self.response.usage = ResponseUsage.of(usage)
         if self.response.status == "in_progress":
             self.response.status = "completed"

@@ -75,6 +75,7 @@ def merge_chat_chunks(chunks: Iterable[ChatCompletionChunk], usage: Usage | None
     """The chat.completion that a stream of chat.completion.chunk objects adds up to."""
     first: ChatCompletionChunk | None = None
     texts: dict[int, list[str]] = {}
+    thinking: dict[int, list[str]] = {}
     calls: dict[int, dict[int, dict[str, Any]]] = {}
     lps: dict[int, list] = {}
     finish: dict[int, ChatChunkChoice] = {}
@@ -91,6 +92,8 @@ def merge_chat_chunks(chunks: Iterable[ChatCompletionChunk], usage: Usage | None
                 token_ids.setdefault(c.index, []).extend(c.token_ids)
             if c.delta.content:
                 texts[c.index].append(c.delta.content)
+            if c.delta.reasoning:
+                thinking.setdefault(c.index, []).append(c.delta.reasoning)
             for tc in c.delta.tool_calls or []:
                 call = calls.setdefault(c.index, {}).setdefault(tc.index, {"id": "", "name": "", "arguments": []})
                 call["id"] = tc.id or call["id"]
@@ -113,7 +116,8 @@ def merge_chat_chunks(chunks: Iterable[ChatCompletionChunk], usage: Usage | None
             for _, call in sorted(calls.get(i, {}).items())
         ]
         text = "".join(texts[i])
-        message = AssistantMessage(content=text if text or not tool_calls else None, tool_calls=tool_calls or None)
+        message = AssistantMessage(content=text if text or not tool_calls else None, tool_calls=tool_calls or None,
+                                   reasoning="".join(thinking[i]) if i in thinking else None)  # fmt: skip
         end = finish.get(i)
         choices.append(ChatChoice(
             index=i, message=message, logprobs=ChoiceLogprobs(content=lps[i]) if i in lps else None,
@@ -125,7 +129,7 @@ def merge_chat_chunks(chunks: Iterable[ChatCompletionChunk], usage: Usage | None
 
 
 def chat_chunks(completion: ChatCompletion, include_usage: bool = False) -> list[ChatCompletionChunk]:
-    """A whole chat.completion as the chunks a streaming server sends: role, content, calls, finish."""
+    """A whole chat.completion as the chunks a streaming server sends: role, reasoning, content, calls, finish."""
 
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=completion.id, created=completion.created, model=completion.model,
@@ -134,6 +138,8 @@ def chat_chunks(completion: ChatCompletion, include_usage: bool = False) -> list
     out = []
     for c in completion.choices:
         out.append(chunk([ChatChunkChoice(index=c.index, delta=ChatDelta(role="assistant", content=""))]))
+        if c.message.reasoning:
+            out.append(chunk([ChatChunkChoice(index=c.index, delta=ChatDelta(reasoning=c.message.reasoning))]))
         if c.message.content or c.logprobs is not None:
             out.append(chunk([ChatChunkChoice(index=c.index, delta=ChatDelta(content=c.message.content or ""),
                                               logprobs=c.logprobs)]))  # fmt: skip

@@ -15,11 +15,12 @@ from agora.engine.client import OutputStream
 from agora.openai.accumulate import ChatStream
 from agora.openai.chat import ChatCompletionRequest
 from agora.openai.errors import APIError
+from agora.openai.reasoning import NOT_THINKING, Reasoning
 from agora.openai.stream import merge_chat_chunks
 from agora.server.http import json_body
 from agora.server.params import sampling_params, strict_schema, structured_params
 from agora.server.serving import OpenAIAnswer, Serving, prompt_header
-from agora.server.tools import ChatTools, chat_tools
+from agora.server.tools import ChatTools, chat_tools, with_thinking
 
 # Chat has no "prompt": engine errors about it are about the messages; logprobs are top_logprobs here.
 RENAME = {"prompt": "messages", "logprobs": "top_logprobs"}
@@ -50,7 +51,8 @@ async def render_prompt(serving: Serving, req: ChatCompletionRequest) -> tuple[s
     req.check()
     tok = serving.need_tokenizer()
     tools = chat_tools(req, tok.chat_template_text(tools=bool(req.tools)), serving.config.tool_call_parser)
-    kwargs = {**(req.chat_template_kwargs or {}), **({"documents": req.documents} if req.documents else {})}
+    kwargs = serving.template_kwargs(req.reasoning_effort, req.chat_template_kwargs, "reasoning_effort")
+    kwargs = {**(kwargs or {}), **({"documents": req.documents} if req.documents else {})}
     text = await asyncio.to_thread(render_chat, tok, tools.messages, req.add_generation_prompt,
                                    kwargs, req.continue_final_message, tools.template_tools)  # fmt: skip
     ids = await asyncio.to_thread(tok.encode, text, req.add_special_tokens)
@@ -67,7 +69,10 @@ async def start_chat(serving: Serving, req: ChatCompletionRequest, prefix: str =
     ``rendered``: ``render_prompt``'s answer for ``req``, where the caller has it already; ``priority``: the
     engine's (``Serving.priority``)."""
     text, prompt_ids, tools = rendered or await render_prompt(serving, req)
+    think = Reasoning.starts(text) if serving.reasoning is not None else None  # where the output starts
     found = (tools.constraint, "tools") if tools.constraint is not None else req.constraint()
+    if found is not None and think not in (None, NOT_THINKING):
+        found = (with_thinking(found[0], think), found[1])  # the model thinks, then the constraint holds
     structured = structured_params(found[0], strict_schema(req)) if found is not None else None
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     max_tokens = req.max_output_tokens()
@@ -77,6 +82,8 @@ async def start_chat(serving: Serving, req: ChatCompletionRequest, prefix: str =
     params = sampling_params(req, max_tokens, logprobs, RENAME, structured)
     if tools.parser is not None and tools.parser.needs_special_tokens:
         params.skip_special_tokens = False  # the format's markers are special tokens
+    if serving.reasoning is not None and serving.reasoning.special_tags and think != NOT_THINKING:
+        params.skip_special_tokens = False  # so are the thinking tags, here
     constraint = await serving.compile(params, found[1]) if found is not None else None
     rid = f"{prefix}-{uuid.uuid4().hex}"
     start = time.monotonic()
@@ -87,7 +94,8 @@ async def start_chat(serving: Serving, req: ChatCompletionRequest, prefix: str =
     acc = ChatStream(answer_id, serving.model_name, params.n, len(prompt_ids), logprobs=params.logprobs is not None,
                      token_text=serving.token_text, tool_parser=tools.parser, usage_every_chunk=every_chunk,
                      prompt_k=params.prompt_logprobs, prompt_ids=prompt_ids if req.return_token_ids else None,
-                     label=serving.token_label(req.return_tokens_as_token_ids), echo=req.echo_text())  # fmt: skip
+                     label=serving.token_label(req.return_tokens_as_token_ids), echo=req.echo_text(), think=think,
+                     include_reasoning=req.include_reasoning)  # fmt: skip
     return ChatRun(streams, acc, start, len(prompt_ids), text)
 
 

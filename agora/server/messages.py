@@ -1,5 +1,5 @@
 """``/v1/messages``: the Anthropic Messages API over the chat path (errors in Anthropic's shape, the
-``x-api-key`` header, ``thinking`` where the model's template has a thinking mode)."""
+``x-api-key`` header, ``thinking`` blocks where the model reasons)."""
 
 from __future__ import annotations
 
@@ -7,35 +7,20 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 
 from agora.openai.common import new_id
-from agora.openai.messages import (
-    RENAME,
-    CountTokensRequest,
-    MessageEvents,
-    MessagesRequest,
-    Reply,
-    ThinkSplitter,
-)
+from agora.openai.messages import RENAME, CountTokensRequest, MessageEvents, MessagesRequest, Reply
 from agora.server.chat import render_prompt, start_chat
 from agora.server.http import json_body
 from agora.server.serving import EventsAnswer, Serving, prompt_header, renamed
-
-
-def _has_thinking_mode(serving: Serving) -> bool:
-    template = serving.tokenizer.chat_template_text() if serving.tokenizer is not None else None
-    return bool(template) and "enable_thinking" in template and "<think>" in template
 
 
 def add_routes(app: FastAPI, serving: Serving) -> None:
     @app.post("/v1/messages")
     async def create(request: Request, req: MessagesRequest = Depends(json_body(MessagesRequest))) -> Response:
         serving.check_model(req.model)
-        reasoning = _has_thinking_mode(serving)
         with renamed(RENAME):
-            run = await start_chat(serving, req.to_chat(reasoning), prefix="msg", ceiling=True,
+            run = await start_chat(serving, req.to_chat(serving.reasoning), prefix="msg", ceiling=True,
                                    tenant=serving.tenant(request), priority=serving.priority(request, 0))  # fmt: skip
-        thinking = reasoning and req.thinking is not None and req.thinking.type in ("enabled", "adaptive")
-        think = ThinkSplitter(run.prompt_text.rstrip().endswith(ThinkSplitter.OPEN)) if thinking else None
-        events = MessageEvents(Reply(id=new_id("msg", 12), model=serving.model_name), run.prompt_tokens, think)
+        events = MessageEvents(Reply(id=new_id("msg", 12), model=serving.model_name), run.prompt_tokens)
         return await serving.answer(request, run.streams, EventsAnswer(run.acc, events), stream=req.stream,
                                     start=run.start, headers=prompt_header(run.prompt_tokens))  # fmt: skip
 
@@ -43,5 +28,5 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
     async def count_tokens(req: CountTokensRequest = Depends(json_body(CountTokensRequest))) -> dict[str, int]:
         serving.check_model(req.model)
         with renamed(RENAME):
-            _, ids, _ = await render_prompt(serving, req.to_chat(_has_thinking_mode(serving)))
+            _, ids, _ = await render_prompt(serving, req.to_chat(serving.reasoning))
         return {"input_tokens": len(ids)}

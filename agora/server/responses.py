@@ -40,7 +40,7 @@ def _with_ids(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Input items as stored: each with an id (as input_items lists them)."""
     out = []
     for item in items:
-        prefix = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}.get(
+        prefix = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}.get(
             item.get("type", ""), "item"
         )
         out.append({"id": new_id(prefix), **item} if not item.get("id") else item)
@@ -100,7 +100,8 @@ def add_routes(app: FastAPI, serving: Serving, store: ResponseStore) -> None:
                 chat, rendered = await fit_context(serving, req, history)
             run = await start_chat(serving, chat, prefix="resp", ceiling=True, tenant=serving.tenant(request),
                                    rendered=rendered, priority=serving.priority(request, 0))  # fmt: skip
-        events = ResponseEvents(new_response(req, serving.model_name))
+        events = ResponseEvents(new_response(req, serving.model_name),
+                                encrypted="reasoning.encrypted_content" in (req.include or []))  # fmt: skip
         answer = EventsAnswer(run.acc, events)
         own_input = _with_ids(input_items(req))
 

@@ -35,6 +35,7 @@ from agora.engine.structured import Constraint
 from agora.models.catalog import CATALOG
 from agora.openai.common import PRIORITY_BANDS, Usage
 from agora.openai.errors import APIError, bad_request, error_body
+from agora.openai.reasoning import CLOSE, Reasoning, no_reasoning_effort
 from agora.openai.stream import SSE_DONE, sse, sse_named
 from agora.server.metrics import ServerMetrics
 from agora.server.params import param_error
@@ -189,6 +190,15 @@ async def _merge(streams: list[OutputStream]) -> AsyncIterator[tuple[int, Reques
             t.cancel()
 
 
+def _special_tag(tok: Any) -> bool:
+    """Whether ``</think>`` is one special token, which decoding would drop unless told not to."""
+    try:
+        ids = tok.encode(CLOSE, False)
+        return len(ids) == 1 and tok.decode(ids, skip_special_tokens=True) == ""
+    except Exception:  # noqa: BLE001 - a tokenizer without the tag: nothing to keep
+        return False
+
+
 class Serving:
     def __init__(self, engine: EngineClient, config: ServerConfig, metrics: ServerMetrics) -> None:
         self.engine = engine
@@ -202,6 +212,9 @@ class Serving:
         if info.model in CATALOG:
             self.model_names.add(info.model)
         self.aliases = config.model_aliases
+        tok = self.tokenizer
+        self.reasoning = Reasoning.of(tok.chat_template_text() if tok is not None else None, config.reasoning_parser,
+                                      special_tags=tok is not None and _special_tag(tok))  # fmt: skip
 
     # -- checks -------------------------------------------------------------------------
 
@@ -247,6 +260,13 @@ class Serving:
         if tenant is None:
             return cache_salt
         return f"{tenant}:{cache_salt}" if cache_salt else tenant
+
+    def template_kwargs(self, effort: str | None, kwargs: dict[str, Any] | None, param: str) -> dict[str, Any] | None:
+        """The chat template's arguments for a request's reasoning ``effort`` (``param``: where it was given)."""
+        if self.reasoning is None:
+            no_reasoning_effort(effort, param)
+            return kwargs
+        return self.reasoning.template_kwargs(effort, kwargs, param)
 
     def need_tokenizer(self) -> Any:
         if self.tokenizer is None:

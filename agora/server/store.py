@@ -103,4 +103,6 @@ def replayed(item: dict[str, Any]) -> dict[str, Any]:
     if item.get("type") == "message":
         parts = [{"type": "output_text", "text": p.get("text", "")} for p in item.get("content", [])]
         return {"type": "message", "role": "assistant", "content": parts, "id": item.get("id")}
+    if item.get("type") == "reasoning":  # its text, for templates that write a turn's thinking back
+        return {k: item[k] for k in ("type", "id", "summary", "content") if k in item}
     return {k: item[k] for k in ("type", "id", "call_id", "name", "arguments") if k in item}

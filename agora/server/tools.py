@@ -14,12 +14,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from agora.openai.chat import ChatCompletionRequest, ChatMessage, ToolUse
 from agora.openai.common import StructuredOutputs
 from agora.openai.errors import bad_request
+from agora.openai.reasoning import think_format
 from agora.openai.tool_parsers import Tool, ToolParser, choose_parser, template_knows_tools
 from agora.openai.tool_parsers.base import parse_arguments
 
@@ -53,6 +55,8 @@ def template_message(m: ChatMessage, knows_tools: bool) -> dict[str, Any]:
         msg["tool_calls"] = calls
     if m.tool_call_id:
         msg["tool_call_id"] = m.tool_call_id
+    if m.thinking():
+        msg["reasoning_content"] = m.thinking()  # the name reasoning models' templates read
     return msg
 
 
@@ -134,3 +138,21 @@ def _answer_format(spec: StructuredOutputs) -> dict[str, Any]:
     if spec.choice is not None:
         return {"type": "or", "elements": [{"type": "const_string", "value": c} for c in spec.choice]}
     raise bad_request("structured_outputs", "a structural_tag cannot be combined with tools (it would replace them)")
+
+
+def with_thinking(spec: StructuredOutputs, starts: str) -> StructuredOutputs:
+    """A reasoning model's constraint: its thinking first (free text up to ``</think>``), then ``spec``.
+    A structural tag in the old shape (structures and triggers, no format) is left as it is."""
+    fmt: Any
+    if spec.structural_tag is not None:
+        tag = spec.structural_tag
+        try:
+            tag = json.loads(tag) if isinstance(tag, str) else tag
+        except ValueError:
+            return spec  # the compiler says what is wrong with it
+        fmt = tag.get("format") if isinstance(tag, dict) else None
+        if not isinstance(fmt, dict):
+            return spec
+    else:
+        fmt = _answer_format(spec)
+    return StructuredOutputs(structural_tag={"type": "structural_tag", "format": think_format(fmt, starts)})

@@ -18,6 +18,7 @@ from agora.engine.structured.endings import (  # noqa: E402
     grammar_alphabet,
     search_ending,
 )
+from agora.openai.reasoning import MAY_OPEN, OPENED, think_format  # noqa: E402
 
 ADDRESS = {"type": "object", "properties": {"city": {"type": "string"}, "zip": {"type": "string", "minLength": 3}},
            "required": ["city", "zip"]}  # fmt: skip
@@ -127,7 +128,17 @@ FORMATS = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("fmt,text", FORMATS, ids=["required-calls", "auto-strict", "calls-or-json"])
+ANSWER = {"type": "json_schema", "json_schema": {"type": "object", "properties": {"answer": {"type": "string"}},
+                                                 "required": ["answer"]}}  # fmt: skip
+FORMATS += [  # a reasoning model's: its thinking first (a "</thin" inside it is still thinking), then the format
+    (think_format(ANSWER, OPENED), 'weigh </thin it\n</think>\n\n{"answer": "x"}'),
+    (think_format(FORMATS[0][0], MAY_OPEN), "<think>hmm</think>" + CALLS),
+    (think_format(ANSWER, MAY_OPEN), '{"answer": "at once"}'),
+]
+
+
+@pytest.mark.parametrize("fmt,text", FORMATS, ids=["required-calls", "auto-strict", "calls-or-json", "think-opened",
+                                                   "think-then-calls", "think-skipped"])  # fmt: skip
 def test_structural_tag_endings_complete_every_prefix(compiler, fmt, text) -> None:
     grammar = compiler.compile_structural_tag(json.dumps({"type": "structural_tag", "format": fmt}))
     assert xgr.GrammarMatcher(grammar).accept_string(text)

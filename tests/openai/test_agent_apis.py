@@ -1,11 +1,11 @@
 """The Responses and Messages encodings without a server: chat chunks in, each API's events out,
-thinking split from answers, and the gateway cache's read-and-replay of Anthropic replies."""
+and the gateway cache's read-and-replay of Anthropic replies."""
 
 from __future__ import annotations
 
 from agora.openai.chat import ChatChunkChoice, ChatCompletionChunk, ChatDelta, FunctionCallDelta, ToolCallDelta
 from agora.openai.common import Usage
-from agora.openai.messages import MessageEvents, Reply, ThinkSplitter, reply_events, reply_from_sse
+from agora.openai.messages import MessageEvents, Reply, reply_events, reply_from_sse
 from agora.openai.responses import ResponseEvents, ResponsesRequest, new_response
 from agora.openai.stream import sse_named
 
@@ -58,18 +58,3 @@ def test_message_events_and_the_cache_round_trip() -> None:
                                 "cache_read_input_tokens": 4}  # fmt: skip
     replayed = reply_from_sse("".join(sse_named(e) for e in reply_events(reply)))
     assert replayed is not None and replayed.model_dump() == reply.model_dump()
-
-
-def test_thinking_is_split_out_wherever_the_tags_fall() -> None:
-    text = "<think>\nweigh it</think>\n\nThe answer."
-    for step in (1, 2, 3, len(text)):
-        splitter, pieces = ThinkSplitter(starts_thinking=False), []
-        for i in range(0, len(text), step):
-            pieces += splitter.feed(text[i : i + step])
-        pieces += splitter.feed("", final=True)
-        joined: dict[str, str] = {}
-        for kind, piece in pieces:
-            joined[kind] = joined.get(kind, "") + piece
-        assert joined == {"thinking": "\nweigh it", "text": "\n\nThe answer."}, step
-    opened = ThinkSplitter(starts_thinking=True)  # the template opened the tag in the prompt
-    assert opened.feed("hmm</think>ok", final=True) == [("thinking", "hmm"), ("text", "ok")]

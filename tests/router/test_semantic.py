@@ -126,6 +126,9 @@ def test_decision_paths(router) -> None:
     chat = router.process("/v1/chat/completions", chat_body("Hey! How was your weekend?"), "t")
     assert (chat.decision, chat.body["model"], chat.headers["x-agora-category"]) == ("small-talk", SMALL, "chit-chat")
     assert chat.body["chat_template_kwargs"] == {"enable_thinking": False}
+    chosen = router.process("/v1/chat/completions", chat_body("Hey! How was your weekend?", reasoning_effort="high"),
+                            "t")  # fmt: skip
+    assert "chat_template_kwargs" not in chosen.body  # the client's effort decides, not the route's default
 
     poem = router.process("/v1/chat/completions", chat_body("Write a short poem about a lonely lighthouse"), "t")
     assert (poem.decision, poem.body["model"]) == ("small-talk", SMALL)

@@ -52,7 +52,7 @@ def start_server(model_dir, max_waiting: int = 64, max_num_seqs: int = 16, max_b
                  served_model_name: str = MODEL, tool_call_parser: str | None = None,
                  responses_store: str | None = None, model_aliases: tuple = (),
                  engine_client=None, speculative_config="auto",
-                 scheduling_policy: str = "fcfs") -> Running:  # noqa: ANN001  # fmt: skip
+                 scheduling_policy: str = "fcfs", reasoning_parser: str = "auto") -> Running:  # noqa: ANN001  # fmt: skip
     """A real server over the model; ``engine_client(config)`` gives it another EngineClient than AsyncEngine."""
     config = EngineConfig(
         model=ModelConfig(model=str(model_dir), served_model_name=served_model_name, dtype="float32"),
@@ -74,7 +74,8 @@ def start_server(model_dir, max_waiting: int = 64, max_num_seqs: int = 16, max_b
         port = s.getsockname()[1]
     app = build_app(async_engine, ServerConfig(port=port, max_body_bytes=max_body, api_key=api_key,
                                                tool_call_parser=tool_call_parser, responses_store=responses_store,
-                                               model_aliases=model_aliases))  # fmt: skip
+                                               model_aliases=model_aliases,
+                                               reasoning_parser=reasoning_parser))  # fmt: skip
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

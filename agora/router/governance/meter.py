@@ -63,7 +63,7 @@ class UsageMeter:
                 piece = choice.get("text") if api == "completions" else None
                 delta = choice.get("delta")
                 if isinstance(delta, dict):
-                    piece = delta.get("content") or delta.get("reasoning_content")
+                    piece = delta.get("content") or delta.get("reasoning") or delta.get("reasoning_content")
                     if delta.get("tool_calls"):
                         self._delta()
                         self._keep(json.dumps(delta["tool_calls"]))

@@ -266,7 +266,8 @@ class SemanticRouter:
             new = new or copy.deepcopy(body)
             new["model"] = model
             reasoning = action.reasoning if action.reasoning is not None else default.reasoning
-            if path.endswith("/chat/completions") and reasoning is not None:  # the chat template's switch
+            # the chat template's switch, unless the client chose with reasoning_effort (which engines map onto it)
+            if path.endswith("/chat/completions") and reasoning is not None and body.get("reasoning_effort") is None:
                 kwargs = new.get("chat_template_kwargs") if isinstance(new.get("chat_template_kwargs"), dict) else {}
                 new["chat_template_kwargs"] = {**kwargs, "enable_thinking": reasoning}
             prompt = action.system_prompt or default.system_prompt
