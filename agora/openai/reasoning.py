@@ -33,21 +33,28 @@ NOT_THINKING, MAY_OPEN, OPENED = "off", "may_open", "opened"
 @dataclass(frozen=True)
 class Reasoning:
     """How the served model reasons. ``switch``: its template takes ``enable_thinking`` (Qwen3's hybrid
-    models), so a request can turn thinking off; ``special_tags``: the tags are special tokens, which
-    decoding would drop (the text keeps them for splitting)."""
+    models), so a request can turn thinking off; ``always``: its prompt opens the thinking (DeepSeek-R1, the
+    Qwen3 thinking models), so it cannot be off; neither: the model may think on its own (a template that only
+    strips ``<think>`` from past turns, as Qwen3's instruct models' does). ``special_tags``: the tags are special
+    tokens, which decoding would drop (the text keeps them for splitting)."""
 
     switch: bool = False
+    always: bool = False
     special_tags: bool = False
 
     @classmethod
-    def of(cls, template: str | None, parser: str = "auto", special_tags: bool = False) -> Reasoning | None:
+    def of(cls, template: str | None, parser: str = "auto", special_tags: bool = False,
+           generation_prompt: str = "") -> Reasoning | None:  # fmt: skip
         """The model's reasoning, or None where it has none: ``auto`` reads the template (it writes or strips
-        ``<think>``), a vLLM parser name says the model thinks whatever the template says, ``none`` never."""
+        ``<think>``), a vLLM parser name says the model thinks whatever the template says, ``none`` never.
+        ``generation_prompt``: a one-message conversation rendered for a reply (where the prompt leaves off)."""
         if parser not in PARSERS:
             raise ValueError(f"reasoning parser {parser!r} is not one of {', '.join(PARSERS)}")
         if parser == "none" or (parser == "auto" and not (template and OPEN in template and CLOSE in template)):
             return None
-        return cls(switch=bool(template) and "enable_thinking" in template, special_tags=special_tags)
+        switch = bool(template) and "enable_thinking" in template
+        return cls(switch=switch, always=not switch and cls.starts(generation_prompt) == OPENED,
+                   special_tags=special_tags)  # fmt: skip
 
     @staticmethod
     def starts(prompt: str) -> str:
@@ -61,7 +68,8 @@ class Reasoning:
     def template_kwargs(self, effort: str | None, kwargs: dict[str, Any] | None, param: str) -> dict[str, Any] | None:
         """The template arguments with an OpenAI reasoning ``effort`` applied (``param``: where the request
         gave it). A switchable model's thinking goes off for none / minimal and on for the others; a model
-        that always thinks refuses none / minimal; ``enable_thinking`` given as well must agree."""
+        that always thinks refuses none / minimal, one without a switch that may think refuses the others;
+        ``enable_thinking`` given as well must agree."""
         if effort is None:
             return kwargs
         if effort not in EFFORTS_OFF + EFFORTS_ON:
@@ -69,9 +77,12 @@ class Reasoning:
                                      f"{', '.join(EFFORTS_OFF + EFFORTS_ON)}")  # fmt: skip
         on = effort in EFFORTS_ON
         if not self.switch:
-            if not on:
+            if self.always and not on:
                 raise bad_request(param, f"reasoning effort {effort!r}: this model always reasons (its chat "
                                          "template has no switch to turn thinking off)")  # fmt: skip
+            if not self.always and on:
+                raise bad_request(param, f"reasoning effort {effort!r}: this model's chat template has no switch "
+                                         "to turn thinking on")  # fmt: skip
             return kwargs
         given = (kwargs or {}).get("enable_thinking")
         if given is not None and bool(given) != on:

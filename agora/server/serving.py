@@ -199,6 +199,16 @@ def _special_tag(tok: Any) -> bool:
         return False
 
 
+def _generation_prompt(tok: Any) -> str:
+    """A one-message conversation rendered for a reply: where the model's output starts ("" without a template)."""
+    if tok is None or not tok.chat_template_text():
+        return ""
+    try:
+        return tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - a template that needs more than this: requests will show its error
+        return ""
+
+
 class Serving:
     def __init__(self, engine: EngineClient, config: ServerConfig, metrics: ServerMetrics) -> None:
         self.engine = engine
@@ -214,7 +224,8 @@ class Serving:
         self.aliases = config.model_aliases
         tok = self.tokenizer
         self.reasoning = Reasoning.of(tok.chat_template_text() if tok is not None else None, config.reasoning_parser,
-                                      special_tags=tok is not None and _special_tag(tok))  # fmt: skip
+                                      special_tags=tok is not None and _special_tag(tok),
+                                      generation_prompt=_generation_prompt(tok))  # fmt: skip
 
     # -- checks -------------------------------------------------------------------------
 

@@ -63,16 +63,17 @@ def test_where_the_output_starts() -> None:
 
 def test_the_model_reasons_by_its_template_or_the_flag() -> None:
     assert Reasoning.of(None) is None and Reasoning.of("{{ messages }}") is None
-    assert Reasoning.of(QWEN3) == Reasoning(switch=True)
-    assert Reasoning.of(R1) == Reasoning(switch=False)
+    assert Reasoning.of(QWEN3, generation_prompt="<|im_start|>assistant\n") == Reasoning(switch=True)
+    assert Reasoning.of(R1, generation_prompt="<|Assistant|><think>\n") == Reasoning(always=True)
+    assert Reasoning.of(R1, generation_prompt="<|Assistant|>") == Reasoning()  # strips past thinking, may think
     assert Reasoning.of(QWEN3, "none") is None
-    assert Reasoning.of("{{ messages }}", "deepseek_r1") == Reasoning(switch=False)
+    assert Reasoning.of("{{ messages }}", "deepseek_r1") == Reasoning()
     with pytest.raises(ValueError, match="reasoning parser 'granite'"):
         Reasoning.of(QWEN3, "granite")
 
 
 def test_an_effort_turns_a_switchable_model_on_or_off() -> None:
-    switch, always = Reasoning(switch=True), Reasoning(switch=False)
+    switch, always, may = Reasoning(switch=True), Reasoning(always=True), Reasoning()
     assert switch.template_kwargs(None, {"x": 1}, "reasoning_effort") == {"x": 1}
     assert switch.template_kwargs("none", None, "reasoning_effort") == {"enable_thinking": False}
     assert switch.template_kwargs("minimal", None, "reasoning_effort") == {"enable_thinking": False}
@@ -84,6 +85,9 @@ def test_an_effort_turns_a_switchable_model_on_or_off() -> None:
     assert always.template_kwargs("medium", None, "reasoning_effort") is None
     with pytest.raises(APIError, match="always reasons"):
         always.template_kwargs("none", None, "reasoning_effort")
+    assert may.template_kwargs("none", None, "reasoning_effort") is None  # it thinks of its own accord, if at all
+    with pytest.raises(APIError, match="no switch to turn thinking on"):
+        may.template_kwargs("high", None, "reasoning_effort")
     with pytest.raises(APIError, match="'extreme' is not one of"):
         switch.template_kwargs("extreme", None, "reasoning_effort")
 
