@@ -244,6 +244,61 @@ class MinTokens:
         return _ban(logits, self._blocked(reqs))
 
 
+def _find(seq: list[int], part: list[int], lo: int, hi: int) -> int:
+    """Where ``part`` first lies wholly inside ``seq[lo:hi]`` (-1: nowhere); list.index scans in C."""
+    i = lo
+    while True:
+        try:
+            i = seq.index(part[0], i, hi)
+        except ValueError:
+            return -1
+        if i + len(part) > hi:
+            return -1
+        if seq[i : i + len(part)] == part:
+            return i
+        i += 1
+
+
+class ThinkingBudget:
+    """``thinking_token_budget``: a reasoning model that has thought that many tokens without ending its thinking
+    has the end (``</think>``) written for it, one token a step (every other token masked). The thinking starts
+    at the output's start (the prompt opened it) or where the output opens it among its first tokens; it is
+    over once the end lies inside the budget, or has been written."""
+
+    OPENS_WITHIN = 4  # tokens at the output's start in which a model opens its thinking (whitespace first)
+
+    @classmethod
+    def forced(cls, r: SampleRequest) -> int | None:
+        p, out = r.params, r.output_token_ids
+        start = 0
+        if p.thinking_start_token_ids:
+            opened = _find(out, p.thinking_start_token_ids, 0, min(len(out), cls.OPENS_WITHIN))
+            if opened < 0:
+                return None
+            start = opened + len(p.thinking_start_token_ids)
+        budget, end = p.thinking_token_budget, p.thinking_end_token_ids
+        assert budget is not None
+        spent = len(out) - start
+        if spent < budget or spent >= budget + len(end) or _find(out, end, start, start + budget) >= 0:
+            return None
+        return end[spent - budget]
+
+    def wanted(self, reqs: Sequence[SampleRequest]) -> bool:
+        return any(r.params.thinking_token_budget is not None for r in reqs)
+
+    def __call__(self, logits: torch.Tensor, reqs: Sequence[SampleRequest]) -> torch.Tensor:
+        rows = [(i, t) for i, r in enumerate(reqs) if r.params.thinking_token_budget is not None
+                and (t := self.forced(r)) is not None]  # fmt: skip
+        if not rows:
+            return logits
+        logits = logits.clone()
+        for i, token in rows:
+            kept = logits[i, token].clone()
+            logits[i] = float("-inf")
+            logits[i, token] = kept if torch.isfinite(kept) else 0.0
+        return logits
+
+
 class GrammarMask:
     """Structured outputs: each grammar row keeps only the tokens its grammar allows.
 
@@ -276,7 +331,8 @@ class GrammarMask:
         return logits
 
 
-CHAIN: tuple[LogitsProcessor, ...] = (LogitBias(), AllowedTokens(), BadWords(), Penalties(), MinTokens(), GrammarMask())
+CHAIN: tuple[LogitsProcessor, ...] = (LogitBias(), AllowedTokens(), BadWords(), Penalties(), MinTokens(),
+                                      ThinkingBudget(), GrammarMask())  # fmt: skip
 
 
 def _apply_truncation(logits: torch.Tensor, reqs: list[SampleRequest]) -> torch.Tensor:

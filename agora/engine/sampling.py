@@ -92,6 +92,12 @@ class SamplingParams:
     bad_words: list[str] = field(default_factory=list)
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
     structured_outputs: StructuredOutputsParams | None = None
+    # A reasoning model's thinking budget (vLLM's thinking_token_budget): once it has thought this many tokens,
+    # the end of its thinking is written for it. The server gives the tags' tokens: the end (</think>), and the
+    # start (<think>) where the output opens the thinking itself (none: the prompt opened it).
+    thinking_token_budget: int | None = None
+    thinking_start_token_ids: list[int] = field(default_factory=list)
+    thinking_end_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -104,6 +110,8 @@ class SamplingParams:
         self.bad_words_token_ids = [list(ids) for ids in self.bad_words_token_ids]
         if self.allowed_token_ids is not None:
             self.allowed_token_ids = list(self.allowed_token_ids)
+        self.thinking_start_token_ids = list(self.thinking_start_token_ids)
+        self.thinking_end_token_ids = list(self.thinking_end_token_ids)
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
@@ -164,6 +172,13 @@ class SamplingParams:
             bad("bad_words", f"bad_words_token_ids takes at most {2 * MAX_BAD_WORDS} non-empty token sequences")
         if sum(len(ids) for ids in self.bad_words_token_ids) > MAX_BAD_WORD_TOKENS:
             bad("bad_words", f"the bad words are more than {MAX_BAD_WORD_TOKENS} tokens together")
+        if self.thinking_token_budget is not None:
+            if self.thinking_token_budget < 0:
+                bad("thinking_token_budget", f"thinking_token_budget must be >= 0, got {self.thinking_token_budget}")
+            if not self.thinking_end_token_ids or len(self.thinking_end_token_ids) > 16 or \
+                    len(self.thinking_start_token_ids) > 16:  # fmt: skip
+                bad("thinking_token_budget", "a thinking budget needs the tokens that end the thinking (this model "
+                                             "does not reason)")  # fmt: skip
 
     @property
     def greedy(self) -> bool:
@@ -175,9 +190,9 @@ class SamplingParams:
 
     @property
     def uses_history(self) -> bool:
-        """Whether a token's logits depend on the output before it (penalties, bad words): speculative
+        """Whether a token's logits depend on the output before it (penalties, bad words, a thinking budget): speculative
         verification then gives each draft position the drafts before it."""
-        return self.uses_penalties or bool(self.bad_words_token_ids)
+        return self.uses_penalties or bool(self.bad_words_token_ids) or self.thinking_token_budget is not None
 
     @property
     def uses_truncation(self) -> bool:

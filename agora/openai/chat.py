@@ -200,6 +200,7 @@ class ChatCompletionRequest(SamplingFields):
     add_special_tokens: StrictBool = False  # the template writes the BOS token itself
     echo: StrictBool = False  # the reply starts with the final message's text, when that message is the assistant's
     include_reasoning: StrictBool = True  # a reasoning model's thinking in the answer (vLLM's field)
+    thinking_token_budget: StrictInt | None = None  # vLLM's: at most this many tokens of thinking
 
     def check(self) -> None:
         """Every 400 that needs no engine: unimplemented parameters, conflicting ones."""

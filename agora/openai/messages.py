@@ -12,7 +12,7 @@ the reply, the stream of events, and Anthropic's error shape.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Discriminator, Field, StrictBool, StrictInt, Tag
 
@@ -22,6 +22,8 @@ from agora.openai.errors import APIError, bad_request
 from agora.openai.reasoning import Reasoning
 
 MAX_STOP_SEQUENCES = 16
+MIN_THINKING_BUDGET = 1024  # Anthropic's least thinking.budget_tokens
+UNBOUNDED = 1 << 62
 
 # OpenAI error types (and the status) as Anthropic names them
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -170,6 +172,7 @@ class MessagesRequest(StrictModel):
     context_management: dict[str, Any] | None = None
 
     _system_parts = text_parts_only("system", accepted=("text",))
+    counting: ClassVar[bool] = False  # count_tokens: no max_tokens to measure a thinking budget against
 
     def check(self) -> None:
         """What agora does not do, named (a 400 in Anthropic's shape)."""
@@ -213,6 +216,11 @@ class MessagesRequest(StrictModel):
             raise bad_request("messages", "messages: at least one message is required")
         self.check()
         kind = self.thinking.type if self.thinking is not None else None
+        budget = self.thinking.budget_tokens if kind == "enabled" and self.thinking is not None else None
+        ceiling = UNBOUNDED if self.counting else self.max_tokens
+        if budget is not None and not MIN_THINKING_BUDGET <= budget < ceiling:
+            raise bad_request("thinking", f"thinking.budget_tokens must be at least {MIN_THINKING_BUDGET} and less "
+                                          f"than max_tokens ({self.max_tokens}), got {budget}")  # fmt: skip
         if kind == "enabled" and reasoning is None:
             raise bad_request("thinking", "thinking is not supported by this model (it does not reason: its chat "
                                           "template has no thinking mode); Claude Code: set MAX_THINKING_TOKENS=0")  # fmt: skip
@@ -259,6 +267,8 @@ class MessagesRequest(StrictModel):
             body["user"] = self.metadata.user_id
         if reasoning is not None and reasoning.switch:
             body["chat_template_kwargs"] = {"enable_thinking": thinking}
+        if budget is not None:
+            body["thinking_token_budget"] = budget
         tools = self.custom_tools()
         if tools:
             body["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.described(),
@@ -290,10 +300,12 @@ class CountTokensRequest(MessagesRequest):
     """``/v1/messages/count_tokens``: a message request without ``max_tokens``."""
 
     max_tokens: StrictInt = 1
+    counting: ClassVar[bool] = True
 
 
 # Chat parameter names as this API calls them.
 RENAME = {"max_completion_tokens": "max_tokens", "stop": "stop_sequences", "user": "metadata",
+          "thinking_token_budget": "thinking",
           "parallel_tool_calls": "tool_choice", "response_format": "output_config"}  # fmt: skip
 
 

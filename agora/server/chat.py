@@ -12,13 +12,14 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 
 from agora.engine.client import OutputStream
+from agora.engine.sampling import ParamError, SamplingParams
 from agora.openai.accumulate import ChatStream
 from agora.openai.chat import ChatCompletionRequest
-from agora.openai.errors import APIError
-from agora.openai.reasoning import NOT_THINKING, Reasoning
+from agora.openai.errors import APIError, bad_request
+from agora.openai.reasoning import CLOSE, NOT_THINKING, OPEN, OPENED, Reasoning
 from agora.openai.stream import merge_chat_chunks
 from agora.server.http import json_body
-from agora.server.params import sampling_params, strict_schema, structured_params
+from agora.server.params import param_error, sampling_params, strict_schema, structured_params
 from agora.server.serving import OpenAIAnswer, Serving, prompt_header
 from agora.server.tools import ChatTools, chat_tools, with_thinking
 
@@ -59,6 +60,22 @@ async def render_prompt(serving: Serving, req: ChatCompletionRequest) -> tuple[s
     return text, serving.truncate(ids, req.truncate_prompt_tokens), tools
 
 
+def _limit_thinking(serving: Serving, params: SamplingParams, budget: int, think: str | None) -> None:
+    """``thinking_token_budget``: the engine writes ``</think>`` once the model has thought ``budget`` tokens."""
+    if serving.reasoning is None:
+        raise bad_request("thinking_token_budget", "thinking_token_budget: this model does not reason")
+    if think == NOT_THINKING:
+        return  # the prompt turned thinking off: there is nothing to limit
+    tok = serving.need_tokenizer()
+    params.thinking_token_budget = budget
+    params.thinking_end_token_ids = tok.encode(CLOSE, False)
+    params.thinking_start_token_ids = [] if think == OPENED else tok.encode(OPEN, False)
+    try:
+        params.validate()
+    except ParamError as exc:
+        raise param_error(exc, RENAME) from None
+
+
 async def start_chat(serving: Serving, req: ChatCompletionRequest, prefix: str = "chatcmpl",
                      ceiling: bool = False, tenant: str | None = None,
                      rendered: tuple[str, list[int], ChatTools] | None = None, priority: int = 0) -> ChatRun:  # fmt: skip
@@ -84,6 +101,8 @@ async def start_chat(serving: Serving, req: ChatCompletionRequest, prefix: str =
         params.skip_special_tokens = False  # the format's markers are special tokens
     if serving.reasoning is not None and serving.reasoning.special_tags and think != NOT_THINKING:
         params.skip_special_tokens = False  # so are the thinking tags, here
+    if req.thinking_token_budget is not None:
+        _limit_thinking(serving, params, req.thinking_token_budget, think)
     constraint = await serving.compile(params, found[1]) if found is not None else None
     rid = f"{prefix}-{uuid.uuid4().hex}"
     start = time.monotonic()

@@ -129,6 +129,29 @@ def test_bad_words_ban_a_word_s_last_token_only_after_the_rest_of_it():
     assert sample(lg[:1], [row(params, prompt=[1])]).token_ids == [4]
 
 
+def test_a_thinking_budget_writes_the_end_of_the_thinking_once_it_is_spent():
+    # tokens: 7 <think>, 8 and 9 </think> (two tokens), 1..3 words; the model would go on thinking with 1
+    lg = logits_of(*[[0.0, 5.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]] * 8)
+    opened = SamplingParams(temperature=0, thinking_token_budget=3, thinking_end_token_ids=[8, 9])
+    may = SamplingParams(temperature=0, thinking_token_budget=2, thinking_start_token_ids=[7],
+                         thinking_end_token_ids=[8, 9])  # fmt: skip
+    reqs = [row(opened, out=[1, 1]), row(opened, out=[1, 1, 1]), row(opened, out=[1, 1, 1, 8]),
+            row(opened, out=[1, 1, 1, 8, 9]),  # written: the answer is free
+            row(opened, out=[8, 9, 1]),  # it ended of its own accord within the budget
+            row(may, out=[2, 7, 1, 1]),  # opened after a first token (whitespace, say): the budget counts from there
+            row(may, out=[1, 2, 3, 4, 7, 1, 1]),  # a <think> past the output's start is the answer's text
+            row(may, out=[1])]  # fmt: skip
+    assert sample(lg, reqs).token_ids == [1, 8, 9, 1, 1, 8, 1, 1]
+    # speculation: a draft past the budget is rejected where the end must be written
+    from agora.engine.sampler import verify
+
+    assert verify(lg[:3], [row(opened, out=[1])], [[1, 1]])[0][0] == [1, 1, 8]
+    with pytest.raises(ValueError, match="does not reason"):
+        SamplingParams(thinking_token_budget=5)
+    with pytest.raises(ValueError, match=">= 0"):
+        SamplingParams(thinking_token_budget=-1, thinking_end_token_ids=[8])
+
+
 def test_logprobs_are_the_raw_distribution():
     lg = logits_of([2.0, 1.0, 0.5, -1.0], [0.0, 0.0, 3.0, 0.0])
     reqs = [row(SamplingParams(temperature=0, logprobs=2)), row(SamplingParams(temperature=0))]

@@ -215,6 +215,9 @@ def test_reasoning_sent_back_reaches_the_template() -> None:
                                           {"type": "text", "text": "Hello"}]},
         {"role": "user", "content": "again"}]}).to_chat(Reasoning(switch=True))  # fmt: skip
     assert chat.messages[1].thinking() == "greet" and chat.include_reasoning is False
+    budgeted = MessagesRequest.model_validate({"model": "m", "max_tokens": 4096, "messages": [{"role": "user",
+        "content": "hi"}], "thinking": {"type": "enabled", "budget_tokens": 2048}}).to_chat(Reasoning(switch=True))  # fmt: skip
+    assert budgeted.thinking_token_budget == 2048 and budgeted.include_reasoning is True
 
 
 def test_the_constraint_comes_after_the_thinking() -> None:

@@ -100,6 +100,29 @@ def test_thinking_is_reasoning_not_content(r1) -> None:
     assert hidden.usage.completion_tokens_details.reasoning_tokens == 12
 
 
+def test_a_thinking_budget_ends_the_thinking_in_time(r1, server) -> None:
+    c = _client(r1)
+    end = len(r1.engine.tokenizer.encode("</think>", False))  # the tiny vocabulary spells it in several tokens
+    kw = dict(model=MODEL, messages=ASK, max_tokens=30, temperature=0, extra_body={"thinking_token_budget": 4})
+    whole = c.chat.completions.create(**kw)
+    usage = whole.usage
+    assert usage.completion_tokens_details.reasoning_tokens == 4 + end < usage.completion_tokens
+    assert whole.choices[0].message.reasoning and whole.choices[0].message.content
+    assert _folded(c.chat.completions.create(**kw, stream=True))[:2] == (whole.choices[0].message.reasoning,
+                                                                         whole.choices[0].message.content)  # fmt: skip
+    for budget, status, match in ((-1, 400, ">= 0"),):
+        with pytest.raises(openai.BadRequestError, match=match) as err:
+            c.chat.completions.create(**{**kw, "extra_body": {"thinking_token_budget": budget}})
+        assert err.value.status_code == status and err.value.body["param"] == "thinking_token_budget"
+    with pytest.raises(openai.BadRequestError, match="does not reason"):
+        _client(server).chat.completions.create(**kw)
+    anth = anthropic.Anthropic(base_url=r1.url, api_key="unused", max_retries=0)
+    for budget, max_tokens in ((100, 2000), (2000, 2000)):
+        with pytest.raises(anthropic.BadRequestError, match="budget_tokens must be at least 1024 and less than"):
+            anth.messages.create(model=MODEL, max_tokens=max_tokens, messages=ASK,
+                                 thinking={"type": "enabled", "budget_tokens": budget})  # fmt: skip
+
+
 def test_a_response_format_holds_after_the_thinking(r1) -> None:
     c = _client(r1)
     fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
@@ -191,9 +214,9 @@ def test_responses_reasoning_items_whole_streamed_and_sent_back(r1) -> None:
 def test_messages_thinking_blocks(r1) -> None:
     c = anthropic.Anthropic(base_url=r1.url, api_key="unused", max_retries=0)
     kw = dict(model=MODEL, max_tokens=12, messages=ASK, extra_body={"temperature": 0})
-    on = c.messages.create(**kw, thinking={"type": "enabled", "budget_tokens": 1024})
+    on = c.messages.create(**kw, thinking={"type": "adaptive"})
     assert [b.type for b in on.content] == ["thinking"] and on.content[0].thinking
-    with c.messages.stream(**kw, thinking={"type": "enabled", "budget_tokens": 1024}) as stream:
+    with c.messages.stream(**kw, thinking={"type": "enabled"}) as stream:
         assert stream.get_final_message().content[0].thinking == on.content[0].thinking
     off = c.messages.create(**kw)  # not asked for: no thinking blocks (the model still thinks)
     assert off.content == [] and off.usage.output_tokens == 12
