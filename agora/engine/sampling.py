@@ -190,8 +190,8 @@ class SamplingParams:
 
     @property
     def uses_history(self) -> bool:
-        """Whether a token's logits depend on the output before it (penalties, bad words, a thinking budget): speculative
-        verification then gives each draft position the drafts before it."""
+        """Whether a token's logits depend on the output before it (penalties, bad words, a thinking budget):
+        speculative verification then gives each draft position the drafts before it."""
         return self.uses_penalties or bool(self.bad_words_token_ids) or self.thinking_token_budget is not None
 
     @property
