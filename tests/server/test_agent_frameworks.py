@@ -26,11 +26,8 @@ class Forecast(pydantic.BaseModel):
     degrees: int
 
 
-async def test_openai_agents_sdk_runs_a_tool(server) -> None:
-    agents = pytest.importorskip("agents")
-    from openai import AsyncOpenAI
-
-    calls: list[str] = []
+def weather_tool(agents, calls: list[str]):  # noqa: ANN001, ANN201
+    """The Agents SDK function tool the agents call; each call's city goes into ``calls``."""
 
     @agents.function_tool
     def get_weather(city: str) -> str:
@@ -38,6 +35,15 @@ async def test_openai_agents_sdk_runs_a_tool(server) -> None:
         calls.append(city)
         return f"It is sunny in {city}."
 
+    return get_weather
+
+
+async def test_openai_agents_sdk_runs_a_tool(server) -> None:
+    agents = pytest.importorskip("agents")
+    from openai import AsyncOpenAI
+
+    calls: list[str] = []
+    get_weather = weather_tool(agents, calls)
     client = AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     model = agents.OpenAIChatCompletionsModel(model=MODEL, openai_client=client)
     agent = agents.Agent(name="weather", instructions="Answer with the weather.", tools=[get_weather], model=model,

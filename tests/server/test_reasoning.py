@@ -12,10 +12,10 @@ import shutil
 import anthropic
 import jsonschema
 import openai
-import pydantic
 import pytest
 
 from tests.server.conftest import MODEL, start_server, stop_server
+from tests.server.test_agent_frameworks import Forecast, weather_tool
 
 pytest.importorskip("xgrammar")
 
@@ -34,11 +34,6 @@ CITY = {"type": "object", "properties": {"name": {"type": "string", "maxLength":
         "required": ["name", "population"], "additionalProperties": False}  # fmt: skip
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}}}]  # fmt: skip
-
-
-class Forecast(pydantic.BaseModel):
-    city: str
-    degrees: int
 
 
 def _model(base, tmp_path, name: str, template: str):  # noqa: ANN001, ANN202
@@ -243,13 +238,7 @@ async def test_openai_agents_sdk_with_a_reasoning_model(r1) -> None:
     from openai import AsyncOpenAI
 
     calls: list[str] = []
-
-    @agents.function_tool
-    def get_weather(city: str) -> str:
-        """The weather in a city."""
-        calls.append(city)
-        return f"It is sunny in {city}."
-
+    get_weather = weather_tool(agents, calls)
     client = AsyncOpenAI(base_url=f"{r1.url}/v1", api_key="unused", max_retries=0)
     agents.set_tracing_disabled(True)
     settings = agents.ModelSettings(tool_choice="required", max_tokens=120, temperature=0.7)
