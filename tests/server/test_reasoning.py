@@ -64,6 +64,45 @@ def server(tiny_long_model_dir):
     stop_server(r)
 
 
+def _tagged_model(out, special: bool):  # noqa: ANN001, ANN202
+    """The tiny model with <think> and </think> as single tokens of its vocabulary, as Qwen3's are (``special``:
+    marked special, as a tokenizer converted from a GGUF file may mark them), and DeepSeek-R1's template."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    from tests.conftest import build_tiny_llama, build_tokenizer
+
+    build_tokenizer(out)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    tok.add_tokens([AddedToken(t, special=special, normalized=False) for t in ("<think>", "</think>")])
+    tok.save_pretrained(str(out))
+    (out / "chat_template.jinja").write_text(R1_TEMPLATE)
+    build_tiny_llama(out, vocab_size=len(tok), max_position_embeddings=4096)
+    return out
+
+
+@pytest.mark.parametrize("special", [False, True], ids=["plain-tags", "special-tags"])
+def test_single_token_tags_split_and_budget(tmp_path, special) -> None:
+    r = start_server(_tagged_model(tmp_path / "tagged", special))
+    try:
+        tok = r.engine.tokenizer
+        assert len(tok.encode("</think>", False)) == 1
+        c = _client(r)
+        kw = dict(model=MODEL, messages=ASK, max_tokens=12, temperature=0, extra_body={"thinking_token_budget": 3})
+        whole = c.chat.completions.create(**kw)
+        msg = whole.choices[0].message
+        # special tags are kept in the text for the split (decoding would drop them), never shown
+        assert msg.reasoning and msg.content and "think>" not in msg.reasoning + msg.content
+        assert whole.usage.completion_tokens_details.reasoning_tokens == 3 + 1
+        assert _folded(c.chat.completions.create(**kw, stream=True))[:2] == (msg.reasoning, msg.content)
+        fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
+        shaped = c.chat.completions.create(model=MODEL, messages=ASK, max_tokens=40, temperature=1.0, seed=0,
+                                           response_format=fmt)  # fmt: skip
+        jsonschema.validate(json.loads(shaped.choices[0].message.content), CITY)
+    finally:
+        stop_server(r)
+
+
 def _client(server) -> openai.OpenAI:  # noqa: ANN001
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
 
