@@ -128,6 +128,9 @@ def test_thinking_is_reasoning_not_content(r1) -> None:
     streamed = _folded(c.chat.completions.create(model=MODEL, messages=ASK, max_tokens=12, temperature=0,
                                                  stream=True))  # fmt: skip
     assert streamed == (msg.reasoning, "", "length")
+    several = c.chat.completions.create(model=MODEL, messages=ASK, max_tokens=12, temperature=1.0, seed=3, n=2)
+    assert all(ch.message.reasoning and not ch.message.content for ch in several.choices)  # each choice its own split
+    assert several.usage.completion_tokens_details.reasoning_tokens == 24
     hidden = c.chat.completions.create(model=MODEL, messages=ASK, max_tokens=12, temperature=0,
                                        extra_body={"include_reasoning": False})  # fmt: skip
     assert getattr(hidden.choices[0].message, "reasoning", None) is None
