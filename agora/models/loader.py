@@ -291,23 +291,24 @@ def _read_gguf(
         if t.name == "rope_freqs.weight":  # read into the config (_gguf_config)
             continue
         name = gguf_to_hf_name(t.name, arch)
-        arr = dequantize(t.data, t.qtype)
         qtype, raw = t.qtype.name, None
-        if keep_blocks and t.data.ndim == 2 and qtype in kernels.QTYPES:
+        native = keep_blocks and t.data.ndim == 2 and qtype in kernels.QTYPES
+        # with the blocks only, a tensor the kernels read as stored needs no fp32 values at all
+        arr = None if native and blocks_only else dequantize(t.data, t.qtype)
+        if native:
             raw = t.data
         elif keep_blocks and t.data.ndim == 2 and qtype in gguf_repack.FORMATS:
             raw, qtype = gguf_repack.repack(t.data, qtype, arr.reshape(t.data.shape[0], -1)), "QU8"
         if arch == "phi3" and name.endswith(("qkv_proj.weight", "gate_up_proj.weight")):
             # fused rows split into the Llama layers' (whole rows: the blocks split alike)
-            arrs = split_phi3_weights({name: arr}, q_rows, kv_rows)
-            raws = split_phi3_weights({name: raw}, q_rows, kv_rows) if raw is not None else dict.fromkeys(arrs)
-            parts = [(part, arrs[part], raws[part]) for part in arrs]
+            arrs, raws = ({} if w is None else split_phi3_weights({name: w}, q_rows, kv_rows) for w in (arr, raw))
+            parts = [(part, arrs.get(part), raws.get(part)) for part in arrs or raws]
         else:
             parts = [(name, arr, raw)]
         for name, arr, raw in parts:
             if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
                 heads = cfg["num_attention_heads"] if name.endswith("q_proj.weight") else cfg["num_key_value_heads"]
-                arr = unpermute_qk(arr, heads)
+                arr = None if arr is None else unpermute_qk(arr, heads)
                 raw = None if raw is None else unpermute_qk(raw, heads)  # whole rows move, blocks stay intact
             elif arch == "gemma3" and name.endswith("norm.weight"):
                 arr = arr - 1.0  # llama.cpp stores Gemma's (1 + w) norm scale; HF keeps w
