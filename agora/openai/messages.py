@@ -23,7 +23,6 @@ from agora.openai.reasoning import Reasoning
 
 MAX_STOP_SEQUENCES = 16
 MIN_THINKING_BUDGET = 1024  # Anthropic's least thinking.budget_tokens
-UNBOUNDED = 1 << 62
 
 # OpenAI error types (and the status) as Anthropic names them
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -217,8 +216,7 @@ class MessagesRequest(StrictModel):
         self.check()
         kind = self.thinking.type if self.thinking is not None else None
         budget = self.thinking.budget_tokens if kind == "enabled" and self.thinking is not None else None
-        ceiling = UNBOUNDED if self.counting else self.max_tokens
-        if budget is not None and not MIN_THINKING_BUDGET <= budget < ceiling:
+        if budget is not None and (budget < MIN_THINKING_BUDGET or (budget >= self.max_tokens and not self.counting)):
             raise bad_request("thinking", f"thinking.budget_tokens must be at least {MIN_THINKING_BUDGET} and less "
                                           f"than max_tokens ({self.max_tokens}), got {budget}")  # fmt: skip
         if kind == "enabled" and reasoning is None:
