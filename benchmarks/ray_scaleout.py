@@ -95,7 +95,9 @@ def run(mode: str, args: argparse.Namespace, out: Path, round_: int) -> dict:
         after = httpx.get(f"{url}/metrics", timeout=5).text
         m = json.loads(result.read_text())["runs"][0]["metrics"]
         result.unlink()
-        hit = _metric(after, "agora_gateway_prefix_blocks_hit_total") - _metric(before, "agora_gateway_prefix_blocks_hit_total")
+        hit = _metric(after, "agora_gateway_prefix_blocks_hit_total") - _metric(
+            before, "agora_gateway_prefix_blocks_hit_total"
+        )
         asked = _metric(after, "agora_gateway_prefix_blocks_queried_total") - _metric(
             before, "agora_gateway_prefix_blocks_queried_total")  # fmt: skip
         return {"mode": mode, "round": round_, "probe": probe, "output_throughput": m["output_throughput"],
@@ -130,7 +132,12 @@ def main() -> int:
             print(json.dumps(runs[-1]), flush=True)
 
     def paired(f) -> float:  # noqa: ANN001 - the median over rounds of each round's ray-vs-plain figure
-        pairs = [(a, b) for a in runs for b in runs if a["mode"] == "ray" and b["mode"] == "plain" and a["round"] == b["round"]]
+        pairs = [
+            (a, b)
+            for a in runs
+            for b in runs
+            if a["mode"] == "ray" and b["mode"] == "plain" and a["round"] == b["round"]
+        ]
         return statistics.median(f(a, b) for a, b in pairs)
 
     def med(mode: str, key: str) -> float:

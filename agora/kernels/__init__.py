@@ -36,12 +36,13 @@ def flags(isa: str | None = None) -> list[str]:
     return [*_BASE_FLAGS, *ISA_FLAGS[isa or envs.cpu_isa()]]
 
 
-# Block formats the linear kernel reads: GGUF's Q4_1 and Q8_0 as the file stores them, and QU8, the other GGUF
-# formats repacked at load time (agora.models.gguf_repack: fp32 scale and offset per 16 weights, uint8 codes).
-QTYPES = ("Q4_1", "Q8_0", "QU8")
+# Block formats the linear kernel reads: GGUF's Q4_1 and Q8_0 as the file stores them, and QU8 and QU4, the other
+# GGUF formats repacked at load time (agora.models.gguf_repack: fp32 scale and offset per 16 weights and uint8
+# codes; for the 4-bit formats, per 32 weights and nibbles).
+QTYPES = ("Q4_1", "Q8_0", "QU8", "QU4")
 I8_QTYPES = ("Q4_1", "Q8_0")  # the formats the int8-activation kernel reads
-_FORMATS = {"Q4_1": 0, "Q8_0": 1, "QU8": 2}  # cpu.c's FMT_*
-BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34, "QU8": 48}  # per 32 weights
+_FORMATS = {"Q4_1": 0, "Q8_0": 1, "QU8": 2, "QU4": 3}  # cpu.c's FMT_*
+BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34, "QU8": 48, "QU4": 24}  # per 32 weights
 I8_GROUP = 8  # weight rows the int8-activation kernel computes together (repack_i8's groups)
 # KV cache element types the attention kernels read, as cpu.c's KV_F32, KV_F16, KV_BF16
 KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -57,6 +58,7 @@ _SIGNATURES = {
     "agora_linear_q4_1": ([_P, _I, _I, _P, _I, _P, _P, _I], None),
     "agora_linear_q8_0": ([_P, _I, _I, _P, _I, _P, _P, _I], None),
     "agora_linear_qu8": ([_P, _I, _I, _P, _I, _P, _P, _I], None),
+    "agora_linear_qu4": ([_P, _I, _I, _P, _I, _P, _P, _I], None),
     "agora_dequant": ([_I, _P, _I, _I, _P, _I], None),
     "agora_linear_q4_1_i8": ([_P, _I, _I, _P, _I, _P, _P, _P, _I], None),
     "agora_linear_q8_0_i8": ([_P, _I, _I, _P, _I, _P, _P, _P, _I], None),
@@ -308,13 +310,14 @@ def linear(
         fn = k.agora_linear_q4_1_i8 if qtype == "Q4_1" else k.agora_linear_q8_0_i8
         fn(x2.data_ptr(), m, kdim, qweight.data_ptr(), n, bias_ptr, y.data_ptr(), scratch.data_ptr(), threads)
     else:
-        fn = {"Q4_1": k.agora_linear_q4_1, "Q8_0": k.agora_linear_q8_0, "QU8": k.agora_linear_qu8}[qtype]
+        fn = {"Q4_1": k.agora_linear_q4_1, "Q8_0": k.agora_linear_q8_0, "QU8": k.agora_linear_qu8,
+              "QU4": k.agora_linear_qu4}[qtype]  # fmt: skip
         fn(x2.data_ptr(), m, kdim, qweight.data_ptr(), n, bias_ptr, y.data_ptr(), threads)
     return y.view(*shape[:-1], n)
 
 
 def dequantize(qweight: torch.Tensor, qtype: str, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """W ``[N, k]`` in fp32 from its GGUF blocks ``[N, k / 32 * block_bytes]`` (Q4_1, Q8_0 or QU8): the
+    """W ``[N, k]`` in fp32 from its GGUF blocks ``[N, k / 32 * block_bytes]`` (Q4_1, Q8_0, QU8 or QU4): the
     weights ``linear`` multiplies with, into ``out`` (its first N * k floats) where given."""
     lib_ = lib()
     assert lib_ is not None, "CPU kernels are not available"

@@ -1,4 +1,4 @@
-"""GGUF block formats the CPU kernel does not read as they are, repacked into one it does (QU8).
+"""GGUF block formats repacked at load into the ones the CPU kernel reads fastest (QU8, QU4).
 
 Every format here dequantizes, 16 weights at a time, to ``d * q + m``: an fp32 scale ``d`` and
 offset ``m`` (products of the block's fp16 scales and its small integer sub-scales) and an
@@ -8,6 +8,7 @@ unsigned integer code ``q`` of up to 6 bits.
 format    a weight (gguf-py's dequantization)   as d * q + m
 ========  ====================================  =========================
 Q4_0      d * (q - 8)                           d, -8 d
+Q4_1      d * q + m                             d, m
 Q5_0      d * (q - 16)                          d, -16 d
 Q5_1      d * q + m                             d, m
 Q4_K      d sc_j * q - dmin m_j  (per 32)       d sc_j, -dmin m_j
@@ -23,7 +24,10 @@ hold (the layer then keeps the fp32 GEMM).
 
 A QU8 block holds 32 weights in 48 bytes: fp32 ``d0 d1 m0 m1`` (weights 0-15 and 16-31), then the
 32 codes, one byte each: 12 bits a weight, against 32 for the fp32 copy a decode step would
-otherwise read.
+otherwise read. The 4-bit formats (Q4_0, Q4_K: one ``d``, ``m`` per 32 weights, codes under 16) go to
+QU4 instead, half that: 32 weights in 24 bytes, fp32 ``d m``, then Q4_1's 16 bytes of nibbles (low:
+weights 0-15, high: 16-31), 6 bits a weight. A Q4_K_M file's bulk is Q4_K, so its decode steps read
+half the bytes they would as QU8.
 """
 
 from __future__ import annotations
@@ -34,7 +38,22 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from agora.kernels import BLOCK_BYTES
 
 QU8_BYTES = BLOCK_BYTES["QU8"]  # per 32 weights: 4 fp32, 32 uint8
-FORMATS = ("Q4_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")  # repacked at load (the kernel reads Q4_1, Q8_0 as stored)
+QU4_BYTES = BLOCK_BYTES["QU4"]  # per 32 weights: 2 fp32, 16 bytes of nibbles
+# Repacked at load. The kernel reads Q8_0 as stored, and Q4_1 too (the int8-activation kernel reads it so), but
+# Q4_1 as QU4 a step is faster for a fifth more bytes: its fp16 scale and offset cost more to widen on every read
+# than they save (Intel Xeon with AMX, 2 cores, SmolLM2's Q4_1 file, single-stream decode 7.1 -> 5.2 ms a step,
+# with the AVX2 build 9.9 -> 8.4; benchmarks/results/cpu_decode_qu4_intel*.json).
+FORMATS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+AS_STORED = ("Q8_0",)  # what the loader keeps as the file stores it (with int8 activations: kernels.I8_QTYPES)
+FOUR_BIT = ("Q4_0", "Q4_1", "Q4_K", "QU4")  # one d, m per 32 weights and codes under 16: QU4 holds them
+# Repacked by widening fp16 fields to fp32 only, no arithmetic: the same weights by construction, so loading needs
+# no dequantized copy to check them against.
+WIDENED = ("Q4_1",)
+
+
+def target(qtype: str) -> str:
+    """The format a GGUF format of FORMATS is repacked to."""
+    return "QU4" if qtype in FOUR_BIT else "QU8"
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -65,6 +84,9 @@ def _k_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _parts(blocks: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(d [n, w/16], m [n, w/16] fp32, q [n, w] uint8) of ``blocks`` [n, bytes] holding w weights each."""
     n = blocks.shape[0]
+    if qtype == "QU4":  # (fusing it with layers of a wider format)
+        dm = np.ascontiguousarray(blocks[:, 0:8]).view(np.float32)
+        return np.repeat(dm[:, :1], 2, axis=1), np.repeat(dm[:, 1:], 2, axis=1), _nibbles(blocks[:, 8:24])
     if qtype in ("Q4_0", "Q5_0", "Q5_1", "Q4_1", "Q8_0"):
         d = _f16(blocks[:, 0:2])
         if qtype == "Q8_0":  # d * q for q in -128..127: d * (q + 128) - 128 d
@@ -101,18 +123,30 @@ def _parts(blocks: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray, np.n
     raise ValueError(f"no QU8 repacking for {qtype}")
 
 
-def repack(rows: np.ndarray, qtype: str, expected: np.ndarray | None = None) -> np.ndarray | None:
-    """GGUF rows ``[N, K / block weights * block bytes]`` of ``qtype`` -> QU8 rows ``[N, K / 32 * 48]``.
-    With ``expected`` (the rows dequantized, [N, K] fp32), None unless every weight QU8 gives back is
-    that value exactly (a zero's sign aside)."""
+def repack(
+    rows: np.ndarray, qtype: str, expected: np.ndarray | None = None, to: str | None = None
+) -> np.ndarray | None:
+    """GGUF rows ``[N, K / block weights * block bytes]`` of ``qtype`` -> rows ``[N, K / 32 * block bytes]`` of
+    ``to`` (QU8 or QU4; default ``target(qtype)``). With ``expected`` (the rows dequantized, [N, K] fp32), None
+    unless every weight the blocks give back is that value exactly (a zero's sign aside)."""
+    to = to or target(qtype)
+    if to == "QU4" and qtype not in FOUR_BIT:
+        raise ValueError(f"QU4 holds 4-bit codes, not {qtype}'s")
     nrows = rows.shape[0]
-    blocks = np.ascontiguousarray(rows).reshape(-1, GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][1])
+    block_bytes = QU4_BYTES if qtype == "QU4" else GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][1]
+    blocks = np.ascontiguousarray(rows).reshape(-1, block_bytes)
     d, m, q = _parts(blocks, qtype)
     d, m, q = d.reshape(-1, 2), m.reshape(-1, 2), q.reshape(-1, 32)  # per 32 weights
     if expected is not None:
         got = (np.repeat(d, 16, axis=1) * q.astype(np.float32) + np.repeat(m, 16, axis=1)).reshape(nrows, -1)
         if got.shape != expected.shape or not np.array_equal(got, expected):  # (-0.0 == 0.0: same products)
             return None
+    if to == "QU4":  # both halves share d and m
+        out = np.empty((q.shape[0], QU4_BYTES), dtype=np.uint8)
+        out[:, 0:4] = d[:, :1].astype(np.float32).view(np.uint8)
+        out[:, 4:8] = m[:, :1].astype(np.float32).view(np.uint8)
+        out[:, 8:24] = q[:, :16] | (q[:, 16:] << 4)
+        return out.reshape(nrows, -1)
     out = np.empty((q.shape[0], QU8_BYTES), dtype=np.uint8)
     out[:, 0:8] = d.astype(np.float32).view(np.uint8)
     out[:, 8:16] = m.astype(np.float32).view(np.uint8)

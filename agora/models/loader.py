@@ -4,7 +4,7 @@ Both paths end in the same place: an HF-style config dict, an HF-named state
 dict, a model class from the registry, and a folder of tokenizer files that
 ``transformers.AutoTokenizer`` reads. GGUF tensors are dequantized to the working
 dtype; on CPU in fp32 the blocks are kept too, for the decode kernels (``models.quant``):
-Q4_1/Q8_0 as they are, the other formats repacked (``models.gguf_repack``). A GGUF's
+Q8_0 as it is (Q4_1 too for int8 activations), the other formats repacked (``models.gguf_repack``). A GGUF's
 tokenizer is converted once by transformers and cached.
 """
 
@@ -270,17 +270,18 @@ def _gguf_files(path: Path) -> ModelFiles:
 
 
 def _read_gguf(
-    path: Path, cfg: dict[str, Any], keep_blocks: bool = False, blocks_only: bool = False
+    path: Path, cfg: dict[str, Any], keep_blocks: bool = False, blocks_only: bool = False, int8: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, torch.Tensor]]]:
     """HF-named fp32 tensors, and (with ``keep_blocks``) the raw rows of the tensors stored
-    in a block format the CPU kernels read (Q4_1, Q8_0; the other formats repacked to QU8), with the
-    same row order. ``blocks_only``: a tensor whose blocks are kept has no fp32 copy, each dequantized only
-    while it is read."""
+    in a block format the CPU kernels read (Q8_0; the other formats repacked to QU8 or QU4, but Q4_1 kept for
+    ``int8`` activations, whose kernel reads it), with the same row order. ``blocks_only``: a tensor whose blocks
+    are kept has no fp32 copy, each dequantized only while it is read."""
     from gguf.quants import dequantize
 
     from agora import kernels
     from agora.models import gguf_repack
 
+    as_stored = kernels.I8_QTYPES if int8 else gguf_repack.AS_STORED
     gguf = GGUFFile(path)
     arch = gguf.metadata["general.architecture"]
     weights: dict[str, torch.Tensor] = {}
@@ -292,13 +293,16 @@ def _read_gguf(
             continue
         name = gguf_to_hf_name(t.name, arch)
         qtype, raw = t.qtype.name, None
-        native = keep_blocks and t.data.ndim == 2 and qtype in kernels.QTYPES
-        # with the blocks only, a tensor the kernels read as stored needs no fp32 values at all
-        arr = None if native and blocks_only else dequantize(t.data, t.qtype)
+        native = keep_blocks and t.data.ndim == 2 and qtype in as_stored
+        repacked = keep_blocks and t.data.ndim == 2 and not native and qtype in gguf_repack.FORMATS
+        # with the blocks only, a tensor the kernels read as stored (or widened) needs no fp32 values at all
+        widened = repacked and qtype in gguf_repack.WIDENED
+        arr = None if (native or widened) and blocks_only else dequantize(t.data, t.qtype)
         if native:
             raw = t.data
-        elif keep_blocks and t.data.ndim == 2 and qtype in gguf_repack.FORMATS:
-            raw, qtype = gguf_repack.repack(t.data, qtype, arr.reshape(t.data.shape[0], -1)), "QU8"
+        elif repacked:
+            expected = None if widened else arr.reshape(t.data.shape[0], -1)
+            raw, qtype = gguf_repack.repack(t.data, qtype, expected), gguf_repack.target(qtype)
         if arch == "phi3" and name.endswith(("qkv_proj.weight", "gate_up_proj.weight")):
             # fused rows split into the Llama layers' (whole rows: the blocks split alike)
             arrs, raws = ({} if w is None else split_phi3_weights({name: w}, q_rows, kv_rows) for w in (arr, raw))
@@ -428,7 +432,7 @@ def load_model(
     if blocks_only and gguf_weights == "blocks":  # (auto says why when it chooses so)
         logger.info("%s: its layers keep their GGUF blocks only (--gguf-weights blocks)", files.source.name)
     if files.is_gguf:
-        weights, blocks = _read_gguf(files.source, files.hf_config, keep_blocks, blocks_only)
+        weights, blocks = _read_gguf(files.source, files.hf_config, keep_blocks, blocks_only, int8_activations)
     else:
         weights = _read_safetensors(files.source)
     with _weights_uninitialized():

@@ -8,7 +8,7 @@ preallocated scratch that runs the very same kernels in the same order, so the
 hidden states are bit for bit those of the module path; it only takes over where
 that path would use the kernels anyway:
 
-- every linear of every layer reads GGUF blocks (Q4_1, Q8_0, or QU8 repacked from the
+- every linear of every layer reads GGUF blocks (Q4_1, Q8_0, or QU8 / QU4 repacked from the
   other formats), q/k/v and gate/up fused (``models.quant``), the weights fp32 on the CPU;
 - the step has at most as many tokens as every linear's ``kernel_rows`` (beyond that the
   linears use GEMMs, which win on prefill chunks);

