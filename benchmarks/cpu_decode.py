@@ -280,7 +280,12 @@ def main() -> None:
         return
     from agora.bench.report import cpu_description
 
+    from agora import envs
+
     host = cpu_description()
+    isa = envs.cpu_isa()  # the kernels' build (AGORA_CPU_ISA=avx2: an AVX2 host's paths on this CPU)
+    if isa != "native":
+        host += f"; kernels built for {isa}"
     paths = args.paths.split(",")
     runs: dict[str, list[dict]] = {name: [] for name in paths}
     for _ in range(args.repeats):
@@ -326,7 +331,7 @@ def main() -> None:
             print(f"  {key:>24}: top-1 agreement {accuracy[f'top1_agreement_{key}']:.1%}, perplexity "
                   f"{accuracy[f'perplexity_{key}']:.3f}, max |logit diff| {accuracy[f'max_abs_logit_diff_{key}']:.2e}")  # fmt: skip
     if args.out:
-        result = {"command": " ".join(["python", *sys.argv]), "host": host, "context": args.context,
+        result = {"command": " ".join(["python", *sys.argv]), "host": host, "kernels_isa": isa, "context": args.context,
                   "decode": table, "prefill_ms": prefill, "accuracy": accuracy, "runs": runs}  # fmt: skip
         Path(args.out).write_text(json.dumps(result, indent=2))
 

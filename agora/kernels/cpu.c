@@ -46,13 +46,14 @@
 #define QK 32 /* weights per GGUF block for Q4_1 and Q8_0 */
 #define Q4_1_BYTES 20 /* fp16 d, fp16 m, 16 bytes of nibbles */
 #define Q8_0_BYTES 34 /* fp16 d, 32 int8 */
-/* QU8: the other GGUF formats (Q4_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), repacked at load time so that
- * each half-block of 16 weights is d * q + m with fp32 d, m and a uint8 code q: fp32 d0 d1 m0 m1,
- * then 32 codes. Each of those formats' dequantized values is exactly that (agora.models.gguf_repack
- * checks it), so the kernel computes the weights transformers dequantizes, as for Q4_1. */
+/* QU8: the other GGUF formats (Q5_0, Q5_1, Q5_K, Q6_K), repacked at load time so that each half-block
+ * of 16 weights is d * q + m with fp32 d, m and a uint8 code q: fp32 d0 d1 m0 m1, then 32 codes. Each
+ * of those formats' dequantized values is exactly that (agora.models.gguf_repack checks it), so the
+ * kernel computes the weights transformers dequantizes, as for Q8_0. */
 #define QU8_BYTES 48
-/* QU4: the 4-bit ones among them (Q4_0, Q4_K: one d, m per 32 weights), at half QU8's size: fp32 d, m,
- * then Q4_1's 16 bytes of nibbles (low: weights 0-15, high: 16-31). */
+/* QU4: the 4-bit formats (Q4_0, Q4_1, Q4_K: one d, m per 32 weights) the same way at half QU8's size:
+ * fp32 d, m, then Q4_1's 16 bytes of nibbles (low: weights 0-15, high: 16-31). Q4_1 itself is read as
+ * stored only by the int8-activation kernels. */
 #define QU4_BYTES 24
 enum { FMT_Q4_1 = 0, FMT_Q8_0 = 1, FMT_QU8 = 2, FMT_QU4 = 3 }; /* the block formats of the fp32 kernel */
 static inline int64_t fmt_bytes(int fmt) {
@@ -224,9 +225,9 @@ static inline __attribute__((always_inline)) void unpack_fmt(int fmt, const uint
  * 8-wide unpackers, so the weights are bit for bit theirs. */
 /* 16 bytes of nibbles as d * q + m by table: the block's 16 possible weights d * j + m (j = 0..15, each the
  * same fused d * j + m as converting the code and multiplying would give, so the same bits) in one register,
- * looked up by each code (vpermps reads an index's low 4 bits: the low nibble needs no mask). Against
- * unpacking each nibble to a float (mask, shift, widen twice, convert twice, two FMAs): a third of the work
- * per block, which bounds a product whose weights come from cache. */
+ * looked up by each code (vpermps reads an index's low 4 bits: the low nibble needs no mask). 7 vector uops a
+ * block where widening and converting each nibble took 11 (mask, shift, mask, widen twice, convert twice,
+ * two FMAs), which bounds a product whose weights come from cache. */
 static inline void unpack16_nibbles(const uint8_t *qs, float scale, float offset, __m512 w[2]) {
     const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512 table = _mm512_fmadd_ps(iota, _mm512_set1_ps(scale), _mm512_set1_ps(offset));

@@ -24,7 +24,7 @@ hold (the layer then keeps the fp32 GEMM).
 
 A QU8 block holds 32 weights in 48 bytes: fp32 ``d0 d1 m0 m1`` (weights 0-15 and 16-31), then the
 32 codes, one byte each: 12 bits a weight, against 32 for the fp32 copy a decode step would
-otherwise read. The 4-bit formats (Q4_0, Q4_K: one ``d``, ``m`` per 32 weights, codes under 16) go to
+otherwise read. The 4-bit formats (Q4_0, Q4_1, Q4_K: one ``d``, ``m`` per 32 weights, codes under 16) go to
 QU4 instead, half that: 32 weights in 24 bytes, fp32 ``d m``, then Q4_1's 16 bytes of nibbles (low:
 weights 0-15, high: 16-31), 6 bits a weight. A Q4_K_M file's bulk is Q4_K, so its decode steps read
 half the bytes they would as QU8.
@@ -41,8 +41,9 @@ QU8_BYTES = BLOCK_BYTES["QU8"]  # per 32 weights: 4 fp32, 32 uint8
 QU4_BYTES = BLOCK_BYTES["QU4"]  # per 32 weights: 2 fp32, 16 bytes of nibbles
 # Repacked at load. The kernel reads Q8_0 as stored, and Q4_1 too (the int8-activation kernel reads it so), but
 # Q4_1 as QU4 a step is faster for a fifth more bytes: its fp16 scale and offset cost more to widen on every read
-# than they save (Intel Xeon with AMX, 2 cores, SmolLM2's Q4_1 file, single-stream decode 7.1 -> 5.2 ms a step,
-# with the AVX2 build 9.9 -> 8.4; benchmarks/results/cpu_decode_qu4_intel*.json).
+# than they save (Intel Xeon with AMX, 2 cores, SmolLM2's Q4_1 file, medians of 5 alternating runs: decode
+# 7.7 -> 7.4 ms a step at batch 1, 40.7 -> 38.1 at 16; with the kernels built for AVX2 11.1 -> 8.3 and
+# 56.4 -> 54.8; benchmarks/results/cpu_decode_qu4_intel*.json).
 FORMATS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 AS_STORED = ("Q8_0",)  # what the loader keeps as the file stores it (with int8 activations: kernels.I8_QTYPES)
 FOUR_BIT = ("Q4_0", "Q4_1", "Q4_K", "QU4")  # one d, m per 32 weights and codes under 16: QU4 holds them
