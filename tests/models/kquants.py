@@ -2,8 +2,8 @@
 tests and benchmarks can build the files most downloads are: Q4_K_M mixes Q4_K with Q6_K.
 
 The codes are chosen plainly (each sub-block's range split evenly, no search for the least error as llama.cpp's
-quantizer makes), which changes how close the weights come to the originals, not the layout: gguf-py's
-``dequantize`` reads back exactly the values ``reference`` gives, which tests check.
+quantizer makes), which changes how close the weights come to the originals, not the layout, which
+``tests/models/test_gguf_kquants.py`` checks by reading the blocks back with gguf-py.
 """
 
 from __future__ import annotations

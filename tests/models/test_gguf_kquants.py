@@ -38,8 +38,13 @@ def test_k_blocks_written_here_read_back_as_gguf_py_reads_them(qtype: str) -> No
     w[3, :256] = 0.0  # a super-block of zeros: scales of 0
     w[5, :32] = np.abs(w[5, :32])  # a sub-block with no negative weight
     back = dequantize(kquants.encode(w, qtype), GGMLQuantizationType[qtype]).reshape(w.shape)
-    assert np.array_equal(back, kquants.reference(w, qtype))
-    assert np.abs(back - w).max() <= (0.2 if qtype == "Q4_K" else 0.05) * np.abs(w).max()  # the layout is right
+    # every weight near its original (a field or code in the wrong place would move whole sub-blocks): within
+    # a code step of its sub-block, the range / 15 (Q4_K), or 2 * max |w| / 62 (Q6_K), plus the scales' rounding
+    step = (w.reshape(-1, 32).max(1) - np.minimum(w.reshape(-1, 32).min(1), 0)) / 15 if qtype == "Q4_K" else None
+    if step is None:
+        assert np.abs(back - w).max() <= 2 * np.abs(w).max() / 62 * 1.5
+    else:
+        assert (np.abs(back - w).reshape(-1, 32).max(1) <= step * 1.5 + 1e-3).all()
     assert not back[3, :256].any()
 
 
