@@ -70,7 +70,8 @@ class Setup:
     dtype: str = "auto"  # --dtype (bfloat16 on a CPU: bf16 GEMM weights, fp32 activations)
     native: bool = True  # one native call per decoder layer (else the same kernels op by op)
     activations: str = "float32"  # --gguf-activations (int8: llama.cpp's numerics)
-    repack: str = "all"  # other GGUF formats repacked to QU8 / QU4 for the block kernel ("qu8": all to QU8; "none")
+    repack: str = "all"  # GGUF formats repacked for the block kernel: "all"; "qu8" (as before QU4); "q4_1" (Q4_1 as
+    # stored); "none" (as before QU8: only Q4_1 and Q8_0 on the kernel, the rest on fp32 GEMM)
     weights: str = "fp32"  # --gguf-weights (blocks: no fp32 GEMM weights, every step on the kernels)
 
 
@@ -278,9 +279,8 @@ def main() -> None:
     if args.worker == "accuracy":
         print(json.dumps(accuracy_worker(args)))
         return
-    from agora.bench.report import cpu_description
-
     from agora import envs
+    from agora.bench.report import cpu_description
 
     host = cpu_description()
     isa = envs.cpu_isa()  # the kernels' build (AGORA_CPU_ISA=avx2: an AVX2 host's paths on this CPU)
