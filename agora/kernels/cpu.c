@@ -125,6 +125,14 @@ int64_t agora_kernel_time_ns(void) { return timed_ns; }
         }                                                                                                              \
     } while (0)
 
+/* An fp32 field of a block (a separate 4-byte copy: the compiler then broadcasts it straight from memory;
+ * copying both of QU4's at once went through a general register, two more shuffle-port uops a block). */
+static inline float f32_at(const uint8_t *p) {
+    float f;
+    memcpy(&f, p, sizeof f);
+    return f;
+}
+
 static inline float half_to_float(const uint8_t *p) {
     uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
 #if AGORA_AVX2
@@ -178,14 +186,6 @@ static inline void unpack_q4_1(const uint8_t *blk, __m256 w[4]) {
     unpack_nibbles(blk + 4, half_to_float(blk), half_to_float(blk + 2), w);
 }
 
-/* An fp32 field of a block (a separate 4-byte copy: the compiler then broadcasts it straight from memory;
- * copying both of QU4's at once went through a general register, two more shuffle-port uops a block). */
-static inline float f32_at(const uint8_t *p) {
-    float f;
-    memcpy(&f, p, sizeof f);
-    return f;
-}
-
 static inline void unpack_qu4(const uint8_t *blk, __m256 w[4]) { unpack_nibbles(blk + 8, f32_at(blk), f32_at(blk + 4), w); }
 
 static inline void unpack_qu8(const uint8_t *blk, __m256 w[4]) {
@@ -221,9 +221,10 @@ static inline __attribute__((always_inline)) void unpack_fmt(int fmt, const uint
 }
 
 #if defined(__AVX512F__)
-/* Unpack one block into w[0..1] (16 floats each): the same d * q + m (one rounding, fused) as the
- * 8-wide unpackers, so the weights are bit for bit theirs. */
-/* 16 bytes of nibbles as d * q + m by table: the block's 16 possible weights d * j + m (j = 0..15, each the
+/* The 16-wide unpackers give one block as w[0..1] (16 floats each), the same d * q + m (one rounding,
+ * fused) as the 8-wide ones, so the weights are bit for bit theirs.
+ *
+ * 16 bytes of nibbles as d * q + m by table: the block's 16 possible weights d * j + m (j = 0..15, each the
  * same fused d * j + m as converting the code and multiplying would give, so the same bits) in one register,
  * looked up by each code (vpermps reads an index's low 4 bits: the low nibble needs no mask). 7 vector uops a
  * block where widening and converting each nibble took 11 (mask, shift, mask, widen twice, convert twice,
@@ -354,6 +355,14 @@ static inline __attribute__((always_inline)) void row_dot(int fmt, const uint8_t
 }
 #endif /* __AVX512F__ */
 #else
+/* 16 bytes of nibbles (low: weights 0-15, high: 16-31) as d * q + m. */
+static inline void unpack_block_nibbles(const uint8_t *qs, float d, float m, float w[QK]) {
+    for (int j = 0; j < 16; j++) {
+        w[j] = d * (float)(qs[j] & 0x0f) + m;
+        w[j + 16] = d * (float)(qs[j] >> 4) + m;
+    }
+}
+
 static inline void unpack_block(int fmt, const uint8_t *blk, float w[QK]) {
     if (fmt == FMT_QU8) {
         float s[4];
@@ -362,18 +371,10 @@ static inline void unpack_block(int fmt, const uint8_t *blk, float w[QK]) {
     } else if (fmt == FMT_Q8_0) {
         float d = half_to_float(blk);
         for (int j = 0; j < QK; j++) w[j] = d * (float)(int8_t)blk[2 + j];
+    } else if (fmt == FMT_QU4) {
+        unpack_block_nibbles(blk + 8, f32_at(blk), f32_at(blk + 4), w);
     } else {
-        float s[2] = {0.f, 0.f};
-        const uint8_t *qs = blk + 8;
-        if (fmt == FMT_QU4) {
-            memcpy(s, blk, sizeof s);
-        } else {
-            s[0] = half_to_float(blk), s[1] = half_to_float(blk + 2), qs = blk + 4;
-        }
-        for (int j = 0; j < 16; j++) {
-            w[j] = s[0] * (float)(qs[j] & 0x0f) + s[1];
-            w[j + 16] = s[0] * (float)(qs[j] >> 4) + s[1];
-        }
+        unpack_block_nibbles(blk + 4, half_to_float(blk), half_to_float(blk + 2), w);
     }
 }
 

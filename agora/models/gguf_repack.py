@@ -121,7 +121,7 @@ def _parts(blocks: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray, np.n
         q = (low.reshape(n, 2, 4, 32) | (high << 4)).reshape(n, 256)
         scale = d * sc  # per 16 weights
         return scale, -32.0 * scale, q
-    raise ValueError(f"no QU8 repacking for {qtype}")
+    raise ValueError(f"no repacking for {qtype}")
 
 
 def repack(
