@@ -40,7 +40,7 @@ def flags(isa: str | None = None) -> list[str]:
 # GGUF formats repacked at load time (agora.models.gguf_repack: fp32 scale and offset per 16 weights and uint8
 # codes; for the 4-bit formats, per 32 weights and nibbles).
 QTYPES = ("Q4_1", "Q8_0", "QU8", "QU4")
-I8_QTYPES = ("Q4_1", "Q8_0")  # the formats the int8-activation kernel reads
+I8_QTYPES = QTYPES  # the formats the int8-activation kernel reads
 _FORMATS = {"Q4_1": 0, "Q8_0": 1, "QU8": 2, "QU4": 3}  # cpu.c's FMT_*
 BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34, "QU8": 48, "QU4": 24}  # per 32 weights
 I8_GROUP = 8  # weight rows the int8-activation kernel computes together (repack_i8's groups)
@@ -60,10 +60,10 @@ _SIGNATURES = {
     "agora_linear_qu8": ([_P, _I, _I, _P, _I, _P, _P, _I], None),
     "agora_linear_qu4": ([_P, _I, _I, _P, _I, _P, _P, _I], None),
     "agora_dequant": ([_I, _P, _I, _I, _P, _I], None),
-    "agora_linear_q4_1_i8": ([_P, _I, _I, _P, _I, _P, _P, _P, _I], None),
-    "agora_linear_q8_0_i8": ([_P, _I, _I, _P, _I, _P, _P, _P, _I], None),
+    "agora_linear_i8": ([_I, _P, _I, _I, _P, _I, _P, _P, _P, _I], None),
     "agora_linear_i8_scratch_floats": ([_I, _I], _I),
     "agora_repack_i8": ([_P, _I, _I, _I, _P], None),
+    "agora_unrepack_i8": ([_P, _I, _I, _I, _P], None),
     "agora_rope": ([_P, _I, _I, _P, _I, _I, _P, _P, _P, _I, _I, _I], None),
     "agora_silu_mul": ([_P, _I, _I, _P, _I], None),
     "agora_gelu_tanh_mul": ([_P, _I, _I, _P, _I], None),
@@ -277,16 +277,27 @@ def kernel_seconds() -> float:
 def repack_i8(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
     """GGUF rows ``[N, K / 32 * block_bytes]`` (N a multiple of 8) in the int8-activation kernel's
     layout: groups of 8 rows, each block of the 8 rows interleaved 4 weights at a time, as
-    ``[N / 8, K / 32 * tile bytes]`` (the same bytes in all)."""
+    ``[N / 8, K / 32 * tile bytes]`` (the same bytes in all: a tile is its 8 blocks' bytes)."""
     k = lib()
     assert k is not None, "CPU kernels are not available"
     n, row_bytes = blocks.shape
     assert n % I8_GROUP == 0, f"int8 activations need whole groups of {I8_GROUP} rows, got {n}"
     assert qtype in I8_QTYPES, f"int8 activations read {'/'.join(I8_QTYPES)} blocks, not {qtype}"
-    kdim = row_bytes // BLOCK_BYTES[qtype] * 32
+    nb = row_bytes // BLOCK_BYTES[qtype]
     blocks = blocks.contiguous()
     out = torch.empty(n // I8_GROUP, row_bytes * I8_GROUP, dtype=torch.uint8)
-    k.agora_repack_i8(blocks.data_ptr(), n, kdim, int(qtype == "Q8_0"), out.data_ptr())
+    k.agora_repack_i8(blocks.data_ptr(), n, nb * 32, _FORMATS[qtype], out.data_ptr())
+    return out
+
+
+def unrepack_i8(tiles: torch.Tensor, qtype: str) -> torch.Tensor:
+    """``repack_i8``'s inverse: GGUF rows ``[N, K / 32 * block_bytes]`` back from its tiles."""
+    k = lib()
+    assert k is not None, "CPU kernels are not available"
+    groups, tile_row = tiles.shape
+    nb = tile_row // I8_GROUP // BLOCK_BYTES[qtype]
+    out = torch.empty(groups * I8_GROUP, tile_row // I8_GROUP, dtype=torch.uint8)
+    k.agora_unrepack_i8(tiles.contiguous().data_ptr(), groups * I8_GROUP, nb * 32, _FORMATS[qtype], out.data_ptr())
     return out
 
 
@@ -307,8 +318,8 @@ def linear(
     threads = torch.get_num_threads()
     if int8:
         scratch = torch.empty(k.agora_linear_i8_scratch_floats(m, kdim), dtype=torch.float32)
-        fn = k.agora_linear_q4_1_i8 if qtype == "Q4_1" else k.agora_linear_q8_0_i8
-        fn(x2.data_ptr(), m, kdim, qweight.data_ptr(), n, bias_ptr, y.data_ptr(), scratch.data_ptr(), threads)
+        k.agora_linear_i8(_FORMATS[qtype], x2.data_ptr(), m, kdim, qweight.data_ptr(), n, bias_ptr, y.data_ptr(),
+                          scratch.data_ptr(), threads)  # fmt: skip
     else:
         fn = {"Q4_1": k.agora_linear_q4_1, "Q8_0": k.agora_linear_q8_0, "QU8": k.agora_linear_qu8,
               "QU4": k.agora_linear_qu4}[qtype]  # fmt: skip

@@ -541,11 +541,14 @@ void agora_dequant(int64_t fmt, const uint8_t *w, int64_t N, int64_t K, float *o
  *
  * llama.cpp's numerics: each row of x is cut into blocks of 32 and quantized to int8 with one
  * fp32 scale per block (d = max|x| / 127, q = round(x / d)); a weight block then meets an x block
- * in integer arithmetic and only the block's sum is scaled:
- *     Q4_1 (w = dw * qw + mw, qw in 0..15):  dw dx sum(qw qx) + mw (dx sum(qx))
+ * in integer arithmetic and only the block's sums are scaled:
+ *     Q4_1, QU4 (w = dw * qw + mw, qw in 0..15):  dw dx sum(qw qx) + mw (dx sum(qx))
+ *     QU8 (per half block h: w = dh * qw + mh, qw in 0..255):  sum over h of dh dx sum_h(qw qx) + mh (dx sum_h(qx))
  *     Q8_0 (w = dw * qw, qw in -128..127):   dw dx sum(qw qx)
  * sum(qw qx) is exact in int32, so the only rounding beyond fp32's is x's (about 0.4% of a
- * block's largest value).
+ * block's largest value). QU4 and QU8 are what a Q4_K_M file's Q4_K/Q4_0 and Q5/Q6_K layers are
+ * repacked to (their fp32 scales kept: no weight changes). QU8's codes are kept less 128, as signed
+ * bytes, and meet x as Q8_0's do; sum_h(qw qx) = sum_h((qw - 128) qx) + 128 sum_h(qx), in integers.
  *
  * The weights are repacked once (agora_repack_i8) so that 8 output rows are computed together
  * without any horizontal sum: for each group of 8 rows and each block, 4 consecutive weights of
@@ -556,46 +559,99 @@ void agora_dequant(int64_t fmt, const uint8_t *w, int64_t N, int64_t K, float *o
  *     dpbusd(acc, chunk c, broadcast x[4c..4c+3])  -> lane n += row n's 4 products
  *     after 8 chunks: lane n = row n's integer dot for the block; one FMA scales all 8
  *
- * A group's block ("tile") is stored as: Q4_1: d[8] m[8] (fp16), then 4 vectors whose low
- * nibbles are chunks 0..3 and high nibbles chunks 4..7 (160 bytes, as the 8 source blocks);
- * Q8_0: d[8] (fp16), then the 8 chunk vectors (272 bytes). Tiles are group-major ([N / 8, K / 32]),
- * so a group's row of tiles streams contiguously. AVX2 without VNNI uses maddubs (u8 x s8 pairs
- * into s16: Q8_0's signs move onto x, |w| <= 128 keeps every pair sum within s16). */
+ * A group's block ("tile") holds the 8 rows' scales, then the chunk vectors: Q4_1: d[8] m[8] (fp16),
+ * then 4 vectors whose low nibbles are chunks 0..3 and high nibbles chunks 4..7 (160 bytes, as the 8
+ * source blocks); QU4: the same with fp32 d[8] m[8] (192 bytes); Q8_0: d[8] (fp16), then the 8 chunk
+ * vectors (272 bytes); QU8: fp32 d0[8] d1[8] m0[8] m1[8] (half blocks 0 and 1: chunks 0..3 and 4..7),
+ * then the 8 chunk vectors (384 bytes). Tiles are group-major ([N / 8, K / 32]), so a group's row of
+ * tiles streams contiguously. AVX2 without VNNI uses maddubs (u8 x s8 pairs into s16: Q8_0's and QU8's
+ * signs move onto x, |w| <= 128 keeps every pair sum within s16). */
 #define I8_GROUP 8
-#define I8_TILE_Q4_1 160
-#define I8_TILE_Q8_0 272
 #define I8_ROWS 4 /* rows of x per pass over a group's tiles (accumulators + unpacked chunks fit 16 registers) */
 
-static inline int64_t i8_tile_bytes(int q8) { return q8 ? I8_TILE_Q8_0 : I8_TILE_Q4_1; }
+static inline int i8_nibbles(int fmt) { return fmt == FMT_Q4_1 || fmt == FMT_QU4; }
+static inline int i8_signed(int fmt) { return fmt == FMT_Q8_0 || fmt == FMT_QU8; } /* codes as int8 in the tiles */
+static inline int64_t i8_tile_bytes(int fmt) { return I8_GROUP * fmt_bytes(fmt); /* its 8 blocks' bytes */ }
+/* where a tile's chunk vectors start (after its scales) */
+static inline int64_t i8_chunks_at(int fmt) {
+    return fmt == FMT_Q8_0 ? 16 : fmt == FMT_QU8 ? 128 : fmt == FMT_QU4 ? 64 : 32;
+}
 
-/* GGUF rows [N, K / 32 blocks] -> tiles [N / 8, K / 32]; N % 8 == 0. */
-void agora_repack_i8(const uint8_t *w, int64_t N, int64_t K, int64_t q8, uint8_t *out) {
-    const int64_t nb = K / QK, bytes = q8 ? Q8_0_BYTES : Q4_1_BYTES, tb = i8_tile_bytes((int)q8);
+/* One GGUF-layout block's scale fields and 32 codes (as bytes: 0..15, Q8_0's int8 bits, QU8's 0..255) to and
+ * from row n of a tile. `to_tile`: block -> tile, else tile -> block. */
+static void i8_fields(int fmt, uint8_t *blk, uint8_t *t, int n, uint8_t q[QK], int to_tile) {
+#define MOVE(tile_at, blk_at, len) (to_tile ? memcpy(t + (tile_at), blk + (blk_at), len) : memcpy(blk + (blk_at), t + (tile_at), len))
+    if (fmt == FMT_Q8_0) {
+        MOVE(2 * n, 0, 2);
+        if (to_tile) memcpy(q, blk + 2, QK); else memcpy(blk + 2, q, QK);
+    } else if (fmt == FMT_QU8) {
+        for (int f = 0; f < 4; f++) MOVE(32 * f + 4 * n, 4 * f, 4); /* d0 d1 m0 m1 */
+        if (to_tile) memcpy(q, blk + 16, QK); else memcpy(blk + 16, q, QK);
+    } else {
+        const int w = fmt == FMT_QU4 ? 4 : 2; /* bytes of d and of m */
+        MOVE(w * n, 0, w);
+        MOVE(8 * w + w * n, w, w);
+        uint8_t *qs = blk + 2 * w;
+        for (int j = 0; j < 16; j++)
+            if (to_tile) q[j] = qs[j] & 0x0f, q[j + 16] = qs[j] >> 4;
+            else qs[j] = (uint8_t)(q[j] | q[j + 16] << 4);
+    }
+#undef MOVE
+}
+
+/* The chunk vectors' byte for code j (0..31) of row n, and which nibble holds it (-1: a whole byte). */
+static inline int64_t i8_code_at(int fmt, int n, int j, int *shift) {
+    const int c = j / 4;
+    if (!i8_nibbles(fmt)) {
+        *shift = -1;
+        return i8_chunks_at(fmt) + c * 32 + n * 4 + j % 4;
+    }
+    *shift = c < 4 ? 0 : 4;
+    return i8_chunks_at(fmt) + (c & 3) * 32 + n * 4 + j % 4;
+}
+
+/* GGUF-layout rows [N, K / 32 blocks] of `fmt` -> tiles [N / 8, K / 32], or back (`to_tile` 0); N % 8 == 0.
+ * Nibble tiles are written whole (each byte set from its two codes), so no byte is read before it is set. */
+static void repack_i8(int fmt, uint8_t *w, int64_t N, int64_t K, uint8_t *tiles, int to_tile) {
+    const int64_t nb = K / QK, bytes = fmt_bytes(fmt), tb = i8_tile_bytes(fmt);
     for (int64_t g = 0; g < N / I8_GROUP; g++)
         for (int64_t b = 0; b < nb; b++) {
-            uint8_t *t = out + (g * nb + b) * tb;
-            uint8_t q[I8_GROUP][QK]; /* each row's 32 weights as bytes (Q4_1: 0..15, Q8_0: int8 bits) */
-            for (int n = 0; n < I8_GROUP; n++) {
-                const uint8_t *blk = w + ((g * I8_GROUP + n) * nb + b) * bytes;
-                memcpy(t + 2 * n, blk, 2); /* d */
-                if (q8) {
-                    memcpy(q[n], blk + 2, QK);
-                } else {
-                    memcpy(t + 16 + 2 * n, blk + 2, 2); /* m */
-                    for (int j = 0; j < 16; j++) q[n][j] = blk[4 + j] & 0x0f, q[n][j + 16] = blk[4 + j] >> 4;
-                }
-            }
-            uint8_t *v = t + (q8 ? 16 : 32);
-            for (int c = 0; c < (q8 ? 8 : 4); c++)
+            uint8_t *t = tiles + (g * nb + b) * tb;
+            uint8_t q[I8_GROUP][QK];
+            if (!to_tile)
                 for (int n = 0; n < I8_GROUP; n++)
-                    for (int j = 0; j < 4; j++)
-                        v[c * 32 + n * 4 + j] = q8 ? q[n][4 * c + j] : (uint8_t)(q[n][4 * c + j] | q[n][4 * c + 16 + j] << 4);
+                    for (int j = 0; j < QK; j++) {
+                        int shift;
+                        const uint8_t byte = t[i8_code_at(fmt, n, j, &shift)];
+                        q[n][j] = shift < 0 ? (fmt == FMT_QU8 ? byte ^ 0x80 : byte) : (byte >> shift) & 0x0f;
+                    }
+            for (int n = 0; n < I8_GROUP; n++)
+                i8_fields(fmt, w + ((g * I8_GROUP + n) * nb + b) * bytes, t, n, q[n], to_tile);
+            if (to_tile)
+                for (int n = 0; n < I8_GROUP; n++)
+                    for (int j = 0; j < QK; j++) {
+                        int shift;
+                        uint8_t *byte = t + i8_code_at(fmt, n, j, &shift);
+                        if (shift < 0) *byte = fmt == FMT_QU8 ? q[n][j] ^ 0x80 : q[n][j]; /* QU8: less 128 */
+                        else if (shift == 0) *byte = (uint8_t)(q[n][j] | q[n][j + 16] << 4); /* (both nibbles) */
+                    }
         }
+}
+
+/* GGUF-layout rows [N, K / 32 blocks] of `fmt` (FMT_*) -> the int8 kernel's tiles [N / 8, K / 32]; N % 8 == 0. */
+void agora_repack_i8(const uint8_t *w, int64_t N, int64_t K, int64_t fmt, uint8_t *out) {
+    repack_i8((int)fmt, (uint8_t *)w, N, K, out, 1);
+}
+
+/* The inverse: tiles back to GGUF-layout rows (to change a layer's format after repacking). */
+void agora_unrepack_i8(const uint8_t *tiles, int64_t N, int64_t K, int64_t fmt, uint8_t *out) {
+    repack_i8((int)fmt, out, N, K, (uint8_t *)tiles, 0);
 }
 
 typedef struct {
     int8_t *q; /* [M, K] */
-    float *d, *s; /* [M, K / 32]: scale, and scale * sum(q) (Q4_1's offset term) */
+    float *d, *s; /* [M, K / 32]: scale, and scale * sum(q) (the offset term) */
+    float *n0, *n1; /* [M, K / 32]: sum(q) over each half block (QU8's terms; integers, exact as floats) */
 } xq8;
 
 static void quantize_x(const float *x, int64_t M, int64_t K, xq8 out) {
@@ -605,7 +661,7 @@ static void quantize_x(const float *x, int64_t M, int64_t K, xq8 out) {
         float amax = 0.f;
         for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
         const float d = amax / 127.f, id = d > 0.f ? 127.f / amax : 0.f;
-        int32_t sum = 0;
+        int32_t half[2] = {0, 0};
 #if AGORA_AVX2
         const __m256 vid = _mm256_set1_ps(id);
         __m256i q32[4];
@@ -616,25 +672,29 @@ static void quantize_x(const float *x, int64_t M, int64_t K, xq8 out) {
         __m256i p8 = _mm256_packs_epi16(_mm256_packs_epi32(q32[0], q32[1]), _mm256_packs_epi32(q32[2], q32[3]));
         p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256((__m256i *)qb, p8);
-        __m256i s32 = _mm256_add_epi32(_mm256_add_epi32(q32[0], q32[1]), _mm256_add_epi32(q32[2], q32[3]));
-        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s32), _mm256_extracti128_si256(s32, 1));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
-        sum = _mm_cvtsi128_si32(s4);
+        for (int h = 0; h < 2; h++) {
+            const __m256i s32 = _mm256_add_epi32(q32[2 * h], q32[2 * h + 1]);
+            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s32), _mm256_extracti128_si256(s32, 1));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+            half[h] = _mm_cvtsi128_si32(s4);
+        }
 #else
         for (int j = 0; j < QK; j++) {
             const int v = (int)nearbyintf(xb[j] * id);
             qb[j] = (int8_t)v;
-            sum += v;
+            half[j / 16] += v;
         }
 #endif
         out.d[i] = d;
-        out.s[i] = d * (float)sum;
+        out.s[i] = d * (float)(half[0] + half[1]);
+        out.n0[i] = (float)half[0];
+        out.n1[i] = (float)half[1];
     }
 }
 
 /* Floats of scratch linear_i8 needs for M rows of K (the quantized x and its scales). */
-static inline int64_t i8_scratch_floats(int64_t M, int64_t K) { return M * K / 4 + 2 * M * (K / QK) + 16; }
+static inline int64_t i8_scratch_floats(int64_t M, int64_t K) { return M * K / 4 + 4 * M * (K / QK) + 16; }
 
 #if AGORA_AVX2
 /* lanes += sum over 4-byte groups of u[j] * s[j] (u unsigned, s signed) */
@@ -648,46 +708,71 @@ static inline __m256i dot_acc(__m256i acc, __m256i u, __m256i s) {
 #endif
 }
 
-/* y[r, 8 rows of group] for R (1..I8_ROWS) rows of x, over `nb` tiles of one group. */
-static inline __attribute__((always_inline)) void group_dot_i8(int q8, const uint8_t *tiles, int64_t nb, xq8 x,
+/* y[r, 8 rows of group] for R (1..I8_ROWS) rows of x, over `nb` tiles of one group; fmt a constant after
+ * inlining. */
+static inline __attribute__((always_inline)) void group_dot_i8(int fmt, const uint8_t *tiles, int64_t nb, xq8 x,
                                                                int64_t row0, int64_t K, int R, float *y,
                                                                int64_t ldy) {
     __m256 acc[I8_ROWS];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-    const int64_t tb = i8_tile_bytes(q8), nbx = K / QK;
+    const int64_t tb = i8_tile_bytes(fmt), nbx = K / QK, at0 = i8_chunks_at(fmt);
     const __m256i mask = _mm256_set1_epi8(0x0f);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *t = tiles + b * tb;
         for (int64_t off = 0; PF_BYTES && off < tb; off += 64)
             _mm_prefetch((const char *)(t + PF_BYTES + off), _MM_HINT_T0);
-        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
-        __m256i v[8], sg[8];
-        if (q8) {
-            for (int c = 0; c < 8; c++) {
-                sg[c] = _mm256_loadu_si256((const __m256i *)(t + 16 + 32 * c));
-                v[c] = _mm256_sign_epi8(sg[c], sg[c]); /* |w|; its signs move onto x */
-            }
+        __m256 dw, dw1 = _mm256_setzero_ps(), mw = _mm256_setzero_ps(), mw1 = _mm256_setzero_ps();
+        if (fmt == FMT_Q4_1 || fmt == FMT_Q8_0) {
+            dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
+            if (fmt == FMT_Q4_1) mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(t + 16)));
         } else {
+            dw = _mm256_loadu_ps((const float *)t);
+            if (fmt == FMT_QU4) {
+                mw = _mm256_loadu_ps((const float *)(t + 32));
+            } else {
+                dw1 = _mm256_loadu_ps((const float *)(t + 32));
+                mw = _mm256_loadu_ps((const float *)(t + 64));
+                mw1 = _mm256_loadu_ps((const float *)(t + 96));
+            }
+        }
+        __m256i v[8], sg[8];
+        if (i8_nibbles(fmt)) {
             for (int c = 0; c < 4; c++) {
-                const __m256i p = _mm256_loadu_si256((const __m256i *)(t + 32 + 32 * c));
+                const __m256i p = _mm256_loadu_si256((const __m256i *)(t + at0 + 32 * c));
                 v[c] = _mm256_and_si256(p, mask);
                 v[c + 4] = _mm256_and_si256(_mm256_srli_epi16(p, 4), mask);
+            }
+        } else {
+            for (int c = 0; c < 8; c++) {
+                sg[c] = _mm256_loadu_si256((const __m256i *)(t + at0 + 32 * c));
+                v[c] = _mm256_sign_epi8(sg[c], sg[c]); /* |w|; its signs move onto x */
             }
         }
         for (int r = 0; r < R; r++) {
             const int64_t row = row0 + r, at = row * nbx + b;
             const int8_t *xq = x.q + row * K + b * QK;
-            __m256i isum = _mm256_setzero_si256();
+            __m256i isum[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
             for (int c = 0; c < 8; c++) {
                 int32_t four;
                 memcpy(&four, xq + 4 * c, 4);
                 __m256i xb = _mm256_set1_epi32(four);
-                if (q8) xb = _mm256_sign_epi8(xb, sg[c]);
-                isum = dot_acc(isum, v[c], xb);
+                if (i8_signed(fmt)) xb = _mm256_sign_epi8(xb, sg[c]);
+                const int h = fmt == FMT_QU8 && c >= 4;
+                isum[h] = dot_acc(isum[h], v[c], xb);
             }
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, _mm256_set1_ps(x.d[at])), acc[r]);
-            if (!q8) {
-                const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(t + 16)));
+            const __m256 xd = _mm256_set1_ps(x.d[at]);
+            if (fmt == FMT_QU8) { /* each half's codes less 128 added back: sums of integers under 2^24, exact */
+                const float n0 = x.n0[at], n1 = x.n1[at];
+                const __m256 i0 = _mm256_add_ps(_mm256_cvtepi32_ps(isum[0]), _mm256_set1_ps(128.f * n0));
+                const __m256 i1 = _mm256_add_ps(_mm256_cvtepi32_ps(isum[1]), _mm256_set1_ps(128.f * n1));
+                acc[r] = _mm256_fmadd_ps(i0, _mm256_mul_ps(dw, xd), acc[r]);
+                acc[r] = _mm256_fmadd_ps(i1, _mm256_mul_ps(dw1, xd), acc[r]);
+                acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(x.d[at] * n0), acc[r]);
+                acc[r] = _mm256_fmadd_ps(mw1, _mm256_set1_ps(x.d[at] * n1), acc[r]);
+                continue;
+            }
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[0]), _mm256_mul_ps(dw, xd), acc[r]);
+            if (i8_nibbles(fmt)) {
                 acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(x.s[at]), acc[r]);
             }
         }
@@ -695,9 +780,15 @@ static inline __attribute__((always_inline)) void group_dot_i8(int q8, const uin
     for (int r = 0; r < R; r++) _mm256_storeu_ps(y + r * ldy, acc[r]);
 }
 #else
-static inline void group_dot_i8(int q8, const uint8_t *tiles, int64_t nb, xq8 x, int64_t row0, int64_t K, int R,
+/* A tile's scale field f (0: d or d0, 1: m or d1, 2: m0, 3: m1) of row n. */
+static inline float i8_scale(int fmt, const uint8_t *t, int f, int n) {
+    if (fmt == FMT_Q4_1 || fmt == FMT_Q8_0) return half_to_float(t + 16 * f + 2 * n);
+    return f32_at(t + 32 * f + 4 * n);
+}
+
+static inline void group_dot_i8(int fmt, const uint8_t *tiles, int64_t nb, xq8 x, int64_t row0, int64_t K, int R,
                                 float *y, int64_t ldy) {
-    const int64_t tb = i8_tile_bytes(q8), nbx = K / QK;
+    const int64_t tb = i8_tile_bytes(fmt), nbx = K / QK;
     for (int r = 0; r < R; r++)
         for (int n = 0; n < I8_GROUP; n++) {
             float acc = 0.f;
@@ -705,27 +796,45 @@ static inline void group_dot_i8(int q8, const uint8_t *tiles, int64_t nb, xq8 x,
                 const uint8_t *t = tiles + b * tb;
                 const int8_t *xq = x.q + (row0 + r) * K + b * QK;
                 const int64_t at = (row0 + r) * nbx + b;
-                int32_t dot = 0;
-                for (int c = 0; c < 8; c++)
-                    for (int j = 0; j < 4; j++) {
-                        const int wq = q8 ? (int8_t)t[16 + 32 * c + 4 * n + j]
-                                          : (t[32 + 32 * (c & 3) + 4 * n + j] >> (c < 4 ? 0 : 4)) & 0x0f;
-                        dot += wq * xq[4 * c + j];
-                    }
-                acc += half_to_float(t + 2 * n) * x.d[at] * (float)dot;
-                if (!q8) acc += half_to_float(t + 16 + 2 * n) * x.s[at];
+                int32_t dot[2] = {0, 0};
+                for (int j = 0; j < QK; j++) {
+                    int shift;
+                    const uint8_t byte = t[i8_code_at(fmt, n, j, &shift)];
+                    const int wq = fmt == FMT_Q8_0 ? (int8_t)byte : fmt == FMT_QU8 ? (int8_t)byte + 128
+                                                                                        : (byte >> shift) & 0x0f;
+                    dot[fmt == FMT_QU8 && j >= 16] += wq * xq[j];
+                }
+                acc += i8_scale(fmt, t, 0, n) * x.d[at] * (float)dot[0];
+                if (fmt == FMT_QU8) {
+                    acc += i8_scale(fmt, t, 1, n) * x.d[at] * (float)dot[1];
+                    acc += i8_scale(fmt, t, 2, n) * (x.d[at] * x.n0[at]) + i8_scale(fmt, t, 3, n) * (x.d[at] * x.n1[at]);
+                } else if (i8_nibbles(fmt)) {
+                    acc += i8_scale(fmt, t, 1, n) * x.s[at];
+                }
             }
             y[r * ldy + n] = acc;
         }
 }
 #endif
 
+/* One group's tiles against R rows of x, with fmt and R constants in each case. */
+static inline __attribute__((always_inline)) void group_rows_i8(int fmt, const uint8_t *tiles, int64_t nb, xq8 x,
+                                                                int64_t row0, int64_t K, int64_t R, float *y,
+                                                                int64_t ldy) {
+    switch (R) {
+        case 4: group_dot_i8(fmt, tiles, nb, x, row0, K, 4, y, ldy); break;
+        case 3: group_dot_i8(fmt, tiles, nb, x, row0, K, 3, y, ldy); break;
+        case 2: group_dot_i8(fmt, tiles, nb, x, row0, K, 2, y, ldy); break;
+        default: group_dot_i8(fmt, tiles, nb, x, row0, K, 1, y, ldy); break;
+    }
+}
+
 /* y[M, N] = x[M, K] @ W^T (+ bias) with x quantized to int8 (into `scratch`, i8_scratch_floats
  * floats) and W repacked by agora_repack_i8. Each thread takes whole groups of 8 weight rows. */
-static void linear_i8(int q8, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
+static void linear_i8(int fmt, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
                       float *y, float *scratch, int64_t nthreads) {
-    const int64_t nb = K / QK, groups = N / I8_GROUP, tb = i8_tile_bytes(q8);
-    xq8 xq = {(int8_t *)(scratch + 2 * M * nb), scratch, scratch + M * nb};
+    const int64_t nb = K / QK, groups = N / I8_GROUP, tb = i8_tile_bytes(fmt);
+    xq8 xq = {(int8_t *)(scratch + 4 * M * nb), scratch, scratch + M * nb, scratch + 2 * M * nb, scratch + 3 * M * nb};
     quantize_x(x, M, K, xq);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t g = 0; g < groups; g++) {
@@ -733,11 +842,11 @@ static void linear_i8(int q8, const float *x, int64_t M, int64_t K, const uint8_
         for (int64_t m = 0; m < M; m += I8_ROWS) {
             const int64_t R = M - m < I8_ROWS ? M - m : I8_ROWS;
             float *yg = y + m * N + g * I8_GROUP;
-            switch (R) {
-                case 4: group_dot_i8(q8, tiles, nb, xq, m, K, 4, yg, N); break;
-                case 3: group_dot_i8(q8, tiles, nb, xq, m, K, 3, yg, N); break;
-                case 2: group_dot_i8(q8, tiles, nb, xq, m, K, 2, yg, N); break;
-                default: group_dot_i8(q8, tiles, nb, xq, m, K, 1, yg, N); break;
+            switch (fmt) {
+                case FMT_Q8_0: group_rows_i8(FMT_Q8_0, tiles, nb, xq, m, K, R, yg, N); break;
+                case FMT_QU8: group_rows_i8(FMT_QU8, tiles, nb, xq, m, K, R, yg, N); break;
+                case FMT_QU4: group_rows_i8(FMT_QU4, tiles, nb, xq, m, K, R, yg, N); break;
+                default: group_rows_i8(FMT_Q4_1, tiles, nb, xq, m, K, R, yg, N); break;
             }
         }
         if (bias)
@@ -748,16 +857,11 @@ static void linear_i8(int q8, const float *x, int64_t M, int64_t K, const uint8_
 
 int64_t agora_linear_i8_scratch_floats(int64_t M, int64_t K) { return i8_scratch_floats(M, K); }
 
-/* As agora_linear_q4_1 / _q8_0 with int8 activations, W repacked (agora_repack_i8), N % 8 == 0;
- * scratch: agora_linear_i8_scratch_floats(M, K) floats. */
-void agora_linear_q4_1_i8(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
-                          float *y, float *scratch, int64_t nthreads) {
-    TIMED(linear_i8(0, x, M, K, w, N, bias, y, scratch, nthreads));
-}
-
-void agora_linear_q8_0_i8(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
-                          float *y, float *scratch, int64_t nthreads) {
-    TIMED(linear_i8(1, x, M, K, w, N, bias, y, scratch, nthreads));
+/* As agora_linear_q4_1 / _q8_0 / _qu4 / _qu8 with int8 activations: fmt FMT_*, W repacked by agora_repack_i8,
+ * N % 8 == 0; scratch: agora_linear_i8_scratch_floats(M, K) floats. */
+void agora_linear_i8(int64_t fmt, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
+                     const float *bias, float *y, float *scratch, int64_t nthreads) {
+    TIMED(linear_i8((int)fmt, x, M, K, w, N, bias, y, scratch, nthreads));
 }
 
 #if AGORA_AVX2
@@ -2270,7 +2374,7 @@ static inline uint16_t float_to_bf16(float f) {
 static void qlinear(const agora_qlinear *l, const float *x, int64_t M, float *y, float *i8_scratch,
                     int64_t nthreads) {
     if (l->i8)
-        linear_i8(l->fmt == FMT_Q8_0, x, M, l->k, l->w, l->n, l->bias, y, i8_scratch, nthreads);
+        linear_i8((int)l->fmt, x, M, l->k, l->w, l->n, l->bias, y, i8_scratch, nthreads);
     else
         linear_blocks((int)l->fmt, x, M, l->k, l->w, l->n, l->bias, y, nthreads);
 }

@@ -45,7 +45,8 @@ QU4_BYTES = BLOCK_BYTES["QU4"]  # per 32 weights: 2 fp32, 16 bytes of nibbles
 # 7.7 -> 7.4 ms a step at batch 1, 40.7 -> 38.1 at 16; with the kernels built for AVX2 11.1 -> 8.3 and
 # 56.4 -> 54.8; benchmarks/results/cpu_decode_qu4_intel*.json).
 FORMATS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
-AS_STORED = ("Q8_0",)  # what the loader keeps as the file stores it (with int8 activations: kernels.I8_QTYPES)
+AS_STORED = ("Q8_0",)  # what the loader keeps as the file stores it
+AS_STORED_I8 = ("Q4_1", "Q8_0")  # the same with int8 activations: Q4_1's tiles hold its fp16 fields as they are
 FOUR_BIT = ("Q4_0", "Q4_1", "Q4_K", "QU4")  # one d, m per 32 weights and codes under 16: QU4 holds them
 # Repacked by widening fp16 fields to fp32 only, no arithmetic: the same weights by construction, so loading needs
 # no dequantized copy to check them against.

@@ -278,10 +278,9 @@ def _read_gguf(
     are kept has no fp32 copy, each dequantized only while it is read."""
     from gguf.quants import dequantize
 
-    from agora import kernels
     from agora.models import gguf_repack
 
-    as_stored = kernels.I8_QTYPES if int8 else gguf_repack.AS_STORED
+    as_stored = gguf_repack.AS_STORED_I8 if int8 else gguf_repack.AS_STORED
     gguf = GGUFFile(path)
     arch = gguf.metadata["general.architecture"]
     weights: dict[str, torch.Tensor] = {}
@@ -446,7 +445,7 @@ def load_model(
         cast_lm_head(model, gemm_dtype)
     if int8_activations and not any(qtype in kernels.I8_QTYPES for qtype, _ in blocks.values()):
         raise ValueError(
-            "--gguf-activations int8 needs a GGUF model with Q4_1/Q8_0 layers on the CPU kernels, in fp32 "
+            "--gguf-activations int8 needs a GGUF model with block layers on the CPU kernels, in fp32 "
             f"({files.source.name} on {device.type} in {str(dtype).removeprefix('torch.')}"
             f"{'' if kernels.available() else ', no CPU kernels'} has none)"
         )

@@ -319,14 +319,15 @@ def _fused(parts: list[GGUFLinear]) -> GGUFLinear | None:
     if len({(p.in_features, p.int8, p.bias is None) for p in parts}) != 1:
         return None
     if len({p.qtype for p in parts}) > 1:
-        if parts[0].int8:  # the int8 kernel reads Q4_1/Q8_0 only
-            return None
         # block formats differ (Gemma's Q4_K_M: q, k in Q5_0, v in Q8_0 in half the layers): all to one, exactly,
-        # QU4 where every part has 4-bit codes (Q4_1 beside Q4_K), else QU8
+        # QU4 where every part has 4-bit codes (Q4_1 beside Q4_K), else QU8 (int8 parts: back from the int8
+        # kernel's tiles, repacked, and tiled again)
         common = "QU4" if all(p.qtype in gguf_repack.FOUR_BIT for p in parts) else "QU8"
         for p in parts:
             if p.qtype != common:
-                p.blocks = torch.from_numpy(gguf_repack.repack(p.blocks.numpy(), p.qtype, to=common))
+                rows = kernels.unrepack_i8(p.blocks, p.qtype) if p.int8 else p.blocks
+                rows = torch.from_numpy(gguf_repack.repack(rows.numpy(), p.qtype, to=common))
+                p.blocks = kernels.repack_i8(rows, common) if p.int8 else rows
                 p.qtype = common
     base = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=parts[0].bias is not None)
     with torch.no_grad():

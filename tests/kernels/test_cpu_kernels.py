@@ -26,8 +26,20 @@ CPU = torch.device("cpu")
 
 
 def quantized(n: int, k: int, qtype: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(GGUF block rows, their dequantized fp32 weight) for a random [n, k] weight."""
-    w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) * 0.05
+    """(GGUF block rows, their dequantized fp32 weight) for a random [n, k] weight; QU4 and QU8 (the formats
+    the loader repacks to) as random codes and fp32 fields."""
+    rng = np.random.default_rng(seed)
+    if qtype in ("QU4", "QU8"):
+        halves = 1 if qtype == "QU4" else 2  # a (d, m) per block, or per half block
+        d = rng.uniform(0.002, 0.01, (n, k // 32, halves)).astype(np.float32)
+        levels = 16 if qtype == "QU4" else 256
+        q = rng.integers(0, levels, (n, k // 32, 32)).astype(np.uint8)
+        m = (-d * levels * rng.uniform(0.4, 0.6, d.shape)).astype(np.float32)  # weights about 0, as a model's
+        w = (np.repeat(d, 32 // halves, -1) * q + np.repeat(m, 32 // halves, -1)).reshape(n, k)
+        codes = q[..., :16] | q[..., 16:] << 4 if qtype == "QU4" else q
+        blocks = np.concatenate([d.view(np.uint8), m.view(np.uint8), codes], -1).reshape(n, -1)
+        return torch.from_numpy(np.ascontiguousarray(blocks)), torch.from_numpy(w.astype(np.float32))
+    w = rng.standard_normal((n, k)).astype(np.float32) * 0.05
     t = getattr(gguf.GGMLQuantizationType, qtype)
     blocks = quantize(w, t)
     return torch.from_numpy(blocks), torch.from_numpy(dequantize(blocks, t).astype(np.float32))
@@ -91,11 +103,31 @@ def test_int8_activation_linear_is_exact_on_the_quantized_input(
     repacked = kernels.repack_i8(blocks, qtype)
     assert repacked.shape == (n // 8, blocks.shape[1] * 8)  # the same bytes, 8 rows a group
     got = kernels.linear(x, repacked, qtype, bias, int8=True)
-    torch.testing.assert_close(got, int8_reference(x, w, bias), rtol=1e-5, atol=5e-5)  # fp32 summation order
+    # fp32 summation order; QU8's offsets are ~128 codes of weight, so the code and offset sums cancel more
+    torch.testing.assert_close(got, int8_reference(x, w, bias), rtol=1e-5, atol=2e-4 if qtype == "QU8" else 5e-5)
     # ... and close to, not equal to, the fp32 product: x's rounding is the only difference.
     exact = F.linear(x, w, bias)
     assert not torch.equal(got, exact)
     assert (got - exact).abs().max() < 0.02 * exact.abs().max()
+
+
+@pytest.mark.parametrize("qtype", kernels.I8_QTYPES)
+def test_int8_tiles_give_back_the_blocks_they_were_made_from(qtype: str) -> None:
+    blocks, w = quantized(24, 96, qtype, seed=5)
+    tiles = kernels.repack_i8(blocks, qtype)
+    assert not torch.equal(tiles.view(-1), blocks.view(-1))  # rearranged ...
+    assert torch.equal(kernels.unrepack_i8(tiles, qtype), blocks)  # ... and nothing lost
+
+
+def test_int8_activation_qu8_takes_its_extreme_codes() -> None:
+    """QU8's codes run over 0..255 (Q8_0's repacked: q + 128): the tiles keep them less 128, as signed bytes, so
+    AVX2's maddubs pair sums (u8 x s8 into s16) cannot saturate; 128 * sum(x) is added back in integers."""
+    blocks, _ = quantized(8, 64, "QU8")
+    blocks.view(8, 2, 48)[:, :, 16:] = torch.tensor([0xFF, 0x00, 0x80, 0x7F] * 8, dtype=torch.uint8)
+    w = kernels.dequantize(blocks, "QU8", 64)
+    for x in (torch.full((3, 64), -1.0), torch.full((3, 64), 1.0), torch.randn(3, 64)):
+        got = kernels.linear(x, kernels.repack_i8(blocks, "QU8"), "QU8", None, int8=True)
+        torch.testing.assert_close(got, int8_reference(x, w, None), rtol=1e-5, atol=1e-5)
 
 
 def test_int8_activation_q8_0_takes_the_most_negative_weight() -> None:

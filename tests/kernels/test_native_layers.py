@@ -23,6 +23,7 @@ from agora.models.llama import LlamaConfig, LlamaForCausalLM
 from agora.models.quant import (
     MAX_KERNEL_ROWS,
     MAX_KERNEL_ROWS_BF16_GEMM,
+    GGUFLinear,
     attach_gguf_blocks,
     cast_gemm_weights,
     fuse_projections,
@@ -148,8 +149,8 @@ SWITCHES = {
 
 @pytest.mark.parametrize(
     ("int8", "qtypes"),
-    [(False, ("Q4_1", "Q8_0")), (True, ("Q4_1", "Q8_0")), (False, ("Q5_0", "Q4_0"))],
-    ids=["fp32 activations", "int8 activations", "QU8 and QU4 blocks"],
+    [(False, ("Q4_1", "Q8_0")), (True, ("Q4_1", "Q8_0")), (False, ("Q5_0", "Q4_0")), (True, ("Q5_0", "Q4_0"))],
+    ids=["fp32 activations", "int8 activations", "QU8 and QU4 blocks", "int8 activations on QU8 and QU4 blocks"],
 )
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("switches", list(SWITCHES), ids=list(SWITCHES))
@@ -253,11 +254,12 @@ def test_int8_activations_change_the_numbers_only_slightly() -> None:
     assert (got - ref).abs().max() < 0.1 * ref.abs().max()  # three layers of random weights: errors compound
 
 
-def quantized_gemma(seed: int = 0) -> Gemma3ForCausalLM:
+def quantized_gemma(seed: int = 0, int8: bool = False) -> Gemma3ForCausalLM:
     """A random Gemma 3 (local and global layers, each with its own RoPE base; q/k norms; a norm before and after
     attention and the MLP) whose linears are GGUF blocks as a Q4_K_M file mixes them: Q5_0 read through QU8, and
     v in Q8_0 every other layer, so q/k/v fuse only once repacked to one format; in the even layers gate in Q4_0 and
-    up in Q4_1 (fused as QU4), in the last q and k in Q4_0 (fused with its Q8_0 v as QU8)."""
+    up in Q4_1 (fused as QU4), in the last q and k in Q4_0 (fused with its Q8_0 v as QU8). ``int8``: with int8
+    activations (the parts repacked for the int8 kernel first, so fusing takes their tiles apart and back)."""
     cfg = Gemma3Config.from_hf({
         "vocab_size": 64, "hidden_size": 128, "intermediate_size": 96, "num_hidden_layers": 4,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "sliding_window": 7,
@@ -284,17 +286,31 @@ def quantized_gemma(seed: int = 0) -> Gemma3ForCausalLM:
                     qtype = "Q4_0" if "gate" in name else "Q4_1"
                 w, blocks[name] = as_gguf(w, qtype)
             p.copy_(torch.from_numpy(w))
-    assert attach_gguf_blocks(model, blocks, tied=True) == len(blocks)
+    assert attach_gguf_blocks(model, blocks, tied=True, int8=int8) == len(blocks)
     assert fuse_projections(model) == 2 * cfg.num_hidden_layers  # the Q8_0 v layers too, as QU8
     formats = [(layer.self_attn.qkv_proj.qtype, layer.mlp.gate_up_proj.qtype) for layer in model.model.layers]
     assert formats == [("QU8", "QU4"), ("QU8", "QU8"), ("QU8", "QU4"), ("QU8", "QU8")]
     return model
 
 
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32 activations", "int8 activations"])
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_gemma_native_layers_equal_the_module_path_bit_for_bit(kv_dtype: torch.dtype) -> None:
+def test_gemma_native_layers_equal_the_module_path_bit_for_bit(kv_dtype: torch.dtype, int8: bool) -> None:
     # prompts of 9 to 30 tokens pass the sliding window of 7: the local layers see only their window
-    assert_native_steps_equal_module_steps(quantized_gemma(), kv_dtype)
+    model = quantized_gemma(int8=int8)
+    assert all(m.int8 == int8 for m in model.modules() if isinstance(m, GGUFLinear) and m.out_features % 8 == 0)
+    assert_native_steps_equal_module_steps(model, kv_dtype)
+
+
+def test_gemma_fused_int8_layers_hold_the_tiles_of_their_parts_in_one_format() -> None:
+    """Fusing int8 layers of different formats (Q5_0 q/k with a Q8_0 v: QU8) takes each part's tiles back to
+    blocks, repacks them exactly, and tiles them again: the same tiles as fusing the fp32 layers, then tiling."""
+    exact, int8 = quantized_gemma(seed=2), quantized_gemma(seed=2, int8=True)
+    for a, b in zip(exact.model.layers, int8.model.layers, strict=True):
+        for slot in (a.self_attn.qkv_proj, b.self_attn.qkv_proj), (a.mlp.gate_up_proj, b.mlp.gate_up_proj):
+            fp32, tiled = slot
+            assert tiled.int8 and tiled.qtype == fp32.qtype
+            assert torch.equal(tiled.blocks, kernels.repack_i8(fp32.blocks, fp32.qtype))
 
 
 def test_gemma_layers_on_the_kernels_match_the_torch_module_path() -> None:

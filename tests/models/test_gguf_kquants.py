@@ -92,3 +92,24 @@ def test_the_4_bit_layers_are_read_as_qu4_on_the_native_layers(kquant_file) -> N
     for layer in model.modules():  # each layer's blocks are half QU8's size where QU4
         if isinstance(layer, GGUFLinear):
             assert layer.blocks.shape[1] == layer.in_features // 32 * kernels.BLOCK_BYTES[layer.qtype]
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no C compiler: CPU kernels unavailable")
+def test_int8_activations_take_every_block_layer_of_the_file(kquant_file) -> None:
+    """``--gguf-activations int8`` reads the QU4 and QU8 layers too (Q4_K, Q4_0, Q6_K), fused as with fp32
+    activations, on the native layers; the logits move only by x's rounding."""
+    from tests.models.test_int8_activations import logits
+
+    _, gguf, prompts, _ = kquant_file
+    exact = load_model(inspect_model(gguf), torch.float32, torch.device("cpu"))
+    int8 = load_model(inspect_model(gguf), torch.float32, torch.device("cpu"), int8_activations=True)
+    assert int8.model.native is not None
+    formats = {n: (m.qtype, m.int8) for n, m in int8.named_modules() if isinstance(m, GGUFLinear)}
+    assert formats == {n: (m.qtype, True) for n, m in exact.named_modules() if isinstance(m, GGUFLinear)}
+    ids = [t for p in prompts for t in p][:48]
+    a, b = logits(exact, ids), logits(int8, ids)
+    assert not torch.equal(a, b)
+    top = a.argmax(-1, keepdim=True)  # the fp32 prediction's logprob under both
+    diff = (a.log_softmax(-1).gather(-1, top) - b.log_softmax(-1).gather(-1, top)).abs()
+    assert diff.max() < 0.5 and diff.mean() < 0.1, diff.flatten()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.8

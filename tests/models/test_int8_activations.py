@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler: 
 
 
 def test_refused_where_no_layer_reads_gguf_blocks(tiny_model_dir):
-    with pytest.raises(ValueError, match="--gguf-activations int8 needs a GGUF model with Q4_1/Q8_0 layers"):
+    with pytest.raises(ValueError, match="--gguf-activations int8 needs a GGUF model with block layers"):
         LLM(str(tiny_model_dir), num_blocks=16, gguf_activations="int8")
 
 
