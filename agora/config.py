@@ -102,8 +102,9 @@ class ModelConfig:
         "for the layers' GEMMs, fp32 activations)", choices=DTYPES)  # fmt: skip
     device: str = option("auto", "cpu, cuda, cuda:1, ... (default: best available)")
     gguf_activations: str = option(
-        "float32", "what a GGUF model's Q4_1/Q8_0 layers multiply on the CPU kernels, in steps of up to 64 tokens: "
-        "float32 (exact fp32 math) or int8 (x quantized in blocks of 32, llama.cpp's numerics: faster, not exact)",
+        "float32", "what a GGUF model's block layers multiply on the CPU kernels, in the steps they take (decode, "
+        "draft verification, short chunks): float32 (exact fp32 math) or int8 (x quantized in blocks of 32, "
+        "llama.cpp's numerics: faster, not exact)",
         choices=GGUF_ACTIVATIONS)  # fmt: skip
     gguf_weights: str = option(
         "auto", "whether a GGUF model on the CPU kernels also keeps its weights in fp32 for the GEMMs of long steps "
