@@ -64,6 +64,7 @@ _SIGNATURES = {
     "agora_linear_i8_scratch_floats": ([_I, _I], _I),
     "agora_repack_i8": ([_P, _I, _I, _I, _P], None),
     "agora_unrepack_i8": ([_P, _I, _I, _I, _P], None),
+    "agora_dequant_i8": ([_I, _P, _I, _I, _P, _I], _I),
     "agora_rope": ([_P, _I, _I, _P, _I, _I, _P, _P, _P, _I, _I, _I], None),
     "agora_silu_mul": ([_P, _I, _I, _P, _I], None),
     "agora_gelu_tanh_mul": ([_P, _I, _I, _P, _I], None),
@@ -327,18 +328,25 @@ def linear(
     return y.view(*shape[:-1], n)
 
 
-def dequantize(qweight: torch.Tensor, qtype: str, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize(
+    qweight: torch.Tensor, qtype: str, k: int, out: torch.Tensor | None = None, int8: bool = False
+) -> torch.Tensor:
     """W ``[N, k]`` in fp32 from its GGUF blocks ``[N, k / 32 * block_bytes]`` (Q4_1, Q8_0, QU8 or QU4): the
-    weights ``linear`` multiplies with, into ``out`` (its first N * k floats) where given."""
+    weights ``linear`` multiplies with, into ``out`` (its first N * k floats) where given. ``int8``: from the
+    int8 kernel's tiles (``repack_i8``) instead, the same weights."""
     lib_ = lib()
     assert lib_ is not None, "CPU kernels are not available"
-    n = qweight.shape[0]
+    n = qweight.shape[0] * (I8_GROUP if int8 else 1)
     if out is None:
         out = torch.empty(n, k, dtype=torch.float32)
     else:
         assert out.dtype == torch.float32 and out.is_contiguous() and out.numel() >= n * k
         out = out.view(-1)[: n * k].view(n, k)
-    lib_.agora_dequant(_FORMATS[qtype], qweight.contiguous().data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
+    threads = torch.get_num_threads()
+    if not int8:
+        lib_.agora_dequant(_FORMATS[qtype], qweight.contiguous().data_ptr(), n, k, out.data_ptr(), threads)
+    elif lib_.agora_dequant_i8(_FORMATS[qtype], qweight.contiguous().data_ptr(), n, k, out.data_ptr(), threads):
+        raise MemoryError(f"no memory to dequantize a {n} x {k} {qtype} weight from its int8 tiles")
     return out
 
 

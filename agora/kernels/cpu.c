@@ -648,6 +648,34 @@ void agora_unrepack_i8(const uint8_t *tiles, int64_t N, int64_t K, int64_t fmt, 
     repack_i8((int)fmt, out, N, K, (uint8_t *)tiles, 0);
 }
 
+/* W [N, K] in fp32 from its tiles: each group's 8 rows back to blocks, then dequant_blocks' unpacking, so the same
+ * weights agora_dequant gives from the blocks (a long step's GEMM weights under --gguf-weights blocks). 1 where a
+ * thread's buffer for a group's blocks could not be allocated. */
+static int dequant_i8(int fmt, const uint8_t *tiles, int64_t N, int64_t K, float *out, int64_t nthreads) {
+    const int64_t row_bytes = K / QK * fmt_bytes(fmt);
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        uint8_t *rows = malloc((size_t)(I8_GROUP * row_bytes));
+        failed |= rows == NULL;
+#pragma omp for schedule(static)
+        for (int64_t g = 0; g < N / I8_GROUP; g++) {
+            if (!rows) continue;
+            repack_i8(fmt, rows, I8_GROUP, K, (uint8_t *)tiles + g * I8_GROUP * row_bytes, 0);
+            dequant_blocks(fmt, rows, I8_GROUP, K, out + g * I8_GROUP * K, 1);
+        }
+        free(rows);
+    }
+    return failed;
+}
+
+/* 0, or -1 where memory ran out (out then incomplete) */
+int64_t agora_dequant_i8(int64_t fmt, const uint8_t *tiles, int64_t N, int64_t K, float *out, int64_t nthreads) {
+    int failed = 0;
+    TIMED(failed = dequant_i8((int)fmt, tiles, N, K, out, nthreads));
+    return failed ? -1 : 0;
+}
+
 typedef struct {
     int8_t *q; /* [M, K] */
     float *d, *s; /* [M, K / 32]: scale, and scale * sum(q) (the offset term) */

@@ -425,9 +425,7 @@ def load_model(
         cpu_kernels and files.is_gguf and device.type == "cpu" and dtype == torch.float32 and kernels.available()
     )
     blocks: dict[str, tuple[str, torch.Tensor]] = {}
-    if int8_activations and gguf_weights == "blocks":  # long steps stay exact fp32 GEMMs there, on fp32 copies
-        raise ValueError("--gguf-weights blocks does not go with --gguf-activations int8, whose blocks are repacked")
-    blocks_only = keep_blocks and not int8_activations and not keeps_fp32_copies(files, gguf_weights)
+    blocks_only = keep_blocks and not keeps_fp32_copies(files, gguf_weights)
     if blocks_only and gguf_weights == "blocks":  # (auto says why when it chooses so)
         logger.info("%s: its layers keep their GGUF blocks only (--gguf-weights blocks)", files.source.name)
     if files.is_gguf:

@@ -123,7 +123,9 @@ class GGUFLinear(nn.Linear):
                 if self.is_lm_head:  # (the largest weight: no buffer for it)
                     return kernels.linear(x, self.blocks, self.qtype, self.bias, self.int8)
                 # a long step: the weight in fp32 for this GEMM only, in a buffer every such layer reuses
-                w = kernels.dequantize(self.blocks, self.qtype, self.in_features, _scratch(self.weight_numel))
+                w = kernels.dequantize(
+                    self.blocks, self.qtype, self.in_features, _scratch(self.weight_numel), self.int8
+                )
                 return F.linear(x, w, self.bias)
         if self.packed is not None and x.dtype == torch.float32 and x.device.type == "cpu":
             return mkl.linear(x, self.packed, self.bias)  # (inference only: no autograd through it)

@@ -120,8 +120,8 @@ def settle_gguf_weights(serve: ServeConfig, files: ModelFiles, replicas: int) ->
     from agora.models.loader import keeps_fp32_copies
 
     model = serve.engine.model
-    if model.gguf_weights != "auto" or model.gguf_activations == "int8" or not files.is_gguf:
-        return serve  # (int8 activations keep the copies: auto is fp32 there, blocks an error)
+    if model.gguf_weights != "auto" or not files.is_gguf:
+        return serve
     settled = "fp32" if keeps_fp32_copies(files, "auto", processes=replicas) else "blocks"
     engine = dataclasses.replace(serve.engine, model=dataclasses.replace(model, gguf_weights=settled))
     return dataclasses.replace(serve, engine=engine)

@@ -117,6 +117,11 @@ def test_int8_tiles_give_back_the_blocks_they_were_made_from(qtype: str) -> None
     tiles = kernels.repack_i8(blocks, qtype)
     assert not torch.equal(tiles.view(-1), blocks.view(-1))  # rearranged ...
     assert torch.equal(kernels.unrepack_i8(tiles, qtype), blocks)  # ... and nothing lost
+    # the weights dequantized from the tiles (a long step's GEMM under --gguf-weights blocks) are the blocks'
+    expected = kernels.dequantize(blocks, qtype, 96)
+    assert torch.equal(kernels.dequantize(tiles, qtype, 96, int8=True), expected)
+    out = torch.full((30, 96), float("nan"))  # into a larger buffer, as the layers' shared scratch is
+    assert torch.equal(kernels.dequantize(tiles, qtype, 96, out, int8=True), expected)
 
 
 def test_int8_activation_qu8_takes_its_extreme_codes() -> None:

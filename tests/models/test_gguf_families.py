@@ -17,6 +17,7 @@ import torch
 from agora import LLM
 from agora.models.layers import LLAMA3_ROPE_DEFAULTS, _llama3_inv_freq, llama3_scaling_from_factors
 from agora.models.loader import inspect_model, load_model
+from agora.models.quant import GGUFLinear
 from tests.conftest import build_tiny_model, build_tokenizer
 from tests.models.gguf_convert import _llama3_rope_factors, _rope, convert, reference_folder
 from tests.models.test_parity import engine_greedy, hf_greedy, shared_prefix_prompts
@@ -180,15 +181,32 @@ def test_gguf_weights_auto_keeps_fp32_copies_while_they_fit(family, monkeypatch)
     assert loader.keeps_fp32_copies(files, "auto")
 
 
-def test_int8_activations_keep_fp32_copies(family):
-    """--gguf-activations int8 repacks the blocks for its kernel and keeps prefill on exact fp32 GEMMs."""
+def test_int8_activations_with_fp32_copies_or_the_blocks_only(family):
+    """--gguf-activations int8 repacks the blocks for its kernel; prefill stays on exact fp32 GEMMs, on fp32 copies
+    of the weights or (``blocks``) on weights dequantized from the int8 tiles: the file's weights either way."""
+    from agora import kernels
+    from tests.models.test_int8_activations import logits
+
     gguf, *_ = family
     files = inspect_model(gguf)
-    with pytest.raises(ValueError, match="does not go with --gguf-activations int8"):
-        load_model(files, torch.float32, torch.device("cpu"), int8_activations=True, gguf_weights="blocks")
-    model = load_model(files, torch.float32, torch.device("cpu"), int8_activations=True, gguf_weights="auto")
-    assert isinstance(model.model.embed_tokens, torch.nn.Embedding)
-    assert model.lm_head.weight.numel() > 0 or model.lm_head.packed is not None  # an fp32 GEMM weight (or MKL's)
+    copies = load_model(files, torch.float32, torch.device("cpu"), int8_activations=True, gguf_weights="fp32")
+    assert isinstance(copies.model.embed_tokens, torch.nn.Embedding)
+    assert copies.lm_head.weight.numel() > 0 or copies.lm_head.packed is not None  # an fp32 GEMM weight (or MKL's)
+    only = load_model(files, torch.float32, torch.device("cpu"), int8_activations=True, gguf_weights="blocks")
+    plain = load_model(files, torch.float32, torch.device("cpu"), cpu_kernels=False)  # the file's weights in fp32
+    checked = 0
+    for name, m in only.named_modules():
+        if isinstance(m, GGUFLinear) and m.int8 and name in dict(plain.named_modules()):
+            assert m.blocks_only
+            w = kernels.dequantize(m.blocks, m.qtype, m.in_features, int8=True)
+            assert torch.equal(w, plain.get_submodule(name).weight), name
+            checked += 1
+    assert checked >= 7  # q, k, v, o, gate, up, down of a layer at least
+    # 99 tokens in one step: past the kernels' rows, GEMMs on dequantized tiles against fp32 copies (the lm_head of
+    # the blocks-only model stays on its kernel, so int8's rounding still tells the two apart a little)
+    ids = list(range(3, 200, 2))
+    a, b = logits(copies, ids), logits(only, ids)
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
 
 
 def test_replicas_settle_gguf_weights_auto_together(family, monkeypatch):
@@ -209,7 +227,7 @@ def test_replicas_settle_gguf_weights_auto_together(family, monkeypatch):
 
     assert settled(1) == settled(2) == "fp32"
     assert settled(3) == "blocks"  # three engines' copies would pass the share
-    assert settled(3, activations="int8") == "auto"  # int8 keeps its copies (blocks would be refused)
+    assert settled(3, activations="int8") == "blocks"  # int8's long steps dequantize its tiles alike
     assert settled(3, "fp32") == "fp32" and settled(1, "blocks") == "blocks"  # asked for: kept
 
 
