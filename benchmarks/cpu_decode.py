@@ -22,7 +22,8 @@ Q5_0, Q6_K and Q8_0 layers):
 - q4_1_stored: the kernels, but Q4_1 read as the file stores it (fp16 scale and offset), not as QU4;
 - blocks_only: ``--gguf-weights blocks``: the kernels with no fp32 copy of the block layers'
   weights, so prefill steps multiply with the blocks too (the process's peak memory is reported
-  for every path, ``rss_peak_mib``).
+  for every path, ``rss_peak_mib``);
+- int8_blocks_only: both: long steps' GEMM weights dequantized from the int8 kernel's tiles.
 
 Each process starts ``batch`` requests of ``context`` prompt tokens, lets them prefill, then
 times decode steps (the figure: the median step over every repeat), then times the prefill
@@ -87,6 +88,7 @@ PATHS = {
     "no_qu4": Setup("1", repack="qu8"),
     "q4_1_stored": Setup("1", repack="q4_1"),
     "blocks_only": Setup("1", weights="blocks"),
+    "int8_blocks_only": Setup("1", activations="int8", weights="blocks"),
 }
 DEFAULT_PATHS = ("kernels", "kernels_fp16_kv", "kernels_per_op", "bf16_gemms", "int8_activations", "pytorch")
 # Paths whose numbers differ from the fp32 PyTorch path's (kernels_per_op computes what kernels does).
