@@ -580,7 +580,8 @@ static inline int64_t i8_chunks_at(int fmt) {
 /* One GGUF-layout block's scale fields and 32 codes (as bytes: 0..15, Q8_0's int8 bits, QU8's 0..255) to and
  * from row n of a tile. `to_tile`: block -> tile, else tile -> block. */
 static void i8_fields(int fmt, uint8_t *blk, uint8_t *t, int n, uint8_t q[QK], int to_tile) {
-#define MOVE(tile_at, blk_at, len) (to_tile ? memcpy(t + (tile_at), blk + (blk_at), len) : memcpy(blk + (blk_at), t + (tile_at), len))
+#define MOVE(tile_at, blk_at, len)                                                                                     \
+    (to_tile ? memcpy(t + (tile_at), blk + (blk_at), len) : memcpy(blk + (blk_at), t + (tile_at), len))
     if (fmt == FMT_Q8_0) {
         MOVE(2 * n, 0, 2);
         if (to_tile) memcpy(q, blk + 2, QK); else memcpy(blk + 2, q, QK);
