@@ -572,32 +572,28 @@ void agora_dequant(int64_t fmt, const uint8_t *w, int64_t N, int64_t K, float *o
 static inline int i8_nibbles(int fmt) { return fmt == FMT_Q4_1 || fmt == FMT_QU4; }
 static inline int i8_signed(int fmt) { return fmt == FMT_Q8_0 || fmt == FMT_QU8; } /* codes as int8 in the tiles */
 static inline int64_t i8_tile_bytes(int fmt) { return I8_GROUP * fmt_bytes(fmt); /* its 8 blocks' bytes */ }
-/* where a tile's chunk vectors start (after its scales) */
-static inline int64_t i8_chunks_at(int fmt) {
-    return fmt == FMT_Q8_0 ? 16 : fmt == FMT_QU8 ? 128 : fmt == FMT_QU4 ? 64 : 32;
-}
+/* A block's scale fields, in its order (d; d m; d0 d1 m0 m1), and each one's bytes (fp16 or fp32). A tile holds
+ * field f of its 8 rows side by side, field after field, then the chunk vectors. */
+static inline int i8_field_count(int fmt) { return fmt == FMT_Q8_0 ? 1 : fmt == FMT_QU8 ? 4 : 2; }
+static inline int i8_field_bytes(int fmt) { return fmt == FMT_Q4_1 || fmt == FMT_Q8_0 ? 2 : 4; }
+static inline int64_t i8_field_at(int fmt, int f, int n) { return i8_field_bytes(fmt) * (I8_GROUP * f + n); }
+static inline int64_t i8_chunks_at(int fmt) { return i8_field_at(fmt, i8_field_count(fmt), 0); }
 
 /* One GGUF-layout block's scale fields and 32 codes (as bytes: 0..15, Q8_0's int8 bits, QU8's 0..255) to and
  * from row n of a tile. `to_tile`: block -> tile, else tile -> block. */
 static void i8_fields(int fmt, uint8_t *blk, uint8_t *t, int n, uint8_t q[QK], int to_tile) {
-#define MOVE(tile_at, blk_at, len)                                                                                     \
-    (to_tile ? memcpy(t + (tile_at), blk + (blk_at), len) : memcpy(blk + (blk_at), t + (tile_at), len))
-    if (fmt == FMT_Q8_0) {
-        MOVE(2 * n, 0, 2);
-        if (to_tile) memcpy(q, blk + 2, QK); else memcpy(blk + 2, q, QK);
-    } else if (fmt == FMT_QU8) {
-        for (int f = 0; f < 4; f++) MOVE(32 * f + 4 * n, 4 * f, 4); /* d0 d1 m0 m1 */
-        if (to_tile) memcpy(q, blk + 16, QK); else memcpy(blk + 16, q, QK);
-    } else {
-        const int w = fmt == FMT_QU4 ? 4 : 2; /* bytes of d and of m */
-        MOVE(w * n, 0, w);
-        MOVE(8 * w + w * n, w, w);
-        uint8_t *qs = blk + 2 * w;
-        for (int j = 0; j < 16; j++)
-            if (to_tile) q[j] = qs[j] & 0x0f, q[j + 16] = qs[j] >> 4;
-            else qs[j] = (uint8_t)(q[j] | q[j + 16] << 4);
+    const int w = i8_field_bytes(fmt), fields = i8_field_count(fmt);
+    for (int f = 0; f < fields; f++)
+        if (to_tile) memcpy(t + i8_field_at(fmt, f, n), blk + w * f, w);
+        else memcpy(blk + w * f, t + i8_field_at(fmt, f, n), w);
+    uint8_t *qs = blk + w * fields;
+    if (!i8_nibbles(fmt)) {
+        if (to_tile) memcpy(q, qs, QK); else memcpy(qs, q, QK);
+        return;
     }
-#undef MOVE
+    for (int j = 0; j < 16; j++)
+        if (to_tile) q[j] = qs[j] & 0x0f, q[j + 16] = qs[j] >> 4;
+        else qs[j] = (uint8_t)(q[j] | q[j + 16] << 4);
 }
 
 /* The chunk vectors' byte for code j (0..31) of row n, and which nibble holds it (-1: a whole byte). */
@@ -611,6 +607,15 @@ static inline int64_t i8_code_at(int fmt, int n, int j, int *shift) {
     return i8_chunks_at(fmt) + (c & 3) * 32 + n * 4 + j % 4;
 }
 
+/* Code j of row n of a tile as its block holds it (Q8_0: the int8's bits; QU8: 0..255, the tile keeping it less
+ * 128). */
+static inline uint8_t i8_code(int fmt, const uint8_t *t, int n, int j) {
+    int shift;
+    const uint8_t byte = t[i8_code_at(fmt, n, j, &shift)];
+    if (shift >= 0) return (byte >> shift) & 0x0f;
+    return fmt == FMT_QU8 ? byte ^ 0x80 : byte;
+}
+
 /* GGUF-layout rows [N, K / 32 blocks] of `fmt` -> tiles [N / 8, K / 32], or back (`to_tile` 0); N % 8 == 0.
  * Nibble tiles are written whole (each byte set from its two codes), so no byte is read before it is set. */
 static void repack_i8(int fmt, uint8_t *w, int64_t N, int64_t K, uint8_t *tiles, int to_tile) {
@@ -621,11 +626,7 @@ static void repack_i8(int fmt, uint8_t *w, int64_t N, int64_t K, uint8_t *tiles,
             uint8_t q[I8_GROUP][QK];
             if (!to_tile)
                 for (int n = 0; n < I8_GROUP; n++)
-                    for (int j = 0; j < QK; j++) {
-                        int shift;
-                        const uint8_t byte = t[i8_code_at(fmt, n, j, &shift)];
-                        q[n][j] = shift < 0 ? (fmt == FMT_QU8 ? byte ^ 0x80 : byte) : (byte >> shift) & 0x0f;
-                    }
+                    for (int j = 0; j < QK; j++) q[n][j] = i8_code(fmt, t, n, j);
             for (int n = 0; n < I8_GROUP; n++)
                 i8_fields(fmt, w + ((g * I8_GROUP + n) * nb + b) * bytes, t, n, q[n], to_tile);
             if (to_tile)
@@ -750,20 +751,15 @@ static inline __attribute__((always_inline)) void group_dot_i8(int fmt, const ui
         const uint8_t *t = tiles + b * tb;
         for (int64_t off = 0; PF_BYTES && off < tb; off += 64)
             _mm_prefetch((const char *)(t + PF_BYTES + off), _MM_HINT_T0);
-        __m256 dw, dw1 = _mm256_setzero_ps(), mw = _mm256_setzero_ps(), mw1 = _mm256_setzero_ps();
-        if (fmt == FMT_Q4_1 || fmt == FMT_Q8_0) {
-            dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
-            if (fmt == FMT_Q4_1) mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(t + 16)));
-        } else {
-            dw = _mm256_loadu_ps((const float *)t);
-            if (fmt == FMT_QU4) {
-                mw = _mm256_loadu_ps((const float *)(t + 32));
-            } else {
-                dw1 = _mm256_loadu_ps((const float *)(t + 32));
-                mw = _mm256_loadu_ps((const float *)(t + 64));
-                mw1 = _mm256_loadu_ps((const float *)(t + 96));
-            }
+        /* the 8 rows' fields: d (Q8_0); d, m (Q4_1, QU4); d0, d1, m0, m1 (QU8) */
+        __m256 fv[4];
+        for (int f = 0; f < i8_field_count(fmt); f++) {
+            const uint8_t *at = t + i8_field_at(fmt, f, 0);
+            fv[f] = i8_field_bytes(fmt) == 2 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)at))
+                                             : _mm256_loadu_ps((const float *)at);
         }
+        const __m256 dw = fv[0], dw1 = fmt == FMT_QU8 ? fv[1] : dw;
+        const __m256 mw = fmt == FMT_QU8 ? fv[2] : i8_nibbles(fmt) ? fv[1] : dw, mw1 = fmt == FMT_QU8 ? fv[3] : dw;
         __m256i v[8], sg[8];
         if (i8_nibbles(fmt)) {
             for (int c = 0; c < 4; c++) {
@@ -811,8 +807,8 @@ static inline __attribute__((always_inline)) void group_dot_i8(int fmt, const ui
 #else
 /* A tile's scale field f (0: d or d0, 1: m or d1, 2: m0, 3: m1) of row n. */
 static inline float i8_scale(int fmt, const uint8_t *t, int f, int n) {
-    if (fmt == FMT_Q4_1 || fmt == FMT_Q8_0) return half_to_float(t + 16 * f + 2 * n);
-    return f32_at(t + 32 * f + 4 * n);
+    const uint8_t *at = t + i8_field_at(fmt, f, n);
+    return i8_field_bytes(fmt) == 2 ? half_to_float(at) : f32_at(at);
 }
 
 static inline void group_dot_i8(int fmt, const uint8_t *tiles, int64_t nb, xq8 x, int64_t row0, int64_t K, int R,
@@ -827,11 +823,8 @@ static inline void group_dot_i8(int fmt, const uint8_t *tiles, int64_t nb, xq8 x
                 const int64_t at = (row0 + r) * nbx + b;
                 int32_t dot[2] = {0, 0};
                 for (int j = 0; j < QK; j++) {
-                    int shift;
-                    const uint8_t byte = t[i8_code_at(fmt, n, j, &shift)];
-                    const int wq = fmt == FMT_Q8_0 ? (int8_t)byte : fmt == FMT_QU8 ? (int8_t)byte + 128
-                                                                                        : (byte >> shift) & 0x0f;
-                    dot[fmt == FMT_QU8 && j >= 16] += wq * xq[j];
+                    const uint8_t code = i8_code(fmt, t, n, j);
+                    dot[fmt == FMT_QU8 && j >= 16] += (fmt == FMT_Q8_0 ? (int8_t)code : code) * xq[j];
                 }
                 acc += i8_scale(fmt, t, 0, n) * x.d[at] * (float)dot[0];
                 if (fmt == FMT_QU8) {
