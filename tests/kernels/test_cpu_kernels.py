@@ -11,6 +11,7 @@ from gguf.quants import dequantize, quantize
 
 from agora import kernels
 from agora.engine.attention import TorchPagedAttention, build_group
+from agora.models import gguf_repack
 from agora.models.quant import (
     MAX_KERNEL_ROWS,
     MAX_KERNEL_ROWS_BF16_GEMM,
@@ -26,23 +27,16 @@ CPU = torch.device("cpu")
 
 
 def quantized(n: int, k: int, qtype: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(GGUF block rows, their dequantized fp32 weight) for a random [n, k] weight; QU4 and QU8 (the formats
-    the loader repacks to) as random codes and fp32 fields."""
-    rng = np.random.default_rng(seed)
-    if qtype in ("QU4", "QU8"):
-        halves = 1 if qtype == "QU4" else 2  # a (d, m) per block, or per half block
-        d = rng.uniform(0.002, 0.01, (n, k // 32, halves)).astype(np.float32)
-        levels = 16 if qtype == "QU4" else 256
-        q = rng.integers(0, levels, (n, k // 32, 32)).astype(np.uint8)
-        m = (-d * levels * rng.uniform(0.4, 0.6, d.shape)).astype(np.float32)  # weights about 0, as a model's
-        w = (np.repeat(d, 32 // halves, -1) * q + np.repeat(m, 32 // halves, -1)).reshape(n, k)
-        codes = q[..., :16] | q[..., 16:] << 4 if qtype == "QU4" else q
-        blocks = np.concatenate([d.view(np.uint8), m.view(np.uint8), codes], -1).reshape(n, -1)
-        return torch.from_numpy(np.ascontiguousarray(blocks)), torch.from_numpy(w.astype(np.float32))
-    w = rng.standard_normal((n, k)).astype(np.float32) * 0.05
-    t = getattr(gguf.GGMLQuantizationType, qtype)
+    """(GGUF block rows, their dequantized fp32 weight) for a random [n, k] weight; QU4 and QU8 (the formats the
+    loader repacks to) repacked from Q4_1 and Q8_0 blocks (QU8's codes then over 1..255)."""
+    source = {"QU4": "Q4_1", "QU8": "Q8_0"}.get(qtype, qtype)
+    w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) * 0.05
+    t = getattr(gguf.GGMLQuantizationType, source)
     blocks = quantize(w, t)
-    return torch.from_numpy(blocks), torch.from_numpy(dequantize(blocks, t).astype(np.float32))
+    w = dequantize(blocks, t).astype(np.float32)
+    if source != qtype:
+        blocks = gguf_repack.repack(blocks, source, w.reshape(n, -1), to=qtype)
+    return torch.from_numpy(blocks), torch.from_numpy(w)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])  # QU8: tests/kernels/test_gguf_repack.py
