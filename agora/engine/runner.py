@@ -176,7 +176,7 @@ class ModelRunner:
         prompt_lps: dict[str, list[TokenLogprobs]] = {}
         if (self.graphs is not None and not any(s.request.wants_prompt_logprobs for s in out.scheduled)
                 and self.graphs.can_run(out)):  # fmt: skip
-            # Decode-only step: every row samples.
+            # Each request's due token and drafts: every row samples.
             logits = self.model.compute_logits(self.graphs.run(out))  # type: ignore[operator]
             sampling = [s.request for s in out.scheduled]
         else:

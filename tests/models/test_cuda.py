@@ -41,3 +41,25 @@ def test_cuda_defaults_bf16_and_sizes_kv_from_free_memory(tmp_path):
     out = llm.generate([[5, 6, 7, 8]] * 3, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     assert all(len(r.outputs[0].token_ids) == 8 for r in out)
     assert out[0].outputs[0].token_ids == out[1].outputs[0].token_ids  # batching does not change greedy
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa", "gemma3-local-global"])
+def test_speculation_replays_verification_graphs_and_keeps_greedy_tokens(variant, tmp_path):
+    from tests.engine.test_spec_decode import NGRAM, SUFFIX, _greedy, _repetitive_prompts, _untimed
+
+    model_type, overrides = TINY_VARIANTS[variant]
+    path = build_tiny_model(tmp_path, 320, model_type, **overrides)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    options = {"device": "cuda", "dtype": "float32", "block_size": 4, "num_blocks": 256}
+    base = LLM(str(path), speculative_config=None, enforce_eager=True, **options)
+    prompts = _repetitive_prompts(base.engine.vocab_size)
+    expected = _greedy(base, prompts)
+    for spec in (NGRAM, SUFFIX):
+        llm = LLM(str(path), speculative_config=spec, **options)
+        _untimed(llm)
+        assert _greedy(llm, prompts) == expected
+        assert llm.engine.stats().spec.num_accepted_tokens > 0
+        queries = {q for _, q, _ in llm.engine.runner.graphs.graphs}
+        assert 1 in queries and len(queries) > 2  # decode graphs and verification graphs of several sizes
+        assert all(g.graph is not None for g in llm.engine.runner.graphs.graphs.values())
