@@ -53,8 +53,12 @@ def model_and_reference(request, tiny_model_dir, tmp_path_factory):
 @pytest.mark.parametrize("spec", [None, NGRAM, SUFFIX], ids=["decode", "ngram", "suffix"])
 @pytest.mark.parametrize(
     "options",
-    [{"num_blocks": 256}, {"num_blocks": 40, "max_num_batched_tokens": 64}],
-    ids=["batched", "preemption"],
+    [
+        {"num_blocks": 256},
+        {"num_blocks": 256, "max_num_batched_tokens": 3},  # prompt chunks of 1 token beside decode steps
+        {"num_blocks": 40, "max_num_batched_tokens": 64},  # preemption
+    ],
+    ids=["batched", "small-budget", "preemption"],
 )
 def test_graph_steps_give_the_eager_tokens(model_and_reference, spec, options):
     path, prompts, expected = model_and_reference
@@ -67,7 +71,7 @@ def test_graph_steps_give_the_eager_tokens(model_and_reference, spec, options):
         assert queries == {1}
     else:
         assert llm.engine.stats().spec.num_accepted_tokens > 0
-        assert 1 in queries and len(queries) > 2  # decode steps, and verification steps of several sizes
+        assert 1 in queries and len(queries) >= 3  # decode steps, and verification steps of several sizes
     if options["num_blocks"] == 40:
         assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.stats().kv_cache_usage == 0.0
