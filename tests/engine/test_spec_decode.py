@@ -239,11 +239,12 @@ def test_greedy_tokens_equal_speculation_off(tiny_model_dir, tiny_reference, spe
 
 
 def _untimed(llm: LLM) -> None:
-    """The draft policy keeps every draft, whatever this host's step times say: it trims drafts by the measured
-    cost of a token, so on a loaded host the tests that count accepted drafts would count fewer (16 against > 20,
+    """The draft policy keeps every draft on every step, whatever this host's step times say: it trims drafts by the
+    measured cost of a token, so on a loaded host the tests that count accepted drafts would count fewer (16 against > 20,
     seen once in CI). What those tests check is the output and the cache, not the policy (tested on its own below)."""
     if llm.engine.policy is not None:
         llm.engine.policy.observe_step = lambda tokens, seconds: None
+        llm.engine.policy.begin_step = lambda batch: 0.0  # the threshold stays 0: every draft kept
 
 
 def test_seeded_samples_logprobs_and_stop_strings_equal_speculation_off(tiny_model_dir):
@@ -339,13 +340,27 @@ def test_drafts_never_run_past_max_tokens(tiny_model_dir):
 # -- the draft policy: what a draft position is worth on this machine, at this batch ---------------
 
 
-def test_policy_keeps_every_draft_until_it_has_measured_the_cost():
-    from agora.engine.spec.policy import DraftPolicy
+def test_policy_alternates_all_drafts_and_none_until_it_has_measured_the_cost():
+    from agora.engine.spec.policy import MIN_STEPS, DraftPolicy
 
     policy = DraftPolicy()
-    policy.begin_step(16)
-    assert policy.keep("r", 12) == 12 and policy.wants("r")
+    kept = []
+    for _ in range(4):
+        policy.begin_step(16)
+        kept.append(policy.keep("r", 12))
+    assert kept == [12, 0, 12, 0]
     assert policy.rate("r") == pytest.approx(2 / 3)
+    # Steps all of one size cannot tell what a token costs, however many: the alternation goes on, so the
+    # sizes differ (each sequence offering all its drafts each step would keep them all of one size forever).
+    for _ in range(2 * MIN_STEPS):
+        policy.observe_step(16 * 13, 0.2)
+    assert policy.fit.line() is None
+    policy.begin_step(16)
+    first = policy.keep("r", 12)
+    policy.begin_step(16)
+    assert sorted([first, policy.keep("r", 12)]) == [0, 12]
+    policy.observe_step(16, 0.05)
+    assert policy.fit.line() is not None
 
 
 def _measured(a_ms: float, b_ms: float):

@@ -15,7 +15,9 @@ follow the load:
 
 Position ``i`` of a draft is kept while its chance of being accepted, ``rate ** (i + 1)``, is at
 least what it costs in tokens of this step's throughput, ``b * B / t(B)`` for ``B`` sequences
-decoding; a sequence whose first position would not pass is not even asked for drafts. A
+decoding; a sequence whose first position would not pass is not even asked for drafts. Until the
+line can be told (the first steps, or when the recent ones were all of one size), every other step
+keeps all drafts and the rest none, so the steps the fit sees differ in size. A
 sequence that has not drafted for ``EXPLORE`` steps may try ``PROBE`` tokens once, so its rate
 can recover (the probes of different sequences fall on different steps, and they keep the cost
 fit seeing steps of different sizes). Each probe of a sequence that finds nothing doubles that
@@ -38,6 +40,7 @@ MIN_STEPS = 16  # decode steps measured before the cost fit is trusted
 EXPLORE = 32  # steps without drafts after which a sequence probes (its first probe, or after one that landed)
 MAX_EXPLORE = 256  # the longest wait, after probes that found nothing
 PROBE = 2  # draft tokens of a probe
+UNTOLD = 2.0  # the threshold of the steps that keep no drafts while the cost line cannot be told (> any chance)
 
 
 @dataclass
@@ -123,8 +126,13 @@ class DraftPolicy:
         """The acceptance chance a draft position needs for the next step, ``batch`` sequences decoding."""
         self.step += 1
         line = self.fit.line()
-        if line is None or batch < 1:
+        if batch < 1:
             self._threshold = 0.0
+        elif line is None:
+            # The data cannot tell yet (too few steps, or all of one size): keep every draft on every other
+            # step and none on the others, so the fit sees steps of two sizes. Keeping every draft on every
+            # step could go on forever where each sequence always offers as many: each step the same size.
+            self._threshold = 0.0 if self.step % 2 else UNTOLD
         else:
             a, b = line
             step_time = max(a + b * batch, 1e-6)
