@@ -102,7 +102,8 @@ class CudaGraphDecoder:
         meta = AttentionMetadata(g.slots, [group])
         return self.model(g.ids, g.positions, self.attention.bind(meta))
 
-    def _capture(self, batch: int, q: int, blocks: int) -> _Graph:
+    def _build(self, batch: int, q: int, blocks: int) -> _Graph:
+        """A step shape's static buffers, and its graph captured over them (with capture=False, the buffers only)."""
         dev = self.device
         rows = batch * q
         g = _Graph(
@@ -135,7 +136,7 @@ class CudaGraphDecoder:
         batch, q, blocks = shape
         g = self.graphs.get(shape)
         if g is None:
-            g = self.graphs[shape] = self._capture(batch, q, blocks)
+            g = self.graphs[shape] = self._build(batch, q, blocks)
         bs = self.block_size
         # One host->device copy per buffer; plain (pageable) memory: pinning per step costs more than it saves.
         ids = [0] * (batch * q)
