@@ -41,12 +41,14 @@ from agora.bench.report import cpu_description
 class OracleProposer:
     """Drafts from the reference continuation: position i right with probability alpha if all before were."""
 
-    def __init__(self, prompts: list[list[int]], outputs: list[list[int]], alpha: float, seed: int) -> None:
+    def __init__(
+        self, prompts: list[list[int]], outputs: list[list[int]], alpha: float, max_drafts: int, seed: int
+    ) -> None:
         self.prompt_len = len(prompts[0])
         self.refs = {tuple(p): (i, o) for i, (p, o) in enumerate(zip(prompts, outputs, strict=True))}
         self.alpha = alpha
+        self.max_drafts = max_drafts
         self.seed = seed
-        self.max_drafts = 0  # set by the worker
 
     def propose(self, request_id: str, token_ids: list[int], max_tokens: int, salt: str | None = None) -> list[int]:
         index, ref = self.refs[tuple(token_ids[: self.prompt_len])]
@@ -84,9 +86,7 @@ def worker(args: argparse.Namespace) -> dict:
     prompts = workload(args, engine.vocab_size)
     if alpha is not None:
         reference = json.loads(Path(args.reference).read_text())
-        oracle = OracleProposer(prompts, reference, alpha, args.seed)
-        oracle.max_drafts = args.draft_len
-        engine.proposer = oracle
+        engine.proposer = OracleProposer(prompts, reference, alpha, args.draft_len, args.seed)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompts, params, use_tqdm=False)  # untimed: the policy's step costs, the CUDA graphs
     engine.kv.reset_prefix_cache()

@@ -89,9 +89,6 @@ class CudaGraphDecoder:
             return None
         return batch, q, blocks
 
-    def can_run(self, out: SchedulerOutput) -> bool:
-        return self._shape(out) is not None
-
     def _forward(self, g: _Graph) -> torch.Tensor:
         batch, blocks = g.tables.shape
         k_pos = torch.arange(blocks * self.block_size, device=self.device)
@@ -128,11 +125,12 @@ class CudaGraphDecoder:
         return g
 
     @torch.inference_mode()
-    def run(self, out: SchedulerOutput) -> torch.Tensor:
-        """Hidden states of a step ``can_run`` accepted: one row per token, request by request (a
-        request's due token, then its drafts), as the eager step's sampling rows are."""
+    def run(self, out: SchedulerOutput) -> torch.Tensor | None:
+        """Hidden states of the step, one row per token, request by request (a request's due token,
+        then its drafts), as the eager step's sampling rows are; None where no graph serves it."""
         shape = self._shape(out)
-        assert shape is not None
+        if shape is None:
+            return None
         batch, q, blocks = shape
         g = self.graphs.get(shape)
         if g is None:

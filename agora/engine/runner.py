@@ -174,10 +174,12 @@ class ModelRunner:
         if out.is_empty:
             return RunnerOutput({}, {})
         prompt_lps: dict[str, list[TokenLogprobs]] = {}
-        if (self.graphs is not None and not any(s.request.wants_prompt_logprobs for s in out.scheduled)
-                and self.graphs.can_run(out)):  # fmt: skip
+        graphed = None
+        if self.graphs is not None and not any(s.request.wants_prompt_logprobs for s in out.scheduled):
+            graphed = self.graphs.run(out)  # None where no graph serves the step
+        if graphed is not None:
             # Each request's due token and drafts: every row samples.
-            logits = self.model.compute_logits(self.graphs.run(out))  # type: ignore[operator]
+            logits = self.model.compute_logits(graphed)  # type: ignore[operator]
             sampling = [s.request for s in out.scheduled]
         else:
             ids, pos, meta, sample_rows, prompt_rows = self._metadata(out)
