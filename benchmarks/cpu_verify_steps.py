@@ -11,12 +11,18 @@ and ``ms_per_row`` what one row cost. Where an extra row costs about what a deco
 pay only by their acceptance; where it costs less, verification is cheaper than decoding.
 
 Each ``--max-kernel-rows`` value runs in its own process (the limit is read when the model loads):
-steps of more rows than the limit take PyTorch's GEMM on the dequantized fp32 weights.
+steps of more rows than the limit take PyTorch's GEMM on the dequantized fp32 weights. ``--pack-gemm on,off``
+runs each limit with the fp32 GEMM weights packed once for MKL (``agora.kernels.mkl``) and without, whatever
+agora does on this CPU by default (it packs on Intel only); with packing the limit given is the one against
+packed weights (``MAX_KERNEL_ROWS_PACKED_GEMM``).
+
+    python benchmarks/cpu_verify_steps.py --batches 8,16 --drafts 4,6,8 --max-kernel-rows 48,192 --pack-gemm on,off
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import subprocess
@@ -31,8 +37,12 @@ def worker(args: argparse.Namespace) -> list[dict]:
     from agora import LLM, SamplingParams
     from agora.models import quant
 
+    if args.pack_gemm:
+        quant.PACK_GEMM_WEIGHTS = args.pack_gemm == "on"
     if args.max_kernel_rows and args.dtype == "bfloat16":  # the limit against bf16 GEMM weights
         quant.MAX_KERNEL_ROWS_BF16_GEMM = int(args.max_kernel_rows)
+    elif args.max_kernel_rows and quant.PACK_GEMM_WEIGHTS:
+        quant.MAX_KERNEL_ROWS_PACKED_GEMM = int(args.max_kernel_rows)
     elif args.max_kernel_rows:
         quant.MAX_KERNEL_ROWS = int(args.max_kernel_rows)
     batches = [int(b) for b in args.batches.split(",")]
@@ -87,6 +97,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=1, help="runs of each limit, alternating; cells are medians")
     ap.add_argument("--max-kernel-rows", default="", help="comma-separated limits to compare (default: agora's)")
+    ap.add_argument("--pack-gemm", default="", help="on,off: each limit with and without MKL-packed GEMM weights")
     ap.add_argument(
         "--dtype", default="float32", help="bfloat16: GEMM weights in bf16 (--max-kernel-rows sets their limit)"
     )
@@ -100,12 +111,17 @@ def main() -> None:
         return
     runs: dict[str, list[list[dict]]] = {}
     for _ in range(args.rounds):  # the limits alternate, so a slow spell of the host falls on each
-        for limit in args.max_kernel_rows.split(",") if args.max_kernel_rows else [""]:
+        for limit, pack in itertools.product(
+            args.max_kernel_rows.split(",") if args.max_kernel_rows else [""],
+            args.pack_gemm.split(",") if args.pack_gemm else [""],
+        ):
             cmd = [sys.executable, __file__, "--worker", "--batches", args.batches, "--drafts", args.drafts,
                    "--context", str(args.context), "--steps", str(args.steps), "--max-kernel-rows", limit,
+                   "--pack-gemm", pack,
                    "--dtype", args.dtype, "--gguf-activations", args.gguf_activations, "--kv-cache-dtype", args.kv_cache_dtype]  # fmt: skip
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            runs.setdefault(limit or "default", []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+            name = " ".join(filter(None, [limit or "default", pack and f"packed {pack}"]))
+            runs.setdefault(name, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
     results = {}
     for limit, rounds in runs.items():  # per cell, the median over rounds
         results[limit] = [
