@@ -1460,7 +1460,12 @@ typedef __m512 pvec;
 #elif AGORA_AVX2
 typedef __m256 pvec;
 #define PVW 8
-#define PB 3 /* 3 rows x 4 vectors of accumulators and a query, of 16 registers (keys: the FMAs' memory operands) */
+/* 2 rows x 4 vectors of accumulators + 4 of keys + a query: 13 of 16 registers. 3 rows (12 accumulators) left
+ * the keys as the FMAs' memory operands, a load per FMA as in the row-at-a-time loop: on a Zen 3 (2 cores,
+ * benchmarks/cpu_prefill_attention.py --against 249ceec) prompt chunks took 1.1-1.3x the row-at-a-time time and
+ * now 0.75-0.88x of 3 rows' (2,048 fresh queries 76.6 -> 57.7 ms a layer), 16 x 6 verification queries 0.93x,
+ * 16 x 2 level. (An Intel Xeon built for AVX2 had measured 2 rows about as 3.) */
+#define PB 2
 #define pv_load _mm256_loadu_ps
 #define pv_store _mm256_storeu_ps
 #define pv_set1 _mm256_set1_ps
@@ -1549,8 +1554,7 @@ static inline __attribute__((always_inline)) void pv_block(const float *s, const
 #define BY_ROWS(nr, call)                                                                                              \
     switch (nr) {                                                                                                      \
     case 1: { const int NR = 1; call; } break;                                                                         \
-    case 2: { const int NR = 2; call; } break;                                                                         \
-    default: { const int NR = 3; call; } break;                                                                        \
+    default: { const int NR = 2; call; } break;                                                                        \
     }
 #endif
 #define BLOCKED_D(D) ((D) % PW == 0) /* the head sizes the micro-kernels take */
