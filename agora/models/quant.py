@@ -55,7 +55,10 @@ else:
 # once for MKL (agora.kernels.mkl) instead of sgemm repacking every weight on every call. Measured on Intel
 # (Xeon with AMX, 2 cores, SmolLM2's linears over 30 layers): 20-25% faster at 112-175 rows, the same fp32
 # math (sgemm's bits for most shapes, else a last bit on a few elements: tests/kernels/test_mkl.py).
-# MKL takes other code paths on other vendors' CPUs; none was measured, so they keep F.linear.
+# MKL takes other code paths on other vendors' CPUs. On an AMD Zen 3 (2 cores, benchmarks/cpu_verify_steps.py
+# --batches 16 --drafts 0,2,4,6,8 --max-kernel-rows 48,192 --pack-gemm on,off --rounds 2) packing with the GEMM
+# from 48 rows gained nothing past the host's noise over the block kernels to 192 rows (16 x 5 rows 408 ms a step
+# against 365, 16 x 9 rows 633 against 619-659), so AMD keeps F.linear.
 PACK_GEMM_WEIGHTS = kernels.cpu_vendor() == "GenuineIntel"
 # Against a packed weight the GEMM wins from fewer rows: past 48 (same host, medians of 2 alternating rounds of
 # benchmarks/cpu_verify_steps.py --batches 8,16 --drafts 2,3,4,5 --max-kernel-rows 16,32,48 and --drafts 3,5,7
