@@ -286,19 +286,34 @@ def test_gemma3_270m_matches_transformers(gemma3_gguf, gemma3_reference):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kv_dtype", ["float16", "bfloat16"])
-def test_smollm2_with_a_two_byte_kv_cache_stays_close_to_transformers(smollm2_gguf, smollm2_reference, kv_dtype):
-    """fp16 or bf16 K/V rounding is not fp32 math, so exact parity is not promised; the greedy text must
-    still follow the reference closely (a flip near a tie changes everything after it)."""
+def test_smollm2_with_a_two_byte_kv_cache_stays_close_to_transformers(
+    smollm2_gguf, smollm2_reference, gguf_reference, kv_dtype
+):
+    """fp16 or bf16 K/V rounding is not fp32 math, so exact parity is not promised: the greedy text may
+    part from the reference, but only where the reference itself nearly tied. At each output's first
+    difference, transformers (fp32, fed the shared tokens) must rank the two tokens within
+    ``NEAR_TIE`` logits of each other; a cache that computed wrong K/V parts where the reference is sure.
+    (Where such a flip falls depends on the CPU's lane width: bf16 parted from SmolLM2's references at
+    12 and 27 of 64 tokens on an AVX2-only Zen 3, on none of them on AVX-512 hosts.)"""
+    near_tie = 0.5  # logits; the bf16 cache's largest logit error on a 139-token text is ~0.18 (cpu_decode.py)
     prompts, expected = smollm2_reference
     llm = LLM(str(smollm2_gguf), dtype="float32", num_blocks=256, max_num_batched_tokens=96, kv_cache_dtype=kv_dtype)
     assert llm.engine.runner.kv_caches[0][0].dtype == getattr(torch, kv_dtype)
     got = engine_greedy(llm, prompts)
-    agree = []
-    for g, e in zip(got, expected, strict=True):
-        n = next((i for i, (a, b) in enumerate(zip(g, e, strict=False)) if a != b), min(len(g), len(e)))
-        agree.append(n / len(e))
-    print(f"{kv_dtype} KV: share of each greedy reference reproduced before the first difference:", agree)
-    assert min(agree) >= 0.25 and sum(agree) / len(agree) >= 0.75
+    reference = gguf_reference.model(smollm2_gguf)
+    parted = []  # (prompt, position, the reference's margin between its token and ours)
+    for i, (p, g, e) in enumerate(zip(prompts, got, expected, strict=True)):
+        n = next((j for j, (a, b) in enumerate(zip(g, e, strict=False)) if a != b), None)
+        if n is None:
+            assert len(g) == len(e)
+            continue
+        with torch.no_grad():
+            logits = reference(torch.tensor([p + e[:n]])).logits[0, -1]
+        assert int(logits.argmax()) == e[n]
+        parted.append((i, n, float(logits[e[n]] - logits[g[n]])))
+    print(f"{kv_dtype} KV: outputs that part from the reference (prompt, token, reference margin):", parted)
+    assert all(margin <= near_tie for _, _, margin in parted), parted
+    assert len(parted) <= len(prompts) // 2  # most outputs stay the reference's whole
 
 
 # -- speculative decoding: the same greedy tokens, with drafts verified in the same forward -------------
