@@ -109,6 +109,8 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
+    if not set(filter(None, args.pack_gemm.split(","))) <= {"on", "off"}:
+        ap.error(f"--pack-gemm takes on, off or both (on,off), not {args.pack_gemm!r}")
     runs: dict[str, list[list[dict]]] = {}
     for _ in range(args.rounds):  # the limits alternate, so a slow spell of the host falls on each
         for limit, pack in itertools.product(
