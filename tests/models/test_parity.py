@@ -291,8 +291,8 @@ def test_smollm2_with_a_two_byte_kv_cache_stays_close_to_transformers(
 ):
     """fp16 or bf16 K/V rounding is not fp32 math, so exact parity is not promised: the greedy text may
     part from the reference, but only where the reference itself nearly tied. At each output's first
-    difference, transformers (fp32, fed the shared tokens) must rank the two tokens within
-    ``NEAR_TIE`` logits of each other; a cache that computed wrong K/V parts where the reference is sure.
+    difference, transformers (fp32, fed the shared tokens) must score our token within ``near_tie``
+    logits of its best; a cache that computed wrong K/V parts where the reference is sure.
     (Where such a flip falls depends on the CPU's lane width: bf16 parted from SmolLM2's references at
     12 and 27 of 64 tokens on an AVX2-only Zen 3, on none of them on AVX-512 hosts.)"""
     near_tie = 0.5  # logits; the bf16 cache's largest logit error on a 139-token text is ~0.18 (cpu_decode.py)
@@ -307,10 +307,9 @@ def test_smollm2_with_a_two_byte_kv_cache_stays_close_to_transformers(
         if n is None:
             assert len(g) == len(e)
             continue
-        with torch.no_grad():
+        with torch.no_grad():  # (one forward over it all, which need not pick generate()'s token at a tie)
             logits = reference(torch.tensor([p + e[:n]])).logits[0, -1]
-        assert int(logits.argmax()) == e[n]
-        parted.append((i, n, float(logits[e[n]] - logits[g[n]])))
+        parted.append((i, n, float(logits.max() - logits[g[n]])))
     print(f"{kv_dtype} KV: outputs that part from the reference (prompt, token, reference margin):", parted)
     assert all(margin <= near_tie for _, _, margin in parted), parted
     assert len(parted) <= len(prompts) // 2  # most outputs stay the reference's whole
