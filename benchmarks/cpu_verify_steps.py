@@ -17,6 +17,13 @@ agora does on this CPU by default (it packs on Intel only); with packing the lim
 packed weights (``MAX_KERNEL_ROWS_PACKED_GEMM``).
 
     python benchmarks/cpu_verify_steps.py --batches 8,16 --drafts 4,6,8 --max-kernel-rows 48,192 --pack-gemm on,off
+
+``--against REV`` times a kernel change in whole steps: ``agora/kernels/cpu.c`` as of that git revision is built
+(``kernels_at``) and the engine's steps alternate between it and today's kernels (A B B A ...), in one process over
+the same sequences, so the host's drifts fall on both; each cell then has ``ms_against`` (REV's median) and
+``over_against``. REV must be recent enough to share today's kernel structs (the native decoder layer's).
+
+    python benchmarks/cpu_verify_steps.py --batches 1,16 --drafts 0,4,8,9,16 --steps 20 --against HEAD
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from agora.bench.report import cpu_description
 
 
 def worker(args: argparse.Namespace) -> list[dict]:
-    from agora import LLM, SamplingParams
+    from agora import LLM, SamplingParams, kernels
     from agora.models import quant
 
     if args.pack_gemm:
@@ -46,6 +53,12 @@ def worker(args: argparse.Namespace) -> list[dict]:
     elif args.max_kernel_rows:
         quant.MAX_KERNEL_ROWS = int(args.max_kernel_rows)
     batches = [int(b) for b in args.batches.split(",")]
+    ours = kernels.lib()
+    against = None
+    if args.against:
+        from kernels_at import kernels_at
+
+        against = kernels_at(args.against)
     llm = LLM(max_num_seqs=max(batches), max_model_len=4096, speculative_config={"method": "suffix"},
               dtype=args.dtype, gguf_activations=args.gguf_activations, kv_cache_dtype=args.kv_cache_dtype)  # fmt: skip
     engine = llm.engine
@@ -74,13 +87,20 @@ def worker(args: argparse.Namespace) -> list[dict]:
         for d in (int(x) for x in args.drafts.split(",")):
             drafts["d"] = d
             engine.step()  # the step after which every sequence has d drafts
-            seen.clear()
-            for _ in range(args.steps):
+            times: dict[bool, list[float]] = {False: [], True: []}  # by whether REV's kernels ran the step
+            for i in range(args.steps * (2 if against else 1)):
+                theirs = against is not None and i % 4 in (1, 2)
+                kernels._lib = against if theirs else ours  # (every kernel call looks the library up anew)
+                seen.clear()
                 engine.step()
-            times = [t for n, total, t in seen if n == batch and total == batch * (1 + d)]
-            ms = statistics.median(times) * 1000
-            rows.append({"batch": batch, "drafts": d, "rows": batch * (1 + d), "steps": len(times),
+                times[theirs] += [t for n, total, t in seen if n == batch and total == batch * (1 + d)]
+            kernels._lib = ours
+            ms = statistics.median(times[False]) * 1000
+            rows.append({"batch": batch, "drafts": d, "rows": batch * (1 + d), "steps": len(times[False]),
                          "ms": round(ms, 2), "ms_per_row": round(ms / (batch * (1 + d)), 3)})  # fmt: skip
+            if against is not None:
+                ms_against = statistics.median(times[True]) * 1000
+                rows[-1].update(ms_against=round(ms_against, 2), over_against=round(ms / ms_against, 3))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         for i in range(batch):
             engine.abort_request(f"b{batch}-{i}")
@@ -103,6 +123,7 @@ def main() -> None:
     )
     ap.add_argument("--gguf-activations", default="float32", help="int8: the block kernels' int8-activation path")
     ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--against", metavar="REV", help="also time every step on the kernels of this git revision")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -120,7 +141,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--worker", "--batches", args.batches, "--drafts", args.drafts,
                    "--context", str(args.context), "--steps", str(args.steps), "--max-kernel-rows", limit,
                    "--pack-gemm", pack,
-                   "--dtype", args.dtype, "--gguf-activations", args.gguf_activations, "--kv-cache-dtype", args.kv_cache_dtype]  # fmt: skip
+                   "--dtype", args.dtype, "--gguf-activations", args.gguf_activations, "--kv-cache-dtype", args.kv_cache_dtype,
+                   *(["--against", args.against] if args.against else [])]  # fmt: skip
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             name = " ".join(filter(None, [limit or "default", pack and f"packed {pack}"]))
             runs.setdefault(name, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -129,17 +151,21 @@ def main() -> None:
         results[limit] = [
             {**cells[0], "ms": round(statistics.median(c["ms"] for c in cells), 2),
              "ms_per_row": round(statistics.median(c["ms_per_row"] for c in cells), 3),
-             "ms_each_round": [c["ms"] for c in cells]}
+             "ms_each_round": [c["ms"] for c in cells],
+             **({"ms_against": round(statistics.median(c["ms_against"] for c in cells), 2),
+                 "over_against": round(statistics.median(c["over_against"] for c in cells), 3),
+                 "over_against_each_round": [c["over_against"] for c in cells]} if args.against else {})}
             for cells in zip(*rounds, strict=True)
         ]  # fmt: skip
     for limit, rows in results.items():
         print(f"max kernel rows {limit}:")
         for r in rows:
+            versus = f", {r['over_against']:.3f}x {args.against}'s {r['ms_against']:.1f} ms" if args.against else ""
             print(f"  {r['batch']:>2} sequences x (1 + {r['drafts']}) = {r['rows']:>3} rows: {r['ms']:7.1f} ms a step, "
-                  f"{r['ms_per_row']:.2f} ms a row")  # fmt: skip
+                  f"{r['ms_per_row']:.2f} ms a row{versus}")  # fmt: skip
     if args.out:
         args.out.write_text(json.dumps({"host": cpu_description(), "date": time.strftime("%Y-%m-%d"),
-                                        "context": args.context, "rounds": args.rounds,
+                                        "context": args.context, "rounds": args.rounds, "against": args.against,
                                         "results": results}, indent=2) + "\n")  # fmt: skip
 
 
