@@ -263,8 +263,8 @@ def set_l1d_bytes(n: int) -> None:
 
 
 def tile_rows() -> int:
-    """The most rows of x the block kernels multiply per unpacked block: 16 with AVX-512 where L1 holds
-    48 KB, else 8 (and 8 without the kernels)."""
+    """The most rows of x the block kernels multiply per unpacked block: with AVX-512 16 where L1 holds
+    48 KB, else 8; with AVX2 10; 8 without either (and without the kernels)."""
     k = lib()
     return int(k.agora_tile_rows()) if k is not None else 8
 

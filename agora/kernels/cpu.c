@@ -8,7 +8,8 @@
  *       y[M, N] = x[M, K] @ W^T (+ bias), W kept as GGUF blocks exactly as the file
  *       stores them (Q4_1, Q8_0) or as QU8 blocks repacked from the other formats (no
  *       dequantized copy is read). Each weight block is unpacked
- *       once per group of up to 8 rows of x and multiplied in fp32, so the result is
+ *       once per tile of up to 8 rows of x (AVX2: 10; AVX-512: 16 where L1 holds them)
+ *       and multiplied in fp32, so the result is
  *       that of fp32 math on the dequantized weights, up to summation order.
  *
  *   agora_paged_decode_attention
@@ -61,6 +62,8 @@ static inline int64_t fmt_bytes(int fmt) {
 }
 #if defined(__AVX512F__)
 #define ROWS 16 /* the most rows of x sharing one unpacked weight block (a tile) */
+#elif AGORA_AVX2
+#define ROWS 10 /* AVX2: see linear_blocks' tiles */
 #else
 #define ROWS 8
 #endif
@@ -403,8 +406,11 @@ static inline __attribute__((always_inline)) void rows_dot_fmt(int fmt, const ui
 #define ROW_CASE(n)                                                                                                    \
     case n: row_dot(fmt, wrow, nb, x, ldx, n, out, ldo, add); break;
     switch (R) {
+#if ROWS > 10
+        ROW_CASE(16) ROW_CASE(15) ROW_CASE(14) ROW_CASE(13) ROW_CASE(12) ROW_CASE(11)
+#endif
 #if ROWS > 8
-        ROW_CASE(16) ROW_CASE(15) ROW_CASE(14) ROW_CASE(13) ROW_CASE(12) ROW_CASE(11) ROW_CASE(10) ROW_CASE(9)
+        ROW_CASE(10) ROW_CASE(9)
 #endif
         ROW_CASE(8) ROW_CASE(7) ROW_CASE(6) ROW_CASE(5) ROW_CASE(4) ROW_CASE(3) ROW_CASE(2) ROW_CASE(1)
         default: break;
@@ -435,8 +441,15 @@ static inline void rows_dot(int fmt, const uint8_t *wrow, int64_t nb, const floa
  * Tiles of 16 rows (AVX-512) need the larger L1: one unpacked block then meets 16 rows instead of 8,
  * and 16 rows of K = 576 (36 KB) fit it whole. On an Intel Xeon (48 KB L1, 2 cores), SmolLM2's
  * gate/up, down and qkv products against 8-row tiles: 9 rows 1.36x faster (one tile instead of 8 + 1),
- * 16 rows 1.24x, 32 rows 1.23x, 64 rows 1.17x; 1 and 8 rows level. Where L1 is 32 KB (Zen 3, Zen 4)
- * tiles stay at 8 rows, as measured there. */
+ * 16 rows 1.24x, 32 rows 1.23x, 64 rows 1.17x; 1 and 8 rows level. Where L1 is 32 KB (Zen 4) AVX-512
+ * tiles stay at 8 rows, as measured there.
+ *
+ * AVX2 tiles take up to 10 rows: 10 accumulators and the block's 4 unpacked vectors fill 14 of the 16
+ * registers (x is each FMA's memory operand), and 10 rows of K = 576 (23 KB) stay under the 24 KB past
+ * which a tile is cut. So a verification step of 9 or 10 rows is one tile, not two (5 + 5). On a Zen 3
+ * (2 cores), the three products against 8-row tiles (benchmarks/cpu_linear_rows.py --against): 9 rows
+ * 0.80-0.90x the time, 10 rows 0.87-0.93x, 17-20 rows 0.91-0.95x, 48-192 rows 0.94-1.00x, 1 and 8 rows
+ * level; 11 and 12-row tiles (fewer registers than chains) were no faster than two tiles. */
 #define NBLK 64
 
 static int64_t l1d_set; /* agora_set_l1d_bytes: 0, the host's */
@@ -455,9 +468,15 @@ static int64_t l1d_bytes(void) {
 /* The L1 size the tiling plans for (0: the host's), so tests run both tilings on any host. */
 void agora_set_l1d_bytes(int64_t bytes) { l1d_set = bytes; }
 
-/* The most rows of x a tile takes: 16 with AVX-512 where L1 holds 48 KB, else 8 (quant.py's row limit
- * on Intel depends on it). */
-int64_t agora_tile_rows(void) { return l1d_bytes() >= 49152 ? ROWS : 8; }
+/* The most rows of x a tile takes: with AVX-512 16 where L1 holds 48 KB, else 8 (quant.py's row limit
+ * on Intel depends on it); with AVX2 10; without either 8. */
+int64_t agora_tile_rows(void) {
+#if defined(__AVX512F__)
+    return l1d_bytes() >= 49152 ? ROWS : 8;
+#else
+    return ROWS;
+#endif
+}
 
 static void linear_blocks(int fmt, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
                           const float *bias, float *y, int64_t nthreads) {

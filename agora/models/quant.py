@@ -47,7 +47,7 @@ MAX_KERNEL_ROWS_INTEL_AVX512_8ROW_TILES = 64
 _INTEL_AVX512 = kernels.cpu_vendor() == "GenuineIntel" and "avx512f" in kernels.cpu_flags()
 if not _INTEL_AVX512:
     MAX_KERNEL_ROWS = MAX_KERNEL_ROWS_DEFAULT
-elif kernels.tile_rows() > 8:
+elif kernels.tile_rows() >= 16:
     MAX_KERNEL_ROWS = MAX_KERNEL_ROWS_INTEL_AVX512
 else:
     MAX_KERNEL_ROWS = MAX_KERNEL_ROWS_INTEL_AVX512_8ROW_TILES
@@ -72,7 +72,7 @@ MAX_KERNEL_ROWS_PACKED_GEMM = 48
 # Q4_1 gate_up 64 rows 1.08 ms against 1.17, 96 rows 1.62 against 1.26; down 64 rows 0.60 against 0.55; Gemma 3's
 # QU8 gate_up 64 rows 1.56 against 1.72, 96 rows 2.32 against 1.95; down 64 rows 1.02 against 0.84. Elsewhere
 # (no such host measured) MAX_KERNEL_ROWS holds.
-MAX_KERNEL_ROWS_BLOCKS_ONLY = 64 if _INTEL_AVX512 and kernels.tile_rows() > 8 else MAX_KERNEL_ROWS
+MAX_KERNEL_ROWS_BLOCKS_ONLY = 64 if _INTEL_AVX512 and kernels.tile_rows() >= 16 else MAX_KERNEL_ROWS
 # Against bf16 GEMM weights (--dtype bfloat16), about twice as fast per row as fp32 ones, the
 # kernels keep the earlier limit (benchmarks/cpu_linear_rows.py: level from 64 to 128 rows).
 MAX_KERNEL_ROWS_BF16_GEMM = 64
