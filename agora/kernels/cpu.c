@@ -483,8 +483,8 @@ static void linear_blocks(int fmt, const float *x, int64_t M, int64_t K, const u
     const int64_t nb = K / QK, bytes = fmt_bytes(fmt), row_bytes = nb * bytes;
     const int64_t nblocks_target = nthreads * ((N + nthreads * NBLK - 1) / (nthreads * NBLK));
     const int64_t NB = (N + nblocks_target - 1) / nblocks_target, nblocks = (N + NB - 1) / NB;
-    /* Tiles as even as they can be: 9 rows are 5 + 4, not 8 + 1 (a tile of one row costs about what
-     * a single-stream step's products do, since it unpacks every block for one row). */
+    /* Tiles as even as they can be: with 8-row tiles 9 rows are 5 + 4, not 8 + 1 (a tile of one row costs
+     * about what a single-stream step's products do, since it unpacks every block for one row). */
     const int64_t max_rows = agora_tile_rows(), big_l1 = l1d_bytes() >= 49152;
     /* tiles past `over` bytes are cut into chunks of about `chunk` bytes */
     const int64_t over = big_l1 ? 40960 : 24576, chunk = big_l1 ? 40960 : 16384;
