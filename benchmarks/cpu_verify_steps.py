@@ -90,11 +90,13 @@ def worker(args: argparse.Namespace) -> list[dict]:
             times: dict[bool, list[float]] = {False: [], True: []}  # by whether REV's kernels ran the step
             for i in range(args.steps * (2 if against else 1)):
                 theirs = against is not None and i % 4 in (1, 2)
-                kernels._lib = against if theirs else ours  # (every kernel call looks the library up anew)
+                if against is not None:  # (every kernel call looks the library up anew)
+                    kernels._lib = against if theirs else ours
                 seen.clear()
                 engine.step()
                 times[theirs] += [t for n, total, t in seen if n == batch and total == batch * (1 + d)]
-            kernels._lib = ours
+            if against is not None:
+                kernels._lib = ours
             ms = statistics.median(times[False]) * 1000
             rows.append({"batch": batch, "drafts": d, "rows": batch * (1 + d), "steps": len(times[False]),
                          "ms": round(ms, 2), "ms_per_row": round(ms / (batch * (1 + d)), 3)})  # fmt: skip
