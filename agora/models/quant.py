@@ -334,7 +334,9 @@ def _fused(parts: list[GGUFLinear]) -> GGUFLinear | None:
                 rows = torch.from_numpy(gguf_repack.repack(rows.numpy(), p.qtype, to=common))
                 p.blocks = kernels.repack_i8(rows, common) if p.int8 else rows
                 p.qtype = common
-    base = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=parts[0].bias is not None)
+    # (on the meta device: its own weights are replaced below, and drawing random ones took 0.4 s of a SmolLM2 load)
+    base = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=parts[0].bias is not None,
+                     device="meta")  # fmt: skip
     with torch.no_grad():
         base.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
         if base.bias is not None:
