@@ -8,6 +8,8 @@ at memory bandwidth. The kernel source is built twice, as the engine builds it a
 SmolLM2-135M's shape (9 query heads, 3 KV heads, head_dim 64, 16-token blocks in random
 order), one cache per layer for all 30 layers so that every step reads cold memory. The
 figure is the median of ``--repeats`` steps; GB/s counts the K and V bytes a step must read.
+Beside them runs a bare read of the same K and V rows in the same order (``scattered_read.c``: no arithmetic,
+no prefetch), the floor under the kernel's time on this host (``bare_read``, ``kernel_over_bare_read``).
 ``--against REV`` also builds the kernel of that git revision (as the engine would) and runs it beside them
 (``over_against``: this tree's time over its; ``max_abs_diff_against``: how far apart their outputs are), on
 the cases its kernel reads (no bf16 cache before it had one). With ``AGORA_CPU_ISA=avx2`` in the environment all
@@ -55,7 +57,15 @@ def measure(libs: dict[str, ctypes.CDLL], batch: int, context: int, dtype: torch
     q = torch.randn(batch, HEADS, DIM)
     threads = torch.get_num_threads()
     kernel = "agora_paged_decode_attention"
-    fns = {label: fn for label, lib in libs.items() if (fn := attention_kernel(lib, kernel, dtype)) is not None}
+    kernel_libs = {label: lib for label, lib in libs.items() if label != "bare_read"}
+    fns = {label: fn for label, lib in kernel_libs.items() if (fn := attention_kernel(lib, kernel, dtype)) is not None}
+    if "bare_read" in libs:  # the same arguments; it reads the K and V rows and nothing else
+        read = libs["bare_read"].agora_bench_scattered_read
+        read.argtypes, read.restype = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 6, ctypes.c_float
+        row_bytes = KV_HEADS * DIM * caches[0][0].element_size()
+        fns["bare_read"] = lambda q, k, v, tables, per_req, seq_lens, batch, *rest: read(
+            k, v, tables, batch, per_req, context, BLOCK, row_bytes, threads
+        )  # fmt: skip
     times: dict[str, list[float]] = {n: [] for n in fns}
     outs = {}
     for _ in range(repeats + 1):
@@ -74,6 +84,8 @@ def measure(libs: dict[str, ctypes.CDLL], batch: int, context: int, dtype: torch
     for label in fns:
         ms = statistics.median(times[label][1:]) * 1000
         result[label] = {"step_ms": round(ms, 2), "GB_per_s": round(step_bytes / ms / 1e6, 1)}
+    if "bare_read" in result:
+        result["kernel_over_bare_read"] = round(result["prefetch"]["step_ms"] / result["bare_read"]["step_ms"], 2)
     result["speedup"] = round(result["no_prefetch"]["step_ms"] / result["prefetch"]["step_ms"], 2)
     result["max_abs_diff"] = (outs["prefetch"] - outs["no_prefetch"]).abs().max().item()
     if "against" in fns:
@@ -101,6 +113,7 @@ def main() -> None:
         libs = {
             "prefetch": build(kernels.SOURCE, out / "kernels.so"),
             "no_prefetch": build(kernels.SOURCE, out / "kernels-np.so", defines=("AGORA_NO_PREFETCH",)),
+            "bare_read": build(Path(__file__).with_name("scattered_read.c"), out / "read.so"),
         }
         if args.against:
             libs["against"] = kernels_at(args.against)
@@ -112,7 +125,8 @@ def main() -> None:
                 f"{batch:3d} requests x {context:5d} tokens, {r['kv_dtype']:8s}: "
                 f"{r['prefetch']['step_ms']:7.1f} ms ({r['prefetch']['GB_per_s']:5.1f} GB/s) with prefetch, "
                 f"{r['no_prefetch']['step_ms']:7.1f} ms ({r['no_prefetch']['GB_per_s']:5.1f} GB/s) without: "
-                f"{r['speedup']:.2f}x"
+                f"{r['speedup']:.2f}x; a bare read of the same rows {r['bare_read']['step_ms']:.1f} ms "
+                f"({r['bare_read']['GB_per_s']:.1f} GB/s, the kernel {r['kernel_over_bare_read']:.2f}x its time)"
                 + (
                     f"; {args.against}: {r['against']['step_ms']:.1f} ms ({r['over_against']:.2f}x)"
                     if "against" in r
