@@ -1014,6 +1014,20 @@ static inline __attribute__((always_inline)) void prefetch_row(const void *p, in
     for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch(c + l, _MM_HINT_T1);
     _mm_prefetch(c + bytes - 1, _MM_HINT_T1);
 }
+
+/* Lines [from, to) of a run of rows (`lines` 64-byte lines each, row after row) into L2, counted from each row's
+ * line-aligned start: a share of a few rows' lines, so that the prefetches of the rows ahead are spread over the
+ * arithmetic meanwhile. Asked for a whole row (or 8) at a time, they stalled on the full miss queues: on a Zen 3
+ * the scores pass over K took 1.8x a bare read of the same rows, spread about as long as the read. */
+static inline __attribute__((always_inline)) void prefetch_lines(const void *const *rows, int64_t lines, int64_t from,
+                                                                 int64_t to) {
+#ifdef AGORA_NO_PREFETCH
+    (void)rows, (void)lines, (void)from, (void)to;
+    return;
+#endif
+    for (int64_t l = from; l < to; l++)
+        _mm_prefetch((const char *)((uintptr_t)rows[l / lines] & ~(uintptr_t)63) + l % lines * 64, _MM_HINT_T1);
+}
 #endif
 
 /* Bytes of a token row that G query heads (`group` per KV head) read: their KV heads' slices. */
@@ -1062,15 +1076,16 @@ static inline __attribute__((always_inline)) void score_keys4(const float *q, co
 }
 
 /* o[h * D + dc .. + 32] += sum_{i0 <= i < i1} probs[h * n + i] * v_i[off + dc .. + 32] for NH heads, 8 lanes. */
+/* Each token's step also prefetches lines [pf_from, pf_to) of the row VALUE_PREFETCH tokens on (`lines` a row). */
 static inline __attribute__((always_inline)) void value_rows32(const float *probs, const void **vp, int64_t i0,
                                                                int64_t i1, int64_t n, int64_t off, int64_t D,
-                                                               float *o, int prefetch, int64_t row_bytes, int kv,
-                                                               int NH) {
+                                                               float *o, int64_t lines, int64_t pf_from,
+                                                               int64_t pf_to, int kv, int NH) {
     __m256 a[3][4];
     for (int h = 0; h < NH; h++)
         for (int u = 0; u < 4; u++) a[h][u] = _mm256_loadu_ps(o + h * D + 8 * u);
     for (int64_t i = i0; i < i1; i++) {
-        if (prefetch && i + VALUE_PREFETCH < n) prefetch_row(vp[i + VALUE_PREFETCH], row_bytes);
+        if (i + VALUE_PREFETCH < n) prefetch_lines(vp + i + VALUE_PREFETCH, lines, pf_from, pf_to);
         const void *v = kv_at(vp[i], off, kv);
         __m256 p[3];
         for (int h = 0; h < NH; h++) p[h] = _mm256_set1_ps(probs[h * n + i]);
@@ -1159,14 +1174,21 @@ static inline __attribute__((always_inline)) void attn_scores(const float *qh, c
 #if AGORA_AVX2
     if (D % 8 == 0) {
         const __m128 vs = _mm_set1_ps(scale);
-        const int64_t row_bytes = kv_row_bytes(G, group, D, kv);
+        const int64_t lines = (kv_row_bytes(G, group, D, kv) + 63) / 64;
+        int64_t calls = 0; /* score_keys4 calls per 8 keys: 2 a pass of heads */
+        for (int64_t g = 0; g < G; g += heads_in_pass(g, group)) calls += 2;
         for (; i + 8 <= n; i += 8) {
-            for (int64_t j = i + KEY_PREFETCH; j < i + KEY_PREFETCH + 8 && j < n; j++) prefetch_row(kp[j], row_bytes);
+            /* the 8 rows KEY_PREFETCH tokens on, a share of their lines before each call */
+            const int64_t ahead = i + KEY_PREFETCH, rows = n - ahead < 8 ? (n > ahead ? n - ahead : 0) : 8;
+            const int64_t total = rows * lines, per = (total + calls - 1) / calls;
+            int64_t next = 0;
             for (int64_t g = 0; g < G;) {
                 const int nh = heads_in_pass(g, group);
                 const int64_t off = (g / group) * D;
                 const float *q = qh + g * D;
                 for (int64_t j = i; j < i + 8; j += 4) {
+                    prefetch_lines(kp + ahead, lines, next, next + per < total ? next + per : total);
+                    next += per;
                     BY_HEADS(nh, score_keys4(q, kp, j, n, off, D, vs, scores + g * n, kv, NH));
                 }
                 g += nh;
@@ -1260,18 +1282,23 @@ static inline __attribute__((always_inline)) void attn_values(const float *probs
 #if AGORA_AVX2
     if (D % 32 == 0) {
         /* Tiles of 64 tokens (their V rows stay in L2 while the heads pass over them); per pass of up to 3 heads
-         * and 32-wide slice of D, their accumulators live in registers. The first pass over a tile prefetches
-         * the rows VALUE_PREFETCH tokens on. */
-        const int64_t row_bytes = kv_row_bytes(G, group, D, kv);
+         * and 32-wide slice of D, their accumulators live in registers. Each pass over a tile prefetches its
+         * share of the lines of the rows VALUE_PREFETCH tokens on (prefetch_lines). */
+        const int64_t lines = (kv_row_bytes(G, group, D, kv) + 63) / 64;
+        int64_t passes = 0; /* over a tile: of up to 3 heads and 32 columns */
+        for (int64_t g = 0; g < G; g += heads_in_pass(g, group)) passes += D / 32;
+        const int64_t per = (lines + passes - 1) / passes; /* lines of each row ahead a pass prefetches */
         for (int64_t i0 = 0; i0 < n; i0 += 64) {
             const int64_t i1 = i0 + 64 < n ? i0 + 64 : n;
+            int64_t from = 0;
             for (int64_t g = 0; g < G;) {
                 const int nh = heads_in_pass(g, group);
                 const int64_t off = (g / group) * D;
                 for (int64_t dc = 0; dc < D; dc += 32) {
-                    const int pf = g == 0 && dc == 0;
+                    const int64_t to = from + per < lines ? from + per : lines;
                     float *o = out + g * D + dc;
-                    BY_HEADS(nh, value_rows32(probs + g * n, vp, i0, i1, n, off + dc, D, o, pf, row_bytes, kv, NH));
+                    BY_HEADS(nh, value_rows32(probs + g * n, vp, i0, i1, n, off + dc, D, o, lines, from, to, kv, NH));
+                    from = to;
                 }
                 g += nh;
             }
