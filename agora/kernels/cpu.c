@@ -1497,6 +1497,7 @@ void agora_paged_decode_attention(const float *q, const void *k_cache, const voi
 typedef __m512 pvec;
 #define PVW 16
 #define PB 6 /* 6 rows x 4 vectors of accumulators + 4 of keys: 28 of 32 registers */
+#define IN_REGISTER(x) (void)0 /* (the compiler's choice: its "x" registers are only the first 16 of 32) */
 #define pv_load _mm512_loadu_ps
 #define pv_store _mm512_storeu_ps
 #define pv_set1 _mm512_set1_ps
@@ -1512,6 +1513,12 @@ typedef __m256 pvec;
  * now 0.75-0.88x of 3 rows' (2,048 fresh queries 76.6 -> 57.7 ms a layer), 16 x 6 verification queries 0.93x,
  * 16 x 2 level. (An Intel Xeon built for AVX2 had measured 2 rows about as 3.) */
 #define PB 2
+/* GCC folds each key (or value) vector's load into the FMAs that use it, as their memory operand: one load per
+ * row of the block, 10 loads for 8 FMAs, past the 2 a cycle a Zen 3 core takes. Held in a register, each is
+ * loaded once for both rows (6 for 8): the same arithmetic, prompt chunks 0.85-0.95x the time with cold caches
+ * (a 150-token turn after 750 0.90x), verification steps level (hot, 16 x 6 queries 0.95x; Zen 3,
+ * benchmarks/cpu_prefill_attention.py --against). */
+#define IN_REGISTER(x) __asm__("" : "+x"(x))
 #define pv_load _mm256_loadu_ps
 #define pv_store _mm256_storeu_ps
 #define pv_set1 _mm256_set1_ps
@@ -1551,7 +1558,10 @@ static inline __attribute__((always_inline)) void score_block(const float *qt, c
     for (int64_t d = 0; d < D; d++) {
         prefetch_next(pf), prefetch_next(pf);
         pvec k[4];
-        for (int v = 0; v < 4; v++) k[v] = pv_load(kt + d * KT + c0 + v * PVW);
+        for (int v = 0; v < 4; v++) {
+            k[v] = pv_load(kt + d * KT + c0 + v * PVW);
+            IN_REGISTER(k[v]);
+        }
         for (int i = 0; i < nr; i++) {
             const pvec q = pv_set1(qt[(r0 + i) * D + d]);
             for (int v = 0; v < 4; v++) acc[i][v] = pv_fma(q, k[v], acc[i][v]);
@@ -1575,7 +1585,10 @@ static inline __attribute__((always_inline)) void pv_block(const float *s, const
     for (int64_t j = jlo; j < jhi; j++) {
         prefetch_next(pf);
         pvec x[4];
-        for (int v = 0; v < 4; v++) x[v] = pv_load(vrow[j] + dc + v * PVW);
+        for (int v = 0; v < 4; v++) {
+            x[v] = pv_load(vrow[j] + dc + v * PVW);
+            IN_REGISTER(x[v]);
+        }
         for (int i = 0; i < nr; i++) {
             const pvec p = pv_set1(s[(r0 + i) * KT + j]);
             for (int v = 0; v < 4; v++) acc[i][v] = pv_fma(p, x[v], acc[i][v]);
