@@ -1075,8 +1075,8 @@ static inline __attribute__((always_inline)) void score_keys4(const float *q, co
     }
 }
 
-/* o[h * D + dc .. + 32] += sum_{i0 <= i < i1} probs[h * n + i] * v_i[off + dc .. + 32] for NH heads, 8 lanes. */
-/* Each token's step also prefetches lines [pf_from, pf_to) of the row VALUE_PREFETCH tokens on (`lines` a row). */
+/* o[h * D + dc .. + 32] += sum_{i0 <= i < i1} probs[h * n + i] * v_i[off + dc .. + 32] for NH heads, 8 lanes. Each
+ * token's step also prefetches lines [pf_from, pf_to) of the row VALUE_PREFETCH tokens on (`lines` a row). */
 static inline __attribute__((always_inline)) void value_rows32(const float *probs, const void **vp, int64_t i0,
                                                                int64_t i1, int64_t n, int64_t off, int64_t D,
                                                                float *o, int64_t lines, int64_t pf_from,
@@ -1497,7 +1497,8 @@ void agora_paged_decode_attention(const float *q, const void *k_cache, const voi
 typedef __m512 pvec;
 #define PVW 16
 #define PB 6 /* 6 rows x 4 vectors of accumulators + 4 of keys: 28 of 32 registers */
-#define IN_REGISTER(x) (void)0 /* (the compiler's choice: its "x" registers are only the first 16 of 32) */
+#define IN_REGISTER(x) (void)0 /* (left to the compiler: 28 of 32 registers are in use, and the empty asm's "x"
+                                  * names only the first 16) */
 #define pv_load _mm512_loadu_ps
 #define pv_store _mm512_storeu_ps
 #define pv_set1 _mm512_set1_ps
