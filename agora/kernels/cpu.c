@@ -1043,6 +1043,13 @@ static inline int heads_in_pass(int64_t g, int64_t group) {
     return left < 3 ? (int)left : 3;
 }
 
+/* The passes (heads_in_pass at a time) that cover G query heads. */
+static inline int64_t head_passes(int64_t G, int64_t group) {
+    int64_t passes = 0;
+    for (int64_t g = 0; g < G; g += heads_in_pass(g, group)) passes++;
+    return passes;
+}
+
 /* The pass's head count (heads_in_pass) as a constant NH in each call, so its loops over heads unroll. */
 #define BY_HEADS(nh, call)                                                                                             \
     switch (nh) {                                                                                                      \
@@ -1175,8 +1182,7 @@ static inline __attribute__((always_inline)) void attn_scores(const float *qh, c
     if (D % 8 == 0) {
         const __m128 vs = _mm_set1_ps(scale);
         const int64_t lines = (kv_row_bytes(G, group, D, kv) + 63) / 64;
-        int64_t calls = 0; /* score_keys4 calls per 8 keys: 2 a pass of heads */
-        for (int64_t g = 0; g < G; g += heads_in_pass(g, group)) calls += 2;
+        const int64_t calls = 2 * head_passes(G, group); /* score_keys4 calls per 8 keys */
         for (; i + 8 <= n; i += 8) {
             /* the 8 rows KEY_PREFETCH tokens on, a share of their lines before each call */
             const int64_t ahead = i + KEY_PREFETCH, rows = n - ahead < 8 ? (n > ahead ? n - ahead : 0) : 8;
@@ -1285,8 +1291,7 @@ static inline __attribute__((always_inline)) void attn_values(const float *probs
          * and 32-wide slice of D, their accumulators live in registers. Each pass over a tile prefetches its
          * share of the lines of the rows VALUE_PREFETCH tokens on (prefetch_lines). */
         const int64_t lines = (kv_row_bytes(G, group, D, kv) + 63) / 64;
-        int64_t passes = 0; /* over a tile: of up to 3 heads and 32 columns */
-        for (int64_t g = 0; g < G; g += heads_in_pass(g, group)) passes += D / 32;
+        const int64_t passes = head_passes(G, group) * (D / 32); /* over a tile: of up to 3 heads and 32 columns */
         const int64_t per = (lines + passes - 1) / passes; /* lines of each row ahead a pass prefetches */
         for (int64_t i0 = 0; i0 < n; i0 += 64) {
             const int64_t i1 = i0 + 64 < n ? i0 + 64 : n;
