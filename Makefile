@@ -12,8 +12,12 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	# torch first: 2.13.0 is the local CPU build here; a looser spec would pull CUDA wheels.
-	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0 'uv>=0.5'
+	# The rest through uv: the same packages as pip picks, installed (bytecode compiled) in about 40 s where pip
+	# takes over two minutes on 2 cores. torch is already there and satisfies the requirement, so uv does not
+	# fetch another build. If uv fails (an index only pip is configured for, say), pip does it.
+	$(VENV)/bin/uv pip install -q --python $(PY) --compile-bytecode -e '.[test]' || \
+	  $(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
