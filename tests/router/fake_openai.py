@@ -219,7 +219,9 @@ def main() -> None:
     args = p.parse_args()
     app = FakeOpenAI(args.name, args.model, args.tokens, args.delay_ms, not args.no_health, not args.no_metrics,
                      args.done_linger_ms, args.max_model_len)  # fmt: skip
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="error", lifespan="off")
+    # A test's end stops it with SIGTERM: an answer still under way (a slow non-streamed one) is cut after a
+    # second instead of holding the process until the fixture's 10 s kill.
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="error", lifespan="off", timeout_graceful_shutdown=1)
 
 
 if __name__ == "__main__":
