@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from agora.engine.attention import AttentionMetadata, TorchPagedAttention, build_group
+from agora.engine.device import zeroed
 from agora.engine.sampler import SampleRequest, TokenLogprobs, sample, verify
 from agora.engine.scheduler import SchedulerOutput
 
@@ -90,7 +91,7 @@ class ModelRunner:
         shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
         # Zeroed, not empty: masked-out keys still pass through the matmul, and 0 * NaN = NaN.
         self.kv_caches = [
-            (torch.zeros(shape, dtype=kv_dtype, device=device), torch.zeros(shape, dtype=kv_dtype, device=device))
+            (zeroed(shape, kv_dtype, device), zeroed(shape, kv_dtype, device))
             for _ in range(model.num_layers)  # type: ignore[attr-defined]
         ]
         layer_windows: list[int | None] = model.layer_sliding_windows  # type: ignore[attr-defined]
