@@ -7,6 +7,7 @@ tokenizers library's ``DecodeStream``.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,34 @@ from typing import Any
 from agora.engine.sampling import SamplingParams
 
 
+def _generic_class(path: Path) -> bool:
+    """Whether the folder's tokenizer is transformers' generic fast one, which ``AutoTokenizer`` would only
+    look up: a ``tokenizer_class`` of ``TokenizersBackend`` (or the older ``PreTrainedTokenizerFast``), no
+    ``auto_map`` and no ``config.json`` whose model type could send it elsewhere (the folders agora converts
+    GGUF tokenizers into are such)."""
+    if (path / "config.json").exists() or not (path / "tokenizer.json").is_file():
+        return False
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    generic = ("TokenizersBackend", "PreTrainedTokenizerFast")
+    return isinstance(config, dict) and config.get("tokenizer_class") in generic and "auto_map" not in config
+
+
 class Tokenizer:
     def __init__(self, path: str | Path, extra_eos_token_ids: list[int] | None = None) -> None:
-        from transformers import AutoTokenizer
+        path = Path(path)
+        if _generic_class(path):
+            # The class itself: importing AutoTokenizer builds transformers' map of every model it has (about
+            # 3 s of each engine start on 2 cores) only to name this class
+            from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-        self.hf = AutoTokenizer.from_pretrained(str(path))
+            self.hf = TokenizersBackend.from_pretrained(str(path))
+        else:
+            from transformers import AutoTokenizer
+
+            self.hf = AutoTokenizer.from_pretrained(str(path))
         backend = getattr(self.hf, "backend_tokenizer", None) or getattr(self.hf, "_tokenizer", None)
         if backend is None:
             raise ValueError(f"{path}: only fast (tokenizers-backed) tokenizers are supported")
