@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from agora import kernels
+from agora.models.loader import available_memory_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def kv_cache_budget(device: torch.device, requested: int | None, utilization: fl
         logger.info("KV cache budget from free GPU memory: %.1f GiB", budget / 2**30)
         return budget
     budget = CPU_DEFAULT_KV_BYTES if requested is None else requested
-    available = host_memory_available() if device.type == "cpu" else None
+    available = available_memory_bytes() if device.type == "cpu" else None
     if available is not None and budget > available:
         # (the cache's pages are only taken as requests reach them: without this a cache the machine cannot hold
         # would start, and fail under load)
@@ -108,18 +109,6 @@ def kv_cache_budget(device: torch.device, requested: int | None, utilization: fl
             f"available; set a smaller --kv-cache-memory"
         )
     return budget
-
-
-def host_memory_available() -> int | None:
-    """Bytes of memory the host can still give (Linux's MemAvailable), or None where it cannot tell."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

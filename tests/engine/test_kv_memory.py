@@ -7,7 +7,8 @@ import torch
 
 from agora import LLM, SamplingParams
 from agora.engine import device as device_mod
-from agora.engine.device import host_memory_available, kv_cache_budget, zeroed
+from agora.engine.device import kv_cache_budget, zeroed
+from agora.models.loader import available_memory_bytes
 
 
 def _resident_bytes() -> int:
@@ -26,7 +27,7 @@ def test_zeroed_is_zero_writable_and_aligned(dtype) -> None:
     assert view[-1].item() == 3.0 and view[:-1].eq(0).all()
 
 
-@pytest.mark.skipif(host_memory_available() is None, reason="needs /proc/meminfo")
+@pytest.mark.skipif(available_memory_bytes() is None, reason="needs /proc/meminfo")
 def test_zeroed_takes_memory_only_where_touched() -> None:
     before = _resident_bytes()
     t = zeroed((1024, 16, 8, 64), torch.float32, torch.device("cpu"))  # 32 MiB
@@ -39,12 +40,12 @@ def test_zeroed_takes_memory_only_where_touched() -> None:
 
 def test_kv_budget_past_available_memory_is_refused(monkeypatch) -> None:
     cpu = torch.device("cpu")
-    monkeypatch.setattr(device_mod, "host_memory_available", lambda: 3 << 30)
+    monkeypatch.setattr(device_mod, "available_memory_bytes", lambda: 3 << 30)
     assert kv_cache_budget(cpu, None, 0.9) == 2 << 30
     assert kv_cache_budget(cpu, 1 << 30, 0.9) == 1 << 30
     with pytest.raises(ValueError, match=r"a KV cache of 4.0 GiB does not fit the 3.0 GiB .*--kv-cache-memory"):
         kv_cache_budget(cpu, 4 << 30, 0.9)
-    monkeypatch.setattr(device_mod, "host_memory_available", lambda: None)  # (not Linux: not checked)
+    monkeypatch.setattr(device_mod, "available_memory_bytes", lambda: None)  # (not Linux: not checked)
     assert kv_cache_budget(cpu, 4 << 30, 0.9) == 4 << 30
 
 
