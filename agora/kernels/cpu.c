@@ -1502,6 +1502,7 @@ void agora_paged_decode_attention(const float *q, const void *k_cache, const voi
 typedef __m512 pvec;
 #define PVW 16
 #define PB 6 /* 6 rows x 4 vectors of accumulators + 4 of keys: 28 of 32 registers */
+#define PF_PER_D 2 /* prefetcher lines asked for at each step of score_block's loop (see the AVX2 one) */
 #define IN_REGISTER(x) (void)0 /* (left to the compiler: 28 of 32 registers are in use, and the empty asm's "x"
                                   * names only the first 16) */
 #define pv_load _mm512_loadu_ps
@@ -1519,6 +1520,13 @@ typedef __m256 pvec;
  * now 0.75-0.88x of 3 rows' (2,048 fresh queries 76.6 -> 57.7 ms a layer), 16 x 6 verification queries 0.93x,
  * 16 x 2 level. (An Intel Xeon built for AVX2 had measured 2 rows about as 3.) */
 #define PB 2
+/* One prefetcher line per step of score_block's loop, not two as with AVX-512: its 2-row blocks take 3x the
+ * steps of 6-row ones, so one a step still asks for a whole next tile before the tile ends (K and V of 64 keys,
+ * every KV head of the task), and asking twice as fast stalled on full miss queues. Zen 3, 2 cores,
+ * SmolLM2's heads after 1,300 tokens, alternating in one process (the same output, bit for bit): 16 requests
+ * x 6 queries 7.9 -> 7.0 ms a layer, 16 x 2 5.0 -> 4.4, 4 x 8 2.8 -> 2.5, one request's 8 0.60 -> 0.59;
+ * prompt chunks (several tiles of queries: no prefetching) level. */
+#define PF_PER_D 1
 /* GCC folds each key (or value) vector's load into the FMAs that use it, as their memory operand: one load per
  * row of the block, 10 loads for 8 FMAs, past the 2 a cycle a Zen 3 core takes. Held in a register, each is
  * loaded once for both rows (6 for 8): the same arithmetic, prompt chunks 0.85-0.95x the time with cold caches
@@ -1562,7 +1570,8 @@ static inline __attribute__((always_inline)) void score_block(const float *qt, c
     for (int i = 0; i < nr; i++)
         for (int v = 0; v < 4; v++) acc[i][v] = pv_set1(0.f);
     for (int64_t d = 0; d < D; d++) {
-        prefetch_next(pf), prefetch_next(pf);
+        prefetch_next(pf);
+        if (PF_PER_D > 1) prefetch_next(pf);
         pvec k[4];
         for (int v = 0; v < 4; v++) {
             k[v] = pv_load(kt + d * KT + c0 + v * PVW);
