@@ -8,8 +8,10 @@ and once more with a KV cache too small for all of them (preemption).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import random
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -162,37 +164,85 @@ SMOL_CHATS = [
 
 
 @pytest.fixture(scope="module")
-def smollm2_reference(smollm2_gguf, gguf_reference):
+def smollm2_prompts(smollm2_gguf) -> list[list[int]]:
     from agora.engine.tokenizer import Tokenizer
     from agora.models.loader import inspect_model
 
     tok = Tokenizer(inspect_model(smollm2_gguf).tokenizer_dir)
     prompts = [tok.encode(tok.apply_chat_template(c), add_special_tokens=False) for c in SMOL_CHATS]
     assert len({len(p) for p in prompts}) == len(prompts)
-    return prompts, gguf_reference(smollm2_gguf, prompts)
+    return prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class Departure:
+    """Where an output leaves transformers' greedy path: its ``position``, our token there, transformers' token, and
+    by how much transformers prefers its own (its logit margin: 0 at an exact tie)."""
+
+    prompt: int
+    position: int
+    ours: int
+    theirs: int
+    margin: float
+
+
+class GreedyReference:
+    """transformers' own GGUF loader and forward: an independent reading of the same file, as the reference.
+
+    An output is transformers' greedy continuation of its prompt when, at every position, transformers' forward over
+    the prompt and the output before that position scores the output's token highest (end-of-sequence barred, as
+    ``min_new_tokens`` bars it from ``generate()``). That is one forward per output, where ``generate()`` takes one
+    per token (for Gemma 3, 64 reads of a 671 MB fp32 output matrix, 100 ms each on two cores): the same check a
+    speculative decoder makes of a draft. Outputs already checked are not checked again. Each file is loaded once
+    per module and dropped with it."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, torch.nn.Module] = {}
+        self.checked: dict[tuple, list[Departure]] = {}
+
+    def model(self, path) -> torch.nn.Module:  # the transformers model itself
+        from transformers import AutoModelForCausalLM
+
+        if str(path) not in self.models:
+            with _gguf_parsed_once():
+                hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+            self.models[str(path)] = hf.eval()
+        return self.models[str(path)]
+
+    def departures(self, path, prompts: list[list[int]], outputs: list[list[int]]) -> list[Departure]:
+        """Each output's first departure from transformers' greedy path, if it has one."""
+        out = []
+        for i, (prompt, output) in enumerate(zip(prompts, outputs, strict=True)):
+            key = (str(path), tuple(prompt), tuple(output))
+            if key not in self.checked:
+                self.checked[key] = self._departures(self.model(path), i, prompt, output)
+            out += [dataclasses.replace(d, prompt=i) for d in self.checked[key]]
+        return out
+
+    def check(self, path, prompts: list[list[int]], outputs: list[list[int]], new_tokens: int = NEW_TOKENS) -> None:
+        """Every output is ``new_tokens`` long and transformers' greedy continuation of its prompt."""
+        assert [len(o) for o in outputs] == [new_tokens] * len(prompts)
+        assert self.departures(path, prompts, outputs) == []
+
+    @staticmethod
+    def _departures(model, index: int, prompt: list[int], output: list[int]) -> list[Departure]:
+        ids = torch.tensor([prompt + output[:-1]])
+        with torch.no_grad():
+            logits = model(ids, attention_mask=torch.ones_like(ids), logits_to_keep=len(output)).logits[0].float()
+        eos = model.generation_config.eos_token_id
+        logits[:, [eos] if isinstance(eos, int) else list(eos or [])] = float("-inf")
+        best = logits.argmax(dim=-1).tolist()
+        n = next((j for j, (a, b) in enumerate(zip(output, best, strict=True)) if a != b), None)
+        if n is None:
+            return []
+        return [Departure(index, n, output[n], best[n], float(logits[n, best[n]] - logits[n, output[n]]))]
 
 
 @pytest.fixture(scope="module")
-def gguf_reference():
-    """transformers' own GGUF loader and generate(): an independent reading of the same file. Each file is
-    loaded once per module and dropped with it."""
-    from transformers import AutoModelForCausalLM
-
-    models: dict[str, torch.nn.Module] = {}
-
-    def model(path) -> torch.nn.Module:
-        if str(path) not in models:
-            with _gguf_parsed_once():
-                hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-            models[str(path)] = hf.eval()
-        return models[str(path)]
-
-    def reference(path, prompts: list[list[int]]) -> list[list[int]]:
-        return hf_greedy(model(path), prompts)
-
-    reference.model = model  # the transformers model itself
+def gguf_reference() -> Iterator[GreedyReference]:
+    reference = GreedyReference()
     yield reference
-    models.clear()
+    reference.models.clear()
 
 
 @contextlib.contextmanager
@@ -221,21 +271,33 @@ def _gguf_parsed_once():
 
 
 @pytest.mark.slow
-def test_smollm2_matches_transformers(smollm2_gguf, smollm2_reference):
-    prompts, expected = smollm2_reference
+def test_smollm2_matches_transformers(smollm2_gguf, smollm2_prompts, gguf_reference):
+    prompts = smollm2_prompts
     for spec in (None, "auto"):  # speculation off (plain decode steps), and the default (suffix on a CPU)
         llm = LLM(str(smollm2_gguf), dtype="float32", num_blocks=256, max_num_batched_tokens=96,
                   speculative_config=spec)  # fmt: skip
-        assert engine_greedy(llm, prompts) == expected
+        gguf_reference.check(smollm2_gguf, prompts, engine_greedy(llm, prompts))
         assert llm.engine.stats().prefix_cache_hits > 0  # the shared system prompt
     # --gguf-weights blocks: no fp32 weights kept, the prompts' one 512-token step dequantizes them for its GEMMs
     llm = LLM(str(smollm2_gguf), dtype="float32", num_blocks=256, max_num_batched_tokens=512, gguf_weights="blocks")
     assert sum(len(p) for p in prompts) > llm.engine.runner.model.lm_head.kernel_rows
-    assert engine_greedy(llm, prompts) == expected
+    gguf_reference.check(smollm2_gguf, prompts, engine_greedy(llm, prompts))
 
 
-def test_smollm2_prompt_logprobs_match_transformers(smollm2_gguf, smollm2_reference, gguf_reference):
-    prompts, _ = smollm2_reference
+def test_the_reference_is_generates_greedy_path(smollm2_gguf, smollm2_prompts, gguf_reference):
+    """The check passes what generate() picks and fails anything else, naming where and by how much."""
+    prompts = smollm2_prompts[:2]
+    generated = hf_greedy(gguf_reference.model(smollm2_gguf), prompts, 16)
+    gguf_reference.check(smollm2_gguf, prompts, generated, new_tokens=16)
+    changed = [generated[0], generated[1][:9] + [(generated[1][9] + 1) % 49152] + generated[1][10:]]
+    (d,) = gguf_reference.departures(smollm2_gguf, prompts, changed)
+    assert (d.prompt, d.position, d.ours, d.theirs) == (1, 9, changed[1][9], generated[1][9]) and d.margin > 0
+    with pytest.raises(AssertionError):
+        gguf_reference.check(smollm2_gguf, prompts, changed, new_tokens=16)
+
+
+def test_smollm2_prompt_logprobs_match_transformers(smollm2_gguf, smollm2_prompts, gguf_reference):
+    prompts = smollm2_prompts
     hf = gguf_reference.model(smollm2_gguf)
     llm = LLM(str(smollm2_gguf), dtype="float32", num_blocks=256, max_num_batched_tokens=96)
     results = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1))
@@ -249,10 +311,10 @@ def test_smollm2_prompt_logprobs_match_transformers(smollm2_gguf, smollm2_refere
 
 
 @pytest.mark.slow
-def test_smollm2_matches_transformers_under_preemption(smollm2_gguf, smollm2_reference):
-    prompts, expected = smollm2_reference
+def test_smollm2_matches_transformers_under_preemption(smollm2_gguf, smollm2_prompts, gguf_reference):
+    prompts = smollm2_prompts
     llm = LLM(str(smollm2_gguf), dtype="float32", num_blocks=24, block_size=16, max_num_batched_tokens=256)
-    assert engine_greedy(llm, prompts) == expected
+    gguf_reference.check(smollm2_gguf, prompts, engine_greedy(llm, prompts))
     assert llm.engine.scheduler.num_preemptions > 0
 
 
@@ -269,51 +331,42 @@ GEMMA_TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def gemma3_reference(gemma3_gguf, gguf_reference):
+def gemma3_prompts(gemma3_gguf) -> list[list[int]]:
     from agora.engine.tokenizer import Tokenizer
     from agora.models.loader import inspect_model
 
     tok = Tokenizer(inspect_model(gemma3_gguf).tokenizer_dir)
     prompts = [tok.encode(t) for t in GEMMA_TEXTS]
     assert max(len(p) for p in prompts) > 600
-    return prompts, gguf_reference(gemma3_gguf, prompts)
+    return prompts
 
 
 @pytest.mark.slow
-def test_gemma3_270m_matches_transformers(gemma3_gguf, gemma3_reference):
-    prompts, expected = gemma3_reference
+def test_gemma3_270m_matches_transformers(gemma3_gguf, gemma3_prompts, gguf_reference):
     llm = LLM(str(gemma3_gguf), dtype="float32", num_blocks=128, max_num_batched_tokens=256)
-    assert engine_greedy(llm, prompts) == expected
+    gguf_reference.check(gemma3_gguf, gemma3_prompts, engine_greedy(llm, gemma3_prompts))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kv_dtype", ["float16", "bfloat16"])
 def test_smollm2_with_a_two_byte_kv_cache_stays_close_to_transformers(
-    smollm2_gguf, smollm2_reference, gguf_reference, kv_dtype
+    smollm2_gguf, smollm2_prompts, gguf_reference, kv_dtype
 ):
     """fp16 or bf16 K/V rounding is not fp32 math, so exact parity is not promised: the greedy text may
     part from the reference, but only where the reference itself nearly tied. At each output's first
-    difference, transformers (fp32, fed the shared tokens) must score our token within ``near_tie``
-    logits of its best; a cache that computed wrong K/V parts where the reference is sure.
+    departure from transformers' greedy path, transformers (fp32, fed the tokens before it) must score our
+    token within ``near_tie`` logits of its best; a cache that computed wrong K/V parts where the reference is sure.
     (Where such a flip falls depends on the CPU's sums: bf16 parted from SmolLM2's references at 12 and
     27 of 64 tokens on an AVX2-only Zen 3, on reference margins of 0.03 and 0.008 logits.)"""
     near_tie = 0.5  # logits; the bf16 cache's largest logit error on a 139-token text is ~0.18 (cpu_decode.py)
-    prompts, expected = smollm2_reference
+    prompts = smollm2_prompts
     llm = LLM(str(smollm2_gguf), dtype="float32", num_blocks=256, max_num_batched_tokens=96, kv_cache_dtype=kv_dtype)
     assert llm.engine.runner.kv_caches[0][0].dtype == getattr(torch, kv_dtype)
     got = engine_greedy(llm, prompts)
-    reference = gguf_reference.model(smollm2_gguf)
-    parted = []  # (prompt, position, the reference's margin between its token and ours)
-    for i, (p, g, e) in enumerate(zip(prompts, got, expected, strict=True)):
-        n = next((j for j, (a, b) in enumerate(zip(g, e, strict=False)) if a != b), None)
-        if n is None:
-            assert len(g) == len(e)
-            continue
-        with torch.no_grad():  # (one forward over it all, which need not pick generate()'s token at a tie)
-            logits = reference(torch.tensor([p + e[:n]])).logits[0, -1]
-        parted.append((i, n, float(logits.max() - logits[g[n]])))
-    print(f"{kv_dtype} KV: outputs that part from the reference (prompt, token, reference margin):", parted)
-    assert all(margin <= near_tie for _, _, margin in parted), parted
+    assert [len(g) for g in got] == [NEW_TOKENS] * len(prompts)
+    parted = gguf_reference.departures(smollm2_gguf, prompts, got)
+    print(f"{kv_dtype} KV: outputs that part from the reference:", parted)
+    assert all(d.margin <= near_tie for d in parted), parted
     assert len(parted) <= len(prompts) // 2  # most outputs stay the reference's whole
 
 
@@ -329,42 +382,44 @@ COPY_CHAT = [{"role": "user", "content": "Repeat this line exactly: the parcel l
 
 
 @pytest.fixture(scope="module")
-def smollm2_copy_reference(smollm2_gguf, smollm2_reference, gguf_reference):
+def smollm2_copy_prompts(smollm2_gguf, smollm2_prompts) -> list[list[int]]:
     from agora.engine.tokenizer import Tokenizer
     from agora.models.loader import inspect_model
 
     tok = Tokenizer(inspect_model(smollm2_gguf).tokenizer_dir)
-    prompts, expected = smollm2_reference
-    copy = tok.encode(tok.apply_chat_template(COPY_CHAT), add_special_tokens=False)
-    return [*prompts, copy], [*expected, *gguf_reference(smollm2_gguf, [copy])]
+    return [*smollm2_prompts, tok.encode(tok.apply_chat_template(COPY_CHAT), add_special_tokens=False)]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(SPEC_CONFIGS))
-def test_smollm2_with_speculation_matches_transformers(smollm2_gguf, smollm2_copy_reference, method):
-    prompts, expected = smollm2_copy_reference
+def test_smollm2_with_speculation_matches_transformers(smollm2_gguf, smollm2_copy_prompts, gguf_reference, method):
+    prompts = smollm2_copy_prompts
     llm = LLM(str(smollm2_gguf), dtype="float32", num_blocks=256, max_num_batched_tokens=96,
               speculative_config=SPEC_CONFIGS[method])  # fmt: skip
-    assert engine_greedy(llm, prompts) == expected
+    gguf_reference.check(smollm2_gguf, prompts, engine_greedy(llm, prompts))
     assert llm.engine.stats().spec.num_accepted_tokens > 20
 
 
 @pytest.mark.slow
-def test_smollm2_with_speculation_matches_transformers_under_preemption(smollm2_gguf, smollm2_copy_reference):
-    prompts, expected = smollm2_copy_reference
+def test_smollm2_with_speculation_matches_transformers_under_preemption(
+    smollm2_gguf, smollm2_copy_prompts, gguf_reference
+):
+    prompts = smollm2_copy_prompts
     llm = LLM(str(smollm2_gguf), dtype="float32", num_blocks=24, block_size=16, max_num_batched_tokens=256,
               speculative_config=SPEC_CONFIGS["suffix"])  # fmt: skip
-    assert engine_greedy(llm, prompts) == expected
+    gguf_reference.check(smollm2_gguf, prompts, engine_greedy(llm, prompts))
     assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.stats().spec.num_accepted_tokens > 20
 
 
 @pytest.mark.slow
-def test_gemma3_270m_with_speculation_matches_transformers_under_preemption(gemma3_gguf, gemma3_reference):
-    prompts, expected = gemma3_reference
+def test_gemma3_270m_with_speculation_matches_transformers_under_preemption(
+    gemma3_gguf, gemma3_prompts, gguf_reference
+):
+    prompts = gemma3_prompts
     # 46 blocks of 16 hold 736 tokens: the long prompt alone needs 44 by its end, the five others 5 each.
     llm = LLM(str(gemma3_gguf), dtype="float32", num_blocks=46, max_num_batched_tokens=256,
               speculative_config=SPEC_CONFIGS["suffix"])  # fmt: skip
-    assert engine_greedy(llm, prompts) == expected
+    gguf_reference.check(gemma3_gguf, prompts, engine_greedy(llm, prompts))
     assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.stats().spec.num_accepted_tokens > 20
