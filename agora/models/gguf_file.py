@@ -204,3 +204,28 @@ class GGUFFile:
             raise GGUFFormatError(f"{self.path} is truncated: tensor {name!r} runs past the end of the file")
         data = np.frombuffer(self._buf, dtype=dtype, count=count, offset=start).reshape(shape)
         return GGUFTensor(name, qtype, dims, data)
+
+
+# gguf-py applies a block type's formula to 16 rows at a time: for SmolLM2's rows of 576 values that is tens of
+# thousands of small numpy calls per model. Groups of this many values (1 MiB of fp32, which stays in cache) take
+# the same formula's same values 2-2.5x sooner: 1.8 -> 0.8 s for SmolLM2, 1.7-3.8 -> 0.9 s for Gemma 3 270M on
+# two Zen 3 cores, paid at every engine start.
+_DEQUANTIZE_GROUP = 1 << 18
+
+
+def dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """``gguf.quants.dequantize(data, qtype)``, the same fp32 values: gguf-py's own per-block formula
+    (``dequantize_rows``) applied over groups of ``_DEQUANTIZE_GROUP`` values instead of 16 rows."""
+    from gguf import quants
+
+    kind = getattr(quants, qtype.name, None)
+    if data.ndim != 2 or not hasattr(kind, "dequantize_rows") or qtype in _ELEMENT_DTYPES:
+        return quants.dequantize(data, qtype)
+    kind.init_grid()
+    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    cols = data.shape[1] // block_bytes * block
+    out = np.empty((data.shape[0], cols), np.float32)
+    step = max(1, _DEQUANTIZE_GROUP // cols)
+    for i in range(0, data.shape[0], step):
+        out[i : i + step] = kind.dequantize_rows(data[i : i + step])
+    return out

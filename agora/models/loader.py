@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from agora import envs
-from agora.models.gguf_file import GGUFFile
+from agora.models.gguf_file import GGUFFile, dequantize
 from agora.models.layers import llama3_scaling_from_factors
 from agora.models.llama import split_phi3_weights
 from agora.models.registry import GGUF_ARCHITECTURES, model_class
@@ -276,8 +276,6 @@ def _read_gguf(
     in a block format the CPU kernels read (Q8_0; the other formats repacked to QU8 or QU4, but Q4_1 kept for
     ``int8`` activations, whose kernel reads it), with the same row order. ``blocks_only``: a tensor whose blocks
     are kept has no fp32 copy, each dequantized only while it is read."""
-    from gguf.quants import dequantize
-
     from agora.models import gguf_repack
 
     as_stored = gguf_repack.AS_STORED_I8 if int8 else gguf_repack.AS_STORED

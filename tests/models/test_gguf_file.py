@@ -8,6 +8,7 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 
+from agora.models import gguf_file
 from agora.models.gguf_file import GGUFFile, GGUFFormatError
 from tests.models import gguf_py
 
@@ -32,6 +33,29 @@ def _assert_same_as_gguf_py(path) -> None:
             b.data.shape,
         )
         assert np.array_equal(a.data, b.data), a.name
+
+
+def test_dequantize_gives_gguf_py_values_for_every_block_type(monkeypatch) -> None:
+    """The loader's dequantize is gguf-py's formula over bigger groups of rows: the same fp32 values, bit for bit,
+    for every block type gguf-py reads, across groups and a ragged last one (random bytes: scales of every size,
+    NaN and inf among them, which must come out alike too)."""
+    from gguf import GGML_QUANT_SIZES, quants
+
+    monkeypatch.setattr(gguf_file, "_DEQUANTIZE_GROUP", 1000)  # several groups, whatever the row width
+    rng = np.random.default_rng(0)
+    checked = []
+    for qtype, (_, block_bytes) in GGML_QUANT_SIZES.items():
+        if not hasattr(getattr(quants, qtype.name, None), "dequantize_rows"):
+            continue
+        data = rng.integers(0, 256, size=(37, 3 * block_bytes), dtype=np.uint8)
+        with np.errstate(all="ignore"):
+            want, got = quants.dequantize(data, qtype), gguf_file.dequantize(data, qtype)
+        assert got.dtype == np.float32 and got.shape == want.shape, qtype.name
+        assert np.array_equal(got, want, equal_nan=True), qtype.name
+        checked.append(qtype.name)
+    assert {"Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K"} <= set(checked)
+    vector = np.arange(7, dtype=np.float32)  # element types and 1-D tensors: gguf-py's own call
+    assert np.array_equal(gguf_file.dequantize(vector, GGMLQuantizationType.F32), vector)
 
 
 @pytest.fixture
