@@ -284,12 +284,12 @@ def test_smollm2_matches_transformers(smollm2_gguf, smollm2_prompts, gguf_refere
     gguf_reference.check(smollm2_gguf, prompts, engine_greedy(llm, prompts))
 
 
-def test_the_reference_is_generates_greedy_path(smollm2_gguf, smollm2_prompts, gguf_reference):
+def test_the_reference_check_passes_generate_and_fails_a_changed_token(smollm2_gguf, smollm2_prompts, gguf_reference):
     """The check passes what generate() picks and fails anything else, naming where and by how much."""
-    prompts = smollm2_prompts[:2]
-    generated = hf_greedy(gguf_reference.model(smollm2_gguf), prompts, 16)
+    prompts, hf = smollm2_prompts[:2], gguf_reference.model(smollm2_gguf)
+    generated = hf_greedy(hf, prompts, 16)
     gguf_reference.check(smollm2_gguf, prompts, generated, new_tokens=16)
-    changed = [generated[0], generated[1][:9] + [(generated[1][9] + 1) % 49152] + generated[1][10:]]
+    changed = [generated[0], generated[1][:9] + [(generated[1][9] + 1) % hf.config.vocab_size] + generated[1][10:]]
     (d,) = gguf_reference.departures(smollm2_gguf, prompts, changed)
     assert (d.prompt, d.position, d.ours, d.theirs) == (1, 9, changed[1][9], generated[1][9]) and d.margin > 0
     with pytest.raises(AssertionError):
