@@ -219,7 +219,7 @@ def dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     from gguf import quants
 
     kind = getattr(quants, qtype.name, None)
-    if data.ndim != 2 or not hasattr(kind, "dequantize_rows") or qtype in _ELEMENT_DTYPES:
+    if data.ndim != 2 or not hasattr(kind, "dequantize_rows"):  # element types have no such class
         return quants.dequantize(data, qtype)
     kind.init_grid()
     block, block_bytes = GGML_QUANT_SIZES[qtype]
